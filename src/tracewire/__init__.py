@@ -1,0 +1,135 @@
+"""tracewire: production tracing for GenAI apps on MLflow.
+
+    import tracewire
+    tracewire.autolog()   # every installed framework, idempotent
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import importlib.util
+import logging
+import threading
+from typing import Iterable, Mapping
+
+from tracewire.config import ConfigError
+from tracewire.core.context import context, set_session, set_tags, set_user
+from tracewire.plugins.base import Plugin, PluginUnavailable
+
+__all__ = [
+    "ConfigError", "PluginUnavailable", "autolog", "context", "disable", "flush",
+    "set_session", "set_tags", "set_user",
+]
+
+logger = logging.getLogger("tracewire")
+
+_lock = threading.Lock()
+_enabled: dict[str, Plugin] = {}
+_atexit_registered = False
+
+
+def _load(name: str) -> Plugin:
+    from tracewire.plugins.registry import PLUGINS
+
+    return importlib.import_module(PLUGINS[name]).plugin
+
+
+def _selected(include: tuple[str, ...] | None, exclude: tuple[str, ...]) -> list[Plugin]:
+    from tracewire.plugins.registry import PLUGINS
+
+    for setting, names in (("include", include or ()), ("exclude", exclude)):
+        unknown = sorted(set(names) - set(PLUGINS))
+        if unknown:
+            raise ConfigError(f"{setting} names unknown plugin(s) {unknown}; "
+                              f"known plugins: {sorted(PLUGINS)}")
+    selected = []
+    for name in (include if include is not None else tuple(PLUGINS)):
+        if name in exclude:
+            continue
+        plugin = _load(name)
+        if include is not None:
+            plugin.installed_version()  # asked for by name: a missing framework is an error
+        elif importlib.util.find_spec(plugin.module) is None:
+            continue  # not installed and not asked for: skipped silently
+        selected.append(plugin)
+    return selected
+
+
+def autolog(
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    capture_content: bool | None = None,
+    tags: Mapping[str, str] | None = None,
+    disable: bool = False,
+    stream_usage: bool | None = None,
+) -> None:
+    """Trace every installed framework into MLflow. Safe to call again; ``disable=True`` undoes it.
+
+    Arguments left as ``None`` come from ``TRACEWIRE_*`` environment variables, then defaults
+    (``capture_content`` and ``stream_usage`` default to true). ``ENABLE_MLFLOW_TRACING=false``
+    makes this a no-op. Invalid settings raise :class:`ConfigError` naming the setting; naming
+    a plugin in ``include`` whose framework is missing raises :class:`PluginUnavailable`.
+    """
+    if disable:
+        _disable()
+        return
+    from tracewire import config
+
+    if not config.tracing_enabled():
+        logger.info("tracewire: ENABLE_MLFLOW_TRACING is false, autolog() does nothing")
+        return
+    settings = config.resolve(include=include, exclude=exclude, capture_content=capture_content,
+                              tags=tags, stream_usage=stream_usage)
+    plugins = _selected(settings.include, settings.exclude)
+
+    from tracewire.export import mlflow_store
+
+    mlflow_store.check_destination(settings)
+    global _atexit_registered
+    with _lock:
+        config.activate(settings)
+        mlflow_store.install(settings)
+        wanted = {p.name: p for p in plugins}
+        for name in list(_enabled):
+            if name not in wanted:
+                _enabled.pop(name).disable()
+        for name, plugin in wanted.items():
+            plugin.enable()
+            _enabled[name] = plugin
+        if not _atexit_registered:
+            _atexit_registered = True
+            atexit.register(_at_exit)
+
+
+def _disable() -> None:
+    """Restore every patched function exactly and stop exporting (pending traces are flushed
+    within the flush timeout)."""
+    from tracewire import config
+
+    with _lock:
+        for plugin in _enabled.values():
+            plugin.disable()
+        _enabled.clear()
+        from tracewire.export import mlflow_store
+
+        mlflow_store.uninstall(config.active().flush_timeout)
+
+
+disable = _disable
+
+
+def flush(timeout: float | None = None) -> bool:
+    """Wait up to ``timeout`` seconds (default: the flush timeout) until every finished trace
+    has been handled by the exporter; for serverless handlers. True if everything was handled."""
+    from tracewire import config
+    from tracewire.export import mlflow_store
+
+    return mlflow_store.flush(config.active().flush_timeout if timeout is None else timeout)
+
+
+def _at_exit() -> None:
+    from tracewire import config
+    from tracewire.export import mlflow_store
+
+    mlflow_store.uninstall(config.active().flush_timeout)

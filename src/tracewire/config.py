@@ -1,0 +1,177 @@
+"""One frozen settings object, read from ``autolog()`` arguments and the environment.
+
+Arguments win over ``TRACEWIRE_*`` variables, which mirror every argument. MLflow's own variables
+choose the destination (``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_ID``/``_NAME``) and
+``ENABLE_MLFLOW_TRACING=false`` turns tracing off, as in MLflow's production-tracing contract.
+A value that cannot be used fails here, naming the setting, before anything is patched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+# Chat-completion streams to these hosts accept `stream_options.include_usage` (OpenAI, Azure).
+DEFAULT_STREAM_USAGE_HOSTS = ("api.openai.com", ".openai.azure.com", ".cognitiveservices.azure.com")
+
+
+class ConfigError(ValueError):
+    """A setting has a value tracewire cannot use; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    capture_content: bool = True
+    tags: Mapping[str, str] = field(default_factory=dict)
+    stream_usage: bool = True
+    stream_usage_hosts: tuple[str, ...] = DEFAULT_STREAM_USAGE_HOSTS
+    queue_size: int = 10_000
+    flush_timeout: float = 2.0
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
+    experiment_name: str | None = None
+
+
+_active = Settings()
+
+
+def active() -> Settings:
+    """The settings of the last ``autolog()`` call (defaults before any)."""
+    return _active
+
+
+def activate(settings: Settings) -> None:
+    global _active
+    _active = settings
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value.strip() if value is not None and value.strip() else None
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _names(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items: Iterable[Any] = value.split(",")
+    elif isinstance(value, Iterable):
+        items = value
+    else:
+        raise ConfigError(f"{name} must be a list of names, got {value!r}")
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"{name} must contain names (strings), got {item!r}")
+        if item.strip():
+            out.append(item.strip().lower())
+    return tuple(out)
+
+
+def _tags(name: str, value: Any) -> dict[str, str]:
+    if isinstance(value, str):  # TRACEWIRE_TAGS="team=search,tier=gold"
+        pairs = {}
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            key, sep, val = part.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"{name} must look like 'key=value,key2=value2', got {value!r}")
+            pairs[key.strip()] = val.strip()
+        return pairs
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    raise ConfigError(f"{name} must be a mapping of tag names to values, got {value!r}")
+
+
+def _number(name: str, value: Any, kind: type, minimum: float) -> Any:
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value!r}")
+    return number
+
+
+def tracing_enabled() -> bool:
+    """MLflow's production switch: ``ENABLE_MLFLOW_TRACING=false`` turns autolog into a no-op."""
+    value = _env("ENABLE_MLFLOW_TRACING")
+    return True if value is None else _bool("ENABLE_MLFLOW_TRACING", value)
+
+
+def resolve(
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    capture_content: bool | None = None,
+    tags: Mapping[str, str] | None = None,
+    stream_usage: bool | None = None,
+) -> Settings:
+    """Merge arguments over environment variables into validated settings."""
+
+    def pick(arg: Any, env: str) -> tuple[str, Any]:
+        # The name reported in an error is the one the user actually set.
+        return ("argument " + env.removeprefix("TRACEWIRE_").lower(), arg) if arg is not None else (
+            env, _env(env))
+
+    name, value = pick(include, "TRACEWIRE_INCLUDE")
+    include_ = _names(name, value) if value is not None else None
+    name, value = pick(exclude, "TRACEWIRE_EXCLUDE")
+    exclude_ = _names(name, value) if value is not None else ()
+    name, value = pick(capture_content, "TRACEWIRE_CAPTURE_CONTENT")
+    capture = _bool(name, value) if value is not None else True
+    name, value = pick(stream_usage, "TRACEWIRE_STREAM_USAGE")
+    stream_usage_ = _bool(name, value) if value is not None else True
+
+    hosts = DEFAULT_STREAM_USAGE_HOSTS
+    if extra := _env("TRACEWIRE_STREAM_USAGE_HOSTS"):
+        hosts = hosts + _names("TRACEWIRE_STREAM_USAGE_HOSTS", extra)
+
+    all_tags: dict[str, str] = {}
+    for env, key in (("TRACEWIRE_ENVIRONMENT", "deployment.environment"),
+                     ("TRACEWIRE_APP_VERSION", "service.version"),
+                     ("TRACEWIRE_REGION", "cloud.region")):
+        if (val := _env(env)) is not None:
+            all_tags[key] = val
+    if (env_tags := _env("TRACEWIRE_TAGS")) is not None:
+        all_tags.update(_tags("TRACEWIRE_TAGS", env_tags))
+    if tags is not None:
+        all_tags.update(_tags("argument tags", tags))
+
+    queue_size = _number("TRACEWIRE_QUEUE_SIZE", _env("TRACEWIRE_QUEUE_SIZE") or 10_000, int, 1)
+    flush_timeout = _number("TRACEWIRE_FLUSH_TIMEOUT", _env("TRACEWIRE_FLUSH_TIMEOUT") or 2.0,
+                            float, 0)
+
+    experiment_id = _env("MLFLOW_EXPERIMENT_ID")
+    if experiment_id is not None and not experiment_id.isdigit():
+        raise ConfigError(f"MLFLOW_EXPERIMENT_ID must be a numeric experiment id, got {experiment_id!r}")
+
+    return Settings(
+        include=include_,
+        exclude=exclude_,
+        capture_content=capture,
+        tags=all_tags,
+        stream_usage=stream_usage_,
+        stream_usage_hosts=hosts,
+        queue_size=queue_size,
+        flush_timeout=flush_timeout,
+        tracking_uri=_env("MLFLOW_TRACKING_URI"),
+        experiment_id=experiment_id,
+        experiment_name=_env("MLFLOW_EXPERIMENT_NAME"),
+    )

@@ -1,0 +1,66 @@
+"""Every span attribute and trace metadata/tag key tracewire writes, defined once.
+
+MLflow's own keys come first so the MLflow UI renders chats, token usage and cost natively; the
+OpenTelemetry GenAI semantic-convention keys are added where they say something MLflow's do not.
+"""
+
+from __future__ import annotations
+
+# --- MLflow span attributes (mlflow/tracing/constant.py: SpanAttributeKey) ---
+TRACE_REQUEST_ID = "mlflow.traceRequestId"
+SPAN_TYPE = "mlflow.spanType"
+SPAN_INPUTS = "mlflow.spanInputs"
+SPAN_OUTPUTS = "mlflow.spanOutputs"
+CHAT_TOOLS = "mlflow.chat.tools"
+CHAT_USAGE = "mlflow.chat.tokenUsage"
+LLM_COST = "mlflow.llm.cost"
+LLM_MODEL = "mlflow.llm.model"
+LLM_PROVIDER = "mlflow.llm.provider"
+MESSAGE_FORMAT = "mlflow.message.format"
+
+# Keys inside CHAT_USAGE (mlflow/tracing/constant.py: TokenUsageKey).
+INPUT_TOKENS = "input_tokens"
+OUTPUT_TOKENS = "output_tokens"
+TOTAL_TOKENS = "total_tokens"
+CACHE_READ_INPUT_TOKENS = "cache_read_input_tokens"
+CACHE_CREATION_INPUT_TOKENS = "cache_creation_input_tokens"
+
+# --- MLflow span types (mlflow.entities.SpanType) ---
+class SpanType:
+    LLM = "LLM"
+    CHAT_MODEL = "CHAT_MODEL"
+    EMBEDDING = "EMBEDDING"
+    CHAIN = "CHAIN"
+    AGENT = "AGENT"
+    TOOL = "TOOL"
+    RETRIEVER = "RETRIEVER"
+    PARSER = "PARSER"
+    UNKNOWN = "UNKNOWN"
+
+
+# --- MLflow trace metadata (mlflow/tracing/constant.py: TraceMetadataKey) ---
+TRACE_SESSION = "mlflow.trace.session"
+TRACE_USER = "mlflow.trace.user"
+TRACE_TOKEN_USAGE = "mlflow.trace.tokenUsage"
+TRACE_COST = "mlflow.trace.cost"
+TRACE_SCHEMA_VERSION = "mlflow.trace_schema.version"
+TRACE_INPUTS = "mlflow.traceInputs"
+TRACE_OUTPUTS = "mlflow.traceOutputs"
+
+# --- MLflow trace tags ---
+TRACE_NAME = "mlflow.traceName"
+
+# --- tracewire trace tags: the deployment, named after OpenTelemetry resource conventions ---
+DEPLOYMENT_ENVIRONMENT = "deployment.environment"
+SERVICE_VERSION = "service.version"
+CLOUD_REGION = "cloud.region"
+TRACEWIRE_VERSION = "tracewire.version"
+
+# --- OpenTelemetry GenAI semantic conventions (span attributes) ---
+GEN_AI_OPERATION = "gen_ai.operation.name"
+GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"
+GEN_AI_FINISH_REASONS = "gen_ai.response.finish_reasons"
+SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"

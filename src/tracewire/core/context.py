@@ -1,0 +1,91 @@
+"""The request context: who and what a trace belongs to.
+
+One mutable :class:`RequestContext` per request (or per ``tracewire.context(...)`` block) lives in
+a ContextVar. It is mutable on purpose: a handler that runs in a thread pool (Starlette's sync
+endpoints, FastAPI dependencies) works on a *copy* of the caller's contextvars, so setting a new
+value there would never reach the request's trace; mutating the shared object does. A trace keeps
+a reference to the context it started in and reads it when it finishes, so ``set_user()`` called
+late in a handler still lands on the trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
+
+# MLflow limits (FACTS.md): client_request_id is a 50-character SQL column; sessions over 250
+# characters are rejected by the store.
+MAX_REQUEST_ID = 50
+MAX_SESSION_ID = 250
+MAX_USER_ID = 250
+
+
+@dataclass
+class RequestContext:
+    request_id: str | None = None
+    session_id: str | None = None
+    user_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+_current: ContextVar[RequestContext | None] = ContextVar("tracewire_request", default=None)
+
+
+def current() -> RequestContext | None:
+    return _current.get()
+
+
+def _valid(value: object, limit: int) -> str | None:
+    """A value the store accepts, or None: invalid ids are dropped, never made up."""
+    if not isinstance(value, str) or not value or len(value) > limit:
+        return None
+    if not value.isprintable():
+        return None
+    return value
+
+
+def _ensure() -> RequestContext:
+    ctx = _current.get()
+    if ctx is None:
+        ctx = RequestContext()
+        _current.set(ctx)
+    return ctx
+
+
+def set_session(session_id: str | None) -> None:
+    """Attach the current request's traces to a session (``mlflow.trace.session``)."""
+    _ensure().session_id = _valid(session_id, MAX_SESSION_ID)
+
+
+def set_user(user_id: str | None) -> None:
+    """Attach the current request's traces to a user (``mlflow.trace.user``)."""
+    _ensure().user_id = _valid(user_id, MAX_USER_ID)
+
+
+def set_tags(tags: Mapping[str, str]) -> None:
+    """Add trace tags to every trace of the current request."""
+    _ensure().tags.update({str(k): str(v) for k, v in tags.items()})
+
+
+@contextlib.contextmanager
+def context(
+    *,
+    request_id: str | None = None,
+    session_id: str | None = None,
+    user_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[RequestContext]:
+    """Scope a block of work to a request, session and user; restored on exit."""
+    ctx = RequestContext(
+        request_id=_valid(request_id, MAX_REQUEST_ID),
+        session_id=_valid(session_id, MAX_SESSION_ID),
+        user_id=_valid(user_id, MAX_USER_ID),
+        tags={str(k): str(v) for k, v in (tags or {}).items()},
+    )
+    token = _current.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _current.reset(token)

@@ -1,0 +1,175 @@
+"""The one span API every plugin and the middleware use.
+
+A tracewire span is a small record: name, type, ids, timestamps and *references* to the call's
+inputs and outputs. Nothing is serialized on the caller's thread. When the top span of a trace
+ends, the whole trace is handed to the export queue, whose worker turns it into MLflow spans.
+That is what keeps the hot path cheap (an MLflow/OpenTelemetry span costs several hundred
+microseconds here, see FACTS.md).
+
+Nesting with the user's own MLflow spans works both ways:
+
+- inside a user's ``@mlflow.trace`` / ``mlflow.start_span``: our spans take the user's span as
+  parent and are merged into the user's trace when it is exported (see export/mlflow_store.py);
+- a user's MLflow span started inside one of ours: while our span is active, MLflow's context
+  holds a non-recording placeholder with our ids, so MLflow parents its span under ours; the
+  MLflow trace record is registered just in time and merged into ours when our trace ends.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from contextvars import ContextVar, Token
+from typing import Any, Callable
+
+from tracewire.core import context as request_context
+from tracewire.core.context import RequestContext
+
+_rng = random.Random()
+if hasattr(os, "register_at_fork"):  # forked workers must not repeat their parent's ids
+    os.register_at_fork(after_in_child=_rng.seed)
+
+_current: ContextVar["Span | None"] = ContextVar("tracewire_span", default=None)
+
+# Open traces by OpenTelemetry trace id, so MLflow spans started under ours can find their trace.
+_open: dict[int, "Trace"] = {}
+
+# Set by export: where finished traces go, and how MLflow's context is read and written.
+_sink: Callable[["Trace"], None] | None = None
+_mlflow_parent: Callable[[], tuple[int, int] | None] = lambda: None
+_mlflow_attach: Callable[[int, int], Any] = lambda trace_id, span_id: None
+_mlflow_detach: Callable[[Any], None] = lambda token: None
+
+
+class Deferred:
+    """A value the export worker computes (e.g. a streamed reply assembled from its chunks), so
+    the caller's thread only keeps references."""
+
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.fn = fn
+        self.args = args
+
+    def __call__(self) -> Any:
+        return self.fn(*self.args)
+
+
+class Trace:
+    """All spans of one trace (or of one fragment inside a user's MLflow trace)."""
+
+    __slots__ = ("otel_trace_id", "spans", "root", "request", "parent_span_id", "joined",
+                 "done", "_open_spans", "_lock")
+
+    def __init__(self, otel_trace_id: int, parent_span_id: int | None) -> None:
+        self.otel_trace_id = otel_trace_id
+        self.spans: list[Span] = []
+        self.root: Span | None = None
+        self.request: RequestContext | None = request_context.current()
+        # Set when our top span is the child of a user's MLflow span (we are a fragment).
+        self.parent_span_id = parent_span_id
+        # Set when MLflow registered its own spans under ours (see export/mlflow_store.py).
+        self.joined = False
+        self.done = False
+        self._open_spans = 0
+        self._lock = threading.Lock()
+
+    @property
+    def trace_id(self) -> str:
+        return "tr-" + format(self.otel_trace_id, "032x")
+
+
+class Span:
+    """A span being recorded; values are kept as references until the export worker reads them."""
+
+    __slots__ = ("trace", "span_id", "parent_id", "name", "span_type", "start_ns", "end_ns",
+                 "inputs", "outputs", "attributes", "error")
+
+    def __init__(self, trace: Trace, parent_id: int | None, name: str, span_type: str,
+                 inputs: Any, attributes: dict[str, Any] | None) -> None:
+        self.trace = trace
+        self.span_id = _rng.getrandbits(64) or 1
+        self.parent_id = parent_id
+        self.name = name
+        self.span_type = span_type
+        self.start_ns = time.time_ns()
+        self.end_ns: int | None = None
+        self.inputs = inputs
+        self.outputs: Any = None
+        self.attributes: dict[str, Any] = attributes if attributes is not None else {}
+        self.error: BaseException | None = None
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.attributes[key] = value
+
+    def set_outputs(self, outputs: Any) -> None:
+        self.outputs = outputs
+
+    def record_error(self, error: BaseException) -> None:
+        self.error = error
+
+    def end(self, end_ns: int | None = None) -> None:
+        """End the span (once); the trace is handed off when its last open span ends."""
+        if self.end_ns is not None:
+            return
+        self.end_ns = end_ns or time.time_ns()
+        trace = self.trace
+        with trace._lock:
+            trace._open_spans -= 1
+            finished = trace._open_spans == 0 and trace.root is not None \
+                and trace.root.end_ns is not None and not trace.done
+            if finished:
+                trace.done = True
+        if finished:
+            _open.pop(trace.otel_trace_id, None)
+            if _sink is not None:
+                _sink(trace)
+
+
+def start_span(name: str, span_type: str, inputs: Any = None,
+               attributes: dict[str, Any] | None = None) -> Span:
+    """Start a span under the current tracewire span, the user's MLflow span, or as a root."""
+    parent = _current.get()
+    if parent is not None and not parent.trace.done:
+        trace = parent.trace
+        parent_id: int | None = parent.span_id
+    else:
+        mlflow_parent = _mlflow_parent()
+        if mlflow_parent is not None:
+            trace = Trace(mlflow_parent[0], parent_span_id=mlflow_parent[1])
+            parent_id = mlflow_parent[1]
+        else:
+            trace = Trace(_rng.getrandbits(128) or 1, parent_span_id=None)
+            parent_id = None
+            _open[trace.otel_trace_id] = trace
+    span = Span(trace, parent_id, name, span_type, inputs, attributes)
+    with trace._lock:
+        trace._open_spans += 1
+        trace.spans.append(span)
+        if trace.root is None:
+            trace.root = span
+    return span
+
+
+def open_trace(otel_trace_id: int) -> Trace | None:
+    """The open tracewire trace with this OpenTelemetry id, if any."""
+    return _open.get(otel_trace_id)
+
+
+def current_span() -> Span | None:
+    return _current.get()
+
+
+def activate(span: Span) -> tuple[Token, Any]:
+    """Make ``span`` the parent of spans started in this context (ours and MLflow's)."""
+    return _current.set(span), _mlflow_attach(span.trace.otel_trace_id, span.span_id)
+
+
+def deactivate(tokens: tuple[Token, Any]) -> None:
+    token, mlflow_token = tokens
+    try:
+        _mlflow_detach(mlflow_token)
+    finally:
+        _current.reset(token)

@@ -1,0 +1,400 @@
+"""Every use of MLflow's internals, in one module.
+
+tracewire replaces MLflow's default span exporter so that every trace the process makes (ours and
+those made only by the user's ``@mlflow.trace`` / ``mlflow.start_span``) goes through one
+pipeline: caller thread -> bounded queue -> our worker -> tracking store. The hook is private
+MLflow API (``mlflow.tracing.provider._get_mlflow_span_processor``, the in-memory trace manager,
+the span dict format); tests/export/test_mlflow_internals.py pins the versions this module
+supports (``SUPPORTED_MLFLOW``).
+
+Caller side (cheap): read/write MLflow's span context so our spans and MLflow's nest both ways,
+and hand finished traces to the queue. Worker side: build MLflow ``TraceInfo`` and span entities
+and write them to the store.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow.entities import Span as MlflowSpan
+from mlflow.entities import TraceData, TraceInfo, TraceLocation, TraceState
+from mlflow.environment_variables import MLFLOW_USE_DEFAULT_TRACER_PROVIDER
+from mlflow.tracing import provider as _provider
+from mlflow.tracing.constant import TRACE_SCHEMA_VERSION, TRACE_SCHEMA_VERSION_KEY
+from mlflow.tracing.processor.mlflow_v3 import MlflowV3SpanProcessor
+from mlflow.tracing.trace_manager import InMemoryTraceManager, _Trace
+from mlflow.tracing.utils import aggregate_usage_from_spans, dump_span_attribute_value
+from mlflow.tracing.utils.truncation import set_request_response_preview
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from tracewire import config
+from tracewire.core import attributes as keys
+from tracewire.core import context as request_context
+from tracewire.core import guard, spans
+from tracewire.core.context import RequestContext
+from tracewire.export.queue import Worker
+
+logger = logging.getLogger("tracewire")
+
+SUPPORTED_MLFLOW = ((3, 17), (4, 0))  # [min, max)
+
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def tracking_uri(settings: config.Settings) -> str:
+    return settings.tracking_uri or mlflow.get_tracking_uri()
+
+
+def check_destination(settings: config.Settings) -> None:
+    """Fail at autolog() when the destination cannot work here; no network I/O."""
+    uri = tracking_uri(settings)
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme in _DB_SCHEMES or scheme in ("", "file"):
+        try:
+            import sqlalchemy  # noqa: F401
+            from mlflow.store.tracking import sqlalchemy_store  # noqa: F401
+        except ImportError:
+            raise config.ConfigError(
+                f"MLFLOW_TRACKING_URI is {uri!r}, a local MLflow store, which needs the full "
+                "`mlflow` package that this environment does not have. Either install it with "
+                "`pip install \"tracewire[local]\"`, or point MLFLOW_TRACKING_URI at a tracking "
+                "server (for example MLFLOW_TRACKING_URI=http://mlflow.internal:5000)."
+            ) from None
+
+
+# --------------------------------------------------------------------------- caller side
+
+
+def _current_context():
+    return _provider.get_current_context()
+
+
+def active_parent() -> tuple[int, int] | None:
+    """(trace id, span id) of the user's active MLflow span, if one is recording."""
+    span = otel_trace.get_current_span(_current_context())
+    if not span.is_recording():
+        return None
+    ctx = span.get_span_context()
+    return ctx.trace_id, ctx.span_id
+
+
+def attach(trace_id: int, span_id: int) -> Any:
+    """Make a placeholder with our ids MLflow's current span, so MLflow spans nest under ours."""
+    placeholder = otel_trace.NonRecordingSpan(otel_trace.SpanContext(
+        trace_id, span_id, is_remote=False,
+        trace_flags=otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED)))
+    ctx = otel_trace.set_span_in_context(placeholder, _current_context())
+    if _isolated:
+        return _provider.mlflow_runtime_context.attach(ctx)
+    return otel_context.attach(ctx)
+
+
+def detach(token: Any) -> None:
+    if _isolated:
+        _provider.mlflow_runtime_context.detach(token)
+    else:
+        otel_context.detach(token)
+
+
+@dataclass
+class Item:
+    """One finished trace on its way to the store."""
+
+    ours: spans.Trace | None = None            # a tracewire trace (our root span)
+    mlflow: _Trace | None = None                # MLflow's record: its root, or its spans under ours
+    fragments: list[spans.Trace] = field(default_factory=list)  # our spans under an MLflow root
+    request: RequestContext | None = None
+
+
+_lock = threading.Lock()
+_fragments: dict[int, list[spans.Trace]] = {}
+_mlflow_requests: dict[int, RequestContext | None] = {}
+_worker: Worker[Item] | None = None
+_isolated = True
+
+
+def _submit(item: Item) -> None:
+    if _worker is not None:
+        _worker.submit(item)
+
+
+def _pop_mlflow_trace(otel_trace_id: int) -> _Trace | None:
+    manager = InMemoryTraceManager.get_instance()
+    with manager._lock:
+        mlflow_id = manager._otel_id_to_mlflow_trace_id.pop(otel_trace_id, None)
+        return manager._traces.pop(mlflow_id, None) if mlflow_id else None
+
+
+def on_trace_finished(trace: spans.Trace) -> None:
+    """Core's sink: our trace ended (runs on the caller's thread; dict operations only)."""
+    if trace.parent_span_id is None:
+        joined = _pop_mlflow_trace(trace.otel_trace_id) if trace.joined else None
+        _submit(Item(ours=trace, mlflow=joined, request=trace.request))
+        return
+    manager = InMemoryTraceManager.get_instance()
+    with _lock:
+        if manager.get_mlflow_trace_id_from_otel_id(trace.otel_trace_id) is not None:
+            _fragments.setdefault(trace.otel_trace_id, []).append(trace)
+            return
+    # The user's trace was already exported (our span outlived it, e.g. a stream): ship alone.
+    _submit(Item(fragments=[trace], request=trace.request))
+
+
+class _Processor(MlflowV3SpanProcessor):
+    """MLflow's processor, plus: an MLflow span started under one of our spans joins our trace."""
+
+    def on_start(self, span, parent_context=None):  # type: ignore[no-untyped-def]
+        guard.call(self._adopt, span)
+        super().on_start(span, parent_context)
+
+    def _adopt(self, span) -> None:  # type: ignore[no-untyped-def]
+        trace_id = span.context.trace_id
+        if span.parent is None:
+            _mlflow_requests[trace_id] = request_context.current()
+            return
+        if self._trace_manager.get_mlflow_trace_id_from_otel_id(trace_id) is not None:
+            return
+        ours = spans.open_trace(trace_id)
+        if ours is None:
+            return
+        self._trace_manager.register_trace(trace_id, TraceInfo(
+            trace_id=ours.trace_id,
+            trace_location=TraceLocation.from_experiment_id("0"),  # replaced by the worker
+            request_time=span.start_time // 1_000_000,
+            state=TraceState.IN_PROGRESS,
+            trace_metadata={},
+            tags={},
+        ))
+        ours.joined = True
+
+
+class _Exporter(SpanExporter):
+    """Receives MLflow's ended spans; a root's trace goes to our queue with our fragments."""
+
+    def export(self, otel_spans: Sequence[Any]) -> SpanExportResult:
+        for otel_span in otel_spans:
+            if otel_span.parent is None:
+                guard.call(self._export_root, otel_span.context.trace_id)
+        return SpanExportResult.SUCCESS
+
+    @staticmethod
+    def _export_root(trace_id: int) -> None:
+        with _lock:
+            record = _pop_mlflow_trace(trace_id)
+            fragments = _fragments.pop(trace_id, [])
+        request = _mlflow_requests.pop(trace_id, None)
+        if record is not None:
+            _submit(Item(mlflow=record, fragments=fragments, request=request))
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _make_processor(tracking_uri: str) -> MlflowV3SpanProcessor:
+    return _Processor(span_exporter=_Exporter(), export_metrics=False, use_batch_processor=False)
+
+
+_original_make_processor = None
+
+
+def install(settings: config.Settings) -> None:
+    """Route MLflow's traces and ours through our worker (idempotent)."""
+    global _worker, _original_make_processor, _isolated
+    _isolated = MLFLOW_USE_DEFAULT_TRACER_PROVIDER.get()
+    if _worker is None or not _worker.alive:
+        _worker = Worker(_Writer(settings).write, maxsize=settings.queue_size)
+    else:
+        _worker._handler = _Writer(settings).write
+    if _original_make_processor is None:
+        _original_make_processor = _provider._get_mlflow_span_processor
+        _provider._get_mlflow_span_processor = _make_processor
+        _provider.provider.reset()  # re-created with our processor on the next span
+    spans._sink = on_trace_finished
+    spans._mlflow_parent = active_parent
+    spans._mlflow_attach = attach
+    spans._mlflow_detach = detach
+
+
+def uninstall(timeout: float) -> bool:
+    """Give MLflow its exporter back and stop the worker within ``timeout`` seconds."""
+    global _worker, _original_make_processor
+    spans._sink = None
+    if _original_make_processor is not None:
+        _provider._get_mlflow_span_processor = _original_make_processor
+        _original_make_processor = None
+        _provider.provider.reset()
+    drained = True
+    if _worker is not None:
+        drained = _worker.stop(timeout)
+        _worker = None
+    return drained
+
+
+def flush(timeout: float) -> bool:
+    return _worker.flush(timeout) if _worker is not None else True
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _b64(value: int, size: int) -> str:
+    return base64.b64encode(value.to_bytes(size, "big")).decode("ascii")
+
+
+def _exception_event(error: BaseException, time_ns: int) -> dict[str, Any]:
+    import traceback
+
+    return {
+        "name": "exception",
+        "time_unix_nano": time_ns,
+        "attributes": {
+            "exception.type": type(error).__name__,
+            "exception.message": str(error),
+            "exception.stacktrace": "".join(traceback.format_exception(error)).strip(),
+        },
+    }
+
+
+def span_dict(span: spans.Span, trace_id: str, otel_trace_id: int) -> dict[str, Any]:
+    """One of our spans in MLflow's stored span format (values serialized here, off the hot path)."""
+    attrs = {
+        keys.TRACE_REQUEST_ID: json.dumps(trace_id),
+        keys.SPAN_TYPE: json.dumps(span.span_type),
+    }
+    if span.inputs is not None:
+        attrs[keys.SPAN_INPUTS] = dump_span_attribute_value(span.inputs)
+    if span.outputs is not None:
+        attrs[keys.SPAN_OUTPUTS] = dump_span_attribute_value(span.outputs)
+    for key, value in span.attributes.items():
+        attrs[key] = dump_span_attribute_value(value)
+    end_ns = span.end_ns or span.start_ns
+    events = []
+    status = {"code": "STATUS_CODE_OK", "message": ""}
+    if span.error is not None:
+        events.append(_exception_event(span.error, end_ns))
+        status = {"code": "STATUS_CODE_ERROR",
+                  "message": f"{type(span.error).__name__}: {span.error}"}
+    return {
+        "trace_id": _b64(otel_trace_id, 16),
+        "span_id": _b64(span.span_id, 8),
+        "parent_span_id": _b64(span.parent_id, 8) if span.parent_id is not None else None,
+        "name": span.name,
+        "start_time_unix_nano": span.start_ns,
+        "end_time_unix_nano": end_ns,
+        "events": events,
+        "status": status,
+        "attributes": attrs,
+        "links": [],
+    }
+
+
+class _Writer:
+    """Turns finished traces into MLflow entities and writes them to the tracking store."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        self._settings = settings
+        self._client = None
+        self._experiment_id: str | None = None
+
+    def _destination(self) -> tuple[Any, str]:
+        if self._client is None:
+            from mlflow.tracing.client import TracingClient
+
+            self._client = TracingClient(tracking_uri(self._settings))
+        if self._experiment_id is None:
+            self._experiment_id = self._resolve_experiment()
+        return self._client, self._experiment_id
+
+    def _resolve_experiment(self) -> str:
+        settings = self._settings
+        if settings.experiment_id:
+            return settings.experiment_id
+        if settings.experiment_name:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri(settings))
+            experiment = client.get_experiment_by_name(settings.experiment_name)
+            if experiment is not None:
+                return experiment.experiment_id
+            return client.create_experiment(settings.experiment_name)
+        from mlflow.tracking.fluent import _active_experiment_id
+
+        return _active_experiment_id or "0"
+
+    def write(self, items: Sequence[Item]) -> None:
+        client, experiment_id = self._destination()
+        built = []
+        for item in items:
+            result = guard.call(self._build, item, experiment_id)
+            if result is not None:
+                built.append(result)
+        by_experiment: dict[str, list[MlflowSpan]] = {}
+        for info, trace_spans in built:
+            location = info.experiment_id if info is not None else experiment_id
+            by_experiment.setdefault(location, []).extend(trace_spans)
+        for location, batch in by_experiment.items():
+            client.log_spans(location, batch)
+        for info, _ in built:
+            if info is not None:
+                client.start_trace(info)
+
+    def _build(self, item: Item, experiment_id: str) -> tuple[TraceInfo | None, list[MlflowSpan]]:
+        dicts: list[dict[str, Any]] = []
+        if item.ours is not None:
+            trace = item.ours
+            root = trace.root
+            assert root is not None and root.end_ns is not None
+            info = TraceInfo(
+                trace_id=trace.trace_id,
+                trace_location=TraceLocation.from_experiment_id(experiment_id),
+                request_time=root.start_ns // 1_000_000,
+                execution_duration=(root.end_ns - root.start_ns) // 1_000_000,
+                state=TraceState.ERROR if root.error is not None else TraceState.OK,
+                trace_metadata={TRACE_SCHEMA_VERSION_KEY: str(TRACE_SCHEMA_VERSION)},
+                tags={keys.TRACE_NAME: root.name},
+            )
+            dicts.extend(span_dict(s, trace.trace_id, trace.otel_trace_id) for s in trace.spans)
+        elif item.mlflow is not None:
+            info = item.mlflow.info
+            if info.experiment_id is None:
+                info.trace_location = TraceLocation.from_experiment_id(experiment_id)
+        else:
+            info = None  # late fragment: spans only, added to a trace already stored
+        if item.mlflow is not None:
+            dicts.extend(live.to_dict() for live in item.mlflow.span_dict.values())
+        for fragment in item.fragments:
+            dicts.extend(span_dict(s, fragment.trace_id, fragment.otel_trace_id)
+                         for s in fragment.spans)
+        trace_spans = [MlflowSpan.from_dict(d) for d in dicts]
+        if info is not None:
+            self._stamp(info, trace_spans, item.request)
+        return info, trace_spans
+
+    def _stamp(self, info: TraceInfo, trace_spans: list[MlflowSpan],
+               request: RequestContext | None) -> None:
+        metadata = info.trace_metadata
+        tags = info.tags
+        tags.update(self._settings.tags)
+        if request is not None:
+            if request.session_id:
+                metadata[keys.TRACE_SESSION] = request.session_id
+            if request.user_id:
+                metadata[keys.TRACE_USER] = request.user_id
+            if request.request_id and not info.client_request_id:
+                info.client_request_id = request.request_id
+            tags.update(request.tags)
+        if usage := aggregate_usage_from_spans(trace_spans):
+            metadata[keys.TRACE_TOKEN_USAGE] = json.dumps(usage)
+        set_request_response_preview(info, TraceData(spans=trace_spans))

@@ -1,0 +1,99 @@
+"""A bounded in-memory queue and the background worker that drains it.
+
+The caller's thread does one non-blocking ``put``; conversion to MLflow entities and every store
+write happen on the worker. When the queue is full the trace is dropped, counted and reported
+(the on-disk spool is what keeps a backlog, not memory). Shutdown is bounded: ``stop`` waits at
+most ``timeout`` seconds for the backlog, then leaves.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Callable, Generic, Sequence, TypeVar
+
+logger = logging.getLogger("tracewire")
+
+T = TypeVar("T")
+
+_BATCH = 64
+
+
+class Worker(Generic[T]):
+    """One daemon thread draining a bounded queue in batches through ``handler``."""
+
+    def __init__(self, handler: Callable[[Sequence[T]], None], maxsize: int,
+                 name: str = "tracewire-export") -> None:
+        self._handler = handler
+        self._queue: queue.Queue[T] = queue.Queue(maxsize=maxsize)
+        self._done = threading.Condition()
+        self._submitted = 0
+        self._handled = 0
+        self.dropped = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, item: T) -> bool:
+        """Hand one item to the worker without ever blocking; False if it had to be dropped."""
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                logger.warning("tracewire: export queue full, %d trace(s) dropped so far",
+                               self.dropped)
+            return False
+        with self._done:
+            self._submitted += 1
+        return True
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything submitted so far is handled; False on timeout."""
+        with self._done:
+            target = self._submitted
+            return self._done.wait_for(lambda: self._handled >= target, timeout=timeout)
+
+    def stop(self, timeout: float) -> bool:
+        """Flush for at most ``timeout`` seconds, then stop the thread; True if fully drained."""
+        drained = self.flush(timeout)
+        self._stopping = True
+        self._queue.put(None)  # type: ignore[arg-type]  # wake the worker
+        self._thread.join(timeout=0.1 if not drained else max(timeout, 0.1))
+        return drained
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                if self._stopping:
+                    return
+                continue
+            batch = [item]
+            while len(batch) < _BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    if self._stopping:
+                        self._handle(batch)
+                        return
+                    continue
+                batch.append(nxt)
+            self._handle(batch)
+
+    def _handle(self, batch: list[T]) -> None:
+        try:
+            self._handler(batch)
+        except Exception:  # the worker must survive anything a batch does
+            logger.exception("tracewire: export of %d trace(s) failed", len(batch))
+        with self._done:
+            self._handled += len(batch)
+            self._done.notify_all()
+
