@@ -19,8 +19,9 @@ T = TypeVar("T")
 
 TESTING = os.environ.get("TRACEWIRE_TESTING", "").strip().lower() in ("1", "true", "yes")
 
-# Set by tests to make every guarded step fail, proving the user's call survives each one.
-inject_faults = False
+# Tests set a predicate over step names (qualnames) to make those steps fail, proving the
+# user's call survives each one.
+fault: Callable[[str], bool] | None = None
 _reported: set[str] = set()
 
 
@@ -41,7 +42,7 @@ def report(exc: BaseException, where: str) -> None:
 def call(step: Callable[..., T], *args: Any) -> T | None:
     """Run one tracing step; our failure becomes ``None``, never the caller's exception."""
     try:
-        if inject_faults:
+        if fault is not None and fault(step.__qualname__):
             raise InjectedFault(step.__qualname__)
         return step(*args)
     except Exception as exc:

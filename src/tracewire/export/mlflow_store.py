@@ -267,6 +267,12 @@ def _exception_event(error: BaseException, time_ns: int) -> dict[str, Any]:
     }
 
 
+def _dump(value: Any) -> str:
+    if isinstance(value, spans.Deferred):
+        value = value()
+    return dump_span_attribute_value(value)
+
+
 def span_dict(span: spans.Span, trace_id: str, otel_trace_id: int) -> dict[str, Any]:
     """One of our spans in MLflow's stored span format (values serialized here, off the hot path)."""
     attrs = {
@@ -274,11 +280,11 @@ def span_dict(span: spans.Span, trace_id: str, otel_trace_id: int) -> dict[str, 
         keys.SPAN_TYPE: json.dumps(span.span_type),
     }
     if span.inputs is not None:
-        attrs[keys.SPAN_INPUTS] = dump_span_attribute_value(span.inputs)
+        attrs[keys.SPAN_INPUTS] = _dump(span.inputs)
     if span.outputs is not None:
-        attrs[keys.SPAN_OUTPUTS] = dump_span_attribute_value(span.outputs)
+        attrs[keys.SPAN_OUTPUTS] = _dump(span.outputs)
     for key, value in span.attributes.items():
-        attrs[key] = dump_span_attribute_value(value)
+        attrs[key] = _dump(value)
     end_ns = span.end_ns or span.start_ns
     events = []
     status = {"code": "STATUS_CODE_OK", "message": ""}
@@ -344,11 +350,11 @@ class _Writer:
         for info, trace_spans in built:
             location = info.experiment_id if info is not None else experiment_id
             by_experiment.setdefault(location, []).extend(trace_spans)
-        for location, batch in by_experiment.items():
-            client.log_spans(location, batch)
         for info, _ in built:
             if info is not None:
                 client.start_trace(info)
+        for location, batch in by_experiment.items():
+            client.log_spans(location, batch)
 
     def _build(self, item: Item, experiment_id: str) -> tuple[TraceInfo | None, list[MlflowSpan]]:
         dicts: list[dict[str, Any]] = []

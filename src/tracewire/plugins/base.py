@@ -50,7 +50,8 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 
 class Plugin:
-    """Subclasses set the class attributes and implement ``patch`` / ``unpatch``."""
+    """Subclasses set the class attributes and list what they wrap in ``targets``; a plugin
+    that hooks its framework differently overrides ``patch`` / ``unpatch`` too."""
 
     name: str                       # registry name, used in include= / exclude=
     module: str                     # importing this module triggers patching
@@ -64,11 +65,17 @@ class Plugin:
         self._hooked = False
         self._lock = threading.RLock()
 
-    def patch(self) -> None:
+    def targets(self) -> list[tuple[Any, str, Callable[..., Any]]]:
+        """(owner, attribute name, wrapper) for everything this plugin wraps."""
         raise NotImplementedError
 
+    def patch(self) -> None:
+        for owner, name, wrapper in self.targets():
+            wrap(owner, name, wrapper)
+
     def unpatch(self) -> None:
-        raise NotImplementedError
+        for owner, name, _ in self.targets():
+            unwrap(owner, name)
 
     def installed_version(self) -> str:
         try:

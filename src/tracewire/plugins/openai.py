@@ -24,7 +24,7 @@ from tracewire import config
 from tracewire.core import attributes as keys
 from tracewire.core import guard, spans, usage
 from tracewire.core.attributes import SpanType
-from tracewire.plugins.base import Plugin, unwrap, wrap
+from tracewire.plugins.base import Plugin
 
 CHAT, RESPONSES, EMBEDDINGS, COMPLETIONS = "chat", "responses", "embeddings", "text_completion"
 
@@ -468,21 +468,6 @@ def _async_wrapper(kind: str) -> Callable[..., Any]:
     return wrapper
 
 
-def _methods() -> list[tuple[type, str, str, bool]]:
-    found = []
-    for module_name, classes, methods, kind in _TARGETS:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        for class_name in classes:
-            owner = getattr(module, class_name, None)
-            for method in methods:
-                if owner is not None and method in vars(owner):
-                    found.append((owner, method, kind, class_name.startswith("Async")))
-    return found
-
-
 class OpenAIPlugin(Plugin):
     name = "openai"
     module = "openai"
@@ -490,13 +475,20 @@ class OpenAIPlugin(Plugin):
     extra = "openai"
     supported = ("1.40", "4")
 
-    def patch(self) -> None:
-        for owner, method, kind, is_async in _methods():
-            wrap(owner, method, (_async_wrapper if is_async else _sync_wrapper)(kind))
-
-    def unpatch(self) -> None:
-        for owner, method, _, _ in _methods():
-            unwrap(owner, method)
+    def targets(self) -> list[tuple[Any, str, Callable[..., Any]]]:
+        found = []
+        for module_name, classes, methods, kind in _TARGETS:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            for class_name in classes:
+                owner = getattr(module, class_name, None)
+                make = _async_wrapper if class_name.startswith("Async") else _sync_wrapper
+                for method in methods:
+                    if owner is not None and method in vars(owner):
+                        found.append((owner, method, make(kind)))
+        return found
 
 
 plugin = OpenAIPlugin()

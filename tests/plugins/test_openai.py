@@ -1,0 +1,418 @@
+"""The OpenAI plugin against the real `openai` client, over real HTTP to the local server.
+
+Every case checks that the caller's result is what it is untraced, and reads the trace back
+through MLflow's API: span tree, type, inputs, outputs, token usage, state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+from typing import Any
+
+import mlflow
+import openai
+import pydantic
+import pytest
+
+from tests.conftest import Traced
+from tracewire.testing import OpenAIServer
+from tracewire.testing.openai_server import count_tokens
+
+USER = [{"role": "user", "content": "What is the capital of France"}]
+PROMPT_TOKENS = 3 + count_tokens(USER[0]["content"])
+ECHO = "Echo: What is the capital of France"
+TOOLS = [{"type": "function", "function": {
+    "name": "lookup", "description": "Look a city up",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+
+# Server-generated identifiers differ between two calls; everything else must be equal.
+_VOLATILE = {"id", "created", "created_at", "item_id", "response_id", "sequence_number"}
+
+
+def normalized(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        value = value.model_dump()
+    if isinstance(value, dict):
+        return {k: normalized(v) for k, v in value.items() if k not in _VOLATILE}
+    if isinstance(value, list):
+        return [normalized(v) for v in value]
+    return value
+
+
+def usage(trace: mlflow.entities.Trace) -> dict[str, int]:
+    return {k: v for k, v in trace.info.token_usage.items()}
+
+
+def only_span(trace: mlflow.entities.Trace) -> Any:
+    assert len(trace.data.spans) == 1
+    return trace.data.spans[0]
+
+
+# --------------------------------------------------------------------------- chat completions
+
+
+def test_chat_create_sync(traced: Traced, client: openai.OpenAI) -> None:
+    with traced.untraced():
+        expected = client.chat.completions.create(model="gpt-4o-mini", messages=USER)
+    result = client.chat.completions.create(model="gpt-4o-mini", messages=USER)
+    assert normalized(result) == normalized(expected)
+
+    trace = traced.trace()
+    span = only_span(trace)
+    assert span.span_type == "CHAT_MODEL"
+    assert span.name == "chat gpt-4o-mini"
+    assert span.parent_id is None
+    assert span.inputs == {"model": "gpt-4o-mini", "messages": USER}
+    assert span.outputs["choices"][0]["message"]["content"] == ECHO
+    assert span.attributes["mlflow.llm.model"] == "gpt-4o-mini"
+    assert span.attributes["mlflow.llm.provider"] == "openai"
+    assert span.attributes["mlflow.chat.tokenUsage"] == {
+        "input_tokens": PROMPT_TOKENS, "output_tokens": count_tokens(ECHO),
+        "total_tokens": PROMPT_TOKENS + count_tokens(ECHO)}
+    assert usage(trace) == span.attributes["mlflow.chat.tokenUsage"]
+    assert trace.info.state.value == "OK"
+
+
+def test_chat_create_async(traced: Traced, aclient: Any) -> None:
+    async def call() -> Any:
+        return await aclient().chat.completions.create(model="gpt-4o-mini", messages=USER)
+
+    with traced.untraced():
+        expected = asyncio.run(call())
+    assert normalized(asyncio.run(call())) == normalized(expected)
+    span = only_span(traced.trace())
+    assert span.outputs["choices"][0]["message"]["content"] == ECHO
+    assert span.attributes["mlflow.chat.tokenUsage"]["input_tokens"] == PROMPT_TOKENS
+
+
+def test_chat_tool_call_and_cached_tokens(traced: Traced, client: openai.OpenAI) -> None:
+    with traced.untraced():
+        expected = client.chat.completions.create(model="gpt-4o-cached", messages=USER,
+                                                  tools=TOOLS)
+    result = client.chat.completions.create(model="gpt-4o-cached", messages=USER, tools=TOOLS)
+    assert normalized(result) == normalized(expected)
+    assert result.choices[0].message.tool_calls[0].function.name == "lookup"
+
+    span = only_span(traced.trace())
+    assert span.attributes["mlflow.chat.tools"] == TOOLS
+    tool_call = span.outputs["choices"][0]["message"]["tool_calls"][0]
+    assert tool_call["function"]["name"] == "lookup"
+    assert json.loads(tool_call["function"]["arguments"]) == {"city": USER[0]["content"]}
+    assert span.attributes["mlflow.chat.tokenUsage"]["cache_read_input_tokens"] == PROMPT_TOKENS // 2
+
+
+class Capital(pydantic.BaseModel):
+    city: str
+    population: int
+
+
+def test_chat_parse(traced: Traced, client: openai.OpenAI) -> None:
+    with traced.untraced():
+        expected = client.chat.completions.parse(model="gpt-4o", messages=USER,
+                                                 response_format=Capital)
+    result = client.chat.completions.parse(model="gpt-4o", messages=USER, response_format=Capital)
+    assert result.choices[0].message.parsed == expected.choices[0].message.parsed
+    span = only_span(traced.trace())
+    assert span.span_type == "CHAT_MODEL"
+    assert json.loads(span.outputs["choices"][0]["message"]["content"])["population"] == 1
+    assert span.attributes["mlflow.chat.tokenUsage"]["input_tokens"] == PROMPT_TOKENS
+
+
+# --------------------------------------------------------------------------- chat streaming
+
+
+def _stream(client: openai.OpenAI, **kwargs: Any) -> list[Any]:
+    return list(client.chat.completions.create(model="gpt-4o-mini", messages=USER, stream=True,
+                                               **kwargs))
+
+
+def test_stream_gets_usage_without_the_caller_seeing_it(
+        traced: Traced, client: openai.OpenAI, openai_server: OpenAIServer) -> None:
+    with traced.untraced():
+        expected = _stream(client)
+    openai_server.clear()
+    chunks = _stream(client)
+    # The caller sees the same chunks: count, content, finish reasons...
+    assert len(chunks) == len(expected)
+    assert [normalized(c.choices) for c in chunks] == [normalized(c.choices) for c in expected]
+    # ... and the same JSON, but for the `"usage": null` the server adds once asked for usage.
+    for got, want in zip(chunks, expected):
+        as_json = json.loads(got.to_json())
+        assert as_json.pop("usage") is None
+        assert normalized(as_json) == normalized(json.loads(want.to_json()))
+    assert openai_server.requests[-1].body["stream_options"] == {"include_usage": True}
+
+    span = only_span(traced.trace())
+    assert span.outputs["choices"][0]["message"]["content"] == ECHO
+    assert span.outputs["choices"][0]["finish_reason"] == "stop"
+    assert span.attributes["mlflow.chat.tokenUsage"] == {
+        "input_tokens": PROMPT_TOKENS, "output_tokens": count_tokens(ECHO),
+        "total_tokens": PROMPT_TOKENS + count_tokens(ECHO)}
+
+
+def test_stream_with_callers_include_usage_is_untouched(traced: Traced, client: openai.OpenAI) -> None:
+    with traced.untraced():
+        expected = _stream(client, stream_options={"include_usage": True})
+    chunks = _stream(client, stream_options={"include_usage": True})
+    assert [normalized(c) for c in chunks] == [normalized(c) for c in expected]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    span = only_span(traced.trace())
+    assert span.attributes["mlflow.chat.tokenUsage"]["output_tokens"] == count_tokens(ECHO)
+
+
+@pytest.mark.parametrize("traced", [{"stream_usage": False}], indirect=True)
+def test_stream_usage_opt_out(traced: Traced, client: openai.OpenAI,
+                              openai_server: OpenAIServer) -> None:
+    openai_server.clear()
+    chunks = _stream(client)
+    assert "stream_options" not in openai_server.requests[-1].body
+    assert all(c.usage is None for c in chunks)
+    span = only_span(traced.trace())
+    assert span.outputs["choices"][0]["message"]["content"] == ECHO
+    assert "mlflow.chat.tokenUsage" not in span.attributes
+
+
+def test_stream_not_on_allow_list_is_not_changed(
+        traced: Traced, client: openai.OpenAI, openai_server: OpenAIServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRACEWIRE_STREAM_USAGE_HOSTS")
+    traced.enable()  # re-read settings: 127.0.0.1 is no longer allowed
+    openai_server.clear()
+    _stream(client)
+    assert "stream_options" not in openai_server.requests[-1].body
+
+
+def test_stream_tool_call(traced: Traced, client: openai.OpenAI) -> None:
+    chunks = _stream(client, tools=TOOLS)
+    assert any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    span = only_span(traced.trace())
+    message = span.outputs["choices"][0]["message"]
+    assert message["tool_calls"][0]["id"] == "call_1"
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"city": USER[0]["content"]}
+    assert span.outputs["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_stream_broken_out_of_early_ends_span_when_collected(traced: Traced,
+                                                             client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(model="gpt-4o-mini", messages=USER, stream=True)
+    first = next(iter(stream))
+    assert first.choices[0].delta.role == "assistant"
+    assert traced.traces() == []  # the span lives while the stream does
+    del stream
+    gc.collect()
+    span = only_span(traced.trace())
+    assert span.span_type == "CHAT_MODEL"
+    assert span.end_time_ns >= span.start_time_ns
+
+
+def test_stream_closed_early(traced: Traced, client: openai.OpenAI) -> None:
+    with client.chat.completions.create(model="gpt-4o-mini", messages=USER, stream=True) as stream:
+        for _ in stream:
+            break
+    trace = traced.trace()
+    assert trace.info.state.value == "OK"
+
+
+def test_stream_error_mid_stream(traced: Traced, client: openai.OpenAI) -> None:
+    received = []
+    with pytest.raises(openai.APIError):
+        for chunk in client.chat.completions.create(model="stream-error", messages=USER,
+                                                    stream=True):
+            received.append(chunk)
+    assert len(received) >= 1
+    trace = traced.trace()
+    span = only_span(trace)
+    assert span.status.status_code == "ERROR"
+    assert trace.info.state.value == "ERROR"
+    assert span.events[0].name == "exception"
+
+
+def test_empty_stream(traced: Traced, client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model="empty-stream", messages=USER, stream=True))
+    assert chunks == []
+    span = only_span(traced.trace())
+    assert span.outputs["choices"] == []
+
+
+def test_stream_async(traced: Traced, aclient: Any) -> None:
+    async def call() -> list[Any]:
+        stream = await aclient().chat.completions.create(model="gpt-4o-mini", messages=USER,
+                                                       stream=True)
+        return [chunk async for chunk in stream]
+
+    with traced.untraced():
+        expected = asyncio.run(call())
+    chunks = asyncio.run(call())
+    assert [normalized(c.choices) for c in chunks] == [normalized(c.choices) for c in expected]
+    span = only_span(traced.trace())
+    assert span.outputs["choices"][0]["message"]["content"] == ECHO
+    assert span.attributes["mlflow.chat.tokenUsage"]["output_tokens"] == count_tokens(ECHO)
+
+
+# --------------------------------------------------------------------------- raw responses
+
+
+def test_with_raw_response(traced: Traced, client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=USER)
+    assert raw.http_response.status_code == 200
+    parsed = raw.parse()
+    assert parsed.choices[0].message.content == ECHO
+    span = only_span(traced.trace())
+    assert span.outputs["choices"][0]["message"]["content"] == ECHO
+    assert span.attributes["mlflow.chat.tokenUsage"]["input_tokens"] == PROMPT_TOKENS
+
+
+def test_with_raw_response_stream(traced: Traced, client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=USER,
+                                                          stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    assert text == ECHO
+    span = only_span(traced.trace())
+    assert span.outputs["choices"][0]["message"]["content"] == ECHO
+    assert span.attributes["mlflow.chat.tokenUsage"]["output_tokens"] == count_tokens(ECHO)
+
+
+# --------------------------------------------------------------------------- Responses API
+
+
+def test_responses_create(traced: Traced, client: openai.OpenAI) -> None:
+    with traced.untraced():
+        expected = client.responses.create(model="gpt-4o", input="What is the capital of France")
+    result = client.responses.create(model="gpt-4o", input="What is the capital of France")
+    assert normalized(result) == normalized(expected)
+    assert result.output_text == ECHO
+    span = only_span(traced.trace())
+    assert span.span_type == "CHAT_MODEL"
+    assert span.name == "responses gpt-4o"
+    assert span.inputs["input"] == "What is the capital of France"
+    assert span.outputs["output"][0]["content"][0]["text"] == ECHO
+    assert span.attributes["mlflow.chat.tokenUsage"] == {
+        "input_tokens": PROMPT_TOKENS, "output_tokens": count_tokens(ECHO),
+        "total_tokens": PROMPT_TOKENS + count_tokens(ECHO)}
+
+
+def test_responses_function_call(traced: Traced, client: openai.OpenAI) -> None:
+    tools = [{"type": "function", "name": "lookup", "description": "Look a city up",
+              "parameters": TOOLS[0]["function"]["parameters"]}]
+    result = client.responses.create(model="gpt-4o", input=USER, tools=tools)
+    assert result.output[0].type == "function_call"
+    span = only_span(traced.trace())
+    assert span.outputs["output"][0]["name"] == "lookup"
+
+
+def test_responses_stream(traced: Traced, client: openai.OpenAI) -> None:
+    with traced.untraced():
+        expected = list(client.responses.create(model="gpt-4o", input="hello there", stream=True))
+    events = list(client.responses.create(model="gpt-4o", input="hello there", stream=True))
+    assert [e.type for e in events] == [e.type for e in expected]
+    span = only_span(traced.trace())
+    assert span.outputs["output"][0]["content"][0]["text"] == "Echo: hello there"
+    assert span.attributes["mlflow.chat.tokenUsage"]["output_tokens"] == count_tokens("Echo: hello there")
+
+
+def test_responses_parse(traced: Traced, client: openai.OpenAI) -> None:
+    result = client.responses.parse(model="gpt-4o", input="Paris", text_format=Capital)
+    assert result.output_parsed == Capital(city="Paris", population=1)
+    span = only_span(traced.trace())
+    assert span.attributes["mlflow.chat.tokenUsage"]["input_tokens"] == 3 + 1
+
+
+# --------------------------------------------------------------------------- embeddings, legacy
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+def test_embeddings(traced: Traced, client: openai.OpenAI, encoding: str) -> None:
+    kwargs = {"encoding_format": encoding} if encoding == "float" else {}
+    with traced.untraced():
+        expected = client.embeddings.create(model="text-embedding-3-small",
+                                            input=["one two", "three"], **kwargs)
+    result = client.embeddings.create(model="text-embedding-3-small", input=["one two", "three"],
+                                      **kwargs)
+    assert normalized(result) == normalized(expected)
+    span = only_span(traced.trace())
+    assert span.span_type == "EMBEDDING"
+    assert span.outputs == {"model": "text-embedding-3-small", "count": 2, "dimensions": 8}
+    assert span.attributes["mlflow.chat.tokenUsage"] == {
+        "input_tokens": 3, "output_tokens": 0, "total_tokens": 3}
+
+
+def test_legacy_completions(traced: Traced, client: openai.OpenAI) -> None:
+    result = client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say hi")
+    assert result.choices[0].text == "Echo: Say hi"
+    chunks = list(client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say hi",
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Echo: Say hi"
+    plain, streamed = traced.traces(expected=2)
+    for trace in (plain, streamed):
+        span = only_span(trace)
+        assert span.span_type == "LLM"
+        assert span.name == "text_completion gpt-3.5-turbo-instruct"
+    assert only_span(plain).attributes["mlflow.chat.tokenUsage"]["input_tokens"] == 2
+    assert only_span(streamed).outputs["choices"][0]["text"] == "Echo: Say hi"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("model,error", [("error-429", openai.RateLimitError),
+                                         ("error-500", openai.InternalServerError)])
+def test_http_errors_reach_the_caller_unchanged(traced: Traced, client: openai.OpenAI,
+                                                model: str, error: type) -> None:
+    with traced.untraced():
+        with pytest.raises(error) as untraced_error:
+            client.chat.completions.create(model=model, messages=USER)
+    with pytest.raises(error) as traced_error:
+        client.chat.completions.create(model=model, messages=USER)
+    assert type(traced_error.value) is type(untraced_error.value)
+    assert str(traced_error.value) == str(untraced_error.value)
+    trace = traced.trace()
+    span = only_span(trace)
+    assert span.status.status_code == "ERROR"
+    assert trace.info.state.value == "ERROR"
+    assert span.events[0].attributes["exception.type"] == error.__name__
+
+
+def test_timeout_marks_error(traced: Traced, openai_server: OpenAIServer) -> None:
+    client = openai.OpenAI(base_url="http://127.0.0.1:9/v1", api_key="sk-x", max_retries=0,
+                           timeout=2)
+    with pytest.raises(openai.APIConnectionError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=USER)
+    assert only_span(traced.trace()).status.status_code == "ERROR"
+
+
+# --------------------------------------------------------------------------- nesting, clients
+
+
+def test_user_span_is_the_parent(traced: Traced, client: openai.OpenAI) -> None:
+    @mlflow.trace(name="agent")
+    def agent() -> str:
+        first = client.chat.completions.create(model="gpt-4o-mini", messages=USER)
+        second = client.chat.completions.create(model="gpt-4o-mini", messages=USER)
+        return first.choices[0].message.content + second.choices[0].message.content
+
+    assert agent() == ECHO * 2
+    trace = traced.trace()
+    root = next(s for s in trace.data.spans if s.parent_id is None)
+    assert root.name == "agent"
+    children = [s for s in trace.data.spans if s.parent_id == root.span_id]
+    assert [s.span_type for s in children] == ["CHAT_MODEL", "CHAT_MODEL"]
+    assert trace.info.token_usage["input_tokens"] == 2 * PROMPT_TOKENS
+
+
+def test_message_list_is_recorded_as_sent(traced: Traced, client: openai.OpenAI) -> None:
+    messages = list(USER)
+    reply = client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    messages.append(reply.choices[0].message.model_dump())  # what chat loops do next
+    assert only_span(traced.trace()).inputs["messages"] == USER
+
+
+def test_azure_client_is_traced(traced: Traced, openai_server: OpenAIServer) -> None:
+    client = openai.AzureOpenAI(base_url=openai_server.base_url, api_key="azure-key",
+                                api_version="2024-10-21", max_retries=0)
+    result = client.chat.completions.create(model="gpt-4o-mini", messages=USER)
+    assert result.choices[0].message.content == ECHO
+    span = only_span(traced.trace())
+    assert span.attributes["mlflow.llm.provider"] == "azure"
