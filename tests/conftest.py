@@ -14,6 +14,8 @@ from typing import Iterator
 os.environ["TRACEWIRE_TESTING"] = "1"
 # The local test server accepts `stream_options.include_usage`, like OpenAI does.
 os.environ["TRACEWIRE_STREAM_USAGE_HOSTS"] = "127.0.0.1"
+# No network here: keep MLflow's pricing to its built-in model catalog.
+os.environ["MLFLOW_MODEL_CATALOG_URI"] = ""
 
 import mlflow
 import pytest

@@ -165,25 +165,33 @@ def _record(call: _Call, response: Any, response_usage: Any) -> None:
         span.record_error(RuntimeError(f"response failed: {getattr(error, 'message', error)}"))
 
 
-def _finish(call: _Call, result: Any) -> Any:
-    """Record a returned result and end the span, or wrap a stream; returns what the caller gets."""
+def _end(call: _Call, response: Any) -> None:
+    if hasattr(response, "model_dump"):
+        _record(call, response, getattr(response, "usage", None))
+    call.span.end()
+
+
+def _end_raw(call: _Call, raw: Any) -> None:
+    _end(call, raw.parse())  # cached: the caller's own .parse() returns this same object
+
+
+def _deliver(call: _Call, result: Any) -> Any:
+    """What the caller gets: the result itself, or a proxy for a stream (the span then ends
+    with the stream). Not a guarded step on purpose: it only checks types and builds proxies, so
+    that no failure of ours can hand the caller a stream that shows our injected usage chunk."""
     from openai import AsyncStream, Stream
     from openai._legacy_response import LegacyAPIResponse
 
     if isinstance(result, LegacyAPIResponse):  # `.with_raw_response.create(...)`
         if call.stream:
             return _RawResponse(result, call)
-        parsed = result.parse()  # cached: the caller's own .parse() returns this same object
-        _record(call, parsed, getattr(parsed, "usage", None))
-        call.span.end()
-        return result
-    if isinstance(result, Stream):
+        guard.call(_end_raw, call, result)
+    elif isinstance(result, Stream):
         return _SyncStream(result, call)
-    if isinstance(result, AsyncStream):
+    elif isinstance(result, AsyncStream):
         return _AsyncStream(result, call)
-    if hasattr(result, "model_dump"):
-        _record(call, result, getattr(result, "usage", None))
-    call.span.end()  # e.g. `.with_streaming_response`: the body is the caller's to read
+    else:  # a parsed reply, or `.with_streaming_response` whose body is the caller's to read
+        guard.call(_end, call, result)
     return result
 
 
@@ -263,14 +271,22 @@ class _StreamState:
 
     __slots__ = ("call", "items", "usage", "done")
 
+    def hidden(self, item: Any) -> bool:
+        """The usage-only chunk we asked for on the caller's behalf: recorded, never yielded.
+        Decided outside the guarded steps, so a failure in ours can never show it."""
+        if self.call.hide_usage and _is_usage_chunk(item):
+            self.usage = item.usage
+            return True
+        return False
+
     def __init__(self, call: _Call) -> None:
         self.call = call
         self.items: list[Any] = []
         self.usage: Any = None
         self.done = False
 
-    def keep(self, item: Any) -> bool:
-        """Record one chunk/event; False if it is our injected usage chunk, hidden from the caller."""
+    def keep(self, item: Any) -> None:
+        """Record one chunk or event."""
         call = self.call
         if call.kind == RESPONSES:
             kind = getattr(item, "type", None)
@@ -282,11 +298,8 @@ class _StreamState:
                 call.span.record_error(RuntimeError(f"error event: {getattr(item, 'message', '')}"))
         elif getattr(item, "usage", None) is not None:
             self.usage = item.usage
-            if call.hide_usage and _is_usage_chunk(item):
-                return False
         if call.capture or call.kind == RESPONSES:
             self.items.append(item)
-        return True
 
     def finish(self, error: BaseException | None) -> None:
         if self.done:
@@ -328,7 +341,8 @@ class _SyncStream(wrapt.ObjectProxy):  # type: ignore[misc]
             except BaseException as exc:
                 guard.call(state.finish, exc)
                 raise
-            if guard.call(state.keep, item) is not False:
+            if not state.hidden(item):
+                guard.call(state.keep, item)
                 return item
 
     def __enter__(self) -> Any:
@@ -370,7 +384,8 @@ class _AsyncStream(wrapt.ObjectProxy):  # type: ignore[misc]
             except BaseException as exc:
                 guard.call(state.finish, exc)
                 raise
-            if guard.call(state.keep, item) is not False:
+            if not state.hidden(item):
+                guard.call(state.keep, item)
                 return item
 
     async def __aenter__(self) -> Any:
@@ -402,10 +417,8 @@ class _RawResponse(wrapt.ObjectProxy):  # type: ignore[misc]
         self._self_stream: Any = None
 
     def parse(self, *args: Any, **kwargs: Any) -> Any:
-        parsed = self.__wrapped__.parse(*args, **kwargs)
         if self._self_stream is None:
-            proxy = guard.call(_finish, self._self_call, parsed)
-            self._self_stream = proxy if proxy is not None else parsed
+            self._self_stream = _deliver(self._self_call, self.__wrapped__.parse(*args, **kwargs))
         return self._self_stream
 
     def __del__(self) -> None:
@@ -433,11 +446,7 @@ def _sync_wrapper(kind: str) -> Callable[..., Any]:
         finally:
             if tokens is not None:
                 guard.call(spans.deactivate, tokens)
-        returned = guard.call(_finish, call, result)
-        if returned is None:
-            guard.call(call.span.end)
-            return result
-        return returned
+        return _deliver(call, result)
 
     return wrapper
 
@@ -459,11 +468,7 @@ def _async_wrapper(kind: str) -> Callable[..., Any]:
         finally:
             if tokens is not None:
                 guard.call(spans.deactivate, tokens)
-        returned = guard.call(_finish, call, result)
-        if returned is None:
-            guard.call(call.span.end)
-            return result
-        return returned
+        return _deliver(call, result)
 
     return wrapper
 
