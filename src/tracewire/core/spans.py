@@ -130,20 +130,25 @@ class Span:
 
 def start_span(name: str, span_type: str, inputs: Any = None,
                attributes: dict[str, Any] | None = None) -> Span:
-    """Start a span under the current tracewire span, the user's MLflow span, or as a root."""
+    """Start a span under the innermost active span (ours or the user's MLflow span), or as
+    the root of a new trace."""
     parent = _current.get()
-    if parent is not None and not parent.trace.done:
-        trace = parent.trace
-        parent_id: int | None = parent.span_id
+    if parent is not None and parent.trace.done:
+        parent = None  # a context that outlived its trace (e.g. a task left running)
+    # MLflow's current span is recording only when it is the user's own span: ours appear
+    # there as non-recording placeholders. A recording one is therefore the innermost.
+    mlflow_parent = _mlflow_parent()
+    if mlflow_parent is not None:
+        trace_id, span_id = mlflow_parent
+        if parent is not None and parent.trace.otel_trace_id == trace_id:
+            trace, parent_id = parent.trace, span_id
+        else:  # under a user's MLflow trace: our spans are a fragment of it
+            trace, parent_id = Trace(trace_id, parent_span_id=span_id), span_id
+    elif parent is not None:
+        trace, parent_id = parent.trace, parent.span_id
     else:
-        mlflow_parent = _mlflow_parent()
-        if mlflow_parent is not None:
-            trace = Trace(mlflow_parent[0], parent_span_id=mlflow_parent[1])
-            parent_id = mlflow_parent[1]
-        else:
-            trace = Trace(_rng.getrandbits(128) or 1, parent_span_id=None)
-            parent_id = None
-            _open[trace.otel_trace_id] = trace
+        trace, parent_id = Trace(_rng.getrandbits(128) or 1, parent_span_id=None), None
+        _open[trace.otel_trace_id] = trace
     span = Span(trace, parent_id, name, span_type, inputs, attributes)
     with trace._lock:
         trace._open_spans += 1

@@ -334,7 +334,15 @@ class _Writer:
             experiment = client.get_experiment_by_name(settings.experiment_name)
             if experiment is not None:
                 return experiment.experiment_id
-            return client.create_experiment(settings.experiment_name)
+            try:
+                return client.create_experiment(settings.experiment_name)
+            except Exception:
+                # Created meanwhile by another process, or by MLflow itself on the caller's
+                # thread (it resolves MLFLOW_EXPERIMENT_NAME for the user's own spans).
+                experiment = client.get_experiment_by_name(settings.experiment_name)
+                if experiment is None:
+                    raise
+                return experiment.experiment_id
         from mlflow.tracking.fluent import _active_experiment_id
 
         return _active_experiment_id or "0"
