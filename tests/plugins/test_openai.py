@@ -16,6 +16,7 @@ import openai
 import pydantic
 import pytest
 
+import tracewire
 from tests.conftest import Traced
 from tracewire.testing import OpenAIServer
 from tracewire.testing.openai_server import count_tokens
@@ -416,3 +417,26 @@ def test_azure_client_is_traced(traced: Traced, openai_server: OpenAIServer) -> 
     assert result.choices[0].message.content == ECHO
     span = only_span(traced.trace())
     assert span.attributes["mlflow.llm.provider"] == "azure"
+
+
+@pytest.mark.parametrize("mlflow_first", [True, False])
+def test_mlflow_openai_autolog_does_not_trace_twice(traced: Traced, client: openai.OpenAI,
+                                                    mlflow_first: bool,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    import mlflow.openai
+
+    if mlflow_first:
+        tracewire.disable()
+        mlflow.openai.autolog()
+        traced.enable()
+    else:
+        mlflow.openai.autolog()
+    try:
+        client.chat.completions.create(model="gpt-4o-mini", messages=USER)
+        client.chat.completions.create(model="gpt-4o-mini", messages=USER)
+    finally:
+        mlflow.openai.autolog(disable=True)
+    for trace in traced.traces(expected=2):
+        span = only_span(trace)
+        assert span.name == "chat gpt-4o-mini"  # tracewire's span, not MLflow's
+    assert sum("switched off" in r.message for r in caplog.records) == 1

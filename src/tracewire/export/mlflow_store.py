@@ -108,6 +108,21 @@ def detach(token: Any) -> None:
         otel_context.detach(token)
 
 
+def take_over_mlflow_autolog(flavor: str) -> None:
+    """Switch MLflow's own autologging for ``flavor`` off: tracewire traces those calls, and
+    MLflow's patch checks this flag on every call, so the same call is not traced twice."""
+    try:
+        from mlflow.utils.autologging_utils import AUTOLOGGING_INTEGRATIONS
+    except ImportError:
+        return
+    config = AUTOLOGGING_INTEGRATIONS.get(flavor)
+    if config is not None and not config.get("disable", True):
+        config["disable"] = True
+        logger.warning("tracewire: mlflow.%s.autolog() is active too; tracewire traces these "
+                       "calls, so MLflow's %s autologging is switched off to avoid tracing each "
+                       "call twice", flavor, flavor)
+
+
 @dataclass
 class Item:
     """One finished trace on its way to the store."""

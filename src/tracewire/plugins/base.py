@@ -58,11 +58,14 @@ class Plugin:
     distribution: str               # the pip distribution whose version is checked
     extra: str                      # `pip install "tracewire[<extra>]"`
     supported: tuple[str, str]      # versions [minimum, maximum)
+    # MLflow's autolog flavor covering the same calls: kept off while this plugin is on.
+    mlflow_flavor: str | None = None
 
     def __init__(self) -> None:
         self.enabled = False
         self.patched = False
         self._hooked = False
+        self._claimed = False
         self._lock = threading.RLock()
 
     def targets(self) -> list[tuple[Any, str, Callable[..., Any]]]:
@@ -76,6 +79,27 @@ class Plugin:
     def unpatch(self) -> None:
         for owner, name, _ in self.targets():
             unwrap(owner, name)
+
+    def _claim_mlflow_flavor(self) -> None:
+        """Trace each call once: switch ``mlflow.<flavor>.autolog()`` off now, and again
+        right after any later call of it enables it."""
+        from tracewire.export import mlflow_store
+
+        flavor = self.mlflow_flavor
+        mlflow_store.take_over_mlflow_autolog(flavor)
+        if self._claimed:
+            return
+        self._claimed = True
+
+        def after_autolog(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                          kwargs: dict[str, Any]) -> Any:
+            result = wrapped(*args, **kwargs)
+            if self.enabled:
+                guard.call(mlflow_store.take_over_mlflow_autolog, flavor)
+            return result
+
+        wrapt.register_post_import_hook(lambda module: wrap(module, "autolog", after_autolog),
+                                        f"mlflow.{flavor}")
 
     def installed_version(self) -> str:
         try:
@@ -120,3 +144,5 @@ class Plugin:
                 return
             self.patched = True
             guard.call(self.patch)
+            if self.mlflow_flavor:
+                guard.call(self._claim_mlflow_flavor)

@@ -479,6 +479,7 @@ class OpenAIPlugin(Plugin):
     distribution = "openai"
     extra = "openai"
     supported = ("1.40", "4")
+    mlflow_flavor = "openai"
 
     def targets(self) -> list[tuple[Any, str, Callable[..., Any]]]:
         found = []
