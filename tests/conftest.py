@@ -28,12 +28,17 @@ API_KEY = "sk-tracewire-test-9f8e7d6c5b4a3210-secret"
 
 
 @pytest.fixture(scope="session")
-def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    uri = f"sqlite:///{path}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     mlflow.MlflowClient().search_experiments()  # create the schema once, up front
-    return uri
+    yield uri
+    # Secrets never leave: every byte the whole suite persisted, checked once at the end.
+    tracewire.flush(30)
+    stored = b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+    assert API_KEY.encode() not in stored, "the API key was persisted"
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,155 @@
+"""autolog() settings: arguments over TRACEWIRE_* variables, clear errors naming the setting,
+MLflow's production switches honoured, no network I/O on the caller's thread."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+import types
+from typing import Iterator
+
+import pytest
+
+import tracewire
+from tests.conftest import Traced
+from tracewire.plugins.base import Plugin, TracewireWrapper
+from tracewire.plugins.registry import PLUGINS
+
+
+@pytest.mark.parametrize("env,value,named", [
+    ("TRACEWIRE_CAPTURE_CONTENT", "maybe", "TRACEWIRE_CAPTURE_CONTENT"),
+    ("TRACEWIRE_STREAM_USAGE", "2", "TRACEWIRE_STREAM_USAGE"),
+    ("TRACEWIRE_QUEUE_SIZE", "lots", "TRACEWIRE_QUEUE_SIZE"),
+    ("TRACEWIRE_QUEUE_SIZE", "0", "TRACEWIRE_QUEUE_SIZE"),
+    ("TRACEWIRE_FLUSH_TIMEOUT", "-1", "TRACEWIRE_FLUSH_TIMEOUT"),
+    ("TRACEWIRE_TAGS", "novalue", "TRACEWIRE_TAGS"),
+    ("TRACEWIRE_INCLUDE", "openai,nosuchplugin", "nosuchplugin"),
+    ("MLFLOW_EXPERIMENT_ID", "abc", "MLFLOW_EXPERIMENT_ID"),
+    ("ENABLE_MLFLOW_TRACING", "perhaps", "ENABLE_MLFLOW_TRACING"),
+])
+def test_invalid_environment_fails_at_autolog_naming_it(
+        tracking_uri: str, monkeypatch: pytest.MonkeyPatch, env: str, value: str,
+        named: str) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(tracewire.ConfigError, match=named):
+        tracewire.autolog()
+
+
+def test_invalid_arguments_name_the_argument(tracking_uri: str) -> None:
+    with pytest.raises(tracewire.ConfigError, match="argument capture_content"):
+        tracewire.autolog(capture_content="yes please")  # type: ignore[arg-type]
+    with pytest.raises(tracewire.ConfigError, match="argument tags"):
+        tracewire.autolog(tags=["not", "a", "mapping"])  # type: ignore[arg-type]
+    with pytest.raises(tracewire.ConfigError, match="exclude"):
+        tracewire.autolog(exclude=["nope"])
+
+
+def test_arguments_win_over_environment(traced: Traced, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tracewire import config
+
+    monkeypatch.setenv("TRACEWIRE_CAPTURE_CONTENT", "false")
+    tracewire.autolog(capture_content=True)
+    assert config.active().capture_content is True
+    tracewire.autolog()
+    assert config.active().capture_content is False
+
+
+def _openai_wrapped() -> bool:
+    from openai.resources.chat.completions import Completions
+
+    return isinstance(vars(Completions)["create"], TracewireWrapper)
+
+
+def test_enable_mlflow_tracing_false_makes_autolog_a_no_op(
+        tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    tracewire.disable()
+    monkeypatch.setenv("ENABLE_MLFLOW_TRACING", "false")
+    tracewire.autolog()
+    assert not _openai_wrapped()
+    monkeypatch.setenv("ENABLE_MLFLOW_TRACING", "true")
+    tracewire.autolog()
+    try:
+        assert _openai_wrapped()
+    finally:
+        tracewire.disable()
+
+
+def test_exclude_and_include(traced: Traced) -> None:
+    tracewire.autolog(exclude=["openai"])
+    assert not _openai_wrapped()
+    tracewire.autolog(include=["openai"])
+    assert _openai_wrapped()
+
+
+@pytest.fixture
+def missing_framework_plugin(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A registry entry whose framework is not installed."""
+    module = types.ModuleType("tracewire_test_missing_plugin")
+
+    class Missing(Plugin):
+        name = "missingfw"
+        module = "tracewire_no_such_framework"
+        distribution = "tracewire-no-such-framework"
+        extra = "missingfw"
+        supported = ("1", "2")
+
+        def targets(self) -> list:  # type: ignore[type-arg]
+            return []
+
+    module.plugin = Missing()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(PLUGINS, "missingfw", module.__name__)
+    yield "missingfw"
+
+
+def test_missing_framework_named_in_include_is_an_error(
+        traced: Traced, missing_framework_plugin: str) -> None:
+    with pytest.raises(tracewire.PluginUnavailable, match=r'pip install "tracewire\[missingfw\]"'):
+        tracewire.autolog(include=[missing_framework_plugin])
+
+
+def test_missing_framework_not_asked_for_is_skipped_silently(
+        traced: Traced, missing_framework_plugin: str, caplog: pytest.LogCaptureFixture) -> None:
+    tracewire.autolog()
+    assert _openai_wrapped()
+    assert not [r for r in caplog.records if "missingfw" in r.getMessage()]
+
+
+def test_autolog_does_no_network_io_on_the_callers_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracking server that accepts connections and never answers must not delay autolog()."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "never-looked-up-here")
+    monkeypatch.setenv("TRACEWIRE_FLUSH_TIMEOUT", "0.5")
+    try:
+        started = time.monotonic()
+        tracewire.autolog()
+        assert time.monotonic() - started < 2.0
+        assert not accepted  # not even a connection from the caller's thread
+    finally:
+        started = time.monotonic()
+        tracewire.disable()
+        assert time.monotonic() - started < 5.0  # bounded even with a hung store
+        stop.set()
+        thread.join()
+        listener.close()
+        for conn in accepted:
+            conn.close()
