@@ -27,7 +27,11 @@ from mlflow.entities import Span as MlflowSpan
 from mlflow.entities import TraceData, TraceInfo, TraceLocation, TraceState
 from mlflow.environment_variables import MLFLOW_USE_DEFAULT_TRACER_PROVIDER
 from mlflow.tracing import provider as _provider
-from mlflow.tracing.constant import TRACE_SCHEMA_VERSION, TRACE_SCHEMA_VERSION_KEY
+from mlflow.tracing.constant import (
+    TRACE_SCHEMA_VERSION,
+    TRACE_SCHEMA_VERSION_KEY,
+    SpanAttributeKey,
+)
 from mlflow.tracing.processor.mlflow_v3 import MlflowV3SpanProcessor
 from mlflow.tracing.trace_manager import InMemoryTraceManager, _Trace
 from mlflow.tracing.utils import aggregate_usage_from_spans, dump_span_attribute_value
@@ -53,8 +57,18 @@ _DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 # --------------------------------------------------------------------------- configuration
 
 
+_DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
 def tracking_uri(settings: config.Settings) -> str:
-    return settings.tracking_uri or mlflow.get_tracking_uri()
+    if settings.tracking_uri:
+        return settings.tracking_uri
+    try:
+        return mlflow.get_tracking_uri()
+    except ImportError:
+        # The slim SDK cannot even look for a local store (it lacks the file store's
+        # dependencies): the default is what MLflow would have chosen.
+        return _DEFAULT_TRACKING_URI
 
 
 def check_destination(settings: config.Settings) -> None:
@@ -167,6 +181,10 @@ def on_trace_finished(trace: spans.Trace) -> None:
     _submit(Item(fragments=[trace], request=trace.request))
 
 
+# The experiment of a user-only trace until the worker resolves the destination.
+_PENDING = "tracewire-pending"
+
+
 class _Processor(MlflowV3SpanProcessor):
     """MLflow's processor, plus: an MLflow span started under one of our spans joins our trace."""
 
@@ -178,6 +196,10 @@ class _Processor(MlflowV3SpanProcessor):
         trace_id = span.context.trace_id
         if span.parent is None:
             _mlflow_requests[trace_id] = request_context.current()
+            if span.attributes.get(SpanAttributeKey.EXPERIMENT_ID) is None:
+                # The worker picks the experiment. Without this MLflow resolves it here, on the
+                # caller's thread: a store round trip, racing our worker to create it by name.
+                span.set_attribute(SpanAttributeKey.EXPERIMENT_ID, json.dumps(_PENDING))
             return
         if self._trace_manager.get_mlflow_trace_id_from_otel_id(trace_id) is not None:
             return
@@ -343,18 +365,17 @@ class _Writer:
         if settings.experiment_id:
             return settings.experiment_id
         if settings.experiment_name:
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(tracking_uri(settings))
-            experiment = client.get_experiment_by_name(settings.experiment_name)
+            # The store API, not MlflowClient: the slim mlflow-tracing SDK has only the former.
+            store = self._client.store
+            experiment = store.get_experiment_by_name(settings.experiment_name)
             if experiment is not None:
                 return experiment.experiment_id
             try:
-                return client.create_experiment(settings.experiment_name)
+                return store.create_experiment(settings.experiment_name)
             except Exception:
                 # Created meanwhile by another process, or by MLflow itself on the caller's
                 # thread (it resolves MLFLOW_EXPERIMENT_NAME for the user's own spans).
-                experiment = client.get_experiment_by_name(settings.experiment_name)
+                experiment = store.get_experiment_by_name(settings.experiment_name)
                 if experiment is None:
                     raise
                 return experiment.experiment_id
@@ -362,7 +383,8 @@ class _Writer:
 
         return _active_experiment_id or "0"
 
-    def write(self, items: Sequence[Item]) -> None:
+    def write(self, items: Sequence[Item]) -> int:
+        """Write a batch; returns how many traces could not be built (the rest raise or land)."""
         client, experiment_id = self._destination()
         built = []
         for item in items:
@@ -378,6 +400,7 @@ class _Writer:
                 client.start_trace(info)
         for location, batch in by_experiment.items():
             client.log_spans(location, batch)
+        return len(items) - len(built)
 
     def _build(self, item: Item, experiment_id: str) -> tuple[TraceInfo | None, list[MlflowSpan]]:
         dicts: list[dict[str, Any]] = []
@@ -397,12 +420,17 @@ class _Writer:
             dicts.extend(span_dict(s, trace.trace_id, trace.otel_trace_id) for s in trace.spans)
         elif item.mlflow is not None:
             info = item.mlflow.info
-            if info.experiment_id is None:
+            if info.experiment_id in (None, _PENDING):
                 info.trace_location = TraceLocation.from_experiment_id(experiment_id)
         else:
             info = None  # late fragment: spans only, added to a trace already stored
         if item.mlflow is not None:
-            dicts.extend(live.to_dict() for live in item.mlflow.span_dict.values())
+            for live in item.mlflow.span_dict.values():
+                data = live.to_dict()
+                if SpanAttributeKey.EXPERIMENT_ID in data["attributes"]:
+                    data["attributes"][SpanAttributeKey.EXPERIMENT_ID] = json.dumps(
+                        info.experiment_id if info is not None else experiment_id)
+                dicts.append(data)
         for fragment in item.fragments:
             dicts.extend(span_dict(s, fragment.trace_id, fragment.otel_trace_id)
                          for s in fragment.spans)

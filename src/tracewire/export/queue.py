@@ -21,16 +21,18 @@ _BATCH = 64
 
 
 class Worker(Generic[T]):
-    """One daemon thread draining a bounded queue in batches through ``handler``."""
+    """One daemon thread draining a bounded queue in batches through ``handler``, which
+    returns how many items of the batch it could not export."""
 
-    def __init__(self, handler: Callable[[Sequence[T]], None], maxsize: int,
+    def __init__(self, handler: Callable[[Sequence[T]], int], maxsize: int,
                  name: str = "tracewire-export") -> None:
         self._handler = handler
         self._queue: queue.Queue[T] = queue.Queue(maxsize=maxsize)
         self._done = threading.Condition()
         self._submitted = 0
         self._handled = 0
-        self.dropped = 0
+        self.dropped = 0  # refused: the queue was full
+        self.lost = 0  # accepted, but the export failed
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -50,10 +52,13 @@ class Worker(Generic[T]):
         return True
 
     def flush(self, timeout: float) -> bool:
-        """Wait until everything submitted so far is handled; False on timeout."""
+        """Wait until everything submitted so far is handled; False on timeout or if an
+        export failed meanwhile."""
         with self._done:
             target = self._submitted
-            return self._done.wait_for(lambda: self._handled >= target, timeout=timeout)
+            lost = self.lost
+            drained = self._done.wait_for(lambda: self._handled >= target, timeout=timeout)
+            return drained and self.lost == lost
 
     def stop(self, timeout: float) -> bool:
         """Flush for at most ``timeout`` seconds, then stop the thread; True if fully drained."""
@@ -90,10 +95,12 @@ class Worker(Generic[T]):
 
     def _handle(self, batch: list[T]) -> None:
         try:
-            self._handler(batch)
+            lost = self._handler(batch)
         except Exception:  # the worker must survive anything a batch does
             logger.exception("tracewire: export of %d trace(s) failed", len(batch))
+            lost = len(batch)
         with self._done:
+            self.lost += lost
             self._handled += len(batch)
             self._done.notify_all()
 
