@@ -92,7 +92,8 @@ def check_destination(settings: config.Settings) -> None:
 
 
 def _current_context():
-    return _provider.get_current_context()
+    # MLflow's isolated context unless MLFLOW_USE_DEFAULT_TRACER_PROVIDER=false (read at install).
+    return _provider.mlflow_runtime_context.get_current() if _isolated else None
 
 
 def active_parent() -> tuple[int, int] | None:

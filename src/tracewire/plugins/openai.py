@@ -15,6 +15,7 @@ server then also sends ``"usage": null`` on every chunk, so ``chunk.to_json()`` 
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any, Callable
 
@@ -175,13 +176,19 @@ def _end_raw(call: _Call, raw: Any) -> None:
     _end(call, raw.parse())  # cached: the caller's own .parse() returns this same object
 
 
+@functools.cache
+def _result_types() -> tuple[type, type, type]:
+    from openai import AsyncStream, Stream
+    from openai._legacy_response import LegacyAPIResponse
+
+    return LegacyAPIResponse, Stream, AsyncStream
+
+
 def _deliver(call: _Call, result: Any) -> Any:
     """What the caller gets: the result itself, or a proxy for a stream (the span then ends
     with the stream). Not a guarded step on purpose: it only checks types and builds proxies, so
     that no failure of ours can hand the caller a stream that shows our injected usage chunk."""
-    from openai import AsyncStream, Stream
-    from openai._legacy_response import LegacyAPIResponse
-
+    LegacyAPIResponse, Stream, AsyncStream = _result_types()
     if isinstance(result, LegacyAPIResponse):  # `.with_raw_response.create(...)`
         if call.stream:
             return _RawResponse(result, call)
