@@ -32,6 +32,7 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     path = tmp_path_factory.mktemp("store") / "mlflow.db"
     uri = f"sqlite:///{path}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["TRACEWIRE_SPOOL_DIR"] = str(tmp_path_factory.mktemp("spool"))
     mlflow.set_tracking_uri(uri)
     mlflow.MlflowClient().search_experiments()  # create the schema once, up front
     yield uri

@@ -83,13 +83,13 @@ def autolog(
                               tags=tags, stream_usage=stream_usage)
     plugins = _selected(settings.include, settings.exclude)
 
-    from tracewire.export import mlflow_store
+    from tracewire.export import mlflow_store, pipeline
 
     mlflow_store.check_destination(settings)
     global _atexit_registered
     with _lock:
         config.activate(settings)
-        mlflow_store.install(settings)
+        pipeline.start(settings)
         wanted = {p.name: p for p in plugins}
         for name in list(_enabled):
             if name not in wanted:
@@ -111,9 +111,9 @@ def _disable() -> None:
         for plugin in _enabled.values():
             plugin.disable()
         _enabled.clear()
-        from tracewire.export import mlflow_store
+        from tracewire.export import pipeline
 
-        mlflow_store.uninstall(config.active().flush_timeout)
+        pipeline.stop(config.active().flush_timeout)
 
 
 disable = _disable
@@ -121,15 +121,16 @@ disable = _disable
 
 def flush(timeout: float | None = None) -> bool:
     """Wait up to ``timeout`` seconds (default: the flush timeout) until every finished trace
-    has been handled by the exporter; for serverless handlers. True if everything was handled."""
+    is in the tracking store; for serverless handlers. False if some are still on their way
+    (they stay in the on-disk spool and are shipped later)."""
     from tracewire import config
-    from tracewire.export import mlflow_store
+    from tracewire.export import pipeline
 
-    return mlflow_store.flush(config.active().flush_timeout if timeout is None else timeout)
+    return pipeline.flush(config.active().flush_timeout if timeout is None else timeout)
 
 
 def _at_exit() -> None:
     from tracewire import config
-    from tracewire.export import mlflow_store
+    from tracewire.export import pipeline
 
-    mlflow_store.uninstall(config.active().flush_timeout)
+    pipeline.stop(config.active().flush_timeout)

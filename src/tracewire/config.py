@@ -9,7 +9,9 @@ A value that cannot be used fails here, naming the setting, before anything is p
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 _TRUE = ("1", "true", "yes", "on")
@@ -17,6 +19,16 @@ _FALSE = ("0", "false", "no", "off")
 
 # Chat-completion streams to these hosts accept `stream_options.include_usage` (OpenAI, Azure).
 DEFAULT_STREAM_USAGE_HOSTS = ("api.openai.com", ".openai.azure.com", ".cognitiveservices.azure.com")
+
+
+def default_spool_dir() -> Path:
+    """$XDG_CACHE_HOME/tracewire/spool (or ~/.cache/...), else the temp dir if home is not
+    writable (read-only containers)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if os.access(cache, os.W_OK) or (not os.path.exists(cache)
+                                     and os.access(os.path.dirname(cache), os.W_OK)):
+        return Path(cache) / "tracewire" / "spool"
+    return Path(tempfile.gettempdir()) / f"tracewire-{os.getuid()}" / "spool"
 
 
 class ConfigError(ValueError):
@@ -33,6 +45,9 @@ class Settings:
     stream_usage_hosts: tuple[str, ...] = DEFAULT_STREAM_USAGE_HOSTS
     queue_size: int = 10_000
     flush_timeout: float = 2.0
+    spool_dir: Path = field(default_factory=default_spool_dir)
+    spool_max_bytes: int = 512 * 1024 * 1024
+    ship_timeout: float = 10.0
     tracking_uri: str | None = None
     experiment_id: str | None = None
     experiment_name: str | None = None
@@ -158,6 +173,11 @@ def resolve(
     flush_timeout = _number("TRACEWIRE_FLUSH_TIMEOUT", _env("TRACEWIRE_FLUSH_TIMEOUT") or 2.0,
                             float, 0)
 
+    spool_dir = Path(_env("TRACEWIRE_SPOOL_DIR") or default_spool_dir()).expanduser()
+    spool_mb = _number("TRACEWIRE_SPOOL_MAX_MB", _env("TRACEWIRE_SPOOL_MAX_MB") or 512, float, 0.001)
+    ship_timeout = _number("TRACEWIRE_SHIP_TIMEOUT", _env("TRACEWIRE_SHIP_TIMEOUT") or 10.0,
+                           float, 0.1)
+
     experiment_id = _env("MLFLOW_EXPERIMENT_ID")
     if experiment_id is not None and not experiment_id.isdigit():
         raise ConfigError(f"MLFLOW_EXPERIMENT_ID must be a numeric experiment id, got {experiment_id!r}")
@@ -171,6 +191,9 @@ def resolve(
         stream_usage_hosts=hosts,
         queue_size=queue_size,
         flush_timeout=flush_timeout,
+        spool_dir=spool_dir,
+        spool_max_bytes=int(spool_mb * 1024 * 1024),
+        ship_timeout=ship_timeout,
         tracking_uri=_env("MLFLOW_TRACKING_URI"),
         experiment_id=experiment_id,
         experiment_name=_env("MLFLOW_EXPERIMENT_NAME"),

@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
 import mlflow
@@ -45,7 +45,6 @@ from tracewire.core import attributes as keys
 from tracewire.core import context as request_context
 from tracewire.core import guard, spans
 from tracewire.core.context import RequestContext
-from tracewire.export.queue import Worker
 
 logger = logging.getLogger("tracewire")
 
@@ -69,6 +68,11 @@ def tracking_uri(settings: config.Settings) -> str:
         # The slim SDK cannot even look for a local store (it lacks the file store's
         # dependencies): the default is what MLflow would have chosen.
         return _DEFAULT_TRACKING_URI
+
+
+def destination(settings: config.Settings) -> str:
+    """Where traces go, as one string: spools are only adopted by processes with the same."""
+    return f"{tracking_uri(settings)}#{settings.experiment_id or settings.experiment_name or ''}"
 
 
 def check_destination(settings: config.Settings) -> None:
@@ -151,13 +155,9 @@ class Item:
 _lock = threading.Lock()
 _fragments: dict[int, list[spans.Trace]] = {}
 _mlflow_requests: dict[int, RequestContext | None] = {}
-_worker: Worker[Item] | None = None
 _isolated = True
-
-
-def _submit(item: Item) -> None:
-    if _worker is not None:
-        _worker.submit(item)
+# Set by the pipeline: where finished traces go (never blocks).
+_submit: Callable[[Item], None] = lambda item: None
 
 
 def _pop_mlflow_trace(otel_trace_id: int) -> _Trace | None:
@@ -245,43 +245,64 @@ def _make_processor(tracking_uri: str) -> MlflowV3SpanProcessor:
 
 
 _original_make_processor = None
+_original_http_request = None
+_shipping = threading.local()
 
 
-def install(settings: config.Settings) -> None:
-    """Route MLflow's traces and ours through our worker (idempotent)."""
-    global _worker, _original_make_processor, _isolated
+def _http_request(*args: Any, **kwargs: Any) -> Any:
+    """MLflow's HTTP call, with our retry budget on the shipper's thread: one attempt and our
+    timeout (the shipper retries with backoff), instead of 7 retries x 120 s."""
+    if getattr(_shipping, "timeout", None) is not None:
+        kwargs["max_retries"] = 0
+        kwargs["timeout"] = _shipping.timeout
+    return _original_http_request(*args, **kwargs)  # type: ignore[misc]
+
+
+def install_hooks(submit: Callable[[Item], None]) -> None:
+    """Route MLflow's traces and ours to ``submit`` (idempotent)."""
+    global _original_make_processor, _original_http_request, _isolated, _submit
+    from mlflow.utils import rest_utils
+
     _isolated = MLFLOW_USE_DEFAULT_TRACER_PROVIDER.get()
-    if _worker is None or not _worker.alive:
-        _worker = Worker(_Writer(settings).write, maxsize=settings.queue_size)
-    else:
-        _worker._handler = _Writer(settings).write
+    _submit = submit
     if _original_make_processor is None:
         _original_make_processor = _provider._get_mlflow_span_processor
         _provider._get_mlflow_span_processor = _make_processor
         _provider.provider.reset()  # re-created with our processor on the next span
+    if _original_http_request is None:
+        _original_http_request = rest_utils.http_request
+        rest_utils.http_request = _http_request
+        try:
+            from mlflow.store.tracking import rest_store
+        except ImportError:
+            pass
+        else:
+            rest_store.http_request = _http_request
     spans._sink = on_trace_finished
     spans._mlflow_parent = active_parent
     spans._mlflow_attach = attach
     spans._mlflow_detach = detach
 
 
-def uninstall(timeout: float) -> bool:
-    """Give MLflow its exporter back and stop the worker within ``timeout`` seconds."""
-    global _worker, _original_make_processor
+def uninstall_hooks() -> None:
+    """Give MLflow its own exporter and HTTP calls back."""
+    global _original_make_processor, _original_http_request
+    from mlflow.utils import rest_utils
+
     spans._sink = None
     if _original_make_processor is not None:
         _provider._get_mlflow_span_processor = _original_make_processor
         _original_make_processor = None
         _provider.provider.reset()
-    drained = True
-    if _worker is not None:
-        drained = _worker.stop(timeout)
-        _worker = None
-    return drained
-
-
-def flush(timeout: float) -> bool:
-    return _worker.flush(timeout) if _worker is not None else True
+    if _original_http_request is not None:
+        rest_utils.http_request = _original_http_request
+        try:
+            from mlflow.store.tracking import rest_store
+        except ImportError:
+            pass
+        else:
+            rest_store.http_request = _original_http_request
+        _original_http_request = None
 
 
 # --------------------------------------------------------------------------- worker side
@@ -344,12 +365,67 @@ def span_dict(span: spans.Span, trace_id: str, otel_trace_id: int) -> dict[str, 
     }
 
 
-class _Writer:
-    """Turns finished traces into MLflow entities and writes them to the tracking store."""
+def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
+    """A finished trace as spool bytes: MLflow's TraceInfo and span dicts, as JSON."""
+    dicts: list[dict[str, Any]] = []
+    if item.ours is not None:
+        trace = item.ours
+        root = trace.root
+        assert root is not None and root.end_ns is not None
+        info: TraceInfo | None = TraceInfo(
+            trace_id=trace.trace_id,
+            trace_location=TraceLocation.from_experiment_id(_PENDING),
+            request_time=root.start_ns // 1_000_000,
+            execution_duration=(root.end_ns - root.start_ns) // 1_000_000,
+            state=TraceState.ERROR if root.error is not None else TraceState.OK,
+            trace_metadata={TRACE_SCHEMA_VERSION_KEY: str(TRACE_SCHEMA_VERSION)},
+            tags={keys.TRACE_NAME: root.name},
+        )
+        trace_id = trace.trace_id
+        dicts.extend(span_dict(s, trace.trace_id, trace.otel_trace_id) for s in trace.spans)
+    elif item.mlflow is not None:
+        info = item.mlflow.info
+        trace_id = info.trace_id
+    else:  # a late fragment: spans only, added to a trace already stored
+        info = None
+        trace_id = item.fragments[0].trace_id
+    if item.mlflow is not None:
+        dicts.extend(live.to_dict() for live in item.mlflow.span_dict.values())
+    for fragment in item.fragments:
+        dicts.extend(span_dict(s, fragment.trace_id, fragment.otel_trace_id)
+                     for s in fragment.spans)
+    if info is not None:
+        _stamp(info, [MlflowSpan.from_dict(d) for d in dicts], item.request, settings)
+    payload = {"info": info.to_dict() if info is not None else None, "spans": dicts}
+    return trace_id, json.dumps(payload, ensure_ascii=False).encode()
+
+
+def _stamp(info: TraceInfo, trace_spans: list[MlflowSpan], request: RequestContext | None,
+           settings: config.Settings) -> None:
+    """Trace-level fields: request context, deployment tags, token totals, previews."""
+    metadata = info.trace_metadata
+    tags = info.tags
+    tags.update(settings.tags)
+    if request is not None:
+        if request.session_id:
+            metadata[keys.TRACE_SESSION] = request.session_id
+        if request.user_id:
+            metadata[keys.TRACE_USER] = request.user_id
+        if request.request_id and not info.client_request_id:
+            info.client_request_id = request.request_id
+        tags.update(request.tags)
+    if usage := aggregate_usage_from_spans(trace_spans):
+        metadata[keys.TRACE_TOKEN_USAGE] = json.dumps(usage)
+    set_request_response_preview(info, TraceData(spans=trace_spans))
+
+
+class Store:
+    """The tracking store, as the shipper sees it: batches of spooled traces in, or an
+    exception (then the batch stays spooled and is retried)."""
 
     def __init__(self, settings: config.Settings) -> None:
         self._settings = settings
-        self._client = None
+        self._client: Any = None
         self._experiment_id: str | None = None
 
     def _destination(self) -> tuple[Any, str]:
@@ -374,8 +450,8 @@ class _Writer:
             try:
                 return store.create_experiment(settings.experiment_name)
             except Exception:
-                # Created meanwhile by another process, or by MLflow itself on the caller's
-                # thread (it resolves MLFLOW_EXPERIMENT_NAME for the user's own spans).
+                # Created meanwhile by another process, or by MLflow itself (it resolves
+                # MLFLOW_EXPERIMENT_NAME for user spans that carry an experiment).
                 experiment = store.get_experiment_by_name(settings.experiment_name)
                 if experiment is None:
                     raise
@@ -384,75 +460,37 @@ class _Writer:
 
         return _active_experiment_id or "0"
 
-    def write(self, items: Sequence[Item]) -> int:
-        """Write a batch; returns how many traces could not be built (the rest raise or land)."""
-        client, experiment_id = self._destination()
-        built = []
-        for item in items:
-            result = guard.call(self._build, item, experiment_id)
-            if result is not None:
-                built.append(result)
-        by_experiment: dict[str, list[MlflowSpan]] = {}
-        for info, trace_spans in built:
-            location = info.experiment_id if info is not None else experiment_id
-            by_experiment.setdefault(location, []).extend(trace_spans)
-        for info, _ in built:
-            if info is not None:
+    def ship(self, entries: Sequence[Any]) -> None:
+        """Write a batch; idempotent by trace id, so a batch shipped twice lands once."""
+        _shipping.timeout = self._settings.ship_timeout
+        try:
+            client, experiment_id = self._destination()
+            infos: list[TraceInfo] = []
+            by_experiment: dict[str, list[MlflowSpan]] = {}
+            for entry in entries:
+                decoded = guard.call(self._decode, entry.payload, experiment_id)
+                if decoded is None:
+                    continue  # undecodable: shipping it again would not help
+                info, trace_spans = decoded
+                if info is not None:
+                    infos.append(info)
+                location = info.experiment_id if info is not None else experiment_id
+                by_experiment.setdefault(location, []).extend(trace_spans)
+            for info in infos:
                 client.start_trace(info)
-        for location, batch in by_experiment.items():
-            client.log_spans(location, batch)
-        return len(items) - len(built)
+            for location, batch in by_experiment.items():
+                client.log_spans(location, batch)
+        finally:
+            _shipping.timeout = None
 
-    def _build(self, item: Item, experiment_id: str) -> tuple[TraceInfo | None, list[MlflowSpan]]:
-        dicts: list[dict[str, Any]] = []
-        if item.ours is not None:
-            trace = item.ours
-            root = trace.root
-            assert root is not None and root.end_ns is not None
-            info = TraceInfo(
-                trace_id=trace.trace_id,
-                trace_location=TraceLocation.from_experiment_id(experiment_id),
-                request_time=root.start_ns // 1_000_000,
-                execution_duration=(root.end_ns - root.start_ns) // 1_000_000,
-                state=TraceState.ERROR if root.error is not None else TraceState.OK,
-                trace_metadata={TRACE_SCHEMA_VERSION_KEY: str(TRACE_SCHEMA_VERSION)},
-                tags={keys.TRACE_NAME: root.name},
-            )
-            dicts.extend(span_dict(s, trace.trace_id, trace.otel_trace_id) for s in trace.spans)
-        elif item.mlflow is not None:
-            info = item.mlflow.info
-            if info.experiment_id in (None, _PENDING):
-                info.trace_location = TraceLocation.from_experiment_id(experiment_id)
-        else:
-            info = None  # late fragment: spans only, added to a trace already stored
-        if item.mlflow is not None:
-            for live in item.mlflow.span_dict.values():
-                data = live.to_dict()
-                if SpanAttributeKey.EXPERIMENT_ID in data["attributes"]:
-                    data["attributes"][SpanAttributeKey.EXPERIMENT_ID] = json.dumps(
-                        info.experiment_id if info is not None else experiment_id)
-                dicts.append(data)
-        for fragment in item.fragments:
-            dicts.extend(span_dict(s, fragment.trace_id, fragment.otel_trace_id)
-                         for s in fragment.spans)
-        trace_spans = [MlflowSpan.from_dict(d) for d in dicts]
-        if info is not None:
-            self._stamp(info, trace_spans, item.request)
-        return info, trace_spans
-
-    def _stamp(self, info: TraceInfo, trace_spans: list[MlflowSpan],
-               request: RequestContext | None) -> None:
-        metadata = info.trace_metadata
-        tags = info.tags
-        tags.update(self._settings.tags)
-        if request is not None:
-            if request.session_id:
-                metadata[keys.TRACE_SESSION] = request.session_id
-            if request.user_id:
-                metadata[keys.TRACE_USER] = request.user_id
-            if request.request_id and not info.client_request_id:
-                info.client_request_id = request.request_id
-            tags.update(request.tags)
-        if usage := aggregate_usage_from_spans(trace_spans):
-            metadata[keys.TRACE_TOKEN_USAGE] = json.dumps(usage)
-        set_request_response_preview(info, TraceData(spans=trace_spans))
+    @staticmethod
+    def _decode(payload: bytes, experiment_id: str) -> tuple[TraceInfo | None, list[MlflowSpan]]:
+        data = json.loads(payload)
+        info = TraceInfo.from_dict(data["info"]) if data["info"] is not None else None
+        if info is not None and info.experiment_id in (None, _PENDING):
+            info.trace_location = TraceLocation.from_experiment_id(experiment_id)
+        location = json.dumps(info.experiment_id if info is not None else experiment_id)
+        for span in data["spans"]:
+            if SpanAttributeKey.EXPERIMENT_ID in span["attributes"]:
+                span["attributes"][SpanAttributeKey.EXPERIMENT_ID] = location
+        return info, [MlflowSpan.from_dict(d) for d in data["spans"]]
