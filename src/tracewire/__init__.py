@@ -63,11 +63,12 @@ def autolog(
     tags: Mapping[str, str] | None = None,
     disable: bool = False,
     stream_usage: bool | None = None,
+    sample_rate: float | None = None,
 ) -> None:
     """Trace every installed framework into MLflow. Safe to call again; ``disable=True`` undoes it.
 
     Arguments left as ``None`` come from ``TRACEWIRE_*`` environment variables, then defaults
-    (``capture_content`` and ``stream_usage`` default to true). ``ENABLE_MLFLOW_TRACING=false``
+    (``capture_content`` and ``stream_usage`` default to true, ``sample_rate`` to 1: keep all). ``ENABLE_MLFLOW_TRACING=false``
     makes this a no-op. Invalid settings raise :class:`ConfigError` naming the setting; naming
     a plugin in ``include`` whose framework is missing raises :class:`PluginUnavailable`.
     """
@@ -80,7 +81,7 @@ def autolog(
         logger.info("tracewire: ENABLE_MLFLOW_TRACING is false, autolog() does nothing")
         return
     settings = config.resolve(include=include, exclude=exclude, capture_content=capture_content,
-                              tags=tags, stream_usage=stream_usage)
+                              tags=tags, stream_usage=stream_usage, sample_rate=sample_rate)
     plugins = _selected(settings.include, settings.exclude)
 
     from tracewire.export import mlflow_store, pipeline

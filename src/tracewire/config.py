@@ -48,6 +48,7 @@ class Settings:
     spool_dir: Path = field(default_factory=default_spool_dir)
     spool_max_bytes: int = 512 * 1024 * 1024
     ship_timeout: float = 10.0
+    sample_rate: float = 1.0
     tracking_uri: str | None = None
     experiment_id: str | None = None
     experiment_name: str | None = None
@@ -137,6 +138,7 @@ def resolve(
     capture_content: bool | None = None,
     tags: Mapping[str, str] | None = None,
     stream_usage: bool | None = None,
+    sample_rate: float | None = None,
 ) -> Settings:
     """Merge arguments over environment variables into validated settings."""
 
@@ -153,6 +155,11 @@ def resolve(
     capture = _bool(name, value) if value is not None else True
     name, value = pick(stream_usage, "TRACEWIRE_STREAM_USAGE")
     stream_usage_ = _bool(name, value) if value is not None else True
+
+    name, value = pick(sample_rate, "TRACEWIRE_SAMPLE_RATE")
+    rate = _number(name, value, float, 0.0) if value is not None else 1.0
+    if rate > 1.0:
+        raise ConfigError(f"{name} must be between 0 and 1, got {value!r}")
 
     hosts = DEFAULT_STREAM_USAGE_HOSTS
     if extra := _env("TRACEWIRE_STREAM_USAGE_HOSTS"):
@@ -194,6 +201,7 @@ def resolve(
         spool_dir=spool_dir,
         spool_max_bytes=int(spool_mb * 1024 * 1024),
         ship_timeout=ship_timeout,
+        sample_rate=rate,
         tracking_uri=_env("MLFLOW_TRACKING_URI"),
         experiment_id=experiment_id,
         experiment_name=_env("MLFLOW_EXPERIMENT_NAME"),

@@ -43,7 +43,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from tracewire import config
 from tracewire.core import attributes as keys
 from tracewire.core import context as request_context
-from tracewire.core import guard, spans
+from tracewire.core import guard, sampling, spans
 from tracewire.core.context import RequestContext
 
 logger = logging.getLogger("tracewire")
@@ -326,10 +326,19 @@ def _exception_event(error: BaseException, time_ns: int) -> dict[str, Any]:
     }
 
 
+# One attribute (a base64 image, a huge tool output) is cut past this, with a marker.
+MAX_ATTRIBUTE_CHARS = 256 * 1024
+
+
 def _dump(value: Any) -> str:
     if isinstance(value, spans.Deferred):
         value = value()
-    return dump_span_attribute_value(value)
+    text = dump_span_attribute_value(value)
+    if len(text) <= MAX_ATTRIBUTE_CHARS:
+        return text
+    kept = MAX_ATTRIBUTE_CHARS - 200
+    return json.dumps(f"{text[:kept]}... [tracewire: cut {len(text) - kept} of {len(text)} "
+                      f"characters]", ensure_ascii=False)
 
 
 def span_dict(span: spans.Span, trace_id: str, otel_trace_id: int) -> dict[str, Any]:
@@ -363,6 +372,25 @@ def span_dict(span: spans.Span, trace_id: str, otel_trace_id: int) -> dict[str, 
         "attributes": attrs,
         "links": [],
     }
+
+
+def sampled_out(item: Item, rate: float) -> bool:
+    """Dropped by sampling: decided by session (else request, else trace) id; errors are kept."""
+    if rate >= 1.0:
+        return False
+    if item.ours is not None:
+        failed = item.ours.root is not None and item.ours.root.error is not None
+        trace_id = item.ours.trace_id
+    elif item.mlflow is not None:
+        failed = item.mlflow.info.state == TraceState.ERROR
+        trace_id = item.mlflow.info.trace_id
+    else:
+        return False  # late spans of a trace already kept
+    if failed:
+        return False
+    request = item.request
+    key = (request.session_id or request.request_id if request is not None else None) or trace_id
+    return not sampling.keep(key, rate)
 
 
 def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:

@@ -34,6 +34,8 @@ def _spool_batch(items: Sequence[mlflow_store.Item]) -> int:
     settings = config.active()
     lost = 0
     for item in items:
+        if guard.call(mlflow_store.sampled_out, item, settings.sample_rate):
+            continue
         encoded = guard.call(mlflow_store.encode, item, settings)
         if encoded is None or _spool is None or not _spool.put(*encoded):
             lost += 1

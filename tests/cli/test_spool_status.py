@@ -1,0 +1,35 @@
+"""`tracewire spool status` reports pending and dropped traces, and whose spool it is."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tracewire.export.spool import Spool
+
+
+def _status(directory: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "tracewire.cli", "spool", "status", "--dir",
+                             str(directory), "--json"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_spool_status_counts_pending_and_dropped(tmp_path: Path) -> None:
+    spool = Spool.create(tmp_path, budget_bytes=250, destination="sqlite:///x.db#")
+    assert spool.put("tr-1", b"x" * 100)
+    assert spool.put("tr-2", b"y" * 100)
+    assert not spool.put("tr-3", b"z" * 100)  # over the 250-byte budget: dropped, counted
+
+    (live,) = _status(tmp_path)["spools"]
+    assert (live["pending"], live["dropped"], live["live"]) == (2, 1, True)
+
+    spool.close()  # not empty: kept for the next process, now ownerless
+    (left,) = _status(tmp_path)["spools"]
+    assert (left["pending"], left["dropped"], left["live"]) == (2, 1, False)
+
+    text = subprocess.run([sys.executable, "-m", "tracewire.cli", "spool", "status", "--dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=60).stdout
+    assert "2 pending" in text and "1 dropped" in text and "dead process" in text
