@@ -266,6 +266,11 @@ def install_hooks(submit: Callable[[Item], None]) -> None:
     _isolated = MLFLOW_USE_DEFAULT_TRACER_PROVIDER.get()
     _submit = submit
     if _original_make_processor is None:
+        version = tuple(int(p) for p in mlflow.__version__.split(".")[:2] if p.isdigit())
+        if not SUPPORTED_MLFLOW[0] <= version < SUPPORTED_MLFLOW[1]:
+            logger.warning("tracewire: mlflow %s is outside the tested range %s-%s; tracing "
+                           "relies on its private exporter hook", mlflow.__version__,
+                           SUPPORTED_MLFLOW[0], SUPPORTED_MLFLOW[1])
         _original_make_processor = _provider._get_mlflow_span_processor
         _provider._get_mlflow_span_processor = _make_processor
         _provider.provider.reset()  # re-created with our processor on the next span

@@ -1,0 +1,71 @@
+"""The private MLflow API export/mlflow_store.py relies on, pinned: if an MLflow upgrade moves
+any of it, these fail first, with the name of what moved."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import mlflow
+from mlflow.entities import Span, TraceInfo, TraceLocation, TraceState
+
+from tracewire.export import mlflow_store
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = text.split(".")[:2]
+    return int(major), int(minor)
+
+
+def test_installed_mlflow_is_in_the_supported_range() -> None:
+    low, high = mlflow_store.SUPPORTED_MLFLOW
+    assert low <= _version(mlflow.__version__) < high, mlflow.__version__
+
+
+def test_tracer_provider_hooks_exist() -> None:
+    from mlflow.tracing import provider
+
+    params = inspect.signature(provider._get_mlflow_span_processor).parameters
+    assert list(params) == ["tracking_uri"]
+    assert callable(provider.provider.reset)
+    assert hasattr(provider.mlflow_runtime_context, "attach")
+    assert hasattr(provider.mlflow_runtime_context, "detach")
+    assert callable(provider.get_current_context)
+
+
+def test_processor_and_trace_manager_internals() -> None:
+    from mlflow.tracing.processor.mlflow_v3 import MlflowV3SpanProcessor
+    from mlflow.tracing.trace_manager import InMemoryTraceManager, _Trace
+
+    params = inspect.signature(MlflowV3SpanProcessor.__init__).parameters
+    assert {"span_exporter", "export_metrics", "use_batch_processor"} <= set(params)
+    manager = InMemoryTraceManager.get_instance()
+    for name in ("_lock", "_traces", "_otel_id_to_mlflow_trace_id"):
+        assert hasattr(manager, name), name
+    assert {"info", "span_dict"} <= set(_Trace.__dataclass_fields__)
+
+
+def test_http_request_is_patchable_where_the_rest_store_calls_it() -> None:
+    from mlflow.store.tracking import rest_store
+    from mlflow.utils import rest_utils
+
+    params = inspect.signature(rest_utils.http_request).parameters
+    assert {"max_retries", "timeout"} <= set(params)
+    assert rest_store.http_request is rest_utils.http_request or \
+        rest_store.http_request is mlflow_store._http_request
+
+
+def test_span_and_trace_info_round_trip_through_dicts() -> None:
+    info = TraceInfo(trace_id="tr-" + "a" * 32, trace_location=TraceLocation.from_experiment_id("0"),
+                     request_time=1, execution_duration=2, state=TraceState.OK,
+                     trace_metadata={"k": "v"}, tags={"t": "1"}, client_request_id="req-1")
+    again = TraceInfo.from_dict(info.to_dict())
+    assert (again.trace_id, again.client_request_id, again.tags["t"]) == (info.trace_id, "req-1", "1")
+
+    span = Span.from_dict({
+        "trace_id": "AAAAAAAAAAAAAAAAAAAAAQ==", "span_id": "AAAAAAAAAAE=", "parent_span_id": None,
+        "name": "x", "start_time_unix_nano": 1, "end_time_unix_nano": 2, "events": [],
+        "status": {"code": "STATUS_CODE_OK", "message": ""},
+        "attributes": {"mlflow.traceRequestId": json.dumps(info.trace_id),
+                       "mlflow.spanType": json.dumps("LLM")}, "links": []})
+    assert (span.name, span.span_type, span.trace_id) == ("x", "LLM", info.trace_id)
