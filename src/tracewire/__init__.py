@@ -72,10 +72,11 @@ def autolog(
     makes this a no-op. Invalid settings raise :class:`ConfigError` naming the setting; naming
     a plugin in ``include`` whose framework is missing raises :class:`PluginUnavailable`.
     """
-    if disable:
+    from tracewire import config
+
+    if config.disable_requested(disable):
         _disable()
         return
-    from tracewire import config
 
     if not config.tracing_enabled():
         logger.info("tracewire: ENABLE_MLFLOW_TRACING is false, autolog() does nothing")

@@ -131,6 +131,14 @@ def tracing_enabled() -> bool:
     return True if value is None else _bool("ENABLE_MLFLOW_TRACING", value)
 
 
+def disable_requested(disable: bool) -> bool:
+    """``autolog(disable=True)``, or ``TRACEWIRE_DISABLE=true`` (which mirrors it)."""
+    if disable:
+        return True
+    value = _env("TRACEWIRE_DISABLE")
+    return False if value is None else _bool("TRACEWIRE_DISABLE", value)
+
+
 def resolve(
     *,
     include: Iterable[str] | None = None,

@@ -76,6 +76,17 @@ def test_enable_mlflow_tracing_false_makes_autolog_a_no_op(
         tracewire.disable()
 
 
+def test_tracewire_disable_mirrors_the_argument(traced: Traced,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _openai_wrapped()
+    monkeypatch.setenv("TRACEWIRE_DISABLE", "true")
+    tracewire.autolog()
+    assert not _openai_wrapped()
+    monkeypatch.setenv("TRACEWIRE_DISABLE", "nah")
+    with pytest.raises(tracewire.ConfigError, match="TRACEWIRE_DISABLE"):
+        tracewire.autolog()
+
+
 def test_exclude_and_include(traced: Traced) -> None:
     tracewire.autolog(exclude=["openai"])
     assert not _openai_wrapped()
