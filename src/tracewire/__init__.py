@@ -135,4 +135,4 @@ def _at_exit() -> None:
     from tracewire import config
     from tracewire.export import pipeline
 
-    pipeline.stop(config.active().flush_timeout)
+    pipeline._at_exit(config.active().flush_timeout)

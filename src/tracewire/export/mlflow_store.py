@@ -71,8 +71,15 @@ def tracking_uri(settings: config.Settings) -> str:
 
 
 def destination(settings: config.Settings) -> str:
-    """Where traces go, as one string: spools are only adopted by processes with the same."""
-    return f"{tracking_uri(settings)}#{settings.experiment_id or settings.experiment_name or ''}"
+    """Where traces go, as one JSON string: stored in each spool, read by the shipper process,
+    and compared before a spool is adopted."""
+    experiment_id = settings.experiment_id
+    if experiment_id is None and settings.experiment_name is None:
+        from mlflow.tracking.fluent import _active_experiment_id  # mlflow.set_experiment(...)
+
+        experiment_id = _active_experiment_id
+    return json.dumps({"tracking_uri": tracking_uri(settings), "experiment_id": experiment_id,
+                       "experiment_name": settings.experiment_name}, sort_keys=True)
 
 
 def check_destination(settings: config.Settings) -> None:

@@ -1,9 +1,11 @@
-"""The export pipeline, wired: caller -> bounded queue -> worker (encode, spool) -> shipper -> store.
+"""The export pipeline, wired: caller -> bounded queue -> worker (encode, spool) -> shipper
+process -> tracking store.
 
-The caller's thread only enqueues. The worker encodes each finished trace and appends it to this
-process's on-disk spool (write-ahead), so a crash loses at most what was still in the queue.
-The shipper moves spooled traces to the tracking store in batches, retrying with backoff while
-the store is down; what is left at exit stays spooled and is shipped by the next process.
+The caller's thread only enqueues. The worker thread encodes each finished trace and appends it
+to this process's on-disk spool (write-ahead), so a crash loses at most what was still in the
+queue. The shipper, a separate process, moves spooled traces to the store in batches and
+retries while the store is down; what is left when the app exits stays spooled and is shipped
+by the next process.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from tracewire import config
 from tracewire.core import guard
 from tracewire.export import mlflow_store
 from tracewire.export.queue import Worker
-from tracewire.export.shipper import Shipper
+from tracewire.export.shipper import ShipperProcess
 from tracewire.export.spool import Spool
 
 logger = logging.getLogger("tracewire")
@@ -26,7 +28,10 @@ logger = logging.getLogger("tracewire")
 _lock = threading.Lock()
 _worker: Worker[mlflow_store.Item] | None = None
 _spool: Spool | None = None
-_shipper: Shipper | None = None
+# One shipper process per tracking URI for the life of the app: autolog()/disable() cycles
+# reuse it instead of paying its start-up again.
+_shippers: dict[str, ShipperProcess] = {}
+_shipper: ShipperProcess | None = None
 
 
 def _spool_batch(items: Sequence[mlflow_store.Item]) -> int:
@@ -42,34 +47,57 @@ def _spool_batch(items: Sequence[mlflow_store.Item]) -> int:
     if lost and _spool is not None and _spool.dropped:
         logger.warning("tracewire: spool %s is over its budget (%d MB); %d trace(s) dropped "
                        "so far", _spool.path, _spool.budget_bytes // 2**20, _spool.dropped)
-    if _shipper is not None:
-        _shipper.notify()
+    spool, shipper = _spool, _shipper
+    if spool is not None and shipper is not None and len(items) > lost:
+        shipper.ship(spool.path)
+        shipper.notify()
     return lost
 
 
+def _shipper_env(settings: config.Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env["MLFLOW_TRACKING_URI"] = mlflow_store.tracking_uri(settings)
+    env["TRACEWIRE_SPOOL_DIR"] = str(settings.spool_dir)
+    env["TRACEWIRE_SPOOL_MAX_MB"] = str(settings.spool_max_bytes / 2**20)
+    # It shares the app's stderr: only what needs attention (MLflow's INFO lines do not).
+    env.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    return env
+
+
 def start(settings: config.Settings) -> None:
-    """Start (or reconfigure) the pipeline; idempotent."""
+    """Start the pipeline, or point it at a new destination; idempotent."""
     global _worker, _spool, _shipper
+    destination = mlflow_store.destination(settings)
+    if _spool is not None and _spool.destination != destination:
+        stop(settings.flush_timeout)
     with _lock:
-        store = mlflow_store.Store(settings)
         if _worker is None or not _worker.alive:
-            _spool = Spool.create(settings.spool_dir, settings.spool_max_bytes,
-                                  mlflow_store.destination(settings))
+            _spool = Spool.create(settings.spool_dir, settings.spool_max_bytes, destination)
             _worker = Worker(_spool_batch, maxsize=settings.queue_size)
-            _shipper = Shipper(_spool, settings.spool_dir, store.ship)
-        elif _shipper is not None:
-            _shipper.retarget(store.ship)
+            uri = mlflow_store.tracking_uri(settings)
+            if uri not in _shippers:
+                _shippers[uri] = ShipperProcess(_shipper_env(settings))
+            _shipper = _shippers[uri]
         mlflow_store.install_hooks(_worker.submit)
+
+
+def _wait_shipped(spool: Spool, deadline: float) -> bool:
+    while spool.pending():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def flush(timeout: float) -> bool:
     """Wait until every finished trace is in the store; False if ``timeout`` ran out first."""
     deadline = time.monotonic() + timeout
-    if _worker is None or _shipper is None:
+    worker, spool = _worker, _spool
+    if worker is None or spool is None:
         return True
-    if not _worker.flush(timeout):
+    if not worker.flush(timeout):
         return False
-    return _shipper.wait_empty(max(0.0, deadline - time.monotonic()))
+    return _wait_shipped(spool, deadline)
 
 
 def stop(timeout: float) -> bool:
@@ -77,23 +105,28 @@ def stop(timeout: float) -> bool:
     global _worker, _spool, _shipper
     with _lock:
         mlflow_store.uninstall_hooks()
-        if _worker is None:
+        if _worker is None or _spool is None:
             return True
         deadline = time.monotonic() + timeout
         drained = _worker.stop(timeout)
-        shipped = _shipper.wait_empty(max(0.0, deadline - time.monotonic())) if _shipper else True
-        if _shipper is not None:
-            _shipper.stop(max(0.05, deadline - time.monotonic()))
-        if _spool is not None:
-            _spool.close()  # removed if empty; else the next process adopts it
+        shipped = _wait_shipped(_spool, deadline)
+        _spool.close()  # removed if empty; else the next process adopts it
         _worker = _spool = _shipper = None
         return drained and shipped
 
 
+def _at_exit(timeout: float) -> None:
+    stop(timeout)
+    for shipper in _shippers.values():
+        shipper.stop(timeout)
+    _shippers.clear()
+
+
 def _after_fork_in_child() -> None:
-    """A forked worker (gunicorn, uvicorn --workers) gets its own threads and spool file."""
+    """A forked worker (gunicorn, uvicorn --workers) gets its own threads, spool and shipper."""
     global _worker, _spool, _shipper, _lock
     _lock = threading.Lock()
+    _shippers.clear()  # the parent's: its pipes are the parent's to use
     if _worker is None:
         return
     _worker = _spool = _shipper = None

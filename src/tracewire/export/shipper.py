@@ -1,19 +1,32 @@
-"""The shipper: a background thread that moves spooled traces to the tracking store, in order.
+"""The shipper: a separate process that moves spooled traces to the tracking store, in order.
 
-It ships batches from this process's spool, and from spools left behind by dead processes
-(adopted under their lock). A failed batch stays in the spool and is retried with exponential
-backoff and full jitter, so a store that is down or overloaded is neither hammered nor able to
-slow the app: the app's threads only ever append to the spool.
+Writing to the store runs a lot of Python (MLflow's store client, SQLAlchemy): in a thread of
+the app's process it would hold the GIL for milliseconds at a time and stretch the app's tail
+latency. In its own process it cannot. The app starts it on its first spooled trace
+(``python -m tracewire.export.shipper``) and talks to it through its stdin, one line each:
+``ship <spool path>`` to take a spool on, an empty line when new traces were spooled. When the
+app exits (or dies: its end of the pipe closes) the shipper finishes what it can within the
+flush timeout and exits too.
+
+It ships its spools and, every 30 s, spools left behind by dead processes for the same
+destinations (adopted under their lock). A failed batch stays spooled and is retried with
+exponential backoff and full jitter, so a store that is down or overloaded is neither hammered
+nor able to slow the app.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import IO, Any, Callable, Sequence
 
 from tracewire.export import spool as spools
 from tracewire.export.spool import Entry, Spool
@@ -24,87 +37,165 @@ _BATCH = 100
 _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 30.0
 _ADOPT_EVERY = 30.0  # seconds between looks for spools of dead processes
+_RESPAWN_EVERY = 5.0  # seconds between restarts of a shipper process that died
+
+
+# --------------------------------------------------------------------------- in the app
+
+
+class ShipperProcess:
+    """The app's handle on its shipper process (started on first use, restarted if it dies)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self._env = env
+        self._paths: list[Path] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._started = 0.0
+        self._lock = threading.Lock()
+
+    def ship(self, path: Path) -> None:
+        with self._lock:
+            if path not in self._paths:
+                self._paths.append(path)
+                self._send(f"ship {path}\n".encode())
+
+    def notify(self) -> None:
+        with self._lock:
+            self._send(b"\n")
+
+    def _send(self, line: bytes) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            if time.monotonic() - self._started < _RESPAWN_EVERY and self._proc is not None:
+                return  # it just died: do not spin; the next notify tries again
+            self._spawn()
+        assert self._proc is not None and self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(line)
+            self._proc.stdin.flush()
+        except (BrokenPipeError, BlockingIOError, ValueError):
+            pass  # it is gone or busy: it polls its spools on its own as well
+
+    def _spawn(self) -> None:
+        if self._proc is not None:
+            logger.warning("tracewire: the shipper process exited (code %s); restarting it",
+                           self._proc.returncode)
+        self._started = time.monotonic()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tracewire.export.shipper"], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, env=self._env, close_fds=True, start_new_session=True)
+        assert self._proc.stdin is not None
+        os.set_blocking(self._proc.stdin.fileno(), False)
+        for path in self._paths:
+            self._proc.stdin.write(f"ship {path}\n".encode())
+        self._proc.stdin.flush()
+
+    def stop(self, timeout: float) -> None:
+        """Close its stdin; it finishes within its flush timeout and exits on its own. Only a
+        shipper still there after ``timeout`` (stuck in a store call) is killed."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+            self._paths.clear()
+        if proc is None:
+            return
+        try:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # unacknowledged batches stay spooled; shipping is idempotent
+            proc.wait()
+
+
+# --------------------------------------------------------------------------- in the shipper
 
 
 class Shipper:
-    def __init__(self, own: Spool, directory: Path, ship: Callable[[Sequence[Entry]], None],
-                 name: str = "tracewire-ship") -> None:
-        self._own = own
+    """The shipping loop: spools in, batches to ``store_for(destination)(entries)`` out."""
+
+    def __init__(self, directory: Path, budget_bytes: int,
+                 store_for: Callable[[str], Callable[[Sequence[Entry]], None]]) -> None:
         self._directory = directory
-        self._ship = ship
-        self._wake = threading.Event()  # new entries were spooled
-        self._stop = threading.Event()
-        self._idle = threading.Condition()
-        self._failures = 0
+        self._budget = budget_bytes
+        self._store_for = store_for
+        self._stores: dict[str, Callable[[Sequence[Entry]], None]] = {}
+        self._spools: list[Spool] = []  # the app's, in the order it handed them over
         self._adopted: list[Spool] = []
+        self._failures = 0
         self._next_adopt = 0.0
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="tracewire-ship", daemon=True)
         self._thread.start()
 
-    def retarget(self, ship: Callable[[Sequence[Entry]], None]) -> None:
-        """Ship to a new destination from now on (autolog() called again with new settings)."""
-        self._ship = ship
+    def take_on(self, path: Path) -> None:
+        with self._lock:
+            self._spools.append(Spool(path, None, self._budget))
+        self._wake.set()
 
     def notify(self) -> None:
         self._wake.set()
 
-    def wait_empty(self, timeout: float) -> bool:
-        """Wait until this process's spool is empty; False on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._own.pending():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._wake.set()
-                self._idle.wait(min(remaining, 0.05))
-        return True
-
-    def stop(self, timeout: float) -> None:
+    def stop(self, drain_timeout: float) -> None:
+        """Ship what is left for at most ``drain_timeout`` seconds, then stop."""
+        deadline = time.monotonic() + drain_timeout
+        while time.monotonic() < deadline and self._pending() and not self._failures:
+            self._wake.set()
+            time.sleep(0.05)
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
-        if not self._thread.is_alive():  # else it is stuck in a store call: leave its spools
-            for adopted in self._adopted:
-                adopted.close()  # releases the lock for a later process
+        self._thread.join(max(0.0, deadline - time.monotonic()) + 0.1)
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    def _pending(self) -> bool:
+        with self._lock:
+            sources = [*self._adopted, *self._spools]
+        return any(s.pending() for s in sources)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             if self._ship_one_batch():
                 continue
-            with self._idle:
-                self._idle.notify_all()
             if self._failures:  # back off; new traces do not cut the wait short
-                delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** self._failures))
-                self._stop.wait(delay)
+                self._stop.wait(random.uniform(0, min(_BACKOFF_CAP,
+                                                      _BACKOFF_BASE * 2 ** self._failures)))
             else:
                 self._wake.wait(1.0)
                 self._wake.clear()
 
-    def _next_batch(self) -> tuple[Spool, list[Entry]]:
-        now = time.monotonic()
-        if now >= self._next_adopt:
-            self._next_adopt = now + _ADOPT_EVERY
-            self._adopted.extend(spools.adopt(self._directory, self._own.budget_bytes,
-                                              self._own.destination))
-        while self._adopted:  # what dead processes left behind is older: it goes first
-            entries = self._adopted[0].take(_BATCH)
-            if entries:
-                return self._adopted[0], entries
-            self._adopted.pop(0).close()
-        return self._own, self._own.take(_BATCH)
+    def _next_batch(self) -> tuple[Spool, list[Entry]] | None:
+        with self._lock:
+            now = time.monotonic()
+            if now >= self._next_adopt and self._spools:
+                self._next_adopt = now + _ADOPT_EVERY
+                for destination in {s.destination for s in self._spools}:
+                    self._adopted.extend(spools.adopt(self._directory, self._budget, destination))
+            # What dead processes left behind is older: it goes first.
+            for source in [*self._adopted, *self._spools]:
+                entries = source.take(_BATCH)
+                if entries:
+                    return source, entries
+                if source in self._adopted:
+                    self._adopted.remove(source)
+                    source.close()
+                elif not source.path.exists():  # the app removed it, empty, when it stopped
+                    self._spools.remove(source)
+                    source.close()
+        return None
 
     def _ship_one_batch(self) -> bool:
         """Ship the oldest batch; False if there was none or the store failed."""
-        source, entries = self._next_batch()
-        if not entries:
+        batch = self._next_batch()
+        if batch is None:
             return False
+        source, entries = batch
         try:
-            self._ship(entries)
+            store = self._stores.get(source.destination)
+            if store is None:
+                store = self._stores[source.destination] = self._store_for(source.destination)
+            store(entries)
         except Exception as exc:  # store down, slow or refusing: the batch stays spooled
             self._failures += 1
             if self._failures in (1, 5) or self._failures % 20 == 0:
@@ -117,3 +208,33 @@ class Shipper:
             logger.warning("tracewire: tracking store reachable again; shipping the spool")
             self._failures = 0
         return True
+
+
+def _store_for(destination: str) -> Callable[[Sequence[Entry]], None]:
+    from tracewire import config
+    from tracewire.export import mlflow_store
+
+    where: dict[str, Any] = json.loads(destination)
+    settings = dataclasses.replace(config.resolve(), tracking_uri=where["tracking_uri"],
+                                   experiment_id=where["experiment_id"],
+                                   experiment_name=where["experiment_name"])
+    return mlflow_store.Store(settings).ship
+
+
+def main(stdin: IO[bytes] | None = None) -> int:
+    from tracewire import config
+
+    settings = config.resolve()
+    shipper = Shipper(settings.spool_dir, settings.spool_max_bytes, _store_for)
+    stream = stdin or sys.stdin.buffer
+    for line in iter(stream.readline, b""):
+        if line.startswith(b"ship "):
+            shipper.take_on(Path(line[5:].decode().rstrip("\n")))
+        else:
+            shipper.notify()
+    shipper.stop(settings.flush_timeout)  # the app has gone: a bounded last effort
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

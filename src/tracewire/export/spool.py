@@ -58,9 +58,10 @@ class Status:
 
 
 class Spool:
-    """One process's spool file (or an adopted one)."""
+    """One spool file. The app process that writes it holds its lock (``lock_fd``); its shipper
+    process opens the same file without the lock (``lock_fd=None``) to ship and acknowledge."""
 
-    def __init__(self, path: Path, lock_fd: int, budget_bytes: int,
+    def __init__(self, path: Path, lock_fd: int | None, budget_bytes: int,
                  destination: str | None = None) -> None:
         self.path = path
         self._lock_fd = lock_fd
@@ -102,6 +103,10 @@ class Spool:
         """Append one trace; False (and counted) if the size budget is used up."""
         with self._mutex:
             if self._bytes + len(payload) > self.budget_bytes:
+                # Acknowledgements may come from the shipper process: count again first.
+                self._bytes = self._db.execute(
+                    "SELECT COALESCE(SUM(size), 0) FROM traces").fetchone()[0]
+            if self._bytes + len(payload) > self.budget_bytes:
                 self._db.execute(
                     "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'dropped'")
                 return False
@@ -142,6 +147,8 @@ class Spool:
             empty = self._db.execute("SELECT COUNT(*) FROM traces").fetchone()[0] == 0
             dropped = int(self._meta("dropped") or 0)
             self._db.close()
+        if self._lock_fd is None:
+            return  # not ours to remove
         if remove_if_empty and empty and not dropped:
             for suffix in ("", "-wal", "-shm"):
                 Path(str(self.path) + suffix).unlink(missing_ok=True)
