@@ -406,54 +406,77 @@ def sampled_out(item: Item, rate: float) -> bool:
 
 
 def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
-    """A finished trace as spool bytes: MLflow's TraceInfo and span dicts, as JSON."""
+    """A finished trace as spool bytes (JSON). Only what must be read in the app is read here
+    (span values, the request context); MLflow's trace record is built by the shipper."""
     dicts: list[dict[str, Any]] = []
+    head = info = None
     if item.ours is not None:
         trace = item.ours
         root = trace.root
         assert root is not None and root.end_ns is not None
-        info: TraceInfo | None = TraceInfo(
-            trace_id=trace.trace_id,
-            trace_location=TraceLocation.from_experiment_id(_PENDING),
-            request_time=root.start_ns // 1_000_000,
-            execution_duration=(root.end_ns - root.start_ns) // 1_000_000,
-            state=TraceState.ERROR if root.error is not None else TraceState.OK,
-            trace_metadata={TRACE_SCHEMA_VERSION_KEY: str(TRACE_SCHEMA_VERSION)},
-            tags={keys.TRACE_NAME: root.name},
-        )
+        head = {"trace_id": trace.trace_id, "name": root.name,
+                "request_time": root.start_ns // 1_000_000,
+                "execution_duration": (root.end_ns - root.start_ns) // 1_000_000,
+                "state": (TraceState.ERROR if root.error is not None else TraceState.OK).value}
         trace_id = trace.trace_id
         dicts.extend(span_dict(s, trace.trace_id, trace.otel_trace_id) for s in trace.spans)
     elif item.mlflow is not None:
-        info = item.mlflow.info
-        trace_id = info.trace_id
+        info = item.mlflow.info.to_dict()
+        trace_id = item.mlflow.info.trace_id
     else:  # a late fragment: spans only, added to a trace already stored
-        info = None
         trace_id = item.fragments[0].trace_id
     if item.mlflow is not None:
         dicts.extend(live.to_dict() for live in item.mlflow.span_dict.values())
     for fragment in item.fragments:
         dicts.extend(span_dict(s, fragment.trace_id, fragment.otel_trace_id)
                      for s in fragment.spans)
-    if info is not None:
-        _stamp(info, [MlflowSpan.from_dict(d) for d in dicts], item.request, settings)
-    payload = {"info": info.to_dict() if info is not None else None, "spans": dicts}
+    request = item.request or RequestContext()
+    context = {"session_id": request.session_id, "user_id": request.user_id,
+               "request_id": request.request_id, "tags": {**settings.tags, **request.tags}}
+    payload = {"head": head, "info": info, "context": context, "spans": dicts}
     return trace_id, json.dumps(payload, ensure_ascii=False).encode()
 
 
-def _stamp(info: TraceInfo, trace_spans: list[MlflowSpan], request: RequestContext | None,
-           settings: config.Settings) -> None:
+def decode(payload: bytes, experiment_id: str) -> tuple[TraceInfo | None, list[MlflowSpan]]:
+    """Spool bytes -> MLflow's trace record (None for late spans) and spans, in ``experiment_id``
+    unless the trace names its own."""
+    data = json.loads(payload)
+    if (head := data["head"]) is not None:
+        info: TraceInfo | None = TraceInfo(
+            trace_id=head["trace_id"],
+            trace_location=TraceLocation.from_experiment_id(experiment_id),
+            request_time=head["request_time"],
+            execution_duration=head["execution_duration"],
+            state=TraceState(head["state"]),
+            trace_metadata={TRACE_SCHEMA_VERSION_KEY: str(TRACE_SCHEMA_VERSION)},
+            tags={keys.TRACE_NAME: head["name"]},
+        )
+    elif data["info"] is not None:
+        info = TraceInfo.from_dict(data["info"])
+        if info.experiment_id in (None, _PENDING):
+            info.trace_location = TraceLocation.from_experiment_id(experiment_id)
+    else:
+        info = None
+    location = json.dumps(info.experiment_id if info is not None else experiment_id)
+    for span in data["spans"]:
+        if SpanAttributeKey.EXPERIMENT_ID in span["attributes"]:
+            span["attributes"][SpanAttributeKey.EXPERIMENT_ID] = location
+    trace_spans = [MlflowSpan.from_dict(d) for d in data["spans"]]
+    if info is not None:
+        _stamp(info, trace_spans, data["context"])
+    return info, trace_spans
+
+
+def _stamp(info: TraceInfo, trace_spans: list[MlflowSpan], context: dict[str, Any]) -> None:
     """Trace-level fields: request context, deployment tags, token totals, previews."""
     metadata = info.trace_metadata
-    tags = info.tags
-    tags.update(settings.tags)
-    if request is not None:
-        if request.session_id:
-            metadata[keys.TRACE_SESSION] = request.session_id
-        if request.user_id:
-            metadata[keys.TRACE_USER] = request.user_id
-        if request.request_id and not info.client_request_id:
-            info.client_request_id = request.request_id
-        tags.update(request.tags)
+    if context["session_id"]:
+        metadata[keys.TRACE_SESSION] = context["session_id"]
+    if context["user_id"]:
+        metadata[keys.TRACE_USER] = context["user_id"]
+    if context["request_id"] and not info.client_request_id:
+        info.client_request_id = context["request_id"]
+    info.tags.update(context["tags"])
     if usage := aggregate_usage_from_spans(trace_spans):
         metadata[keys.TRACE_TOKEN_USAGE] = json.dumps(usage)
     set_request_response_preview(info, TraceData(spans=trace_spans))
@@ -508,7 +531,7 @@ class Store:
             infos: list[TraceInfo] = []
             by_experiment: dict[str, list[MlflowSpan]] = {}
             for entry in entries:
-                decoded = guard.call(self._decode, entry.payload, experiment_id)
+                decoded = guard.call(decode, entry.payload, experiment_id)
                 if decoded is None:
                     continue  # undecodable: shipping it again would not help
                 info, trace_spans = decoded
@@ -523,14 +546,3 @@ class Store:
         finally:
             _shipping.timeout = None
 
-    @staticmethod
-    def _decode(payload: bytes, experiment_id: str) -> tuple[TraceInfo | None, list[MlflowSpan]]:
-        data = json.loads(payload)
-        info = TraceInfo.from_dict(data["info"]) if data["info"] is not None else None
-        if info is not None and info.experiment_id in (None, _PENDING):
-            info.trace_location = TraceLocation.from_experiment_id(experiment_id)
-        location = json.dumps(info.experiment_id if info is not None else experiment_id)
-        for span in data["spans"]:
-            if SpanAttributeKey.EXPERIMENT_ID in span["attributes"]:
-                span["attributes"][SpanAttributeKey.EXPERIMENT_ID] = location
-        return info, [MlflowSpan.from_dict(d) for d in data["spans"]]

@@ -224,6 +224,9 @@ def _store_for(destination: str) -> Callable[[Sequence[Entry]], None]:
 def main(stdin: IO[bytes] | None = None) -> int:
     from tracewire import config
 
+    # Background work: when CPU is short, the app's own threads go first.
+    os.nice(10)
+
     settings = config.resolve()
     shipper = Shipper(settings.spool_dir, settings.spool_max_bytes, _store_for)
     stream = stdin or sys.stdin.buffer
