@@ -19,7 +19,7 @@ from tracewire.plugins.base import Plugin, PluginUnavailable
 
 __all__ = [
     "ConfigError", "PluginUnavailable", "autolog", "context", "disable", "flush",
-    "set_session", "set_tags", "set_user",
+    "log_feedback", "set_session", "set_tags", "set_user",
 ]
 
 logger = logging.getLogger("tracewire")
@@ -129,6 +129,34 @@ def flush(timeout: float | None = None) -> bool:
     from tracewire.export import pipeline
 
     return pipeline.flush(config.active().flush_timeout if timeout is None else timeout)
+
+
+def log_feedback(
+    *,
+    request_id: str | None = None,
+    trace_id: str | None = None,
+    name: str = "feedback",
+    value: bool | int | float | str,
+    rationale: str | None = None,
+    user: str | None = None,
+) -> bool:
+    """Record feedback (thumbs up/down, a score, a comment) on the trace of a request
+    (``request_id``, as echoed to the client) or on a trace id.
+
+    Never blocks: it goes through the export pipeline and waits in the on-disk spool until its
+    trace is in the store (so it survives restarts), for ``TRACEWIRE_FEEDBACK_RETENTION``
+    seconds (default a day); after that it is dropped and counted. Raises ``ValueError`` for
+    malformed feedback; returns False if tracewire is not enabled.
+    """
+    import time
+
+    from tracewire import config
+    from tracewire.core.feedback import Feedback
+    from tracewire.export import pipeline
+
+    return pipeline.submit_feedback(Feedback(
+        name=name, value=value, request_id=request_id, trace_id=trace_id, rationale=rationale,
+        source_id=user, expires=time.time() + config.active().feedback_retention))
 
 
 def _at_exit() -> None:

@@ -49,6 +49,7 @@ class Settings:
     spool_max_bytes: int = 512 * 1024 * 1024
     ship_timeout: float = 10.0
     sample_rate: float = 1.0
+    feedback_retention: float = 86_400.0
     tracking_uri: str | None = None
     experiment_id: str | None = None
     experiment_name: str | None = None
@@ -193,6 +194,9 @@ def resolve(
     ship_timeout = _number("TRACEWIRE_SHIP_TIMEOUT", _env("TRACEWIRE_SHIP_TIMEOUT") or 10.0,
                            float, 0.1)
 
+    feedback_retention = _number("TRACEWIRE_FEEDBACK_RETENTION",
+                                 _env("TRACEWIRE_FEEDBACK_RETENTION") or 86_400.0, float, 0)
+
     experiment_id = _env("MLFLOW_EXPERIMENT_ID")
     if experiment_id is not None and not experiment_id.isdigit():
         raise ConfigError(f"MLFLOW_EXPERIMENT_ID must be a numeric experiment id, got {experiment_id!r}")
@@ -210,6 +214,7 @@ def resolve(
         spool_max_bytes=int(spool_mb * 1024 * 1024),
         ship_timeout=ship_timeout,
         sample_rate=rate,
+        feedback_retention=feedback_retention,
         tracking_uri=_env("MLFLOW_TRACKING_URI"),
         experiment_id=experiment_id,
         experiment_name=_env("MLFLOW_EXPERIMENT_NAME"),

@@ -482,6 +482,9 @@ def _stamp(info: TraceInfo, trace_spans: list[MlflowSpan], context: dict[str, An
     set_request_response_preview(info, TraceData(spans=trace_spans))
 
 
+_FEEDBACK_ID = "tracewire.feedback_id"
+
+
 class Store:
     """The tracking store, as the shipper sees it: batches of spooled traces in, or an
     exception (then the batch stays spooled and is retried)."""
@@ -522,6 +525,41 @@ class Store:
         from mlflow.tracking.fluent import _active_experiment_id
 
         return _active_experiment_id or "0"
+
+    def apply_feedback(self, payload: bytes) -> bool:
+        """Log one feedback on its trace; False while the trace is not in the store yet."""
+        from mlflow.entities import AssessmentSource, Feedback
+        from mlflow.exceptions import MlflowException
+
+        data = json.loads(payload)
+        _shipping.timeout = self._settings.ship_timeout
+        try:
+            client, experiment_id = self._destination()
+            trace_id = data["trace_id"]
+            if trace_id is None:
+                found = client.search_traces(
+                    locations=[experiment_id], max_results=1, include_spans=False,
+                    filter_string=f"trace.client_request_id = '{data['request_id']}'")
+                if not found:
+                    return False
+                trace_id = found[0].info.trace_id
+            try:
+                info = client.get_trace_info(trace_id)
+            except MlflowException as exc:
+                if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    return False
+                raise
+            if any((a.metadata or {}).get(_FEEDBACK_ID) == data["feedback_id"]
+                   for a in info.assessments):
+                return True  # applied before a crash that kept it spooled
+            client.log_assessment(trace_id, Feedback(
+                name=data["name"], value=data["value"], rationale=data["rationale"],
+                source=AssessmentSource(source_type="HUMAN",
+                                        source_id=data["source_id"] or "anonymous"),
+                metadata={_FEEDBACK_ID: data["feedback_id"]}))
+            return True
+        finally:
+            _shipping.timeout = None
 
     def ship(self, entries: Sequence[Any]) -> None:
         """Write a batch; idempotent by trace id, so a batch shipped twice lands once."""

@@ -18,6 +18,7 @@ from typing import Sequence
 
 from tracewire import config
 from tracewire.core import guard
+from tracewire.core.feedback import Feedback
 from tracewire.export import mlflow_store
 from tracewire.export.queue import Worker
 from tracewire.export.shipper import ShipperProcess
@@ -26,7 +27,7 @@ from tracewire.export.spool import Spool
 logger = logging.getLogger("tracewire")
 
 _lock = threading.Lock()
-_worker: Worker[mlflow_store.Item] | None = None
+_worker: Worker[mlflow_store.Item | Feedback] | None = None
 _spool: Spool | None = None
 # One shipper process per tracking URI for the life of the app: autolog()/disable() cycles
 # reuse it instead of paying its start-up again.
@@ -34,11 +35,15 @@ _shippers: dict[str, ShipperProcess] = {}
 _shipper: ShipperProcess | None = None
 
 
-def _spool_batch(items: Sequence[mlflow_store.Item]) -> int:
+def _spool_batch(items: Sequence[mlflow_store.Item | Feedback]) -> int:
     """Worker side: encode and spool a batch; returns how many could not be kept."""
     settings = config.active()
     lost = 0
     for item in items:
+        if isinstance(item, Feedback):
+            if _spool is None or not guard.call(_spool.put_feedback, item.to_json()):
+                lost += 1
+            continue
         if guard.call(mlflow_store.sampled_out, item, settings.sample_rate):
             continue
         encoded = guard.call(mlflow_store.encode, item, settings)
@@ -52,6 +57,12 @@ def _spool_batch(items: Sequence[mlflow_store.Item]) -> int:
         shipper.ship(spool.path)
         shipper.notify()
     return lost
+
+
+def submit_feedback(feedback: Feedback) -> bool:
+    """Queue feedback for the shipper (never blocks); False if tracewire is not enabled."""
+    worker = _worker
+    return worker is not None and worker.submit(feedback)
 
 
 def _shipper_env(settings: config.Settings) -> dict[str, str]:
@@ -82,7 +93,7 @@ def start(settings: config.Settings) -> None:
 
 
 def _wait_shipped(spool: Spool, deadline: float) -> bool:
-    while spool.pending():
+    while spool.pending() or spool.pending(feedback=True):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)

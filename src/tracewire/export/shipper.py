@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any, Callable
 
 from tracewire.export import spool as spools
 from tracewire.export.spool import Entry, Spool
@@ -38,6 +38,7 @@ _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 30.0
 _ADOPT_EVERY = 30.0  # seconds between looks for spools of dead processes
 _RESPAWN_EVERY = 5.0  # seconds between restarts of a shipper process that died
+_FEEDBACK_EVERY = 2.0  # seconds between attempts to apply feedback whose trace is not stored yet
 
 
 # --------------------------------------------------------------------------- in the app
@@ -116,11 +117,12 @@ class Shipper:
     """The shipping loop: spools in, batches to ``store_for(destination)(entries)`` out."""
 
     def __init__(self, directory: Path, budget_bytes: int,
-                 store_for: Callable[[str], Callable[[Sequence[Entry]], None]]) -> None:
+                 store_for: Callable[[str], Any]) -> None:
         self._directory = directory
         self._budget = budget_bytes
         self._store_for = store_for
-        self._stores: dict[str, Callable[[Sequence[Entry]], None]] = {}
+        self._stores: dict[str, Any] = {}
+        self._next_feedback = 0.0
         self._spools: list[Spool] = []  # the app's, in the order it handed them over
         self._adopted: list[Spool] = []
         self._failures = 0
@@ -152,12 +154,21 @@ class Shipper:
     def _pending(self) -> bool:
         with self._lock:
             sources = [*self._adopted, *self._spools]
-        return any(s.pending() for s in sources)
+        return any(s.pending() or s.pending(feedback=True) for s in sources)
+
+    def _store(self, source: Spool) -> Any:
+        store = self._stores.get(source.destination)
+        if store is None:
+            store = self._stores[source.destination] = self._store_for(source.destination)
+        return store
 
     def _run(self) -> None:
         while not self._stop.is_set():
             if self._ship_one_batch():
                 continue
+            if not self._failures and time.monotonic() >= self._next_feedback:
+                self._next_feedback = time.monotonic() + _FEEDBACK_EVERY
+                self._apply_feedback()
             if self._failures:  # back off; new traces do not cut the wait short
                 self._stop.wait(random.uniform(0, min(_BACKOFF_CAP,
                                                       _BACKOFF_BASE * 2 ** self._failures)))
@@ -192,10 +203,7 @@ class Shipper:
             return False
         source, entries = batch
         try:
-            store = self._stores.get(source.destination)
-            if store is None:
-                store = self._stores[source.destination] = self._store_for(source.destination)
-            store(entries)
+            self._store(source).ship(entries)
         except Exception as exc:  # store down, slow or refusing: the batch stays spooled
             self._failures += 1
             if self._failures in (1, 5) or self._failures % 20 == 0:
@@ -210,7 +218,27 @@ class Shipper:
         return True
 
 
-def _store_for(destination: str) -> Callable[[Sequence[Entry]], None]:
+    def _apply_feedback(self) -> None:
+        """Feedback waits in the spool until its trace is stored, for the retention period."""
+        with self._lock:
+            sources = [*self._adopted, *self._spools]
+        for source in sources:
+            for entry in source.take_feedback(_BATCH):
+                try:
+                    applied = self._store(source).apply_feedback(entry.payload)
+                except Exception as exc:  # the store is down: the next round tries again
+                    logger.warning("tracewire: could not apply feedback yet (%s: %s)",
+                                   type(exc).__name__, exc)
+                    return
+                if applied:
+                    source.ack_feedback(entry)
+                elif time.time() > json.loads(entry.payload)["expires"]:
+                    source.ack_feedback(entry, expired=True)
+                    logger.warning("tracewire: feedback dropped: its trace did not reach the "
+                                   "store within the retention period")
+
+
+def _store_for(destination: str) -> Any:
     from tracewire import config
     from tracewire.export import mlflow_store
 
@@ -218,7 +246,7 @@ def _store_for(destination: str) -> Callable[[Sequence[Entry]], None]:
     settings = dataclasses.replace(config.resolve(), tracking_uri=where["tracking_uri"],
                                    experiment_id=where["experiment_id"],
                                    experiment_name=where["experiment_name"])
-    return mlflow_store.Store(settings).ship
+    return mlflow_store.Store(settings)
 
 
 def main(stdin: IO[bytes] | None = None) -> int:

@@ -33,6 +33,11 @@ CREATE TABLE IF NOT EXISTS traces (
     size INTEGER NOT NULL,
     payload BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS feedback (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    created REAL NOT NULL,
+    payload BLOB NOT NULL
+);
 """
 
 
@@ -48,6 +53,13 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class FeedbackEntry:
+    seq: int
+    created: float
+    payload: bytes
+
+
+@dataclass(frozen=True)
 class Status:
     path: Path
     pending: int
@@ -55,6 +67,8 @@ class Status:
     dropped: int
     oldest: float | None
     live: bool  # its process is still running
+    feedback_pending: int
+    feedback_dropped: int
 
 
 class Spool:
@@ -78,6 +92,7 @@ class Spool:
         if version is None:
             self._db.execute("INSERT INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
             self._db.execute("INSERT INTO meta VALUES ('dropped', '0')")
+            self._db.execute("INSERT INTO meta VALUES ('feedback_dropped', '0')")
             # Where its traces go: only a process with the same destination adopts it.
             self._db.execute("INSERT INTO meta VALUES ('destination', ?)", (destination or "",))
         elif int(version) > FORMAT_VERSION:
@@ -133,9 +148,30 @@ class Spool:
             self._bytes = self._db.execute(
                 "SELECT COALESCE(SUM(size), 0) FROM traces").fetchone()[0]
 
-    def pending(self) -> int:
+    def put_feedback(self, payload: bytes) -> bool:
         with self._mutex:
-            return self._db.execute("SELECT COUNT(*) FROM traces").fetchone()[0]
+            self._db.execute("INSERT INTO feedback (created, payload) VALUES (?, ?)",
+                             (time.time(), payload))
+        return True
+
+    def take_feedback(self, limit: int) -> list[FeedbackEntry]:
+        with self._mutex:
+            rows = self._db.execute("SELECT seq, created, payload FROM feedback ORDER BY seq "
+                                    "LIMIT ?", (limit,)).fetchall()
+        return [FeedbackEntry(*row) for row in rows]
+
+    def ack_feedback(self, entry: FeedbackEntry, expired: bool = False) -> None:
+        """Applied to its trace, or (``expired``) its trace never appeared: counted as dropped."""
+        with self._mutex:
+            self._db.execute("DELETE FROM feedback WHERE seq = ?", (entry.seq,))
+            if expired:
+                self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
+                                 "WHERE key = 'feedback_dropped'")
+
+    def pending(self, feedback: bool = False) -> int:
+        with self._mutex:
+            table = "feedback" if feedback else "traces"
+            return self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
 
     @property
     def dropped(self) -> int:
@@ -144,7 +180,9 @@ class Spool:
 
     def close(self, remove_if_empty: bool = True) -> None:
         with self._mutex:
-            empty = self._db.execute("SELECT COUNT(*) FROM traces").fetchone()[0] == 0
+            empty = self._db.execute(
+                "SELECT (SELECT COUNT(*) FROM traces) + (SELECT COUNT(*) FROM feedback)"
+            ).fetchone()[0] == 0
             dropped = int(self._meta("dropped") or 0)
             self._db.close()
         if self._lock_fd is None:
@@ -201,9 +239,10 @@ def status(directory: Path) -> list[Status]:
         try:
             pending, size, oldest = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM traces").fetchone()
-            dropped = db.execute("SELECT value FROM meta WHERE key = 'dropped'").fetchone()
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            feedback = db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
         finally:
             db.close()
-        found.append(Status(db_path, pending, size, int(dropped[0]) if dropped else 0, oldest,
-                            live))
+        found.append(Status(db_path, pending, size, int(meta.get("dropped", 0)), oldest, live,
+                            feedback, int(meta.get("feedback_dropped", 0))))
     return found

@@ -1,0 +1,56 @@
+"""Feedback goes through the export pipeline: applied once its trace is stored, by request id
+or trace id; waits in the spool meanwhile; dropped (and counted) past the retention."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+import tracewire
+from tests.conftest import Traced
+from tracewire import config
+from tracewire.export import spool
+
+USER = [{"role": "user", "content": "rate me"}]
+
+
+def test_feedback_by_request_id_and_trace_id(traced: Traced, client: openai.OpenAI) -> None:
+    with tracewire.context(request_id="req-fb-1", user_id="u-1"):
+        client.chat.completions.create(model="gpt-4o-mini", messages=USER)
+    # Sent right away: it waits in the spool until the trace is in the store.
+    assert tracewire.log_feedback(request_id="req-fb-1", name="thumbs", value=False,
+                                  rationale="wrong city", user="u-1")
+    trace = traced.trace()
+    assert tracewire.log_feedback(trace_id=trace.info.trace_id, name="score", value=0.5)
+    assert tracewire.flush(30)
+
+    assessments = {a.name: a for a in traced.trace().info.assessments}
+    assert assessments["thumbs"].value is False
+    assert assessments["thumbs"].rationale == "wrong city"
+    assert assessments["thumbs"].source.source_id == "u-1"
+    assert assessments["score"].value == 0.5
+
+
+@pytest.mark.parametrize("bad", [
+    {"value": True},  # no id
+    {"value": True, "request_id": "a", "trace_id": "b"},
+    {"value": [1, 2], "request_id": "a"},
+    {"value": True, "request_id": "x" * 51},
+    {"value": True, "request_id": "quote'd"},
+    {"value": True, "request_id": "a", "name": ""},
+    {"value": float("nan"), "request_id": "a"},
+])
+def test_malformed_feedback_is_a_clear_error(traced: Traced, bad: dict) -> None:
+    with pytest.raises(ValueError, match="feedback"):
+        tracewire.log_feedback(**bad)
+
+
+def test_feedback_whose_trace_never_appears_is_dropped_and_counted(
+        traced: Traced, monkeypatch: pytest.MonkeyPatch) -> None:
+    tracewire.disable()
+    monkeypatch.setenv("TRACEWIRE_FEEDBACK_RETENTION", "1")
+    traced.enable()
+    assert tracewire.log_feedback(request_id="req-never-traced", value=True)
+    assert tracewire.flush(30)  # returns once the shipper has given up on it
+    statuses = spool.status(config.active().spool_dir)
+    assert sum(s.feedback_dropped for s in statuses) >= 1
