@@ -15,11 +15,14 @@ and write them to the store.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
+import os
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
 import mlflow
@@ -485,6 +488,23 @@ def _stamp(info: TraceInfo, trace_spans: list[MlflowSpan], context: dict[str, An
 _FEEDBACK_ID = "tracewire.feedback_id"
 
 
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Several processes (one shipper per app worker) opening a fresh sqlite store at once
+    race in MLflow's schema migration: they take turns under a lock file beside it."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite" or not parsed.path or parsed.path in ("/", "/:memory:"):
+        yield
+        return
+    database = parsed.path[1:]  # sqlite:///relative.db, sqlite:////absolute.db
+    fd = os.open(f"{database}.tracewire-init.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class Store:
     """The tracking store, as the shipper sees it: batches of spooled traces in, or an
     exception (then the batch stays spooled and is retried)."""
@@ -498,7 +518,11 @@ class Store:
         if self._client is None:
             from mlflow.tracing.client import TracingClient
 
-            self._client = TracingClient(tracking_uri(self._settings))
+            uri = tracking_uri(self._settings)
+            with _sqlite_init_lock(uri):
+                client = TracingClient(uri)
+                client.store  # opens the store: creates and migrates a fresh sqlite schema
+            self._client = client
         if self._experiment_id is None:
             self._experiment_id = self._resolve_experiment()
         return self._client, self._experiment_id
