@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import logging
 import threading
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from tracewire.config import ConfigError
 from tracewire.core.context import context, set_session, set_tags, set_user
@@ -64,12 +64,15 @@ def autolog(
     disable: bool = False,
     stream_usage: bool | None = None,
     sample_rate: float | None = None,
+    redact: Callable[[str, Any], Any] | None = None,
 ) -> None:
     """Trace every installed framework into MLflow. Safe to call again; ``disable=True`` undoes it.
 
     Arguments left as ``None`` come from ``TRACEWIRE_*`` environment variables, then defaults
     (``capture_content`` and ``stream_usage`` default to true, ``sample_rate`` to 1: keep all). ``ENABLE_MLFLOW_TRACING=false``
-    makes this a no-op. Invalid settings raise :class:`ConfigError` naming the setting; naming
+    makes this a no-op. ``redact(key, value)`` is called for every span's ``"inputs"`` and
+    ``"outputs"`` (JSON-like data) before anything is written to disk; what it returns is
+    recorded. Invalid settings raise :class:`ConfigError` naming the setting; naming
     a plugin in ``include`` whose framework is missing raises :class:`PluginUnavailable`.
     """
     from tracewire import config
@@ -82,7 +85,8 @@ def autolog(
         logger.info("tracewire: ENABLE_MLFLOW_TRACING is false, autolog() does nothing")
         return
     settings = config.resolve(include=include, exclude=exclude, capture_content=capture_content,
-                              tags=tags, stream_usage=stream_usage, sample_rate=sample_rate)
+                              tags=tags, stream_usage=stream_usage, sample_rate=sample_rate,
+                              redact=redact)
     plugins = _selected(settings.include, settings.exclude)
 
     from tracewire.export import mlflow_store, pipeline

@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -50,6 +50,8 @@ class Settings:
     ship_timeout: float = 10.0
     sample_rate: float = 1.0
     feedback_retention: float = 86_400.0
+    # Called as redact(key, value) for span "inputs" and "outputs" before they reach disk.
+    redact: Callable[[str, Any], Any] | None = None
     tracking_uri: str | None = None
     experiment_id: str | None = None
     experiment_name: str | None = None
@@ -126,6 +128,20 @@ def _number(name: str, value: Any, kind: type, minimum: float) -> Any:
     return number
 
 
+def _import_callable(name: str, target: str) -> Callable[..., Any]:
+    import importlib
+
+    module, _, attribute = target.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"{name} must be 'package.module:function', could not load "
+                          f"{target!r}: {exc}") from None
+    if not callable(found):
+        raise ConfigError(f"{name}: {target!r} is not a function")
+    return found
+
+
 def tracing_enabled() -> bool:
     """MLflow's production switch: ``ENABLE_MLFLOW_TRACING=false`` turns autolog into a no-op."""
     value = _env("ENABLE_MLFLOW_TRACING")
@@ -148,6 +164,7 @@ def resolve(
     tags: Mapping[str, str] | None = None,
     stream_usage: bool | None = None,
     sample_rate: float | None = None,
+    redact: Callable[[str, Any], Any] | None = None,
 ) -> Settings:
     """Merge arguments over environment variables into validated settings."""
 
@@ -194,6 +211,11 @@ def resolve(
     ship_timeout = _number("TRACEWIRE_SHIP_TIMEOUT", _env("TRACEWIRE_SHIP_TIMEOUT") or 10.0,
                            float, 0.1)
 
+    if redact is None and (target := _env("TRACEWIRE_REDACT")) is not None:
+        redact = _import_callable("TRACEWIRE_REDACT", target)
+    if redact is not None and not callable(redact):
+        raise ConfigError(f"argument redact must be a function (key, value) -> value, got {redact!r}")
+
     feedback_retention = _number("TRACEWIRE_FEEDBACK_RETENTION",
                                  _env("TRACEWIRE_FEEDBACK_RETENTION") or 86_400.0, float, 0)
 
@@ -215,6 +237,7 @@ def resolve(
         ship_timeout=ship_timeout,
         sample_rate=rate,
         feedback_retention=feedback_retention,
+        redact=redact,
         tracking_uri=_env("MLFLOW_TRACKING_URI"),
         experiment_id=experiment_id,
         experiment_name=_env("MLFLOW_EXPERIMENT_NAME"),

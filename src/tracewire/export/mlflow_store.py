@@ -433,11 +433,31 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
     for fragment in item.fragments:
         dicts.extend(span_dict(s, fragment.trace_id, fragment.otel_trace_id)
                      for s in fragment.spans)
+    if settings.redact is not None:
+        for data in dicts:
+            _redact(data["attributes"], settings.redact)
     request = item.request or RequestContext()
     context = {"session_id": request.session_id, "user_id": request.user_id,
                "request_id": request.request_id, "tags": {**settings.tags, **request.tags}}
     payload = {"head": head, "info": info, "context": context, "spans": dicts}
     return trace_id, json.dumps(payload, ensure_ascii=False).encode()
+
+
+_REDACTED_KEYS = {SpanAttributeKey.INPUTS: "inputs", SpanAttributeKey.OUTPUTS: "outputs"}
+
+
+def _redact(attributes: dict[str, Any], redact: Callable[[str, Any], Any]) -> None:
+    """The user's redaction hook, on the worker thread, before the spool. If it fails the value
+    is withheld: failing closed is the only safe way for a privacy hook."""
+    for attribute, key in _REDACTED_KEYS.items():
+        if attribute in attributes:
+            try:
+                value = redact(key, json.loads(attributes[attribute]))
+                attributes[attribute] = dump_span_attribute_value(value)
+            except Exception as exc:  # the user's hook failed, not tracewire: no re-raise
+                logger.warning("tracewire: the redact hook raised %r; the span's %s are "
+                               "withheld", exc, key)
+                attributes[attribute] = json.dumps("[tracewire: withheld, redaction failed]")
 
 
 def decode(payload: bytes, experiment_id: str) -> tuple[TraceInfo | None, list[MlflowSpan]]:
