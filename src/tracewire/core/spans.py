@@ -163,10 +163,6 @@ def open_trace(otel_trace_id: int) -> Trace | None:
     return _open.get(otel_trace_id)
 
 
-def current_span() -> Span | None:
-    return _current.get()
-
-
 def activate(span: Span) -> tuple[Token, Any]:
     """Make ``span`` the parent of spans started in this context (ours and MLflow's)."""
     return _current.set(span), _mlflow_attach(span.trace.otel_trace_id, span.span_id)

@@ -2,14 +2,14 @@
 
 tracewire replaces MLflow's default span exporter so that every trace the process makes (ours and
 those made only by the user's ``@mlflow.trace`` / ``mlflow.start_span``) goes through one
-pipeline: caller thread -> bounded queue -> our worker -> tracking store. The hook is private
-MLflow API (``mlflow.tracing.provider._get_mlflow_span_processor``, the in-memory trace manager,
-the span dict format); tests/export/test_mlflow_internals.py pins the versions this module
-supports (``SUPPORTED_MLFLOW``).
+pipeline (export/pipeline.py). The hooks are private MLflow API
+(``mlflow.tracing.provider._get_mlflow_span_processor``, the in-memory trace manager, the span
+dict format, ``rest_utils.http_request``); tests/export/test_mlflow_internals.py pins them, and
+``SUPPORTED_MLFLOW`` is the range they were tested on.
 
 Caller side (cheap): read/write MLflow's span context so our spans and MLflow's nest both ways,
-and hand finished traces to the queue. Worker side: build MLflow ``TraceInfo`` and span entities
-and write them to the store.
+and hand finished traces to the queue. Worker thread: ``encode`` a trace into spool bytes.
+Shipper process: ``decode`` them into MLflow entities and write them (``Store``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import base64
 import contextlib
 import fcntl
 import json
-import os
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -78,7 +78,9 @@ def destination(settings: config.Settings) -> str:
     and compared before a spool is adopted."""
     experiment_id = settings.experiment_id
     if experiment_id is None and settings.experiment_name is None:
-        from mlflow.tracking.fluent import _active_experiment_id  # mlflow.set_experiment(...)
+        from mlflow.tracking.fluent import (
+            _active_experiment_id,  # mlflow.set_experiment(...)
+        )
 
         experiment_id = _active_experiment_id
     return json.dumps({"tracking_uri": tracking_uri(settings), "experiment_id": experiment_id,
