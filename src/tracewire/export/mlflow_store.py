@@ -519,6 +519,8 @@ def _sqlite_init_lock(uri: str) -> Iterator[None]:
         yield
         return
     database = parsed.path[1:]  # sqlite:///relative.db, sqlite:////absolute.db
+    # MLflow creates a new store's directory; the lock beside it needs the directory first.
+    os.makedirs(os.path.dirname(database) or ".", exist_ok=True)
     fd = os.open(f"{database}.tracewire-init.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
