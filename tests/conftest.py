@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import uuid
 from typing import Iterator
 
@@ -16,6 +17,8 @@ os.environ["TRACEWIRE_TESTING"] = "1"
 os.environ["TRACEWIRE_STREAM_USAGE_HOSTS"] = "127.0.0.1"
 # No network here: keep MLflow's pricing to its built-in model catalog.
 os.environ["MLFLOW_MODEL_CATALOG_URI"] = ""
+# Every process the suite starts spools here, never in the user's cache directory.
+os.environ["TRACEWIRE_SPOOL_DIR"] = tempfile.mkdtemp(prefix="tracewire-test-spool-")
 
 import mlflow
 import pytest
@@ -32,7 +35,6 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     path = tmp_path_factory.mktemp("store") / "mlflow.db"
     uri = f"sqlite:///{path}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    os.environ["TRACEWIRE_SPOOL_DIR"] = str(tmp_path_factory.mktemp("spool"))
     mlflow.set_tracking_uri(uri)
     mlflow.MlflowClient().search_experiments()  # create the schema once, up front
     yield uri

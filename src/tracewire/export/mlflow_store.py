@@ -272,9 +272,7 @@ def _http_request(*args: Any, **kwargs: Any) -> Any:
 
 def install_hooks(submit: Callable[[Item], None]) -> None:
     """Route MLflow's traces and ours to ``submit`` (idempotent)."""
-    global _original_make_processor, _original_http_request, _isolated, _submit
-    from mlflow.utils import rest_utils
-
+    global _original_make_processor, _isolated, _submit
     _isolated = MLFLOW_USE_DEFAULT_TRACER_PROVIDER.get()
     _submit = submit
     if _original_make_processor is None:
@@ -286,15 +284,6 @@ def install_hooks(submit: Callable[[Item], None]) -> None:
         _original_make_processor = _provider._get_mlflow_span_processor
         _provider._get_mlflow_span_processor = _make_processor
         _provider.provider.reset()  # re-created with our processor on the next span
-    if _original_http_request is None:
-        _original_http_request = rest_utils.http_request
-        rest_utils.http_request = _http_request
-        try:
-            from mlflow.store.tracking import rest_store
-        except ImportError:
-            pass
-        else:
-            rest_store.http_request = _http_request
     spans._sink = on_trace_finished
     spans._mlflow_parent = active_parent
     spans._mlflow_attach = attach
@@ -302,24 +291,29 @@ def install_hooks(submit: Callable[[Item], None]) -> None:
 
 
 def uninstall_hooks() -> None:
-    """Give MLflow its own exporter and HTTP calls back."""
-    global _original_make_processor, _original_http_request
-    from mlflow.utils import rest_utils
-
+    """Give MLflow its own exporter back."""
+    global _original_make_processor
     spans._sink = None
     if _original_make_processor is not None:
         _provider._get_mlflow_span_processor = _original_make_processor
         _original_make_processor = None
         _provider.provider.reset()
+
+
+def install_http_budget() -> None:
+    """In the shipper process: MLflow's REST calls made while shipping get our retry budget."""
+    global _original_http_request
+    from mlflow.utils import rest_utils
+
     if _original_http_request is not None:
-        rest_utils.http_request = _original_http_request
-        try:
-            from mlflow.store.tracking import rest_store
-        except ImportError:
-            pass
-        else:
-            rest_store.http_request = _original_http_request
-        _original_http_request = None
+        return
+    _original_http_request = rest_utils.http_request
+    rest_utils.http_request = _http_request
+    try:
+        from mlflow.store.tracking import rest_store
+    except ImportError:
+        return
+    rest_store.http_request = _http_request
 
 
 # --------------------------------------------------------------------------- worker side

@@ -129,7 +129,7 @@ def stop(timeout: float) -> bool:
 def _at_exit(timeout: float) -> None:
     stop(timeout)
     for shipper in _shippers.values():
-        shipper.stop(timeout)
+        shipper.close()
     _shippers.clear()
 
 

@@ -90,24 +90,17 @@ class ShipperProcess:
             self._proc.stdin.write(f"ship {path}\n".encode())
         self._proc.stdin.flush()
 
-    def stop(self, timeout: float) -> None:
-        """Close its stdin; it finishes within its flush timeout and exits on its own. Only a
-        shipper still there after ``timeout`` (stuck in a store call) is killed."""
+    def close(self) -> None:
+        """Close its stdin: it makes a last effort bounded by the flush timeout and exits on its
+        own, without holding up the app's exit (what it does not ship stays spooled)."""
         with self._lock:
             proc, self._proc = self._proc, None
             self._paths.clear()
-        if proc is None:
-            return
-        try:
-            assert proc.stdin is not None
-            proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # unacknowledged batches stay spooled; shipping is idempotent
-            proc.wait()
+        if proc is not None and proc.stdin is not None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
 
 
 # --------------------------------------------------------------------------- in the shipper
@@ -255,6 +248,9 @@ def main(stdin: IO[bytes] | None = None) -> int:
     # Background work: when CPU is short, the app's own threads go first.
     os.nice(10)
 
+    from tracewire.export import mlflow_store
+
+    mlflow_store.install_http_budget()
     settings = config.resolve()
     shipper = Shipper(settings.spool_dir, settings.spool_max_bytes, _store_for)
     stream = stdin or sys.stdin.buffer

@@ -235,14 +235,20 @@ def status(directory: Path) -> list[Status]:
         live = fd is None
         if fd is not None:
             os.close(fd)
-        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
         try:
-            pending, size, oldest = db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM traces").fetchone()
-            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-            feedback = db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
-        finally:
-            db.close()
+            db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+            try:
+                pending, size, oldest = db.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM traces").fetchone()
+                meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+                feedback = db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
+            finally:
+                db.close()
+                if not db_path.exists():  # removed meanwhile: our reader left its -shm behind
+                    for suffix in ("-wal", "-shm"):
+                        Path(str(db_path) + suffix).unlink(missing_ok=True)
+        except sqlite3.Error:
+            continue  # being created or removed right now: not a spool to report yet
         found.append(Status(db_path, pending, size, int(meta.get("dropped", 0)), oldest, live,
                             feedback, int(meta.get("feedback_dropped", 0))))
     return found
