@@ -204,6 +204,21 @@ def _lock(path: Path) -> int | None:
     return fd
 
 
+def _held(lock_path: Path) -> bool:
+    """Whether a live process holds this lock (checked without creating the file)."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def adopt(directory: Path, budget_bytes: int, destination: str) -> Iterator[Spool]:
     """Spools left by dead processes for ``destination``, each locked for the caller while it
     ships them."""
@@ -231,10 +246,7 @@ def status(directory: Path) -> list[Status]:
     if not directory.is_dir():
         return found
     for db_path in sorted(directory.glob("spool-*.db")):
-        fd = _lock(db_path.with_suffix(".lock"))
-        live = fd is None
-        if fd is not None:
-            os.close(fd)
+        live = _held(db_path.with_suffix(".lock"))
         try:
             db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
             try:

@@ -740,6 +740,9 @@ class _HTTPServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 keeps connections alive, as httpx expects.
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: with Nagle's algorithm each reply would wait
+    # for the client's delayed ACK (about 40 ms a call).
+    disable_nagle_algorithm = True
     server: _HTTPServer
 
     def setup(self) -> None:
