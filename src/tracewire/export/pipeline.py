@@ -54,8 +54,10 @@ def _spool_batch(items: Sequence[mlflow_store.Item | Feedback]) -> int:
                        "so far", _spool.path, _spool.budget_bytes // 2**20, _spool.dropped)
     spool, shipper = _spool, _shipper
     if spool is not None and shipper is not None and len(items) > lost:
-        shipper.ship(spool.path)
-        shipper.notify()
+        # Spooled already: if the shipper cannot be reached now, a later batch or the next
+        # process ships them.
+        guard.call(shipper.ship, spool.path)
+        guard.call(shipper.notify)
     return lost
 
 
