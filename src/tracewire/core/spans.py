@@ -101,12 +101,6 @@ class Span:
         self.attributes: dict[str, Any] = attributes if attributes is not None else {}
         self.error: BaseException | None = None
 
-    def set_attribute(self, key: str, value: Any) -> None:
-        self.attributes[key] = value
-
-    def set_outputs(self, outputs: Any) -> None:
-        self.outputs = outputs
-
     def record_error(self, error: BaseException) -> None:
         self.error = error
 
