@@ -69,3 +69,19 @@ def test_span_and_trace_info_round_trip_through_dicts() -> None:
         "attributes": {"mlflow.traceRequestId": json.dumps(info.trace_id),
                        "mlflow.spanType": json.dumps("LLM")}, "links": []})
     assert (span.name, span.span_type, span.trace_id) == ("x", "LLM", info.trace_id)
+
+
+def test_sql_store_internals_the_batched_write_relies_on(tracking_uri: str) -> None:
+    """A batch shares one session: the store must open its sessions through the instance's
+    ``ManagedSessionMaker`` and look experiments up through ``get_experiment``."""
+    from mlflow.store.tracking.dbmodels.models import SqlTraceInfo
+    from mlflow.tracing.client import TracingClient
+
+    store = TracingClient(tracking_uri).store
+    assert mlflow_store._is_sql(store)
+    assert "ManagedSessionMaker" in vars(store) and "get_experiment" not in vars(store)
+    for method in (store._start_trace_once, store._log_spans_once):
+        source = inspect.getsource(method)
+        assert "self.ManagedSessionMaker(" in source, method.__name__
+    assert "self.get_experiment(" in inspect.getsource(store._start_trace_once)
+    assert hasattr(SqlTraceInfo, "request_id")
