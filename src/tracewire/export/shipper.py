@@ -195,21 +195,47 @@ class Shipper:
         if batch is None:
             return False
         source, entries = batch
+        store = self._store(source)
         try:
-            self._store(source).ship(entries)
+            store.ship(entries)
         except Exception as exc:  # store down, slow or refusing: the batch stays spooled
-            self._failures += 1
-            if self._failures in (1, 5) or self._failures % 20 == 0:
-                logger.warning("tracewire: tracking store unavailable (%s: %s); %d trace(s) "
-                               "kept in the spool, retrying", type(exc).__name__, exc,
-                               source.pending())
-            return False
+            if not store.rejects(exc):
+                return self._failed(exc, source)
+            # Refused, not unavailable: find the trace(s) it refuses, one at a time, so a
+            # single bad trace cannot hold up the ones behind it.
+            return self._ship_each(store, source, entries)
         source.ack(entries)
+        self._recovered()
+        return True
+
+    def _ship_each(self, store: Any, source: Spool, entries: list[Entry]) -> bool:
+        for entry in entries:
+            try:
+                store.ship([entry])
+            except Exception as exc:
+                if not store.rejects(exc):
+                    return self._failed(exc, source)
+                source.reject(entry, f"{type(exc).__name__}: {exc}"[:1000])
+                logger.warning("tracewire: the tracking store refused trace %s (%s: %s); it is "
+                               "kept aside in %s: fix the cause, then run `tracewire spool "
+                               "replay`", entry.trace_id, type(exc).__name__, exc, source.path)
+                continue
+            source.ack([entry])
+        self._recovered()
+        return True
+
+    def _failed(self, exc: Exception, source: Spool) -> bool:
+        self._failures += 1
+        if self._failures in (1, 5) or self._failures % 20 == 0:
+            logger.warning("tracewire: tracking store unavailable (%s: %s); %d trace(s) "
+                           "kept in the spool, retrying", type(exc).__name__, exc,
+                           source.pending())
+        return False
+
+    def _recovered(self) -> None:
         if self._failures:
             logger.warning("tracewire: tracking store reachable again; shipping the spool")
             self._failures = 0
-        return True
-
 
     def _apply_feedback(self) -> None:
         """Feedback waits in the spool until its trace is stored, for the retention period."""

@@ -7,7 +7,9 @@ the file's ``.lock`` companion for its whole life. A spool whose lock can be tak
 dead process: :func:`adopt` hands it to the caller, which ships what is left.
 
 Past the size budget new traces are refused: each refusal is counted in the spool itself, so
-``tracewire spool status`` (another process) can report it.
+``tracewire spool status`` (another process) can report it. A trace the store refuses outright
+(a 4xx: it can never succeed as it is) is set aside in the same file, so it cannot hold up the
+traces behind it, and waits there for ``tracewire spool replay``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ CREATE TABLE IF NOT EXISTS traces (
     created REAL NOT NULL,
     size INTEGER NOT NULL,
     payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejected (
+    seq INTEGER PRIMARY KEY,
+    trace_id TEXT NOT NULL,
+    created REAL NOT NULL,
+    size INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    reason TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS feedback (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -69,6 +79,7 @@ class Status:
     live: bool  # its process is still running
     feedback_pending: int
     feedback_dropped: int
+    rejected: int  # refused by the store, waiting for `tracewire spool replay`
 
 
 class Spool:
@@ -99,7 +110,7 @@ class Spool:
             raise SpoolError(f"{path} has spool format {version}; this tracewire reads up to "
                              f"{FORMAT_VERSION}: upgrade tracewire to ship it")
         self.destination = self._meta("destination") or ""
-        self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM traces").fetchone()[0]
+        self._bytes = self._used_bytes()
 
     @classmethod
     def create(cls, directory: Path, budget_bytes: int, destination: str) -> "Spool":
@@ -110,6 +121,10 @@ class Spool:
             raise SpoolError(f"could not lock a new spool in {directory}")
         return cls(directory / f"{stem}.db", lock_fd, budget_bytes, destination)
 
+    def _used_bytes(self) -> int:
+        return self._db.execute("SELECT (SELECT COALESCE(SUM(size), 0) FROM traces) + "
+                                "(SELECT COALESCE(SUM(size), 0) FROM rejected)").fetchone()[0]
+
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
@@ -119,8 +134,7 @@ class Spool:
         with self._mutex:
             if self._bytes + len(payload) > self.budget_bytes:
                 # Acknowledgements may come from the shipper process: count again first.
-                self._bytes = self._db.execute(
-                    "SELECT COALESCE(SUM(size), 0) FROM traces").fetchone()[0]
+                self._bytes = self._used_bytes()
             if self._bytes + len(payload) > self.budget_bytes:
                 self._db.execute(
                     "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'dropped'")
@@ -145,8 +159,16 @@ class Spool:
             self._db.execute(
                 f"DELETE FROM traces WHERE seq IN ({','.join('?' * len(entries))})",
                 [e.seq for e in entries])
-            self._bytes = self._db.execute(
-                "SELECT COALESCE(SUM(size), 0) FROM traces").fetchone()[0]
+            self._bytes = self._used_bytes()
+
+    def reject(self, entry: Entry, reason: str) -> None:
+        """The store refused this trace: set it aside (kept, counted) so the rest can go on."""
+        with self._mutex:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("INSERT OR IGNORE INTO rejected SELECT seq, trace_id, created, size, "
+                             "payload, ? FROM traces WHERE seq = ?", (reason, entry.seq))
+            self._db.execute("DELETE FROM traces WHERE seq = ?", (entry.seq,))
+            self._db.execute("COMMIT")
 
     def put_feedback(self, payload: bytes) -> bool:
         with self._mutex:
@@ -181,8 +203,8 @@ class Spool:
     def close(self, remove_if_empty: bool = True) -> None:
         with self._mutex:
             empty = self._db.execute(
-                "SELECT (SELECT COUNT(*) FROM traces) + (SELECT COUNT(*) FROM feedback)"
-            ).fetchone()[0] == 0
+                "SELECT (SELECT COUNT(*) FROM traces) + (SELECT COUNT(*) FROM feedback) + "
+                "(SELECT COUNT(*) FROM rejected)").fetchone()[0] == 0
             dropped = int(self._meta("dropped") or 0)
             self._db.close()
         if self._lock_fd is None:
@@ -254,6 +276,7 @@ def status(directory: Path) -> list[Status]:
                     "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM traces").fetchone()
                 meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
                 feedback = db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
+                rejected = _count_rejected(db)
             finally:
                 db.close()
                 if not db_path.exists():  # removed meanwhile: our reader left its -shm behind
@@ -262,5 +285,33 @@ def status(directory: Path) -> list[Status]:
         except sqlite3.Error:
             continue  # being created or removed right now: not a spool to report yet
         found.append(Status(db_path, pending, size, int(meta.get("dropped", 0)), oldest, live,
-                            feedback, int(meta.get("feedback_dropped", 0))))
+                            feedback, int(meta.get("feedback_dropped", 0)), rejected))
     return found
+
+
+def _count_rejected(db: sqlite3.Connection) -> int:
+    try:
+        return db.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
+    except sqlite3.OperationalError:  # written by a tracewire from before the table existed
+        return 0
+
+
+def replay(directory: Path) -> int:
+    """Queue every trace the store refused again, at the end of its spool; how many."""
+    moved = 0
+    if not directory.is_dir():
+        return moved
+    for db_path in sorted(directory.glob("spool-*.db")):
+        db = sqlite3.connect(db_path, isolation_level=None, timeout=30)
+        try:
+            if not _count_rejected(db):
+                continue
+            db.execute("BEGIN IMMEDIATE")
+            moved += db.execute("INSERT INTO traces (trace_id, created, size, payload) "
+                                "SELECT trace_id, created, size, payload FROM rejected "
+                                "ORDER BY seq").rowcount
+            db.execute("DELETE FROM rejected")
+            db.execute("COMMIT")
+        finally:
+            db.close()
+    return moved
