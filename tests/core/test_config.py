@@ -37,6 +37,19 @@ def test_invalid_environment_fails_at_autolog_naming_it(
         tracewire.autolog()
 
 
+def test_unusable_spool_dir_fails_at_autolog_naming_it(
+        tracking_uri: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("TRACEWIRE_SPOOL_DIR", str(blocker / "spool"))
+    tracewire.disable()
+    try:
+        with pytest.raises(tracewire.ConfigError, match="TRACEWIRE_SPOOL_DIR .*writable"):
+            tracewire.autolog()
+    finally:
+        tracewire.disable()
+
+
 def test_invalid_arguments_name_the_argument(tracking_uri: str) -> None:
     with pytest.raises(tracewire.ConfigError, match="argument capture_content"):
         tracewire.autolog(capture_content="yes please")  # type: ignore[arg-type]

@@ -85,7 +85,13 @@ def start(settings: config.Settings) -> None:
         stop(settings.flush_timeout)
     with _lock:
         if _worker is None or not _worker.alive:
-            _spool = Spool.create(settings.spool_dir, settings.spool_max_bytes, destination)
+            try:
+                _spool = Spool.create(settings.spool_dir, settings.spool_max_bytes, destination)
+            except OSError as exc:
+                raise config.ConfigError(
+                    f"TRACEWIRE_SPOOL_DIR {str(settings.spool_dir)!r} cannot hold tracewire's "
+                    f"on-disk spool ({exc.strerror or exc}); point it at a writable directory"
+                ) from None
             _worker = Worker(_spool_batch, maxsize=settings.queue_size)
             uri = mlflow_store.tracking_uri(settings)
             if uri not in _shippers:
