@@ -64,3 +64,17 @@ GEN_AI_RESPONSE_ID = "gen_ai.response.id"
 GEN_AI_FINISH_REASONS = "gen_ai.response.finish_reasons"
 SERVER_ADDRESS = "server.address"
 SERVER_PORT = "server.port"
+GEN_AI_TOOL_CALL_ID = "gen_ai.tool.call.id"
+
+# --- LangGraph structure (span attributes), from the callback metadata LangGraph sets ---
+LANGGRAPH_NODE = "langgraph.node"
+LANGGRAPH_STEP = "langgraph.step"
+LANGGRAPH_TRIGGERS = "langgraph.triggers"
+LANGGRAPH_CHECKPOINT_NS = "langgraph.checkpoint_ns"
+# Set on a span that LangGraph paused (interrupt()) or redirected (Command to the parent graph):
+# control flow, not an error. The value is the signal's class name.
+LANGGRAPH_CONTROL = "langgraph.control"
+# On a graph run's span: why it paused (status, checkpoint, interrupt values), and the
+# checkpoint it resumed from (LangGraph's interrupt/resume lifecycle callbacks).
+LANGGRAPH_INTERRUPT = "langgraph.interrupt"
+LANGGRAPH_RESUMED_FROM = "langgraph.resumed_from"

@@ -11,9 +11,13 @@ late in a handler still lands on the trace.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # MLflow limits (FACTS.md): client_request_id is a 50-character SQL column; sessions over 250
 # characters are rejected by the store.
@@ -89,3 +93,20 @@ def context(
         yield ctx
     finally:
         _current.reset(token)
+
+
+def propagate(fn: F) -> F:
+    """``fn`` bound to the caller's context: the current span, the request context and
+    LangChain's run config go with it into ``ThreadPoolExecutor.submit`` or
+    ``loop.run_in_executor``, which do not copy contextvars themselves.
+
+    The context is captured when ``propagate`` is called; each call of the result runs in its
+    own copy of it, so one wrapped function can run in several threads at once.
+    """
+    captured = contextvars.copy_context()
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return captured.copy().run(fn, *args, **kwargs)
+
+    return run  # type: ignore[return-value]

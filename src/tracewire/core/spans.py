@@ -122,10 +122,18 @@ class Span:
                 _sink(trace)
 
 
+def current() -> Span | None:
+    """The span of ours active in this context, if any."""
+    return _current.get()
+
+
 def start_span(name: str, span_type: str, inputs: Any = None,
-               attributes: dict[str, Any] | None = None) -> Span:
+               attributes: dict[str, Any] | None = None, parent: Span | None = None) -> Span:
     """Start a span under the innermost active span (ours or the user's MLflow span), or as
-    the root of a new trace."""
+    the root of a new trace. ``parent`` overrides the context: for frameworks that know a
+    call's parent when the context lost it (LangChain's parent run id across threads)."""
+    if parent is not None and not parent.trace.done:
+        return _add(parent.trace, parent.span_id, name, span_type, inputs, attributes)
     parent = _current.get()
     if parent is not None and parent.trace.done:
         parent = None  # a context that outlived its trace (e.g. a task left running)
@@ -143,6 +151,11 @@ def start_span(name: str, span_type: str, inputs: Any = None,
     else:
         trace, parent_id = Trace(_rng.getrandbits(128) or 1, parent_span_id=None), None
         _open[trace.otel_trace_id] = trace
+    return _add(trace, parent_id, name, span_type, inputs, attributes)
+
+
+def _add(trace: Trace, parent_id: int | None, name: str, span_type: str, inputs: Any,
+         attributes: dict[str, Any] | None) -> Span:
     span = Span(trace, parent_id, name, span_type, inputs, attributes)
     with trace._lock:
         trace._open_spans += 1

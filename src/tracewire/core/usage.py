@@ -51,3 +51,33 @@ def from_openai(usage: Any) -> dict[str, int] | None:
     if cached:
         result[keys.CACHE_READ_INPUT_TOKENS] = cached
     return result
+
+
+def from_langchain(usage_metadata: Any) -> dict[str, int] | None:
+    """LangChain's ``AIMessage.usage_metadata`` (``input_tokens``, ``output_tokens``,
+    ``total_tokens``, ``input_token_details.cache_read``/``cache_creation``) -> MLflow usage."""
+    input_tokens = _int(_get(usage_metadata, "input_tokens"))
+    output_tokens = _int(_get(usage_metadata, "output_tokens"))
+    if input_tokens is None and output_tokens is None:
+        return None
+    input_tokens = input_tokens or 0
+    output_tokens = output_tokens or 0
+    total = _int(_get(usage_metadata, "total_tokens"))
+    result = {
+        keys.INPUT_TOKENS: input_tokens,
+        keys.OUTPUT_TOKENS: output_tokens,
+        keys.TOTAL_TOKENS: total if total is not None else input_tokens + output_tokens,
+    }
+    details = _get(usage_metadata, "input_token_details")
+    for source, key in (("cache_read", keys.CACHE_READ_INPUT_TOKENS),
+                        ("cache_creation", keys.CACHE_CREATION_INPUT_TOKENS)):
+        if value := _int(_get(details, source)):
+            result[key] = value
+    return result
+
+
+def add(a: dict[str, int] | None, b: dict[str, int] | None) -> dict[str, int] | None:
+    """The sum of two usages (a batched or multi-generation model call)."""
+    if a is None or b is None:
+        return a or b
+    return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}

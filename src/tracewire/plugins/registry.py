@@ -5,4 +5,6 @@ from __future__ import annotations
 
 PLUGINS: dict[str, str] = {
     "openai": "tracewire.plugins.openai",
+    "langchain": "tracewire.plugins.langchain",
+    "langgraph": "tracewire.plugins.langgraph",
 }

@@ -1,0 +1,439 @@
+"""LangChain plugin: every chain, runnable, chat model, LLM, tool and retriever run is a span;
+LangGraph graph runs and node executions too (their structure comes from the callback metadata
+LangGraph sets: ``langgraph_node``, ``langgraph_step``, ``langgraph_triggers``).
+
+One callback handler is injected into every LangChain callback manager through
+``register_configure_hook`` (a ContextVar whose default is our handler). LangChain has no way to
+unregister a hook, so the hook is registered once and the handler does nothing while the plugin
+is disabled; a run that started while enabled still ends its span.
+
+The handler runs inline (``run_inline``), in the caller's context, and makes each run's span
+current for the run's duration: a call underneath (the OpenAI client under ChatOpenAI, a user's
+``@mlflow.trace`` function inside a node) then nests under it, which is also what makes trace
+token totals count a model call once. Where the context lost the run's parent (work handed to a
+thread without its context, callbacks dispatched from another task), LangChain's parent run id
+still says where the span belongs, and is used instead.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any, Callable
+from uuid import UUID
+
+from tracewire import config
+from tracewire.core import attributes as keys
+from tracewire.core import guard, spans, usage
+from tracewire.core.attributes import SpanType
+from tracewire.plugins.base import Plugin
+
+# LangGraph's control-flow signals (interrupt(), Command(graph=PARENT)) reach on_chain_error as
+# subclasses of this; matched by name so this plugin does not import LangGraph.
+_BUBBLE_UP = "GraphBubbleUp"
+# Request parameters recorded from `invocation_params` (never the whole dict: providers put
+# credentials and clients there).
+_PARAMS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "stop", "stream",
+           "n", "seed", "tool_choice", "reasoning_effort")
+
+
+class _Run:
+    __slots__ = ("span", "tokens")
+
+    def __init__(self, span: spans.Span, tokens: Any) -> None:
+        self.span = span
+        self.tokens = tokens
+
+
+def _copy(value: Any) -> Any:
+    """A shallow copy of a top-level dict or list, so a caller appending to its state after the
+    run does not change what the span recorded (cheap: references only)."""
+    if type(value) is dict:
+        return dict(value)
+    if type(value) is list:
+        return list(value)
+    return value
+
+
+def _name(serialized: Any, kwargs: dict[str, Any], default: str) -> str:
+    name = kwargs.get("name")
+    if isinstance(name, str) and name:
+        return name
+    if isinstance(serialized, dict):
+        name = serialized.get("name")
+        if isinstance(name, str) and name:
+            return name
+        ids = serialized.get("id")
+        if isinstance(ids, list) and ids:
+            return str(ids[-1])
+    return default
+
+
+def _is_control_flow(error: BaseException) -> bool:
+    return any(c.__name__ == _BUBBLE_UP and c.__module__.startswith("langgraph")
+               for c in type(error).__mro__)
+
+
+# --------------------------------------------------------------------------- model runs
+
+
+def _model_attributes(kind: str, serialized: Any, metadata: dict[str, Any] | None,
+                      kwargs: dict[str, Any], capture: bool) -> dict[str, Any]:
+    params = kwargs.get("invocation_params")
+    params = params if isinstance(params, dict) else {}
+    metadata = metadata or {}
+    attributes: dict[str, Any] = {keys.GEN_AI_OPERATION: kind, keys.MESSAGE_FORMAT: "langchain"}
+    model = metadata.get("ls_model_name") or params.get("model") or params.get("model_name")
+    if isinstance(model, str):
+        attributes[keys.LLM_MODEL] = model
+        attributes[keys.GEN_AI_REQUEST_MODEL] = model
+    provider = metadata.get("ls_provider")
+    if isinstance(provider, str):
+        attributes[keys.LLM_PROVIDER] = provider
+    tools = params.get("tools")
+    if capture and isinstance(tools, list) and tools:
+        attributes[keys.CHAT_TOOLS] = list(tools)
+    return attributes
+
+
+def _chat_inputs(messages: list[list[Any]], params: dict[str, Any]) -> dict[str, Any]:
+    """Messages in OpenAI's shape, which MLflow's chat view reads (worker side)."""
+    from langchain_core.messages import convert_to_openai_messages
+
+    converted = [convert_to_openai_messages(batch) for batch in messages]
+    inputs: dict[str, Any] = {"messages": converted[0] if len(converted) == 1 else converted}
+    inputs.update(params)
+    return inputs
+
+
+def _request_params(kwargs: dict[str, Any]) -> dict[str, Any]:
+    params = kwargs.get("invocation_params")
+    if not isinstance(params, dict):
+        return {}
+    return {k: params[k] for k in _PARAMS if params.get(k) is not None}
+
+
+def _response_usage(response: Any) -> dict[str, int] | None:
+    """One usage per prompt (a generation's choices share their message's usage), from the
+    message's ``usage_metadata``, else the provider's ``llm_output`` token usage."""
+    total = None
+    for choices in getattr(response, "generations", None) or []:
+        message = getattr(choices[0], "message", None) if choices else None
+        total = usage.add(total, usage.from_langchain(getattr(message, "usage_metadata", None)))
+    if total is None:
+        llm_output = getattr(response, "llm_output", None)
+        if isinstance(llm_output, dict):
+            total = usage.from_openai(llm_output.get("token_usage") or llm_output.get("usage"))
+    return total
+
+
+def _response_model(response: Any) -> str | None:
+    for choices in getattr(response, "generations", None) or []:
+        message = getattr(choices[0], "message", None) if choices else None
+        metadata = getattr(message, "response_metadata", None)
+        if isinstance(metadata, dict) and isinstance(metadata.get("model_name"), str):
+            return metadata["model_name"]
+    llm_output = getattr(response, "llm_output", None)
+    if isinstance(llm_output, dict) and isinstance(llm_output.get("model_name"), str):
+        return llm_output["model_name"]
+    return None
+
+
+def _response(response: Any) -> Any:
+    """The LLMResult as a dict, each message dumped as its own class (worker side): pydantic
+    dumps ``generations[..].message`` as the base message type, which drops tool calls and
+    usage."""
+    data = response.model_dump()
+    for i, choices in enumerate(response.generations):
+        for j, choice in enumerate(choices):
+            message = getattr(choice, "message", None)
+            if message is not None:
+                data["generations"][i][j]["message"] = message.model_dump()
+    return data
+
+
+def _response_summary(response: Any) -> dict[str, Any]:
+    """A reply without content: what capture_content=False records (worker side)."""
+    reasons = []
+    for choices in getattr(response, "generations", None) or []:
+        for choice in choices:
+            info = getattr(choice, "generation_info", None) or {}
+            message = getattr(choice, "message", None)
+            meta = getattr(message, "response_metadata", None) or {}
+            reasons.append(info.get("finish_reason") or meta.get("finish_reason"))
+    return {"finish_reasons": reasons}
+
+
+# --------------------------------------------------------------------------- other runs
+
+
+def _documents(documents: Any) -> list[dict[str, Any]]:
+    """Retrieved documents in MLflow's document format (worker side)."""
+    return [{"page_content": getattr(d, "page_content", None),
+             "metadata": getattr(d, "metadata", None) or {},
+             "id": getattr(d, "id", None)} for d in documents or []]
+
+
+def _graph_attributes(metadata: dict[str, Any] | None, name: str,
+                      tags: list[str] | None) -> dict[str, Any] | None:
+    """LangGraph node structure, for the run that *is* the node: metadata is inherited by every
+    run inside a node, but only the node's own run carries the ``graph:step:N`` tag."""
+    if not metadata or metadata.get("langgraph_node") != name:
+        return None
+    step = metadata.get("langgraph_step")
+    if not tags or f"graph:step:{step}" not in tags:
+        return None
+    attributes = {keys.LANGGRAPH_NODE: name, keys.LANGGRAPH_STEP: step}
+    triggers = metadata.get("langgraph_triggers")
+    if triggers:
+        attributes[keys.LANGGRAPH_TRIGGERS] = list(triggers)
+    namespace = metadata.get("langgraph_checkpoint_ns")
+    if namespace:
+        attributes[keys.LANGGRAPH_CHECKPOINT_NS] = namespace
+    return attributes
+
+
+# --------------------------------------------------------------------------- the handler
+
+
+def _handler_base() -> type:
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    return BaseCallbackHandler
+
+
+class _Handler:
+    """Runs → spans. Each callback is one guarded step; the run map is shared by all threads
+    (single dict operations, atomic under the GIL)."""
+
+    run_inline = True
+    # Under TRACEWIRE_TESTING our failures must reach the test, not LangChain's warning log.
+    raise_error = guard.TESTING
+
+    def __init__(self) -> None:
+        self.runs: dict[UUID, _Run] = {}
+
+    # ---- span lifecycle
+
+    def _parent(self, parent_run_id: UUID | None) -> spans.Span | None:
+        """The parent run's span when the context lost it; None to let the context decide (it
+        may hold a user's MLflow span inside the parent run, a truer parent)."""
+        run = self.runs.get(parent_run_id) if parent_run_id is not None else None
+        if run is None:
+            return None
+        here = spans.current()
+        if here is not None and here.trace is run.span.trace and here.end_ns is None \
+                and here.start_ns >= run.span.start_ns:
+            return None  # the context is inside the parent run
+        return run.span
+
+    def _start(self, run_id: UUID, parent_run_id: UUID | None, name: str, span_type: str,
+               inputs: Any, attributes: dict[str, Any]) -> spans.Span:
+        span = spans.start_span(name, span_type, inputs, attributes, self._parent(parent_run_id))
+        if parent_run_id is not None and attributes.get(keys.LANGGRAPH_NODE) is not None:
+            parent = self.runs.get(parent_run_id)
+            if parent is not None:
+                parent.span.span_type = SpanType.AGENT  # a run whose children are nodes is a graph
+        self.runs[run_id] = _Run(span, spans.activate(span))
+        return span
+
+    def _end(self, run_id: UUID, outputs: Any = None, error: BaseException | None = None) -> None:
+        run = self.runs.pop(run_id, None)
+        if run is None:
+            return
+        span = run.span
+        try:
+            _deactivate(run.tokens)
+        finally:
+            if error is not None:
+                if _is_control_flow(error):
+                    span.attributes[keys.LANGGRAPH_CONTROL] = type(error).__name__
+                elif not isinstance(error, GeneratorExit):  # the caller closed a stream early
+                    span.record_error(error)
+            elif outputs is not None:
+                span.outputs = outputs
+            span.end()
+
+    def span_of(self, run_id: UUID | None) -> spans.Span | None:
+        run = self.runs.get(run_id) if run_id is not None else None
+        return run.span if run is not None else None
+
+    # ---- chains, runnables, graph nodes
+
+    def on_chain_start(self, serialized: Any, inputs: Any, *, run_id: UUID,
+                       parent_run_id: UUID | None = None, tags: list[str] | None = None,
+                       metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if plugin.enabled:
+            guard.call(self._chain_start, serialized, inputs, run_id, parent_run_id, tags,
+                       metadata, kwargs)
+
+    def _chain_start(self, serialized: Any, inputs: Any, run_id: UUID,
+                     parent_run_id: UUID | None, tags: list[str] | None,
+                     metadata: dict[str, Any] | None, kwargs: dict[str, Any]) -> None:
+        name = _name(serialized, kwargs, "chain")
+        attributes = _graph_attributes(metadata, name, tags) or {}
+        capture = config.active().capture_content
+        self._start(run_id, parent_run_id, name, SpanType.CHAIN,
+                    _copy(inputs) if capture else None, attributes)
+
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        guard.call(self._chain_end, outputs, run_id)
+
+    def _chain_end(self, outputs: Any, run_id: UUID) -> None:
+        self._end(run_id, _copy(outputs) if config.active().capture_content else None)
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        guard.call(self._end, run_id, None, error)
+
+    # ---- chat models and LLMs
+
+    def on_chat_model_start(self, serialized: Any, messages: list[list[Any]], *, run_id: UUID,
+                            parent_run_id: UUID | None = None, tags: list[str] | None = None,
+                            metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if plugin.enabled:
+            guard.call(self._model_start, SpanType.CHAT_MODEL, serialized, messages, run_id,
+                       parent_run_id, metadata, kwargs)
+
+    def on_llm_start(self, serialized: Any, prompts: list[str], *, run_id: UUID,
+                     parent_run_id: UUID | None = None, tags: list[str] | None = None,
+                     metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if plugin.enabled:
+            guard.call(self._model_start, SpanType.LLM, serialized, prompts, run_id,
+                       parent_run_id, metadata, kwargs)
+
+    def _model_start(self, span_type: str, serialized: Any, prompt: list[Any], run_id: UUID,
+                     parent_run_id: UUID | None, metadata: dict[str, Any] | None,
+                     kwargs: dict[str, Any]) -> None:
+        capture = config.active().capture_content
+        chat = span_type == SpanType.CHAT_MODEL
+        attributes = _model_attributes("chat" if chat else "text_completion", serialized,
+                                       metadata, kwargs, capture)
+        params = _request_params(kwargs)
+        if not capture:
+            inputs: Any = params or None
+        elif chat:
+            inputs = spans.Deferred(_chat_inputs, [list(batch) for batch in prompt], params)
+        else:
+            inputs = {"prompts": list(prompt), **params}
+        self._start(run_id, parent_run_id, _name(serialized, kwargs, span_type.lower()),
+                    span_type, inputs, attributes)
+
+    def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        guard.call(self._model_end, response, run_id)
+
+    def _model_end(self, response: Any, run_id: UUID) -> None:
+        run = self.runs.get(run_id)
+        if run is None:
+            return
+        attributes = run.span.attributes
+        if (token_usage := _response_usage(response)) is not None:
+            attributes[keys.CHAT_USAGE] = token_usage
+        if (model := _response_model(response)) is not None:
+            attributes[keys.GEN_AI_RESPONSE_MODEL] = model
+            attributes.setdefault(keys.LLM_MODEL, model)
+        capture = config.active().capture_content
+        self._end(run_id, spans.Deferred(_response if capture else _response_summary, response))
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        guard.call(self._end, run_id, None, error)
+
+    # ---- tools
+
+    def on_tool_start(self, serialized: Any, input_str: str, *, run_id: UUID,
+                      parent_run_id: UUID | None = None, tags: list[str] | None = None,
+                      metadata: dict[str, Any] | None = None, inputs: Any = None,
+                      **kwargs: Any) -> None:
+        if plugin.enabled:
+            guard.call(self._tool_start, serialized, input_str, inputs, run_id, parent_run_id,
+                       kwargs)
+
+    def _tool_start(self, serialized: Any, input_str: str, inputs: Any, run_id: UUID,
+                    parent_run_id: UUID | None, kwargs: dict[str, Any]) -> None:
+        attributes: dict[str, Any] = {keys.GEN_AI_OPERATION: "execute_tool"}
+        if isinstance(call_id := kwargs.get("tool_call_id"), str):
+            attributes[keys.GEN_AI_TOOL_CALL_ID] = call_id
+        recorded = None
+        if config.active().capture_content:
+            recorded = _copy(inputs) if inputs is not None else input_str
+        self._start(run_id, parent_run_id, _name(serialized, kwargs, "tool"), SpanType.TOOL,
+                    recorded, attributes)
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        guard.call(self._tool_end, output, run_id)
+
+    def _tool_end(self, output: Any, run_id: UUID) -> None:
+        self._end(run_id, output if config.active().capture_content else None)
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        guard.call(self._end, run_id, None, error)
+
+    # ---- retrievers
+
+    def on_retriever_start(self, serialized: Any, query: str, *, run_id: UUID,
+                           parent_run_id: UUID | None = None, tags: list[str] | None = None,
+                           metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if plugin.enabled:
+            guard.call(self._start_retriever, serialized, query, run_id, parent_run_id, kwargs)
+
+    def _start_retriever(self, serialized: Any, query: str, run_id: UUID,
+                         parent_run_id: UUID | None, kwargs: dict[str, Any]) -> None:
+        capture = config.active().capture_content
+        self._start(run_id, parent_run_id, _name(serialized, kwargs, "retriever"),
+                    SpanType.RETRIEVER, {"query": query} if capture else None, {})
+
+    def on_retriever_end(self, documents: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        guard.call(self._retriever_end, documents, run_id)
+
+    def _retriever_end(self, documents: Any, run_id: UUID) -> None:
+        documents = list(documents or ())
+        self._end(run_id, spans.Deferred(_documents, documents)
+                  if config.active().capture_content else {"count": len(documents)})
+
+    def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        guard.call(self._end, run_id, None, error)
+
+
+def _deactivate(tokens: Any) -> None:
+    try:
+        spans.deactivate(tokens)
+    except ValueError:
+        # The run ended in another context than it started in (LangChain dispatched the end
+        # from another task or thread). That context is not ours to restore; the one the run
+        # started in still names the span, which start_span skips once its trace is done.
+        pass
+
+
+def _make_handler() -> Any:
+    base = _handler_base()
+    cls = type("TracewireCallbackHandler", (_Handler, base), {})
+    return cls()
+
+
+class LangChainPlugin(Plugin):
+    name = "langchain"
+    module = "langchain_core"
+    distribution = "langchain-core"
+    extra = "langchain"
+    supported = ("0.3", "2")
+    mlflow_flavor = "langchain"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handler: Any = None
+
+    def targets(self) -> list[tuple[Any, str, Callable[..., Any]]]:
+        return []  # nothing is wrapped: LangChain calls our handler through its configure hook
+
+    def patch(self) -> None:
+        if self.handler is not None:
+            return  # the hook stays registered (LangChain cannot unregister it)
+        from langchain_core.tracers.context import register_configure_hook
+
+        self.handler = _make_handler()
+        register_configure_hook(ContextVar("tracewire_langchain", default=self.handler),
+                                inheritable=True)
+
+    def unpatch(self) -> None:
+        """Nothing to undo: the handler does nothing while the plugin is disabled."""
+
+
+plugin = LangChainPlugin()

@@ -1,0 +1,246 @@
+"""The LangChain plugin with real langchain-core objects (its fake chat model, made to report
+usage and tool calls) and langchain-openai's ChatOpenAI over real HTTP to the local server.
+Every case checks the caller's result and reads the trace back through MLflow's API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import mlflow
+import openai
+import pytest
+from langchain_core.documents import Document
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.retrievers import BaseRetriever
+from langchain_core.runnables import RunnableLambda
+from langchain_core.tools import tool
+from langchain_openai import ChatOpenAI
+
+import tracewire
+from tests.conftest import API_KEY, Traced
+from tests.plugins.langchain_fakes import FakeChat, reply
+from tracewire.testing import OpenAIServer
+from tracewire.testing.openai_server import count_tokens
+
+QUESTION = "What is the capital of France"
+# The local server's counts: 3 + words per message in, the words of "Echo: <question>" out.
+PROMPT_TOKENS = 3 + count_tokens(QUESTION)
+ECHO_TOKENS = count_tokens("Echo: " + QUESTION)
+SERVER_USAGE = {"input_tokens": PROMPT_TOKENS, "output_tokens": ECHO_TOKENS,
+                "total_tokens": PROMPT_TOKENS + ECHO_TOKENS}
+
+
+def tree(trace: mlflow.entities.Trace) -> dict[str, tuple[str, str | None]]:
+    """span name -> (span type, parent span name); names in these cases are unique."""
+    by_id = {s.span_id: s for s in trace.data.spans}
+    names = [s.name for s in trace.data.spans]
+    assert len(names) == len(set(names)), names
+    return {s.name: (s.span_type, by_id[s.parent_id].name if s.parent_id else None)
+            for s in trace.data.spans}
+
+
+def span(trace: mlflow.entities.Trace, name: str) -> Any:
+    return next(s for s in trace.data.spans if s.name == name)
+
+
+@tool
+def capital(country: str) -> str:
+    """The capital of a country."""
+    return {"France": "Paris"}.get(country, "unknown")
+
+
+class Shelf(BaseRetriever):
+    """A retriever over two fixed documents."""
+
+    def _get_relevant_documents(self, query: str, *, run_manager: Any) -> list[Document]:
+        return [Document(page_content=f"{query} is Paris", metadata={"source": "atlas"}, id="d1"),
+                Document(page_content="France is in Europe", metadata={}, id="d2")]
+
+
+def chat_openai(server: OpenAIServer, **kwargs: Any) -> ChatOpenAI:
+    # A fresh async HTTP client: langchain-openai caches one per base URL, bound to the event
+    # loop it first ran in, and each test's asyncio.run() has its own loop.
+    return ChatOpenAI(model="gpt-4o-mini", base_url=server.base_url, api_key=API_KEY,
+                      max_retries=0, http_async_client=openai.DefaultAsyncHttpxClient(),
+                      **kwargs)
+
+
+# --------------------------------------------------------------------------- chat models
+
+
+def test_chat_model_messages_tools_tool_calls_and_usage(traced: Traced) -> None:
+    call = {"name": "capital", "args": {"country": "France"}, "id": "call_1", "type": "tool_call"}
+    model = FakeChat.scripted(reply(tool_calls=[call], input_tokens=12, output_tokens=7))
+    result = model.bind_tools([capital]).invoke([HumanMessage(QUESTION)])
+    assert result.tool_calls == [call]
+
+    trace = traced.trace()
+    chat = trace.data.spans[0]
+    assert (chat.name, chat.span_type, chat.parent_id) == ("FakeChat", "CHAT_MODEL", None)
+    assert chat.inputs["messages"] == [{"role": "user", "content": QUESTION}]
+    assert chat.attributes["mlflow.chat.tools"][0]["function"]["name"] == "capital"
+    assert chat.attributes["mlflow.llm.provider"] == "fake"
+    assert chat.attributes["mlflow.message.format"] == "langchain"
+    message = chat.outputs["generations"][0][0]["message"]
+    assert message["tool_calls"] == [call]
+    assert chat.attributes["mlflow.chat.tokenUsage"] == {
+        "input_tokens": 12, "output_tokens": 7, "total_tokens": 19}
+    assert trace.info.token_usage == {"input_tokens": 12, "output_tokens": 7, "total_tokens": 19}
+
+
+def test_chain_of_prompt_model_parser_tool_and_retriever(traced: Traced) -> None:
+    prompt = ChatPromptTemplate.from_messages([("system", "Answer from: {context}"),
+                                               ("user", "{question}")])
+    model = FakeChat.scripted(reply("Paris", input_tokens=20, output_tokens=1))
+
+    def answer(question: str) -> str:
+        docs = Shelf().invoke(question)
+        city = capital.invoke({"country": "France"})
+        chain = prompt | model | StrOutputParser()
+        return chain.invoke({"question": question, "context": docs[0].page_content + city})
+
+    assert RunnableLambda(answer).invoke("France") == "Paris"
+
+    trace = traced.trace()
+    assert tree(trace) == {
+        "answer": ("CHAIN", None),
+        "Shelf": ("RETRIEVER", "answer"),
+        "capital": ("TOOL", "answer"),
+        "RunnableSequence": ("CHAIN", "answer"),
+        "ChatPromptTemplate": ("CHAIN", "RunnableSequence"),
+        "FakeChat": ("CHAT_MODEL", "RunnableSequence"),
+        "StrOutputParser": ("CHAIN", "RunnableSequence"),
+    }
+    root = span(trace, "answer")
+    assert (root.inputs, root.outputs) == ("France", "Paris")
+    retriever = span(trace, "Shelf")
+    assert retriever.inputs == {"query": "France"}
+    assert retriever.outputs == [
+        {"page_content": "France is Paris", "metadata": {"source": "atlas"}, "id": "d1"},
+        {"page_content": "France is in Europe", "metadata": {}, "id": "d2"}]
+    tool_span = span(trace, "capital")
+    assert (tool_span.inputs, tool_span.outputs) == ({"country": "France"}, "Paris")
+    assert span(trace, "FakeChat").inputs["messages"][0] == {
+        "role": "system", "content": "Answer from: France is ParisParis"}
+    assert trace.info.token_usage["total_tokens"] == 21
+
+
+def test_failure_marks_the_span_and_reaches_the_caller_unchanged(traced: Traced) -> None:
+    def broken(_: Any) -> None:
+        raise KeyError("no such city")
+
+    chain = RunnableLambda(lambda x: x) | RunnableLambda(broken)
+    with pytest.raises(KeyError, match="no such city"):
+        chain.invoke("x")
+
+    trace = traced.trace()
+    assert trace.info.state.value == "ERROR"
+    failed = span(trace, "broken")
+    assert failed.status.status_code.value == "ERROR"
+    assert failed.events[0].attributes["exception.type"] == "KeyError"
+    assert span(trace, "RunnableSequence").status.status_code.value == "ERROR"
+
+
+# --------------------------------------------------------------------------- ChatOpenAI: counted once
+
+
+def _chat_openai_tree(trace: mlflow.entities.Trace) -> None:
+    assert tree(trace) == {"ChatOpenAI": ("CHAT_MODEL", None),
+                           "chat gpt-4o-mini": ("CHAT_MODEL", "ChatOpenAI")}
+    outer = span(trace, "ChatOpenAI")
+    assert outer.attributes["mlflow.llm.model"] == "gpt-4o-mini"
+    assert outer.attributes["mlflow.llm.provider"] == "openai"
+    # Both layers see the call; the trace counts it once (the inner span is the outer's child).
+    assert outer.attributes["mlflow.chat.tokenUsage"] == SERVER_USAGE
+    assert span(trace, "chat gpt-4o-mini").attributes["mlflow.chat.tokenUsage"] == SERVER_USAGE
+    assert trace.info.token_usage == SERVER_USAGE
+
+
+def test_chat_openai_sync_counts_tokens_once(traced: Traced, openai_server: OpenAIServer) -> None:
+    assert chat_openai(openai_server).invoke(QUESTION).content == "Echo: " + QUESTION
+    _chat_openai_tree(traced.trace())
+
+
+def test_chat_openai_async_counts_tokens_once(traced: Traced,
+                                              openai_server: OpenAIServer) -> None:
+    result = asyncio.run(chat_openai(openai_server).ainvoke(QUESTION))
+    assert result.content == "Echo: " + QUESTION
+    _chat_openai_tree(traced.trace())
+
+
+def test_chat_openai_streams_count_tokens_once(traced: Traced,
+                                               openai_server: OpenAIServer) -> None:
+    model = chat_openai(openai_server, stream_usage=True)
+    chunks = list(model.stream(QUESTION))
+    assert "".join(c.content for c in chunks) == "Echo: " + QUESTION
+
+    async def consume() -> str:
+        return "".join([c.content async for c in model.astream(QUESTION)])
+
+    assert asyncio.run(consume()) == "Echo: " + QUESTION
+    for trace in traced.traces(expected=2):
+        _chat_openai_tree(trace)
+
+
+# --------------------------------------------------------------------------- switches
+
+
+@pytest.mark.parametrize("traced", [{"capture_content": False}], indirect=True)
+def test_capture_content_false_records_no_text(traced: Traced,
+                                               openai_server: OpenAIServer) -> None:
+    secret = "Ultraviolet-Kumquat"
+    shelf, model = Shelf(), chat_openai(openai_server)
+
+    def run(question: str) -> str:
+        shelf.invoke(question)
+        capital.invoke({"country": secret})
+        return model.bind_tools([capital]).invoke(question).content
+
+    RunnableLambda(run).invoke(secret)
+    trace = traced.trace()
+    dumped = json.dumps([s.to_dict() for s in trace.data.spans])
+    assert secret not in dumped and "is in Europe" not in dumped
+    assert span(trace, "ChatOpenAI").attributes["mlflow.chat.tokenUsage"]["input_tokens"] > 0
+    assert span(trace, "Shelf").outputs == {"count": 2}
+
+
+def test_disable_stops_tracing_and_autolog_resumes_it(traced: Traced) -> None:
+    model = FakeChat.scripted(reply("hi"))
+    tracewire.disable()
+    assert model.invoke("hello").content == "hi"
+    traced.enable()
+    assert model.invoke("hello").content == "hi"
+    assert [s.name for s in traced.trace().data.spans] == ["FakeChat"]
+
+
+def test_mlflow_langchain_autolog_does_not_trace_twice(traced: Traced) -> None:
+    mlflow.langchain.autolog()
+    try:
+        assert FakeChat.scripted(reply("hi")).invoke("hello").content == "hi"
+    finally:
+        mlflow.langchain.autolog(disable=True)
+    assert [s.name for s in traced.trace().data.spans] == ["FakeChat"]
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_propagate_carries_the_run_into_a_thread_pool(traced: Traced) -> None:
+    model = FakeChat.scripted(reply("hi", input_tokens=1, output_tokens=1))
+
+    def fan_out(_: str) -> list[str]:
+        with ThreadPoolExecutor(2) as pool:
+            carried = pool.submit(tracewire.propagate(lambda: model.invoke("a").content))
+            lost = pool.submit(lambda: model.invoke("b").content)
+            return [carried.result(), lost.result()]
+
+    assert RunnableLambda(fan_out).invoke("go") == ["hi", "hi"]
+    carried, lost = traced.traces(expected=2)
+    assert carried.data.spans[0].name == "fan_out"
+    assert tree(carried) == {"fan_out": ("CHAIN", None), "FakeChat": ("CHAT_MODEL", "fan_out")}
+    assert [s.name for s in lost.data.spans] == ["FakeChat"]  # a trace of its own
