@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk
-from langchain_core.outputs import ChatGenerationChunk
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 
@@ -45,3 +45,21 @@ class FakeChat(GenericFakeChatModel):
 
     def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
         return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
+
+
+class ToolThenAnswer(FakeChat):
+    """An agent's model: calls ``capital`` for France, then answers from the tool's result.
+    Decided by the conversation, not a script, so concurrent runs cannot take each other's
+    replies."""
+
+    messages: Any = iter(())
+
+    def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None,
+                  **kwargs: Any) -> ChatResult:
+        if messages[-1].type == "tool":
+            message = reply(messages[-1].content, input_tokens=30, output_tokens=2)
+        else:
+            message = reply(tool_calls=[{"name": "capital", "args": {"country": "France"},
+                                         "id": "call_1", "type": "tool_call"}],
+                            input_tokens=12, output_tokens=7)
+        return ChatResult(generations=[ChatGeneration(message=message)])
