@@ -285,7 +285,8 @@ def test_streamed_chat_openai_in_a_graph_counts_exact_tokens(
 
 
 def test_parallel_nodes_in_langgraphs_thread_pool_keep_their_children(traced: Traced) -> None:
-    model = FakeChat.scripted(reply("hi", input_tokens=1, output_tokens=1))
+    model = FakeChat.scripted(reply("hi", input_tokens=1, output_tokens=1),
+                              reply("ho", input_tokens=1, output_tokens=1))
 
     def left(state: State) -> State:
         return {"messages": [model.invoke("left")]}
