@@ -77,9 +77,104 @@ def exercise_openai(server: OpenAIServer) -> list[Any]:
     ]
 
 
+def _chat_openai(server: OpenAIServer, model: str = "gpt-4o-mini") -> Any:
+    import openai
+    from langchain_openai import ChatOpenAI
+
+    # A fresh async HTTP client: langchain-openai caches one bound to its first event loop.
+    return ChatOpenAI(model=model, base_url=server.base_url, api_key=API_KEY, max_retries=0,
+                      http_async_client=openai.DefaultAsyncHttpxClient())
+
+
+def exercise_langchain(server: OpenAIServer) -> list[Any]:
+    from langchain_core.documents import Document
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.prompts import ChatPromptTemplate
+    from langchain_core.retrievers import BaseRetriever
+    from langchain_core.runnables import RunnableLambda
+    from langchain_core.tools import tool
+
+    @tool
+    def shout(text: str) -> str:
+        """Shout the text."""
+        return text.upper()
+
+    class Shelf(BaseRetriever):
+        def _get_relevant_documents(self, query: str, *, run_manager: Any) -> list[Document]:
+            return [Document(page_content=query, id="d1")]
+
+    chain = (ChatPromptTemplate.from_messages([("user", "{q}")]) | _chat_openai(server)
+             | StrOutputParser())
+    q = {"q": "hello contract"}
+
+    async def async_calls() -> list[Any]:
+        return [await chain.ainvoke(q), [c async for c in chain.astream(q)]]
+
+    return [
+        _outcome(lambda: chain.invoke(q)),
+        _outcome(lambda: list(chain.stream(q))),
+        _outcome(lambda: shout.invoke({"text": "hi"})),
+        _outcome(lambda: [d.page_content for d in Shelf().invoke("hi")]),
+        _outcome(lambda: _chat_openai(server, "error-500").invoke("hi")),
+        _outcome(lambda: (RunnableLambda(lambda x: x + 1) | RunnableLambda(lambda x: 1 / 0))
+                 .invoke(1)),
+        _outcome(lambda: asyncio.run(async_calls())),
+    ]
+
+
+def exercise_langgraph(server: OpenAIServer) -> list[Any]:
+    from typing import Annotated
+
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, StateGraph
+    from langgraph.graph.message import add_messages
+    from langgraph.types import Command, interrupt
+    from typing_extensions import TypedDict
+
+    # The functional form: this module's postponed annotations could not see these imports.
+    State = TypedDict("State", {"messages": Annotated[list[Any], add_messages],
+                                "approved": str}, total=False)
+
+    model = _chat_openai(server)
+    graph = StateGraph(State)
+    graph.add_node("agent", lambda s: {"messages": [model.invoke(s["messages"])]})
+    graph.add_node("ask", lambda s: {"approved": interrupt("ok?")})
+    graph.add_edge(START, "agent")
+    graph.add_edge("agent", "ask")
+    app = graph.compile(checkpointer=InMemorySaver())
+
+    def run(inputs: Any, thread: str) -> Any:
+        state = app.invoke(inputs, {"configurable": {"thread_id": thread, "user_id": "u"}})
+        return [[m.content for m in state["messages"]], state.get("approved"),
+                [i.value for i in state.get("__interrupt__", [])]]
+
+    async def astreamed() -> list[Any]:
+        return [list(c) async for c in app.astream({"messages": [("user", "hi")]},
+                                                   {"configurable": {"thread_id": "c"}},
+                                                   stream_mode="updates") if "agent" not in c]
+
+    return [
+        _outcome(lambda: run({"messages": [("user", "hello contract")]}, "a")),
+        _outcome(lambda: run(Command(resume="yes"), "a")),
+        _outcome(lambda: [list(c) for c in app.stream({"messages": [("user", "hi")]},
+                                                      {"configurable": {"thread_id": "b"}})]),
+        _outcome(lambda: asyncio.run(astreamed())),
+    ]
+
+
 EXERCISERS: dict[str, Callable[[OpenAIServer], list[Any]]] = {
     "openai": exercise_openai,
+    "langchain": exercise_langchain,
+    "langgraph": exercise_langgraph,
 }
+
+# Plugins that register a hook with their framework instead of wrapping functions: the number
+# of hooks handing out the plugin's handler (hooks cannot be removed, so it must stay at 1).
+HOOKS = {"langchain": """
+    from langchain_core.tracers.context import _configure_hooks
+    hooks = [var for var, *_ in _configure_hooks
+             if plugin.handler is not None and var.get() is plugin.handler]
+"""}
 
 pytestmark = pytest.mark.parametrize("name", sorted(PLUGINS))
 
@@ -92,8 +187,14 @@ def _targets(name: str) -> list[tuple[Any, str]]:
     plugin = _plugin(name)
     importlib.import_module(plugin.module)
     found = [(owner, attr) for owner, attr, _ in plugin.targets()]
-    assert found, f"plugin {name} wraps nothing"
+    assert found or name in HOOKS, f"plugin {name} wraps nothing"
     return found
+
+
+def _hooks(name: str) -> int:
+    scope = {"plugin": _plugin(name)}
+    exec(textwrap.dedent(HOOKS[name]), scope)
+    return len(scope["hooks"])
 
 
 def _run_python(code: tuple[str, ...], tmp_path: Any) -> None:
@@ -116,6 +217,21 @@ _CHECK = """
     assert targets
     wrapped = [isinstance(vars(owner)[attr], TracewireWrapper) for owner, attr, _ in targets]
 """
+_CHECK_HOOK = ("""
+    import importlib
+    from tracewire.plugins.registry import PLUGINS
+    plugin = importlib.import_module(PLUGINS[{name!r}]).plugin
+""", """
+    assert len(hooks) <= 1, hooks
+    wrapped = [bool(hooks) and plugin.patched]
+""")
+
+
+def _check(name: str) -> str:
+    if name in HOOKS:
+        head, tail = _CHECK_HOOK
+        return "".join(textwrap.dedent(part) for part in (head.format(name=name), HOOKS[name], tail))
+    return _CHECK.format(name=name)
 
 
 def test_patch_before_import(name: str, tmp_path: Any) -> None:
@@ -124,7 +240,7 @@ def test_patch_before_import(name: str, tmp_path: Any) -> None:
         tracewire.autolog()
         import {_plugin(name).module}
         assert {_plugin(name).module!r} in sys.modules
-    """, _CHECK.format(name=name), "assert all(wrapped), wrapped"), tmp_path)
+    """, _check(name), "assert all(wrapped), wrapped"), tmp_path)
 
 
 def test_disable_then_first_import_patches_nothing(name: str, tmp_path: Any) -> None:
@@ -133,7 +249,7 @@ def test_disable_then_first_import_patches_nothing(name: str, tmp_path: Any) -> 
         tracewire.autolog()
         tracewire.disable()
         import {_plugin(name).module}
-    """, _CHECK.format(name=name), "assert not any(wrapped), wrapped"), tmp_path)
+    """, _check(name), "assert not any(wrapped), wrapped"), tmp_path)
 
 
 def test_patch_after_import_once_and_unpatch_exactly(name: str, traced: Traced) -> None:
@@ -150,6 +266,12 @@ def test_patch_after_import_once_and_unpatch_exactly(name: str, traced: Traced) 
     for (owner, attr), original in originals.items():
         assert vars(owner)[attr] is original
     traced.enable()
+    if name in HOOKS:  # registered once, kept across disable() (it cannot be removed)
+        assert _hooks(name) == 1 and _plugin(name).patched
+        tracewire.disable()
+        assert _hooks(name) == 1 and not _plugin(name).enabled
+        traced.enable()
+        assert _hooks(name) == 1
 
 
 def test_every_step_can_fail_without_the_caller_noticing(

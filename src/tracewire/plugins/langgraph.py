@@ -132,7 +132,7 @@ def _wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
 
 class LangGraphPlugin(Plugin):
     name = "langgraph"
-    module = "langgraph"
+    module = "langgraph.pregel"  # `langgraph` itself is a namespace package: no import hook fires
     distribution = "langgraph"
     extra = "langgraph"
     supported = ("1.0", "2")
