@@ -168,12 +168,11 @@ EXERCISERS: dict[str, Callable[[OpenAIServer], list[Any]]] = {
     "langgraph": exercise_langgraph,
 }
 
-# Plugins that register a hook with their framework instead of wrapping functions: the number
-# of hooks handing out the plugin's handler (hooks cannot be removed, so it must stay at 1).
+# Plugins that register a hook with their framework instead of wrapping functions: the hooks
+# that are the plugin's (they cannot be removed, so there must be one at most, ever).
 HOOKS = {"langchain": """
     from langchain_core.tracers.context import _configure_hooks
-    hooks = [var for var, *_ in _configure_hooks
-             if plugin.handler is not None and var.get() is plugin.handler]
+    hooks = [var for var, *_ in _configure_hooks if type(var).__module__ == plugin.__module__]
 """}
 
 pytestmark = pytest.mark.parametrize("name", sorted(PLUGINS))
@@ -270,6 +269,8 @@ def test_patch_after_import_once_and_unpatch_exactly(name: str, traced: Traced) 
         assert _hooks(name) == 1 and _plugin(name).patched
         tracewire.disable()
         assert _hooks(name) == 1 and not _plugin(name).enabled
+        from langchain_core.callbacks.manager import CallbackManager
+        assert CallbackManager.configure().handlers == []  # nothing of ours while disabled
         traced.enable()
         assert _hooks(name) == 1
 

@@ -3,9 +3,11 @@ LangGraph graph runs and node executions too (their structure comes from the cal
 LangGraph sets: ``langgraph_node``, ``langgraph_step``, ``langgraph_triggers``).
 
 One callback handler is injected into every LangChain callback manager through
-``register_configure_hook`` (a ContextVar whose default is our handler). LangChain has no way to
-unregister a hook, so the hook is registered once and the handler does nothing while the plugin
-is disabled; a run that started while enabled still ends its span.
+``register_configure_hook``. LangChain has no way to unregister a hook, so it is registered once,
+with a switch in place of the ContextVar the hook reads: it hands out our handler while the
+plugin is enabled and nothing while it is disabled, so a disabled tracewire adds no handler to
+any new callback manager. A run that started while enabled still ends its span; managers made
+while enabled keep the handler, which starts no span while disabled.
 
 The handler runs inline (``run_inline``), in the caller's context, and makes each run's span
 current for the run's duration: a call underneath (the OpenAI client under ChatOpenAI, a user's
@@ -17,7 +19,6 @@ still says where the span belongs, and is used instead.
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from typing import Any, Callable
 from uuid import UUID
 
@@ -402,6 +403,17 @@ def _deactivate(tokens: Any) -> None:
         pass
 
 
+class _Switch:
+    """Stands in for the ContextVar LangChain's configure hook reads (``_configure`` only calls
+    its ``get()``): our handler while the plugin is enabled, else None (no handler added). A
+    ContextVar could not do this for every thread and task at once."""
+
+    __slots__ = ()
+
+    def get(self) -> Any:
+        return plugin.handler if plugin.enabled else None
+
+
 def _make_handler() -> Any:
     base = _handler_base()
     cls = type("TracewireCallbackHandler", (_Handler, base), {})
@@ -429,8 +441,7 @@ class LangChainPlugin(Plugin):
         from langchain_core.tracers.context import register_configure_hook
 
         self.handler = _make_handler()
-        register_configure_hook(ContextVar("tracewire_langchain", default=self.handler),
-                                inheritable=True)
+        register_configure_hook(_Switch(), inheritable=True)  # type: ignore[arg-type]
 
     def unpatch(self) -> None:
         """Nothing to undo: the handler does nothing while the plugin is disabled."""
