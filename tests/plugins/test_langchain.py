@@ -233,14 +233,18 @@ def test_mlflow_langchain_autolog_does_not_trace_twice(traced: Traced) -> None:
 def test_propagate_carries_the_run_into_a_thread_pool(traced: Traced) -> None:
     model = FakeChat.scripted(reply("hi", input_tokens=1, output_tokens=1))
 
-    def fan_out(_: str) -> list[str]:
+    def fan_out(_: str, config: Any) -> list[str]:
         with ThreadPoolExecutor(2) as pool:
             carried = pool.submit(tracewire.propagate(lambda: model.invoke("a").content))
-            lost = pool.submit(lambda: model.invoke("b").content)
-            return [carried.result(), lost.result()]
+            # LangChain's config names the parent run, so this one finds its parent too.
+            with_config = pool.submit(lambda: model.invoke("b", config).content)
+            lost = pool.submit(lambda: model.invoke("c").content)
+            return [carried.result(), with_config.result(), lost.result()]
 
-    assert RunnableLambda(fan_out).invoke("go") == ["hi", "hi"]
+    assert RunnableLambda(fan_out).invoke("go") == ["hi", "hi", "hi"]
     carried, lost = traced.traces(expected=2)
     assert carried.data.spans[0].name == "fan_out"
-    assert tree(carried) == {"fan_out": ("CHAIN", None), "FakeChat": ("CHAT_MODEL", "fan_out")}
+    assert sorted((s.name, s.inputs["messages"][0]["content"]) for s in carried.data.spans
+                  if s.parent_id is not None) == [("FakeChat", "a"), ("FakeChat", "b")]
+    assert all(s.parent_id == carried.data.spans[0].span_id for s in carried.data.spans[1:])
     assert [s.name for s in lost.data.spans] == ["FakeChat"]  # a trace of its own

@@ -305,3 +305,21 @@ def test_parallel_nodes_in_langgraphs_thread_pool_keep_their_children(traced: Tr
     assert sorted(children) == [("left", "CHAIN", [("FakeChat", "CHAT_MODEL", [])]),
                                 ("right", "CHAIN", [("FakeChat", "CHAT_MODEL", [])])]
     assert trace.info.token_usage["total_tokens"] == 4
+
+
+def test_no_span_stays_current_after_a_run_or_a_stream_closed_early(traced: Traced) -> None:
+    from tracewire.core import spans
+
+    app = build(fake_model())
+    inputs = {"messages": [HumanMessage(QUESTION)]}
+    app.invoke(inputs, config("t-a"))
+    assert spans.current() is None
+    list(app.stream(inputs, config("t-b")))
+    assert spans.current() is None
+    for _ in app.stream(inputs, config("t-c"), stream_mode="updates"):
+        break  # the caller stops after the first node: LangGraph closes the run
+    assert spans.current() is None
+
+    early = traced.traces(expected=3)[2]
+    assert early.info.state.value == "OK"  # closing a stream is not a failure
+    assert [c[0] for c in shape(early)[2]] == ["agent"]
