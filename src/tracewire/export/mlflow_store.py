@@ -640,8 +640,11 @@ class Store:
             store = client.store
             if _is_sql(store):
                 _write_sql(store, infos, by_experiment)
-            else:
-                _write_rest(store, infos, by_experiment, self._settings.ship_timeout)
+                return
+            for info in infos:  # a tracking server merges a trace it already has
+                store.start_trace(info)
+            for location, batch in by_experiment.items():
+                store.log_spans(location, batch)
         finally:
             _shipping.timeout = None
 
@@ -701,23 +704,3 @@ def _write_sql(store: Any, infos: list[TraceInfo],
             store.log_spans(location, batch)
 
 
-# Concurrent trace records per batch to a tracking server: each is one round trip, and the
-# server handles them in parallel.
-_REST_CONCURRENCY = 4
-
-
-def _write_rest(store: Any, infos: list[TraceInfo], by_experiment: dict[str, list[MlflowSpan]],
-                timeout: float) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    def start_trace(info: TraceInfo) -> None:
-        _shipping.timeout = timeout  # a thread-local: each pool thread gets our budget too
-        store.start_trace(info)  # idempotent on the server: an existing trace is merged
-
-    if infos:
-        with ThreadPoolExecutor(min(_REST_CONCURRENCY, len(infos)),
-                                thread_name_prefix="tracewire-ship") as pool:
-            for future in [pool.submit(start_trace, info) for info in infos]:
-                future.result()
-    for location, batch in by_experiment.items():
-        store.log_spans(location, batch)
