@@ -13,13 +13,14 @@ import logging
 import threading
 from typing import Any, Callable, Iterable, Mapping
 
+from tracewire import middleware  # tracewire.middleware.TracingMiddleware
 from tracewire.config import ConfigError
 from tracewire.core.context import context, propagate, set_session, set_tags, set_user
 from tracewire.plugins.base import Plugin, PluginUnavailable
 
 __all__ = [
     "ConfigError", "PluginUnavailable", "autolog", "context", "disable", "flush",
-    "log_feedback", "propagate", "set_session", "set_tags", "set_user",
+    "log_feedback", "middleware", "propagate", "set_session", "set_tags", "set_user",
 ]
 
 logger = logging.getLogger("tracewire")

@@ -78,3 +78,12 @@ LANGGRAPH_CONTROL = "langgraph.control"
 # checkpoint it resumed from (LangGraph's interrupt/resume lifecycle callbacks).
 LANGGRAPH_INTERRUPT = "langgraph.interrupt"
 LANGGRAPH_RESUMED_FROM = "langgraph.resumed_from"
+
+# --- HTTP server spans (OpenTelemetry HTTP semantic conventions) ---
+HTTP_METHOD = "http.request.method"
+HTTP_ROUTE = "http.route"
+HTTP_STATUS_CODE = "http.response.status_code"
+URL_PATH = "url.path"
+# Milliseconds from the request's arrival to the response's first and last body byte.
+HTTP_TIME_TO_FIRST_BYTE = "tracewire.http.time_to_first_byte_ms"
+HTTP_TIME_TO_LAST_BYTE = "tracewire.http.time_to_last_byte_ms"

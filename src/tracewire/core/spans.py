@@ -165,6 +165,40 @@ def _add(trace: Trace, parent_id: int | None, name: str, span_type: str, inputs:
     return span
 
 
+def start_request(name: str, span_type: str, attributes: dict[str, Any],
+                  remote_parent: tuple[int, int] | None = None) -> Span:
+    """The root span of a web request, in a new trace whatever this context holds; with
+    ``remote_parent`` (trace id, span id from a W3C ``traceparent``) it continues the caller's
+    trace. It is exported only if traced work happens under it (see :func:`end_request`)."""
+    otel_trace_id, parent_id = remote_parent or (_rng.getrandbits(128) or 1, None)
+    trace = Trace(otel_trace_id, parent_span_id=None)
+    _open[otel_trace_id] = trace
+    return _add(trace, parent_id, name, span_type, None, attributes)
+
+
+def has_work(span: Span) -> bool:
+    """Whether anything was traced under this span's trace besides the span itself."""
+    trace = span.trace
+    return len(trace.spans) > 1 or trace.joined
+
+
+def end_request(span: Span, keep_idle: bool) -> bool:
+    """End a request's root span; if nothing was traced under it and not ``keep_idle``, its
+    trace is dropped instead of exported (health checks cost no trace). True if exported."""
+    trace = span.trace
+    with trace._lock:
+        idle = not keep_idle and not has_work(span)
+        if idle:
+            trace.done = True  # a span started later from a leftover context starts a new trace
+    if not idle:
+        span.end()
+        return True
+    span.end_ns = time.time_ns()
+    if _open.get(trace.otel_trace_id) is trace:
+        _open.pop(trace.otel_trace_id, None)
+    return False
+
+
 def open_trace(otel_trace_id: int) -> Trace | None:
     """The open tracewire trace with this OpenTelemetry id, if any."""
     return _open.get(otel_trace_id)

@@ -1,0 +1,134 @@
+"""Per-request overhead of TracingMiddleware, measured in-process (no sockets, no server).
+
+What it measures, in one process, each request driven straight through the ASGI app with a
+minimal ``receive``/``send`` pair:
+
+  (a) a trivial endpoint (a health check: no traced work), a bare Starlette app vs the same
+      app inside ``TracingMiddleware`` -- the middleware's own cost, which must stay under
+      15 us per request (the issue's target: such a request creates no trace);
+  (b) an endpoint that makes one traced OpenAI ``chat.completions.create`` call through an
+      in-process mock transport (bench/openai_overhead.py's), with ``tracewire.autolog()`` on:
+      without the middleware (the call is its own trace) vs with it (the call plus the request's
+      root span, one trace).
+
+Modes run interleaved in rounds (``--rounds``) and the samples are pooled; medians and p99 are
+per request. Traces go to a fresh sqlite store in a temporary directory.
+
+Run:  python bench/middleware_overhead.py [--requests 5000] [--rounds 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+_BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(_BENCH))
+
+from openai_overhead import make_client, p99, quiet_logs  # noqa: E402
+from starlette.applications import Starlette  # noqa: E402
+from starlette.responses import JSONResponse  # noqa: E402
+from starlette.routing import Route  # noqa: E402
+
+import tracewire  # noqa: E402
+from tracewire.middleware import TracingMiddleware  # noqa: E402
+
+TARGET_IDLE_US = 15.0
+
+
+def build_app() -> Starlette:
+    client = make_client()
+
+    async def health(request: Any) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    def chat(request: Any) -> JSONResponse:  # sync: Starlette runs it in its thread pool
+        reply = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}])
+        return JSONResponse({"reply": reply.choices[0].message.content})
+
+    return Starlette(routes=[Route("/health", health), Route("/chat", chat, methods=["POST"])])
+
+
+def scope(method: str, path: str) -> dict[str, Any]:
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+            "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "root_path": "", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5000),
+            "headers": [(b"host", b"bench"), (b"x-session-id", b"bench-session")]}
+
+
+async def timed(app: Any, method: str, path: str, n: int) -> list[float]:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    samples = []
+    for _ in range(n):
+        request = scope(method, path)
+        start = time.perf_counter_ns()
+        await app(request, receive, send)
+        samples.append((time.perf_counter_ns() - start) / 1000)
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="tracewire-bench-mw-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["TRACEWIRE_SPOOL_DIR"] = str(root / "spool")
+    quiet_logs()
+    tracewire.autolog()
+    app = build_app()
+    traced = TracingMiddleware(app)
+    modes = {"idle bare": (app, "GET", "/health"), "idle traced": (traced, "GET", "/health"),
+             "chat bare": (app, "POST", "/chat"), "chat traced": (traced, "POST", "/chat")}
+    samples: dict[str, list[float]] = {name: [] for name in modes}
+    chat_requests = max(200, args.requests // 10)  # the chat endpoint is ~100x slower
+
+    async def run() -> None:
+        for name, (target, method, path) in modes.items():  # warm up
+            await timed(target, method, path, 200)
+        for _ in range(args.rounds):
+            for name, (target, method, path) in modes.items():
+                n = args.requests if name.startswith("idle") else chat_requests
+                samples[name] += await timed(target, method, path, n)
+
+    asyncio.run(run())
+    assert tracewire.flush(60), "traces did not drain"
+    tracewire.disable()
+
+    stats = {name: {"median_us": statistics.median(s), "p99_us": p99(s), "n": len(s)}
+             for name, s in samples.items()}
+    idle = stats["idle traced"]["median_us"] - stats["idle bare"]["median_us"]
+    chat = stats["chat traced"]["median_us"] - stats["chat bare"]["median_us"]
+    print(f"Middleware overhead, in-process ASGI, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.2f}; tracewire.autolog() on in every mode")
+    print(f"{'mode':<12} {'median us':>10} {'p99 us':>10} {'requests':>9}")
+    for name, s in stats.items():
+        print(f"{name:<12} {s['median_us']:>10.1f} {s['p99_us']:>10.1f} {s['n']:>9}")
+    verdict = "MET" if idle < TARGET_IDLE_US else "NOT MET"
+    print(f"added per request with no traced work: {idle:+.1f} us (target < "
+          f"{TARGET_IDLE_US:.0f} us: {verdict}), ratio {stats['idle traced']['median_us'] / stats['idle bare']['median_us']:.2f}")
+    print(f"added per request with one traced OpenAI call (the request's root span): "
+          f"{chat:+.1f} us, ratio {stats['chat traced']['median_us'] / stats['chat bare']['median_us']:.2f}")
+    if args.json:
+        print(json.dumps({"stats": stats, "idle_added_us": idle, "chat_added_us": chat}))
+
+
+if __name__ == "__main__":
+    main()

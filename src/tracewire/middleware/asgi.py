@@ -1,0 +1,264 @@
+"""TracingMiddleware: every web request that does traced work becomes one trace, tied to its
+request id, session and user.
+
+Pure ASGI (``BaseHTTPMiddleware`` breaks ContextVar propagation). Per HTTP request it:
+
+1. reads the request id (echoed back in the response, also on errors), the session and user
+   from headers or a session cookie, and a W3C ``traceparent``;
+2. opens the request's root span and makes it current, so every plugin span and the user's own
+   MLflow spans in the handler, its background tasks and its streamed body nest under it;
+3. when the response starts (the inner middleware has run by then), takes the user from the
+   authenticated scope or the ``identify`` callable, and adds the request id (and the trace id,
+   once something was traced) to the response headers;
+4. when the app call returns (after the last body chunk, a disconnect and Starlette's
+   background tasks), ends the root span with the route template, status and timings. A
+   request that traced nothing (a health check) leaves no trace.
+
+Every step is guarded: a failure of ours never reaches the app or the client.
+
+Add it outermost so the request id is echoed on the 500s of unhandled exceptions too:
+Starlette's ``ServerErrorMiddleware`` sits outside everything ``add_middleware`` adds, so wrap
+the app instead: ``app = TracingMiddleware(app)``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Awaitable, Callable, Iterable, MutableMapping
+
+from tracewire import config
+from tracewire.core import attributes as keys
+from tracewire.core import context as request_context
+from tracewire.core import guard, spans
+from tracewire.core.attributes import SpanType
+from tracewire.core.context import MAX_SESSION_ID, MAX_USER_ID, RequestContext
+from tracewire.middleware import feedback, identity
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# A captured request body is cut past this (it is recorded as the root span's inputs).
+MAX_BODY = 64 * 1024
+
+
+class _Request:
+    """What one traced request carries from its start to its end."""
+
+    __slots__ = ("root", "context", "header_user", "status", "start_ns", "first_byte_ns",
+                 "last_byte_ns", "identified", "body")
+
+    def __init__(self, root: spans.Span, context: RequestContext,
+                 header_user: str | None) -> None:
+        self.root = root
+        self.context = context
+        self.header_user = header_user
+        self.status: int | None = None
+        self.start_ns = root.start_ns
+        self.first_byte_ns: int | None = None
+        self.last_byte_ns: int | None = None
+        self.identified = False
+        self.body: list[bytes] | None = None
+
+
+class TracingMiddleware:
+    """Trace every web request that does traced work (LLM, chain, graph or your own MLflow
+    spans) as one trace whose root span is the request.
+
+    Args:
+        app: the ASGI app.
+        request_id_header: read (if valid) or generated, set as the trace's
+            ``client_request_id`` and echoed in the response.
+        trace_id_header: the trace id, in the response when something was traced before the
+            headers went out.
+        session_header, user_header: where clients send their session and user ids.
+        session_cookie: a cookie naming the session; recorded only as a keyed hash
+            (``session_cookie_key`` or ``TRACEWIRE_SESSION_COOKIE_KEY``), never as its value.
+        identify: ``identify(scope) -> (session_id, user_id)``, called when the response
+            starts; ``None`` in either place keeps what was found otherwise.
+        exclude_paths: path prefixes passed through untouched.
+        trace_all_requests: also trace requests that do no traced work.
+        capture_request_body: record the request body (cut at 64 KiB, passed through the
+            ``redact`` hook; never with ``capture_content=False``) as the root span's inputs.
+        feedback_path: serve ``POST <feedback_path>`` with a JSON body
+            ``{request_id | trace_id, name?, value, rationale?}`` (see middleware/feedback.py).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        request_id_header: str = "X-Request-ID",
+        trace_id_header: str = "X-Trace-ID",
+        session_header: str = "X-Session-ID",
+        user_header: str = "X-User-ID",
+        session_cookie: str | None = None,
+        session_cookie_key: str | bytes | None = None,
+        identify: Callable[[Scope], tuple[str | None, str | None]] | None = None,
+        exclude_paths: Iterable[str] = (),
+        trace_all_requests: bool = False,
+        capture_request_body: bool = False,
+        feedback_path: str | None = None,
+    ) -> None:
+        self.app = app
+        self._request_id = request_id_header.lower().encode("latin-1")
+        self._trace_id = trace_id_header.lower().encode("latin-1")
+        self._session = session_header.lower().encode("latin-1")
+        self._user = user_header.lower().encode("latin-1")
+        self._cookie = session_cookie
+        key = session_cookie_key or os.environ.get("TRACEWIRE_SESSION_COOKIE_KEY")
+        if session_cookie is not None and not key:
+            raise config.ConfigError(
+                "session_cookie needs session_cookie_key (or TRACEWIRE_SESSION_COOKIE_KEY): the "
+                "cookie is recorded only as a keyed hash, with the same key in every worker")
+        self._cookie_key = key.encode() if isinstance(key, str) else key
+        self._wanted = {self._request_id, self._session, self._user, b"traceparent"}
+        if session_cookie is not None:
+            self._wanted.add(b"cookie")
+        self._identify = identify
+        self._exclude = tuple(exclude_paths)
+        self._trace_all = trace_all_requests
+        self._capture_body = capture_request_body
+        self._feedback_path = feedback_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Websockets and lifespan pass through untouched; so do excluded paths.
+        if scope["type"] != "http" or (self._exclude and scope["path"].startswith(self._exclude)):
+            await self.app(scope, receive, send)
+            return
+        started = guard.call(self._start, scope)
+        if started is None:  # our failure: the request goes on untraced
+            await self.app(scope, receive, send)
+            return
+        request, context_token, span_tokens = started
+        try:
+            if self._feedback_path is not None and scope["path"] == self._feedback_path:
+                await feedback.serve(scope, receive, self._sender(scope, request, send),
+                                     request.context)
+                return
+            if request.body is not None:
+                receive = self._recording(receive, request.body)
+            await self.app(scope, receive, self._sender(scope, request, send))
+        except Exception as exc:
+            request.root.record_error(exc)
+            raise
+        finally:
+            guard.call(spans.deactivate, span_tokens)
+            request_context._current.reset(context_token)
+            guard.call(self._finish, scope, request)
+
+    # ------------------------------------------------------------------ steps
+
+    def _start(self, scope: Scope) -> tuple[_Request, Any, Any]:
+        found: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            if name in self._wanted and name not in found:
+                found[name] = value
+        session = identity.header_text(found.get(self._session), MAX_SESSION_ID)
+        if self._cookie is not None:
+            assert self._cookie_key is not None
+            session = identity.cookie_session(
+                identity.cookie(found.get(b"cookie"), self._cookie), self._cookie_key) or session
+        user = identity.header_text(found.get(self._user), MAX_USER_ID)
+        context = RequestContext(request_id=identity.request_id(found.get(self._request_id)),
+                                 session_id=session, user_id=user)
+        context_token = request_context._current.set(context)  # the trace reads it at its end
+        try:
+            method = scope["method"]
+            root = spans.start_request(method, SpanType.CHAIN, {
+                keys.HTTP_METHOD: method, keys.URL_PATH: scope["path"],
+            }, remote_parent=identity.traceparent(found.get(b"traceparent")))
+            request = _Request(root, context, user)
+            if self._capture_body and config.active().capture_content:
+                request.body = []
+                root.inputs = spans.Deferred(_body_text, request.body)
+            return request, context_token, spans.activate(root)
+        except BaseException:
+            request_context._current.reset(context_token)
+            raise
+
+    def _sender(self, scope: Scope, request: _Request, send: Send) -> Send:
+        async def send_traced(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                message = guard.call(self._on_response_start, scope, request, message) or message
+            elif kind == "http.response.body":
+                now = time.time_ns()
+                if request.first_byte_ns is None and message.get("body"):
+                    request.first_byte_ns = now
+                if not message.get("more_body", False):
+                    request.last_byte_ns = now
+            await send(message)
+
+        return send_traced
+
+    def _on_response_start(self, scope: Scope, request: _Request, message: Message) -> Message:
+        request.status = message["status"]
+        self._identify_late(scope, request)
+        headers = list(message.get("headers") or ())
+        # An id the app set itself wins (ASGI apps send lowercase header names).
+        present = [name for name, _ in headers if name in (self._request_id, self._trace_id)]
+        if self._request_id not in present:
+            headers.append((self._request_id, request.context.request_id.encode("latin-1")))
+        if self._trace_id not in present and (self._trace_all or spans.has_work(request.root)):
+            headers.append((self._trace_id, request.root.trace.trace_id.encode("latin-1")))
+        return {**message, "headers": headers}
+
+    def _identify_late(self, scope: Scope, request: _Request) -> None:
+        """Identity only the app knows: its auth middleware's scope user, ``identify``. A
+        user set by the handler (``tracewire.set_user``) wins over both; they win over the
+        client's own header."""
+        if request.identified:
+            return
+        request.identified = True
+        context = request.context
+        session = user = None
+        if self._identify is not None:
+            session, user = self._identify(scope)
+        user = user or identity.scope_user(scope)
+        if user is not None and context.user_id == request.header_user:
+            context.user_id = request_context._valid(user, MAX_USER_ID)
+        if session is not None:
+            context.session_id = request_context._valid(session, MAX_SESSION_ID)
+
+    def _finish(self, scope: Scope, request: _Request) -> None:
+        self._identify_late(scope, request)
+        root = request.root
+        route = getattr(scope.get("route"), "path", None)
+        if isinstance(route, str):
+            root.name = f"{scope['method']} {scope.get('root_path', '')}{route}"
+            root.attributes[keys.HTTP_ROUTE] = route
+        # An exception with no response started: the server answers 500.
+        root.attributes[keys.HTTP_STATUS_CODE] = request.status or 500
+        for key, at in ((keys.HTTP_TIME_TO_FIRST_BYTE, request.first_byte_ns),
+                        (keys.HTTP_TIME_TO_LAST_BYTE, request.last_byte_ns)):
+            if at is not None:
+                root.attributes[key] = round((at - request.start_ns) / 1e6, 3)
+        spans.end_request(root, keep_idle=self._trace_all)
+
+    @staticmethod
+    def _recording(receive: Receive, body: list[bytes]) -> Receive:
+        size = 0
+
+        async def receive_recorded() -> Message:
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.request" and size <= MAX_BODY:
+                chunk = message.get("body", b"")
+                body.append(chunk[:MAX_BODY + 1 - size])
+                size += len(chunk)
+            return message
+
+        return receive_recorded
+
+
+def _body_text(chunks: list[bytes]) -> str:
+    """The request body as recorded (on the export worker): text, cut with a marker."""
+    data = b"".join(chunks)
+    text = data[:MAX_BODY].decode("utf-8", "replace")
+    if len(data) > MAX_BODY:
+        text += f"... [tracewire: request body cut at {MAX_BODY} bytes]"
+    return text
