@@ -88,6 +88,18 @@ def chat_app(openai_server: OpenAIServer, **options: Any) -> FastAPI:
         ask("before the crash")
         raise RuntimeError("handler failed")
 
+    @app.post("/spawn")
+    async def spawn(body: dict[str, Any]) -> dict[str, str]:
+        async def later() -> None:
+            await async_client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": body["text"]}])
+        app.state.tasks = getattr(app.state, "tasks", set())
+        task = asyncio.create_task(later())  # copies the request's context
+        app.state.tasks.add(task)
+        task.add_done_callback(app.state.tasks.discard)
+        await asyncio.sleep(0)  # the task opens its call before the handler returns
+        return {"spawned": "yes"}
+
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -172,6 +184,42 @@ def test_streaming_response_and_background_task_stay_in_the_request_trace(
                    root.attributes["tracewire.http.time_to_last_byte_ms"])
     assert 0 < first <= last
     assert trace.info.token_usage["total_tokens"] > 0
+
+
+def test_a_task_the_handler_spawns_stays_in_the_request_trace(app_url: str,
+                                                              traced: Traced) -> None:
+    response = httpx.post(f"{app_url}/spawn", json={"text": "fire and forget"},
+                          headers={"X-Session-ID": "spawner"})
+    (trace,) = settled(traced, 1)
+    assert trace.info.client_request_id == response.headers["x-request-id"]
+    assert trace.info.trace_metadata["mlflow.trace.session"] == "spawner"
+    root = next(s for s in trace.data.spans if s.parent_id is None)
+    (chat,) = [s for s in trace.data.spans if s.name == "chat gpt-4o-mini"]
+    assert chat.parent_id == root.span_id
+    assert chat.inputs["messages"][0]["content"] == "fire and forget"
+
+
+@pytest.mark.parametrize("capture_content", [True, False])
+def test_request_body_capture_is_capped_redacted_and_off_without_content(
+        server, openai_server: OpenAIServer, traced: Traced, tracking_uri: str,  # type: ignore[no-untyped-def]
+        capture_content: bool) -> None:
+    def redact(key: str, value: Any) -> Any:  # every span's inputs/outputs, nested or not
+        return json.loads(json.dumps(value).replace("4111-1111", "[card]"))
+
+    tracewire.autolog(capture_content=capture_content, redact=redact)
+    app = TracingMiddleware(chat_app(openai_server), capture_request_body=True)
+    text = "card 4111-1111 " + "z" * (100 * 1024)
+    with server(app) as url:
+        httpx.post(f"{url}/achat", json={"text": text})
+    (trace,) = settled(traced, 1)
+    root = next(s for s in trace.data.spans if s.parent_id is None)
+    stored = json.dumps([s.to_dict() for s in trace.data.spans])
+    assert "4111-1111" not in stored
+    if capture_content:
+        assert root.inputs.startswith('{"text":"card [card] zzz')
+        assert root.inputs.endswith("[tracewire: request body cut at 65536 bytes]")
+    else:
+        assert root.inputs is None and "zzzz" not in stored
 
 
 def test_user_set_by_a_dependency_wins_over_the_client_header(app_url: str,
