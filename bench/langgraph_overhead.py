@@ -3,21 +3,22 @@
 What it measures, in one process, on one 3-node graph (plan -> act -> answer, each node one call
 of langchain-core's fake chat model reporting token usage; no network, no sleeps):
 
-  (a) baseline   -- the graph untraced, before anything of tracewire is enabled;
+  (a) baseline   -- the graph untraced;
   (b) tracewire  -- ``tracewire.autolog()``;
   (c) mlflow     -- ``mlflow.langchain.autolog()`` with MLflow's default async exporter (after
-                    ``tracewire.disable()`` has given MLflow its own pipeline back);
-  (d) disabled   -- the graph untraced again, after ``tracewire.disable()`` (measured before
-                    MLflow's mode): LangChain cannot unregister tracewire's callback hook, so
-                    this shows what the hook left behind costs (it adds no handler then).
+                    ``tracewire.disable()`` has given MLflow its own pipeline back).
 
-One run is ``graph.invoke(...)``: about 10 LangChain runs (graph, 3 nodes, their models and
-writes), so each mode records about 10 spans per run. Each traced mode writes to its own fresh
-sqlite store; after it, the pipeline is flushed and the store is read back through MLflow's API
-to count the traces persisted. The background writers run during the measured runs and compete
-for the GIL; that cost is part of the numbers, as in production.
+One run is ``graph.invoke(...)``: 7 spans (the graph, 3 nodes, 3 model calls). The modes take
+turns for ``--rounds`` rounds and each mode's samples are pooled, so load that comes and goes on
+the machine is spread over all modes. From the second round on, the baseline runs with
+tracewire's LangChain hook registered but disabled (LangChain cannot unregister it); the
+per-round baseline medians show what that costs. Each traced run writes to its own fresh sqlite
+store; after it, the pipeline is flushed and the store is read back through MLflow's API to
+count the traces persisted, and how many of them are complete (one root and all 7 spans). The
+background writers run during the measured runs and compete for the GIL; that cost is part of
+the numbers, as in production.
 
-Run:  python bench/langgraph_overhead.py [--runs 1000] [--warmup 100] [--json]
+Run:  python bench/langgraph_overhead.py [--runs 1000] [--warmup 100] [--rounds 3] [--json]
 (from a checkout without installing: PYTHONPATH=src python bench/langgraph_overhead.py)
 """
 
@@ -117,22 +118,26 @@ def use_fresh_store(root: Path, name: str) -> tuple[str, str]:
     return uri, experiment_id
 
 
-def persisted(uri: str, experiment_id: str, since_ms: int) -> tuple[int, int | None]:
-    """(traces started at or after ``since_ms``, spans in one of them)."""
+# One run's spans: the graph, its 3 nodes and their 3 model calls.
+SPANS_PER_RUN = 7
+
+
+def persisted(uri: str, experiment_id: str, since_ms: int) -> tuple[int, int]:
+    """(traces started at or after ``since_ms``, of them complete: one root, every span)."""
     client = MlflowClient(uri)
-    count, token, spans = 0, None, None
+    count = complete = 0
+    token = None
     while True:
-        page = client.search_traces(locations=[experiment_id], max_results=1000,
-                                    include_spans=False, page_token=token)
-        count += sum(t.info.request_time >= since_ms for t in page)
+        page = client.search_traces(locations=[experiment_id], max_results=500,
+                                    filter_string=f"trace.timestamp_ms >= {since_ms}",
+                                    page_token=token)
+        for trace in page:
+            count += 1
+            roots = [s for s in trace.data.spans if s.parent_id is None]
+            complete += len(trace.data.spans) == SPANS_PER_RUN and len(roots) == 1
         token = page.token
         if not token:
-            break
-    sample = client.search_traces(locations=[experiment_id], max_results=1,
-                                  filter_string=f"trace.timestamp_ms >= {since_ms}")
-    if sample:
-        spans = len(sample[0].data.spans)
-    return count, spans
+            return count, complete
 
 
 def traced(mode: str, graph: Any, root: Path, runs: int, warmup: int,
@@ -149,14 +154,16 @@ def traced(mode: str, graph: Any, root: Path, runs: int, warmup: int,
         flush()
     finally:
         disable()
-    count, spans = persisted(uri, experiment_id, since_ms)
-    return {"samples": samples, "persisted": count, "spans_per_trace": spans}
+    count, complete = persisted(uri, experiment_id, since_ms)
+    return {"samples": samples, "persisted": count, "complete": complete}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=1000, help="measured graph runs per mode")
     parser.add_argument("--warmup", type=int, default=100, help="warm-up runs per mode")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="repeat baseline/tracewire/mlflow this many times, pooled")
     parser.add_argument("--json", action="store_true", help="also print one JSON object")
     args = parser.parse_args(argv)
     for name in ("alembic", "mlflow.store.db.utils"):
@@ -164,24 +171,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
 
     graph = make_graph()
-    modes: dict[str, dict[str, Any]] = {}
+    modes: dict[str, dict[str, Any]] = {m: {"samples": [], "rounds": []}
+                                        for m in ("baseline", "tracewire", "mlflow")}
+
+    def record(mode: str, data: dict[str, Any]) -> None:
+        modes[mode]["samples"].extend(data.pop("samples"))
+        modes[mode]["rounds"].append(data)
+
     with tempfile.TemporaryDirectory(prefix="tracewire-bench-") as tmp:
         root = Path(tmp)
-        timed_runs(graph, args.warmup)
-        modes["baseline"] = {"samples": timed_runs(graph, args.runs)}
-        modes["tracewire"] = traced("tracewire", graph, root, args.runs, args.warmup,
-                                    tracewire.autolog, lambda: tracewire.flush(60),
-                                    tracewire.disable)
-        timed_runs(graph, args.warmup)
-        modes["disabled"] = {"samples": timed_runs(graph, args.runs)}
-        modes["mlflow"] = traced(
-            "mlflow", graph, root, args.runs, args.warmup,
-            lambda: mlflow.langchain.autolog(silent=True), mlflow.flush_trace_async_logging,
-            lambda: mlflow.langchain.autolog(disable=True, silent=True))
+        for r in range(args.rounds):
+            timed_runs(graph, args.warmup)
+            samples = timed_runs(graph, args.runs)
+            record("baseline", {"samples": samples, "median_us": statistics.median(samples)})
+            record("tracewire", traced(f"tracewire-{r}", graph, root, args.runs, args.warmup,
+                                       tracewire.autolog, lambda: tracewire.flush(60),
+                                       tracewire.disable))
+            record("mlflow", traced(
+                f"mlflow-{r}", graph, root, args.runs, args.warmup,
+                lambda: mlflow.langchain.autolog(silent=True), mlflow.flush_trace_async_logging,
+                lambda: mlflow.langchain.autolog(disable=True, silent=True)))
         mlflow.flush_trace_async_logging(terminate=True)
 
     base = modes["baseline"]["samples"]
-    result: dict[str, Any] = {"runs": args.runs, "cpus": os.cpu_count(),
+    result: dict[str, Any] = {"runs": args.runs, "rounds": args.rounds, "cpus": os.cpu_count(),
                               "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
                               "versions": {"mlflow": mlflow.__version__,
                                            "langgraph": importlib.metadata.version("langgraph")},
@@ -197,19 +210,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         added = theirs[f"added_{stat}_us"]
         result[f"{stat}_ratio"] = ours[f"added_{stat}_us"] / added if added > 0 else None
 
-    print(f"LangGraph 3-node graph overhead: {args.runs} runs per mode, {result['cpus']} CPUs "
-          f"(load average {result['loadavg_1m_at_end']} at the end), "
+    print(f"LangGraph 3-node graph overhead: {args.runs} runs x {args.rounds} round(s) per mode, "
+          f"{result['cpus']} CPUs (load average {result['loadavg_1m_at_end']} at the end), "
           f"mlflow {mlflow.__version__}, langgraph {result['versions']['langgraph']}")
-    print(f"{'mode':<11} {'median us':>10} {'p99 us':>10} {'+median us':>11} {'+p99 us':>10}"
-          f"  persisted (spans/trace)")
+    print(f"{'mode':<10} {'median us':>10} {'p99 us':>10} {'+median us':>11} {'+p99 us':>10}")
     for mode, m in result["modes"].items():
-        kept = f"  {m['persisted']}/{args.runs} ({m['spans_per_trace']})" if "persisted" in m \
-            else ""
-        print(f"{mode:<11} {m['median_us']:>10.1f} {m['p99_us']:>10.1f} "
-              f"{m['added_median_us']:>11.1f} {m['added_p99_us']:>10.1f}{kept}")
+        print(f"{mode:<10} {m['median_us']:>10.1f} {m['p99_us']:>10.1f} "
+              f"{m['added_median_us']:>11.1f} {m['added_p99_us']:>10.1f}")
     for stat in ("median", "p99"):
         ratio = result[f"{stat}_ratio"]
         print(f"tracewire/mlflow added {stat}: {'n/a' if ratio is None else f'{ratio:.3f}'}")
+    drift = ", ".join(f"{r['median_us']:.0f}" for r in result["modes"]["baseline"]["rounds"])
+    print(f"baseline median per round (drift check; rounds after the first run with tracewire's "
+          f"inert hook registered): {drift} us")
+    for mode in ("tracewire", "mlflow"):
+        kept = ", ".join(f"{r['persisted']} ({r['complete']} complete)"
+                         for r in result["modes"][mode]["rounds"])
+        print(f"{mode}: traces persisted of {args.runs} per round: {kept}")
     if args.json:
         print(json.dumps(result))
     return result

@@ -248,3 +248,18 @@ def test_propagate_carries_the_run_into_a_thread_pool(traced: Traced) -> None:
                   if s.parent_id is not None) == [("FakeChat", "a"), ("FakeChat", "b")]
     assert all(s.parent_id == carried.data.spans[0].span_id for s in carried.data.spans[1:])
     assert [s.name for s in lost.data.spans] == ["FakeChat"]  # a trace of its own
+
+
+def test_batch_runs_on_langchains_pool_stay_under_their_parent(traced: Traced) -> None:
+    model = FakeChat.scripted(reply("hi", input_tokens=1, output_tokens=1))
+
+    def fan_out(_: str) -> list[str]:
+        return [m.content for m in model.batch(["a", "b", "c"])]
+
+    assert RunnableLambda(fan_out).invoke("go") == ["hi"] * 3
+    trace = traced.trace()
+    root = next(s for s in trace.data.spans if s.parent_id is None)
+    assert root.name == "fan_out"
+    assert sorted(s.inputs["messages"][0]["content"] for s in trace.data.spans
+                  if s.parent_id == root.span_id) == ["a", "b", "c"]
+    assert trace.info.token_usage["total_tokens"] == 6

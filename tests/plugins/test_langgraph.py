@@ -323,3 +323,12 @@ def test_no_span_stays_current_after_a_run_or_a_stream_closed_early(traced: Trac
     early = traced.traces(expected=3)[2]
     assert early.info.state.value == "OK"  # closing a stream is not a failure
     assert [c[0] for c in shape(early)[2]] == ["agent"]
+
+
+def test_a_graph_inside_a_users_span_joins_the_users_trace(traced: Traced) -> None:
+    app = build(fake_model())
+    with mlflow.start_span("request"):
+        app.invoke({"messages": [HumanMessage(QUESTION)]}, config("thread-inside"))
+    trace = traced.trace()
+    assert shape(trace) == ("request", "UNKNOWN", [TREE])
+    assert trace.info.token_usage == USAGE
