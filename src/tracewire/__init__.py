@@ -36,6 +36,13 @@ def _load(name: str) -> Plugin:
     return importlib.import_module(PLUGINS[name]).plugin
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a submodule ("langgraph.pregel") whose package is missing
+        return False
+
+
 def _selected(include: tuple[str, ...] | None, exclude: tuple[str, ...]) -> list[Plugin]:
     from tracewire.plugins.registry import PLUGINS
 
@@ -51,7 +58,7 @@ def _selected(include: tuple[str, ...] | None, exclude: tuple[str, ...]) -> list
         plugin = _load(name)
         if include is not None:
             plugin.installed_version()  # asked for by name: a missing framework is an error
-        elif importlib.util.find_spec(plugin.module) is None:
+        elif not _installed(plugin.module):
             continue  # not installed and not asked for: skipped silently
         selected.append(plugin)
     return selected
