@@ -332,3 +332,29 @@ def test_a_graph_inside_a_users_span_joins_the_users_trace(traced: Traced) -> No
     trace = traced.trace()
     assert shape(trace) == ("request", "UNKNOWN", [TREE])
     assert trace.info.token_usage == USAGE
+    assert "mlflow.trace.session" not in trace.info.trace_metadata  # the user's trace decides
+
+
+def test_a_retried_node_shows_each_attempt(traced: Traced) -> None:
+    from langgraph.types import RetryPolicy
+
+    attempts = []
+
+    def flaky(state: State) -> State:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("try again")
+        return {"summary": "done"}
+
+    graph = StateGraph(State)
+    graph.add_node("flaky", flaky, retry_policy=RetryPolicy(initial_interval=0.01, jitter=False))
+    graph.add_edge(START, "flaky")
+    assert graph.compile().invoke({"messages": []})["summary"] == "done"
+
+    trace = traced.trace()
+    assert trace.info.state.value == "OK"
+    assert shape(trace) == ("LangGraph", "AGENT", [("flaky", "CHAIN", []), ("flaky", "CHAIN", [])])
+    first, second = sorted((s for s in trace.data.spans if s.name == "flaky"),
+                           key=lambda s: s.start_time_ns)
+    assert first.status.status_code.value == "ERROR"
+    assert second.status.status_code.value == "OK" and second.outputs == {"summary": "done"}
