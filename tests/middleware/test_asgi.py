@@ -343,6 +343,21 @@ def test_starlette_app_with_auth_middleware_websocket_and_lifespan(
         assert secret not in stored
 
 
+def test_an_identify_callable_that_raises_costs_only_its_own_ids(
+        server, openai_server: OpenAIServer, traced: Traced,  # type: ignore[no-untyped-def]
+        caplog: pytest.LogCaptureFixture) -> None:
+    def identify(scope: Any) -> tuple[str | None, str | None]:
+        raise KeyError("no tenant")
+
+    with server(TracingMiddleware(chat_app(openai_server), identify=identify)) as url:
+        response = httpx.post(f"{url}/achat", json={"text": "hi"},
+                              headers={"X-Request-ID": "req-id-kept", "X-User-ID": "u1"})
+    assert response.status_code == 200 and response.headers["x-request-id"] == "req-id-kept"
+    (trace,) = settled(traced, 1)
+    assert trace.info.trace_metadata["mlflow.trace.user"] == "u1"
+    assert "identify callable raised" in caplog.text
+
+
 # --------------------------------------------------------------------------- hostile input
 
 

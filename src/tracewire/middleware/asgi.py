@@ -23,6 +23,7 @@ the app instead: ``app = TracingMiddleware(app)``.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Awaitable, Callable, Iterable, MutableMapping
@@ -34,6 +35,8 @@ from tracewire.core import guard, spans
 from tracewire.core.attributes import SpanType
 from tracewire.core.context import MAX_SESSION_ID, MAX_USER_ID, RequestContext
 from tracewire.middleware import feedback, identity
+
+logger = logging.getLogger("tracewire")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -119,6 +122,7 @@ class TracingMiddleware:
         if session_cookie is not None:
             self._wanted.add(b"cookie")
         self._identify = identify
+        self._identify_failed = False
         self._exclude = tuple(exclude_paths)
         self._trace_all = trace_all_requests
         self._capture_body = capture_request_body
@@ -217,7 +221,13 @@ class TracingMiddleware:
         context = request.context
         session = user = None
         if self._identify is not None:
-            session, user = self._identify(scope)
+            try:
+                session, user = self._identify(scope)
+            except Exception as exc:  # the app's callable, not ours: log it, trace on
+                if not self._identify_failed:
+                    self._identify_failed = True
+                    logger.warning("tracewire: the identify callable raised %r; requests are "
+                                   "traced without its session and user", exc)
         user = user or identity.scope_user(scope)
         if user is not None and context.user_id == request.header_user:
             context.user_id = request_context._valid(user, MAX_USER_ID)
