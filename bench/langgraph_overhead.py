@@ -6,7 +6,10 @@ of langchain-core's fake chat model reporting token usage; no network, no sleeps
   (a) baseline   -- the graph untraced;
   (b) tracewire  -- ``tracewire.autolog()``;
   (c) mlflow     -- ``mlflow.langchain.autolog()`` with MLflow's default async exporter (after
-                    ``tracewire.disable()`` has given MLflow its own pipeline back).
+                    ``tracewire.disable()`` has given MLflow its own pipeline back);
+  (d) hot path   -- ``tracewire.autolog()`` with finished traces dropped instead of exported:
+                    what tracing costs the caller's thread alone, without the background
+                    export competing for the GIL and the CPU (diagnostic; nothing is stored).
 
 One run is ``graph.invoke(...)``: 7 spans (the graph, 3 nodes, 3 model calls). The modes take
 turns for ``--rounds`` rounds and each mode's samples are pooled, so load that comes and goes on
@@ -52,6 +55,8 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from mlflow.tracking import MlflowClient
 from typing_extensions import TypedDict
+
+from tracewire.core import spans
 
 
 class Model(GenericFakeChatModel):
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     graph = make_graph()
     modes: dict[str, dict[str, Any]] = {m: {"samples": [], "rounds": []}
-                                        for m in ("baseline", "tracewire", "mlflow")}
+                                        for m in ("baseline", "tracewire", "mlflow", "hot path")}
 
     def record(mode: str, data: dict[str, Any]) -> None:
         modes[mode]["samples"].extend(data.pop("samples"))
@@ -191,6 +196,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"mlflow-{r}", graph, root, args.runs, args.warmup,
                 lambda: mlflow.langchain.autolog(silent=True), mlflow.flush_trace_async_logging,
                 lambda: mlflow.langchain.autolog(disable=True, silent=True)))
+            tracewire.autolog()
+            export, spans._sink = spans._sink, lambda trace: None
+            try:
+                timed_runs(graph, args.warmup)
+                record("hot path", {"samples": timed_runs(graph, args.runs)})
+            finally:
+                spans._sink = export
+                tracewire.disable()
         mlflow.flush_trace_async_logging(terminate=True)
 
     base = modes["baseline"]["samples"]
