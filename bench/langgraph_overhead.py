@@ -28,6 +28,7 @@ Run:  python bench/langgraph_overhead.py [--runs 1000] [--warmup 100] [--rounds 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import math
@@ -46,7 +47,6 @@ except ImportError:  # running from a checkout without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import tracewire
 
-import importlib.metadata
 import mlflow
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage

@@ -77,8 +77,8 @@ def _is_control_flow(error: BaseException) -> bool:
 # --------------------------------------------------------------------------- model runs
 
 
-def _model_attributes(kind: str, serialized: Any, metadata: dict[str, Any] | None,
-                      kwargs: dict[str, Any], capture: bool) -> dict[str, Any]:
+def _model_attributes(kind: str, metadata: dict[str, Any] | None, kwargs: dict[str, Any],
+                      capture: bool) -> dict[str, Any]:
     params = kwargs.get("invocation_params")
     params = params if isinstance(params, dict) else {}
     metadata = metadata or {}
@@ -306,8 +306,8 @@ class _Handler:
                      kwargs: dict[str, Any]) -> None:
         capture = config.active().capture_content
         chat = span_type == SpanType.CHAT_MODEL
-        attributes = _model_attributes("chat" if chat else "text_completion", serialized,
-                                       metadata, kwargs, capture)
+        attributes = _model_attributes("chat" if chat else "text_completion", metadata, kwargs,
+                                       capture)
         params = _request_params(kwargs)
         if not capture:
             inputs: Any = params or None
