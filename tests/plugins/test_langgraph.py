@@ -358,3 +358,26 @@ def test_a_retried_node_shows_each_attempt(traced: Traced) -> None:
                            key=lambda s: s.start_time_ns)
     assert first.status.status_code.value == "ERROR"
     assert second.status.status_code.value == "OK" and second.outputs == {"summary": "done"}
+
+
+def test_inside_a_request_span_the_request_context_wins_and_the_thread_fills_in(
+        traced: Traced) -> None:
+    import tracewire
+    from tracewire.core import spans
+
+    app = build(fake_model())
+    with tracewire.context(request_id="req-42", user_id="bob"):
+        outer = spans.start_span("POST /chat", "CHAIN")  # what TracingMiddleware opens
+        tokens = spans.activate(outer)
+        try:
+            app.invoke({"messages": [HumanMessage(QUESTION)]},
+                       config("thread-7", user_id="not-bob"))
+        finally:
+            spans.deactivate(tokens)
+            outer.end()
+
+    trace = traced.trace()
+    assert shape(trace) == ("POST /chat", "CHAIN", [TREE])
+    assert trace.info.client_request_id == "req-42"
+    assert trace.info.trace_metadata["mlflow.trace.user"] == "bob"
+    assert trace.info.trace_metadata["mlflow.trace.session"] == "thread-7"
