@@ -381,3 +381,24 @@ def test_inside_a_request_span_the_request_context_wins_and_the_thread_fills_in(
     assert trace.info.client_request_id == "req-42"
     assert trace.info.trace_metadata["mlflow.trace.user"] == "bob"
     assert trace.info.trace_metadata["mlflow.trace.session"] == "thread-7"
+
+
+def test_a_command_to_the_parent_graph_is_control_flow(traced: Traced) -> None:
+    def hop(state: State) -> Command:
+        return Command(graph=Command.PARENT, goto="done", update={"summary": "hopped"})
+
+    sub = StateGraph(State)
+    sub.add_node("hop", hop)
+    sub.add_edge(START, "hop")
+    graph = StateGraph(State)
+    graph.add_node("inner", sub.compile(name="inner_graph"))
+    graph.add_node("done", lambda state: {})
+    graph.add_edge(START, "inner")
+    assert graph.compile().invoke({"messages": []})["summary"] == "hopped"
+
+    trace = traced.trace()
+    assert trace.info.state.value == "OK"
+    controlled = {s.name: s.attributes.get("langgraph.control") for s in trace.data.spans}
+    assert controlled["hop"] == "ParentCommand"
+    assert all(s.status.status_code.value == "OK" for s in trace.data.spans)
+    assert [c[0] for c in shape(trace)[2]] == ["inner", "done"]
