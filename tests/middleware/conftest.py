@@ -18,8 +18,10 @@ def serve(app: Any) -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    # A long keep-alive: on a busy machine a pooled connection idle past uvicorn's 5 s default
+    # can be closed by the server just as the client reuses it (a ReadError of neither side's).
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="auto"))
+                                           lifespan="auto", timeout_keep_alive=120))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

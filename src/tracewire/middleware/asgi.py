@@ -140,6 +140,7 @@ class TracingMiddleware:
         request, context_token, span_tokens = started
         try:
             if self._feedback_path is not None and scope["path"] == self._feedback_path:
+                guard.call(self._identify_late, scope, request)  # the feedback's source user
                 await feedback.serve(scope, receive, self._sender(scope, request, send),
                                      request.context)
                 return
