@@ -88,6 +88,16 @@ def chat_app(openai_server: OpenAIServer, **options: Any) -> FastAPI:
         ask("before the crash")
         raise RuntimeError("handler failed")
 
+    @app.get("/sse")
+    async def sse() -> StreamingResponse:
+        async def events() -> Any:
+            reply = await async_client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "tick"}])
+            for i in range(200):  # far more than the client reads before it goes away
+                yield f"data: {reply.choices[0].message.content} {i}\n\n"
+                await asyncio.sleep(0.01)
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     @app.post("/spawn")
     async def spawn(body: dict[str, Any]) -> dict[str, str]:
         async def later() -> None:
@@ -184,6 +194,19 @@ def test_streaming_response_and_background_task_stay_in_the_request_trace(
                    root.attributes["tracewire.http.time_to_last_byte_ms"])
     assert 0 < first <= last
     assert trace.info.token_usage["total_tokens"] > 0
+
+
+def test_client_disconnect_mid_stream_still_ends_the_request_trace(app_url: str,
+                                                                   traced: Traced) -> None:
+    with httpx.stream("GET", f"{app_url}/sse") as response:
+        first = next(response.iter_lines())
+    assert first == "data: Echo: tick 0"
+    (trace,) = settled(traced, 1)
+    root = next(s for s in trace.data.spans if s.parent_id is None)
+    assert root.name == "GET /sse" and root.attributes["http.response.status_code"] == 200
+    assert root.attributes["tracewire.http.time_to_first_byte_ms"] > 0
+    assert [s.name for s in trace.data.spans if s.parent_id == root.span_id] == [
+        "chat gpt-4o-mini"]
 
 
 def test_a_task_the_handler_spawns_stays_in_the_request_trace(app_url: str,
