@@ -28,6 +28,7 @@ logger = logging.getLogger("tracewire")
 _lock = threading.Lock()
 _enabled: dict[str, Plugin] = {}
 _atexit_registered = False
+_delta_started = False  # the Delta module is imported only once a sync was asked for
 
 
 def _load(name: str) -> Plugin:
@@ -73,6 +74,9 @@ def autolog(
     stream_usage: bool | None = None,
     sample_rate: float | None = None,
     redact: Callable[[str, Any], Any] | None = None,
+    prices: Mapping[str, Any] | str | None = None,
+    delta_path: str | None = None,
+    delta_interval: float | None = None,
 ) -> None:
     """Trace every installed framework into MLflow. Safe to call again; ``disable=True`` undoes it.
 
@@ -80,7 +84,10 @@ def autolog(
     (``capture_content`` and ``stream_usage`` default to true, ``sample_rate`` to 1: keep all). ``ENABLE_MLFLOW_TRACING=false``
     makes this a no-op. ``redact(key, value)`` is called for every span's ``"inputs"`` and
     ``"outputs"`` (JSON-like data) before anything is written to disk; what it returns is
-    recorded. Invalid settings raise :class:`ConfigError` naming the setting; naming
+    recorded. ``prices`` (a mapping, or a JSON/TOML file: model -> ``{"input": ..., "output":
+    ...}`` USD per token) prices those models instead of MLflow's catalog. ``delta_path`` syncs
+    the experiment's traces into that Delta table every ``delta_interval`` seconds (default 300)
+    on a background thread. Invalid settings raise :class:`ConfigError` naming the setting; naming
     a plugin in ``include`` whose framework is missing raises :class:`PluginUnavailable`.
     """
     from tracewire import config
@@ -94,13 +101,14 @@ def autolog(
         return
     settings = config.resolve(include=include, exclude=exclude, capture_content=capture_content,
                               tags=tags, stream_usage=stream_usage, sample_rate=sample_rate,
-                              redact=redact)
+                              redact=redact, prices=prices, delta_path=delta_path,
+                              delta_interval=delta_interval)
     plugins = _selected(settings.include, settings.exclude)
 
     from tracewire.export import mlflow_store, pipeline
 
     mlflow_store.check_destination(settings)
-    global _atexit_registered
+    global _atexit_registered, _delta_started
     with _lock:
         config.activate(settings)
         pipeline.start(settings)
@@ -111,6 +119,11 @@ def autolog(
         for name, plugin in wanted.items():
             plugin.enable()
             _enabled[name] = plugin
+        if settings.delta_path is not None or _delta_started:
+            _delta_started = True
+            from tracewire.export import delta
+
+            delta.start_background(settings)
         if not _atexit_registered:
             _atexit_registered = True
             atexit.register(_at_exit)
@@ -128,6 +141,10 @@ def _disable() -> None:
         from tracewire.export import pipeline
 
         pipeline.stop(config.active().flush_timeout)
+        if _delta_started:
+            from tracewire.export import delta
+
+            delta.stop_background(config.active().flush_timeout)
 
 
 disable = _disable

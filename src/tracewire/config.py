@@ -55,6 +55,11 @@ class Settings:
     tracking_uri: str | None = None
     experiment_id: str | None = None
     experiment_name: str | None = None
+    # Per-token prices by model name that win over MLflow's catalog (core/cost.py).
+    prices: Mapping[str, Any] = field(default_factory=dict)
+    # Background sync of the experiment's traces into this Delta table, every interval seconds.
+    delta_path: str | None = None
+    delta_interval: float = 300.0
 
 
 _active = Settings()
@@ -142,6 +147,26 @@ def _import_callable(name: str, target: str) -> Callable[..., Any]:
     return found
 
 
+def _prices(name: str, value: Any) -> dict[str, Any]:
+    from tracewire.core import cost
+
+    try:
+        return cost.load(value)
+    except cost.PriceError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _delta_path(name: str, value: Any) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ConfigError(f"{name} must be a folder or an object-store URI, got {value!r}")
+    import importlib.util
+
+    if importlib.util.find_spec("deltalake") is None:
+        raise ConfigError(f"{name} is set, but the Delta sync needs the `deltalake` package: "
+                          "pip install \"tracewire[delta]\"")
+    return str(value).strip()
+
+
 def tracing_enabled() -> bool:
     """MLflow's production switch: ``ENABLE_MLFLOW_TRACING=false`` turns autolog into a no-op."""
     value = _env("ENABLE_MLFLOW_TRACING")
@@ -165,6 +190,9 @@ def resolve(
     stream_usage: bool | None = None,
     sample_rate: float | None = None,
     redact: Callable[[str, Any], Any] | None = None,
+    prices: Mapping[str, Any] | str | None = None,
+    delta_path: str | None = None,
+    delta_interval: float | None = None,
 ) -> Settings:
     """Merge arguments over environment variables into validated settings."""
 
@@ -219,6 +247,13 @@ def resolve(
     feedback_retention = _number("TRACEWIRE_FEEDBACK_RETENTION",
                                  _env("TRACEWIRE_FEEDBACK_RETENTION") or 86_400.0, float, 0)
 
+    name, value = pick(prices, "TRACEWIRE_PRICES")
+    prices_ = _prices(name, value) if value is not None else {}
+    name, value = pick(delta_path, "TRACEWIRE_DELTA_PATH")
+    delta_path_ = _delta_path(name, value) if value is not None else None
+    name, value = pick(delta_interval, "TRACEWIRE_DELTA_INTERVAL")
+    delta_interval_ = _number(name, value, float, 1.0) if value is not None else 300.0
+
     experiment_id = _env("MLFLOW_EXPERIMENT_ID")
     if experiment_id is not None and not experiment_id.isdigit():
         raise ConfigError(f"MLFLOW_EXPERIMENT_ID must be a numeric experiment id, got {experiment_id!r}")
@@ -241,4 +276,7 @@ def resolve(
         tracking_uri=_env("MLFLOW_TRACKING_URI"),
         experiment_id=experiment_id,
         experiment_name=_env("MLFLOW_EXPERIMENT_NAME"),
+        prices=prices_,
+        delta_path=delta_path_,
+        delta_interval=delta_interval_,
     )

@@ -39,7 +39,12 @@ from mlflow.tracing.constant import (
 )
 from mlflow.tracing.processor.mlflow_v3 import MlflowV3SpanProcessor
 from mlflow.tracing.trace_manager import InMemoryTraceManager, _Trace
-from mlflow.tracing.utils import aggregate_usage_from_spans, dump_span_attribute_value
+from mlflow.tracing.utils import (
+    aggregate_cost_from_spans,
+    aggregate_usage_from_spans,
+    dump_span_attribute_value,
+    should_compute_cost_client_side,
+)
 from mlflow.tracing.utils.truncation import set_request_response_preview
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
@@ -48,7 +53,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from tracewire import config
 from tracewire.core import attributes as keys
 from tracewire.core import context as request_context
-from tracewire.core import guard, sampling, spans
+from tracewire.core import cost, guard, sampling, spans
 from tracewire.core.context import RequestContext
 
 logger = logging.getLogger("tracewire")
@@ -104,6 +109,19 @@ def check_destination(settings: config.Settings) -> None:
                 "`pip install \"tracewire[local]\"`, or point MLFLOW_TRACKING_URI at a tracking "
                 "server (for example MLFLOW_TRACKING_URI=http://mlflow.internal:5000)."
             ) from None
+
+
+def initialize(settings: config.Settings) -> None:
+    """Create a local database store's schema and the experiment now, in one process, before
+    app workers start; one that cannot be opened yet is left to the shippers, which retry.
+    A tracking server needs nothing here (and gets no network I/O)."""
+    if urlparse(tracking_uri(settings)).scheme.split("+")[0] not in _DB_SCHEMES:
+        return
+    try:
+        Store(settings)._destination()
+    except Exception as exc:
+        logger.warning("tracewire: the tracking store could not be initialized yet (%s: %s); "
+                       "traces wait in the spool until it can", type(exc).__name__, exc)
 
 
 # --------------------------------------------------------------------------- caller side
@@ -434,6 +452,9 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
     if settings.redact is not None:
         for data in dicts:
             _redact(data["attributes"], settings.redact)
+    # Here, off the caller's thread, and only for prices the store would not set (core/cost.py).
+    cost.price_span_dicts(dicts, settings.prices,
+                          catalog=not cost.store_prices(tracking_uri(settings)))
     request = item.request or RequestContext()
     context = {"session_id": request.session_id, "user_id": request.user_id,
                "request_id": request.request_id, "tags": {**settings.tags, **request.tags}}
@@ -504,6 +525,9 @@ def _stamp(info: TraceInfo, trace_spans: list[MlflowSpan], context: dict[str, An
                  if len(key) <= MAX_CHARS_IN_TRACE_INFO_TAGS_KEY}
     if usage := aggregate_usage_from_spans(trace_spans):
         metadata[keys.TRACE_TOKEN_USAGE] = json.dumps(usage)
+    # A store that prices spans sums the trace's cost itself; one that does not gets ours.
+    if should_compute_cost_client_side() and (total := aggregate_cost_from_spans(trace_spans)):
+        metadata[keys.TRACE_COST] = json.dumps(total)
     set_request_response_preview(info, TraceData(spans=trace_spans))
 
 
