@@ -24,7 +24,7 @@ __all__ = ["CLIError", "SUBCOMMANDS", "build_parser", "main"]
 PROG = "tracewire"
 
 # Subcommand modules under tracewire.cli, in the order `tracewire --help` lists them.
-SUBCOMMANDS: tuple[str, ...] = ("demo", "spool", "export")
+SUBCOMMANDS: tuple[str, ...] = ("demo", "run", "spool", "stats", "export")
 
 
 class CLIError(Exception):

@@ -1,0 +1,96 @@
+"""`tracewire stats`: count, error rate, latency percentiles, time to first byte, tokens, cost
+and feedback per route / session / user / model / environment over a window, from the tracking
+store or from a Delta table written by `tracewire export delta`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tracewire.report.aggregate import BY, PERCENTILE_METHOD
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "stats", help="latency, errors, tokens, cost and feedback per route/session/user/...",
+        description="Summarise the traces of a window per group: traces, error rate (share "
+        "of traces in state ERROR), latency p50/p95/p99 of the trace duration, time to first "
+        "byte of web requests where the middleware recorded it, tokens, cost in USD, and "
+        f"feedback (positive/count). Percentiles: {PERCENTILE_METHOD}. The first row, "
+        "(all), is the whole window; with --by model a trace that called two models counts "
+        "in both groups.")
+    parser.add_argument("--since", default="24h", metavar="WHEN",
+                        help="start of the window: 24h (default), 7d, or an ISO date/time (UTC)")
+    parser.add_argument("--by", choices=BY, default="route", help="group by (default: route)")
+    parser.add_argument("--delta", metavar="PATH",
+                        help="read the Delta table at PATH instead of the tracking store")
+    parser.add_argument("--experiment", action="append", default=[], metavar="NAME_OR_ID",
+                        help="experiment to read from the store (repeatable; default: "
+                        "MLFLOW_EXPERIMENT_ID/_NAME if set, else every active experiment)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON")
+    output.add_argument("--csv", action="store_true", help="print CSV")
+    parser.add_argument("--html", type=Path, metavar="FILE",
+                        help="also write a self-contained page with charts to FILE")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from tracewire import config
+    from tracewire.cli import CLIError
+    from tracewire.cli.since import since_ms
+    from tracewire.report import aggregate, render, sources
+
+    try:
+        since = since_ms(args.since)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    until = int(time.time() * 1000)
+    if args.delta:
+        from deltalake.exceptions import TableNotFoundError
+
+        try:
+            rows = sources.from_delta(args.delta, since)
+        except TableNotFoundError:
+            raise CLIError(f"no Delta table at {args.delta}") from None
+        source = f"Delta table {args.delta}"
+    else:
+        from tracewire.export import delta, mlflow_store
+
+        settings = config.resolve()
+        uri = mlflow_store.tracking_uri(settings)
+        wanted = args.experiment or [e for e in (settings.experiment_id,
+                                                 settings.experiment_name) if e]
+        try:
+            experiment_ids = delta.experiments(uri, wanted)
+        except LookupError as exc:
+            raise CLIError(str(exc)) from None
+        rows = sources.from_store(uri, experiment_ids, since) if experiment_ids else []
+        source = f"tracking store {uri}"
+
+    groups = aggregate.aggregate(rows, args.by)
+    iso = lambda ms: dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).isoformat(  # noqa: E731
+        timespec="seconds")
+    window = {"since": iso(since), "until": iso(until), "source": source}
+    if args.html:
+        from tracewire.report import html
+
+        # Hourly buckets up to three days, daily beyond.
+        seconds = 3600 if until - since <= 3 * 86_400_000 else 86_400
+        durations = [float(r["execution_duration_ms"]) for r in rows
+                     if r.get("execution_duration_ms") is not None]
+        args.html.write_text(html.page(groups, args.by, durations,
+                                       aggregate.over_time(rows, seconds), window))
+    if args.json:
+        print(render.as_json(groups, args.by, window))
+    elif args.csv:
+        sys.stdout.write(render.as_csv(groups))
+    elif not groups:
+        print(f"no traces since {window['since']} in the {source}")
+    else:
+        print(render.table(groups, args.by))
+    return 0

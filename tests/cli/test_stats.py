@@ -1,0 +1,143 @@
+"""`tracewire stats` on a store with known traces: every figure checked exactly, from the
+store and from the Delta table (one aggregation path), as a table, JSON, CSV and an HTML page."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracing.utils import calculate_cost_by_model_and_token_usage
+
+from tracewire.cli import main
+from tracewire.export import delta
+from tracewire.testing.traces import Synthetic, write
+
+NOW = int(time.time() * 1000)
+
+
+@pytest.fixture(scope="module")
+def known(tracking_uri: str) -> str:
+    """Six traces in the last hour: four on /a (prod, one failed), two on /b (staging, a model
+    no price list knows); feedback on three of them. Plus one trace two days old."""
+    experiment = mlflow.MlflowClient().create_experiment(f"stats-{uuid.uuid4().hex[:8]}")
+    a = dict(route="/a", model="gpt-4o-mini", input_tokens=100, output_tokens=20,
+             tags={"deployment.environment": "prod"})
+    b = dict(route="/b", model="unknown-model", input_tokens=10, output_tokens=5,
+             tags={"deployment.environment": "staging"})
+    traces = [
+        Synthetic(1, NOW - 50 * 60_000, 100, ttfb_ms=10, session="s1", user="u1", **a),
+        Synthetic(2, NOW - 40 * 60_000, 200, ttfb_ms=20, session="s1", user="u1", **a),
+        Synthetic(3, NOW - 30 * 60_000, 300, ttfb_ms=30, session="s2", user="u2",
+                  error="RuntimeError: boom", status=500, **a),
+        Synthetic(4, NOW - 20 * 60_000, 400, session="s2", user="u2", **a),
+        Synthetic(5, NOW - 10 * 60_000, 50, session="s3", **b),
+        Synthetic(6, NOW - 5 * 60_000, 1000, session="s3", **b),
+        Synthetic(7, NOW - 2 * 86_400_000, 5, session="old", **a),
+    ]
+    write(traces, tracking_uri, experiment)
+    for trace, value in ((traces[0], True), (traces[1], False), (traces[4], 1)):
+        mlflow.log_feedback(trace_id=trace.trace_id, name="thumbs", value=value)
+    return experiment
+
+
+def stats(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    assert main(["stats", *args]) == 0
+    return capsys.readouterr().out
+
+
+def groups(output: str) -> dict[str, dict]:
+    return {g["key"]: g for g in json.loads(output)["groups"]}
+
+
+A_COST = calculate_cost_by_model_and_token_usage(
+    "gpt-4o-mini", {"input_tokens": 100, "output_tokens": 20}, "openai")["total_cost"]
+
+
+def test_by_route_exact(known: str, capsys: pytest.CaptureFixture[str]) -> None:
+    found = groups(stats(capsys, "--experiment", known, "--since", "1h", "--json"))
+    assert list(found) == ["(all)", "/a", "/b"]
+    everything, a, b = found["(all)"], found["/a"], found["/b"]
+    # Durations 50, 100, 200, 300, 400, 1000: nearest rank ceil(p/100*6) -> 3rd, 6th, 6th.
+    assert everything == {
+        "key": "(all)", "traces": 6, "errors": 1, "error_rate": 1 / 6,
+        "latency_p50_ms": 200.0, "latency_p95_ms": 1000.0, "latency_p99_ms": 1000.0,
+        "ttfb_p50_ms": 20.0, "ttfb_p95_ms": 30.0,
+        "input_tokens": 420, "output_tokens": 90, "total_tokens": 510,
+        "cost_usd": math.fsum([A_COST] * 4),  # unknown-model traces have no cost
+        "feedback": 3, "feedback_positive": 2, "positive_share": 2 / 3}
+    assert (a["traces"], a["errors"], a["error_rate"]) == (4, 1, 0.25)
+    assert (a["latency_p50_ms"], a["latency_p95_ms"], a["latency_p99_ms"]) == (200, 400, 400)
+    assert (a["ttfb_p50_ms"], a["ttfb_p95_ms"]) == (20, 30)
+    assert (a["total_tokens"], a["cost_usd"]) == (480, math.fsum([A_COST] * 4))
+    assert (a["feedback"], a["feedback_positive"], a["positive_share"]) == (2, 1, 0.5)
+    assert (b["traces"], b["errors"], b["latency_p50_ms"], b["latency_p95_ms"]) == (2, 0, 50, 1000)
+    assert (b["ttfb_p50_ms"], b["cost_usd"], b["total_tokens"]) == (None, 0.0, 30)
+    assert (b["feedback"], b["positive_share"]) == (1, 1.0)
+
+
+@pytest.mark.parametrize("by, expected", [
+    ("session", {"s1": 2, "s2": 2, "s3": 2}),
+    ("user", {"u1": 2, "u2": 2, "(none)": 2}),
+    ("model", {"gpt-4o-mini": 4, "unknown-model": 2}),
+    ("environment", {"prod": 4, "staging": 2}),
+])
+def test_other_groupings(known: str, capsys: pytest.CaptureFixture[str], by: str,
+                         expected: dict[str, int]) -> None:
+    found = groups(stats(capsys, "--experiment", known, "--since", "1h", "--by", by, "--json"))
+    assert {k: g["traces"] for k, g in found.items() if k != "(all)"} == expected
+
+
+def test_window(known: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert groups(stats(capsys, "--experiment", known, "--since", "3d", "--json"))[
+        "(all)"]["traces"] == 7
+    assert groups(stats(capsys, "--experiment", known, "--since", "15m", "--json"))[
+        "(all)"]["traces"] == 2
+
+
+def test_delta_table_gives_the_same_figures(known: str, tracking_uri: str, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    delta.sync(str(tmp_path / "t"), tracking_uri=tracking_uri, experiment_ids=[known],
+               lookback_s=0)
+    for by in ("route", "model", "session"):
+        store = json.loads(stats(capsys, "--experiment", known, "--by", by, "--json"))
+        table = json.loads(stats(capsys, "--delta", str(tmp_path / "t"), "--by", by, "--json"))
+        assert table["groups"] == store["groups"]
+
+
+def test_table_csv_and_html(known: str, tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    text = stats(capsys, "--experiment", known, "--since", "1h")
+    lines = text.splitlines()
+    assert lines[0].split() == ["route", "traces", "errors", "p50", "ms", "p95", "ms", "p99",
+                                "ms", "ttfb", "p50", "tokens", "cost", "$", "feedback", "+/n"]
+    assert lines[2].split()[:8] == ["(all)", "6", "16.7%", "200", "1,000", "1,000", "20", "510"]
+    assert lines[3].split()[-1] == "1/2" and lines[4].split()[-1] == "1/1"
+
+    rows = list(csv.DictReader(io.StringIO(stats(capsys, "--experiment", known, "--since",
+                                                 "1h", "--csv"))))
+    assert [r["key"] for r in rows] == ["(all)", "/a", "/b"]
+    assert rows[1]["latency_p95_ms"] == "400.0" and rows[2]["ttfb_p50_ms"] == ""
+
+    page = tmp_path / "stats.html"
+    stats(capsys, "--experiment", known, "--since", "1h", "--html", str(page))
+    content = page.read_text()
+    assert content.count("<svg") == 5 and "<td>/a</td>" in content
+    assert not re.search(r"(src|href)\s*=|https?://|<script", content)  # nothing to fetch
+    assert "Latency distribution" in content and "Error rate over time" in content
+
+
+def test_bad_input_is_one_line(tracking_uri: str, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stats", "--since", "last week"]) == 1
+    assert "--since must be a duration" in capsys.readouterr().err
+    assert main(["stats", "--delta", str(tmp_path / "missing")]) == 1
+    assert "no Delta table" in capsys.readouterr().err
+    assert main(["stats", "--by", "colour"]) == 2
