@@ -263,3 +263,22 @@ def test_batch_runs_on_langchains_pool_stay_under_their_parent(traced: Traced) -
     assert sorted(s.inputs["messages"][0]["content"] for s in trace.data.spans
                   if s.parent_id == root.span_id) == ["a", "b", "c"]
     assert trace.info.token_usage["total_tokens"] == 6
+
+
+def test_propagate_carries_the_run_into_run_in_executor(traced: Traced, client: Any) -> None:
+    def ask() -> str:
+        return client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": QUESTION}]
+        ).choices[0].message.content
+
+    async def step(_: str) -> list[str]:
+        loop = asyncio.get_running_loop()
+        carried = await loop.run_in_executor(None, tracewire.propagate(ask))
+        lost = await loop.run_in_executor(None, ask)
+        return [carried, lost]
+
+    assert asyncio.run(RunnableLambda(step).ainvoke("go")) == ["Echo: " + QUESTION] * 2
+    carried, lost = traced.traces(expected=2)
+    assert tree(carried) == {"step": ("CHAIN", None), "chat gpt-4o-mini": ("CHAT_MODEL", "step")}
+    assert carried.info.token_usage == SERVER_USAGE
+    assert [s.name for s in lost.data.spans] == ["chat gpt-4o-mini"]
