@@ -282,3 +282,20 @@ def test_propagate_carries_the_run_into_run_in_executor(traced: Traced, client: 
     assert tree(carried) == {"step": ("CHAIN", None), "chat gpt-4o-mini": ("CHAT_MODEL", "step")}
     assert carried.info.token_usage == SERVER_USAGE
     assert [s.name for s in lost.data.spans] == ["chat gpt-4o-mini"]
+
+
+def test_a_run_that_ends_in_another_context_ends_cleanly(traced: Traced) -> None:
+    import contextvars
+
+    from langchain_core.callbacks.manager import CallbackManager
+
+    from tracewire.core import spans
+
+    started, ended = contextvars.copy_context(), contextvars.copy_context()
+    manager = CallbackManager.configure()
+    run = started.run(manager.on_chain_start, None, {"x": 1}, name="split")
+    assert started.run(spans.current) is not None
+    ended.run(run.on_chain_end, {"y": 2})  # its context token cannot be reset here: no error
+    assert ended.run(spans.current) is None and spans.current() is None
+    span = traced.trace().data.spans[0]
+    assert (span.name, span.inputs, span.outputs) == ("split", {"x": 1}, {"y": 2})
