@@ -72,6 +72,7 @@ def _shipper_env(settings: config.Settings) -> dict[str, str]:
     env["MLFLOW_TRACKING_URI"] = mlflow_store.tracking_uri(settings)
     env["TRACEWIRE_SPOOL_DIR"] = str(settings.spool_dir)
     env["TRACEWIRE_SPOOL_MAX_MB"] = str(settings.spool_max_bytes / 2**20)
+    env.pop("TRACEWIRE_RUN", None)  # `tracewire run`'s start-up hook is for the app, not us
     # It shares the app's stderr: only what needs attention (MLflow's INFO lines do not).
     env.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     return env

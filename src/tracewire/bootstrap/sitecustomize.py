@@ -1,0 +1,36 @@
+"""Started by ``tracewire run``: enables ``tracewire.autolog()`` (configured from environment
+variables only) in every Python process of the command, before the app's own imports, spawned
+workers included: they inherit ``PYTHONPATH``, which puts this directory first.
+
+Another ``sitecustomize`` further down the path (a distribution's, a virtualenv's) still runs.
+A failure here never stops the program: it runs untraced, with one line on stderr.
+"""
+
+import os
+import sys
+
+
+def _run_next_sitecustomize() -> None:
+    import importlib.machinery
+    import importlib.util
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    rest = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != here]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
+    if spec is not None and spec.loader is not None:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def _autolog() -> None:
+    if os.environ.get("TRACEWIRE_RUN") != "1":
+        return  # a process tracewire itself starts (its shipper), or the variable was cleared
+    try:
+        import tracewire
+
+        tracewire.autolog()
+    except Exception as exc:  # the program must start whatever happens here
+        print(f"tracewire: autolog() failed, this process runs untraced: {exc}", file=sys.stderr)
+
+
+_run_next_sitecustomize()
+_autolog()

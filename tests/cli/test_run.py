@@ -1,0 +1,144 @@
+"""`tracewire run -- <command>`: tracing on in every Python process of a command whose code
+never imports tracewire, spawned workers included; the store initialized once, up front."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+
+from tests.conftest import API_KEY
+from tracewire.testing import OpenAIServer
+
+TRACEWIRE = [sys.executable, "-m", "tracewire.cli"]
+
+
+def _env(tmp_path: Path, openai_server: OpenAIServer, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))}
+    env.update({
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}",
+        "MLFLOW_EXPERIMENT_NAME": "zero-code",
+        "MLFLOW_MODEL_CATALOG_URI": "",
+        "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool"),
+        "TRACEWIRE_STREAM_USAGE_HOSTS": "127.0.0.1",
+        "OPENAI_BASE_URL": openai_server.base_url,
+        "OPENAI_API_KEY": API_KEY,
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+def _traces(env: dict[str, str], expected: int) -> list[mlflow.entities.Trace]:
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    deadline = time.monotonic() + 30
+    while True:
+        experiment = client.get_experiment_by_name("zero-code")
+        found = client.search_traces(locations=[experiment.experiment_id], max_results=500) \
+            if experiment else []
+        if len(found) >= expected or time.monotonic() > deadline:
+            assert len(found) == expected, [t.info.trace_id for t in found]
+            return found
+        time.sleep(0.2)
+
+
+SCRIPT = """
+import openai, os, sys
+client = openai.OpenAI(max_retries=0)
+reply = client.chat.completions.create(model="gpt-4o-mini",
+                                       messages=[{"role": "user", "content": "zero code"}])
+print(reply.choices[0].message.content, "traced" if "tracewire" in sys.modules else "untraced")
+"""
+
+
+def test_a_script_that_never_imports_tracewire_is_traced(
+        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    # A sitecustomize of the user's own, further down the path, still runs.
+    own = tmp_path / "own-site"
+    own.mkdir()
+    (own / "sitecustomize.py").write_text("import os\nos.environ['OWN_SITE_RAN'] = 'yes'\n")
+    env = _env(tmp_path, openai_server, PYTHONPATH=str(own))
+    (tmp_path / "script.py").write_text(SCRIPT + "print(os.environ.get('OWN_SITE_RAN'))\n")
+    done = subprocess.run([*TRACEWIRE, "run", "--", sys.executable, str(tmp_path / "script.py")],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["Echo:", "zero", "code", "traced", "yes"]
+    (trace,) = _traces(env, 1)
+    assert trace.data.spans[0].name == "chat gpt-4o-mini"
+
+
+def test_the_commands_exit_code_and_a_bad_setting_fail_clearly(
+        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    env = _env(tmp_path, openai_server)
+    failed = subprocess.run([*TRACEWIRE, "run", "--", sys.executable, "-c",
+                             "raise SystemExit(7)"], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert failed.returncode == 7
+    bad = subprocess.run([*TRACEWIRE, "run", "--", sys.executable, "-c", "pass"],
+                         env={**env, "TRACEWIRE_SAMPLE_RATE": "lots"},
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "TRACEWIRE_SAMPLE_RATE" in bad.stderr
+    missing = subprocess.run([*TRACEWIRE, "run", "--", "no-such-command-here"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "command not found" in missing.stderr
+
+
+APP = """
+import os
+import openai
+from fastapi import FastAPI
+
+app = FastAPI()
+client = openai.OpenAI(max_retries=0)
+
+@app.get("/ask")
+def ask(q: str) -> dict:
+    reply = client.chat.completions.create(model="gpt-4o-mini",
+                                           messages=[{"role": "user", "content": q}])
+    return {"pid": os.getpid(), "reply": reply.choices[0].message.content}
+"""
+
+
+def test_uvicorn_with_two_spawned_workers_traces_in_each(
+        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    (tmp_path / "zero_app.py").write_text(APP)
+    env = _env(tmp_path, openai_server)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([*TRACEWIRE, "run", "--", sys.executable, "-m", "uvicorn",
+                             "zero_app:app", "--workers", "2", "--port", str(port),
+                             "--log-level", "warning"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    pids: set[int] = set()
+    asked = 0
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{url}/docs", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        # New connections until both workers have answered (the kernel spreads them).
+        while len(pids) < 2 and asked < 200 and time.monotonic() < deadline:
+            asked += 1
+            response = httpx.get(f"{url}/ask", params={"q": f"question {asked}"},
+                                 headers={"Connection": "close"}, timeout=30)
+            pids.add(response.json()["pid"])
+    finally:
+        os.killpg(proc.pid, 15)
+        output = proc.communicate(timeout=30)[0].decode(errors="replace")
+    assert len(pids) == 2, f"one worker answered all {asked} requests\n{output}"
+    traces = _traces(env, asked)
+    assert sorted(t.data.spans[0].inputs["messages"][0]["content"] for t in traces) == sorted(
+        f"question {i}" for i in range(1, asked + 1))
