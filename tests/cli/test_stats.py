@@ -4,6 +4,7 @@ store and from the Delta table (one aggregation path), as a table, JSON, CSV and
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 import math
@@ -23,6 +24,11 @@ from tracewire.testing.traces import Synthetic, write
 NOW = int(time.time() * 1000)
 
 
+def ago(minutes: int) -> str:
+    """--since as a date/time relative to NOW, so the window does not move while the suite runs."""
+    return dt.datetime.fromtimestamp(NOW / 1000 - minutes * 60, tz=dt.timezone.utc).isoformat()
+
+
 @pytest.fixture(scope="module")
 def known(tracking_uri: str) -> str:
     """Six traces in the last hour: four on /a (prod, one failed), two on /b (staging, a model
@@ -32,15 +38,16 @@ def known(tracking_uri: str) -> str:
              tags={"deployment.environment": "prod"})
     b = dict(route="/b", model="unknown-model", input_tokens=10, output_tokens=5,
              tags={"deployment.environment": "staging"})
+    base = uuid.uuid4().int >> 64  # trace ids unique in the suite's shared store
     traces = [
-        Synthetic(1, NOW - 50 * 60_000, 100, ttfb_ms=10, session="s1", user="u1", **a),
-        Synthetic(2, NOW - 40 * 60_000, 200, ttfb_ms=20, session="s1", user="u1", **a),
-        Synthetic(3, NOW - 30 * 60_000, 300, ttfb_ms=30, session="s2", user="u2",
+        Synthetic(base + 1, NOW - 50 * 60_000, 100, ttfb_ms=10, session="s1", user="u1", **a),
+        Synthetic(base + 2, NOW - 40 * 60_000, 200, ttfb_ms=20, session="s1", user="u1", **a),
+        Synthetic(base + 3, NOW - 30 * 60_000, 300, ttfb_ms=30, session="s2", user="u2",
                   error="RuntimeError: boom", status=500, **a),
-        Synthetic(4, NOW - 20 * 60_000, 400, session="s2", user="u2", **a),
-        Synthetic(5, NOW - 10 * 60_000, 50, session="s3", **b),
-        Synthetic(6, NOW - 5 * 60_000, 1000, session="s3", **b),
-        Synthetic(7, NOW - 2 * 86_400_000, 5, session="old", **a),
+        Synthetic(base + 4, NOW - 20 * 60_000, 400, session="s2", user="u2", **a),
+        Synthetic(base + 5, NOW - 10 * 60_000, 50, session="s3", **b),
+        Synthetic(base + 6, NOW - 5 * 60_000, 1000, session="s3", **b),
+        Synthetic(base + 7, NOW - 2 * 86_400_000, 5, session="old", **a),
     ]
     write(traces, tracking_uri, experiment)
     for trace, value in ((traces[0], True), (traces[1], False), (traces[4], 1)):
@@ -62,7 +69,7 @@ A_COST = calculate_cost_by_model_and_token_usage(
 
 
 def test_by_route_exact(known: str, capsys: pytest.CaptureFixture[str]) -> None:
-    found = groups(stats(capsys, "--experiment", known, "--since", "1h", "--json"))
+    found = groups(stats(capsys, "--experiment", known, "--since", ago(60), "--json"))
     assert list(found) == ["(all)", "/a", "/b"]
     everything, a, b = found["(all)"], found["/a"], found["/b"]
     # Durations 50, 100, 200, 300, 400, 1000: nearest rank ceil(p/100*6) -> 3rd, 6th, 6th.
@@ -91,14 +98,14 @@ def test_by_route_exact(known: str, capsys: pytest.CaptureFixture[str]) -> None:
 ])
 def test_other_groupings(known: str, capsys: pytest.CaptureFixture[str], by: str,
                          expected: dict[str, int]) -> None:
-    found = groups(stats(capsys, "--experiment", known, "--since", "1h", "--by", by, "--json"))
+    found = groups(stats(capsys, "--experiment", known, "--since", ago(60), "--by", by, "--json"))
     assert {k: g["traces"] for k, g in found.items() if k != "(all)"} == expected
 
 
 def test_window(known: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert groups(stats(capsys, "--experiment", known, "--since", "3d", "--json"))[
+    assert groups(stats(capsys, "--experiment", known, "--since", ago(3 * 1440), "--json"))[
         "(all)"]["traces"] == 7
-    assert groups(stats(capsys, "--experiment", known, "--since", "15m", "--json"))[
+    assert groups(stats(capsys, "--experiment", known, "--since", ago(15), "--json"))[
         "(all)"]["traces"] == 2
 
 
@@ -114,7 +121,7 @@ def test_delta_table_gives_the_same_figures(known: str, tracking_uri: str, tmp_p
 
 def test_table_csv_and_html(known: str, tmp_path: Path,
                             capsys: pytest.CaptureFixture[str]) -> None:
-    text = stats(capsys, "--experiment", known, "--since", "1h")
+    text = stats(capsys, "--experiment", known, "--since", ago(60))
     lines = text.splitlines()
     assert lines[0].split() == ["route", "traces", "errors", "p50", "ms", "p95", "ms", "p99",
                                 "ms", "ttfb", "p50", "tokens", "cost", "$", "feedback", "+/n"]
@@ -122,12 +129,12 @@ def test_table_csv_and_html(known: str, tmp_path: Path,
     assert lines[3].split()[-1] == "1/2" and lines[4].split()[-1] == "1/1"
 
     rows = list(csv.DictReader(io.StringIO(stats(capsys, "--experiment", known, "--since",
-                                                 "1h", "--csv"))))
+                                                 ago(60), "--csv"))))
     assert [r["key"] for r in rows] == ["(all)", "/a", "/b"]
     assert rows[1]["latency_p95_ms"] == "400.0" and rows[2]["ttfb_p50_ms"] == ""
 
     page = tmp_path / "stats.html"
-    stats(capsys, "--experiment", known, "--since", "1h", "--html", str(page))
+    stats(capsys, "--experiment", known, "--since", ago(60), "--html", str(page))
     content = page.read_text()
     assert content.count("<svg") == 5 and "<td>/a</td>" in content
     assert not re.search(r"(src|href)\s*=|https?://|<script", content)  # nothing to fetch

@@ -36,12 +36,19 @@ def new_experiment(tracking_uri: str) -> str:
     return mlflow.MlflowClient(tracking_uri).create_experiment(f"delta-{uuid.uuid4().hex[:10]}")
 
 
+def read(path: Path, columns: list[str] | None = None):  # type: ignore[no-untyped-def]
+    # Without Arrow's thread pool: with it, the interpreter can abort at exit (trace_rows.read).
+    return DeltaTable(str(path)).to_pyarrow_dataset().to_table(columns=columns,
+                                                               use_threads=False)
+
+
 def rows(path: Path) -> list[dict]:
-    return DeltaTable(str(path)).to_pyarrow_table().sort_by("trace_id").to_pylist()
+    return read(path).sort_by("trace_id").to_pylist()
 
 
 def synthetic(count: int, start_ms: int, **fields: object) -> list[Synthetic]:
-    return [Synthetic(otel_trace_id=(start_ms << 20) + i + 1, request_time_ms=start_ms + i * 1000,
+    base = uuid.uuid4().int >> 64  # trace ids unique in the suite's shared store
+    return [Synthetic(otel_trace_id=base + i + 1, request_time_ms=start_ms + i * 1000,
                       duration_ms=100 + i, **fields) for i in range(count)]  # type: ignore[arg-type]
 
 
@@ -53,12 +60,13 @@ def sync(path: Path, uri: str, experiment: str, **options: object) -> delta.Sync
 def test_rows_read_back_with_deltalake_and_duckdb(tracking_uri: str, tmp_path: Path) -> None:
     experiment = new_experiment(tracking_uri)
     day = (int(time.time() * 1000) // 86_400_000 - 2) * 86_400_000  # midnight UTC, 2 days ago
+    base = uuid.uuid4().int >> 64  # trace ids unique in the suite's shared store
     traces = [
-        Synthetic(otel_trace_id=1, request_time_ms=day + HOUR_MS, duration_ms=250,
+        Synthetic(otel_trace_id=base + 1, request_time_ms=day + HOUR_MS, duration_ms=250,
                   route="/chat/{room}", status=200, ttfb_ms=31.5, session="s-1", user="u-1",
                   request_id="req-1", input_tokens=1000, output_tokens=100,
                   tags={"deployment.environment": "prod", "team": "search"}),
-        Synthetic(otel_trace_id=2, request_time_ms=day + 86_400_000 + HOUR_MS, duration_ms=90,
+        Synthetic(otel_trace_id=base + 2, request_time_ms=day + 86_400_000 + HOUR_MS, duration_ms=90,
                   route="/chat/{room}", status=500, error="RuntimeError: upstream down",
                   model="my-private-model"),
     ]
@@ -197,14 +205,13 @@ def test_sync_killed_mid_batch_resumes_without_duplicates_or_gaps(
         child.kill()
         child.wait(30)
     killed_at = DeltaTable(str(path))
-    committed = killed_at.to_pyarrow_table(columns=["trace_id"]).num_rows
+    committed = read(path, ["trace_id"]).num_rows
     assert 2500 <= committed < 10_000
     assert killed_at.transaction_version(delta.app_id(uri, [experiment])) is not None
 
     report = sync(path, uri, experiment, lookback_s=0, page_size=250)
     assert report.read < 10_000 - committed + 250  # resumed at the recorded mark
-    stored = DeltaTable(str(path)).to_pyarrow_table(columns=["trace_id"]).column(
-        "trace_id").to_pylist()
+    stored = read(path, ["trace_id"]).column("trace_id").to_pylist()
     assert len(stored) == 10_000 and sorted(stored) == sorted(ids)
 
 

@@ -87,8 +87,8 @@ def _stored_revisions(table: Any, start_ms: int) -> dict[str, str]:
     import pyarrow.dataset as ds
 
     day = dt.datetime.fromtimestamp(start_ms / 1000, tz=dt.timezone.utc).date()
-    found = table.to_pyarrow_dataset().to_table(
-        columns=["trace_id", "revision"], filter=ds.field(trace_rows.PARTITION) >= day)
+    found = trace_rows.read(table, ["trace_id", "revision"],
+                            ds.field(trace_rows.PARTITION) >= day)
     return dict(zip(found.column("trace_id").to_pylist(), found.column("revision").to_pylist()))
 
 

@@ -27,9 +27,8 @@ def from_delta(path: str, since_ms: int,
     from deltalake import DeltaTable
 
     since = dt.datetime.fromtimestamp(since_ms / 1000, tz=dt.timezone.utc)
-    dataset = DeltaTable(path, storage_options=storage_options).to_pyarrow_dataset()
+    table = DeltaTable(path, storage_options=storage_options)
     columns = [name for name in trace_rows.SCHEMA.names if name != "spans"]
     # The partition filter prunes whole days; the time filter trims the first one.
-    found = dataset.to_table(columns=columns, filter=(
-        (ds.field(trace_rows.PARTITION) >= since.date()) & (ds.field("request_time") >= since)))
-    return found.to_pylist()
+    return trace_rows.read(table, columns, (ds.field(trace_rows.PARTITION) >= since.date())
+                           & (ds.field("request_time") >= since)).to_pylist()
