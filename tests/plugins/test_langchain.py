@@ -159,6 +159,10 @@ def _chat_openai_tree(trace: mlflow.entities.Trace) -> None:
     assert outer.attributes["mlflow.chat.tokenUsage"] == SERVER_USAGE
     assert span(trace, "chat gpt-4o-mini").attributes["mlflow.chat.tokenUsage"] == SERVER_USAGE
     assert trace.info.token_usage == SERVER_USAGE
+    # Cost likewise: both spans are priced, the trace counts the call once.
+    cost = outer.attributes["mlflow.llm.cost"]
+    assert cost["total_cost"] > 0
+    assert json.loads(trace.info.trace_metadata["mlflow.trace.cost"]) == cost
 
 
 def test_chat_openai_sync_counts_tokens_once(traced: Traced, openai_server: OpenAIServer) -> None:
