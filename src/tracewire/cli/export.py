@@ -45,10 +45,16 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     if not experiment_ids:
         raise CLIError(f"no experiments in {uri}")
+    from deltalake.exceptions import CommitFailedError
+
     progress = delta.terminal_progress(sys.stderr)
-    report = delta.sync(args.path, tracking_uri=uri, experiment_ids=experiment_ids,
-                        lookback_s=settings.feedback_retention, since_ms=since,
-                        progress=progress)
+    try:
+        report = delta.sync(args.path, tracking_uri=uri, experiment_ids=experiment_ids,
+                            lookback_s=settings.feedback_retention, since_ms=since,
+                            progress=progress)
+    except CommitFailedError:
+        raise CLIError(f"other writers kept committing to {args.path}; what was synced is "
+                       "kept, run again to continue") from None
     if progress is not None:
         sys.stderr.write("\n")
     print(f"{report.read} trace(s) read, {report.written} row(s) written to {args.path}")

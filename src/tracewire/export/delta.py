@@ -148,6 +148,7 @@ def sync(
     Starts at ``since_ms`` if given, else at the recorded progress minus ``lookback_s``, else
     at the beginning. Commits page by page; ``stop`` ends it between pages.
     """
+    from deltalake.exceptions import CommitFailedError
     from mlflow.tracing.client import TracingClient
 
     client = TracingClient(tracking_uri)
@@ -166,7 +167,14 @@ def sync(
         if wanted:
             traces = with_spans(client, wanted)
             rows = [trace_rows.row(t) for t in traces]
-            report.written += write(table, rows, app, high_water)
+            try:
+                report.written += write(table, rows, app, high_water)
+            except CommitFailedError:
+                # Another sync (another app worker) committed first: merge again on top of
+                # its rows, keeping the later of the two progress marks.
+                table.update_incremental()
+                high_water = max(high_water, table.transaction_version(app) or 0)
+                report.written += write(table, rows, app, high_water)
             stored.update((r["trace_id"], r["revision"]) for r in rows)
         report.high_water_ms = high_water
         if progress is not None:
