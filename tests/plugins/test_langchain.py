@@ -222,9 +222,14 @@ def test_disable_stops_tracing_and_autolog_resumes_it(traced: Traced) -> None:
     assert [s.name for s in traced.trace().data.spans] == ["FakeChat"]
 
 
-def test_mlflow_langchain_autolog_does_not_trace_twice(traced: Traced) -> None:
+@pytest.mark.parametrize("mlflow_first", [False, True], ids=["after", "before"])
+def test_mlflow_langchain_autolog_does_not_trace_twice(traced: Traced, mlflow_first: bool) -> None:
+    if mlflow_first:
+        tracewire.disable()
     mlflow.langchain.autolog()
     try:
+        if mlflow_first:
+            traced.enable()
         assert FakeChat.scripted(reply("hi")).invoke("hello").content == "hi"
     finally:
         mlflow.langchain.autolog(disable=True)
