@@ -116,6 +116,7 @@ def exercise_langchain(server: OpenAIServer) -> list[Any]:
         _outcome(lambda: shout.invoke({"text": "hi"})),
         _outcome(lambda: [d.page_content for d in Shelf().invoke("hi")]),
         _outcome(lambda: _chat_openai(server, "error-500").invoke("hi")),
+        _outcome(lambda: [c.content for c in _chat_openai(server, "stream-error").stream("hi")]),
         _outcome(lambda: (RunnableLambda(lambda x: x + 1) | RunnableLambda(lambda x: 1 / 0))
                  .invoke(1)),
         _outcome(lambda: asyncio.run(async_calls())),
