@@ -308,3 +308,26 @@ def test_a_run_that_ends_in_another_context_ends_cleanly(traced: Traced) -> None
     assert ended.run(spans.current) is None and spans.current() is None
     span = traced.trace().data.spans[0]
     assert (span.name, span.inputs, span.outputs) == ("split", {"x": 1}, {"y": 2})
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_parallel_branches_nest_under_their_branch(traced: Traced, asynchronous: bool) -> None:
+    from langchain_core.runnables import RunnableParallel
+
+    model = FakeChat.scripted(reply("hi", input_tokens=1, output_tokens=1))
+    parallel = RunnableParallel(
+        left=RunnableLambda(lambda x: x + "L", name="left") | model,
+        right=RunnableLambda(lambda x: x + "R", name="right") | model)
+    result = asyncio.run(parallel.ainvoke("go")) if asynchronous else parallel.invoke("go")
+    assert {k: v.content for k, v in result.items()} == {"left": "hi", "right": "hi"}
+
+    trace = traced.trace()
+    by_id = {s.span_id: s for s in trace.data.spans}
+    chats = [s for s in trace.data.spans if s.name == "FakeChat"]
+    # Each model call sits in its own branch's sequence, next to that branch's lambda.
+    for chat in chats:
+        siblings = {s.name for s in trace.data.spans if s.parent_id == chat.parent_id}
+        prompt = chat.inputs["messages"][0]["content"]
+        assert siblings == {"FakeChat", "left" if prompt == "goL" else "right"}
+        assert by_id[by_id[chat.parent_id].parent_id].name == "RunnableParallel<left,right>"
+    assert trace.info.token_usage["total_tokens"] == 4
