@@ -196,12 +196,6 @@ def _graph_attributes(metadata: dict[str, Any] | None, name: str,
 # --------------------------------------------------------------------------- the handler
 
 
-def _handler_base() -> type:
-    from langchain_core.callbacks import BaseCallbackHandler
-
-    return BaseCallbackHandler
-
-
 class _Handler:
     """Runs → spans. Each callback is one guarded step; the run map is shared by all threads
     (single dict operations, atomic under the GIL)."""
@@ -415,9 +409,10 @@ class _Switch:
 
 
 def _make_handler() -> Any:
-    base = _handler_base()
-    cls = type("TracewireCallbackHandler", (_Handler, base), {})
-    return cls()
+    # The LangChain base class is mixed in here, so importing this module imports no LangChain.
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    return type("TracewireCallbackHandler", (_Handler, BaseCallbackHandler), {})()
 
 
 class LangChainPlugin(Plugin):
