@@ -109,31 +109,34 @@ def _feedback(info: Any) -> tuple[int, int, list[dict[str, Any]]]:
     return count, positive, out
 
 
-def _root(span_list: list[Any]) -> Any:
-    return next((s for s in span_list if s.parent_id is None), None)
+def _root(span_dicts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((d for d in span_dicts if not d.get("parent_span_id")), None)
 
 
-def _error(span_list: list[Any]) -> str | None:
+def _error(span_dicts: list[dict[str, Any]]) -> str | None:
     # The root's message if it failed, else the first failed span's (the cause).
-    failed = [s for s in span_list if s.status and s.status.status_code.value == "ERROR"]
-    root = _root(failed)
-    chosen = root or (min(failed, key=lambda s: s.start_time_ns) if failed else None)
-    return (chosen.status.description or "error") if chosen is not None else None
+    failed = [d for d in span_dicts if (d.get("status") or {}).get("code") == "STATUS_CODE_ERROR"]
+    chosen = _root(failed) or min(failed, key=lambda d: d["start_time_unix_nano"], default=None)
+    return ((chosen["status"].get("message") or "error") if chosen is not None else None)
 
 
 def row(trace: Any) -> dict[str, Any]:
     """One Delta row from an MLflow ``Trace`` (with spans)."""
     info = trace.info
-    span_list = list(trace.data.spans) if trace.data else []
+    # Span dicts, not span objects: MLflow reads stored spans lazily, and to_dict() hands back
+    # the stored dict without building the span (most of the cost of a row otherwise).
+    span_dicts = [s.to_dict() for s in trace.data.spans] if trace.data else []
     metadata = info.trace_metadata
     usage = _json(metadata.get(keys.TRACE_TOKEN_USAGE)) or {}
     cost = _json(metadata.get(keys.TRACE_COST)) or {}
-    root = _root(span_list)
-    root_attrs = root.attributes if root is not None else {}
-    models = sorted({m for s in span_list if (m := s.get_attribute(keys.LLM_MODEL))})
+    root = _root(span_dicts)
+    root_attrs = root["attributes"] if root is not None else {}
+    models = sorted({m for d in span_dicts
+                     if isinstance(m := _json(d["attributes"].get(keys.LLM_MODEL)), str)})
     count, positive, assessments = _feedback(info)
-    ttfb = root_attrs.get(keys.HTTP_TIME_TO_FIRST_BYTE)
-    status = root_attrs.get(keys.HTTP_STATUS_CODE)
+    ttfb = _json(root_attrs.get(keys.HTTP_TIME_TO_FIRST_BYTE))
+    status = _json(root_attrs.get(keys.HTTP_STATUS_CODE))
+    route = _json(root_attrs.get(keys.HTTP_ROUTE))
     request_time = dt.datetime.fromtimestamp(info.request_time / 1000, tz=dt.timezone.utc)
     return {
         "trace_id": info.trace_id,
@@ -161,16 +164,16 @@ def row(trace: Any) -> dict[str, Any]:
         "output_cost_usd": cost.get("output_cost"),
         "total_cost_usd": cost.get("total_cost"),
         "models": models,
-        "route": root_attrs.get(keys.HTTP_ROUTE),
+        "route": route if isinstance(route, str) else None,
         "http_status": int(status) if isinstance(status, (int, float)) else None,
         "time_to_first_byte_ms": float(ttfb) if isinstance(ttfb, (int, float)) else None,
-        "error_message": _error(span_list),
+        "error_message": _error(span_dicts),
         "feedback_count": count,
         "feedback_positive": positive,
         "assessments": json.dumps(assessments, default=str),
         "assessments_hash": assessments_hash(info),
         "revision": revision(info),
-        "spans": json.dumps([s.to_dict() for s in span_list], default=str),
+        "spans": json.dumps(span_dicts, default=str),
     }
 
 
