@@ -331,3 +331,26 @@ def test_parallel_branches_nest_under_their_branch(traced: Traced, asynchronous:
         assert siblings == {"FakeChat", "left" if prompt == "goL" else "right"}
         assert by_id[by_id[chat.parent_id].parent_id].name == "RunnableParallel<left,right>"
     assert trace.info.token_usage["total_tokens"] == 4
+
+
+def test_llm_usage_from_llm_output(traced: Traced) -> None:
+    from langchain_core.language_models.fake import FakeListLLM
+    from langchain_core.outputs import Generation, LLMResult
+
+    class CountingLLM(FakeListLLM):
+        """A completion model that reports usage the older way: in ``llm_output``."""
+
+        def _generate(self, prompts: list[str], stop: Any = None, run_manager: Any = None,
+                      **kwargs: Any) -> LLMResult:
+            return LLMResult(generations=[[Generation(text="Paris")] for _ in prompts],
+                             llm_output={"model_name": "fake-instruct", "token_usage": {
+                                 "prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}})
+
+    assert CountingLLM(responses=[]).invoke(QUESTION) == "Paris"
+    trace = traced.trace()
+    llm = trace.data.spans[0]
+    assert (llm.name, llm.span_type) == ("CountingLLM", "LLM")
+    assert llm.inputs == {"prompts": [QUESTION]}
+    assert llm.outputs["generations"][0][0]["text"] == "Paris"
+    assert llm.attributes["mlflow.llm.model"] == "fake-instruct"
+    assert trace.info.token_usage == {"input_tokens": 5, "output_tokens": 1, "total_tokens": 6}
