@@ -7,7 +7,7 @@ import contextlib
 import socket
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import pytest
 import uvicorn
@@ -36,6 +36,9 @@ def serve(app: Any) -> Iterator[str]:
         thread.join(20)
 
 
+Serve = Callable[[Any], ContextManager[str]]
+
+
 @pytest.fixture
-def server():  # type: ignore[no-untyped-def]
+def server() -> Serve:
     return serve

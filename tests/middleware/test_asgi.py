@@ -8,7 +8,7 @@ import contextlib
 import json
 import re
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 import mlflow
@@ -25,6 +25,7 @@ from starlette.routing import Route, WebSocketRoute
 
 import tracewire
 from tests.conftest import API_KEY, Traced
+from tests.middleware.conftest import Serve
 from tracewire.middleware import TracingMiddleware
 from tracewire.testing import OpenAIServer
 
@@ -118,7 +119,7 @@ def chat_app(openai_server: OpenAIServer, **options: Any) -> FastAPI:
 
 
 @pytest.fixture
-def app_url(server, openai_server: OpenAIServer, traced: Traced):  # type: ignore[no-untyped-def]
+def app_url(server: Serve, openai_server: OpenAIServer, traced: Traced) -> Iterator[str]:
     app = chat_app(openai_server)
     with server(TracingMiddleware(app, feedback_path="/feedback")) as url:
         yield url
@@ -165,7 +166,7 @@ def test_a_request_that_traces_nothing_leaves_no_trace(app_url: str, traced: Tra
     assert trace.info.client_request_id != response.headers["x-request-id"]
 
 
-def test_trace_all_requests_and_excluded_paths(server, openai_server: OpenAIServer,  # type: ignore[no-untyped-def]
+def test_trace_all_requests_and_excluded_paths(server: Serve, openai_server: OpenAIServer,
                                                traced: Traced) -> None:
     app = TracingMiddleware(chat_app(openai_server), trace_all_requests=True,
                             exclude_paths=["/chat"])
@@ -224,7 +225,7 @@ def test_a_task_the_handler_spawns_stays_in_the_request_trace(app_url: str,
 
 @pytest.mark.parametrize("capture_content", [True, False])
 def test_request_body_capture_is_capped_redacted_and_off_without_content(
-        server, openai_server: OpenAIServer, traced: Traced, tracking_uri: str,  # type: ignore[no-untyped-def]
+        server: Serve, openai_server: OpenAIServer, traced: Traced, tracking_uri: str,
         capture_content: bool) -> None:
     def redact(key: str, value: Any) -> Any:  # every span's inputs/outputs, nested or not
         return json.loads(json.dumps(value).replace("4111-1111", "[card]"))
@@ -312,7 +313,7 @@ def test_malformed_feedback_gets_a_clear_4xx(app_url: str, body: bytes, status: 
 
 
 class _TokenAuth(AuthenticationBackend):
-    async def authenticate(self, conn):  # type: ignore[no-untyped-def]
+    async def authenticate(self, conn):
         header = conn.headers.get("authorization", "")
         if header.startswith("Bearer "):
             return AuthCredentials(["authenticated"]), SimpleUser(header[7:].split("-")[0])
@@ -320,24 +321,24 @@ class _TokenAuth(AuthenticationBackend):
 
 
 def test_starlette_app_with_auth_middleware_websocket_and_lifespan(
-        server, openai_server: OpenAIServer, traced: Traced) -> None:  # type: ignore[no-untyped-def]
+        server: Serve, openai_server: OpenAIServer, traced: Traced) -> None:
     client = openai.OpenAI(base_url=openai_server.base_url, api_key=API_KEY, max_retries=0)
     started = []
 
-    async def ask(request):  # type: ignore[no-untyped-def]
+    async def ask(request):
         text = (await request.json())["text"]
         reply = await asyncio.to_thread(tracewire.propagate(
             lambda: client.chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": text}])))
         return JSONResponse({"reply": reply.choices[0].message.content})
 
-    async def echo(websocket):  # type: ignore[no-untyped-def]
+    async def echo(websocket):
         await websocket.accept()
         await websocket.send_text(await websocket.receive_text())
         await websocket.close()
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):  # type: ignore[no-untyped-def]
+    async def lifespan(app):
         started.append(True)
         yield
 
@@ -367,7 +368,7 @@ def test_starlette_app_with_auth_middleware_websocket_and_lifespan(
 
 
 def test_an_identify_callable_that_raises_costs_only_its_own_ids(
-        server, openai_server: OpenAIServer, traced: Traced,  # type: ignore[no-untyped-def]
+        server: Serve, openai_server: OpenAIServer, traced: Traced,
         caplog: pytest.LogCaptureFixture) -> None:
     def identify(scope: Any) -> tuple[str | None, str | None]:
         raise KeyError("no tenant")
