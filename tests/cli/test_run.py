@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import mlflow
+import pytest
 
 from tests.conftest import API_KEY
 from tracewire.testing import OpenAIServer
@@ -106,16 +107,21 @@ def ask(q: str) -> dict:
 """
 
 
-def test_uvicorn_with_two_spawned_workers_traces_in_each(
-        tmp_path: Path, openai_server: OpenAIServer) -> None:
+@pytest.mark.parametrize("server", ["uvicorn", "gunicorn"])
+def test_two_workers_each_trace(tmp_path: Path, openai_server: OpenAIServer, server: str) -> None:
+    """uvicorn spawns its workers (a fresh interpreter each); gunicorn forks them."""
     (tmp_path / "zero_app.py").write_text(APP)
     env = _env(tmp_path, openai_server)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen([*TRACEWIRE, "run", "--", sys.executable, "-m", "uvicorn",
-                             "zero_app:app", "--workers", "2", "--port", str(port),
-                             "--log-level", "warning"],
+    command = {
+        "uvicorn": ["-m", "uvicorn", "zero_app:app", "--workers", "2", "--port", str(port),
+                    "--log-level", "warning"],
+        "gunicorn": ["-m", "gunicorn", "zero_app:app", "-k", "uvicorn.workers.UvicornWorker",
+                     "-w", "2", "-b", f"127.0.0.1:{port}", "--log-level", "warning"],
+    }[server]
+    proc = subprocess.Popen([*TRACEWIRE, "run", "--", sys.executable, *command],
                             env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
