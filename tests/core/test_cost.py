@@ -139,3 +139,21 @@ def test_bad_prices_name_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyP
         tracewire.config.resolve()
     with pytest.raises(tracewire.ConfigError, match="argument prices"):
         tracewire.config.resolve(prices={"m": 3})
+
+
+def test_tracking_server_prices_what_we_ship(tmp_path: Path) -> None:
+    """Shipped to a tracking server, spans are priced by the server's store as they are saved:
+    nothing to compute on our side (cost.store_prices), and nothing counted twice."""
+    from tests.support.mlflow_server import MlflowServer
+    from tracewire.testing.traces import Synthetic, write
+
+    with MlflowServer(tmp_path / "server") as server:
+        client = mlflow.MlflowClient(tracking_uri=server.url)
+        experiment = client.create_experiment("cost-on-server")
+        shipped = Synthetic(otel_trace_id=7, request_time_ms=1_700_000_000_000, duration_ms=10,
+                            input_tokens=1000, output_tokens=100)
+        write([shipped], server.url, experiment)
+        trace = client.get_trace(shipped.trace_id)
+    ((model, usage, span_cost),) = priced(trace)
+    assert span_cost == pytest.approx(catalog(model, usage), rel=1e-12)
+    assert trace_cost(trace) == pytest.approx(span_cost, rel=1e-12)
