@@ -163,10 +163,45 @@ def exercise_langgraph(server: OpenAIServer) -> list[Any]:
     ]
 
 
+def exercise_starlette(server: OpenAIServer) -> list[Any]:
+    import httpx
+    import openai
+    from fastapi import FastAPI
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
+    app = FastAPI()
+
+    @app.get("/ask")
+    async def ask(q: str) -> dict[str, Any]:
+        reply = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": q}])
+        return {"reply": reply.choices[0].message.content}
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("boom")
+
+    app.mount("/sub", Starlette(routes=[Route("/hi", lambda r: PlainTextResponse("hi"))]))
+
+    async def calls() -> list[Any]:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            # What the caller sees of a response: status and body (tracewire adds headers).
+            return [(r.status_code, r.text) for r in [
+                await http.get("/ask", params={"q": "hello contract"}),
+                await http.get("/boom"), await http.get("/sub/hi"), await http.get("/nope")]]
+
+    return [_outcome(lambda: asyncio.run(calls()))]
+
+
 EXERCISERS: dict[str, Callable[[OpenAIServer], list[Any]]] = {
     "openai": exercise_openai,
     "langchain": exercise_langchain,
     "langgraph": exercise_langgraph,
+    "starlette": exercise_starlette,
 }
 
 # Plugins that register a hook with their framework instead of wrapping functions: the hooks

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import re
-import time
 from typing import Any, Iterator
 
 import httpx
@@ -20,26 +19,16 @@ from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
 import tracewire
 from tests.conftest import API_KEY, Traced
-from tests.middleware.conftest import Serve
+from tests.support.web_server import Serve, settled
 from tracewire.middleware import TracingMiddleware
 from tracewire.testing import OpenAIServer
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
-
-
-def settled(traced: Traced, expected: int) -> list[mlflow.entities.Trace]:
-    """The traces once ``expected`` are stored: a request's trace ends when the app call
-    returns, after the client has the whole response (and after any background task)."""
-    deadline = time.monotonic() + 30
-    while len(found := traced.traces()) < expected and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert len(found) == expected, [t.info.trace_id for t in found]
-    return found
 
 
 def chat_app(openai_server: OpenAIServer, **options: Any) -> FastAPI:

@@ -44,6 +44,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+# Marks a scope an outer TracingMiddleware has seen.
+_TRACED = "tracewire.traced"
+
 # A captured request body is cut past this (it is recorded as the root span's inputs).
 MAX_BODY = 64 * 1024
 
@@ -129,8 +132,14 @@ class TracingMiddleware:
         self._feedback_path = feedback_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Websockets and lifespan pass through untouched; so do excluded paths.
-        if scope["type"] != "http" or (self._exclude and scope["path"].startswith(self._exclude)):
+        # Websockets and lifespan pass through untouched; so do requests an outer
+        # TracingMiddleware has seen (a mounted app; zero-code beside one added by hand: the
+        # outer one's settings, excluded paths included, decide) and excluded paths.
+        if scope["type"] != "http" or _TRACED in scope:
+            await self.app(scope, receive, send)
+            return
+        scope[_TRACED] = True
+        if self._exclude and scope["path"].startswith(self._exclude):
             await self.app(scope, receive, send)
             return
         started = guard.call(self._start, scope)

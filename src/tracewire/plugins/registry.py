@@ -7,4 +7,5 @@ PLUGINS: dict[str, str] = {
     "openai": "tracewire.plugins.openai",
     "langchain": "tracewire.plugins.langchain",
     "langgraph": "tracewire.plugins.langgraph",
+    "starlette": "tracewire.plugins.starlette",
 }
