@@ -6,8 +6,8 @@ background sync of ``autolog(delta_path=...)``."""
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -180,15 +180,19 @@ CHILD = textwrap.dedent("""
     import sys
     from tracewire.export import delta
 
-    def progress(report):
-        print(report.written, flush=True)
+    merge = delta.write
 
+    def announced(table, rows, *args):  # the parent kills us while this merge runs
+        print(len(rows), flush=True)
+        return merge(table, rows, *args)
+
+    delta.write = announced
     delta.sync(sys.argv[1], tracking_uri=sys.argv[2], experiment_ids=[sys.argv[3]],
-               lookback_s=0, page_size=250, progress=progress)
+               lookback_s=0, page_size=250)
 """)
 
 
-def test_sync_killed_mid_batch_resumes_without_duplicates_or_gaps(
+def test_sync_killed_mid_merge_resumes_without_duplicates_or_gaps(
         big_store: tuple[str, str, list[str]], tmp_path: Path) -> None:
     uri, experiment, ids = big_store
     path = tmp_path / "t"
@@ -196,21 +200,24 @@ def test_sync_killed_mid_batch_resumes_without_duplicates_or_gaps(
                              stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
-        for line in child.stdout:  # some pages committed; the next one is being read/merged
-            if int(line) >= 2500:
+        pages: list[int] = []  # rows per merge
+        for line in child.stdout:
+            pages.append(int(line))
+            if len(pages) == 12:  # eleven pages committed, the twelfth being merged
                 break
-        time.sleep(0.05)
+        time.sleep(0.01)
         child.send_signal(signal.SIGKILL)
+        assert child.wait(30) == -signal.SIGKILL
     finally:
         child.kill()
-        child.wait(30)
     killed_at = DeltaTable(str(path))
     committed = read(path, ["trace_id"]).num_rows
-    assert 2500 <= committed < 10_000
-    assert killed_at.transaction_version(delta.app_id(uri, [experiment])) is not None
+    assert committed in (sum(pages[:11]), sum(pages))  # whole pages only, either side of the commit
+    mark = killed_at.transaction_version(delta.app_id(uri, [experiment]))
+    assert mark is not None
 
     report = sync(path, uri, experiment, lookback_s=0, page_size=250)
-    assert report.read < 10_000 - committed + 250  # resumed at the recorded mark
+    assert report.read <= 10_000 - committed + 1  # resumed at the recorded mark
     stored = read(path, ["trace_id"]).column("trace_id").to_pylist()
     assert len(stored) == 10_000 and sorted(stored) == sorted(ids)
 
@@ -260,6 +267,37 @@ def test_autolog_syncs_in_the_background_and_stops_on_disable(
     assert not thread.is_alive() and delta._background is None
     traced.enable()  # no delta_path now: no background sync
     assert delta._background is None
+
+
+def test_background_sync_that_fails_never_reaches_the_app(
+        traced: Traced, client: openai.OpenAI, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    tracewire.autolog(delta_path=str(blocker / "table"), delta_interval=1)
+    client.chat.completions.create(model="gpt-4o-mini",
+                                   messages=[{"role": "user", "content": "still fine"}])
+    traced.trace()
+    background = delta._background
+    assert background is not None
+    deadline = time.monotonic() + 30
+    while background.last_error is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert background.last_error is not None and background._thread.is_alive()
+    tracewire.disable()
+    assert not background._thread.is_alive()
+
+
+def test_progress_only_on_a_terminal() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert delta.terminal_progress(io.StringIO()) is None
+    screen = Terminal()
+    show = delta.terminal_progress(screen)
+    assert show is not None
+    show(delta.SyncReport(read=2500, written=2000))
+    assert screen.getvalue().startswith("\rtracewire: 2,500 traces read, 2,000 rows written (")
 
 
 @pytest.mark.parametrize("env, value, message", [
