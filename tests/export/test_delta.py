@@ -222,6 +222,31 @@ def test_sync_killed_mid_merge_resumes_without_duplicates_or_gaps(
     assert len(stored) == 10_000 and sorted(stored) == sorted(ids)
 
 
+def test_two_syncs_into_one_table_at_once(big_store: tuple[str, str, list[str]],
+                                          tmp_path: Path) -> None:
+    uri, experiment, ids = big_store
+    path = tmp_path / "t"
+    delta.sync(str(path), tracking_uri=uri, experiment_ids=[experiment], lookback_s=0,
+               since_ms=int(time.time() * 1000) + 86_400_000)  # creates the table, reads nothing
+    script = textwrap.dedent("""
+        import sys
+        from tracewire.export import delta
+        report = delta.sync(sys.argv[1], tracking_uri=sys.argv[2], experiment_ids=[sys.argv[3]],
+                            lookback_s=0, since_ms=int(sys.argv[4]), page_size=250)
+        print(report.read)
+    """)
+    # The newest 3,000 traces: enough pages for the two to collide, in a few seconds.
+    since = mlflow.MlflowClient(uri).get_trace(ids[7000]).info.request_time
+    children = [subprocess.Popen([sys.executable, "-c", script, str(path), uri, experiment,
+                                  str(since)], stdout=subprocess.PIPE, text=True)
+                for _ in range(2)]
+    outputs = [child.communicate(timeout=120)[0] for child in children]
+    assert [child.returncode for child in children] == [0, 0]
+    assert [int(out) for out in outputs] == [3000, 3000]
+    stored = read(path, ["trace_id"]).column("trace_id").to_pylist()
+    assert len(stored) == 3000 and sorted(stored) == sorted(ids[7000:])
+
+
 def test_backfill_of_10000_traces(big_store: tuple[str, str, list[str]], tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str],
                                   monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,6 +31,7 @@ from tracewire.export import trace_rows
 logger = logging.getLogger("tracewire")
 
 PAGE_SIZE = 1000
+_COMMIT_ATTEMPTS = 5  # per page, when other syncs keep committing to the same table
 _DAY_MS = 86_400_000
 
 
@@ -167,14 +168,17 @@ def sync(
         if wanted:
             traces = with_spans(client, wanted)
             rows = [trace_rows.row(t) for t in traces]
-            try:
-                report.written += write(table, rows, app, high_water)
-            except CommitFailedError:
-                # Another sync (another app worker) committed first: merge again on top of
-                # its rows, keeping the later of the two progress marks.
-                table.update_incremental()
-                high_water = max(high_water, table.transaction_version(app) or 0)
-                report.written += write(table, rows, app, high_water)
+            for attempt in range(_COMMIT_ATTEMPTS):
+                try:
+                    report.written += write(table, rows, app, high_water)
+                    break
+                except CommitFailedError:
+                    if attempt == _COMMIT_ATTEMPTS - 1:
+                        raise
+                    # Another sync (another app worker) committed first: merge again on top
+                    # of its rows, keeping the later of the two progress marks.
+                    table.update_incremental()
+                    high_water = max(high_water, table.transaction_version(app) or 0)
             stored.update((r["trace_id"], r["revision"]) for r in rows)
         report.high_water_ms = high_water
         if progress is not None:
