@@ -29,9 +29,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from tracewire import config
     from tracewire.cli import CLIError
-    from tracewire.cli.since import since_ms
+    from tracewire.cli.shared import require_deltalake, since_ms
     from tracewire.export import delta, mlflow_store
 
+    require_deltalake("export delta")
     settings = config.resolve()
     try:
         since = since_ms(args.since) if args.since else None

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tracewire import config
     from tracewire.cli import CLIError
-    from tracewire.cli.since import since_ms
+    from tracewire.cli.shared import require_deltalake, since_ms
     from tracewire.report import aggregate, render, sources
 
     try:
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     until = int(time.time() * 1000)
     if args.delta:
+        require_deltalake("stats --delta")
         from deltalake.exceptions import TableNotFoundError
 
         try:

@@ -56,7 +56,7 @@ def _open_table(path: str, storage_options: dict[str, str] | None) -> Any:
     try:
         return DeltaTable(path, storage_options=storage_options)
     except TableNotFoundError:
-        return DeltaTable.create(path, schema=trace_rows.SCHEMA,
+        return DeltaTable.create(path, schema=trace_rows.schema(),
                                  partition_by=[trace_rows.PARTITION],
                                  storage_options=storage_options, name="tracewire_traces")
 

@@ -9,53 +9,62 @@ byte from the root span the middleware wrote, and the feedback logged on the tra
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
-from typing import Any
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
 from tracewire.core import attributes as keys
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # Partition column: the UTC day of the request.
 PARTITION = "request_date"
 
-SCHEMA = pa.schema([
-    pa.field("trace_id", pa.string(), nullable=False),
-    pa.field("client_request_id", pa.string()),
-    pa.field("request_time", pa.timestamp("ms", tz="UTC")),
-    pa.field(PARTITION, pa.date32()),
-    pa.field("state", pa.string()),
-    pa.field("execution_duration_ms", pa.int64()),
-    pa.field("name", pa.string()),
-    pa.field("session", pa.string()),
-    pa.field("user", pa.string()),
-    pa.field("environment", pa.string()),
-    pa.field("service_version", pa.string()),
-    pa.field("region", pa.string()),
-    pa.field("tags", pa.string()),
-    pa.field("request_preview", pa.string()),
-    pa.field("response_preview", pa.string()),
-    pa.field("input_tokens", pa.int64()),
-    pa.field("output_tokens", pa.int64()),
-    pa.field("total_tokens", pa.int64()),
-    pa.field("cache_read_input_tokens", pa.int64()),
-    pa.field("cache_creation_input_tokens", pa.int64()),
-    pa.field("input_cost_usd", pa.float64()),
-    pa.field("output_cost_usd", pa.float64()),
-    pa.field("total_cost_usd", pa.float64()),
-    pa.field("models", pa.list_(pa.string())),
-    pa.field("route", pa.string()),
-    pa.field("http_status", pa.int32()),
-    pa.field("time_to_first_byte_ms", pa.float64()),
-    pa.field("error_message", pa.string()),
-    pa.field("feedback_count", pa.int32()),
-    pa.field("feedback_positive", pa.int32()),
-    pa.field("assessments", pa.string()),
-    pa.field("assessments_hash", pa.string()),
-    pa.field("revision", pa.string()),
-    pa.field("spans", pa.string()),
-])
+
+@functools.lru_cache(maxsize=None)
+def schema() -> pa.Schema:
+    """The table's Arrow schema (pyarrow is imported only by what reads or writes the table:
+    ``tracewire stats`` on the store runs without it)."""
+    import pyarrow as pa
+
+    return pa.schema([
+        pa.field("trace_id", pa.string(), nullable=False),
+        pa.field("client_request_id", pa.string()),
+        pa.field("request_time", pa.timestamp("ms", tz="UTC")),
+        pa.field(PARTITION, pa.date32()),
+        pa.field("state", pa.string()),
+        pa.field("execution_duration_ms", pa.int64()),
+        pa.field("name", pa.string()),
+        pa.field("session", pa.string()),
+        pa.field("user", pa.string()),
+        pa.field("environment", pa.string()),
+        pa.field("service_version", pa.string()),
+        pa.field("region", pa.string()),
+        pa.field("tags", pa.string()),
+        pa.field("request_preview", pa.string()),
+        pa.field("response_preview", pa.string()),
+        pa.field("input_tokens", pa.int64()),
+        pa.field("output_tokens", pa.int64()),
+        pa.field("total_tokens", pa.int64()),
+        pa.field("cache_read_input_tokens", pa.int64()),
+        pa.field("cache_creation_input_tokens", pa.int64()),
+        pa.field("input_cost_usd", pa.float64()),
+        pa.field("output_cost_usd", pa.float64()),
+        pa.field("total_cost_usd", pa.float64()),
+        pa.field("models", pa.list_(pa.string())),
+        pa.field("route", pa.string()),
+        pa.field("http_status", pa.int32()),
+        pa.field("time_to_first_byte_ms", pa.float64()),
+        pa.field("error_message", pa.string()),
+        pa.field("feedback_count", pa.int32()),
+        pa.field("feedback_positive", pa.int32()),
+        pa.field("assessments", pa.string()),
+        pa.field("assessments_hash", pa.string()),
+        pa.field("revision", pa.string()),
+        pa.field("spans", pa.string()),
+    ])
 
 
 def _json(value: Any) -> Any:
@@ -178,7 +187,9 @@ def row(trace: Any) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=SCHEMA)
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows, schema=schema())
 
 
 def read(table: Any, columns: list[str] | None = None, filter: Any = None) -> pa.Table:

@@ -28,7 +28,7 @@ def from_delta(path: str, since_ms: int,
 
     since = dt.datetime.fromtimestamp(since_ms / 1000, tz=dt.timezone.utc)
     table = DeltaTable(path, storage_options=storage_options)
-    columns = [name for name in trace_rows.SCHEMA.names if name != "spans"]
+    columns = [name for name in trace_rows.schema().names if name != "spans"]
     # The partition filter prunes whole days; the time filter trims the first one.
     return trace_rows.read(table, columns, (ds.field(trace_rows.PARTITION) >= since.date())
                            & (ds.field("request_time") >= since)).to_pylist()

@@ -1,5 +1,6 @@
-"""``--since``: a duration back from now (``90m``, ``24h``, ``7d``) or an ISO date/time (UTC
-unless it names a zone). Not a subcommand: a helper shared by ``stats`` and ``export``."""
+"""What ``stats`` and ``export`` share (not a subcommand): ``--since``, a duration back from now
+(``90m``, ``24h``, ``7d``) or an ISO date/time (UTC unless it names a zone); and the check that
+the Delta extra is installed."""
 
 from __future__ import annotations
 
@@ -23,3 +24,14 @@ def since_ms(text: str, now: float | None = None) -> int:
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
     return int(when.timestamp() * 1000)
+
+
+def require_deltalake(what: str) -> None:
+    """A missing extra is a one-line error naming what to install, not a traceback."""
+    import importlib.util
+
+    from tracewire.cli import CLIError
+
+    if importlib.util.find_spec("deltalake") is None or importlib.util.find_spec(
+            "pyarrow") is None:
+        raise CLIError(f'{what} needs the Delta extra: pip install "tracewire[delta]"')
