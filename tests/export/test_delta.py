@@ -48,13 +48,15 @@ def rows(path: Path) -> list[dict]:
 
 def synthetic(count: int, start_ms: int, **fields: object) -> list[Synthetic]:
     base = uuid.uuid4().int >> 64  # trace ids unique in the suite's shared store
-    return [Synthetic(otel_trace_id=base + i + 1, request_time_ms=start_ms + i * 1000,
-                      duration_ms=100 + i, **fields) for i in range(count)]  # type: ignore[arg-type]
+    return [Synthetic(otel_trace_id=base + i + 1,  # type: ignore[arg-type]
+                      request_time_ms=start_ms + i * 1000, duration_ms=100 + i, **fields)
+            for i in range(count)]
 
 
 def sync(path: Path, uri: str, experiment: str, **options: object) -> delta.SyncReport:
+    lookback = options.pop("lookback_s", 86_400)
     return delta.sync(str(path), tracking_uri=uri, experiment_ids=[experiment],
-                      lookback_s=options.pop("lookback_s", 86_400), **options)  # type: ignore[arg-type]
+                      lookback_s=lookback, **options)  # type: ignore[arg-type]
 
 
 def test_rows_read_back_with_deltalake_and_duckdb(tracking_uri: str, tmp_path: Path) -> None:
@@ -66,7 +68,8 @@ def test_rows_read_back_with_deltalake_and_duckdb(tracking_uri: str, tmp_path: P
                   route="/chat/{room}", status=200, ttfb_ms=31.5, session="s-1", user="u-1",
                   request_id="req-1", input_tokens=1000, output_tokens=100,
                   tags={"deployment.environment": "prod", "team": "search"}),
-        Synthetic(otel_trace_id=base + 2, request_time_ms=day + 86_400_000 + HOUR_MS, duration_ms=90,
+        Synthetic(otel_trace_id=base + 2, request_time_ms=day + 86_400_000 + HOUR_MS,
+                  duration_ms=90,
                   route="/chat/{room}", status=500, error="RuntimeError: upstream down",
                   model="my-private-model"),
     ]
@@ -333,6 +336,20 @@ def test_bad_delta_settings_name_the_setting(monkeypatch: pytest.MonkeyPatch, en
                                              value: str, message: str) -> None:
     monkeypatch.setenv(env, value)
     with pytest.raises(tracewire.ConfigError, match=message):
+        tracewire.config.resolve()
+
+
+def test_delta_path_without_deltalake_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deltalake" else find_spec(name, *a))
+    with pytest.raises(tracewire.ConfigError,
+                       match=r'argument delta_path is set.*pip install "tracewire\[delta\]"'):
+        tracewire.config.resolve(delta_path="/tmp/x")
+    monkeypatch.setenv("TRACEWIRE_DELTA_PATH", "/tmp/x")
+    with pytest.raises(tracewire.ConfigError, match="TRACEWIRE_DELTA_PATH is set"):
         tracewire.config.resolve()
 
 

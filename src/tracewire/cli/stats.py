@@ -37,9 +37,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def _iso(ms: int) -> str:
     import datetime as dt
 
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run(args: argparse.Namespace) -> int:
     from tracewire import config
     from tracewire.cli import CLIError
     from tracewire.cli.shared import require_deltalake, since_ms
@@ -74,9 +78,7 @@ def run(args: argparse.Namespace) -> int:
         source = f"tracking store {uri}"
 
     groups = aggregate.aggregate(rows, args.by)
-    iso = lambda ms: dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).isoformat(  # noqa: E731
-        timespec="seconds")
-    window = {"since": iso(since), "until": iso(until), "source": source}
+    window = {"since": _iso(since), "until": _iso(until), "source": source}
     if args.html:
         from tracewire.report import html
 
