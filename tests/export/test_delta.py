@@ -6,6 +6,7 @@ background sync of ``autolog(delta_path=...)``."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import signal
@@ -163,6 +164,18 @@ def test_late_trace_inside_the_lookback_window_arrives(tracking_uri: str, tmp_pa
     report = sync(tmp_path / "t", tracking_uri, experiment, lookback_s=3600)
     assert report.written == 1
     assert late[0].trace_id in {r["trace_id"] for r in rows(tmp_path / "t")}
+
+
+def test_burst_in_one_millisecond_larger_than_a_page(tracking_uri: str, tmp_path: Path) -> None:
+    experiment = new_experiment(tracking_uri)
+    now = int(time.time() * 1000) - 60_000
+    burst = [dataclasses.replace(t, request_time_ms=now) for t in synthetic(25, now)]
+    after = synthetic(3, now + 1)
+    write(burst + after, tracking_uri, experiment)
+    report = sync(tmp_path / "t", tracking_uri, experiment, page_size=10)
+    assert (report.read, report.written) == (28, 28)
+    assert sorted(r["trace_id"] for r in rows(tmp_path / "t")) == sorted(
+        t.trace_id for t in burst + after)
 
 
 # --------------------------------------------------------------------------- 10,000 traces
