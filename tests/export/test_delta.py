@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import tracewire
 from tests.conftest import Traced
 from tracewire.cli import main
 from tracewire.export import delta, trace_rows
+from tracewire.testing import OpenAIServer
 from tracewire.testing.traces import Synthetic, write
 
 HOUR_MS = 3_600_000
@@ -308,6 +310,47 @@ def test_autolog_syncs_in_the_background_and_stops_on_disable(
     assert not thread.is_alive() and delta._background is None
     traced.enable()  # no delta_path now: no background sync
     assert delta._background is None
+
+
+def test_web_request_trace_row_has_route_status_and_first_byte(
+        traced: Traced, openai_server: OpenAIServer, tmp_path: Path) -> None:
+    """A real FastAPI app under TracingMiddleware (called in process over ASGI), its trace
+    synced: the row carries what the middleware recorded on the request's root span."""
+    import asyncio
+
+    import httpx
+    from fastapi import FastAPI
+
+    from tests.conftest import API_KEY
+    from tracewire.middleware import TracingMiddleware
+
+    app = FastAPI()
+    llm = openai.AsyncOpenAI(base_url=openai_server.base_url, api_key=API_KEY, max_retries=0)
+
+    @app.post("/chat/{room}")
+    async def chat(room: str) -> dict[str, str]:
+        reply = await llm.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": room}])
+        return {"reply": reply.choices[0].message.content or ""}
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=TracingMiddleware(app))
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            return await http.post("/chat/lobby", headers={
+                "X-Request-ID": "req-delta-1", "X-Session-ID": "sess-9", "X-User-ID": "ann"})
+
+    response = asyncio.run(call())
+    assert response.status_code == 200 and response.json()["reply"]
+    trace = traced.trace()
+    experiment = mlflow.get_experiment_by_name(traced.experiment_name).experiment_id
+    sync(tmp_path / "t", os.environ["MLFLOW_TRACKING_URI"], experiment)
+    (row,) = rows(tmp_path / "t")
+    assert row["trace_id"] == trace.info.trace_id
+    assert (row["route"], row["http_status"], row["client_request_id"]) == (
+        "/chat/{room}", 200, "req-delta-1")
+    assert (row["session"], row["user"]) == ("sess-9", "ann")
+    assert row["time_to_first_byte_ms"] > 0 and row["models"] == ["gpt-4o-mini"]
+    assert row["total_tokens"] > 0 and row["total_cost_usd"] > 0
 
 
 def test_background_sync_that_fails_never_reaches_the_app(
