@@ -146,5 +146,9 @@ def test_two_workers_each_trace(tmp_path: Path, openai_server: OpenAIServer, ser
         output = proc.communicate(timeout=30)[0].decode(errors="replace")
     assert len(pids) == 2, f"one worker answered all {asked} requests\n{output}"
     traces = _traces(env, asked)
-    assert sorted(t.data.spans[0].inputs["messages"][0]["content"] for t in traces) == sorted(
-        f"question {i}" for i in range(1, asked + 1))
+    questions = []
+    for trace in traces:  # each a web request (the starlette plugin) with its model call
+        by_name = {s.name: s for s in trace.data.spans}
+        assert by_name["chat gpt-4o-mini"].parent_id == by_name["GET /ask"].span_id
+        questions.append(by_name["chat gpt-4o-mini"].inputs["messages"][0]["content"])
+    assert sorted(questions) == sorted(f"question {i}" for i in range(1, asked + 1))
