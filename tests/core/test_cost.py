@@ -157,3 +157,11 @@ def test_tracking_server_prices_what_we_ship(tmp_path: Path) -> None:
     ((model, usage, span_cost),) = priced(trace)
     assert span_cost == pytest.approx(catalog(model, usage), rel=1e-12)
     assert trace_cost(trace) == pytest.approx(span_cost, rel=1e-12)
+
+
+def test_cost_keys_are_mlflows() -> None:
+    from mlflow.tracing.constant import CostKey, SpanAttributeKey, TraceMetadataKey
+
+    assert (keys.INPUT_COST, keys.OUTPUT_COST, keys.TOTAL_COST) == (
+        CostKey.INPUT_COST, CostKey.OUTPUT_COST, CostKey.TOTAL_COST)
+    assert (keys.LLM_COST, keys.TRACE_COST) == (SpanAttributeKey.LLM_COST, TraceMetadataKey.COST)

@@ -25,6 +25,11 @@ TOTAL_TOKENS = "total_tokens"
 CACHE_READ_INPUT_TOKENS = "cache_read_input_tokens"
 CACHE_CREATION_INPUT_TOKENS = "cache_creation_input_tokens"
 
+# Keys inside LLM_COST and TRACE_COST, in USD (mlflow/tracing/constant.py: CostKey).
+INPUT_COST = "input_cost"
+OUTPUT_COST = "output_cost"
+TOTAL_COST = "total_cost"
+
 # --- MLflow span types (mlflow.entities.SpanType) ---
 class SpanType:
     LLM = "LLM"

@@ -94,8 +94,8 @@ def _override(price: Price, usage: Mapping[str, int]) -> dict[str, float]:
     else:
         input_cost = prompt * price.input
     output_cost = (usage.get(keys.OUTPUT_TOKENS, 0) or 0) * price.output
-    return {"input_cost": input_cost, "output_cost": output_cost,
-            "total_cost": input_cost + output_cost}
+    return {keys.INPUT_COST: input_cost, keys.OUTPUT_COST: output_cost,
+            keys.TOTAL_COST: input_cost + output_cost}
 
 
 def store_prices(tracking_uri: str) -> bool:
