@@ -1,17 +1,22 @@
-"""``tracewire demo``: a short scripted OpenAI session, traced into MLflow, then read back.
+"""``tracewire demo``: the example agent app under uvicorn, a few sessions of traffic, then the
+``tracewire stats`` table of what was traced.
 
-Without ``--real`` the calls go to the bundled local OpenAI-compatible server
-(:class:`tracewire.testing.OpenAIServer`), so no API key and no network are needed; with
-``--real`` they go to the OpenAI API (``OPENAI_API_KEY``). The traces go to ``./mlflow.db``
-(or ``MLFLOW_TRACKING_URI`` / ``--tracking-uri``); the demo then reads back exactly the traces of
-this run through MLflow's API, prints per-call tokens and cost, and the ``mlflow ui`` command that
-shows them.
+The app is examples/fastapi_agent (shipped as :mod:`tracewire.cli.demo_app`): a FastAPI app with
+a LangGraph agent (a retriever, a ChatOpenAI model, a weather tool). It runs on uvicorn in a
+thread of this process. Without ``--real`` its model is the bundled local OpenAI-compatible
+server (:class:`tracewire.testing.OpenAIServer`), so no API key and no network are needed; with
+``--real`` it is the OpenAI API (``OPENAI_API_KEY``). The demo drives a few multi-turn sessions
+over HTTP (one streamed reply, one failing tool call, feedback through the app's ``/feedback``
+route), waits until the traces are in the store (``./mlflow.db`` by default), syncs them into a
+Delta table (``./tracewire-delta``) and prints the stats of exactly this run's traces, read back
+from that table, with the ``mlflow ui`` command that shows them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import shlex
@@ -20,43 +25,74 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Iterator, Mapping, TextIO, TypeVar
 
 from tracewire.cli import CLIError
 
 DEFAULT_EXPERIMENT = "tracewire-demo"
 DEFAULT_STORE_FILE = "mlflow.db"
-CHAT_MODEL = "gpt-4o-mini"
-EMBEDDING_MODEL = "text-embedding-3-small"
-OPENAI_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_DELTA_DIR = "tracewire-delta"
 RUN_TAG = "demo.run"
-CALLS = 7  # the number of model calls _run_script makes
-# Small caps keep a --real run to a fraction of a cent.
-MAX_TOKENS = 120
+APP_MODULE = "tracewire.cli.demo_app"
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One chat turn the demo sends to the app."""
+
+    session: str  # the run's id is appended: each run has conversations of its own
+    user: str
+    message: str
+    stream: bool = False
+    # Thumbs up (True) or down (False) on this turn's reply, through the /feedback route.
+    feedback: bool | None = None
+    rationale: str | None = None
+    # The weather tool has no data for it: with the bundled model the request fails (HTTP 500);
+    # a real model may answer without calling the tool.
+    fails: bool = False
+
+
+# Every turn the bundled model answers calls the weather tool with the question as the city.
+SCRIPT = (
+    Turn("paris", "ada", "What is the weather in Paris today?", feedback=True),
+    Turn("paris", "ada", "Is the Louvre in Paris open on Tuesdays?"),
+    Turn("paris", "ada", "Plan a rainy afternoon in London for me.", stream=True),
+    Turn("london", "grace", "Do I need an umbrella in London?"),
+    Turn("london", "grace", "And in Tokyo next week?", feedback=False,
+         rationale="asked about next week, got today's weather"),
+    Turn("atlantis", "linus", "What is the weather in Atlantis?", fails=True),
+)
+STEPS = len(SCRIPT) + sum(t.feedback is not None for t in SCRIPT)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "demo",
-        help="run a short traced OpenAI session and show its tokens and cost",
+        help="run the example agent app on a few sessions of traffic and show the stats",
         description=(
-            "Run a short scripted OpenAI session (chat, streaming, a tool call, embeddings, the "
-            "Responses API) against the bundled local OpenAI-compatible server, or against the "
-            "OpenAI API with --real. Traces are written to ./mlflow.db (or MLFLOW_TRACKING_URI); "
-            "per-call tokens and cost are read back from the store and printed, with the "
-            "`mlflow ui` command that shows them."
+            "Run the example FastAPI + LangGraph agent app (examples/fastapi_agent) under "
+            "uvicorn against the bundled local OpenAI-compatible server (or the OpenAI API with "
+            "--real), drive a few sessions of traffic through it (multi-turn chats, a streamed "
+            "reply, a failing tool call, feedback), then sync the traces into a Delta table "
+            "and print the `tracewire stats` table of this run and the `mlflow ui` command "
+            "that shows the traces."
         ),
     )
     parser.add_argument(
         "--real", action="store_true",
-        help=f"call the OpenAI API ({CHAT_MODEL}; needs OPENAI_API_KEY) instead of the local server",
+        help="use the OpenAI API (gpt-4o-mini; needs OPENAI_API_KEY) instead of the local server",
     )
     parser.add_argument(
         "--tracking-uri", metavar="URI",
         help="MLflow tracking store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in "
              "the current directory)",
+    )
+    parser.add_argument(
+        "--delta", metavar="PATH", default=DEFAULT_DELTA_DIR,
+        help=f"the Delta table the traces are synced into (default: ./{DEFAULT_DELTA_DIR})",
     )
     return parser
 
@@ -109,14 +145,18 @@ def _environ(updates: Mapping[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _demo_environ(uri: str, local: bool) -> dict[str, str]:
+def _demo_environ(uri: str, run_id: str, local: bool) -> dict[str, str]:
+    """The settings the app's own ``tracewire.autolog()`` reads: the store, the experiment, and
+    the run's tag on every trace (how the demo finds exactly this run's traces)."""
     env = {"MLFLOW_TRACKING_URI": uri}
     if not os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip() and \
             not os.environ.get("MLFLOW_EXPERIMENT_ID", "").strip():
         env["MLFLOW_EXPERIMENT_NAME"] = DEFAULT_EXPERIMENT
+    tags = os.environ.get("TRACEWIRE_TAGS", "").strip()
+    env["TRACEWIRE_TAGS"] = f"{tags},{RUN_TAG}={run_id}" if tags else f"{RUN_TAG}={run_id}"
     if "MLFLOW_MODEL_CATALOG_URI" not in os.environ:
         # Otherwise MLflow downloads a model price catalog for models it does not know,
-        # which stalls offline; its built-in table prices the demo's models.
+        # which stalls offline; its built-in table prices the demo's model.
         env["MLFLOW_MODEL_CATALOG_URI"] = ""
     if local:
         # The local server accepts stream_options.include_usage like OpenAI does, so streamed
@@ -125,305 +165,6 @@ def _demo_environ(uri: str, local: bool) -> dict[str, str]:
         if "127.0.0.1" not in hosts.split(","):
             env["TRACEWIRE_STREAM_USAGE_HOSTS"] = f"{hosts},127.0.0.1" if hosts else "127.0.0.1"
     return env
-
-
-# --------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """One line per call: rewritten in place with \\r on a terminal, plain lines otherwise."""
-
-    def __init__(self, out: TextIO, total: int) -> None:
-        self._out = out
-        self._total = total
-        self._tty = _isatty(out)
-        self.index = 0
-
-    def call(self, label: str, session: str, fn: Callable[[], T],
-             preview: Callable[[T], str]) -> T:
-        self.index += 1
-        head = f"  [{self.index}/{self._total}] {label:<24} {session:<22}"
-        if self._tty:
-            self._out.write(f"\r\033[K{head} ...")
-            self._out.flush()
-        started = time.perf_counter()
-        try:
-            result = fn()
-        except BaseException:
-            if self._tty:
-                self._out.write("\n")
-                self._out.flush()
-            raise
-        ms = (time.perf_counter() - started) * 1000
-        line = f"{head} {ms:6.0f} ms  {_shorten(preview(result), 40)}"
-        self._out.write(("\r\033[K" if self._tty else "") + line + "\n")
-        self._out.flush()
-        return result
-
-
-def _isatty(out: TextIO) -> bool:
-    try:
-        return out.isatty()
-    except Exception:
-        return False
-
-
-def _shorten(text: str, width: int) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-# --------------------------------------------------------------------------- the session
-
-
-def _weather(city: str) -> dict[str, Any]:
-    """The demo's tool: a canned forecast."""
-    return {"city": city, "forecast": "sunny", "temperature_c": 21}
-
-
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather for a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "description": "the city name"}},
-            "required": ["city"],
-        },
-    },
-}
-
-
-@dataclass(frozen=True)
-class Step:
-    label: str
-    session: str
-
-
-def _reply(completion: Any) -> str:
-    message = completion.choices[0].message
-    if message.tool_calls:
-        return "tool call " + ", ".join(
-            f"{c.function.name}({c.function.arguments})" for c in message.tool_calls)
-    return message.content or ""
-
-
-def _run_script(client: Any, progress: Progress, sessions: tuple[str, str],
-                users: tuple[str, str]) -> list[Step]:
-    """The scripted session: CALLS model calls in two sessions. Returns the steps, in order."""
-    import tracewire
-
-    steps: list[Step] = []
-
-    def call(label: str, session: str, fn: Callable[[], T], preview: Callable[[T], str]) -> T:
-        steps.append(Step(label, session))
-        return progress.call(label, session, fn, preview)
-
-    chat, agent = sessions
-    with tracewire.context(session_id=chat, user_id=users[0]):
-        messages: list[dict[str, Any]] = [
-            {"role": "system", "content": "You are a concise assistant. Answer in one sentence."},
-            {"role": "user", "content": "What does MLflow Tracing record for an LLM call?"},
-        ]
-        first = call("chat, turn 1", chat, lambda: client.chat.completions.create(
-            model=CHAT_MODEL, messages=list(messages), max_tokens=MAX_TOKENS), _reply)
-        messages.append({"role": "assistant", "content": first.choices[0].message.content or ""})
-        messages.append({"role": "user", "content": "Why do exact token counts matter?"})
-        call("chat, turn 2", chat, lambda: client.chat.completions.create(
-            model=CHAT_MODEL, messages=list(messages), max_tokens=MAX_TOKENS), _reply)
-
-        def streamed() -> str:
-            stream = client.chat.completions.create(
-                model=CHAT_MODEL, stream=True, max_tokens=MAX_TOKENS,
-                messages=[{"role": "user", "content": "Write a haiku about tracing."}])
-            return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-
-        call("chat, streamed", chat, streamed, lambda text: text)
-
-    with tracewire.context(session_id=agent, user_id=users[1]):
-        messages = [{"role": "user", "content": "What is the weather in Paris right now?"}]
-        asked = call("tool call", agent, lambda: client.chat.completions.create(
-            model=CHAT_MODEL, messages=list(messages), tools=[WEATHER_TOOL], max_tokens=MAX_TOKENS,
-            tool_choice={"type": "function", "function": {"name": "get_weather"}}), _reply)
-        tool_calls = asked.choices[0].message.tool_calls or []
-        if not tool_calls:
-            raise CLIError("the model did not call the get_weather tool")
-        messages.append({"role": "assistant", "tool_calls": [
-            {"id": c.id, "type": "function",
-             "function": {"name": c.function.name, "arguments": c.function.arguments}}
-            for c in tool_calls]})
-        for tool_call in tool_calls:
-            try:
-                arguments = json.loads(tool_call.function.arguments or "{}")
-            except ValueError:
-                arguments = {}
-            city = arguments.get("city") if isinstance(arguments, dict) else None
-            messages.append({"role": "tool", "tool_call_id": tool_call.id,
-                             "content": json.dumps(_weather(str(city or "Paris")))})
-        call("tool result -> answer", agent, lambda: client.chat.completions.create(
-            model=CHAT_MODEL, messages=list(messages), tools=[WEATHER_TOOL],
-            max_tokens=MAX_TOKENS), _reply)
-
-        call("embeddings", agent, lambda: client.embeddings.create(
-            model=EMBEDDING_MODEL,
-            input=["tracewire traces OpenAI calls into MLflow", "with exact tokens and cost"]),
-            lambda result: f"{len(result.data)} vectors of {len(result.data[0].embedding)} floats")
-
-        call("responses API", agent, lambda: client.responses.create(
-            model=CHAT_MODEL, input="Write a one-line release note for a tracing library.",
-            max_output_tokens=MAX_TOKENS), lambda response: response.output_text)
-    assert len(steps) == CALLS, len(steps)
-    return steps
-
-
-# --------------------------------------------------------------------------- read back
-
-
-@dataclass(frozen=True)
-class Row:
-    step: str
-    name: str
-    session: str
-    input_tokens: int
-    output_tokens: int
-    total_tokens: int
-    cost: float | None
-    ms: int | None
-
-
-def _cost(trace: Any) -> float | None:
-    """Total USD cost the store priced for the trace, or None when it did not price it."""
-    cost = None
-    with contextlib.suppress(Exception):
-        cost = trace.info.cost
-    if not cost:
-        raw = trace.info.trace_metadata.get("mlflow.trace.cost")
-        with contextlib.suppress(Exception):
-            cost = json.loads(raw) if raw else None
-    if isinstance(cost, dict) and cost.get("total_cost") is not None:
-        return float(cost["total_cost"])
-    total = None
-    for span in trace.data.spans:  # fall back to the spans' own prices
-        span_cost = span.attributes.get("mlflow.llm.cost")
-        if isinstance(span_cost, str):
-            with contextlib.suppress(ValueError):
-                span_cost = json.loads(span_cost)
-        if isinstance(span_cost, dict) and span_cost.get("total_cost") is not None:
-            total = (total or 0.0) + float(span_cost["total_cost"])
-    return total
-
-
-def _root(trace: Any) -> Any:
-    return next((s for s in trace.data.spans if s.parent_id is None), None)
-
-
-def _start_ns(trace: Any) -> int:
-    root = _root(trace)
-    return root.start_time_ns if root is not None else trace.info.request_time * 1_000_000
-
-
-def _row(trace: Any, step: str) -> Row:
-    usage = trace.info.token_usage or {}
-    root = _root(trace)
-    name = trace.info.tags.get("mlflow.traceName") or (root.name if root is not None else "?")
-    return Row(
-        step=step,
-        name=name,
-        session=trace.info.trace_metadata.get("mlflow.trace.session", "-"),
-        input_tokens=int(usage.get("input_tokens", 0)),
-        output_tokens=int(usage.get("output_tokens", 0)),
-        total_tokens=int(usage.get("total_tokens", 0)),
-        cost=_cost(trace),
-        ms=trace.info.execution_duration,
-    )
-
-
-def read_back(uri: str, experiment_id: str, run_id: str) -> list[Any]:
-    """The traces this run wrote: in the experiment, tagged with the run's id; oldest first."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    traces: list[Any] = []
-    page_token = None
-    while True:
-        page = client.search_traces(
-            locations=[experiment_id], filter_string=f"tag.`{RUN_TAG}` = '{run_id}'",
-            max_results=100, page_token=page_token)
-        traces.extend(page)
-        page_token = page.token
-        if not page_token:
-            break
-    return sorted(traces, key=_start_ns)
-
-
-def _money(value: float | None) -> str:
-    return "-" if value is None else f"{value:.8f}"
-
-
-def format_table(rows: list[Row]) -> str:
-    header = ("#", "step", "call", "session", "in", "out", "total", "cost USD", "ms")
-    right = {0, 4, 5, 6, 7, 8}
-    body = [(str(i), r.step, r.name, r.session, str(r.input_tokens), str(r.output_tokens),
-             str(r.total_tokens), _money(r.cost), "-" if r.ms is None else str(r.ms))
-            for i, r in enumerate(rows, 1)]
-    priced = [r.cost for r in rows if r.cost is not None]
-    total = ("", "total", f"{len(rows)} calls", "",
-             str(sum(r.input_tokens for r in rows)), str(sum(r.output_tokens for r in rows)),
-             str(sum(r.total_tokens for r in rows)), _money(sum(priced) if priced else None),
-             str(sum(r.ms or 0 for r in rows)))
-    widths = [max(len(line[i]) for line in (header, total, *body)) for i in range(len(header))]
-
-    def fmt(line: tuple[str, ...]) -> str:
-        return "  ".join(cell.rjust(w) if i in right else cell.ljust(w)
-                         for i, (cell, w) in enumerate(zip(line, widths))).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(header), rule, *map(fmt, body), rule, fmt(total)])
-
-
-# --------------------------------------------------------------------------- run
-
-
-def _openai_client(real: bool, base_url: str) -> Any:
-    try:
-        import openai
-    except ImportError:
-        raise CLIError('the demo needs the openai package: pip install "tracewire[openai]"') from None
-    if real:
-        return openai.OpenAI(api_key=os.environ["OPENAI_API_KEY"], base_url=base_url, timeout=60)
-    return openai.OpenAI(api_key="not-needed", base_url=base_url, max_retries=0, timeout=30)
-
-
-def _experiment_id(uri: str) -> tuple[str, str]:
-    """(id, name) of the experiment the traces went to."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID", "").strip()
-    if experiment_id:
-        experiment = client.get_experiment(experiment_id)
-    else:
-        name = os.environ["MLFLOW_EXPERIMENT_NAME"].strip()
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise CLIError(f"no experiment named {name!r} in {uri}: no trace reached the store")
-    return experiment.experiment_id, experiment.name
-
-
-def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    out = out or sys.stdout
-    if args.real and not os.environ.get("OPENAI_API_KEY", "").strip():
-        raise CLIError("--real calls the OpenAI API and needs OPENAI_API_KEY to be set "
-                       "(run without --real to use the bundled local server, no key needed)")
-    from tracewire import config
-
-    if not config.tracing_enabled():
-        raise CLIError("ENABLE_MLFLOW_TRACING is false, so nothing would be traced; "
-                       "unset it to run the demo")
-    uri = resolve_tracking_uri(args.tracking_uri, os.environ)
-    with _environ(_demo_environ(uri, local=not args.real)), _quiet_store_setup():
-        return _run(args, uri, out)
 
 
 @contextlib.contextmanager
@@ -441,70 +182,267 @@ def _quiet_store_setup() -> Iterator[None]:
         store_logger.setLevel(level)
 
 
-def _run(args: argparse.Namespace, uri: str, out: TextIO) -> int:
+def _load_app() -> ModuleType:
+    """Import the app (its ``tracewire.autolog()`` runs with the demo's settings); imported
+    afresh when main() runs again in one process, so it reads the new settings. What the demo
+    itself needs is imported first: a missing package fails before any traffic."""
+    try:
+        for name in ("uvicorn", "httpx", "deltalake"):
+            importlib.import_module(name)
+        if APP_MODULE in sys.modules:
+            return importlib.reload(sys.modules[APP_MODULE])
+        return importlib.import_module(APP_MODULE)
+    except ImportError as error:
+        raise CLIError(f"the demo needs {error.name or error}: "
+                       'pip install "tracewire[all]"') from None
+
+
+@contextlib.contextmanager
+def _serve(app: Any) -> Iterator[str]:
+    """``app`` on uvicorn in a thread, on a free loopback port; stopped at the end."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    # The failing tool call's traceback is expected: the demo reports every response itself,
+    # and the error is in the trace.
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", access_log=False,
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
+                              name="tracewire-demo-app", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise CLIError("the demo app did not start on uvicorn")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """One line per step: rewritten in place with \\r on a terminal, plain lines otherwise."""
+
+    def __init__(self, out: TextIO, total: int) -> None:
+        self._out = out
+        self._total = total
+        self._tty = _isatty(out)
+        self.index = 0
+
+    def step(self, label: str, session: str, fn: Callable[[], T],
+             outcome: Callable[[T], str]) -> T:
+        self.index += 1
+        head = f"  [{self.index}/{self._total}] {label:<11} {session:<18}"
+        if self._tty:
+            self._out.write(f"\r\033[K{head} ...")
+            self._out.flush()
+        started = time.perf_counter()
+        try:
+            result = fn()
+        except BaseException:
+            if self._tty:
+                self._out.write("\n")
+                self._out.flush()
+            raise
+        ms = (time.perf_counter() - started) * 1000
+        line = f"{head} {ms:6.0f} ms  {_shorten(outcome(result), 52)}"
+        self._out.write(("\r\033[K" if self._tty else "") + line + "\n")
+        self._out.flush()
+        return result
+
+
+def _isatty(out: TextIO) -> bool:
+    try:
+        return out.isatty()
+    except Exception:
+        return False
+
+
+def _shorten(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+# --------------------------------------------------------------------------- traffic
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    request_id: str | None
+    text: str
+
+
+def _send(http: Any, turn: Turn, session: str) -> Reply:
+    headers = {"X-Session-ID": session, "X-User-ID": turn.user}
+    body = {"message": turn.message}
+    if turn.stream:
+        with http.stream("POST", "/chat/stream", json=body, headers=headers) as response:
+            tokens = [json.loads(line[len("data: "):])["token"] for line in response.iter_lines()
+                      if line.startswith("data: {")]
+        text = "".join(tokens)
+    else:
+        response = http.post("/chat", json=body, headers=headers)
+        text = response.json()["reply"] if response.status_code == 200 else response.text
+    return Reply(response.status_code, response.headers.get("x-request-id"), text)
+
+
+def _outcome(turn: Turn, reply: Reply) -> str:
+    if turn.fails and reply.status == 500:
+        return "HTTP 500 the weather tool failed, as planned (the error is in the trace)"
+    return f"HTTP {reply.status} {reply.text}"
+
+
+def drive(http: Any, progress: Progress, run_id: str) -> None:
+    """Send the SCRIPT's turns and feedback; any unexpected answer stops the demo."""
+    for turn in SCRIPT:
+        session = f"{turn.session}-{run_id[:8]}"
+        reply = progress.step("stream" if turn.stream else "chat", session,
+                              lambda: _send(http, turn, session),
+                              lambda r: _outcome(turn, r))
+        if not (reply.status == 200 or (turn.fails and reply.status == 500)):
+            raise CLIError(f"request {progress.index} of the demo failed: HTTP {reply.status} "
+                           f"{_shorten(reply.text, 200)}")
+        if turn.feedback is None:
+            continue
+        feedback = {"request_id": reply.request_id, "name": "thumbs", "value": turn.feedback,
+                    "rationale": turn.rationale}
+        answer = progress.step(
+            "thumbs " + ("up" if turn.feedback else "down"), session,
+            lambda: http.post("/feedback", json=feedback, headers={"X-User-ID": turn.user}),
+            lambda r: f"HTTP {r.status_code} on request {reply.request_id}")
+        if answer.status_code != 202:
+            raise CLIError(f"the feedback route answered HTTP {answer.status_code}: "
+                           f"{_shorten(answer.text, 200)}")
+
+
+# --------------------------------------------------------------------------- read back
+
+
+def _experiment_id(uri: str) -> str:
+    """The id of the experiment the traces went to."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID", "").strip()
+    if experiment_id:
+        return experiment_id
+    name = os.environ["MLFLOW_EXPERIMENT_NAME"].strip()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        raise CLIError(f"no experiment named {name!r} in {uri}: no trace reached the store")
+    return str(experiment.experiment_id)
+
+
+def sync_and_read(uri: str, delta_path: str, run_id: str, since_ms: int) -> list[dict[str, Any]]:
+    """Sync the experiment into the Delta table (what `tracewire export delta` does), then
+    read back this run's rows from it (what `tracewire stats --delta` reads)."""
+    from tracewire import config
+    from tracewire.export import delta
+    from tracewire.report import sources
+
+    delta.sync(delta_path, tracking_uri=uri, experiment_ids=[_experiment_id(uri)],
+               lookback_s=config.resolve().feedback_retention)
+    return [row for row in sources.from_delta(delta_path, since_ms)
+            if json.loads(row["tags"] or "{}").get(RUN_TAG) == run_id]
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    if args.real and not os.environ.get("OPENAI_API_KEY", "").strip():
+        raise CLIError("--real calls the OpenAI API and needs OPENAI_API_KEY to be set "
+                       "(run without --real to use the bundled local server, no key needed)")
+    from tracewire import config
+
+    if not config.tracing_enabled():
+        raise CLIError("ENABLE_MLFLOW_TRACING is false, so nothing would be traced; "
+                       "unset it to run the demo")
+    uri = resolve_tracking_uri(args.tracking_uri, os.environ)
+    run_id = uuid.uuid4().hex
+    with _environ(_demo_environ(uri, run_id, local=not args.real)), _quiet_store_setup():
+        return _run(args, uri, run_id, out)
+
+
+def _run(args: argparse.Namespace, uri: str, run_id: str, out: TextIO) -> int:
     import tracewire
 
-    run_id = uuid.uuid4().hex
-    short = run_id[:8]
-    sessions = (f"demo-chat-{short}", f"demo-agent-{short}")
-    users = ("ada", "grace")
+    delta_path = str(Path(args.delta).absolute()) if "://" not in args.delta else args.delta
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or \
         f"id {os.environ.get('MLFLOW_EXPERIMENT_ID')}"
+    started_ms = int(time.time() * 1000)
 
     with contextlib.ExitStack() as stack:
-        # Invalid settings fail here, before anything starts.
-        tracewire.autolog(include=["openai"], tags={RUN_TAG: run_id})
-        stack.callback(tracewire.disable)
         if args.real:
-            base_url = OPENAI_BASE_URL
-            model_line = (f"OpenAI API at {base_url} ({CHAT_MODEL}, {EMBEDDING_MODEL}; "
-                          "billed to OPENAI_API_KEY, a fraction of a cent)")
+            base_url = os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+            model_line = (f"the OpenAI API at {base_url} (billed to OPENAI_API_KEY, a fraction "
+                          "of a cent)")
         else:
             from tracewire.testing import OpenAIServer
 
             server = stack.enter_context(OpenAIServer())
-            base_url = server.base_url
-            model_line = (f"bundled local OpenAI-compatible server at http://127.0.0.1:{server.port} "
-                          "(no API key needed; pass --real to use the OpenAI API)")
-        client = _openai_client(args.real, base_url)
-        stack.callback(client.close)
+            stack.enter_context(_environ({"OPENAI_BASE_URL": server.base_url,
+                                          "OPENAI_API_KEY": "not-needed"}))
+            model_line = (f"the bundled local OpenAI-compatible server at {server.base_url} "
+                          "(no API key, no network; pass --real for the OpenAI API)")
+        # The app's tracewire.autolog() runs here: invalid settings fail before anything else.
+        app = _load_app()
+        stack.callback(tracewire.disable)
+        url = stack.enter_context(_serve(app.app))
 
         out.write("tracewire demo\n"
                   f"  model:      {model_line}\n"
+                  f"  app:        examples/fastapi_agent (FastAPI + a LangGraph agent: retriever, "
+                  f"ChatOpenAI, weather tool) on uvicorn at {url}\n"
                   f"  store:      {uri}\n"
                   f"  experiment: {experiment}\n"
-                  f"  run tag:    {RUN_TAG} = {run_id}\n\n")
+                  f"  Delta:      {delta_path}\n"
+                  f"  run tag:    {RUN_TAG} = {run_id}\n\n"
+                  f"Driving {len(SCRIPT)} chat turns in {len({t.session for t in SCRIPT})} "
+                  "sessions, with feedback:\n")
         out.flush()
 
-        import openai
+        import httpx
 
-        out.write(f"Running {CALLS} calls in 2 sessions:\n")
-        progress = Progress(out, CALLS)
-        try:
-            steps = _run_script(client, progress, sessions, users)
-        except openai.APIError as error:
-            raise CLIError(f"call {progress.index} of the demo failed: "
-                           f"{type(error).__name__}: {error}") from None
+        http = stack.enter_context(httpx.Client(base_url=url, timeout=120))
+        progress = Progress(out, STEPS)
+        drive(http, progress, run_id)
+
+        began = time.perf_counter()
         if not tracewire.flush(30):
-            print("tracewire: warning: not every trace was exported within 30 s",
-                  file=sys.stderr)
+            print("tracewire: warning: not every trace was stored within 30 s", file=sys.stderr)
+        out.write(f"Traces and feedback stored in {time.perf_counter() - began:.1f} s; "
+                  "syncing the Delta table...\n")
+        out.flush()
 
-    experiment_id, experiment_name = _experiment_id(uri)
-    traces = read_back(uri, experiment_id, run_id)
-    labels = [s.label for s in steps] if len(traces) == len(steps) else [""] * len(traces)
-    rows = [_row(trace, label) for trace, label in zip(traces, labels)]
+    rows = sync_and_read(uri, delta_path, run_id, started_ms)
+    from tracewire.report import aggregate, render
 
-    out.write(f"\nTraces of this run, read back from the store ({len(traces)} of {len(steps)}):\n")
-    out.write(format_table(rows) + "\n")
-    if any(r.cost is None for r in rows):
-        out.write("(cost '-': the store has no price for that model)\n")
-    out.write("\nSee them in the MLflow UI:\n"
+    out.write(f"\n`tracewire stats` of this run ({len(rows)} traces, read from the Delta table):"
+              "\n\n")
+    for by in ("route", "session"):
+        out.write(render.table(aggregate.aggregate(rows, by), by) + "\n\n")
+    out.write(f"Delta table (one row per trace): {delta_path}\n"
+              f"  tracewire stats --delta {shlex.quote(delta_path)} --by user\n\n"
+              "See the traces in the MLflow UI:\n"
               f"  {ui_hint(uri)}\n")
     if ui_hint(uri).startswith("mlflow ui"):
         out.write("  then open http://127.0.0.1:5000\n")
-    out.write(f"  experiment {experiment_name!r} -> Traces (search: tag.`{RUN_TAG}` = '{run_id}'),\n"
-              f"  sessions {sessions[0]} and {sessions[1]}\n")
+    out.write(f"  experiment {experiment!r} -> Traces (search: tag.`{RUN_TAG}` = '{run_id}')\n")
     out.flush()
-    if len(traces) != len(steps):
-        raise CLIError(f"expected {len(steps)} traces of this run in the store, found {len(traces)}")
+    if len(rows) != len(SCRIPT):
+        raise CLIError(f"expected {len(SCRIPT)} traces of this run in the Delta table, "
+                       f"found {len(rows)}")
     return 0
