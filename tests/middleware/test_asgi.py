@@ -298,6 +298,58 @@ def test_malformed_feedback_gets_a_clear_4xx(app_url: str, body: bytes, status: 
     assert httpx.get(f"{app_url}/feedback").status_code == 405
 
 
+def test_a_langgraph_agent_in_a_handler_is_one_request_trace(
+        server: Serve, openai_server: OpenAIServer, traced: Traced) -> None:
+    from typing import Annotated
+
+    from langchain_openai import ChatOpenAI
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, StateGraph
+    from langgraph.graph.message import add_messages
+    from typing_extensions import TypedDict
+
+    State = TypedDict("State", {"messages": Annotated[list[Any], add_messages]})
+    model = ChatOpenAI(model="gpt-4o-mini", base_url=openai_server.base_url, api_key=API_KEY,
+                       max_retries=0)
+    graph = StateGraph(State)
+    graph.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
+    graph.add_edge(START, "agent")
+    agent = graph.compile(checkpointer=InMemorySaver())
+
+    app = FastAPI()
+
+    @app.post("/agent")
+    def run_agent(body: dict[str, Any], request: Request) -> dict[str, str]:
+        state = agent.invoke({"messages": [("user", body["text"])]},
+                             {"configurable": {"thread_id": request.headers["x-thread"]}})
+        return {"reply": state["messages"][-1].content}
+
+    with server(TracingMiddleware(app)) as url:
+        response = httpx.post(f"{url}/agent", json={"text": "plan my day"},
+                              headers={"X-Thread": "thread-9", "X-User-ID": "carol"})
+    assert response.json() == {"reply": "Echo: plan my day"}
+    (trace,) = settled(traced, 1)
+    assert trace.info.client_request_id == response.headers["x-request-id"]
+    metadata = trace.info.trace_metadata
+    assert (metadata["mlflow.trace.user"], metadata["mlflow.trace.session"]) == (
+        "carol", "thread-9")  # no session header: the graph's thread fills it in
+    spans_by_id = {s.span_id: s for s in trace.data.spans}
+    (root,) = [s for s in trace.data.spans if s.parent_id is None]
+    assert root.name == "POST /agent"
+
+    def path_to_root(span: Any) -> list[str]:
+        names = []
+        while span is not None:
+            names.append(span.name)
+            span = spans_by_id.get(span.parent_id)
+        return names
+
+    (chat,) = [s for s in trace.data.spans if s.name == "chat gpt-4o-mini"]
+    assert path_to_root(chat)[-1] == "POST /agent" and "agent" in path_to_root(chat)
+    assert trace.info.token_usage["total_tokens"] == chat.attributes[
+        "mlflow.chat.tokenUsage"]["total_tokens"]  # counted once, not per layer
+
+
 # --------------------------------------------------------------------------- Starlette, auth
 
 
