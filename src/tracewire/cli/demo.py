@@ -299,7 +299,7 @@ def _send(http: Any, turn: Turn, session: str) -> Reply:
 
 def _outcome(turn: Turn, reply: Reply) -> str:
     if turn.fails and reply.status == 500:
-        return "HTTP 500 the weather tool failed, as planned (the error is in the trace)"
+        return "HTTP 500 the weather tool failed, as planned"
     return f"HTTP {reply.status} {reply.text}"
 
 
@@ -423,8 +423,8 @@ def _run(args: argparse.Namespace, uri: str, run_id: str, out: TextIO) -> int:
         began = time.perf_counter()
         if not tracewire.flush(30):
             print("tracewire: warning: not every trace was stored within 30 s", file=sys.stderr)
-        out.write(f"Traces and feedback stored in {time.perf_counter() - began:.1f} s; "
-                  "syncing the Delta table...\n")
+        out.write(f"Waited {time.perf_counter() - began:.1f} s for the traces and feedback to "
+                  "reach the store; syncing the Delta table...\n")
         out.flush()
 
     rows = sync_and_read(uri, delta_path, run_id, started_ms)
