@@ -216,6 +216,9 @@ def test_failed_request_is_one_line_and_nothing_is_left_running(tmp_path: Path) 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("tracewire: error: request 1 of the demo failed: HTTP 500")
+    # The cause, read from the request's trace: the model call's error.
+    assert lines[0].endswith("InternalServerError: Error code: 500 - The server had an error "
+                             "while processing your request (simulated by model error-500).")
     assert_nothing_left_running(result, tmp_path / "spool")
 
 

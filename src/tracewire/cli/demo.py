@@ -279,12 +279,23 @@ def _shorten(text: str, width: int) -> str:
 @dataclass(frozen=True)
 class Reply:
     status: int
-    request_id: str | None
+    request_id: str
     text: str
 
 
+class RequestFailed(Exception):
+    """A turn got an answer the script does not expect."""
+
+    def __init__(self, index: int, reply: Reply) -> None:
+        super().__init__(f"request {index} of the demo failed: HTTP {reply.status} "
+                         f"{_shorten(reply.text, 200)}")
+        self.reply = reply
+
+
 def _send(http: Any, turn: Turn, session: str) -> Reply:
-    headers = {"X-Session-ID": session, "X-User-ID": turn.user}
+    # Our own request id: a 500 sent for an unhandled exception does not echo the app's.
+    request_id = uuid.uuid4().hex
+    headers = {"X-Session-ID": session, "X-User-ID": turn.user, "X-Request-ID": request_id}
     body = {"message": turn.message}
     if turn.stream:
         with http.stream("POST", "/chat/stream", json=body, headers=headers) as response:
@@ -294,7 +305,7 @@ def _send(http: Any, turn: Turn, session: str) -> Reply:
     else:
         response = http.post("/chat", json=body, headers=headers)
         text = response.json()["reply"] if response.status_code == 200 else response.text
-    return Reply(response.status_code, response.headers.get("x-request-id"), text)
+    return Reply(response.status_code, request_id, text)
 
 
 def _outcome(turn: Turn, reply: Reply) -> str:
@@ -304,15 +315,14 @@ def _outcome(turn: Turn, reply: Reply) -> str:
 
 
 def drive(http: Any, progress: Progress, run_id: str) -> None:
-    """Send the SCRIPT's turns and feedback; any unexpected answer stops the demo."""
+    """Send the SCRIPT's turns and feedback; an unexpected answer stops the demo."""
     for turn in SCRIPT:
         session = f"{turn.session}-{run_id[:8]}"
         reply = progress.step("stream" if turn.stream else "chat", session,
                               lambda: _send(http, turn, session),
                               lambda r: _outcome(turn, r))
         if not (reply.status == 200 or (turn.fails and reply.status == 500)):
-            raise CLIError(f"request {progress.index} of the demo failed: HTTP {reply.status} "
-                           f"{_shorten(reply.text, 200)}")
+            raise RequestFailed(progress.index, reply)
         if turn.feedback is None:
             continue
         feedback = {"request_id": reply.request_id, "name": "thumbs", "value": turn.feedback,
@@ -327,6 +337,24 @@ def drive(http: Any, progress: Progress, run_id: str) -> None:
 
 
 # --------------------------------------------------------------------------- read back
+
+
+def cause(uri: str, run_id: str, request_id: str) -> str | None:
+    """Why a request failed, from its trace: the error of the failed span that started last
+    (the innermost: the tool, the model call), if the trace is in the store."""
+    from mlflow import MlflowClient
+
+    with contextlib.suppress(CLIError):
+        traces = MlflowClient(tracking_uri=uri).search_traces(
+            locations=[_experiment_id(uri)], filter_string=f"tag.`{RUN_TAG}` = '{run_id}'",
+            max_results=100)
+        for trace in traces:
+            if trace.info.client_request_id != request_id:
+                continue
+            failed = [s for s in trace.data.spans if s.status.status_code == "ERROR"]
+            if failed:
+                return max(failed, key=lambda s: s.start_time_ns).status.description or None
+    return None
 
 
 def _experiment_id(uri: str) -> str:
@@ -418,7 +446,12 @@ def _run(args: argparse.Namespace, uri: str, run_id: str, out: TextIO) -> int:
 
         http = stack.enter_context(httpx.Client(base_url=url, timeout=120))
         progress = Progress(out, STEPS)
-        drive(http, progress, run_id)
+        try:
+            drive(http, progress, run_id)
+        except RequestFailed as failure:
+            tracewire.flush(10)
+            why = cause(uri, run_id, failure.reply.request_id)
+            raise CLIError(f"{failure}: {why}" if why else str(failure)) from None
 
         began = time.perf_counter()
         if not tracewire.flush(30):
