@@ -55,7 +55,8 @@ class Turn:
     fails: bool = False
 
 
-# Every turn the bundled model answers calls the weather tool with the question as the city.
+# The bundled model calls the weather tool on every turn, with the whole question as the city:
+# each question names a city the tool knows, except the one meant to fail.
 SCRIPT = (
     Turn("paris", "ada", "What is the weather in Paris today?", feedback=True),
     Turn("paris", "ada", "Is the Louvre in Paris open on Tuesdays?"),
