@@ -10,6 +10,8 @@ import atexit
 import importlib
 import importlib.util
 import logging
+import os
+import signal
 import threading
 from typing import Any, Callable, Iterable, Mapping
 
@@ -127,6 +129,7 @@ def autolog(
         if not _atexit_registered:
             _atexit_registered = True
             atexit.register(_at_exit)
+            _flush_on_sigterm()
 
 
 def _disable() -> None:
@@ -193,3 +196,21 @@ def _at_exit() -> None:
     from tracewire.export import pipeline
 
     pipeline._at_exit(config.active().flush_timeout)
+
+
+def _flush_on_sigterm() -> None:
+    """SIGTERM (a container stopping) ends Python without running exit handlers, and servers
+    that handle it (uvicorn) put the previous handler back and raise it again when they are
+    done: traces still in memory would be lost. Only if nothing handles SIGTERM yet, tracewire
+    does: the same bounded flush as a normal exit, then the process dies of the signal as
+    before."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def flush_then_die(signum: int, frame: Any) -> None:
+        _at_exit()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, flush_then_die)
