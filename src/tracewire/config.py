@@ -60,6 +60,8 @@ class Settings:
     # Background sync of the experiment's traces into this Delta table, every interval seconds.
     delta_path: str | None = None
     delta_interval: float = 300.0
+    # The feedback route of the TracingMiddleware the starlette plugin installs.
+    feedback_path: str | None = None
 
 
 _active = Settings()
@@ -254,6 +256,12 @@ def resolve(
     name, value = pick(delta_interval, "TRACEWIRE_DELTA_INTERVAL")
     delta_interval_ = _number(name, value, float, 1.0) if value is not None else 300.0
 
+    feedback_path = _env("TRACEWIRE_FEEDBACK_PATH")
+    if feedback_path is not None and (not feedback_path.startswith("/") or any(
+            c.isspace() for c in feedback_path)):
+        raise ConfigError(f"TRACEWIRE_FEEDBACK_PATH must be a URL path such as /feedback, got "
+                          f"{feedback_path!r}")
+
     experiment_id = _env("MLFLOW_EXPERIMENT_ID")
     if experiment_id is not None and not experiment_id.isdigit():
         raise ConfigError(f"MLFLOW_EXPERIMENT_ID must be a numeric experiment id, got {experiment_id!r}")
@@ -279,4 +287,5 @@ def resolve(
         prices=prices_,
         delta_path=delta_path_,
         delta_interval=delta_interval_,
+        feedback_path=feedback_path,
     )

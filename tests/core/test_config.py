@@ -28,6 +28,7 @@ from tracewire.plugins.registry import PLUGINS
     ("TRACEWIRE_INCLUDE", "openai,nosuchplugin", "nosuchplugin"),
     ("MLFLOW_EXPERIMENT_ID", "abc", "MLFLOW_EXPERIMENT_ID"),
     ("ENABLE_MLFLOW_TRACING", "perhaps", "ENABLE_MLFLOW_TRACING"),
+    ("TRACEWIRE_FEEDBACK_PATH", "feedback", "TRACEWIRE_FEEDBACK_PATH"),
 ])
 def test_invalid_environment_fails_at_autolog_naming_it(
         tracking_uri: str, monkeypatch: pytest.MonkeyPatch, env: str, value: str,

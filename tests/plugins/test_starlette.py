@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import mlflow
 import openai
 import pytest
 from fastapi import FastAPI
@@ -59,6 +60,22 @@ def test_an_app_with_no_tracewire_line_is_traced_outermost(
     for trace in traces.values():  # one root each: the mounted app's is not a second one
         roots = [s.name for s in trace.data.spans if s.parent_id is None]
         assert len(roots) == 1 and roots[0] in ("POST /ask", "GET /sub/hello"), roots
+
+
+def test_feedback_route_from_the_environment(server: Serve, openai_server: OpenAIServer,
+                                             traced: Traced,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRACEWIRE_FEEDBACK_PATH", "/feedback")
+    traced.enable()  # settings are read at autolog()
+    with server(zero_code_app(openai_server)) as url:
+        asked = httpx.post(f"{url}/ask", json={"q": "rate me"})
+        sent = httpx.post(f"{url}/feedback", headers={"X-User-ID": "dana"}, json={
+            "request_id": asked.headers["x-request-id"], "name": "thumbs", "value": True})
+    assert sent.status_code == 202, sent.text
+    assert tracewire.flush(30)
+    (trace,) = settled(traced, 1)
+    (feedback,) = mlflow.get_trace(trace.info.trace_id).info.assessments
+    assert (feedback.name, feedback.value, feedback.source.source_id) == ("thumbs", True, "dana")
 
 
 def test_middleware_added_by_hand_is_not_installed_twice(

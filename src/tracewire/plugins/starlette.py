@@ -6,12 +6,14 @@ is echoed on unhandled-exception 500s too. It is installed once per request path
 app already lists ``TracingMiddleware`` in its own middleware, and an outer ``TracingMiddleware``
 (the app wrapped by hand, or a parent app a Starlette app is mounted in) makes inner ones pass
 through. While the plugin is disabled the wrapper passes every call straight through.
+``TRACEWIRE_FEEDBACK_PATH=/feedback`` gives it the feedback route.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from tracewire import config
 from tracewire.core import guard
 from tracewire.plugins.base import Plugin
 
@@ -48,7 +50,8 @@ class StarlettePlugin(Plugin):
         from tracewire.middleware import TracingMiddleware
 
         # `call` is this app's own __call__: the middleware wraps the whole app.
-        middleware = call if _listed_by_app(app) else TracingMiddleware(call)
+        middleware = call if _listed_by_app(app) else TracingMiddleware(
+            call, feedback_path=config.active().feedback_path)
         app.__dict__["_tracewire_middleware"] = middleware
         return middleware
 
