@@ -209,8 +209,14 @@ def _flush_on_sigterm() -> None:
         return
 
     def flush_then_die(signum: int, frame: Any) -> None:
-        _at_exit()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        from tracewire import config
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+        # On a thread of its own: the code this signal interrupted may hold a lock the flush
+        # needs, and then the join's bound, not a deadlock, ends the wait.
+        flusher = threading.Thread(target=_at_exit, name="tracewire-sigterm", daemon=True)
+        flusher.start()
+        flusher.join(config.active().flush_timeout + 1.0)
         os.kill(os.getpid(), signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, flush_then_die)

@@ -4,6 +4,7 @@ never imports tracewire, spawned workers included; the store initialized once, u
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -142,8 +143,13 @@ def test_two_workers_each_trace(tmp_path: Path, openai_server: OpenAIServer, ser
                                  headers={"Connection": "close"}, timeout=30)
             pids.add(response.json()["pid"])
     finally:
-        os.killpg(proc.pid, 15)
-        output = proc.communicate(timeout=30)[0].decode(errors="replace")
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            output = proc.communicate(timeout=30)[0].decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output = proc.communicate()[0].decode(errors="replace")
+            pytest.fail(f"{server} did not stop within 30 s of SIGTERM\n{output}")
     assert len(pids) == 2, f"one worker answered all {asked} requests\n{output}"
     traces = _traces(env, asked)
     questions = []
