@@ -200,6 +200,7 @@ def test_zero_code_app_under_tracewire_run(store: str, openai_server: OpenAIServ
 
 
 def test_the_demo_runs_the_example_app() -> None:
-    """`tracewire demo` must work from a wheel, so the app ships in the package too."""
+    """`tracewire demo` must work from a wheel, so the app ships in the package; the example
+    is a link to that one file."""
     shipped = Path(__file__).resolve().parents[2] / "src" / "tracewire" / "cli" / "demo_app.py"
     assert shipped.read_text() == (EXAMPLES / "fastapi_agent" / "app.py").read_text()

@@ -25,6 +25,26 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+def _usage(input_tokens: int | None, output_tokens: int | None, total: int | None,
+           cache_read: int | None = None,
+           cache_creation: int | None = None) -> dict[str, int] | None:
+    """MLflow's token usage from validated counts; None when neither side was reported."""
+    if input_tokens is None and output_tokens is None:
+        return None
+    input_tokens = input_tokens or 0
+    output_tokens = output_tokens or 0
+    result = {
+        keys.INPUT_TOKENS: input_tokens,
+        keys.OUTPUT_TOKENS: output_tokens,
+        keys.TOTAL_TOKENS: total if total is not None else input_tokens + output_tokens,
+    }
+    if cache_read:
+        result[keys.CACHE_READ_INPUT_TOKENS] = cache_read
+    if cache_creation:
+        result[keys.CACHE_CREATION_INPUT_TOKENS] = cache_creation
+    return result
+
+
 def from_openai(usage: Any) -> dict[str, int] | None:
     """Chat/legacy (`prompt_tokens`/`completion_tokens`), Responses (`input_tokens`/...) or
     embeddings (`prompt_tokens` only) usage -> MLflow token usage, or None if absent."""
@@ -37,43 +57,19 @@ def from_openai(usage: Any) -> dict[str, int] | None:
         input_tokens = _int(_get(usage, "input_tokens"))
         output_tokens = _int(_get(usage, "output_tokens"))
         details = _get(usage, "input_tokens_details")
-    if input_tokens is None and output_tokens is None:
-        return None
-    input_tokens = input_tokens or 0
-    output_tokens = output_tokens or 0
-    total = _int(_get(usage, "total_tokens"))
-    result = {
-        keys.INPUT_TOKENS: input_tokens,
-        keys.OUTPUT_TOKENS: output_tokens,
-        keys.TOTAL_TOKENS: total if total is not None else input_tokens + output_tokens,
-    }
-    cached = _int(_get(details, "cached_tokens"))
-    if cached:
-        result[keys.CACHE_READ_INPUT_TOKENS] = cached
-    return result
+    return _usage(input_tokens, output_tokens, _int(_get(usage, "total_tokens")),
+                  cache_read=_int(_get(details, "cached_tokens")))
 
 
 def from_langchain(usage_metadata: Any) -> dict[str, int] | None:
     """LangChain's ``AIMessage.usage_metadata`` (``input_tokens``, ``output_tokens``,
     ``total_tokens``, ``input_token_details.cache_read``/``cache_creation``) -> MLflow usage."""
-    input_tokens = _int(_get(usage_metadata, "input_tokens"))
-    output_tokens = _int(_get(usage_metadata, "output_tokens"))
-    if input_tokens is None and output_tokens is None:
-        return None
-    input_tokens = input_tokens or 0
-    output_tokens = output_tokens or 0
-    total = _int(_get(usage_metadata, "total_tokens"))
-    result = {
-        keys.INPUT_TOKENS: input_tokens,
-        keys.OUTPUT_TOKENS: output_tokens,
-        keys.TOTAL_TOKENS: total if total is not None else input_tokens + output_tokens,
-    }
     details = _get(usage_metadata, "input_token_details")
-    for source, key in (("cache_read", keys.CACHE_READ_INPUT_TOKENS),
-                        ("cache_creation", keys.CACHE_CREATION_INPUT_TOKENS)):
-        if value := _int(_get(details, source)):
-            result[key] = value
-    return result
+    return _usage(_int(_get(usage_metadata, "input_tokens")),
+                  _int(_get(usage_metadata, "output_tokens")),
+                  _int(_get(usage_metadata, "total_tokens")),
+                  cache_read=_int(_get(details, "cache_read")),
+                  cache_creation=_int(_get(details, "cache_creation")))
 
 
 def add(a: dict[str, int] | None, b: dict[str, int] | None) -> dict[str, int] | None:
