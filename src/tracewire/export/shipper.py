@@ -271,13 +271,10 @@ def _store_for(destination: str) -> Any:
 def main(stdin: IO[bytes] | None = None) -> int:
     from tracewire import config
 
-    # Background work: Linux's SCHED_IDLE, the lowest CPU weight there is (below nice 19), and
-    # the app's threads preempt it as soon as they wake, so on a busy core it stretches the
-    # app's tail latency less than a niced process; a busy app's spool grows for a while.
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux
-        os.nice(19)
+    # Background work: when CPU is short, the app's own threads go first. (SCHED_IDLE was
+    # tried: on a busy machine it starved the shipper through its bounded last effort at
+    # exit, so traces waited in the spool for the next process instead of arriving.)
+    os.nice(10)
 
     from tracewire.export import mlflow_store
 
