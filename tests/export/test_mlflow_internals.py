@@ -31,6 +31,18 @@ def test_tracer_provider_hooks_exist() -> None:
     assert hasattr(provider.mlflow_runtime_context, "attach")
     assert hasattr(provider.mlflow_runtime_context, "detach")
     assert callable(provider.get_current_context)
+    # The request placeholder is served by shadowing the runtime context's get_current on the
+    # instance: MLflow must read its context through it.
+    runtime = provider.mlflow_runtime_context
+    ours = vars(runtime).pop("get_current", None)  # installed when tracewire is on
+    marker = object()
+    runtime.get_current = lambda: marker
+    try:
+        assert provider.get_current_context() is marker
+    finally:
+        del runtime.get_current
+        if ours is not None:
+            runtime.get_current = ours
 
 
 def test_processor_and_trace_manager_internals() -> None:

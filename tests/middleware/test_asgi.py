@@ -137,6 +137,42 @@ def test_a_request_with_an_llm_call_is_one_trace_under_the_request(
     assert trace.info.token_usage["total_tokens"] > 0
 
 
+def test_a_handler_whose_only_traced_work_is_the_users_own_mlflow_spans(
+        server: Serve, traced: Traced) -> None:
+    # The request's root is made only when something starts under it: here MLflow spans,
+    # which must still nest under it (sync in the thread pool and async), one trace.
+    @mlflow.trace(name="lookup")
+    def lookup(key: str) -> str:
+        return key.upper()
+
+    @mlflow.trace(name="alookup")
+    async def alookup(key: str) -> str:
+        return key[::-1]
+
+    app = FastAPI()
+
+    @app.get("/sync")
+    def sync_route() -> dict[str, str]:
+        return {"a": lookup("x"), "b": lookup("y")}
+
+    @app.get("/async")
+    async def async_route() -> dict[str, str]:
+        return {"a": await alookup("xy")}
+
+    with server(TracingMiddleware(app)) as url:
+        first = httpx.get(f"{url}/sync", headers={"X-Request-ID": "only-mlflow-1"})
+        second = httpx.get(f"{url}/async", headers={"X-Request-ID": "only-mlflow-2"})
+    assert (first.json(), second.json()) == ({"a": "X", "b": "Y"}, {"a": "yx"})
+    traces = {t.info.client_request_id: t for t in settled(traced, 2)}
+    assert first.headers["x-trace-id"] == traces["only-mlflow-1"].info.trace_id
+    for request_id, route, children in (("only-mlflow-1", "/sync", ["lookup", "lookup"]),
+                                        ("only-mlflow-2", "/async", ["alookup"])):
+        trace = traces[request_id]
+        (root,) = [s for s in trace.data.spans if s.parent_id is None]
+        assert root.name == f"GET {route}"
+        assert sorted(s.name for s in trace.data.spans if s.parent_id == root.span_id) == children
+
+
 def test_async_endpoint_and_generated_request_id(app_url: str, traced: Traced) -> None:
     response = httpx.post(f"{app_url}/achat", json={"text": "hi"})
     request_id = response.headers["x-request-id"]

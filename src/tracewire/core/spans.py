@@ -13,6 +13,8 @@ Nesting with the user's own MLflow spans works both ways:
 - a user's MLflow span started inside one of ours: while our span is active, MLflow's context
   holds a non-recording placeholder with our ids, so MLflow parents its span under ours; the
   MLflow trace record is registered just in time and merged into ours when our trace ends.
+  A web request's root (:class:`RequestRoot`) gets its placeholder when MLflow reads its
+  context (see export/mlflow_store.py), and its trace when the first span starts under it.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ _sink: Callable[["Trace"], None] | None = None
 _mlflow_parent: Callable[[], tuple[int, int] | None] = lambda: None
 _mlflow_attach: Callable[[int, int], Any] = lambda trace_id, span_id: None
 _mlflow_detach: Callable[[Any], None] = lambda token: None
+_mlflow_attach_request: Callable[[int, int], Any] = lambda trace_id, span_id: None
 
 
 class Deferred:
@@ -63,11 +66,12 @@ class Trace:
     __slots__ = ("otel_trace_id", "spans", "root", "request", "parent_span_id", "joined",
                  "done", "_open_spans", "_lock")
 
-    def __init__(self, otel_trace_id: int, parent_span_id: int | None) -> None:
+    def __init__(self, otel_trace_id: int, parent_span_id: int | None,
+                 request: RequestContext | None = None) -> None:
         self.otel_trace_id = otel_trace_id
         self.spans: list[Span] = []
         self.root: Span | None = None
-        self.request: RequestContext | None = request_context.current()
+        self.request: RequestContext | None = request or request_context.current()
         # Set when our top span is the child of a user's MLflow span (we are a fragment).
         self.parent_span_id = parent_span_id
         # Set when MLflow registered its own spans under ours (see export/mlflow_store.py).
@@ -88,13 +92,14 @@ class Span:
                  "inputs", "outputs", "attributes", "error")
 
     def __init__(self, trace: Trace, parent_id: int | None, name: str, span_type: str,
-                 inputs: Any, attributes: dict[str, Any] | None) -> None:
+                 inputs: Any, attributes: dict[str, Any] | None, start_ns: int | None = None,
+                 span_id: int | None = None) -> None:
         self.trace = trace
-        self.span_id = _rng.getrandbits(64) or 1
+        self.span_id = span_id or _rng.getrandbits(64) or 1
         self.parent_id = parent_id
         self.name = name
         self.span_type = span_type
-        self.start_ns = time.time_ns()
+        self.start_ns = start_ns or time.time_ns()
         self.end_ns: int | None = None
         self.inputs = inputs
         self.outputs: Any = None
@@ -135,6 +140,10 @@ def start_span(name: str, span_type: str, inputs: Any = None,
     if parent is not None and not parent.trace.done:
         return _add(parent.trace, parent.span_id, name, span_type, inputs, attributes)
     parent = _current.get()
+    if parent is None:
+        request = _request.get()
+        if request is not None:
+            parent = request.materialize()
     if parent is not None and parent.trace.done:
         parent = None  # a context that outlived its trace (e.g. a task left running)
     # MLflow's current span is recording only when it is the user's own span: ours appear
@@ -165,43 +174,102 @@ def _add(trace: Trace, parent_id: int | None, name: str, span_type: str, inputs:
     return span
 
 
-def start_request(name: str, span_type: str, attributes: dict[str, Any],
-                  remote_parent: tuple[int, int] | None = None) -> Span:
-    """The root span of a web request, in a new trace whatever this context holds; with
+class RequestRoot:
+    """A web request's root span before anything is traced under it.
+
+    Most requests (health checks, static files) trace nothing: they pay for these fields and
+    no more. The trace and its root span are made when the first span starts under the request
+    (ours, or a user's MLflow span under the placeholder with these ids), on whatever thread
+    that happens."""
+
+    __slots__ = ("name", "span_type", "attributes", "inputs", "error", "start_ns",
+                 "otel_trace_id", "span_id", "parent_id", "request", "span", "ended")
+
+    def __init__(self, name: str, span_type: str, attributes: dict[str, Any], inputs: Any,
+                 remote_parent: tuple[int, int] | None) -> None:
+        self.name = name
+        self.span_type = span_type
+        self.attributes = attributes
+        self.inputs = inputs
+        self.error: BaseException | None = None
+        self.start_ns = time.time_ns()
+        self.otel_trace_id, self.parent_id = remote_parent or (_rng.getrandbits(128) or 1, None)
+        self.span_id = _rng.getrandbits(64) or 1
+        self.request = request_context.current()
+        self.span: Span | None = None
+        self.ended = False
+
+    @property
+    def trace_id(self) -> str:
+        return "tr-" + format(self.otel_trace_id, "032x")
+
+    def materialize(self) -> "Span | None":
+        """The root span, made on first use; None once the request has ended."""
+        if self.span is not None or self.ended:
+            return self.span
+        with _request_lock:
+            if self.span is None and not self.ended:
+                trace = Trace(self.otel_trace_id, parent_span_id=None, request=self.request)
+                span = Span(trace, self.parent_id, self.name, self.span_type, self.inputs,
+                            self.attributes, start_ns=self.start_ns, span_id=self.span_id)
+                trace.spans.append(span)
+                trace.root = span
+                trace._open_spans = 1
+                _open[self.otel_trace_id] = trace
+                self.span = span
+        return self.span
+
+
+_request: ContextVar[RequestRoot | None] = ContextVar("tracewire_request_root", default=None)
+_request_lock = threading.Lock()
+
+
+def current_request() -> RequestRoot | None:
+    """The web request this context runs in, if any."""
+    return _request.get()
+
+
+def start_request(name: str, span_type: str, attributes: dict[str, Any], inputs: Any = None,
+                  remote_parent: tuple[int, int] | None = None) -> tuple[RequestRoot, Any]:
+    """Open a web request's root, in a new trace whatever this context holds; with
     ``remote_parent`` (trace id, span id from a W3C ``traceparent``) it continues the caller's
-    trace. It is exported only if traced work happens under it (see :func:`end_request`)."""
-    otel_trace_id, parent_id = remote_parent or (_rng.getrandbits(128) or 1, None)
-    trace = Trace(otel_trace_id, parent_span_id=None)
-    _open[otel_trace_id] = trace
-    return _add(trace, parent_id, name, span_type, None, attributes)
+    trace. Spans started in this context nest under it; it is exported only if they do (see
+    :func:`leave_request`). Returns the root and the tokens :func:`leave_request` resets."""
+    root = RequestRoot(name, span_type, attributes, inputs, remote_parent)
+    return root, (_request.set(root), _current.set(None),
+                  _mlflow_attach_request(root.otel_trace_id, root.span_id))
 
 
-def has_work(span: Span) -> bool:
-    """Whether anything was traced under this span's trace besides the span itself."""
-    trace = span.trace
-    return len(trace.spans) > 1 or trace.joined
-
-
-def end_request(span: Span, keep_idle: bool) -> bool:
-    """End a request's root span; if nothing was traced under it and not ``keep_idle``, its
-    trace is dropped instead of exported (health checks cost no trace). True if exported."""
-    trace = span.trace
-    with trace._lock:
-        idle = not keep_idle and not has_work(span)
-        if idle:
-            trace.done = True  # a span started later from a leftover context starts a new trace
-    if not idle:
-        span.end()
-        return True
-    span.end_ns = time.time_ns()
-    if _open.get(trace.otel_trace_id) is trace:
-        _open.pop(trace.otel_trace_id, None)
-    return False
+def leave_request(root: RequestRoot, tokens: Any, keep_idle: bool) -> Span | None:
+    """Leave the request's context and close its root to new spans. Returns the root span, for
+    the caller to describe and end, or None when nothing was traced under the request and not
+    ``keep_idle``: the request leaves no trace (health checks cost no trace)."""
+    request_token, current_token, mlflow_token = tokens
+    try:
+        _mlflow_detach(mlflow_token)
+    finally:
+        _current.reset(current_token)
+        _request.reset(request_token)
+    if keep_idle:
+        root.materialize()
+    with _request_lock:
+        root.ended = True
+    span = root.span
+    if span is not None:
+        span.error = root.error
+    return span
 
 
 def open_trace(otel_trace_id: int) -> Trace | None:
-    """The open tracewire trace with this OpenTelemetry id, if any."""
-    return _open.get(otel_trace_id)
+    """The open tracewire trace with this OpenTelemetry id, if any: a request's root is made
+    here when the first span under it is a user's MLflow span."""
+    trace = _open.get(otel_trace_id)
+    if trace is None:
+        request = _request.get()
+        if request is not None and request.otel_trace_id == otel_trace_id:
+            span = request.materialize()
+            trace = span.trace if span is not None and not span.trace.done else None
+    return trace
 
 
 def activate(span: Span) -> tuple[Token, Any]:

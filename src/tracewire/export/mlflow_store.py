@@ -128,8 +128,29 @@ def initialize(settings: config.Settings) -> None:
 
 
 def _current_context():
-    # MLflow's isolated context unless MLFLOW_USE_DEFAULT_TRACER_PROVIDER=false (read at install).
-    return _provider.mlflow_runtime_context.get_current() if _isolated else None
+    # MLflow's isolated context unless MLFLOW_USE_DEFAULT_TRACER_PROVIDER=false (read at install);
+    # as set, without the request placeholder _context_with_request adds.
+    runtime = _provider.mlflow_runtime_context
+    return type(runtime).get_current(runtime) if _isolated else None
+
+
+def _context_with_request() -> Any:
+    """MLflow's current context, as MLflow reads it. Inside a web request with no span active
+    it holds a placeholder for the request's root span, so MLflow spans nest under it (and the
+    root is made, see spans.open_trace). Served when read rather than attached at each
+    request's start: that was a fifth of an untraced request's cost."""
+    ctx = _current_context()
+    root = spans.current_request()
+    if root is None or root.ended or \
+            otel_trace.get_current_span(ctx) is not otel_trace.INVALID_SPAN:
+        return ctx
+    return otel_trace.set_span_in_context(_placeholder(root.otel_trace_id, root.span_id), ctx)
+
+
+def _placeholder(trace_id: int, span_id: int) -> otel_trace.NonRecordingSpan:
+    return otel_trace.NonRecordingSpan(otel_trace.SpanContext(
+        trace_id, span_id, is_remote=False,
+        trace_flags=otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED)))
 
 
 def active_parent() -> tuple[int, int] | None:
@@ -143,16 +164,15 @@ def active_parent() -> tuple[int, int] | None:
 
 def attach(trace_id: int, span_id: int) -> Any:
     """Make a placeholder with our ids MLflow's current span, so MLflow spans nest under ours."""
-    placeholder = otel_trace.NonRecordingSpan(otel_trace.SpanContext(
-        trace_id, span_id, is_remote=False,
-        trace_flags=otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED)))
-    ctx = otel_trace.set_span_in_context(placeholder, _current_context())
+    ctx = otel_trace.set_span_in_context(_placeholder(trace_id, span_id), _current_context())
     if _isolated:
         return _provider.mlflow_runtime_context.attach(ctx)
     return otel_context.attach(ctx)
 
 
 def detach(token: Any) -> None:
+    if token is None:  # a request's root in MLflow's isolated context: nothing was attached
+        return
     if _isolated:
         _provider.mlflow_runtime_context.detach(token)
     else:
@@ -308,12 +328,18 @@ def install_hooks(submit: Callable[[Item], None]) -> None:
     spans._mlflow_parent = active_parent
     spans._mlflow_attach = attach
     spans._mlflow_detach = detach
+    if _isolated:  # MLflow reads it through this one call: the placeholder is served there
+        _provider.mlflow_runtime_context.get_current = _context_with_request
+        spans._mlflow_attach_request = lambda trace_id, span_id: None
+    else:  # OpenTelemetry's global context: attached up front
+        spans._mlflow_attach_request = attach
 
 
 def uninstall_hooks() -> None:
     """Give MLflow its own exporter back."""
     global _original_make_processor
     spans._sink = None
+    vars(_provider.mlflow_runtime_context).pop("get_current", None)
     if _original_make_processor is not None:
         _provider._get_mlflow_span_processor = _original_make_processor
         _original_make_processor = None

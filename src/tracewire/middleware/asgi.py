@@ -5,14 +5,15 @@ Pure ASGI (``BaseHTTPMiddleware`` breaks ContextVar propagation). Per HTTP reque
 
 1. reads the request id (echoed back in the response, also on errors), the session and user
    from headers or a session cookie, and a W3C ``traceparent``;
-2. opens the request's root span and makes it current, so every plugin span and the user's own
-   MLflow spans in the handler, its background tasks and its streamed body nest under it;
-3. when the response starts (the inner middleware has run by then), takes the user from the
-   authenticated scope or the ``identify`` callable, and adds the request id (and the trace id,
-   once something was traced) to the response headers;
+2. opens the request's root, so every plugin span and the user's own MLflow spans in the
+   handler, its background tasks and its streamed body nest under it; the trace and its root
+   span are made only when the first of those starts (a health check costs a few fields);
+3. when the response starts, adds the request id (and the trace id, once something was
+   traced) to the response headers;
 4. when the app call returns (after the last body chunk, a disconnect and Starlette's
-   background tasks), ends the root span with the route template, status and timings. A
-   request that traced nothing (a health check) leaves no trace.
+   background tasks), ends the root span with the route template, status and timings, and
+   the user from the authenticated scope or the ``identify`` callable (the app's own
+   middleware has run by then). A request that traced nothing leaves no trace.
 
 Every step is guarded: a failure of ours never reaches the app or the client.
 
@@ -54,20 +55,21 @@ MAX_BODY = 64 * 1024
 class _Request:
     """What one traced request carries from its start to its end."""
 
-    __slots__ = ("root", "context", "header_user", "status", "start_ns", "first_byte_ns",
-                 "last_byte_ns", "identified", "body")
+    __slots__ = ("root", "tokens", "context", "context_token", "header_user", "status",
+                 "first_byte_ns", "last_byte_ns", "identified", "body")
 
-    def __init__(self, root: spans.Span, context: RequestContext,
-                 header_user: str | None) -> None:
+    def __init__(self, root: spans.RequestRoot, tokens: Any, context: RequestContext,
+                 context_token: Any, header_user: str | None, body: list[bytes] | None) -> None:
         self.root = root
+        self.tokens = tokens
         self.context = context
+        self.context_token = context_token
         self.header_user = header_user
         self.status: int | None = None
-        self.start_ns = root.start_ns
         self.first_byte_ns: int | None = None
         self.last_byte_ns: int | None = None
         self.identified = False
-        self.body: list[bytes] | None = None
+        self.body = body
 
 
 class TracingMiddleware:
@@ -83,8 +85,8 @@ class TracingMiddleware:
         session_header, user_header: where clients send their session and user ids.
         session_cookie: a cookie naming the session; recorded only as a keyed hash
             (``session_cookie_key`` or ``TRACEWIRE_SESSION_COOKIE_KEY``), never as its value.
-        identify: ``identify(scope) -> (session_id, user_id)``, called when the response
-            starts; ``None`` in either place keeps what was found otherwise.
+        identify: ``identify(scope) -> (session_id, user_id)``, called when a request that
+            leaves a trace ends; ``None`` in either place keeps what was found otherwise.
         exclude_paths: path prefixes passed through untouched.
         trace_all_requests: also trace requests that do no traced work.
         capture_request_body: record the request body (cut at 64 KiB, passed through the
@@ -142,31 +144,32 @@ class TracingMiddleware:
         if self._exclude and scope["path"].startswith(self._exclude):
             await self.app(scope, receive, send)
             return
-        started = guard.call(self._start, scope)
-        if started is None:  # our failure: the request goes on untraced
+        request = guard.call(self._start, scope)
+        if request is None:  # our failure: the request goes on untraced
             await self.app(scope, receive, send)
             return
-        request, context_token, span_tokens = started
         try:
             if self._feedback_path is not None and scope["path"] == self._feedback_path:
                 guard.call(self._identify_late, scope, request)  # the feedback's source user
-                await feedback.serve(scope, receive, self._sender(scope, request, send),
+                await feedback.serve(scope, receive, self._sender(request, send),
                                      request.context)
                 return
             if request.body is not None:
                 receive = self._recording(receive, request.body)
-            await self.app(scope, receive, self._sender(scope, request, send))
+            await self.app(scope, receive, self._sender(request, send))
         except Exception as exc:
-            request.root.record_error(exc)
+            request.root.error = exc
             raise
         finally:
-            guard.call(spans.deactivate, span_tokens)
-            request_context._current.reset(context_token)
-            guard.call(self._finish, scope, request)
+            request_context._current.reset(request.context_token)
+            root = guard.call(spans.leave_request, request.root, request.tokens, self._trace_all)
+            if root is not None:
+                guard.call(self._describe, scope, request, root)
+                guard.call(root.end)
 
     # ------------------------------------------------------------------ steps
 
-    def _start(self, scope: Scope) -> tuple[_Request, Any, Any]:
+    def _start(self, scope: Scope) -> _Request:
         found: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:
             if name in self._wanted and name not in found:
@@ -181,24 +184,25 @@ class TracingMiddleware:
                                  session_id=session, user_id=user)
         context_token = request_context._current.set(context)  # the trace reads it at its end
         try:
-            method = scope["method"]
-            root = spans.start_request(method, SpanType.CHAIN, {
-                keys.HTTP_METHOD: method, keys.URL_PATH: scope["path"],
-            }, remote_parent=identity.traceparent(found.get(b"traceparent")))
-            request = _Request(root, context, user)
+            body: list[bytes] | None = None
+            inputs = None
             if self._capture_body and config.active().capture_content:
-                request.body = []
-                root.inputs = spans.Deferred(_body_text, request.body)
-            return request, context_token, spans.activate(root)
+                body = []
+                inputs = spans.Deferred(_body_text, body)
+            method = scope["method"]
+            root, tokens = spans.start_request(
+                method, SpanType.CHAIN, {keys.HTTP_METHOD: method, keys.URL_PATH: scope["path"]},
+                inputs, identity.traceparent(found.get(b"traceparent")))
+            return _Request(root, tokens, context, context_token, user, body)
         except BaseException:
             request_context._current.reset(context_token)
             raise
 
-    def _sender(self, scope: Scope, request: _Request, send: Send) -> Send:
+    def _sender(self, request: _Request, send: Send) -> Send:
         async def send_traced(message: Message) -> None:
             kind = message["type"]
             if kind == "http.response.start":
-                message = guard.call(self._on_response_start, scope, request, message) or message
+                message = guard.call(self._on_response_start, request, message) or message
             elif kind == "http.response.body":
                 now = time.time_ns()
                 if request.first_byte_ns is None and message.get("body"):
@@ -209,16 +213,15 @@ class TracingMiddleware:
 
         return send_traced
 
-    def _on_response_start(self, scope: Scope, request: _Request, message: Message) -> Message:
+    def _on_response_start(self, request: _Request, message: Message) -> Message:
         request.status = message["status"]
-        self._identify_late(scope, request)
         headers = list(message.get("headers") or ())
         # An id the app set itself wins (ASGI apps send lowercase header names).
         present = [name for name, _ in headers if name in (self._request_id, self._trace_id)]
         if self._request_id not in present:
             headers.append((self._request_id, request.context.request_id.encode("latin-1")))
-        if self._trace_id not in present and (self._trace_all or spans.has_work(request.root)):
-            headers.append((self._trace_id, request.root.trace.trace_id.encode("latin-1")))
+        if self._trace_id not in present and (self._trace_all or request.root.span is not None):
+            headers.append((self._trace_id, request.root.trace_id.encode("latin-1")))
         return {**message, "headers": headers}
 
     def _identify_late(self, scope: Scope, request: _Request) -> None:
@@ -244,9 +247,9 @@ class TracingMiddleware:
         if session is not None:
             context.session_id = request_context._valid(session, MAX_SESSION_ID)
 
-    def _finish(self, scope: Scope, request: _Request) -> None:
+    def _describe(self, scope: Scope, request: _Request, root: spans.Span) -> None:
+        """The kept root span's route, status and timings, and identity only the app knows."""
         self._identify_late(scope, request)
-        root = request.root
         route = getattr(scope.get("route"), "path", None)
         if isinstance(route, str):
             root.name = f"{scope['method']} {scope.get('root_path', '')}{route}"
@@ -256,8 +259,7 @@ class TracingMiddleware:
         for key, at in ((keys.HTTP_TIME_TO_FIRST_BYTE, request.first_byte_ns),
                         (keys.HTTP_TIME_TO_LAST_BYTE, request.last_byte_ns)):
             if at is not None:
-                root.attributes[key] = round((at - request.start_ns) / 1e6, 3)
-        spans.end_request(root, keep_idle=self._trace_all)
+                root.attributes[key] = round((at - root.start_ns) / 1e6, 3)
 
     @staticmethod
     def _recording(receive: Receive, body: list[bytes]) -> Receive:
