@@ -75,7 +75,8 @@ def run(traces: int, directory: Path) -> dict[str, Any]:
 
     client = TracingClient(uri)
     pages, result["records_s"] = timed(
-        lambda: list(delta.trace_records(client, [experiment], 0, delta.PAGE_SIZE)))
+        lambda: list(delta._regrouped(
+            delta.trace_records(client, [experiment], 0, delta.SEARCH_PAGE), delta.COMMIT_SIZE)))
     full, result["spans_s"] = timed(
         lambda: [delta.with_spans(client, [i.trace_id for i in page]) for page in pages])
     rows, result["rows_s"] = timed(lambda: [[trace_rows.row(t) for t in page] for page in full])

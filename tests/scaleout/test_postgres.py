@@ -254,9 +254,8 @@ def _assert_delta_sync(server: PostgresMlflowServer, experiment_id: str, path: P
     """The Delta sync reads the server through MLflow's REST API: a row per request."""
     from deltalake import DeltaTable
 
-    # A server answers at most 500 traces per search; delta.PAGE_SIZE (1000) is refused there.
     report = delta.sync(str(path), tracking_uri=server.url, experiment_ids=[experiment_id],
-                        lookback_s=86400, page_size=SERVER_PAGE)
+                        lookback_s=86400)
     assert (report.read, report.written) == (len(answered), len(answered))
     # use_threads=False: Arrow's thread pool can abort the interpreter at exit (see README).
     table = DeltaTable(str(path)).to_pyarrow_dataset().to_table(use_threads=False).to_pylist()

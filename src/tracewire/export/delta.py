@@ -30,7 +30,10 @@ from tracewire.export import trace_rows
 
 logger = logging.getLogger("tracewire")
 
-PAGE_SIZE = 1000
+# Traces merged per Delta commit: each commit has a fixed cost, so fewer, larger ones are faster.
+COMMIT_SIZE = 1000
+# The most traces a tracking server answers for one search.
+SEARCH_PAGE = 500
 _COMMIT_ATTEMPTS = 5  # per page, when other syncs keep committing to the same table
 _DAY_MS = 86_400_000
 
@@ -139,7 +142,7 @@ def sync(
     experiment_ids: Sequence[str],
     lookback_s: float,
     since_ms: int | None = None,
-    page_size: int = PAGE_SIZE,
+    page_size: int = COMMIT_SIZE,
     storage_options: dict[str, str] | None = None,
     progress: Callable[[SyncReport], None] | None = None,
     stop: threading.Event | None = None,
@@ -160,7 +163,8 @@ def sync(
     if since_ms is None:
         since_ms = max(0, mark - int(lookback_s * 1000)) if mark is not None else 0
     stored = _stored_revisions(table, since_ms)
-    for infos in trace_records(client, list(experiment_ids), since_ms, page_size):
+    pages = trace_records(client, list(experiment_ids), since_ms, min(page_size, SEARCH_PAGE))
+    for infos in _regrouped(pages, page_size):
         report.read += len(infos)
         wanted = [i.trace_id for i in infos
                   if stored.get(i.trace_id) != trace_rows.revision(i)]
@@ -186,6 +190,18 @@ def sync(
         if stop is not None and stop.is_set():
             break
     return report
+
+
+def _regrouped(pages: Iterator[list[Any]], size: int) -> Iterator[list[Any]]:
+    """The same records, ``size`` at a time (the last batch may be smaller)."""
+    batch: list[Any] = []
+    for page in pages:
+        batch.extend(page)
+        while len(batch) >= size:
+            yield batch[:size]
+            batch = batch[size:]
+    if batch:
+        yield batch
 
 
 def with_spans(client: Any, trace_ids: list[str]) -> list[Any]:

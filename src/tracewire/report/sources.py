@@ -10,7 +10,7 @@ from tracewire.export import delta, trace_rows
 
 
 def from_store(tracking_uri: str, experiment_ids: Sequence[str], since_ms: int,
-               page_size: int = delta.PAGE_SIZE) -> list[dict[str, Any]]:
+               page_size: int = delta.SEARCH_PAGE) -> list[dict[str, Any]]:
     from mlflow.tracing.client import TracingClient
 
     client = TracingClient(tracking_uri)
