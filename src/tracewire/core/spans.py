@@ -43,7 +43,8 @@ _sink: Callable[["Trace"], None] | None = None
 _mlflow_parent: Callable[[], tuple[int, int] | None] = lambda: None
 _mlflow_attach: Callable[[int, int], Any] = lambda trace_id, span_id: None
 _mlflow_detach: Callable[[Any], None] = lambda token: None
-_mlflow_attach_request: Callable[[int, int], Any] = lambda trace_id, span_id: None
+# Only where MLflow's context cannot be served lazily (see export/mlflow_store.py).
+_mlflow_attach_request: Callable[[int, int], Any] | None = None
 
 
 class Deferred:
@@ -236,8 +237,9 @@ def start_request(name: str, span_type: str, attributes: dict[str, Any], inputs:
     trace. Spans started in this context nest under it; it is exported only if they do (see
     :func:`leave_request`). Returns the root and the tokens :func:`leave_request` resets."""
     root = RequestRoot(name, span_type, attributes, inputs, remote_parent)
+    attach = _mlflow_attach_request
     return root, (_request.set(root), _current.set(None),
-                  _mlflow_attach_request(root.otel_trace_id, root.span_id))
+                  attach(root.otel_trace_id, root.span_id) if attach is not None else None)
 
 
 def leave_request(root: RequestRoot, tokens: Any, keep_idle: bool) -> Span | None:
@@ -246,7 +248,8 @@ def leave_request(root: RequestRoot, tokens: Any, keep_idle: bool) -> Span | Non
     ``keep_idle``: the request leaves no trace (health checks cost no trace)."""
     request_token, current_token, mlflow_token = tokens
     try:
-        _mlflow_detach(mlflow_token)
+        if mlflow_token is not None:
+            _mlflow_detach(mlflow_token)
     finally:
         _current.reset(current_token)
         _request.reset(request_token)

@@ -171,8 +171,6 @@ def attach(trace_id: int, span_id: int) -> Any:
 
 
 def detach(token: Any) -> None:
-    if token is None:  # a request's root in MLflow's isolated context: nothing was attached
-        return
     if _isolated:
         _provider.mlflow_runtime_context.detach(token)
     else:
@@ -330,7 +328,7 @@ def install_hooks(submit: Callable[[Item], None]) -> None:
     spans._mlflow_detach = detach
     if _isolated:  # MLflow reads it through this one call: the placeholder is served there
         _provider.mlflow_runtime_context.get_current = _context_with_request
-        spans._mlflow_attach_request = lambda trace_id, span_id: None
+        spans._mlflow_attach_request = None
     else:  # OpenTelemetry's global context: attached up front
         spans._mlflow_attach_request = attach
 
