@@ -181,22 +181,21 @@ class RequestRoot:
     Most requests (health checks, static files) trace nothing: they pay for these fields and
     no more. The trace and its root span are made when the first span starts under the request
     (ours, or a user's MLflow span under the placeholder with these ids), on whatever thread
-    that happens."""
+    that happens. The middleware subclasses it to carry its own per-request fields."""
 
-    __slots__ = ("name", "span_type", "attributes", "inputs", "error", "start_ns",
-                 "otel_trace_id", "span_id", "parent_id", "request", "span", "ended")
+    __slots__ = ("name", "span_type", "inputs", "error", "start_ns", "otel_trace_id",
+                 "span_id", "parent_id", "request", "span", "ended", "_tokens")
 
-    def __init__(self, name: str, span_type: str, attributes: dict[str, Any], inputs: Any,
-                 remote_parent: tuple[int, int] | None) -> None:
+    def __init__(self, name: str, span_type: str, inputs: Any,
+                 remote_parent: tuple[int, int] | None, request: RequestContext) -> None:
         self.name = name
         self.span_type = span_type
-        self.attributes = attributes
         self.inputs = inputs
         self.error: BaseException | None = None
         self.start_ns = time.time_ns()
         self.otel_trace_id, self.parent_id = remote_parent or (_rng.getrandbits(128) or 1, None)
         self.span_id = _rng.getrandbits(64) or 1
-        self.request = request_context.current()
+        self.request = request
         self.span: Span | None = None
         self.ended = False
 
@@ -212,7 +211,7 @@ class RequestRoot:
             if self.span is None and not self.ended:
                 trace = Trace(self.otel_trace_id, parent_span_id=None, request=self.request)
                 span = Span(trace, self.parent_id, self.name, self.span_type, self.inputs,
-                            self.attributes, start_ns=self.start_ns, span_id=self.span_id)
+                            None, start_ns=self.start_ns, span_id=self.span_id)
                 trace.spans.append(span)
                 trace.root = span
                 trace._open_spans = 1
@@ -230,29 +229,29 @@ def current_request() -> RequestRoot | None:
     return _request.get()
 
 
-def start_request(name: str, span_type: str, attributes: dict[str, Any], inputs: Any = None,
-                  remote_parent: tuple[int, int] | None = None) -> tuple[RequestRoot, Any]:
-    """Open a web request's root, in a new trace whatever this context holds; with
-    ``remote_parent`` (trace id, span id from a W3C ``traceparent``) it continues the caller's
-    trace. Spans started in this context nest under it; it is exported only if they do (see
-    :func:`leave_request`). Returns the root and the tokens :func:`leave_request` resets."""
-    root = RequestRoot(name, span_type, attributes, inputs, remote_parent)
+def enter_request(root: RequestRoot) -> None:
+    """Make ``root`` and its request context current: spans started in this context nest
+    under it, in a new trace whatever this context held (with a remote parent, in the caller's
+    trace). It is exported only if something is traced under it (see :func:`leave_request`)."""
     attach = _mlflow_attach_request
-    return root, (_request.set(root), _current.set(None),
-                  attach(root.otel_trace_id, root.span_id) if attach is not None else None)
+    root._tokens = (request_context._current.set(root.request), _request.set(root),
+                    _current.set(None) if _current.get() is not None else None,
+                    attach(root.otel_trace_id, root.span_id) if attach is not None else None)
 
 
-def leave_request(root: RequestRoot, tokens: Any, keep_idle: bool) -> Span | None:
-    """Leave the request's context and close its root to new spans. Returns the root span, for
-    the caller to describe and end, or None when nothing was traced under the request and not
-    ``keep_idle``: the request leaves no trace (health checks cost no trace)."""
-    request_token, current_token, mlflow_token = tokens
+def leave_request(root: RequestRoot, keep_idle: bool) -> Span | None:
+    """Restore the context :func:`enter_request` found and close the root to new spans.
+    Returns the root span, for the caller to describe and end, or None when nothing was traced
+    under the request and not ``keep_idle``: the request leaves no trace."""
+    context_token, request_token, current_token, mlflow_token = root._tokens
     try:
         if mlflow_token is not None:
             _mlflow_detach(mlflow_token)
     finally:
-        _current.reset(current_token)
+        if current_token is not None:
+            _current.reset(current_token)
         _request.reset(request_token)
+        request_context._current.reset(context_token)
     if keep_idle:
         root.materialize()
     with _request_lock:

@@ -52,24 +52,11 @@ _TRACED = "tracewire.traced"
 MAX_BODY = 64 * 1024
 
 
-class _Request:
-    """What one traced request carries from its start to its end."""
+class _Request(spans.RequestRoot):
+    """A request's root with what the middleware carries from its start to its end."""
 
-    __slots__ = ("root", "tokens", "context", "context_token", "header_user", "status",
-                 "first_byte_ns", "last_byte_ns", "identified", "body")
-
-    def __init__(self, root: spans.RequestRoot, tokens: Any, context: RequestContext,
-                 context_token: Any, header_user: str | None, body: list[bytes] | None) -> None:
-        self.root = root
-        self.tokens = tokens
-        self.context = context
-        self.context_token = context_token
-        self.header_user = header_user
-        self.status: int | None = None
-        self.first_byte_ns: int | None = None
-        self.last_byte_ns: int | None = None
-        self.identified = False
-        self.body = body
+    __slots__ = ("header_user", "status", "first_byte_ns", "last_byte_ns", "identified",
+                 "body")
 
 
 class TracingMiddleware:
@@ -152,17 +139,16 @@ class TracingMiddleware:
             if self._feedback_path is not None and scope["path"] == self._feedback_path:
                 guard.call(self._identify_late, scope, request)  # the feedback's source user
                 await feedback.serve(scope, receive, self._sender(request, send),
-                                     request.context)
+                                     request.request)
                 return
             if request.body is not None:
                 receive = self._recording(receive, request.body)
             await self.app(scope, receive, self._sender(request, send))
         except Exception as exc:
-            request.root.error = exc
+            request.error = exc
             raise
         finally:
-            request_context._current.reset(request.context_token)
-            root = guard.call(spans.leave_request, request.root, request.tokens, self._trace_all)
+            root = guard.call(spans.leave_request, request, self._trace_all)
             if root is not None:
                 guard.call(self._describe, scope, request, root)
                 guard.call(root.end)
@@ -174,32 +160,40 @@ class TracingMiddleware:
         for name, value in scope["headers"]:
             if name in self._wanted and name not in found:
                 found[name] = value
-        session = identity.header_text(found.get(self._session), MAX_SESSION_ID)
-        if self._cookie is not None:
-            assert self._cookie_key is not None
-            session = identity.cookie_session(
-                identity.cookie(found.get(b"cookie"), self._cookie), self._cookie_key) or session
-        user = identity.header_text(found.get(self._user), MAX_USER_ID)
-        context = RequestContext(request_id=identity.request_id(found.get(self._request_id)),
-                                 session_id=session, user_id=user)
-        context_token = request_context._current.set(context)  # the trace reads it at its end
-        try:
-            body: list[bytes] | None = None
-            inputs = None
-            if self._capture_body and config.active().capture_content:
-                body = []
-                inputs = spans.Deferred(_body_text, body)
-            method = scope["method"]
-            root, tokens = spans.start_request(
-                method, SpanType.CHAIN, {keys.HTTP_METHOD: method, keys.URL_PATH: scope["path"]},
-                inputs, identity.traceparent(found.get(b"traceparent")))
-            return _Request(root, tokens, context, context_token, user, body)
-        except BaseException:
-            request_context._current.reset(context_token)
-            raise
+        # Most requests carry few of these headers: a helper runs only for one present.
+        session = user = traceparent = None
+        if found:
+            if (value := found.get(self._session)) is not None:
+                session = identity.header_text(value, MAX_SESSION_ID)
+            if (value := found.get(self._user)) is not None:
+                user = identity.header_text(value, MAX_USER_ID)
+            if self._cookie is not None and (value := found.get(b"cookie")) is not None:
+                assert self._cookie_key is not None
+                session = identity.cookie_session(identity.cookie(value, self._cookie),
+                                                  self._cookie_key) or session
+            if (value := found.get(b"traceparent")) is not None:
+                traceparent = identity.traceparent(value)
+        value = found.get(self._request_id)
+        context = RequestContext(
+            request_id=identity.new_request_id() if value is None else identity.request_id(value),
+            session_id=session, user_id=user)
+        body: list[bytes] | None = None
+        inputs = None
+        if self._capture_body and config.active().capture_content:
+            body = []
+            inputs = spans.Deferred(_body_text, body)
+        request = _Request(scope["method"], SpanType.CHAIN, inputs, traceparent, context)
+        request.header_user = user
+        request.status = request.first_byte_ns = request.last_byte_ns = None
+        request.identified = False
+        request.body = body
+        spans.enter_request(request)  # the trace reads the request context at its end
+        return request
 
     def _sender(self, request: _Request, send: Send) -> Send:
-        async def send_traced(message: Message) -> None:
+        # A plain function handing back the server's awaitable: a coroutine of ours around
+        # each message would cost more than what it does.
+        def send_traced(message: Message) -> Awaitable[None]:
             kind = message["type"]
             if kind == "http.response.start":
                 message = guard.call(self._on_response_start, request, message) or message
@@ -209,7 +203,7 @@ class TracingMiddleware:
                     request.first_byte_ns = now
                 if not message.get("more_body", False):
                     request.last_byte_ns = now
-            await send(message)
+            return send(message)
 
         return send_traced
 
@@ -217,11 +211,16 @@ class TracingMiddleware:
         request.status = message["status"]
         headers = list(message.get("headers") or ())
         # An id the app set itself wins (ASGI apps send lowercase header names).
-        present = [name for name, _ in headers if name in (self._request_id, self._trace_id)]
-        if self._request_id not in present:
-            headers.append((self._request_id, request.context.request_id.encode("latin-1")))
-        if self._trace_id not in present and (self._trace_all or request.root.span is not None):
-            headers.append((self._trace_id, request.root.trace_id.encode("latin-1")))
+        own_request_id = own_trace_id = False
+        for name, _ in headers:
+            if name == self._request_id:
+                own_request_id = True
+            elif name == self._trace_id:
+                own_trace_id = True
+        if not own_request_id:
+            headers.append((self._request_id, request.request.request_id.encode("latin-1")))
+        if not own_trace_id and (self._trace_all or request.span is not None):
+            headers.append((self._trace_id, request.trace_id.encode("latin-1")))
         return {**message, "headers": headers}
 
     def _identify_late(self, scope: Scope, request: _Request) -> None:
@@ -231,7 +230,7 @@ class TracingMiddleware:
         if request.identified:
             return
         request.identified = True
-        context = request.context
+        context = request.request
         session = user = None
         if self._identify is not None:
             try:
@@ -250,6 +249,8 @@ class TracingMiddleware:
     def _describe(self, scope: Scope, request: _Request, root: spans.Span) -> None:
         """The kept root span's route, status and timings, and identity only the app knows."""
         self._identify_late(scope, request)
+        root.attributes[keys.HTTP_METHOD] = scope["method"]
+        root.attributes[keys.URL_PATH] = scope["path"]
         route = getattr(scope.get("route"), "path", None)
         if isinstance(route, str):
             root.name = f"{scope['method']} {scope.get('root_path', '')}{route}"

@@ -20,9 +20,10 @@ _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]
 
 
 # Fresh ids are cut from one os.urandom read per 256 (a read per id was a tenth of the
-# middleware's cost). list.pop and list.extend are atomic, so threads never share an id; a
-# forked worker drops the ids its parent had read ahead.
+# middleware's cost), by slices precomputed once. list.pop and list.extend are atomic, so
+# threads never share an id; a forked worker drops the ids its parent had read ahead.
 _spare_ids: list[str] = []
+_ID_SLICES = [slice(start, start + 32) for start in range(0, 32 * 256, 32)]
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_spare_ids.clear)
 
@@ -32,9 +33,10 @@ def new_request_id() -> str:
     try:
         return _spare_ids.pop()
     except IndexError:
-        block = os.urandom(16 * 256).hex()
-        _spare_ids.extend(block[i:i + 32] for i in range(32, len(block), 32))
-        return block[:32]
+        fresh = list(map(os.urandom(16 * 256).hex().__getitem__, _ID_SLICES))
+        taken = fresh.pop()
+        _spare_ids.extend(fresh)
+        return taken
 
 
 def request_id(value: bytes | None) -> str:
