@@ -10,6 +10,10 @@ What it measures, in one process run (plus short-lived child processes for the e
                 returning until ``tracewire.flush`` / ``mlflow.flush_trace_async_logging``
                 returns; the store is then read back through MLflow's API), the backlog left at
                 the end of the burst (counted in the store's sqlite file) and traces/s.
+                Into the server also "tracewire web": tracewire with every call inside
+                ``tracewire.context(request_id=...)``, as in a web request. A trace with a
+                client request id needs a ``start_trace`` request of its own, where the others
+                go many per request as spans only (export/mlflow_store.py).
   2. Hot path -- the added median/p99 latency per call of those bursts vs an untraced baseline
                 measured in the same process (before and after, pooled).
   3. Outage  -- tracewire into the server: per-call latency of ``--outage-calls`` calls with the
@@ -194,7 +198,7 @@ def free_port() -> int:
 @dataclass
 class Burst:
     store: str                   # "sqlite" | "server"
-    mode: str                    # "tracewire" | "mlflow"
+    mode: str                    # "tracewire" | "tracewire web" | "mlflow"
     calls: int
     samples: list[float] = field(repr=False)
     burst_s: float               # first call started -> last call returned
@@ -221,9 +225,19 @@ class Burst:
         return self.persisted / (self.burst_s + self.drain_s)
 
 
+def timed_web_calls(client: openai.OpenAI, n: int) -> list[float]:
+    """timed_calls, each call with a request id of its own, as the middleware gives it."""
+    samples: list[float] = []
+    for i in range(n):
+        with tracewire.context(request_id=f"bench-{time.time_ns()}-{i}"):
+            samples += timed_calls(client, 1)
+    return samples
+
+
 def run_burst(store_kind: str, mode: str, client: openai.OpenAI, store: Store, read: Store,
               calls: int, warmup: int, enable: Callable[[], None],
-              flush: Callable[[], bool | None], disable: Callable[[], None]) -> Burst:
+              flush: Callable[[], bool | None], disable: Callable[[], None],
+              timed: Callable[[openai.OpenAI, int], list[float]] = timed_calls) -> Burst:
     """As openai_overhead.run_traced, plus the store's count at the end of the burst. Traces go
     to ``store`` and are read back from ``read``, the same store opened locally (for a server,
     its sqlite backend: MLflow's REST API caps search pages below what persisted_since asks)."""
@@ -231,12 +245,12 @@ def run_burst(store_kind: str, mode: str, client: openai.OpenAI, store: Store, r
     use_store(store)
     enable()
     try:  # never leave a writer running into a store that is about to be deleted
-        timed_calls(client, warmup)
+        timed(client, warmup)
         flush()
         time.sleep(0.01)  # warm-up traces start strictly before `since_ms`
         since_ms = time.time_ns() // 1_000_000
         start = time.perf_counter()
-        samples = timed_calls(client, calls)
+        samples = timed(client, calls)
         ended = time.perf_counter()
         at_end, _ = count_in_db(db, store.experiment_id, since_ms)
         drain_start = time.perf_counter()
@@ -256,12 +270,17 @@ def run_burst(store_kind: str, mode: str, client: openai.OpenAI, store: Store, r
 def burst_pair(store_kind: str, client: openai.OpenAI,
                stores: Callable[[str], tuple[Store, Store]],
                args: argparse.Namespace) -> list[Burst]:
-    """tracewire, then MLflow, each into a store of its own; ``stores(name)`` gives (where to
-    send, where to read back)."""
+    """tracewire (into a server also "tracewire web"), then MLflow, each into a store of its
+    own; ``stores(name)`` gives (where to send, where to read back)."""
+    web = [run_burst(store_kind, "tracewire web", client, *stores("tracewire-web"), args.calls,
+                     args.warmup, enable=tracewire.autolog,
+                     flush=lambda: tracewire.flush(args.flush_timeout),
+                     disable=tracewire.disable, timed=timed_web_calls)]
     return [
         run_burst(store_kind, "tracewire", client, *stores("tracewire"), args.calls,
                   args.warmup, enable=tracewire.autolog,
                   flush=lambda: tracewire.flush(args.flush_timeout), disable=tracewire.disable),
+        *(web if store_kind == "server" else []),
         run_burst(store_kind, "mlflow", client, *stores("mlflow"), args.calls, args.warmup,
                   enable=lambda: mlflow.openai.autolog(silent=True),
                   flush=mlflow.flush_trace_async_logging,
@@ -435,6 +454,8 @@ def hot_path(bursts: list[Burst], baseline: list[float]) -> dict[str, Any]:
     out: dict[str, Any] = {"baseline": {"median_us": base_med, "p99_us": base_p99,
                                         "n": len(baseline)}}
     for b in bursts:
+        if b.mode == "tracewire web":
+            continue  # a drain figure: its calls ran with a context manager around each
         out.setdefault(b.store, {})[b.mode] = {
             "median_us": median(b.samples), "p99_us": p99(b.samples),
             "added_median_us": median(b.samples) - base_med,
@@ -462,6 +483,9 @@ def burst_summary(bursts: list[Burst]) -> dict[str, Any]:
         modes["drain_speedup"] = speedup
         modes["all_persisted"] = tw["persisted"] == tw["calls"] == tw["with_spans"]
         modes["drain_met"] = speedup is not None and speedup >= TARGET_DRAIN_SPEEDUP
+        if (web := modes.get("tracewire web")) is not None:
+            modes["web_drain_speedup"] = (ml["drain_s"] / web["drain_s"]
+                                          if web["drain_s"] > 0 else None)
     return out
 
 
@@ -482,13 +506,15 @@ def print_report(r: dict[str, Any]) -> None:
           f"{QUEUE_ENV}={r['mlflow_queue_env']}; runtime {r['runtime_s']:.0f} s")
     print()
     print("1. Burst: persisted once flushed; drain = last call returned -> flush returned")
-    print(f"{'store':<7} {'mode':<10} {'persisted':>11} {'w/ spans':>9} {'burst s':>8} "
+    print(f"{'store':<7} {'mode':<13} {'persisted':>11} {'w/ spans':>9} {'burst s':>8} "
           f"{'backlog':>8} {'drain s':>8} {'drain/s':>8} {'end-to-end/s':>13}  load 1m")
     for store, modes in r["burst"].items():
-        for mode in ("tracewire", "mlflow"):
+        for mode in ("tracewire", "tracewire web", "mlflow"):
+            if mode not in modes:
+                continue
             b = modes[mode]
             rate = "n/a" if b["drain_rate"] is None else f"{b['drain_rate']:.1f}"
-            print(f"{store:<7} {mode:<10} {b['persisted']:>5}/{b['calls']:<5} "
+            print(f"{store:<7} {mode:<13} {b['persisted']:>5}/{b['calls']:<5} "
                   f"{b['with_spans']:>9} {b['burst_s']:>8.2f} {b['backlog']:>8} "
                   f"{b['drain_s']:>8.2f} {rate:>8} {b['sustained_rate']:>13.1f}  "
                   f"{b['loadavg_1m']}")
@@ -498,6 +524,9 @@ def print_report(r: dict[str, Any]) -> None:
               f"drain mlflow/tracewire: {fmt_ratio(modes['drain_speedup'])}x "
               f"(target >= {TARGET_DRAIN_SPEEDUP:.0f}x: {met(modes['drain_met'])}); {flush}; "
               f"mlflow async queue in use: {ml['queue_size']}")
+        if "web_drain_speedup" in modes:
+            print(f"{store:<7} with a request id on every trace (web requests): drain "
+                  f"mlflow/tracewire {fmt_ratio(modes['web_drain_speedup'])}x")
         print(f"{store:<7} sample trace: tracewire {tw['sample']}, mlflow {ml['sample']}")
     print("   (backlog: the burst's traces not yet in the store when its last call returned; "
           "drain/s = backlog / drain s;\n    end-to-end/s = persisted / (burst s + drain s))")

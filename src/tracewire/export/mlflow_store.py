@@ -503,12 +503,21 @@ def _redact(attributes: dict[str, Any], redact: Callable[[str, Any], Any]) -> No
                 attributes[attribute] = json.dumps("[tracewire: withheld, redaction failed]")
 
 
-def decode(payload: bytes, experiment_id: str) -> tuple[TraceInfo | None, list[MlflowSpan]]:
+def decode(payload: bytes, experiment_id: str, record_in_spans: bool = False
+           ) -> tuple[TraceInfo | None, list[MlflowSpan]]:
     """Spool bytes -> MLflow's trace record (None for late spans) and spans, in ``experiment_id``
-    unless the trace names its own."""
+    unless the trace names its own.
+
+    With ``record_in_spans`` (a tracking server, where each trace record is a request of its
+    own), a trace of ours whose record the spans can carry comes back as spans only: see
+    :func:`_record_in_root_span`."""
     data = json.loads(payload)
-    if (head := data["head"]) is not None:
-        info: TraceInfo | None = TraceInfo(
+    head, context = data["head"], data["context"]
+    if head is not None and record_in_spans and not context["request_id"] and \
+            _record_in_root_span(head, context, data["spans"]):
+        info: TraceInfo | None = None
+    elif head is not None:
+        info = TraceInfo(
             trace_id=head["trace_id"],
             trace_location=TraceLocation.from_experiment_id(experiment_id),
             request_time=head["request_time"],
@@ -529,8 +538,39 @@ def decode(payload: bytes, experiment_id: str) -> tuple[TraceInfo | None, list[M
             span["attributes"][SpanAttributeKey.EXPERIMENT_ID] = location
     trace_spans = [MlflowSpan.from_dict(d) for d in data["spans"]]
     if info is not None:
-        _stamp(info, trace_spans, data["context"])
+        _stamp(info, trace_spans, context)
     return info, trace_spans
+
+
+def _storable_tags(tags: dict[str, str]) -> dict[str, str]:
+    """The store refuses a whole trace over one long tag (a span named after a huge prompt, a
+    tag set from request data): values cut to its limit, keys it cannot hold dropped."""
+    return {key: value[:MAX_CHARS_IN_TRACE_INFO_TAGS_VALUE] for key, value in tags.items()
+            if len(key) <= MAX_CHARS_IN_TRACE_INFO_TAGS_KEY}
+
+
+def _record_in_root_span(head: dict[str, Any], context: dict[str, Any],
+                         span_dicts: list[dict[str, Any]]) -> bool:
+    """Put what ``start_trace`` would record into the root span, in the attributes a tracking
+    server reads when spans arrive for a trace it does not have yet (MLflow's OTLP intake:
+    ``SqlAlchemyStore._log_spans_once``): tags as ``mlflow.traceTag.<key>``, the session as
+    ``session.id``, the user as ``user.id``. It takes the state, times, previews, token usage
+    and cost from the spans themselves. Many such traces go in one request, against one
+    ``start_trace`` request each (3-4x the server's CPU). Only a client request id (every web
+    request has one) has no span attribute, so those traces keep ``start_trace``; so does a
+    trace continuing a remote parent (its root has a parent: the server would see no root)."""
+    root = next((d for d in span_dicts if d["parent_span_id"] is None), None)
+    if root is None:
+        return False
+    attributes = root["attributes"]
+    tags = _storable_tags({keys.TRACE_NAME: head["name"], **context["tags"]})
+    for key, value in tags.items():
+        attributes[keys.TRACE_TAG_PREFIX + key] = json.dumps(value)
+    if context["session_id"]:
+        attributes[keys.SESSION_ID] = json.dumps(context["session_id"])
+    if context["user_id"]:
+        attributes[keys.USER_ID] = json.dumps(context["user_id"])
+    return True
 
 
 def _stamp(info: TraceInfo, trace_spans: list[MlflowSpan], context: dict[str, Any]) -> None:
@@ -542,11 +582,7 @@ def _stamp(info: TraceInfo, trace_spans: list[MlflowSpan], context: dict[str, An
         metadata[keys.TRACE_USER] = context["user_id"]
     if context["request_id"] and not info.client_request_id:
         info.client_request_id = context["request_id"]
-    info.tags.update(context["tags"])
-    # The store refuses a whole trace over one long tag (a span named after a huge prompt,
-    # a tag set from request data): cut values to its limit, drop keys it cannot hold.
-    info.tags = {key: value[:MAX_CHARS_IN_TRACE_INFO_TAGS_VALUE] for key, value in info.tags.items()
-                 if len(key) <= MAX_CHARS_IN_TRACE_INFO_TAGS_KEY}
+    info.tags = _storable_tags({**info.tags, **context["tags"]})
     if usage := aggregate_usage_from_spans(trace_spans):
         metadata[keys.TRACE_TOKEN_USAGE] = json.dumps(usage)
     # A store that prices spans sums the trace's cost itself; one that does not gets ours.
@@ -676,8 +712,10 @@ class Store:
             client, experiment_id = self._destination()
             infos: list[TraceInfo] = []
             by_experiment: dict[str, list[MlflowSpan]] = {}
+            store = client.store
+            sql = _is_sql(store)
             for entry in entries:
-                decoded = guard.call(decode, entry.payload, experiment_id)
+                decoded = guard.call(decode, entry.payload, experiment_id, not sql)
                 if decoded is None:
                     continue  # undecodable: shipping it again would not help
                 info, trace_spans = decoded
@@ -685,8 +723,7 @@ class Store:
                     infos.append(info)
                 location = info.experiment_id if info is not None else experiment_id
                 by_experiment.setdefault(location, []).extend(trace_spans)
-            store = client.store
-            if _is_sql(store):
+            if sql:
                 _write_sql(store, infos, by_experiment)
                 return
             for info in infos:  # a tracking server merges a trace it already has
