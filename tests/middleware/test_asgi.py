@@ -425,9 +425,11 @@ def test_starlette_app_with_auth_middleware_websocket_and_lifespan(
     cookie_key = "k" * 32
     traced_app = TracingMiddleware(app, session_cookie="sid", session_cookie_key=cookie_key)
     with server(traced_app) as url:
-        response = httpx.post(f"{url}/ask", json={"text": "hi"}, headers={
-            "Authorization": "Bearer alice-secret-token", "X-User-ID": "claimed",
-            "Cookie": "theme=dark; sid=raw-session-cookie-value"})
+        # Cookies split over two headers (as HTTP/2 clients send them): the session is in the
+        # second one.
+        response = httpx.post(f"{url}/ask", json={"text": "hi"}, headers=[
+            ("Authorization", "Bearer alice-secret-token"), ("X-User-ID", "claimed"),
+            ("Cookie", "theme=dark"), ("Cookie", "sid=raw-session-cookie-value")])
         assert response.json() == {"reply": "Echo: hi"}
         from websockets.sync.client import connect
 

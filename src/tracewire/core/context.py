@@ -26,7 +26,7 @@ MAX_SESSION_ID = 250
 MAX_USER_ID = 250
 
 
-@dataclass
+@dataclass(eq=False)  # one request's, changed in place: the same context only if the same object
 class RequestContext:
     request_id: str | None = None
     session_id: str | None = None

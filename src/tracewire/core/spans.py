@@ -175,8 +175,9 @@ def _add(trace: Trace, parent_id: int | None, name: str, span_type: str, inputs:
     return span
 
 
-class RequestRoot:
-    """A web request's root span before anything is traced under it.
+class RequestRoot(RequestContext):
+    """A web request: the context its traces belong to (request id, session, user, tags) and
+    its root span before anything is traced under it.
 
     Most requests (health checks, static files) trace nothing: they pay for these fields and
     no more. The trace and its root span are made when the first span starts under the request
@@ -184,10 +185,12 @@ class RequestRoot:
     that happens. The middleware subclasses it to carry its own per-request fields."""
 
     __slots__ = ("name", "span_type", "inputs", "error", "start_ns", "otel_trace_id",
-                 "span_id", "parent_id", "request", "span", "ended", "_tokens")
+                 "span_id", "parent_id", "span", "ended", "_tokens")
 
     def __init__(self, name: str, span_type: str, inputs: Any,
-                 remote_parent: tuple[int, int] | None, request: RequestContext) -> None:
+                 remote_parent: tuple[int, int] | None, request_id: str,
+                 session_id: str | None, user_id: str | None) -> None:
+        RequestContext.__init__(self, request_id, session_id, user_id)
         self.name = name
         self.span_type = span_type
         self.inputs = inputs
@@ -195,7 +198,6 @@ class RequestRoot:
         self.start_ns = time.time_ns()
         self.otel_trace_id, self.parent_id = remote_parent or (_rng.getrandbits(128) or 1, None)
         self.span_id = _rng.getrandbits(64) or 1
-        self.request = request
         self.span: Span | None = None
         self.ended = False
 
@@ -209,7 +211,7 @@ class RequestRoot:
             return self.span
         with _request_lock:
             if self.span is None and not self.ended:
-                trace = Trace(self.otel_trace_id, parent_span_id=None, request=self.request)
+                trace = Trace(self.otel_trace_id, parent_span_id=None, request=self)
                 span = Span(trace, self.parent_id, self.name, self.span_type, self.inputs,
                             None, start_ns=self.start_ns, span_id=self.span_id)
                 trace.spans.append(span)
@@ -230,11 +232,12 @@ def current_request() -> RequestRoot | None:
 
 
 def enter_request(root: RequestRoot) -> None:
-    """Make ``root`` and its request context current: spans started in this context nest
-    under it, in a new trace whatever this context held (with a remote parent, in the caller's
-    trace). It is exported only if something is traced under it (see :func:`leave_request`)."""
+    """Make ``root`` the current request and request context: spans started in this context
+    nest under it, in a new trace whatever this context held (with a remote parent, in the
+    caller's trace). It is exported only if something is traced under it (see
+    :func:`leave_request`)."""
     attach = _mlflow_attach_request
-    root._tokens = (request_context._current.set(root.request), _request.set(root),
+    root._tokens = (request_context._current.set(root), _request.set(root),
                     _current.set(None) if _current.get() is not None else None,
                     attach(root.otel_trace_id, root.span_id) if attach is not None else None)
 
@@ -254,8 +257,11 @@ def leave_request(root: RequestRoot, keep_idle: bool) -> Span | None:
         request_context._current.reset(context_token)
     if keep_idle:
         root.materialize()
-    with _request_lock:
+    _request_lock.acquire()  # not `with`: here that doubled the cost of taking the lock
+    try:
         root.ended = True
+    finally:
+        _request_lock.release()
     span = root.span
     if span is not None:
         span.error = root.error

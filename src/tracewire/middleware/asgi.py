@@ -34,7 +34,7 @@ from tracewire.core import attributes as keys
 from tracewire.core import context as request_context
 from tracewire.core import guard, spans
 from tracewire.core.attributes import SpanType
-from tracewire.core.context import MAX_SESSION_ID, MAX_USER_ID, RequestContext
+from tracewire.core.context import MAX_SESSION_ID, MAX_USER_ID
 from tracewire.middleware import feedback, identity
 
 logger = logging.getLogger("tracewire")
@@ -110,9 +110,6 @@ class TracingMiddleware:
                 "session_cookie needs session_cookie_key (or TRACEWIRE_SESSION_COOKIE_KEY): the "
                 "cookie is recorded only as a keyed hash, with the same key in every worker")
         self._cookie_key = key.encode() if isinstance(key, str) else key
-        self._wanted = {self._request_id, self._session, self._user, b"traceparent"}
-        if session_cookie is not None:
-            self._wanted.add(b"cookie")
         self._identify = identify
         self._identify_failed = False
         self._exclude = tuple(exclude_paths)
@@ -138,8 +135,7 @@ class TracingMiddleware:
         try:
             if self._feedback_path is not None and scope["path"] == self._feedback_path:
                 guard.call(self._identify_late, scope, request)  # the feedback's source user
-                await feedback.serve(scope, receive, self._sender(request, send),
-                                     request.request)
+                await feedback.serve(scope, receive, self._sender(request, send), request)
                 return
             if request.body is not None:
                 receive = self._recording(receive, request.body)
@@ -156,33 +152,31 @@ class TracingMiddleware:
     # ------------------------------------------------------------------ steps
 
     def _start(self, scope: Scope) -> _Request:
-        found: dict[bytes, bytes] = {}
-        for name, value in scope["headers"]:
-            if name in self._wanted and name not in found:
-                found[name] = value
-        # Most requests carry few of these headers: a helper runs only for one present.
+        # One C-level pass over the headers (a repeated name keeps its last value), then a
+        # helper only for a header present.
+        headers = dict(scope["headers"])
         session = user = traceparent = None
-        if found:
-            if (value := found.get(self._session)) is not None:
-                session = identity.header_text(value, MAX_SESSION_ID)
-            if (value := found.get(self._user)) is not None:
-                user = identity.header_text(value, MAX_USER_ID)
-            if self._cookie is not None and (value := found.get(b"cookie")) is not None:
-                assert self._cookie_key is not None
-                session = identity.cookie_session(identity.cookie(value, self._cookie),
-                                                  self._cookie_key) or session
-            if (value := found.get(b"traceparent")) is not None:
-                traceparent = identity.traceparent(value)
-        value = found.get(self._request_id)
-        context = RequestContext(
-            request_id=identity.new_request_id() if value is None else identity.request_id(value),
-            session_id=session, user_id=user)
+        if (value := headers.get(self._session)) is not None:
+            session = identity.header_text(value, MAX_SESSION_ID)
+        if (value := headers.get(self._user)) is not None:
+            user = identity.header_text(value, MAX_USER_ID)
+        if self._cookie is not None and b"cookie" in headers:
+            assert self._cookie_key is not None
+            # HTTP/2 may split cookies over several headers.
+            cookies = b"; ".join(v for n, v in scope["headers"] if n == b"cookie")
+            session = identity.cookie_session(identity.cookie(cookies, self._cookie),
+                                              self._cookie_key) or session
+        if (value := headers.get(b"traceparent")) is not None:
+            traceparent = identity.traceparent(value)
+        value = headers.get(self._request_id)
+        request_id = identity.new_request_id() if value is None else identity.request_id(value)
         body: list[bytes] | None = None
         inputs = None
         if self._capture_body and config.active().capture_content:
             body = []
             inputs = spans.Deferred(_body_text, body)
-        request = _Request(scope["method"], SpanType.CHAIN, inputs, traceparent, context)
+        request = _Request(scope["method"], SpanType.CHAIN, inputs, traceparent, request_id,
+                           session, user)
         request.header_user = user
         request.status = request.first_byte_ns = request.last_byte_ns = None
         request.identified = False
@@ -218,7 +212,7 @@ class TracingMiddleware:
             elif name == self._trace_id:
                 own_trace_id = True
         if not own_request_id:
-            headers.append((self._request_id, request.request.request_id.encode("latin-1")))
+            headers.append((self._request_id, request.request_id.encode("latin-1")))
         if not own_trace_id and (self._trace_all or request.span is not None):
             headers.append((self._trace_id, request.trace_id.encode("latin-1")))
         return {**message, "headers": headers}
@@ -230,7 +224,6 @@ class TracingMiddleware:
         if request.identified:
             return
         request.identified = True
-        context = request.request
         session = user = None
         if self._identify is not None:
             try:
@@ -241,10 +234,10 @@ class TracingMiddleware:
                     logger.warning("tracewire: the identify callable raised %r; requests are "
                                    "traced without its session and user", exc)
         user = user or identity.scope_user(scope)
-        if user is not None and context.user_id == request.header_user:
-            context.user_id = request_context._valid(user, MAX_USER_ID)
+        if user is not None and request.user_id == request.header_user:
+            request.user_id = request_context._valid(user, MAX_USER_ID)
         if session is not None:
-            context.session_id = request_context._valid(session, MAX_SESSION_ID)
+            request.session_id = request_context._valid(session, MAX_SESSION_ID)
 
     def _describe(self, scope: Scope, request: _Request, root: spans.Span) -> None:
         """The kept root span's route, status and timings, and identity only the app knows."""
