@@ -237,9 +237,10 @@ def enter_request(root: RequestRoot) -> None:
     caller's trace). It is exported only if something is traced under it (see
     :func:`leave_request`)."""
     attach = _mlflow_attach_request
+    # MLflow's first: if it fails, nothing of ours is left set in this context.
+    mlflow_token = attach(root.otel_trace_id, root.span_id) if attach is not None else None
     root._tokens = (request_context._current.set(root), _request.set(root),
-                    _current.set(None) if _current.get() is not None else None,
-                    attach(root.otel_trace_id, root.span_id) if attach is not None else None)
+                    _current.set(None) if _current.get() is not None else None, mlflow_token)
 
 
 def leave_request(root: RequestRoot, keep_idle: bool) -> Span | None:
