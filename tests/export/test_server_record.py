@@ -15,6 +15,7 @@ from typing import Any
 import openai
 import pytest
 from mlflow import MlflowClient
+from mlflow.tracing.constant import SpanAttributeKey
 
 import tracewire
 from tests.support.mlflow_server import MlflowServer
@@ -80,8 +81,8 @@ def test_spans_only_and_start_trace_records_read_back_the_same(
         with_start = by_text[f"{model} start-trace"]
         assert spans_only.info.client_request_id is None
         # It went as spans only: its root span carries the record's session.
-        assert spans_only.data.spans[0].attributes.get(keys.SESSION_ID) == "s-1"
-        assert keys.SESSION_ID not in with_start.data.spans[0].attributes
+        assert spans_only.data.spans[0].attributes.get(SpanAttributeKey.SESSION_ID) == "s-1"
+        assert SpanAttributeKey.SESSION_ID not in with_start.data.spans[0].attributes
         assert with_start.info.client_request_id == f"req-{model}"
 
         expected = _record(with_start.info)

@@ -55,11 +55,9 @@ TRACE_OUTPUTS = "mlflow.traceOutputs"
 # --- MLflow trace tags ---
 TRACE_NAME = "mlflow.traceName"
 
-# --- span attributes a tracking server reads as the trace's session, user and tags when a
-# trace arrives as spans only (export/mlflow_store.py) ---
-SESSION_ID = "session.id"
+# --- OpenTelemetry's user id: a tracking server reads it as the trace's user when a trace
+# arrives as spans only (export/mlflow_store.py; MLflow has no constant for it) ---
 USER_ID = "user.id"
-TRACE_TAG_PREFIX = "mlflow.traceTag."
 
 # --- tracewire trace tags: the deployment, named after OpenTelemetry resource conventions ---
 DEPLOYMENT_ENVIRONMENT = "deployment.environment"

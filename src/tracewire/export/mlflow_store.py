@@ -503,7 +503,7 @@ def _redact(attributes: dict[str, Any], redact: Callable[[str, Any], Any]) -> No
                 attributes[attribute] = json.dumps("[tracewire: withheld, redaction failed]")
 
 
-def decode(payload: bytes, experiment_id: str, record_in_spans: bool = False
+def decode(payload: bytes, experiment_id: str, record_in_spans: bool
            ) -> tuple[TraceInfo | None, list[MlflowSpan]]:
     """Spool bytes -> MLflow's trace record (None for late spans) and spans, in ``experiment_id``
     unless the trace names its own.
@@ -565,9 +565,9 @@ def _record_in_root_span(head: dict[str, Any], context: dict[str, Any],
     attributes = root["attributes"]
     tags = _storable_tags({keys.TRACE_NAME: head["name"], **context["tags"]})
     for key, value in tags.items():
-        attributes[keys.TRACE_TAG_PREFIX + key] = json.dumps(value)
+        attributes[SpanAttributeKey.TRACE_TAG_PREFIX + key] = json.dumps(value)
     if context["session_id"]:
-        attributes[keys.SESSION_ID] = json.dumps(context["session_id"])
+        attributes[SpanAttributeKey.SESSION_ID] = json.dumps(context["session_id"])
     if context["user_id"]:
         attributes[keys.USER_ID] = json.dumps(context["user_id"])
     return True
