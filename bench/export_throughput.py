@@ -13,7 +13,7 @@ What it measures, in one process run (plus short-lived child processes for the e
                 Into the server also "tracewire web": tracewire with every call inside
                 ``tracewire.context(request_id=...)``, as in a web request. A trace with a
                 client request id needs a ``start_trace`` request of its own, where the others
-                go many per request as spans only (export/mlflow_store.py).
+                go many per request as spans only (export/store.py).
   2. Hot path -- the added median/p99 latency per call of those bursts vs an untraced baseline
                 measured in the same process (before and after, pooled).
   3. Outage  -- tracewire into the server: per-call latency of ``--outage-calls`` calls with the

@@ -107,9 +107,9 @@ def autolog(
                               delta_interval=delta_interval)
     plugins = _selected(settings.include, settings.exclude)
 
-    from tracewire.export import mlflow_store, pipeline
+    from tracewire.export import destination, pipeline
 
-    mlflow_store.check_destination(settings)
+    destination.check_destination(settings)
     global _atexit_registered, _delta_started
     with _lock:
         config.activate(settings)

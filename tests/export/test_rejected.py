@@ -17,14 +17,14 @@ from mlflow.entities import TraceInfo, TraceLocation, TraceState
 
 from tracewire import config
 from tracewire.core import spans
-from tracewire.export import mlflow_store, shipper, spool
+from tracewire.export import destination, encode, hooks, shipper, spool
 from tracewire.export.spool import Spool
 
 
 def _encoded(text: str, settings: config.Settings) -> tuple[str, bytes]:
     span = spans.start_span("chat gpt-4o-mini", "CHAT_MODEL", inputs={"text": text})
     span.end()
-    return mlflow_store.encode(mlflow_store.Item(ours=span.trace), settings)
+    return encode.encode(hooks.Item(ours=span.trace), settings)
 
 
 def _in_experiment(payload: bytes, experiment_id: str) -> bytes:
@@ -71,7 +71,7 @@ def test_a_refused_trace_is_set_aside_the_rest_ship_and_replay_sends_it(
     client.delete_experiment(gone)  # the store refuses new traces in it
     settings = dataclasses.replace(config.resolve(), tracking_uri=tracking_uri,
                                    experiment_id=kept)
-    source = Spool.create(tmp_path, 10**8, mlflow_store.destination(settings))
+    source = Spool.create(tmp_path, 10**8, destination.destination(settings))
     for i in range(5):
         trace_id, payload = _encoded(f"call {i}", settings)
         source.put(trace_id, _in_experiment(payload, gone) if i == 2 else payload)
@@ -100,10 +100,10 @@ def test_a_span_name_longer_than_the_store_takes_is_cut_not_refused(
     experiment = client.create_experiment(f"long-{uuid.uuid4().hex[:8]}")
     settings = dataclasses.replace(config.resolve(), tracking_uri=tracking_uri,
                                    experiment_id=experiment)
-    source = Spool.create(tmp_path, 10**8, mlflow_store.destination(settings))
+    source = Spool.create(tmp_path, 10**8, destination.destination(settings))
     span = spans.start_span("x" * 10_000, "CHAIN", inputs={"text": "long name"})
     span.end()
-    source.put(*mlflow_store.encode(mlflow_store.Item(ours=span.trace), settings))
+    source.put(*encode.encode(hooks.Item(ours=span.trace), settings))
 
     _ship_all(tmp_path, source)
 

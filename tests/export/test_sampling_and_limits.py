@@ -8,7 +8,7 @@ import pytest
 import tracewire
 from tests.conftest import Traced
 from tracewire.core import sampling
-from tracewire.export.mlflow_store import MAX_ATTRIBUTE_CHARS
+from tracewire.export.encode import MAX_ATTRIBUTE_CHARS
 
 
 @pytest.mark.parametrize("traced", [{"sample_rate": 0.5}], indirect=True)

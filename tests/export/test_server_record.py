@@ -2,7 +2,7 @@
 
 Into a tracking server, a trace with no client request id goes as spans only (the server makes
 its record from the root span's attributes, many traces per request); one with a request id
-goes with its own ``start_trace`` request (export/mlflow_store.py::_record_in_root_span). Here
+goes with its own ``start_trace`` request (export/store.py::_record_in_root_span). Here
 the same calls go both ways into a real ``mlflow server`` on loopback, and every field a user
 reads back is compared: name, tags, session, user, token usage, previews, state, times, spans.
 """

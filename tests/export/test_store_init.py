@@ -12,10 +12,10 @@ import mlflow
 SCRIPT = """
 import sys
 from tracewire import config
-from tracewire.export import mlflow_store
+from tracewire.export import store
 import dataclasses
 settings = dataclasses.replace(config.resolve(), tracking_uri=sys.argv[1], experiment_name="race")
-client, experiment_id = mlflow_store.Store(settings)._destination()
+client, experiment_id = store.Store(settings)._destination()
 print(experiment_id)
 """
 

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from tracewire import config
     from tracewire.cli import CLIError
     from tracewire.cli.shared import require_deltalake, since_ms
-    from tracewire.export import delta, mlflow_store
+    from tracewire.export import delta, destination
 
     require_deltalake("export delta")
     settings = config.resolve()
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         since = since_ms(args.since) if args.since else None
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    uri = mlflow_store.tracking_uri(settings)
+    uri = destination.tracking_uri(settings)
     wanted = args.experiment or [e for e in (settings.experiment_id, settings.experiment_name) if e]
     try:
         experiment_ids = delta.experiments(uri, wanted)

@@ -42,11 +42,11 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"command not found: {command[0]}")
 
     from tracewire import config
-    from tracewire.export import mlflow_store
+    from tracewire.export import destination, store
 
     settings = config.resolve()  # a bad setting fails here, once, not in every worker
-    mlflow_store.check_destination(settings)
-    mlflow_store.initialize(settings)
+    destination.check_destination(settings)
+    store.initialize(settings)
 
     import tracewire.bootstrap
 

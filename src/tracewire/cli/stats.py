@@ -64,10 +64,10 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"no Delta table at {args.delta}") from None
         source = f"Delta table {args.delta}"
     else:
-        from tracewire.export import delta, mlflow_store
+        from tracewire.export import delta, destination
 
         settings = config.resolve()
-        uri = mlflow_store.tracking_uri(settings)
+        uri = destination.tracking_uri(settings)
         wanted = args.experiment or [e for e in (settings.experiment_id,
                                                  settings.experiment_name) if e]
         try:

@@ -56,7 +56,7 @@ TRACE_OUTPUTS = "mlflow.traceOutputs"
 TRACE_NAME = "mlflow.traceName"
 
 # --- OpenTelemetry's user id: a tracking server reads it as the trace's user when a trace
-# arrives as spans only (export/mlflow_store.py; MLflow has no constant for it) ---
+# arrives as spans only (export/store.py; MLflow has no constant for it) ---
 USER_ID = "user.id"
 
 # --- tracewire trace tags: the deployment, named after OpenTelemetry resource conventions ---

@@ -9,12 +9,12 @@ microseconds here, see FACTS.md).
 Nesting with the user's own MLflow spans works both ways:
 
 - inside a user's ``@mlflow.trace`` / ``mlflow.start_span``: our spans take the user's span as
-  parent and are merged into the user's trace when it is exported (see export/mlflow_store.py);
+  parent and are merged into the user's trace when it is exported (see export/hooks.py);
 - a user's MLflow span started inside one of ours: while our span is active, MLflow's context
   holds a non-recording placeholder with our ids, so MLflow parents its span under ours; the
   MLflow trace record is registered just in time and merged into ours when our trace ends.
   A web request's root (:class:`RequestRoot`) gets its placeholder when MLflow reads its
-  context (see export/mlflow_store.py), and its trace when the first span starts under it.
+  context (see export/hooks.py), and its trace when the first span starts under it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ _sink: Callable[["Trace"], None] | None = None
 _mlflow_parent: Callable[[], tuple[int, int] | None] = lambda: None
 _mlflow_attach: Callable[[int, int], Any] = lambda trace_id, span_id: None
 _mlflow_detach: Callable[[Any], None] = lambda token: None
-# Only where MLflow's context cannot be served lazily (see export/mlflow_store.py).
+# Only where MLflow's context cannot be served lazily (see export/hooks.py).
 _mlflow_attach_request: Callable[[int, int], Any] | None = None
 
 
@@ -75,7 +75,7 @@ class Trace:
         self.request: RequestContext | None = request or request_context.current()
         # Set when our top span is the child of a user's MLflow span (we are a fragment).
         self.parent_span_id = parent_span_id
-        # Set when MLflow registered its own spans under ours (see export/mlflow_store.py).
+        # Set when MLflow registered its own spans under ours (see export/hooks.py).
         self.joined = False
         self.done = False
         self._open_spans = 0

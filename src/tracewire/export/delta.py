@@ -205,9 +205,9 @@ def _regrouped(pages: Iterator[list[Any]], size: int) -> Iterator[list[Any]]:
 
 
 def with_spans(client: Any, trace_ids: list[str]) -> list[Any]:
-    from tracewire.export.mlflow_store import _is_sql
+    from tracewire.export.store import is_sql
 
-    if _is_sql(client.store):
+    if is_sql(client.store):
         # One query per table for the whole page; the client's batch_get_traces reads each
         # trace's tags, metadata and assessments with a query of its own (5x slower here).
         return client.store.batch_get_traces(trace_ids)
@@ -294,7 +294,7 @@ _lock = threading.Lock()
 def start_background(settings: Any) -> None:
     """Start (or restart with new settings) the background sync of the experiment tracewire
     writes to; stop it if ``settings.delta_path`` is not set."""
-    from tracewire.export import mlflow_store
+    from tracewire.export import destination, store as stores
 
     global _background
     with _lock:
@@ -304,9 +304,9 @@ def start_background(settings: Any) -> None:
             current.stop(settings.flush_timeout)
             current = _background = None
         if wanted is not None and current is None:
-            store = mlflow_store.Store(settings)  # resolves the experiment as the shipper does
+            store = stores.Store(settings)  # resolves the experiment as the shipper does
             _background = BackgroundSync(wanted, settings.delta_interval,
-                                         mlflow_store.tracking_uri(settings),
+                                         destination.tracking_uri(settings),
                                          lambda: store._destination()[1],
                                          settings.feedback_retention)
             _background.start()

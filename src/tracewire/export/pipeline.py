@@ -19,7 +19,7 @@ from typing import Sequence
 from tracewire import config
 from tracewire.core import guard
 from tracewire.core.feedback import Feedback
-from tracewire.export import mlflow_store
+from tracewire.export import destination, encode, hooks
 from tracewire.export.queue import Worker
 from tracewire.export.shipper import ShipperProcess
 from tracewire.export.spool import Spool
@@ -27,7 +27,7 @@ from tracewire.export.spool import Spool
 logger = logging.getLogger("tracewire")
 
 _lock = threading.Lock()
-_worker: Worker[mlflow_store.Item | Feedback] | None = None
+_worker: Worker[hooks.Item | Feedback] | None = None
 _spool: Spool | None = None
 # One shipper process per tracking URI for the life of the app: autolog()/disable() cycles
 # reuse it instead of paying its start-up again.
@@ -35,7 +35,7 @@ _shippers: dict[str, ShipperProcess] = {}
 _shipper: ShipperProcess | None = None
 
 
-def _spool_batch(items: Sequence[mlflow_store.Item | Feedback]) -> int:
+def _spool_batch(items: Sequence[hooks.Item | Feedback]) -> int:
     """Worker side: encode and spool a batch; returns how many could not be kept."""
     settings = config.active()
     lost = 0
@@ -44,9 +44,9 @@ def _spool_batch(items: Sequence[mlflow_store.Item | Feedback]) -> int:
             if _spool is None or not guard.call(_spool.put_feedback, item.to_json()):
                 lost += 1
             continue
-        if guard.call(mlflow_store.sampled_out, item, settings.sample_rate):
+        if guard.call(encode.sampled_out, item, settings.sample_rate):
             continue
-        encoded = guard.call(mlflow_store.encode, item, settings)
+        encoded = guard.call(encode.encode, item, settings)
         if encoded is None or _spool is None or not _spool.put(*encoded):
             lost += 1
     if lost and _spool is not None and _spool.dropped:
@@ -69,7 +69,7 @@ def submit_feedback(feedback: Feedback) -> bool:
 
 def _shipper_env(settings: config.Settings) -> dict[str, str]:
     env = dict(os.environ)
-    env["MLFLOW_TRACKING_URI"] = mlflow_store.tracking_uri(settings)
+    env["MLFLOW_TRACKING_URI"] = destination.tracking_uri(settings)
     env["TRACEWIRE_SPOOL_DIR"] = str(settings.spool_dir)
     env["TRACEWIRE_SPOOL_MAX_MB"] = str(settings.spool_max_bytes / 2**20)
     env.pop("TRACEWIRE_RUN", None)  # `tracewire run`'s start-up hook is for the app, not us
@@ -81,24 +81,24 @@ def _shipper_env(settings: config.Settings) -> dict[str, str]:
 def start(settings: config.Settings) -> None:
     """Start the pipeline, or point it at a new destination; idempotent."""
     global _worker, _spool, _shipper
-    destination = mlflow_store.destination(settings)
-    if _spool is not None and _spool.destination != destination:
+    where = destination.destination(settings)
+    if _spool is not None and _spool.destination != where:
         stop(settings.flush_timeout)
     with _lock:
         if _worker is None or not _worker.alive:
             try:
-                _spool = Spool.create(settings.spool_dir, settings.spool_max_bytes, destination)
+                _spool = Spool.create(settings.spool_dir, settings.spool_max_bytes, where)
             except OSError as exc:
                 raise config.ConfigError(
                     f"TRACEWIRE_SPOOL_DIR {str(settings.spool_dir)!r} cannot hold tracewire's "
                     f"on-disk spool ({exc.strerror or exc}); point it at a writable directory"
                 ) from None
             _worker = Worker(_spool_batch, maxsize=settings.queue_size)
-            uri = mlflow_store.tracking_uri(settings)
+            uri = destination.tracking_uri(settings)
             if uri not in _shippers:
                 _shippers[uri] = ShipperProcess(_shipper_env(settings))
             _shipper = _shippers[uri]
-        mlflow_store.install_hooks(_worker.submit)
+        hooks.install_hooks(_worker.submit)
 
 
 def _wait_shipped(spool: Spool, deadline: float) -> bool:
@@ -124,7 +124,7 @@ def stop(timeout: float) -> bool:
     """Stop within ``timeout`` seconds; what is not shipped by then stays in the spool."""
     global _worker, _spool, _shipper
     with _lock:
-        mlflow_store.uninstall_hooks()
+        hooks.uninstall_hooks()
         if _worker is None or _spool is None:
             return True
         deadline = time.monotonic() + timeout

@@ -259,13 +259,13 @@ class Shipper:
 
 def _store_for(destination: str) -> Any:
     from tracewire import config
-    from tracewire.export import mlflow_store
+    from tracewire.export import store
 
     where: dict[str, Any] = json.loads(destination)
     settings = dataclasses.replace(config.resolve(), tracking_uri=where["tracking_uri"],
                                    experiment_id=where["experiment_id"],
                                    experiment_name=where["experiment_name"])
-    return mlflow_store.Store(settings)
+    return store.Store(settings)
 
 
 def main(stdin: IO[bytes] | None = None) -> int:
@@ -276,9 +276,9 @@ def main(stdin: IO[bytes] | None = None) -> int:
     # exit, so traces waited in the spool for the next process instead of arriving.)
     os.nice(10)
 
-    from tracewire.export import mlflow_store
+    from tracewire.export import store
 
-    mlflow_store.install_http_budget()
+    store.install_http_budget()
     settings = config.resolve()
     shipper = Shipper(settings.spool_dir, settings.spool_max_bytes, _store_for)
     stream = stdin or sys.stdin.buffer

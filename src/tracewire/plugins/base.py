@@ -83,10 +83,10 @@ class Plugin:
     def _claim_mlflow_flavor(self) -> None:
         """Trace each call once: switch ``mlflow.<flavor>.autolog()`` off now, and again
         right after any later call of it enables it."""
-        from tracewire.export import mlflow_store
+        from tracewire.export import hooks
 
         flavor = self.mlflow_flavor
-        mlflow_store.take_over_mlflow_autolog(flavor)
+        hooks.take_over_mlflow_autolog(flavor)
         if self._claimed:
             return
         self._claimed = True
@@ -95,7 +95,7 @@ class Plugin:
                           kwargs: dict[str, Any]) -> Any:
             result = wrapped(*args, **kwargs)
             if self.enabled:
-                guard.call(mlflow_store.take_over_mlflow_autolog, flavor)
+                guard.call(hooks.take_over_mlflow_autolog, flavor)
             return result
 
         wrapt.register_post_import_hook(lambda module: wrap(module, "autolog", after_autolog),

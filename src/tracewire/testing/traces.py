@@ -2,7 +2,7 @@
 
 Each trace is spool bytes in the shape the app's export worker writes (a web request root span
 with route, status and time to first byte; one chat span with token usage and a model), shipped
-through tracewire's own store writer (``mlflow_store.Store.ship``) in batches: the same decode,
+through tracewire's own store writer (``store.Store.ship``) in batches: the same decode,
 stamping and SQL write an app's traces go through, without 10,000 app calls.
 """
 
@@ -60,7 +60,7 @@ def _span(t: Synthetic, span_id: int, parent: int | None, name: str, start_ns: i
 
 
 def payload(t: Synthetic) -> bytes:
-    """The spool bytes of one synthetic trace (see ``mlflow_store.encode``)."""
+    """The spool bytes of one synthetic trace (see ``encode.encode``)."""
     start_ns = t.request_time_ms * 1_000_000
     end_ns = start_ns + t.duration_ms * 1_000_000
     root_attrs: dict[str, Any] = {keys.SPAN_TYPE: keys.SpanType.CHAIN, keys.HTTP_METHOD: "POST",
@@ -95,10 +95,10 @@ def write(traces: Sequence[Synthetic], tracking_uri: str, experiment_id: str,
           batch: int = 500) -> None:
     """Ship ``traces`` into experiment ``experiment_id`` of the store at ``tracking_uri``."""
     from tracewire import config
-    from tracewire.export import mlflow_store
+    from tracewire.export import store as stores
 
     settings = dataclasses.replace(config.resolve(), tracking_uri=tracking_uri,
                                    experiment_id=experiment_id)
-    store = mlflow_store.Store(settings)
+    store = stores.Store(settings)
     for start in range(0, len(traces), batch):
         store.ship([_Entry(payload(t)) for t in traces[start:start + batch]])

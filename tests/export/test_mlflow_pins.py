@@ -1,5 +1,6 @@
-"""The private MLflow API export/mlflow_store.py relies on, pinned: if an MLflow upgrade moves
-any of it, these fail first, with the name of what moved."""
+"""The private MLflow API each export module relies on, pinned, one test per module: if an
+MLflow upgrade moves any of it, these fail first, with the name of what moved. Each module's
+docstring lists what it uses."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import mlflow
 from mlflow.entities import Span, TraceInfo, TraceLocation, TraceState
 
-from tracewire.export import mlflow_store
+from tracewire.export import hooks, store
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -17,12 +18,16 @@ def _version(text: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def test_installed_mlflow_is_in_the_supported_range() -> None:
-    low, high = mlflow_store.SUPPORTED_MLFLOW
+def test_destination_pins() -> None:
+    from mlflow.tracking import fluent
+
+    assert hasattr(fluent, "_active_experiment_id")  # what mlflow.set_experiment() chose
+
+
+def test_hooks_pins() -> None:
+    low, high = hooks.SUPPORTED_MLFLOW
     assert low <= _version(mlflow.__version__) < high, mlflow.__version__
 
-
-def test_tracer_provider_hooks_exist() -> None:
     from mlflow.tracing import provider
 
     params = inspect.signature(provider._get_mlflow_span_processor).parameters
@@ -44,10 +49,9 @@ def test_tracer_provider_hooks_exist() -> None:
         if ours is not None:
             runtime.get_current = ours
 
-
-def test_processor_and_trace_manager_internals() -> None:
     from mlflow.tracing.processor.mlflow_v3 import MlflowV3SpanProcessor
     from mlflow.tracing.trace_manager import InMemoryTraceManager, _Trace
+    from mlflow.utils.autologging_utils import AUTOLOGGING_INTEGRATIONS
 
     params = inspect.signature(MlflowV3SpanProcessor.__init__).parameters
     assert {"span_exporter", "export_metrics", "use_batch_processor"} <= set(params)
@@ -55,19 +59,15 @@ def test_processor_and_trace_manager_internals() -> None:
     for name in ("_lock", "_traces", "_otel_id_to_mlflow_trace_id"):
         assert hasattr(manager, name), name
     assert {"info", "span_dict"} <= set(_Trace.__dataclass_fields__)
+    assert isinstance(AUTOLOGGING_INTEGRATIONS, dict)
 
 
-def test_http_request_is_patchable_where_the_rest_store_calls_it() -> None:
-    from mlflow.store.tracking import rest_store
-    from mlflow.utils import rest_utils
+def test_encode_pins() -> None:
+    """The span dict format encode writes is what ``Span.from_dict`` reads; a TraceInfo survives
+    its dict round trip."""
+    from mlflow.tracing.utils import dump_span_attribute_value
 
-    params = inspect.signature(rest_utils.http_request).parameters
-    assert {"max_retries", "timeout"} <= set(params)
-    assert rest_store.http_request is rest_utils.http_request or \
-        rest_store.http_request is mlflow_store._http_request
-
-
-def test_span_and_trace_info_round_trip_through_dicts() -> None:
+    assert json.loads(dump_span_attribute_value({"a": [1]})) == {"a": [1]}
     info = TraceInfo(trace_id="tr-" + "a" * 32, trace_location=TraceLocation.from_experiment_id("0"),
                      request_time=1, execution_duration=2, state=TraceState.OK,
                      trace_metadata={"k": "v"}, tags={"t": "1"}, client_request_id="req-1")
@@ -81,19 +81,28 @@ def test_span_and_trace_info_round_trip_through_dicts() -> None:
         "attributes": {"mlflow.traceRequestId": json.dumps(info.trace_id),
                        "mlflow.spanType": json.dumps("LLM")}, "links": []})
     assert (span.name, span.span_type, span.trace_id) == ("x", "LLM", info.trace_id)
+    assert Span.from_dict(span.to_dict()).span_id == span.span_id
 
 
-def test_sql_store_internals_the_batched_write_relies_on(tracking_uri: str) -> None:
-    """A batch shares one session: the store must open its sessions through the instance's
-    ``ManagedSessionMaker`` and look experiments up through ``get_experiment``."""
+def test_store_pins(tracking_uri: str) -> None:
+    """HTTP calls go through ``rest_utils.http_request`` as the REST store calls it; a batch
+    shares one SQL session: the store opens its sessions through the instance's
+    ``ManagedSessionMaker`` and looks experiments up through ``get_experiment``."""
+    from mlflow.store.tracking import rest_store
     from mlflow.store.tracking.dbmodels.models import SqlTraceInfo
     from mlflow.tracing.client import TracingClient
+    from mlflow.utils import rest_utils
 
-    store = TracingClient(tracking_uri).store
-    assert mlflow_store._is_sql(store)
-    assert "ManagedSessionMaker" in vars(store) and "get_experiment" not in vars(store)
-    for method in (store._start_trace_once, store._log_spans_once):
+    params = inspect.signature(rest_utils.http_request).parameters
+    assert {"max_retries", "timeout"} <= set(params)
+    assert rest_store.http_request is rest_utils.http_request or \
+        rest_store.http_request is store._http_request
+
+    sql = TracingClient(tracking_uri).store
+    assert store.is_sql(sql)
+    assert "ManagedSessionMaker" in vars(sql) and "get_experiment" not in vars(sql)
+    for method in (sql._start_trace_once, sql._log_spans_once):
         source = inspect.getsource(method)
         assert "self.ManagedSessionMaker(" in source, method.__name__
-    assert "self.get_experiment(" in inspect.getsource(store._start_trace_once)
+    assert "self.get_experiment(" in inspect.getsource(sql._start_trace_once)
     assert hasattr(SqlTraceInfo, "request_id")

@@ -1,0 +1,67 @@
+"""Where traces go: the tracking URI and experiment, read in the app (at ``autolog()``), by the
+shipper process and by the CLI. No network I/O here.
+
+MLflow internals used (pinned in tests/export/test_mlflow_pins.py):
+``mlflow.tracking.fluent._active_experiment_id`` (what ``mlflow.set_experiment`` chose).
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlparse
+
+import mlflow
+
+from tracewire import config
+
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+_DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# The experiment id a user-only trace carries until the shipper resolves the destination.
+PENDING_EXPERIMENT = "tracewire-pending"
+
+
+def tracking_uri(settings: config.Settings) -> str:
+    if settings.tracking_uri:
+        return settings.tracking_uri
+    try:
+        return mlflow.get_tracking_uri()
+    except ImportError:
+        # The slim SDK cannot even look for a local store (it lacks the file store's
+        # dependencies): the default is what MLflow would have chosen.
+        return _DEFAULT_TRACKING_URI
+
+
+def destination(settings: config.Settings) -> str:
+    """Where traces go, as one JSON string: stored in each spool, read by the shipper process,
+    and compared before a spool is adopted."""
+    experiment_id = settings.experiment_id
+    if experiment_id is None and settings.experiment_name is None:
+        from mlflow.tracking.fluent import (
+            _active_experiment_id,  # mlflow.set_experiment(...)
+        )
+
+        experiment_id = _active_experiment_id
+    return json.dumps({"tracking_uri": tracking_uri(settings), "experiment_id": experiment_id,
+                       "experiment_name": settings.experiment_name}, sort_keys=True)
+
+
+def check_destination(settings: config.Settings) -> None:
+    """Fail at autolog() when the destination cannot work here; no network I/O."""
+    uri = tracking_uri(settings)
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme in _DB_SCHEMES or scheme in ("", "file"):
+        try:
+            import sqlalchemy  # noqa: F401
+            from mlflow.store.tracking import sqlalchemy_store  # noqa: F401
+        except ImportError:
+            raise config.ConfigError(
+                f"MLFLOW_TRACKING_URI is {uri!r}, a local MLflow store, which needs the full "
+                "`mlflow` package that this environment does not have. Either install it with "
+                "`pip install \"tracewire[local]\"`, or point MLFLOW_TRACKING_URI at a tracking "
+                "server (for example MLFLOW_TRACKING_URI=http://mlflow.internal:5000)."
+            ) from None
+
+
+def is_database(uri: str) -> bool:
+    """A database-backed MLflow store, written directly (not through a tracking server)."""
+    return urlparse(uri).scheme.split("+")[0] in _DB_SCHEMES

@@ -1,0 +1,171 @@
+"""A finished trace -> spool bytes (runs on the app's export worker thread, off the caller's).
+
+Only what must be read in the app is read here: span values, the request context, the user's
+redaction hook and prices MLflow's store would not set. MLflow's trace record is built from these
+bytes by the shipper process (export/store.py).
+
+MLflow internals used (pinned in tests/export/test_mlflow_pins.py): the span dict format that
+``mlflow.entities.Span.from_dict`` reads, ``dump_span_attribute_value``, ``_Trace.span_dict``
+entries' ``to_dict`` and ``TraceInfo.to_dict``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from typing import Any, Callable
+
+from mlflow.entities import TraceState
+from mlflow.tracing.constant import SpanAttributeKey
+from mlflow.tracing.utils import dump_span_attribute_value
+
+from tracewire import config
+from tracewire.core import attributes as keys
+from tracewire.core import cost, sampling, spans
+from tracewire.core.context import RequestContext
+from tracewire.export import destination
+from tracewire.export.hooks import Item
+
+logger = logging.getLogger("tracewire")
+
+
+def _b64(value: int, size: int) -> str:
+    return base64.b64encode(value.to_bytes(size, "big")).decode("ascii")
+
+
+def _exception_event(error: BaseException, time_ns: int) -> dict[str, Any]:
+    import traceback
+
+    return {
+        "name": "exception",
+        "time_unix_nano": time_ns,
+        "attributes": {
+            "exception.type": type(error).__name__,
+            "exception.message": str(error),
+            "exception.stacktrace": "".join(traceback.format_exception(error)).strip(),
+        },
+    }
+
+
+# One attribute (a base64 image, a huge tool output) is cut past this, with a marker.
+MAX_ATTRIBUTE_CHARS = 256 * 1024
+
+
+def _dump(value: Any) -> str:
+    if isinstance(value, spans.Deferred):
+        value = value()
+    text = dump_span_attribute_value(value)
+    if len(text) <= MAX_ATTRIBUTE_CHARS:
+        return text
+    kept = MAX_ATTRIBUTE_CHARS - 200
+    return json.dumps(f"{text[:kept]}... [tracewire: cut {len(text) - kept} of {len(text)} "
+                      f"characters]", ensure_ascii=False)
+
+
+def span_dict(span: spans.Span, trace_id: str, otel_trace_id: int) -> dict[str, Any]:
+    """One of our spans in MLflow's stored span format (values serialized here, off the hot
+    path)."""
+    attrs = {
+        keys.TRACE_REQUEST_ID: json.dumps(trace_id),
+        keys.SPAN_TYPE: json.dumps(span.span_type),
+    }
+    if span.inputs is not None:
+        attrs[keys.SPAN_INPUTS] = _dump(span.inputs)
+    if span.outputs is not None:
+        attrs[keys.SPAN_OUTPUTS] = _dump(span.outputs)
+    for key, value in span.attributes.items():
+        attrs[key] = _dump(value)
+    end_ns = span.end_ns or span.start_ns
+    events = []
+    status = {"code": "STATUS_CODE_OK", "message": ""}
+    if span.error is not None:
+        events.append(_exception_event(span.error, end_ns))
+        status = {"code": "STATUS_CODE_ERROR",
+                  "message": f"{type(span.error).__name__}: {span.error}"}
+    return {
+        "trace_id": _b64(otel_trace_id, 16),
+        "span_id": _b64(span.span_id, 8),
+        "parent_span_id": _b64(span.parent_id, 8) if span.parent_id is not None else None,
+        "name": span.name,
+        "start_time_unix_nano": span.start_ns,
+        "end_time_unix_nano": end_ns,
+        "events": events,
+        "status": status,
+        "attributes": attrs,
+        "links": [],
+    }
+
+
+def sampled_out(item: Item, rate: float) -> bool:
+    """Dropped by sampling: decided by session (else request, else trace) id; errors are kept."""
+    if rate >= 1.0:
+        return False
+    if item.ours is not None:
+        failed = item.ours.root is not None and item.ours.root.error is not None
+        trace_id = item.ours.trace_id
+    elif item.mlflow is not None:
+        failed = item.mlflow.info.state == TraceState.ERROR
+        trace_id = item.mlflow.info.trace_id
+    else:
+        return False  # late spans of a trace already kept
+    if failed:
+        return False
+    request = item.request
+    key = (request.session_id or request.request_id if request is not None else None) or trace_id
+    return not sampling.keep(key, rate)
+
+
+def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
+    """A finished trace as spool bytes (JSON). Only what must be read in the app is read here
+    (span values, the request context); MLflow's trace record is built by the shipper."""
+    dicts: list[dict[str, Any]] = []
+    head = info = None
+    if item.ours is not None:
+        trace = item.ours
+        root = trace.root
+        assert root is not None and root.end_ns is not None
+        head = {"trace_id": trace.trace_id, "name": root.name,
+                "request_time": root.start_ns // 1_000_000,
+                "execution_duration": (root.end_ns - root.start_ns) // 1_000_000,
+                "state": (TraceState.ERROR if root.error is not None else TraceState.OK).value}
+        trace_id = trace.trace_id
+        dicts.extend(span_dict(s, trace.trace_id, trace.otel_trace_id) for s in trace.spans)
+    elif item.mlflow is not None:
+        info = item.mlflow.info.to_dict()
+        trace_id = item.mlflow.info.trace_id
+    else:  # a late fragment: spans only, added to a trace already stored
+        trace_id = item.fragments[0].trace_id
+    if item.mlflow is not None:
+        dicts.extend(live.to_dict() for live in item.mlflow.span_dict.values())
+    for fragment in item.fragments:
+        dicts.extend(span_dict(s, fragment.trace_id, fragment.otel_trace_id)
+                     for s in fragment.spans)
+    if settings.redact is not None:
+        for data in dicts:
+            _redact(data["attributes"], settings.redact)
+    # Here, off the caller's thread, and only for prices the store would not set (core/cost.py).
+    cost.price_span_dicts(dicts, settings.prices,
+                          catalog=not cost.store_prices(destination.tracking_uri(settings)))
+    request = item.request or RequestContext()
+    context = {"session_id": request.session_id, "user_id": request.user_id,
+               "request_id": request.request_id, "tags": {**settings.tags, **request.tags}}
+    payload = {"head": head, "info": info, "context": context, "spans": dicts}
+    return trace_id, json.dumps(payload, ensure_ascii=False).encode()
+
+
+_REDACTED_KEYS = {SpanAttributeKey.INPUTS: "inputs", SpanAttributeKey.OUTPUTS: "outputs"}
+
+
+def _redact(attributes: dict[str, Any], redact: Callable[[str, Any], Any]) -> None:
+    """The user's redaction hook, on the worker thread, before the spool. If it fails the value
+    is withheld: failing closed is the only safe way for a privacy hook."""
+    for attribute, key in _REDACTED_KEYS.items():
+        if attribute in attributes:
+            try:
+                value = redact(key, json.loads(attributes[attribute]))
+                attributes[attribute] = dump_span_attribute_value(value)
+            except Exception as exc:  # the user's hook failed, not tracewire: no re-raise
+                logger.warning("tracewire: the redact hook raised %r; the span's %s are "
+                               "withheld", exc, key)
+                attributes[attribute] = json.dumps("[tracewire: withheld, redaction failed]")

@@ -1,0 +1,245 @@
+"""The app's hooks into MLflow (runs on the app's own threads, so it stays cheap).
+
+tracewire replaces MLflow's default span exporter so that every trace the process makes (ours and
+those made only by the user's ``@mlflow.trace`` / ``mlflow.start_span``) goes through one
+pipeline (export/pipeline.py), and reads/writes MLflow's span context so our spans and MLflow's
+nest both ways. Finished traces are handed to the queue as :class:`Item`; the worker thread
+encodes them (export/encode.py).
+
+MLflow internals used (pinned in tests/export/test_mlflow_pins.py; ``SUPPORTED_MLFLOW`` is the
+range they were tested on): ``mlflow.tracing.provider._get_mlflow_span_processor``,
+``provider.reset``, ``mlflow_runtime_context`` (``get_current``/``attach``/``detach``),
+``MlflowV3SpanProcessor``, ``InMemoryTraceManager`` (``_lock``, ``_traces``,
+``_otel_id_to_mlflow_trace_id``) and ``_Trace``, ``mlflow.utils.autologging_utils``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import mlflow
+from mlflow.entities import TraceInfo, TraceLocation, TraceState
+from mlflow.environment_variables import MLFLOW_USE_DEFAULT_TRACER_PROVIDER
+from mlflow.tracing import provider as _provider
+from mlflow.tracing.constant import SpanAttributeKey
+from mlflow.tracing.processor.mlflow_v3 import MlflowV3SpanProcessor
+from mlflow.tracing.trace_manager import InMemoryTraceManager, _Trace
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from tracewire.core import context as request_context
+from tracewire.core import guard, spans
+from tracewire.core.context import RequestContext
+from tracewire.export import destination
+
+logger = logging.getLogger("tracewire")
+
+SUPPORTED_MLFLOW = ((3, 17), (4, 0))  # [min, max)
+
+
+def _current_context():
+    # MLflow's isolated context unless MLFLOW_USE_DEFAULT_TRACER_PROVIDER=false (read at install);
+    # as set, without the request placeholder _context_with_request adds.
+    runtime = _provider.mlflow_runtime_context
+    return type(runtime).get_current(runtime) if _isolated else None
+
+
+def _context_with_request() -> Any:
+    """MLflow's current context, as MLflow reads it. Inside a web request with no span active
+    it holds a placeholder for the request's root span, so MLflow spans nest under it (and the
+    root is made, see spans.open_trace). Served when read rather than attached at each
+    request's start: that was a fifth of an untraced request's cost."""
+    ctx = _current_context()
+    root = spans.current_request()
+    if root is None or root.ended or \
+            otel_trace.get_current_span(ctx) is not otel_trace.INVALID_SPAN:
+        return ctx
+    return otel_trace.set_span_in_context(_placeholder(root.otel_trace_id, root.span_id), ctx)
+
+
+def _placeholder(trace_id: int, span_id: int) -> otel_trace.NonRecordingSpan:
+    return otel_trace.NonRecordingSpan(otel_trace.SpanContext(
+        trace_id, span_id, is_remote=False,
+        trace_flags=otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED)))
+
+
+def active_parent() -> tuple[int, int] | None:
+    """(trace id, span id) of the user's active MLflow span, if one is recording."""
+    span = otel_trace.get_current_span(_current_context())
+    if not span.is_recording():
+        return None
+    ctx = span.get_span_context()
+    return ctx.trace_id, ctx.span_id
+
+
+def attach(trace_id: int, span_id: int) -> Any:
+    """Make a placeholder with our ids MLflow's current span, so MLflow spans nest under ours."""
+    ctx = otel_trace.set_span_in_context(_placeholder(trace_id, span_id), _current_context())
+    if _isolated:
+        return _provider.mlflow_runtime_context.attach(ctx)
+    return otel_context.attach(ctx)
+
+
+def detach(token: Any) -> None:
+    if _isolated:
+        _provider.mlflow_runtime_context.detach(token)
+    else:
+        otel_context.detach(token)
+
+
+def take_over_mlflow_autolog(flavor: str) -> None:
+    """Switch MLflow's own autologging for ``flavor`` off: tracewire traces those calls, and
+    MLflow's patch checks this flag on every call, so the same call is not traced twice."""
+    try:
+        from mlflow.utils.autologging_utils import AUTOLOGGING_INTEGRATIONS
+    except ImportError:
+        return
+    config = AUTOLOGGING_INTEGRATIONS.get(flavor)
+    if config is not None and not config.get("disable", True):
+        config["disable"] = True
+        logger.warning("tracewire: mlflow.%s.autolog() is active too; tracewire traces these "
+                       "calls, so MLflow's %s autologging is switched off to avoid tracing each "
+                       "call twice", flavor, flavor)
+
+
+@dataclass
+class Item:
+    """One finished trace on its way to the store."""
+
+    ours: spans.Trace | None = None            # a tracewire trace (our root span)
+    mlflow: _Trace | None = None                # MLflow's record: its root, or its spans under ours
+    fragments: list[spans.Trace] = field(default_factory=list)  # our spans under an MLflow root
+    request: RequestContext | None = None
+
+
+_lock = threading.Lock()
+_fragments: dict[int, list[spans.Trace]] = {}
+_mlflow_requests: dict[int, RequestContext | None] = {}
+_isolated = True
+# Set by the pipeline: where finished traces go (never blocks).
+_submit: Callable[[Item], None] = lambda item: None
+
+
+def _pop_mlflow_trace(otel_trace_id: int) -> _Trace | None:
+    manager = InMemoryTraceManager.get_instance()
+    with manager._lock:
+        mlflow_id = manager._otel_id_to_mlflow_trace_id.pop(otel_trace_id, None)
+        return manager._traces.pop(mlflow_id, None) if mlflow_id else None
+
+
+def on_trace_finished(trace: spans.Trace) -> None:
+    """Core's sink: our trace ended (runs on the caller's thread; dict operations only)."""
+    if trace.parent_span_id is None:
+        joined = _pop_mlflow_trace(trace.otel_trace_id) if trace.joined else None
+        _submit(Item(ours=trace, mlflow=joined, request=trace.request))
+        return
+    manager = InMemoryTraceManager.get_instance()
+    with _lock:
+        if manager.get_mlflow_trace_id_from_otel_id(trace.otel_trace_id) is not None:
+            _fragments.setdefault(trace.otel_trace_id, []).append(trace)
+            return
+    # The user's trace was already exported (our span outlived it, e.g. a stream): ship alone.
+    _submit(Item(fragments=[trace], request=trace.request))
+
+
+class _Processor(MlflowV3SpanProcessor):
+    """MLflow's processor, plus: an MLflow span started under one of our spans joins our trace."""
+
+    def on_start(self, span, parent_context=None):  # type: ignore[no-untyped-def]
+        guard.call(self._adopt, span)
+        super().on_start(span, parent_context)
+
+    def _adopt(self, span) -> None:  # type: ignore[no-untyped-def]
+        trace_id = span.context.trace_id
+        if span.parent is None:
+            _mlflow_requests[trace_id] = request_context.current()
+            if span.attributes.get(SpanAttributeKey.EXPERIMENT_ID) is None:
+                # The worker picks the experiment. Without this MLflow resolves it here, on the
+                # caller's thread: a store round trip, racing our worker to create it by name.
+                span.set_attribute(SpanAttributeKey.EXPERIMENT_ID,
+                                   json.dumps(destination.PENDING_EXPERIMENT))
+            return
+        if self._trace_manager.get_mlflow_trace_id_from_otel_id(trace_id) is not None:
+            return
+        ours = spans.open_trace(trace_id)
+        if ours is None:
+            return
+        self._trace_manager.register_trace(trace_id, TraceInfo(
+            trace_id=ours.trace_id,
+            trace_location=TraceLocation.from_experiment_id("0"),  # replaced by the worker
+            request_time=span.start_time // 1_000_000,
+            state=TraceState.IN_PROGRESS,
+            trace_metadata={},
+            tags={},
+        ))
+        ours.joined = True
+
+
+class _Exporter(SpanExporter):
+    """Receives MLflow's ended spans; a root's trace goes to our queue with our fragments."""
+
+    def export(self, otel_spans: Sequence[Any]) -> SpanExportResult:
+        for otel_span in otel_spans:
+            if otel_span.parent is None:
+                guard.call(self._export_root, otel_span.context.trace_id)
+        return SpanExportResult.SUCCESS
+
+    @staticmethod
+    def _export_root(trace_id: int) -> None:
+        with _lock:
+            record = _pop_mlflow_trace(trace_id)
+            fragments = _fragments.pop(trace_id, [])
+        request = _mlflow_requests.pop(trace_id, None)
+        if record is not None:
+            _submit(Item(mlflow=record, fragments=fragments, request=request))
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _make_processor(tracking_uri: str) -> MlflowV3SpanProcessor:
+    return _Processor(span_exporter=_Exporter(), export_metrics=False, use_batch_processor=False)
+
+
+_original_make_processor = None
+
+
+def install_hooks(submit: Callable[[Item], None]) -> None:
+    """Route MLflow's traces and ours to ``submit`` (idempotent)."""
+    global _original_make_processor, _isolated, _submit
+    _isolated = MLFLOW_USE_DEFAULT_TRACER_PROVIDER.get()
+    _submit = submit
+    if _original_make_processor is None:
+        version = tuple(int(p) for p in mlflow.__version__.split(".")[:2] if p.isdigit())
+        if not SUPPORTED_MLFLOW[0] <= version < SUPPORTED_MLFLOW[1]:
+            logger.warning("tracewire: mlflow %s is outside the tested range %s-%s; tracing "
+                           "relies on its private exporter hook", mlflow.__version__,
+                           SUPPORTED_MLFLOW[0], SUPPORTED_MLFLOW[1])
+        _original_make_processor = _provider._get_mlflow_span_processor
+        _provider._get_mlflow_span_processor = _make_processor
+        _provider.provider.reset()  # re-created with our processor on the next span
+    spans._sink = on_trace_finished
+    spans._mlflow_parent = active_parent
+    spans._mlflow_attach = attach
+    spans._mlflow_detach = detach
+    if _isolated:  # MLflow reads it through this one call: the placeholder is served there
+        _provider.mlflow_runtime_context.get_current = _context_with_request
+        spans._mlflow_attach_request = None
+    else:  # OpenTelemetry's global context: attached up front
+        spans._mlflow_attach_request = attach
+
+
+def uninstall_hooks() -> None:
+    """Give MLflow its own exporter back."""
+    global _original_make_processor
+    spans._sink = None
+    vars(_provider.mlflow_runtime_context).pop("get_current", None)
+    if _original_make_processor is not None:
+        _provider._get_mlflow_span_processor = _original_make_processor
+        _original_make_processor = None
+        _provider.provider.reset()

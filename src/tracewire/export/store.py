@@ -1,0 +1,375 @@
+"""The tracking store, as the shipper process writes it (runs only in the shipper, and in the
+CLI commands that ship or read).
+
+Spool bytes -> MLflow's trace records and spans (:func:`decode`), written in batches
+(:class:`Store`): one transaction per batch into a database store, spans only (many traces per
+request) or ``start_trace`` + ``log_spans`` into a tracking server. MLflow's HTTP calls made while
+shipping get our retry budget (:func:`install_http_budget`).
+
+MLflow internals used (pinned in tests/export/test_mlflow_pins.py): ``rest_utils.http_request``
+as the REST store calls it, ``SqlAlchemyStore`` (``ManagedSessionMaker``, ``get_experiment``,
+``_start_trace_once``, ``_log_spans_once``), ``SqlTraceInfo.request_id``, the OTLP intake's root
+span attributes (``mlflow.traceTag.<key>``, ``session.id``, ``user.id``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import threading
+from typing import Any, Iterator, Sequence
+from urllib.parse import urlparse
+
+from mlflow.entities import Span as MlflowSpan
+from mlflow.entities import TraceData, TraceInfo, TraceLocation, TraceState
+from mlflow.tracing.constant import (
+    MAX_CHARS_IN_TRACE_INFO_TAGS_KEY,
+    MAX_CHARS_IN_TRACE_INFO_TAGS_VALUE,
+    TRACE_SCHEMA_VERSION,
+    TRACE_SCHEMA_VERSION_KEY,
+    SpanAttributeKey,
+)
+from mlflow.tracing.utils import (
+    aggregate_cost_from_spans,
+    aggregate_usage_from_spans,
+    should_compute_cost_client_side,
+)
+from mlflow.tracing.utils.truncation import set_request_response_preview
+
+from tracewire import config
+from tracewire.core import attributes as keys
+from tracewire.core import guard
+from tracewire.export import destination
+
+logger = logging.getLogger("tracewire")
+
+
+_original_http_request = None
+_shipping = threading.local()
+
+
+def _http_request(*args: Any, **kwargs: Any) -> Any:
+    """MLflow's HTTP call, with our retry budget on the shipper's thread: one attempt and our
+    timeout (the shipper retries with backoff), instead of 7 retries x 120 s."""
+    if getattr(_shipping, "timeout", None) is not None:
+        kwargs["max_retries"] = 0
+        kwargs["timeout"] = _shipping.timeout
+    return _original_http_request(*args, **kwargs)  # type: ignore[misc]
+
+
+def install_http_budget() -> None:
+    """In the shipper process: MLflow's REST calls made while shipping get our retry budget."""
+    global _original_http_request
+    from mlflow.utils import rest_utils
+
+    if _original_http_request is not None:
+        return
+    _original_http_request = rest_utils.http_request
+    rest_utils.http_request = _http_request
+    try:
+        from mlflow.store.tracking import rest_store
+    except ImportError:
+        return
+    rest_store.http_request = _http_request
+
+
+def initialize(settings: config.Settings) -> None:
+    """Create a local database store's schema and the experiment now, in one process, before
+    app workers start; one that cannot be opened yet is left to the shippers, which retry.
+    A tracking server needs nothing here (and gets no network I/O)."""
+    if not destination.is_database(destination.tracking_uri(settings)):
+        return
+    try:
+        Store(settings)._destination()
+    except Exception as exc:
+        logger.warning("tracewire: the tracking store could not be initialized yet (%s: %s); "
+                       "traces wait in the spool until it can", type(exc).__name__, exc)
+
+
+def decode(payload: bytes, experiment_id: str, record_in_spans: bool
+           ) -> tuple[TraceInfo | None, list[MlflowSpan]]:
+    """Spool bytes -> MLflow's trace record (None for late spans) and spans, in ``experiment_id``
+    unless the trace names its own.
+
+    With ``record_in_spans`` (a tracking server, where each trace record is a request of its
+    own), a trace of ours whose record the spans can carry comes back as spans only: see
+    :func:`_record_in_root_span`."""
+    data = json.loads(payload)
+    head, context = data["head"], data["context"]
+    if head is not None and record_in_spans and not context["request_id"] and \
+            _record_in_root_span(head, context, data["spans"]):
+        info: TraceInfo | None = None
+    elif head is not None:
+        info = TraceInfo(
+            trace_id=head["trace_id"],
+            trace_location=TraceLocation.from_experiment_id(experiment_id),
+            request_time=head["request_time"],
+            execution_duration=head["execution_duration"],
+            state=TraceState(head["state"]),
+            trace_metadata={TRACE_SCHEMA_VERSION_KEY: str(TRACE_SCHEMA_VERSION)},
+            tags={keys.TRACE_NAME: head["name"]},
+        )
+    elif data["info"] is not None:
+        info = TraceInfo.from_dict(data["info"])
+        if info.experiment_id in (None, destination.PENDING_EXPERIMENT):
+            info.trace_location = TraceLocation.from_experiment_id(experiment_id)
+    else:
+        info = None
+    location = json.dumps(info.experiment_id if info is not None else experiment_id)
+    for span in data["spans"]:
+        if SpanAttributeKey.EXPERIMENT_ID in span["attributes"]:
+            span["attributes"][SpanAttributeKey.EXPERIMENT_ID] = location
+    trace_spans = [MlflowSpan.from_dict(d) for d in data["spans"]]
+    if info is not None:
+        _stamp(info, trace_spans, context)
+    return info, trace_spans
+
+
+def _storable_tags(tags: dict[str, str]) -> dict[str, str]:
+    """The store refuses a whole trace over one long tag (a span named after a huge prompt, a
+    tag set from request data): values cut to its limit, keys it cannot hold dropped."""
+    return {key: value[:MAX_CHARS_IN_TRACE_INFO_TAGS_VALUE] for key, value in tags.items()
+            if len(key) <= MAX_CHARS_IN_TRACE_INFO_TAGS_KEY}
+
+
+def _record_in_root_span(head: dict[str, Any], context: dict[str, Any],
+                         span_dicts: list[dict[str, Any]]) -> bool:
+    """Put what ``start_trace`` would record into the root span, in the attributes a tracking
+    server reads when spans arrive for a trace it does not have yet (MLflow's OTLP intake:
+    ``SqlAlchemyStore._log_spans_once``): tags as ``mlflow.traceTag.<key>``, the session as
+    ``session.id``, the user as ``user.id``. It takes the state, times, previews, token usage
+    and cost from the spans themselves. Many such traces go in one request, against one
+    ``start_trace`` request each (3-4x the server's CPU). Only a client request id (every web
+    request has one) has no span attribute, so those traces keep ``start_trace``; so does a
+    trace continuing a remote parent (its root has a parent: the server would see no root)."""
+    root = next((d for d in span_dicts if d["parent_span_id"] is None), None)
+    if root is None:
+        return False
+    attributes = root["attributes"]
+    tags = _storable_tags({keys.TRACE_NAME: head["name"], **context["tags"]})
+    for key, value in tags.items():
+        attributes[SpanAttributeKey.TRACE_TAG_PREFIX + key] = json.dumps(value)
+    if context["session_id"]:
+        attributes[SpanAttributeKey.SESSION_ID] = json.dumps(context["session_id"])
+    if context["user_id"]:
+        attributes[keys.USER_ID] = json.dumps(context["user_id"])
+    return True
+
+
+def _stamp(info: TraceInfo, trace_spans: list[MlflowSpan], context: dict[str, Any]) -> None:
+    """Trace-level fields: request context, deployment tags, token totals, previews."""
+    metadata = info.trace_metadata
+    if context["session_id"]:
+        metadata[keys.TRACE_SESSION] = context["session_id"]
+    if context["user_id"]:
+        metadata[keys.TRACE_USER] = context["user_id"]
+    if context["request_id"] and not info.client_request_id:
+        info.client_request_id = context["request_id"]
+    info.tags = _storable_tags({**info.tags, **context["tags"]})
+    if usage := aggregate_usage_from_spans(trace_spans):
+        metadata[keys.TRACE_TOKEN_USAGE] = json.dumps(usage)
+    # A store that prices spans sums the trace's cost itself; one that does not gets ours.
+    if should_compute_cost_client_side() and (total := aggregate_cost_from_spans(trace_spans)):
+        metadata[keys.TRACE_COST] = json.dumps(total)
+    set_request_response_preview(info, TraceData(spans=trace_spans))
+
+
+_FEEDBACK_ID = "tracewire.feedback_id"
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Several processes (one shipper per app worker) opening a fresh sqlite store at once
+    race in MLflow's schema migration: they take turns under a lock file beside it."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite" or not parsed.path or parsed.path in ("/", "/:memory:"):
+        yield
+        return
+    database = parsed.path[1:]  # sqlite:///relative.db, sqlite:////absolute.db
+    # MLflow creates a new store's directory; the lock beside it needs the directory first.
+    os.makedirs(os.path.dirname(database) or ".", exist_ok=True)
+    fd = os.open(f"{database}.tracewire-init.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """The tracking store, as the shipper sees it: batches of spooled traces in, or an
+    exception (then the batch stays spooled and is retried)."""
+
+    def __init__(self, settings: config.Settings) -> None:
+        self._settings = settings
+        self._client: Any = None
+        self._experiment_id: str | None = None
+
+    def _destination(self) -> tuple[Any, str]:
+        if self._client is None:
+            from mlflow.tracing.client import TracingClient
+
+            uri = destination.tracking_uri(self._settings)
+            with _sqlite_init_lock(uri):
+                client = TracingClient(uri)
+                client.store  # opens the store: creates and migrates a fresh sqlite schema
+            self._client = client
+        if self._experiment_id is None:
+            self._experiment_id = self._resolve_experiment()
+        return self._client, self._experiment_id
+
+    def _resolve_experiment(self) -> str:
+        settings = self._settings
+        if settings.experiment_id:
+            return settings.experiment_id
+        if settings.experiment_name:
+            # The store API, not MlflowClient: the slim mlflow-tracing SDK has only the former.
+            store = self._client.store
+            experiment = store.get_experiment_by_name(settings.experiment_name)
+            if experiment is not None:
+                return experiment.experiment_id
+            try:
+                return store.create_experiment(settings.experiment_name)
+            except Exception:
+                # Created meanwhile by another process, or by MLflow itself (it resolves
+                # MLFLOW_EXPERIMENT_NAME for user spans that carry an experiment).
+                experiment = store.get_experiment_by_name(settings.experiment_name)
+                if experiment is None:
+                    raise
+                return experiment.experiment_id
+        from mlflow.tracking.fluent import _active_experiment_id
+
+        return _active_experiment_id or "0"
+
+    def apply_feedback(self, payload: bytes) -> bool:
+        """Log one feedback on its trace; False while the trace is not in the store yet."""
+        from mlflow.entities import AssessmentSource, Feedback
+        from mlflow.exceptions import MlflowException
+
+        data = json.loads(payload)
+        _shipping.timeout = self._settings.ship_timeout
+        try:
+            client, experiment_id = self._destination()
+            trace_id = data["trace_id"]
+            if trace_id is None:
+                found = client.search_traces(
+                    locations=[experiment_id], max_results=1, include_spans=False,
+                    filter_string=f"trace.client_request_id = '{data['request_id']}'")
+                if not found:
+                    return False
+                trace_id = found[0].info.trace_id
+            try:
+                info = client.get_trace_info(trace_id)
+            except MlflowException as exc:
+                if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    return False
+                raise
+            if any((a.metadata or {}).get(_FEEDBACK_ID) == data["feedback_id"]
+                   for a in info.assessments):
+                return True  # applied before a crash that kept it spooled
+            client.log_assessment(trace_id, Feedback(
+                name=data["name"], value=data["value"], rationale=data["rationale"],
+                source=AssessmentSource(source_type="HUMAN",
+                                        source_id=data["source_id"] or "anonymous"),
+                metadata={_FEEDBACK_ID: data["feedback_id"]}))
+            return True
+        finally:
+            _shipping.timeout = None
+
+    @staticmethod
+    def rejects(exc: Exception) -> bool:
+        """Whether the store refused the data itself (a 4xx), so that sending the same bytes
+        again cannot succeed. Throttling (429), timeouts (408) and credentials (401/403: fixed
+        by configuration, not by changing the trace) are worth retrying."""
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(exc, MlflowException):
+            return False
+        code = exc.get_http_status_code()
+        return 400 <= code < 500 and code not in (401, 403, 408, 429)
+
+    def ship(self, entries: Sequence[Any]) -> None:
+        """Write a batch; idempotent by trace id, so a batch shipped twice lands once."""
+        _shipping.timeout = self._settings.ship_timeout
+        try:
+            client, experiment_id = self._destination()
+            infos: list[TraceInfo] = []
+            by_experiment: dict[str, list[MlflowSpan]] = {}
+            store = client.store
+            sql = is_sql(store)
+            for entry in entries:
+                decoded = guard.call(decode, entry.payload, experiment_id, not sql)
+                if decoded is None:
+                    continue  # undecodable: shipping it again would not help
+                info, trace_spans = decoded
+                if info is not None:
+                    infos.append(info)
+                location = info.experiment_id if info is not None else experiment_id
+                by_experiment.setdefault(location, []).extend(trace_spans)
+            if sql:
+                _write_sql(store, infos, by_experiment)
+                return
+            for info in infos:  # a tracking server merges a trace it already has
+                store.start_trace(info)
+            for location, batch in by_experiment.items():
+                store.log_spans(location, batch)
+        finally:
+            _shipping.timeout = None
+
+
+def is_sql(store: Any) -> bool:
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    except ImportError:  # the slim SDK: only REST stores
+        return False
+    return isinstance(store, SqlAlchemyStore)
+
+
+@contextlib.contextmanager
+def _one_transaction(store: Any) -> Iterator[Any]:
+    """Every store call in the block runs in one session and commits once, at the end.
+
+    MLflow's SQL store opens, checks the experiment in and commits a session per
+    ``start_trace``: about 60% of a trace's write time. Sharing one session (and one experiment
+    lookup) across a batch makes it all-or-nothing too: a failed batch leaves nothing behind
+    and is shipped again whole.
+    """
+    make_session, get_experiment = store.ManagedSessionMaker, store.get_experiment
+    experiments: dict[str, Any] = {}
+
+    def cached_experiment(experiment_id: str) -> Any:
+        if experiment_id not in experiments:
+            experiments[experiment_id] = get_experiment(experiment_id)
+        return experiments[experiment_id]
+
+    with make_session(read_only=False) as session:
+        @contextlib.contextmanager
+        def shared_session(read_only: bool = True) -> Iterator[Any]:
+            yield session
+
+        store.ManagedSessionMaker, store.get_experiment = shared_session, cached_experiment
+        try:
+            yield session
+        finally:
+            store.ManagedSessionMaker = make_session
+            del store.get_experiment  # back to the class's method
+
+
+def _write_sql(store: Any, infos: list[TraceInfo],
+               by_experiment: dict[str, list[MlflowSpan]]) -> None:
+    from mlflow.store.tracking.dbmodels.models import SqlTraceInfo
+
+    with _one_transaction(store) as session:
+        ids = [info.trace_id for info in infos]
+        # Already stored (shipped before a crash that kept them spooled): MLflow would merge
+        # them after a rollback, which would undo the rest of this shared transaction.
+        stored = {row[0] for row in session.query(SqlTraceInfo.request_id)
+                  .filter(SqlTraceInfo.request_id.in_(ids))} if ids else set()
+        for info in infos:
+            if info.trace_id not in stored:
+                store.start_trace(info)
+        for location, batch in by_experiment.items():
+            store.log_spans(location, batch)
