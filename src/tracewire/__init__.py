@@ -143,7 +143,7 @@ def _disable() -> None:
         _enabled.clear()
         from tracewire.export import pipeline
 
-        pipeline.stop(config.active().flush_timeout)
+        pipeline.stop()
         if _delta_started:
             from tracewire.export import delta
 
@@ -154,13 +154,17 @@ disable = _disable
 
 
 def flush(timeout: float | None = None) -> bool:
-    """Wait up to ``timeout`` seconds (default: the flush timeout) until every finished trace
-    is in the tracking store; for serverless handlers. False if some are still on their way
-    (they stay in the on-disk spool and are shipped later)."""
-    from tracewire import config
+    """Wait until every finished trace is in the tracking store; for serverless handlers and
+    scripts that must see their traces before going on.
+
+    Without ``timeout`` it waits while the store makes progress (at most
+    ``TRACEWIRE_EXIT_TIMEOUT``, 30 s) and returns False once the store has made none for
+    ``TRACEWIRE_FLUSH_TIMEOUT`` (2 s: down, hung or refusing); with ``timeout``, it waits up to
+    that many seconds. False means some traces are still on their way: they stay in the
+    on-disk spool and are shipped later."""
     from tracewire.export import pipeline
 
-    return pipeline.flush(config.active().flush_timeout if timeout is None else timeout)
+    return pipeline.flush(timeout)
 
 
 def log_feedback(
@@ -192,10 +196,9 @@ def log_feedback(
 
 
 def _at_exit() -> None:
-    from tracewire import config
     from tracewire.export import pipeline
 
-    pipeline._at_exit(config.active().flush_timeout)
+    pipeline.at_exit()
 
 
 def _flush_on_sigterm() -> None:
@@ -216,7 +219,7 @@ def _flush_on_sigterm() -> None:
         # needs, and then the join's bound, not a deadlock, ends the wait.
         flusher = threading.Thread(target=_at_exit, name="tracewire-sigterm", daemon=True)
         flusher.start()
-        flusher.join(config.active().flush_timeout + 1.0)
+        flusher.join(config.active().exit_timeout + 1.0)
         os.kill(os.getpid(), signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, flush_then_die)

@@ -45,6 +45,7 @@ class Settings:
     stream_usage_hosts: tuple[str, ...] = DEFAULT_STREAM_USAGE_HOSTS
     queue_size: int = 10_000
     flush_timeout: float = 2.0
+    exit_timeout: float = 30.0
     spool_dir: Path = field(default_factory=default_spool_dir)
     spool_max_bytes: int = 512 * 1024 * 1024
     ship_timeout: float = 10.0
@@ -235,6 +236,8 @@ def resolve(
     queue_size = _number("TRACEWIRE_QUEUE_SIZE", _env("TRACEWIRE_QUEUE_SIZE") or 10_000, int, 1)
     flush_timeout = _number("TRACEWIRE_FLUSH_TIMEOUT", _env("TRACEWIRE_FLUSH_TIMEOUT") or 2.0,
                             float, 0)
+    exit_timeout = _number("TRACEWIRE_EXIT_TIMEOUT", _env("TRACEWIRE_EXIT_TIMEOUT") or 30.0,
+                           float, 0)
 
     spool_dir = Path(_env("TRACEWIRE_SPOOL_DIR") or default_spool_dir()).expanduser()
     spool_mb = _number("TRACEWIRE_SPOOL_MAX_MB", _env("TRACEWIRE_SPOOL_MAX_MB") or 512, float, 0.001)
@@ -275,6 +278,7 @@ def resolve(
         stream_usage_hosts=hosts,
         queue_size=queue_size,
         flush_timeout=flush_timeout,
+        exit_timeout=exit_timeout,
         spool_dir=spool_dir,
         spool_max_bytes=int(spool_mb * 1024 * 1024),
         ship_timeout=ship_timeout,

@@ -32,4 +32,4 @@ def test_spool_status_counts_pending_and_dropped(tmp_path: Path) -> None:
 
     text = subprocess.run([sys.executable, "-m", "tracewire.cli", "spool", "status", "--dir",
                            str(tmp_path)], capture_output=True, text=True, timeout=60).stdout
-    assert "2 pending" in text and "1 dropped" in text and "dead process" in text
+    assert "2 pending" in text and "1 dropped (1 budget)" in text and "exited process" in text

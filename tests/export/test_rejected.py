@@ -41,7 +41,8 @@ def _in_experiment(payload: bytes, experiment_id: str) -> bytes:
 
 
 def _ship_all(directory: Path, source: Spool) -> None:
-    worker = shipper.Shipper(directory, 10**8, shipper._store_for)
+    worker = shipper.Shipper(directory, 10**8, shipper.store_for)
+    worker.start()
     worker.take_on(source.path)
     deadline = time.monotonic() + 30
     while source.pending() and time.monotonic() < deadline:

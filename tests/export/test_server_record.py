@@ -1,10 +1,12 @@
-"""A trace shipped to a tracking server has the same record whichever way it was written.
+"""A trace shipped to a tracking server has the same record as one written to a database store.
 
-Into a tracking server, a trace with no client request id goes as spans only (the server makes
-its record from the root span's attributes, many traces per request); one with a request id
-goes with its own ``start_trace`` request (export/store.py::_record_in_root_span). Here
-the same calls go both ways into a real ``mlflow server`` on loopback, and every field a user
-reads back is compared: name, tags, session, user, token usage, previews, state, times, spans.
+Into a tracking server a trace of ours goes as spans only: the server makes its record from the
+root span's attributes, many traces per request (export/store.py::_record_in_root_span). A web
+request's client request id, which no span attribute carries, rides as the tag
+``tracewire.request_id`` and is stamped on afterwards by a ``start_trace`` the server merges.
+Into a database store the record is written directly. Here the same calls go both ways (a real
+``mlflow server`` on loopback, a sqlite store) and every field a user reads back is compared:
+name, tags, session, user, client request id, token usage, previews, state, spans.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ MODEL = "gpt-4o-mini"
 @pytest.fixture
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     with MlflowServer(tmp_path / "mlflow-server") as server:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
         monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "server-record")
         monkeypatch.setenv("TRACEWIRE_SPOOL_DIR", str(tmp_path / "spool"))
         monkeypatch.setenv("TRACEWIRE_ENVIRONMENT", "staging")
@@ -56,52 +57,66 @@ def _record(info: Any) -> dict[str, Any]:
     }
 
 
-@pytest.mark.timeout(180)
-def test_spans_only_and_start_trace_records_read_back_the_same(
-        server: MlflowServer, client: openai.OpenAI) -> None:
+def _run_calls(uri: str, client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     tracewire.autolog(tags={"team": "search"})
     try:
         for model in (MODEL, "error-500"):
             with tracewire.context(session_id="s-1", user_id="u-1", tags={"turn": "1"}):
-                _call(client, model, f"{model} spans-only")
+                _call(client, model, f"{model} no request id")
             with tracewire.context(request_id=f"req-{model}", session_id="s-1", user_id="u-1",
                                    tags={"turn": "1"}):
-                _call(client, model, f"{model} start-trace")
+                _call(client, model, f"{model} web request")
         assert tracewire.flush(60)
     finally:
         tracewire.disable()
+    store = MlflowClient(uri)
+    experiment = store.get_experiment_by_name("server-record")
+    return store.search_traces(locations=[experiment.experiment_id], include_spans=True)
 
+
+@pytest.mark.timeout(180)
+def test_a_server_and_a_database_store_read_back_the_same_records(
+        server: MlflowServer, client: openai.OpenAI, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    via_server = _run_calls(server.url, client, monkeypatch)
+    direct = _run_calls(f"sqlite:///{tmp_path / 'direct.db'}", client, monkeypatch)
+    assert len(via_server) == len(direct) == 4
+
+    def by_text(traces: list[Any]) -> dict[str, Any]:
+        return {t.data.spans[0].inputs["messages"][-1]["content"]: t for t in traces}
+
+    server_traces, direct_traces = by_text(via_server), by_text(direct)
+    assert set(server_traces) == set(direct_traces)
     store = MlflowClient(server.url)
     experiment = store.get_experiment_by_name("server-record")
-    traces = store.search_traces(locations=[experiment.experiment_id], include_spans=True)
-    assert len(traces) == 4
-    by_text = {t.data.spans[0].inputs["messages"][-1]["content"]: t for t in traces}
-    for model, state in ((MODEL, "OK"), ("error-500", "ERROR")):
-        spans_only = by_text[f"{model} spans-only"]
-        with_start = by_text[f"{model} start-trace"]
-        assert spans_only.info.client_request_id is None
-        # It went as spans only: its root span carries the record's session.
-        assert spans_only.data.spans[0].attributes.get(SpanAttributeKey.SESSION_ID) == "s-1"
-        assert SpanAttributeKey.SESSION_ID not in with_start.data.spans[0].attributes
-        assert with_start.info.client_request_id == f"req-{model}"
-
-        expected = _record(with_start.info)
-        assert expected["state"] == state
+    for text, reference in direct_traces.items():
+        shipped = server_traces[text]
+        request_id = f"req-{text.split()[0]}" if text.endswith("web request") else None
+        assert reference.info.client_request_id == request_id
+        assert shipped.info.client_request_id == request_id  # stamped after the spans
+        expected = _record(reference.info)
+        assert expected["state"] == ("ERROR" if text.startswith("error") else "OK")
         assert expected["session"] == "s-1" and expected["user"] == "u-1"
         assert expected["tags"] == {keys.DEPLOYMENT_ENVIRONMENT: "staging", "team": "search",
-                                    "turn": "1"}
-        got = _record(spans_only.info)
-        # The two calls' texts differ in one word (same token counts): previews apart from it.
-        for record in (expected, got):
-            for preview in ("request_preview", "response_preview"):
-                record[preview] = (record[preview] or "").replace(
-                    "start-trace", "*").replace("spans-only", "*")
-        assert got == expected
-
-        assert spans_only.info.execution_duration > 0
-        assert [s.name for s in spans_only.data.spans] == [s.name for s in with_start.data.spans]
-        # The trace is found by its session and its tags, like any other.
+                                    "turn": "1",
+                                    **({keys.REQUEST_ID_TAG: request_id} if request_id else {})}
+        assert _record(shipped.info) == expected
+        assert shipped.info.execution_duration > 0
+        assert [s.name for s in shipped.data.spans] == [s.name for s in reference.data.spans]
+        # It went as spans only: its root span carries the record's session and tags.
+        root = shipped.data.spans[0].attributes
+        assert root.get(SpanAttributeKey.SESSION_ID) == "s-1"
+        if request_id:
+            assert root.get(SpanAttributeKey.TRACE_TAG_PREFIX + keys.REQUEST_ID_TAG) == request_id
+        assert SpanAttributeKey.SESSION_ID not in reference.data.spans[0].attributes
+        # Found by its session and its tags, like any other; a web request by its request id.
         found = store.search_traces(
             locations=[experiment.experiment_id], include_spans=False,
             filter_string=f"metadata.`{keys.TRACE_SESSION}` = 's-1' and tags.turn = '1'")
-        assert spans_only.info.trace_id in {t.info.trace_id for t in found}
+        assert shipped.info.trace_id in {t.info.trace_id for t in found}
+        if request_id:
+            (by_id,) = store.search_traces(
+                locations=[experiment.experiment_id], include_spans=False,
+                filter_string=f"trace.client_request_id = '{request_id}'")
+            assert by_id.info.trace_id == shipped.info.trace_id

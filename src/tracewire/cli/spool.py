@@ -1,6 +1,7 @@
 """`tracewire spool status`: what is waiting on disk to reach the tracking store, what the
-store refused and what was dropped past the spool's size budget. `tracewire spool replay`:
-send the refused traces again, once their cause is fixed."""
+store refused, what was dropped (and why) and which files cannot be shipped. `tracewire spool
+ship`: ship what processes that have exited left behind, now, with progress. `tracewire spool
+replay`: send the refused traces again, once their cause is fixed."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     actions = parser.add_subparsers(dest="action", metavar="<action>", required=True)
     status = actions.add_parser("status", help="pending and dropped traces per spool file")
     status.add_argument("--json", action="store_true", help="print JSON")
+    ship = actions.add_parser("ship", help="ship the traces exited processes left, now")
     replay = actions.add_parser("replay", help="queue the traces the store refused again")
-    for action in (status, replay):
+    for action in (status, ship, replay):
         action.add_argument("--dir", type=Path, default=None,
                             help="spool directory (default: TRACEWIRE_SPOOL_DIR or the cache dir)")
     return parser
@@ -27,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from tracewire.export import spool
 
     directory = args.dir or config.resolve().spool_dir
+    if args.action == "ship":
+        return _ship(directory)
     if args.action == "replay":
         moved = spool.replay(directory)
         print(f"{moved} refused trace(s) queued again in {directory}; a running app ships them "
@@ -36,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"directory": str(directory), "spools": [
             {"path": str(s.path), "pending": s.pending, "bytes": s.bytes, "dropped": s.dropped,
-             "rejected": s.rejected, "oldest": s.oldest, "live": s.live} for s in found]}))
+             "drops": s.drops, "rejected": s.rejected, "oldest": s.oldest, "live": s.live,
+             "problem": s.problem} for s in found]}))
         return 0
     print(f"spool directory: {directory}")
     if not found:
@@ -44,10 +49,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     now = time.time()
     for s in found:
+        if s.problem is not None:
+            print(f"  {s.path.name}: cannot be shipped: {s.problem}")
+            continue
         age = f", oldest {now - s.oldest:.0f} s ago" if s.oldest else ""
-        owner = "live process" if s.live else "left by a dead process, shipped by the next one"
+        owner = "live process" if s.live else \
+            "left by an exited process: the next one ships it, or `tracewire spool ship`"
+        drops = ", ".join(f"{n} {reason}" for reason, n in sorted(s.drops.items()) if n)
         print(f"  {s.path.name}: {s.pending} pending ({s.bytes / 1024:.1f} KiB{age}), "
-              f"{s.rejected} refused by the store, {s.dropped} dropped over budget; {owner}")
+              f"{s.rejected} refused by the store, {s.dropped} dropped"
+              f"{f' ({drops})' if drops else ''}; {owner}")
     rejected = sum(s.rejected for s in found)
     print(f"total: {sum(s.pending for s in found)} pending, {rejected} refused, "
           f"{sum(s.dropped for s in found)} dropped")
@@ -55,3 +66,46 @@ def run(args: argparse.Namespace) -> int:
         print("the store refused some traces (the app's log says why); once fixed, "
               "`tracewire spool replay` sends them again")
     return 0
+
+
+def _ship(directory: Path) -> int:
+    """Ship every spool exited processes left, in the foreground, printing progress; exit code
+    1 if the store stays unavailable (the traces stay spooled)."""
+    from tracewire import config
+    from tracewire.cli import CLIError
+    from tracewire.export import shipper, spool, store
+
+    store.install_http_budget()
+    worker = shipper.Shipper(directory, config.resolve().spool_max_bytes, shipper.store_for)
+    taken = worker.adopt_all()
+    try:
+        for s in spool.status(directory):
+            if s.live and s.problem is None and s.pending:
+                print(f"{s.path.name}: {s.pending} pending, owned by a running process that "
+                      "ships them itself")
+        total = sum(source.pending() for source in taken)
+        if not total:
+            print(f"nothing to ship in {directory}")
+            return 0
+        print(f"shipping {total} trace(s) from {len(taken)} spool file(s) in {directory}")
+        shipped, tries = 0, 0
+        while True:
+            before = sum(source.pending() for source in taken)
+            if worker.ship_one_batch():
+                shipped += before - sum(source.pending() for source in taken)
+                print(f"  {shipped}/{total} shipped", flush=True)
+                tries = 0
+                continue
+            if not worker.failing:
+                break
+            tries += 1
+            if tries == 3:
+                left = sum(source.pending() for source in taken)
+                error = worker.last_error
+                raise CLIError(f"the tracking store is unavailable ({type(error).__name__}: "
+                               f"{error}); {left} trace(s) stay spooled in {directory}")
+            time.sleep(2.0 * tries)
+        print(f"done: {shipped} trace(s) stored")
+        return 0
+    finally:
+        worker.stop(0)

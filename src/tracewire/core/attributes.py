@@ -54,6 +54,9 @@ TRACE_OUTPUTS = "mlflow.traceOutputs"
 
 # --- MLflow trace tags ---
 TRACE_NAME = "mlflow.traceName"
+# The request id, as a tag: a tracking server makes a trace from its spans alone, and no span
+# attribute sets its client_request_id, which is stamped on later (export/store.py).
+REQUEST_ID_TAG = "tracewire.request_id"
 
 # --- OpenTelemetry's user id: a tracking server reads it as the trace's user when a trace
 # arrives as spans only (export/store.py; MLflow has no constant for it) ---

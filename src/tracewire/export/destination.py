@@ -7,8 +7,9 @@ MLflow internals used (pinned in tests/export/test_mlflow_pins.py):
 
 from __future__ import annotations
 
+import importlib.util
 import json
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlunparse
 
 import mlflow
 
@@ -50,18 +51,34 @@ def check_destination(settings: config.Settings) -> None:
     uri = tracking_uri(settings)
     scheme = urlparse(uri).scheme.split("+")[0]
     if scheme in _DB_SCHEMES or scheme in ("", "file"):
-        try:
-            import sqlalchemy  # noqa: F401
-            from mlflow.store.tracking import sqlalchemy_store  # noqa: F401
-        except ImportError:
+        # Looked for, not imported: the SQL store costs half a second to import, and the
+        # shipper process is the one that writes to it.
+        if not all(_importable(m) for m in ("sqlalchemy", "alembic",
+                                            "mlflow.store.tracking.sqlalchemy_store")):
             raise config.ConfigError(
                 f"MLFLOW_TRACKING_URI is {uri!r}, a local MLflow store, which needs the full "
                 "`mlflow` package that this environment does not have. Either install it with "
                 "`pip install \"tracewire[local]\"`, or point MLFLOW_TRACKING_URI at a tracking "
                 "server (for example MLFLOW_TRACKING_URI=http://mlflow.internal:5000)."
-            ) from None
+            )
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
 
 
 def is_database(uri: str) -> bool:
     """A database-backed MLflow store, written directly (not through a tracking server)."""
     return urlparse(uri).scheme.split("+")[0] in _DB_SCHEMES
+
+
+def display_uri(uri: str) -> str:
+    """The URI without credentials or query (``user:pass@``, ``?token=``): safe to print."""
+    parsed = urlparse(uri)
+    if "@" not in parsed.netloc and not parsed.query and not parsed.fragment:
+        return uri
+    return urlunparse(parsed._replace(netloc=parsed.netloc.rpartition("@")[2], query="",
+                                      fragment=""))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 from typing import Any, Callable
 
 from mlflow.entities import TraceState
@@ -151,7 +152,19 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
     context = {"session_id": request.session_id, "user_id": request.user_id,
                "request_id": request.request_id, "tags": {**settings.tags, **request.tags}}
     payload = {"head": head, "info": info, "context": context, "spans": dicts}
-    return trace_id, json.dumps(payload, ensure_ascii=False).encode()
+    return trace_id, _utf8(json.dumps(payload, ensure_ascii=False))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8, with any lone surrogate (half of an emoji cut by a client, a bad decode) replaced
+    by U+FFFD: it cannot be encoded, and must not cost the whole trace."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text).encode()
 
 
 _REDACTED_KEYS = {SpanAttributeKey.INPUTS: "inputs", SpanAttributeKey.OUTPUTS: "outputs"}

@@ -3,17 +3,27 @@ process -> tracking store.
 
 The caller's thread only enqueues. The worker thread encodes each finished trace and appends it
 to this process's on-disk spool (write-ahead), so a crash loses at most what was still in the
-queue. The shipper, a separate process, moves spooled traces to the store in batches and
-retries while the store is down; what is left when the app exits stays spooled and is shipped
-by the next process.
+queue. The shipper, a separate process started with the pipeline, opens the store at once (so a
+fresh local store is ready before the first trace), moves spooled traces to it in batches and
+retries while it is down.
+
+Exit, ``disable()`` and ``flush()`` wait for the spool to empty while the store makes progress
+(traces acknowledged, the shipper starting or creating a local store), at most the exit timeout,
+and give up once it has made none for the flush timeout (down, hung, refusing). What is left then
+stays spooled, one line on stderr says so, and the next process with the same destination (or
+``tracewire spool ship``) ships it. Every trace that cannot be kept is counted in the spool with
+its reason and reported in one log line a minute at most, without content.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Sequence
 
 from tracewire import config
@@ -21,7 +31,7 @@ from tracewire.core import guard
 from tracewire.core.feedback import Feedback
 from tracewire.export import destination, encode, hooks
 from tracewire.export.queue import Worker
-from tracewire.export.shipper import ShipperProcess
+from tracewire.export.shipper import OPENING, ShipperProcess
 from tracewire.export.spool import Spool
 
 logger = logging.getLogger("tracewire")
@@ -34,31 +44,81 @@ _spool: Spool | None = None
 _shippers: dict[str, ShipperProcess] = {}
 _shipper: ShipperProcess | None = None
 
+_DROP_LOG_EVERY = 60.0  # seconds between two log lines about dropped traces
+_WHY = {"budget": "the spool reached its TRACEWIRE_SPOOL_MAX_MB budget",
+        "disk": "the spool's disk is full or not writable",
+        "encoding": "could not be encoded",
+        "queue": "the in-memory queue (TRACEWIRE_QUEUE_SIZE) was full"}
+
+
+class _DropLog:
+    """One warning about dropped traces per minute at most: counts and reasons, no content."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+
+    def report(self, spool: Spool, error: str | None = None) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + _DROP_LOG_EVERY
+        drops = {reason: count for reason, count in spool.drops.items() if count}
+        detail = "; ".join(f"{count} {reason}: {_WHY.get(reason, reason)}"
+                           for reason, count in sorted(drops.items()))
+        logger.warning("tracewire: %d trace(s) dropped so far (%s%s); counted in %s, see "
+                       "`tracewire spool status`", sum(drops.values()), detail,
+                       f"; last error {error}" if error else "", spool.path)
+
+
+_drop_log = _DropLog()
+
 
 def _spool_batch(items: Sequence[hooks.Item | Feedback]) -> int:
     """Worker side: encode and spool a batch; returns how many could not be kept."""
     settings = config.active()
-    lost = 0
+    spool, shipper, worker = _spool, _shipper, _worker
+    if spool is None:
+        return len(items)
+    lost = kept = 0
+    error = None
     for item in items:
         if isinstance(item, Feedback):
-            if _spool is None or not guard.call(_spool.put_feedback, item.to_json()):
+            if not guard.call(spool.put_feedback, item.to_json()):
                 lost += 1
             continue
         if guard.call(encode.sampled_out, item, settings.sample_rate):
             continue
-        encoded = guard.call(encode.encode, item, settings)
-        if encoded is None or _spool is None or not _spool.put(*encoded):
+        try:
+            encoded = encode.encode(item, settings)
+        except Exception as exc:  # counted, never logged with its content
+            spool.count_drops("encoding", 1)
             lost += 1
-    if lost and _spool is not None and _spool.dropped:
-        logger.warning("tracewire: spool %s is over its budget (%d MB); %d trace(s) dropped "
-                       "so far", _spool.path, _spool.budget_bytes // 2**20, _spool.dropped)
-    spool, shipper = _spool, _shipper
-    if spool is not None and shipper is not None and len(items) > lost:
+            error = type(exc).__name__
+            if guard.TESTING:
+                raise
+            continue
+        if spool.put(*encoded):
+            kept += 1
+        else:
+            lost += 1
+    refused = worker.take_dropped() if worker is not None else 0
+    if refused:
+        spool.count_drops("queue", refused)
+    if lost or refused:
+        _drop_log.report(spool, error)
+    if kept and shipper is not None:
         # Spooled already: if the shipper cannot be reached now, a later batch or the next
         # process ships them.
-        guard.call(shipper.ship, spool.path)
         guard.call(shipper.notify)
     return lost
+
+
+def _hand_spool_to_shipper() -> None:
+    """First thing on the worker thread: start the shipper with our spool, so it opens the store
+    now instead of at the first trace."""
+    spool, shipper = _spool, _shipper
+    if spool is not None and shipper is not None:
+        shipper.ship(spool.path)
 
 
 def submit_feedback(feedback: Feedback) -> bool:
@@ -75,6 +135,10 @@ def _shipper_env(settings: config.Settings) -> dict[str, str]:
     env.pop("TRACEWIRE_RUN", None)  # `tracewire run`'s start-up hook is for the app, not us
     # It shares the app's stderr: only what needs attention (MLflow's INFO lines do not).
     env.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # MLflow's SQL store prices spans as it saves them, fetching its model catalog from GitHub
+    # first: without network that holds up shipping for 7-27 s in every new shipper process.
+    # Its bundled catalog prices the same models, unless the user points MLflow elsewhere.
+    env.setdefault("MLFLOW_MODEL_CATALOG_URI", "")
     return env
 
 
@@ -83,7 +147,7 @@ def start(settings: config.Settings) -> None:
     global _worker, _spool, _shipper
     where = destination.destination(settings)
     if _spool is not None and _spool.destination != where:
-        stop(settings.flush_timeout)
+        stop()
     with _lock:
         if _worker is None or not _worker.alive:
             try:
@@ -93,50 +157,105 @@ def start(settings: config.Settings) -> None:
                     f"TRACEWIRE_SPOOL_DIR {str(settings.spool_dir)!r} cannot hold tracewire's "
                     f"on-disk spool ({exc.strerror or exc}); point it at a writable directory"
                 ) from None
-            _worker = Worker(_spool_batch, maxsize=settings.queue_size)
             uri = destination.tracking_uri(settings)
             if uri not in _shippers:
                 _shippers[uri] = ShipperProcess(_shipper_env(settings))
             _shipper = _shippers[uri]
+            _worker = Worker(_spool_batch, maxsize=settings.queue_size,
+                             on_start=_hand_spool_to_shipper)
         hooks.install_hooks(_worker.submit)
 
 
-def _wait_shipped(spool: Spool, deadline: float) -> bool:
-    while spool.pending() or spool.pending(feedback=True):
-        if time.monotonic() >= deadline:
+# How long local work may count as progress: the shipper process starting (importing MLflow:
+# 1-3 s here) and creating or migrating a database store (about 5 s for a fresh sqlite store).
+_STARTING_MAX = 20.0
+_OPENING_MAX = 60.0
+
+
+def _busy_locally(spool: Spool, shipper: ShipperProcess | None) -> bool:
+    """The shipper is doing local work that ends on its own: starting up, or creating or
+    migrating a database store."""
+    if shipper is None or not shipper.alive:
+        return False
+    now = time.time()
+    state = spool.shipper_state()
+    if state is None or state[1] < shipper.spawned_at:  # this process has said nothing yet
+        return now - shipper.spawned_at < _STARTING_MAX
+    return state[0] == OPENING and now - state[1] < _OPENING_MAX
+
+
+def _wait_stored(spool: Spool, shipper: ShipperProcess | None, deadline: float,
+                 stall: float) -> bool:
+    """Wait until the spool is empty (True); False at ``deadline``, or once the store has made
+    no progress (traces acknowledged, or local work under way) for ``stall`` seconds."""
+    last_count = math.inf
+    last_progress = time.monotonic()
+    while True:
+        count = spool.outstanding()
+        if not count:
+            return True
+        now = time.monotonic()
+        if count < last_count or _busy_locally(spool, shipper):
+            last_progress = now
+        last_count = count
+        if now >= deadline or now - last_progress > stall:
             return False
         time.sleep(0.02)
-    return True
 
 
-def flush(timeout: float) -> bool:
-    """Wait until every finished trace is in the store; False if ``timeout`` ran out first."""
-    deadline = time.monotonic() + timeout
-    worker, spool = _worker, _spool
+def flush(timeout: float | None) -> bool:
+    """Wait until every finished trace is in the store. With ``timeout``, at most that long;
+    without, while the store makes progress (at most the exit timeout). False if some are
+    still spooled."""
+    settings = config.active()
+    worker, spool, shipper = _worker, _spool, _shipper
     if worker is None or spool is None:
         return True
-    if not worker.flush(timeout):
+    budget = settings.exit_timeout if timeout is None else timeout
+    deadline = time.monotonic() + budget
+    if not worker.flush(budget):
         return False
-    return _wait_shipped(spool, deadline)
+    return _wait_stored(spool, shipper, deadline,
+                        settings.flush_timeout if timeout is None else math.inf)
 
 
-def stop(timeout: float) -> bool:
-    """Stop within ``timeout`` seconds; what is not shipped by then stays in the spool."""
+def stop() -> bool:
+    """Stop: wait as ``flush()`` does, then leave what is not stored in the spool (one line on
+    stderr says so); True if everything was stored."""
     global _worker, _spool, _shipper
+    settings = config.active()
     with _lock:
         hooks.uninstall_hooks()
         if _worker is None or _spool is None:
             return True
-        deadline = time.monotonic() + timeout
-        drained = _worker.stop(timeout)
-        shipped = _wait_shipped(_spool, deadline)
-        _spool.close()  # removed if empty; else the next process adopts it
-        _worker = _spool = _shipper = None
-        return drained and shipped
+        deadline = time.monotonic() + settings.exit_timeout
+        try:
+            drained = _worker.stop(settings.exit_timeout)
+            stored = _wait_stored(_spool, _shipper, deadline, settings.flush_timeout)
+        finally:
+            left = _spool.pending()
+            if left:
+                _say_left_behind(_spool.path, left, settings)
+            _spool.close()  # removed if empty; else the next process adopts it
+            _worker = _spool = _shipper = None
+        return drained and stored
 
 
-def _at_exit(timeout: float) -> None:
-    stop(timeout)
+def _say_left_behind(path: Path, left: int, settings: config.Settings) -> None:
+    uri = destination.display_uri(destination.tracking_uri(settings))
+    sys.stderr.write(
+        f"tracewire: {left} trace(s) not yet in the tracking store ({uri}) stay in {path}; the "
+        f"next process tracing to it ships them, or run: tracewire spool ship --dir "
+        f"{path.parent}\n")
+    sys.stderr.flush()
+
+
+def at_exit() -> None:
+    """The app is exiting (atexit, SIGTERM): stop, then let the shipper processes go."""
+    try:
+        stop()
+    except KeyboardInterrupt:  # Ctrl-C while waiting: what is not stored stays spooled (said)
+        pass
     for shipper in _shippers.values():
         shipper.close()
     _shippers.clear()

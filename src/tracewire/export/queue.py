@@ -1,9 +1,9 @@
 """A bounded in-memory queue and the background worker that drains it.
 
-The caller's thread does one non-blocking ``put``; conversion to MLflow entities and every store
-write happen on the worker. When the queue is full the trace is dropped, counted and reported
-(the on-disk spool is what keeps a backlog, not memory). Shutdown is bounded: ``stop`` waits at
-most ``timeout`` seconds for the backlog, then leaves.
+The caller's thread does one non-blocking ``put``; encoding and spooling happen on the worker.
+When the queue is full the trace is dropped and counted (the on-disk spool is what keeps a
+backlog, not memory); the handler takes the count (``take_dropped``) and reports it. Shutdown is
+bounded: ``stop`` waits at most ``timeout`` seconds for the backlog, then leaves.
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ class Worker(Generic[T]):
     returns how many items of the batch it could not export."""
 
     def __init__(self, handler: Callable[[Sequence[T]], int], maxsize: int,
-                 name: str = "tracewire-export") -> None:
+                 name: str = "tracewire-export",
+                 on_start: Callable[[], None] | None = None) -> None:
         self._handler = handler
+        self._on_start = on_start  # run first on the worker thread: set-up kept off the caller's
         self._queue: queue.Queue[T] = queue.Queue(maxsize=maxsize)
         self._done = threading.Condition()
         self._submitted = 0
         self._handled = 0
-        self.dropped = 0  # refused: the queue was full
+        self._dropped = 0  # refused (the queue was full), not yet taken by the handler
         self.lost = 0  # accepted, but the export failed
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -42,14 +44,18 @@ class Worker(Generic[T]):
         try:
             self._queue.put_nowait(item)
         except queue.Full:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                logger.warning("tracewire: export queue full, %d trace(s) dropped so far",
-                               self.dropped)
+            with self._done:
+                self._dropped += 1
             return False
         with self._done:
             self._submitted += 1
         return True
+
+    def take_dropped(self) -> int:
+        """How many items were refused since the last call."""
+        with self._done:
+            dropped, self._dropped = self._dropped, 0
+        return dropped
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything submitted so far is handled; False on timeout or if an
@@ -73,6 +79,11 @@ class Worker(Generic[T]):
         return self._thread.is_alive()
 
     def _run(self) -> None:
+        if self._on_start is not None:
+            try:
+                self._on_start()
+            except Exception:  # the worker must survive its set-up too
+                logger.exception("tracewire: export worker set-up failed")
         while True:
             item = self._queue.get()
             if item is None:

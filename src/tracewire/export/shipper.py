@@ -2,16 +2,21 @@
 
 Writing to the store runs a lot of Python (MLflow's store client, SQLAlchemy): in a thread of
 the app's process it would hold the GIL for milliseconds at a time and stretch the app's tail
-latency. In its own process it cannot. The app starts it on its first spooled trace
-(``python -m tracewire.export.shipper``) and talks to it through its stdin, one line each:
-``ship <spool path>`` to take a spool on, an empty line when new traces were spooled. When the
+latency. In its own process it cannot. The app starts it when ``autolog()`` runs
+(``python -m tracewire.export.shipper``), so the store is opened (a fresh local store created)
+before the first trace, and talks to it through its stdin, one line each: ``ship <spool path>``
+to take a spool on, an empty line when new traces were spooled. The shipper says what it is
+doing in each app spool's meta (``Spool.set_shipper_state``: "opening" a database store,
+"shipping", "failing"), which is how the app's exit knows whether waiting can help. When the
 app exits (or dies: its end of the pipe closes) the shipper finishes what it can within the
 flush timeout and exits too.
 
 It ships its spools and, every 30 s, spools left behind by dead processes for the same
 destinations (adopted under their lock). A failed batch stays spooled and is retried with
 exponential backoff and full jitter, so a store that is down or overloaded is neither hammered
-nor able to slow the app.
+nor able to slow the app. Nothing that fails pins it: after any failure the store client is made
+anew (MLflow caches some failures for the life of a client), and an error of its own is logged
+and retried like an outage.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import logging
 import os
 import random
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -34,24 +40,30 @@ from tracewire.export.spool import Entry, Spool
 logger = logging.getLogger("tracewire")
 
 _BATCH = 100
+_STAMP_BATCH = 16
 _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 30.0
 _ADOPT_EVERY = 30.0  # seconds between looks for spools of dead processes
 _RESPAWN_EVERY = 5.0  # seconds between restarts of a shipper process that died
 _FEEDBACK_EVERY = 2.0  # seconds between attempts to apply feedback whose trace is not stored yet
 
+# What the shipper says it is doing, in the app's spool. "opening" is local work (creating or
+# migrating a database store) that the app's exit may wait for; the others are not.
+OPENING, SHIPPING, FAILING = "opening", "shipping", "failing"
+
 
 # --------------------------------------------------------------------------- in the app
 
 
 class ShipperProcess:
-    """The app's handle on its shipper process (started on first use, restarted if it dies)."""
+    """The app's handle on its shipper process (restarted if it dies)."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self._env = env
         self._paths: list[Path] = []
         self._proc: subprocess.Popen[bytes] | None = None
         self._started = 0.0
+        self.spawned_at = 0.0  # wall clock, to tell its states from a previous process's
         self._lock = threading.Lock()
 
     def ship(self, path: Path) -> None:
@@ -63,6 +75,11 @@ class ShipperProcess:
     def notify(self) -> None:
         with self._lock:
             self._send(b"\n")
+
+    @property
+    def alive(self) -> bool:
+        proc = self._proc
+        return proc is not None and proc.poll() is None
 
     def _send(self, line: bytes) -> None:
         if self._proc is None or self._proc.poll() is not None:
@@ -81,6 +98,7 @@ class ShipperProcess:
             logger.warning("tracewire: the shipper process exited (code %s); restarting it",
                            self._proc.returncode)
         self._started = time.monotonic()
+        self.spawned_at = time.time()
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "tracewire.export.shipper"], stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL, env=self._env, close_fds=True, start_new_session=True)
@@ -107,7 +125,10 @@ class ShipperProcess:
 
 
 class Shipper:
-    """The shipping loop: spools in, batches to ``store_for(destination)(entries)`` out."""
+    """The shipping loop: spools in, batches to ``store_for(destination).ship(entries)`` out.
+
+    Runs on a thread of the shipper process (:meth:`start`), or in the foreground for
+    ``tracewire spool ship`` (:meth:`ship_one_batch` until it returns False)."""
 
     def __init__(self, directory: Path, budget_bytes: int,
                  store_for: Callable[[str], Any]) -> None:
@@ -119,17 +140,33 @@ class Shipper:
         self._spools: list[Spool] = []  # the app's, in the order it handed them over
         self._adopted: list[Spool] = []
         self._failures = 0
+        self._retry_after: float | None = None
+        self.last_error: Exception | None = None
         self._next_adopt = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="tracewire-ship", daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
     def take_on(self, path: Path) -> None:
+        try:
+            source = Spool(path, None, self._budget)
+        except sqlite3.OperationalError:
+            return  # gone already: its app stopped with nothing left to ship
         with self._lock:
-            self._spools.append(Spool(path, None, self._budget))
+            self._spools.append(source)
         self._wake.set()
+
+    def adopt_all(self) -> list[Spool]:
+        """Take over every spool left by a dead process, whatever its destination (for
+        ``tracewire spool ship``); the spools taken."""
+        with self._lock:
+            found = list(spools.adopt(self._directory, self._budget, None))
+            self._adopted.extend(found)
+        return found
 
     def notify(self) -> None:
         self._wake.set()
@@ -142,32 +179,76 @@ class Shipper:
             time.sleep(0.05)
         self._stop.set()
         self._wake.set()
-        self._thread.join(max(0.0, deadline - time.monotonic()) + 0.1)
+        if self._thread.is_alive():
+            self._thread.join(max(0.0, deadline - time.monotonic()) + 0.1)
+        with self._lock:
+            for source in [*self._adopted, *self._spools]:
+                source.close()
+
+    @property
+    def failing(self) -> bool:
+        return self._failures > 0
 
     def _pending(self) -> bool:
         with self._lock:
             sources = [*self._adopted, *self._spools]
-        return any(s.pending() or s.pending(feedback=True) for s in sources)
+        return any(s.outstanding() for s in sources)
 
-    def _store(self, source: Spool) -> Any:
-        store = self._stores.get(source.destination)
+    def _store(self, destination: str) -> Any:
+        store = self._stores.get(destination)
         if store is None:
-            store = self._stores[source.destination] = self._store_for(source.destination)
+            store = self._stores[destination] = self._store_for(destination)
         return store
+
+    def _tell(self, destination: str, state: str) -> None:
+        """Say what we are doing in the app spools that go to ``destination``."""
+        with self._lock:
+            sources = [s for s in self._spools if s.destination == destination]
+        for source in sources:
+            try:
+                source.set_shipper_state(state)
+            except sqlite3.Error:
+                pass  # the app removed it meanwhile (it stopped): nobody to tell
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if self._ship_one_batch():
-                continue
-            if not self._failures and time.monotonic() >= self._next_feedback:
-                self._next_feedback = time.monotonic() + _FEEDBACK_EVERY
-                self._apply_feedback()
+            failures = self._failures
+            try:
+                if self._prepare():
+                    if self.ship_one_batch():
+                        continue
+                    if self._failures == failures and self.stamp_one_batch():
+                        continue
+                    if self._failures == failures:  # the store opened, nothing to write
+                        self._recovered()
+                if not self._failures and time.monotonic() >= self._next_feedback:
+                    self._next_feedback = time.monotonic() + _FEEDBACK_EVERY
+                    self._apply_feedback()
+            except Exception as exc:  # a bug or a spool gone bad under us: never die of it
+                self._failed(exc, None)
             if self._failures:  # back off; new traces do not cut the wait short
-                self._stop.wait(random.uniform(0, min(_BACKOFF_CAP,
-                                                      _BACKOFF_BASE * 2 ** self._failures)))
+                self._stop.wait(self._backoff())
             else:
                 self._wake.wait(1.0)
                 self._wake.clear()
+
+    def _prepare(self) -> bool:
+        """Open the store of each app spool's destination before its first trace (a fresh local
+        store is created then); False if one could not be opened (retried after the backoff)."""
+        with self._lock:
+            waiting = [d for d in dict.fromkeys(s.destination for s in self._spools)
+                       if d not in self._stores or not self._stores[d].ready]
+        for destination in waiting:
+            store = self._store(destination)
+            self._tell(destination, OPENING if store.local else SHIPPING)
+            try:
+                store.prepare()
+            except Exception as exc:
+                self._failed(exc, store)
+                self._tell(destination, FAILING)
+                return False
+            self._tell(destination, SHIPPING)
+        return True
 
     def _next_batch(self) -> tuple[Spool, list[Entry]] | None:
         with self._lock:
@@ -178,7 +259,15 @@ class Shipper:
                     self._adopted.extend(spools.adopt(self._directory, self._budget, destination))
             # What dead processes left behind is older: it goes first.
             for source in [*self._adopted, *self._spools]:
-                entries = source.take(_BATCH)
+                try:
+                    entries = source.take(_BATCH)
+                except sqlite3.DatabaseError as exc:
+                    if source not in self._adopted:
+                        raise  # the app's own: it owns the file; retried with backoff
+                    self._adopted.remove(source)  # went bad since adopted: set aside
+                    source.close(remove_if_empty=False)
+                    spools.set_aside(source.path, str(exc))
+                    continue
                 if entries:
                     return source, entries
                 if source in self._adopted:
@@ -189,53 +278,90 @@ class Shipper:
                     source.close()
         return None
 
-    def _ship_one_batch(self) -> bool:
+    def ship_one_batch(self) -> bool:
         """Ship the oldest batch; False if there was none or the store failed."""
         batch = self._next_batch()
         if batch is None:
             return False
         source, entries = batch
-        store = self._store(source)
+        store = self._store(source.destination)
         try:
-            store.ship(entries)
+            stamps = store.ship(entries)
         except Exception as exc:  # store down, slow or refusing: the batch stays spooled
             if not store.rejects(exc):
-                return self._failed(exc, source)
+                self._failed(exc, store)
+                self._tell(source.destination, FAILING)
+                return False
             # Refused, not unavailable: find the trace(s) it refuses, one at a time, so a
             # single bad trace cannot hold up the ones behind it.
             return self._ship_each(store, source, entries)
-        source.ack(entries)
-        self._recovered()
+        source.ack(entries, stamps)
+        if self._recovered():
+            self._tell(source.destination, SHIPPING)
         return True
+
+    def stamp_one_batch(self) -> bool:
+        """Write the oldest client request ids still to stamp (only when no trace is waiting:
+        a trace's visibility comes first); False if there were none or the store failed."""
+        with self._lock:
+            sources = [*self._adopted, *self._spools]
+        for source in sources:
+            stamps = source.take_stamps(_STAMP_BATCH)
+            if not stamps:
+                continue
+            store = self._store(source.destination)
+            try:
+                store.stamp([s.payload for s in stamps])
+            except Exception as exc:
+                self._failed(exc, store)
+                return False
+            source.ack_stamps(stamps)
+            return True
+        return False
 
     def _ship_each(self, store: Any, source: Spool, entries: list[Entry]) -> bool:
         for entry in entries:
             try:
-                store.ship([entry])
+                stamps = store.ship([entry])
             except Exception as exc:
                 if not store.rejects(exc):
-                    return self._failed(exc, source)
+                    self._failed(exc, store)
+                    return False
                 source.reject(entry, f"{type(exc).__name__}: {exc}"[:1000])
                 logger.warning("tracewire: the tracking store refused trace %s (%s: %s); it is "
                                "kept aside in %s: fix the cause, then run `tracewire spool "
                                "replay`", entry.trace_id, type(exc).__name__, exc, source.path)
                 continue
-            source.ack([entry])
+            source.ack([entry], stamps)
         self._recovered()
         return True
 
-    def _failed(self, exc: Exception, source: Spool) -> bool:
-        self._failures += 1
-        if self._failures in (1, 5) or self._failures % 20 == 0:
-            logger.warning("tracewire: tracking store unavailable (%s: %s); %d trace(s) "
-                           "kept in the spool, retrying", type(exc).__name__, exc,
-                           source.pending())
-        return False
+    def _backoff(self) -> float:
+        """Exponential with full jitter, and at least what the store asked for (Retry-After)."""
+        wait = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** self._failures))
+        return max(wait, self._retry_after or 0.0)
 
-    def _recovered(self) -> None:
-        if self._failures:
-            logger.warning("tracewire: tracking store reachable again; shipping the spool")
-            self._failures = 0
+    def _failed(self, exc: Exception, store: Any | None) -> None:
+        self._failures += 1
+        self.last_error = exc
+        self._retry_after = store.retry_after if store is not None else None
+        if store is not None:
+            store.reset()  # a new client next time: nothing MLflow cached of this failure stays
+        if self._failures in (1, 5) or self._failures % 20 == 0:
+            if store is None:
+                logger.warning("tracewire: the shipper failed (%s: %s); retrying",
+                               type(exc).__name__, exc)
+            else:
+                logger.warning("tracewire: tracking store unavailable (%s: %s); traces stay in "
+                               "the spool, retrying", type(exc).__name__, exc)
+
+    def _recovered(self) -> bool:
+        if not self._failures:
+            return False
+        logger.warning("tracewire: tracking store reachable again; shipping the spool")
+        self._failures = 0
+        self.last_error = None
+        return True
 
     def _apply_feedback(self) -> None:
         """Feedback waits in the spool until its trace is stored, for the retention period."""
@@ -244,7 +370,7 @@ class Shipper:
         for source in sources:
             for entry in source.take_feedback(_BATCH):
                 try:
-                    applied = self._store(source).apply_feedback(entry.payload)
+                    applied = self._store(source.destination).apply_feedback(entry.payload)
                 except Exception as exc:  # the store is down: the next round tries again
                     logger.warning("tracewire: could not apply feedback yet (%s: %s)",
                                    type(exc).__name__, exc)
@@ -257,7 +383,8 @@ class Shipper:
                                    "store within the retention period")
 
 
-def _store_for(destination: str) -> Any:
+def store_for(destination: str) -> Any:
+    """The store a spool's destination (see ``destination.destination``) names."""
     from tracewire import config
     from tracewire.export import store
 
@@ -280,7 +407,8 @@ def main(stdin: IO[bytes] | None = None) -> int:
 
     store.install_http_budget()
     settings = config.resolve()
-    shipper = Shipper(settings.spool_dir, settings.spool_max_bytes, _store_for)
+    shipper = Shipper(settings.spool_dir, settings.spool_max_bytes, store_for)
+    shipper.start()
     stream = stdin or sys.stdin.buffer
     for line in iter(stream.readline, b""):
         if line.startswith(b"ship "):

@@ -6,25 +6,48 @@ forked or parallel workers never contend for it; the process holds an exclusive 
 the file's ``.lock`` companion for its whole life. A spool whose lock can be taken belongs to a
 dead process: :func:`adopt` hands it to the caller, which ships what is left.
 
-Past the size budget new traces are refused: each refusal is counted in the spool itself, so
-``tracewire spool status`` (another process) can report it. A trace the store refuses outright
-(a 4xx: it can never succeed as it is) is set aside in the same file, so it cannot hold up the
-traces behind it, and waits there for ``tracewire spool replay``.
+Every trace that does not make it in is counted beside the spool, by reason (``DROP_REASONS``),
+so ``tracewire spool status`` (another process) can report it: past the size budget, on a full or
+unwritable disk, unencodable, or refused by a full in-memory queue. The counts, and what the
+shipper process says it is doing, live in the spool's ``.lock`` file: a small block allocated
+when the spool is made and rewritten in place (:class:`_Block`), so both land even on a full
+disk, which is one of the reasons traces are dropped. A trace the
+store refuses outright (a 4xx: it can never succeed as it is) is set aside in the same file, so
+it cannot hold up the traces behind it, and waits there for ``tracewire spool replay``.
+
+Into a tracking server a trace is stored from its spans alone, many per request; its client
+request id, which no span can carry, is stamped on afterwards (one ``start_trace`` each). The
+trace's acknowledgement queues that stamp in the same transaction (table ``stamps``), so it
+survives a crash as the trace did.
+
+A file in the directory that is not a spool tracewire can read (garbage, a truncated copy) is
+renamed ``<name>.unreadable`` when a shipper comes across it, so it never stops shipping; one of
+a newer format is left in place for the tracewire that wrote it. ``status`` lists both.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
+import logging
 import os
 import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
+
+logger = logging.getLogger("tracewire")
 
 FORMAT_VERSION = 1
+
+# Why a trace was not kept: past the size budget, the disk full or unwritable, a payload that
+# could not be encoded, the in-memory queue full (the worker fell behind the app).
+DROP_REASONS = ("budget", "disk", "encoding", "queue")
+UNREADABLE_SUFFIX = ".unreadable"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -48,11 +71,18 @@ CREATE TABLE IF NOT EXISTS feedback (
     created REAL NOT NULL,
     payload BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS stamps (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    trace_id TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
 """
+_TABLES = ("traces", "feedback", "stamps")
 
 
 class SpoolError(RuntimeError):
-    """A spool file tracewire cannot use (for example a newer format version)."""
+    """A spool file this tracewire cannot use: one of a newer format version."""
 
 
 @dataclass(frozen=True)
@@ -74,12 +104,25 @@ class Status:
     path: Path
     pending: int
     bytes: int
-    dropped: int
     oldest: float | None
     live: bool  # its process is still running
     feedback_pending: int
     feedback_dropped: int
     rejected: int  # refused by the store, waiting for `tracewire spool replay`
+    stamps: int = 0  # stored traces whose client request id is still to be written
+    drops: dict[str, int] = field(default_factory=dict)  # by reason (DROP_REASONS)
+    problem: str | None = None  # set for a file that cannot be shipped (then nothing else is)
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.drops.values())
+
+
+def _is_disk_error(exc: sqlite3.Error) -> bool:
+    """The disk is full or the file cannot be written (read-only remount, quota): the trace
+    is counted as dropped; anything else is a bug."""
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        text in str(exc) for text in ("disk is full", "disk I/O error", "readonly database"))
 
 
 class Spool:
@@ -92,25 +135,31 @@ class Spool:
         self._lock_fd = lock_fd
         self.budget_bytes = budget_bytes
         self._mutex = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                   timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode survives a process crash (kill -9); only an OS crash can lose the
-        # last transactions, which is the trade every WAL-mode queue makes for speed.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        version = self._meta("format_version")
-        if version is None:
-            self._db.execute("INSERT INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
-            self._db.execute("INSERT INTO meta VALUES ('dropped', '0')")
-            self._db.execute("INSERT INTO meta VALUES ('feedback_dropped', '0')")
-            # Where its traces go: only a process with the same destination adopts it.
-            self._db.execute("INSERT INTO meta VALUES ('destination', ?)", (destination or "",))
-        elif int(version) > FORMAT_VERSION:
-            raise SpoolError(f"{path} has spool format {version}; this tracewire reads up to "
-                             f"{FORMAT_VERSION}: upgrade tracewire to ship it")
-        self.destination = self._meta("destination") or ""
-        self._bytes = self._used_bytes()
+        self._drops: Counter[str] = Counter(_Block.read(path.with_suffix(".lock"), _Block.DROPS))
+        # Only the app that owns a spool creates it: anyone else opening a path that is gone
+        # (the app removed it, empty, as it stopped) must not make an empty one there.
+        mode = "rwc" if destination is not None else "rw"
+        self._db = sqlite3.connect(_uri(path, mode), uri=True, check_same_thread=False,
+                                   isolation_level=None, timeout=30)
+        try:
+            _check_format(self._db, path)  # before anything is written to a file not ours
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a process crash (kill -9); only an OS crash can lose
+            # the last transactions, which is the trade every WAL-mode queue makes for speed.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            if self._meta("format_version") is None:
+                self._db.execute("INSERT INTO meta VALUES ('format_version', ?)",
+                                 (str(FORMAT_VERSION),))
+                self._db.execute("INSERT INTO meta VALUES ('feedback_dropped', '0')")
+                # Where its traces go: only a process with the same destination adopts it.
+                self._db.execute("INSERT INTO meta VALUES ('destination', ?)",
+                                 (destination or "",))
+            self.destination = self._meta("destination") or ""
+            self._bytes = self._used_bytes()
+        except BaseException:
+            self._db.close()
+            raise
 
     @classmethod
     def create(cls, directory: Path, budget_bytes: int, destination: str) -> "Spool":
@@ -119,30 +168,68 @@ class Spool:
         lock_fd = _lock(directory / f"{stem}.lock")
         if lock_fd is None:  # cannot happen for a fresh name, but never share a spool
             raise SpoolError(f"could not lock a new spool in {directory}")
+        os.pwrite(lock_fd, b" " * _Block.SIZE, 0)  # the block, allocated now
         return cls(directory / f"{stem}.db", lock_fd, budget_bytes, destination)
 
     def _used_bytes(self) -> int:
         return self._db.execute("SELECT (SELECT COALESCE(SUM(size), 0) FROM traces) + "
-                                "(SELECT COALESCE(SUM(size), 0) FROM rejected)").fetchone()[0]
+                                "(SELECT COALESCE(SUM(size), 0) FROM rejected) + "
+                                "(SELECT COALESCE(SUM(size), 0) FROM stamps)").fetchone()[0]
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def put(self, trace_id: str, payload: bytes) -> bool:
-        """Append one trace; False (and counted) if the size budget is used up."""
+        """Append one trace; False if it was dropped (counted: over the budget, or the disk is
+        full or unwritable)."""
         with self._mutex:
             if self._bytes + len(payload) > self.budget_bytes:
                 # Acknowledgements may come from the shipper process: count again first.
                 self._bytes = self._used_bytes()
             if self._bytes + len(payload) > self.budget_bytes:
-                self._db.execute(
-                    "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'dropped'")
-                return False
-            self._db.execute("INSERT INTO traces (trace_id, created, size, payload) "
-                             "VALUES (?, ?, ?, ?)", (trace_id, time.time(), len(payload), payload))
-            self._bytes += len(payload)
-            return True
+                reason = "budget"
+            else:
+                try:
+                    self._db.execute("INSERT INTO traces (trace_id, created, size, payload) "
+                                     "VALUES (?, ?, ?, ?)",
+                                     (trace_id, time.time(), len(payload), payload))
+                except sqlite3.Error as exc:
+                    if not _is_disk_error(exc):
+                        raise
+                    reason = "disk"
+                else:
+                    self._bytes += len(payload)
+                    return True
+            self._count_drops(reason, 1)
+            return False
+
+    def count_drops(self, reason: str, count: int) -> None:
+        """Count traces lost before they reached the spool (unencodable, queue full)."""
+        with self._mutex:
+            self._count_drops(reason, count)
+
+    def _count_drops(self, reason: str, count: int) -> None:
+        self._drops[reason] += count
+        if self._lock_fd is not None:
+            _Block.write(self.path.with_suffix(".lock"), _Block.DROPS,
+                         {reason: n for reason, n in self._drops.items() if n})
+
+    @property
+    def drops(self) -> dict[str, int]:
+        """Traces dropped so far, by reason."""
+        with self._mutex:
+            return dict(self._drops)
+
+    def set_shipper_state(self, state: str) -> None:
+        """The shipper process says what it is doing (see :meth:`shipper_state`)."""
+        _Block.write(self.path.with_suffix(".lock"), _Block.STATE,
+                     {"state": state, "at": time.time()})
+
+    def shipper_state(self) -> tuple[str, float] | None:
+        """What the shipper process last said it was doing, and when (wall clock)."""
+        data = _Block.read(self.path.with_suffix(".lock"), _Block.STATE)
+        return (data["state"], data["at"]) if data else None
 
     def take(self, limit: int) -> list[Entry]:
         """The oldest ``limit`` entries, in order, without removing them."""
@@ -151,14 +238,31 @@ class Spool:
                                     "LIMIT ?", (limit,)).fetchall()
         return [Entry(*row) for row in rows]
 
-    def ack(self, entries: list[Entry]) -> None:
-        """The store has these: forget them."""
+    def ack(self, entries: list[Entry], stamps: Sequence[tuple[str, bytes]] = ()) -> None:
+        """The store has these: forget them, and queue the ``(trace id, record)`` stamps still
+        to be written (in the same transaction)."""
         if not entries:
             return
         with self._mutex:
+            self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
                 f"DELETE FROM traces WHERE seq IN ({','.join('?' * len(entries))})",
                 [e.seq for e in entries])
+            self._db.executemany("INSERT INTO stamps (trace_id, size, payload) VALUES (?, ?, ?)",
+                                 [(trace_id, len(record), record) for trace_id, record in stamps])
+            self._db.execute("COMMIT")
+            self._bytes = self._used_bytes()
+
+    def take_stamps(self, limit: int) -> list[Entry]:
+        with self._mutex:
+            rows = self._db.execute("SELECT seq, trace_id, payload FROM stamps ORDER BY seq "
+                                    "LIMIT ?", (limit,)).fetchall()
+        return [Entry(*row) for row in rows]
+
+    def ack_stamps(self, stamps: list[Entry]) -> None:
+        with self._mutex:
+            self._db.execute(f"DELETE FROM stamps WHERE seq IN ({','.join('?' * len(stamps))})",
+                             [s.seq for s in stamps])
             self._bytes = self._used_bytes()
 
     def reject(self, entry: Entry, reason: str) -> None:
@@ -190,30 +294,107 @@ class Spool:
                 self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
                                  "WHERE key = 'feedback_dropped'")
 
-    def pending(self, feedback: bool = False) -> int:
+    def pending(self, table: str = "traces") -> int:
+        """Traces waiting to be shipped (or, by table: feedback, stamps)."""
+        assert table in _TABLES, table
         with self._mutex:
-            table = "feedback" if feedback else "traces"
             return self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
 
-    @property
-    def dropped(self) -> int:
+    def outstanding(self) -> int:
+        """Everything still to reach the store: traces, feedback and stamps."""
         with self._mutex:
-            return int(self._meta("dropped") or 0)
+            return self._db.execute("SELECT (SELECT COUNT(*) FROM traces) + (SELECT COUNT(*) "
+                                    "FROM feedback) + (SELECT COUNT(*) FROM stamps)").fetchone()[0]
 
     def close(self, remove_if_empty: bool = True) -> None:
         with self._mutex:
-            empty = self._db.execute(
-                "SELECT (SELECT COUNT(*) FROM traces) + (SELECT COUNT(*) FROM feedback) + "
-                "(SELECT COUNT(*) FROM rejected)").fetchone()[0] == 0
-            dropped = int(self._meta("dropped") or 0)
+            try:
+                empty = self._db.execute(
+                    "SELECT (SELECT COUNT(*) FROM traces) + (SELECT COUNT(*) FROM feedback) + "
+                    "(SELECT COUNT(*) FROM stamps) + (SELECT COUNT(*) FROM rejected)"
+                ).fetchone()[0] == 0
+            except sqlite3.Error:  # a file gone bad under us: leave it for `spool status`
+                empty = False
+            dropped = any(self._drops.values())
             self._db.close()
-        if self._lock_fd is None:
-            return  # not ours to remove
+        if self._lock_fd is None:  # not ours to remove
+            if not self.path.exists():  # its owner removed it: what our reads left goes too
+                for suffix in ("-wal", "-shm"):
+                    Path(str(self.path) + suffix).unlink(missing_ok=True)
+            return
         if remove_if_empty and empty and not dropped:
             for suffix in ("", "-wal", "-shm"):
                 Path(str(self.path) + suffix).unlink(missing_ok=True)
             self.path.with_suffix(".lock").unlink(missing_ok=True)
         os.close(self._lock_fd)
+
+
+def _uri(path: Path, mode: str) -> str:
+    return f"{path.absolute().as_uri()}?mode={mode}"
+
+
+def _check_format(db: sqlite3.Connection, path: Path) -> None:
+    """Raise SpoolError for a spool of a newer format (sqlite3.DatabaseError for a file that is
+    not a database at all)."""
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return  # a new file
+        raise
+    if row is not None and int(row[0]) > FORMAT_VERSION:
+        raise SpoolError(f"{path} has spool format {row[0]}; this tracewire reads up to "
+                         f"{FORMAT_VERSION}: upgrade tracewire to ship it")
+
+
+class _Block:
+    """The status block in a spool's ``.lock`` file: JSON fields at fixed offsets, space-padded,
+    written in place into bytes allocated with the file, so no write needs new disk space."""
+
+    DROPS = (0, 448)  # (offset, size): drop counts by reason, written by the app
+    STATE = (448, 64)  # what the shipper is doing and since when, written by the shipper
+    SIZE = 512
+
+    @staticmethod
+    def write(lock_path: Path, field: tuple[int, int], value: dict[str, object]) -> None:
+        offset, size = field
+        data = json.dumps(value, separators=(",", ":")).encode()
+        if len(data) > size:
+            return  # cannot happen for the fields above
+        try:
+            fd = os.open(lock_path, os.O_WRONLY)  # never created here: the owner makes it
+        except OSError:
+            return  # removed: its spool is gone
+        try:
+            os.pwrite(fd, data.ljust(size), offset)
+        except OSError:  # the disk failed outright: the log line still says it
+            pass
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def read(lock_path: Path, field: tuple[int, int]) -> dict[str, Any]:
+        offset, size = field
+        try:
+            with open(lock_path, "rb") as f:
+                f.seek(offset)
+                text = f.read(size).strip()
+            value = json.loads(text) if text else {}
+        except (OSError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+
+def set_aside(db_path: Path, reason: str) -> Path:
+    """Rename a file no tracewire can ship out of the way (with its -wal/-shm), so it is never
+    tried again; ``status`` lists it."""
+    target = db_path.with_name(db_path.name + UNREADABLE_SUFFIX)
+    for suffix in ("-wal", "-shm"):
+        Path(str(db_path) + suffix).unlink(missing_ok=True)
+    os.replace(db_path, target)
+    logger.warning("tracewire: %s is not a spool tracewire can read (%s); set aside as %s",
+                   db_path, reason, target.name)
+    return target
 
 
 def _lock(path: Path) -> int | None:
@@ -241,9 +422,9 @@ def _held(lock_path: Path) -> bool:
     return False
 
 
-def adopt(directory: Path, budget_bytes: int, destination: str) -> Iterator[Spool]:
-    """Spools left by dead processes for ``destination``, each locked for the caller while it
-    ships them."""
+def adopt(directory: Path, budget_bytes: int, destination: str | None) -> Iterator[Spool]:
+    """Spools left by dead processes for ``destination`` (None: for any), each locked for the
+    caller while it ships them. Unreadable files are set aside; newer ones are left alone."""
     if not directory.is_dir():
         return
     for lock_path in sorted(directory.glob("spool-*.lock")):
@@ -255,43 +436,71 @@ def adopt(directory: Path, budget_bytes: int, destination: str) -> Iterator[Spoo
             lock_path.unlink(missing_ok=True)
             os.close(fd)
             continue
-        spool = Spool(db_path, fd, budget_bytes)
-        if spool.destination != destination:
+        try:
+            spool = Spool(db_path, fd, budget_bytes)
+        except SpoolError:
+            os.close(fd)  # a newer tracewire's: left for it
+            continue
+        except sqlite3.DatabaseError as exc:
+            set_aside(db_path, str(exc))
+            lock_path.unlink(missing_ok=True)
+            os.close(fd)
+            continue
+        if destination is not None and spool.destination != destination:
             spool.close(remove_if_empty=False)  # another app's: leave it for that app
             continue
         yield spool
 
 
 def status(directory: Path) -> list[Status]:
-    """Every spool in ``directory``, read without taking it over."""
+    """Every spool in ``directory``, read without taking it over, and every file in it that
+    cannot be shipped (with its ``problem``)."""
     found = []
     if not directory.is_dir():
         return found
     for db_path in sorted(directory.glob("spool-*.db")):
         live = _held(db_path.with_suffix(".lock"))
         try:
-            db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+            db = sqlite3.connect(_uri(db_path, "ro"), uri=True, timeout=5)
             try:
+                _check_format(db, db_path)
                 pending, size, oldest = db.execute(
                     "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM traces").fetchone()
                 meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
                 feedback = db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
-                rejected = _count_rejected(db)
+                rejected = _count(db, "rejected")
+                stamps = _count(db, "stamps")
             finally:
                 db.close()
                 if not db_path.exists():  # removed meanwhile: our reader left its -shm behind
                     for suffix in ("-wal", "-shm"):
                         Path(str(db_path) + suffix).unlink(missing_ok=True)
-        except sqlite3.Error:
-            continue  # being created or removed right now: not a spool to report yet
-        found.append(Status(db_path, pending, size, int(meta.get("dropped", 0)), oldest, live,
-                            feedback, int(meta.get("feedback_dropped", 0)), rejected))
+        except SpoolError as exc:
+            found.append(_unshippable(db_path, live, str(exc)))
+            continue
+        except sqlite3.Error as exc:
+            if not db_path.exists() or "no such table" in str(exc):
+                continue  # being created or removed right now: not a spool to report yet
+            found.append(_unshippable(db_path, live, f"unreadable ({exc}); it is set aside as "
+                                      f"{db_path.name}{UNREADABLE_SUFFIX} when shipping"))
+            continue
+        found.append(Status(db_path, pending, size, oldest, live, feedback,
+                            int(meta.get("feedback_dropped", 0)), rejected, stamps,
+                            _Block.read(db_path.with_suffix(".lock"), _Block.DROPS)))
+    for path in sorted(directory.glob(f"spool-*{UNREADABLE_SUFFIX}")):
+        found.append(_unshippable(path, False, "unreadable, set aside: not shipped; inspect or "
+                                  "delete it"))
     return found
 
 
-def _count_rejected(db: sqlite3.Connection) -> int:
+def _unshippable(path: Path, live: bool, problem: str) -> Status:
+    return Status(path, 0, path.stat().st_size if path.exists() else 0, None, live, 0, 0, 0,
+                  problem=problem)
+
+
+def _count(db: sqlite3.Connection, table: str) -> int:
     try:
-        return db.execute("SELECT COUNT(*) FROM rejected").fetchone()[0]
+        return db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
     except sqlite3.OperationalError:  # written by a tracewire from before the table existed
         return 0
 
@@ -304,8 +513,12 @@ def replay(directory: Path) -> int:
     for db_path in sorted(directory.glob("spool-*.db")):
         db = sqlite3.connect(db_path, isolation_level=None, timeout=30)
         try:
-            if not _count_rejected(db):
-                continue
+            try:
+                _check_format(db, db_path)
+                if not _count(db, "rejected"):
+                    continue
+            except (SpoolError, sqlite3.DatabaseError):
+                continue  # not ours to change: `spool status` says why
             db.execute("BEGIN IMMEDIATE")
             moved += db.execute("INSERT INTO traces (trace_id, created, size, payload) "
                                 "SELECT trace_id, created, size, payload FROM rejected "

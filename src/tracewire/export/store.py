@@ -20,6 +20,8 @@ import json
 import logging
 import os
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlparse
 
@@ -48,16 +50,62 @@ logger = logging.getLogger("tracewire")
 
 
 _original_http_request = None
+# On the shipper's thread while it ships: the timeout of each request, and what the last
+# answer said (its HTTP status, Retry-After in seconds), read by Store after a failure.
 _shipping = threading.local()
+_STAMPS_IN_FLIGHT = 4
+_RETRY_AFTER_CAP = 300.0  # seconds: a server asking for more is asked again after this
+# What a tracking server answers with: JSON for REST calls, protobuf for OTLP spans. A 2xx of
+# another type (a proxy's HTML page), or of none (an answer cut off in its headers), is not an
+# acknowledgement. Its /version answer is the one exception (MLflow serves it as text/html).
+_ANSWER_TYPES = ("application/json", "application/x-protobuf")
+_VERSION_ENDPOINT = "/version"
+
+
+class StoreAnswerError(RuntimeError):
+    """The store's HTTP answer cannot be an acknowledgement (a redirect, a page that is not
+    MLflow's, a different trace id): retried like an outage, never taken for a write."""
 
 
 def _http_request(*args: Any, **kwargs: Any) -> Any:
     """MLflow's HTTP call, with our retry budget on the shipper's thread: one attempt and our
-    timeout (the shipper retries with backoff), instead of 7 retries x 120 s."""
-    if getattr(_shipping, "timeout", None) is not None:
-        kwargs["max_retries"] = 0
-        kwargs["timeout"] = _shipping.timeout
-    return _original_http_request(*args, **kwargs)  # type: ignore[misc]
+    timeout (the shipper retries with backoff), instead of 7 retries x 120 s. The answer comes
+    back whatever its status (MLflow turns an error status into its own exception after), so
+    the real status and Retry-After are recorded; redirects are not followed."""
+    if getattr(_shipping, "timeout", None) is None:
+        return _original_http_request(*args, **kwargs)  # type: ignore[misc]
+    kwargs.update(max_retries=0, timeout=_shipping.timeout, raise_on_status=False,
+                  allow_redirects=False)
+    _shipping.status = _shipping.retry_after = None
+    response = _original_http_request(*args, **kwargs)  # type: ignore[misc]
+    _shipping.status = response.status_code
+    _shipping.retry_after = _retry_after(response.headers.get("Retry-After"))
+    if 300 <= response.status_code < 400:
+        raise StoreAnswerError(f"the tracking server redirected ({response.status_code}) to "
+                               f"{destination.display_uri(response.headers.get('Location', '?'))}")
+    kind = response.headers.get("Content-Type", "").split(";")[0].strip()
+    endpoint = kwargs.get("endpoint", args[1] if len(args) > 1 else None)
+    if response.status_code < 300 and kind not in _ANSWER_TYPES and \
+            endpoint != _VERSION_ENDPOINT:
+        raise StoreAnswerError(f"the tracking server answered {response.status_code} with "
+                               f"{kind or 'no content type'}, not MLflow's answer")
+    return response
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (a number, or an HTTP date), capped."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        import email.utils
+
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), _RETRY_AFTER_CAP)
 
 
 def install_http_budget() -> None:
@@ -83,27 +131,36 @@ def initialize(settings: config.Settings) -> None:
     if not destination.is_database(destination.tracking_uri(settings)):
         return
     try:
-        Store(settings)._destination()
+        Store(settings).prepare()
     except Exception as exc:
         logger.warning("tracewire: the tracking store could not be initialized yet (%s: %s); "
                        "traces wait in the spool until it can", type(exc).__name__, exc)
 
 
-def decode(payload: bytes, experiment_id: str, record_in_spans: bool
-           ) -> tuple[TraceInfo | None, list[MlflowSpan]]:
-    """Spool bytes -> MLflow's trace record (None for late spans) and spans, in ``experiment_id``
-    unless the trace names its own.
+@dataclass
+class Decoded:
+    """One spooled trace as MLflow entities."""
+
+    info: TraceInfo | None  # its record; None for late spans of a trace already stored
+    spans: list[MlflowSpan]
+    # The record rides in the root span's attributes (a tracking server makes it from there):
+    # no start_trace now, and a client request id is stamped on later.
+    via_spans: bool = False
+
+
+def decode(payload: bytes, experiment_id: str, record_in_spans: bool) -> Decoded:
+    """Spool bytes -> MLflow's trace record and spans, in ``experiment_id`` unless the trace
+    names its own.
 
     With ``record_in_spans`` (a tracking server, where each trace record is a request of its
-    own), a trace of ours whose record the spans can carry comes back as spans only: see
+    own), a trace of ours whose record the spans can carry is written as spans only: see
     :func:`_record_in_root_span`."""
     data = json.loads(payload)
     head, context = data["head"], data["context"]
-    if head is not None and record_in_spans and not context["request_id"] and \
-            _record_in_root_span(head, context, data["spans"]):
-        info: TraceInfo | None = None
-    elif head is not None:
-        info = TraceInfo(
+    via_spans = head is not None and record_in_spans and \
+        _record_in_root_span(head, context, data["spans"])
+    if head is not None:
+        info: TraceInfo | None = TraceInfo(
             trace_id=head["trace_id"],
             trace_location=TraceLocation.from_experiment_id(experiment_id),
             request_time=head["request_time"],
@@ -125,7 +182,7 @@ def decode(payload: bytes, experiment_id: str, record_in_spans: bool
     trace_spans = [MlflowSpan.from_dict(d) for d in data["spans"]]
     if info is not None:
         _stamp(info, trace_spans, context)
-    return info, trace_spans
+    return Decoded(info, trace_spans, via_spans)
 
 
 def _storable_tags(tags: dict[str, str]) -> dict[str, str]:
@@ -135,21 +192,28 @@ def _storable_tags(tags: dict[str, str]) -> dict[str, str]:
             if len(key) <= MAX_CHARS_IN_TRACE_INFO_TAGS_KEY}
 
 
+def _context_tags(context: dict[str, Any]) -> dict[str, str]:
+    """The trace tags the request context gives: deployment and request tags, the request id."""
+    request_id = {keys.REQUEST_ID_TAG: context["request_id"]} if context["request_id"] else {}
+    return {**context["tags"], **request_id}
+
+
 def _record_in_root_span(head: dict[str, Any], context: dict[str, Any],
                          span_dicts: list[dict[str, Any]]) -> bool:
     """Put what ``start_trace`` would record into the root span, in the attributes a tracking
     server reads when spans arrive for a trace it does not have yet (MLflow's OTLP intake:
-    ``SqlAlchemyStore._log_spans_once``): tags as ``mlflow.traceTag.<key>``, the session as
-    ``session.id``, the user as ``user.id``. It takes the state, times, previews, token usage
-    and cost from the spans themselves. Many such traces go in one request, against one
-    ``start_trace`` request each (3-4x the server's CPU). Only a client request id (every web
-    request has one) has no span attribute, so those traces keep ``start_trace``; so does a
-    trace continuing a remote parent (its root has a parent: the server would see no root)."""
+    ``SqlAlchemyStore._log_spans_once``): tags as ``mlflow.traceTag.<key>`` (the request id
+    among them), the session as ``session.id``, the user as ``user.id``. It takes the state,
+    times, previews, token usage and cost from the spans themselves. Many such traces go in one
+    request, against one ``start_trace`` request each (3-4x the server's CPU), so web-request
+    traces become visible several times faster; only their client request id, which no span
+    attribute sets, is stamped on afterwards. A trace continuing a remote parent keeps
+    ``start_trace`` (its root has a parent: the server would see no root)."""
     root = next((d for d in span_dicts if d["parent_span_id"] is None), None)
     if root is None:
         return False
     attributes = root["attributes"]
-    tags = _storable_tags({keys.TRACE_NAME: head["name"], **context["tags"]})
+    tags = _storable_tags({keys.TRACE_NAME: head["name"], **_context_tags(context)})
     for key, value in tags.items():
         attributes[SpanAttributeKey.TRACE_TAG_PREFIX + key] = json.dumps(value)
     if context["session_id"]:
@@ -168,7 +232,7 @@ def _stamp(info: TraceInfo, trace_spans: list[MlflowSpan], context: dict[str, An
         metadata[keys.TRACE_USER] = context["user_id"]
     if context["request_id"] and not info.client_request_id:
         info.client_request_id = context["request_id"]
-    info.tags = _storable_tags({**info.tags, **context["tags"]})
+    info.tags = _storable_tags({**info.tags, **_context_tags(context)})
     if usage := aggregate_usage_from_spans(trace_spans):
         metadata[keys.TRACE_TOKEN_USAGE] = json.dumps(usage)
     # A store that prices spans sums the trace's cost itself; one that does not gets ours.
@@ -199,6 +263,11 @@ def _sqlite_init_lock(uri: str) -> Iterator[None]:
         os.close(fd)
 
 
+class Undecodable(ValueError):
+    """A spooled trace that cannot be turned into MLflow's records: like a trace the store
+    refuses, it is set aside (kept and counted), never dropped silently."""
+
+
 class Store:
     """The tracking store, as the shipper sees it: batches of spooled traces in, or an
     exception (then the batch stays spooled and is retried)."""
@@ -207,6 +276,46 @@ class Store:
         self._settings = settings
         self._client: Any = None
         self._experiment_id: str | None = None
+        # A database written directly (opening it may create it: local work, worth waiting
+        # for at exit), not a tracking server.
+        self.local = destination.is_database(destination.tracking_uri(settings))
+        self.failed_status: int | None = None  # the HTTP status of the last failure, if any
+        self.retry_after: float | None = None  # what the store asked for with it (429, 503)
+
+    @property
+    def ready(self) -> bool:
+        return self._client is not None and self._experiment_id is not None
+
+    def prepare(self) -> None:
+        """Open the store and resolve the experiment now, before the first trace; raises as
+        :meth:`ship` does."""
+        with self._shipping():
+            self._destination()
+
+    def reset(self) -> None:
+        """After a failure: the next attempt opens the store afresh. MLflow's REST store caches
+        a failed probe of the server's version for the life of the process (all clients share
+        it), and then refuses every ``log_spans``: that cache is cleared too."""
+        self._client = None
+        try:
+            from mlflow.store.tracking.rest_store import RestStore
+        except ImportError:
+            return
+        getattr(RestStore._get_server_version, "cache_clear", lambda: None)()
+
+    @contextlib.contextmanager
+    def _shipping(self) -> Iterator[None]:
+        """Our retry budget for the HTTP calls in the block; after a failure, what the store's
+        last answer said (``failed_status``, ``retry_after``)."""
+        _shipping.timeout = self._settings.ship_timeout
+        _shipping.status = _shipping.retry_after = None
+        try:
+            yield
+        except Exception:
+            self.failed_status, self.retry_after = _shipping.status, _shipping.retry_after
+            raise
+        finally:
+            _shipping.timeout = None
 
     def _destination(self) -> tuple[Any, str]:
         if self._client is None:
@@ -250,14 +359,16 @@ class Store:
         from mlflow.exceptions import MlflowException
 
         data = json.loads(payload)
-        _shipping.timeout = self._settings.ship_timeout
-        try:
+        with self._shipping():
             client, experiment_id = self._destination()
             trace_id = data["trace_id"]
             if trace_id is None:
+                # The tag is there from the trace's first write; client_request_id too on a
+                # database store, but through a tracking server only once stamped.
+                # (Request ids are validated: no quote can reach the filter.)
                 found = client.search_traces(
                     locations=[experiment_id], max_results=1, include_spans=False,
-                    filter_string=f"trace.client_request_id = '{data['request_id']}'")
+                    filter_string=f"tags.`{keys.REQUEST_ID_TAG}` = '{data['request_id']}'")
                 if not found:
                     return False
                 trace_id = found[0].info.trace_id
@@ -276,48 +387,91 @@ class Store:
                                         source_id=data["source_id"] or "anonymous"),
                 metadata={_FEEDBACK_ID: data["feedback_id"]}))
             return True
-        finally:
-            _shipping.timeout = None
 
-    @staticmethod
-    def rejects(exc: Exception) -> bool:
+    def rejects(self, exc: Exception) -> bool:
         """Whether the store refused the data itself (a 4xx), so that sending the same bytes
         again cannot succeed. Throttling (429), timeouts (408) and credentials (401/403: fixed
-        by configuration, not by changing the trace) are worth retrying."""
+        by configuration, not by changing the trace) are worth retrying. A tracking server's
+        answer is judged by its real HTTP status (MLflow reads some 4xx bodies as a 500)."""
         from mlflow.exceptions import MlflowException
 
-        if not isinstance(exc, MlflowException):
-            return False
-        code = exc.get_http_status_code()
+        if isinstance(exc, Undecodable):
+            return True
+        if isinstance(exc, MlflowException):
+            code = self.failed_status or exc.get_http_status_code()
+        else:
+            code = 0  # the connection, not the data, failed
         return 400 <= code < 500 and code not in (401, 403, 408, 429)
 
-    def ship(self, entries: Sequence[Any]) -> None:
-        """Write a batch; idempotent by trace id, so a batch shipped twice lands once."""
-        _shipping.timeout = self._settings.ship_timeout
-        try:
+    def ship(self, entries: Sequence[Any]) -> list[tuple[str, bytes]]:
+        """Write a batch; idempotent by trace id, so a batch shipped twice lands once. Returns
+        the ``(trace id, record)`` stamps still to be written for the client request ids that
+        the spans could not carry (:meth:`stamp`)."""
+        with self._shipping():
             client, experiment_id = self._destination()
             infos: list[TraceInfo] = []
+            later: list[TraceInfo] = []
             by_experiment: dict[str, list[MlflowSpan]] = {}
             store = client.store
             sql = is_sql(store)
             for entry in entries:
-                decoded = guard.call(decode, entry.payload, experiment_id, not sql)
-                if decoded is None:
-                    continue  # undecodable: shipping it again would not help
-                info, trace_spans = decoded
-                if info is not None:
+                try:
+                    decoded = decode(entry.payload, experiment_id, not sql)
+                except Exception as exc:
+                    guard.report(exc, "decode")
+                    raise Undecodable(f"{type(exc).__name__} in spooled trace {entry.trace_id}")
+                info = decoded.info
+                if info is not None and not decoded.via_spans:
                     infos.append(info)
+                elif info is not None and info.client_request_id:
+                    later.append(info)
                 location = info.experiment_id if info is not None else experiment_id
-                by_experiment.setdefault(location, []).extend(trace_spans)
+                by_experiment.setdefault(location, []).extend(decoded.spans)
             if sql:
                 _write_sql(store, infos, by_experiment)
-                return
-            for info in infos:  # a tracking server merges a trace it already has
-                store.start_trace(info)
-            for location, batch in by_experiment.items():
-                store.log_spans(location, batch)
-        finally:
-            _shipping.timeout = None
+            else:
+                for info in infos:  # a tracking server merges a trace it already has
+                    _start_trace(store, info)
+                for location, batch in by_experiment.items():
+                    store.log_spans(location, batch)
+            return [(info.trace_id, json.dumps(info.to_dict()).encode()) for info in later]
+
+    def stamp(self, records: Sequence[bytes]) -> None:
+        """Write the records of traces stored from their spans, for their client request id
+        (the server merges them into the trace), a few requests in flight: the server handles
+        them in parallel. Raises the first failure (the stamps stay queued)."""
+        infos = [TraceInfo.from_dict(json.loads(record)) for record in records]
+        with self._shipping():
+            store = self._destination()[0].store
+            failures: list[Exception] = []
+            status: list[tuple[int | None, float | None]] = []
+
+            def write(part: Sequence[TraceInfo]) -> None:
+                _shipping.timeout = self._settings.ship_timeout
+                try:
+                    for info in part:
+                        _start_trace(store, info)
+                except Exception as exc:
+                    failures.append(exc)
+                    status.append((_shipping.status, _shipping.retry_after))
+
+            threads = [threading.Thread(target=write, args=(infos[i::_STAMPS_IN_FLIGHT],),
+                                        name="tracewire-stamp", daemon=True)
+                       for i in range(min(_STAMPS_IN_FLIGHT, len(infos)))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if failures:
+                _shipping.status, _shipping.retry_after = status[0]
+                raise failures[0]
+
+
+def _start_trace(store: Any, info: TraceInfo) -> None:
+    stored = store.start_trace(info)
+    if stored.trace_id != info.trace_id:  # an empty answer read as a success (cut off)
+        raise StoreAnswerError(f"the store answered start_trace for {info.trace_id} with "
+                               f"{stored.trace_id or 'no trace'}")
 
 
 def is_sql(store: Any) -> bool:

@@ -149,7 +149,9 @@ def row(trace: Any) -> dict[str, Any]:
     request_time = dt.datetime.fromtimestamp(info.request_time / 1000, tz=dt.timezone.utc)
     return {
         "trace_id": info.trace_id,
-        "client_request_id": info.client_request_id,
+        # Through a tracking server the column is stamped after the trace is stored; the tag
+        # holds the same id from the start.
+        "client_request_id": info.client_request_id or info.tags.get(keys.REQUEST_ID_TAG),
         "request_time": request_time,
         PARTITION: request_time.date(),
         "state": info.state.value if info.state else None,
@@ -160,7 +162,8 @@ def row(trace: Any) -> dict[str, Any]:
         "environment": info.tags.get(keys.DEPLOYMENT_ENVIRONMENT),
         "service_version": info.tags.get(keys.SERVICE_VERSION),
         "region": info.tags.get(keys.CLOUD_REGION),
-        "tags": json.dumps({k: v for k, v in info.tags.items() if not k.startswith("mlflow.")},
+        "tags": json.dumps({k: v for k, v in info.tags.items()
+                            if not k.startswith("mlflow.") and k != keys.REQUEST_ID_TAG},
                            sort_keys=True),
         "request_preview": info.request_preview,
         "response_preview": info.response_preview,
