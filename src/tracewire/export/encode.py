@@ -12,12 +12,13 @@ entries' ``to_dict`` and ``TraceInfo.to_dict``.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import re
 from typing import Any, Callable
 
-from mlflow.entities import TraceState
+from mlflow.entities import TraceInfo, TraceState
 from mlflow.tracing.constant import SpanAttributeKey
 from mlflow.tracing.utils import dump_span_attribute_value
 
@@ -133,7 +134,7 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
         trace_id = trace.trace_id
         dicts.extend(span_dict(s, trace.trace_id, trace.otel_trace_id) for s in trace.spans)
     elif item.mlflow is not None:
-        info = item.mlflow.info.to_dict()
+        info = _info_dict(item.mlflow.info)
         trace_id = item.mlflow.info.trace_id
     else:  # a late fragment: spans only, added to a trace already stored
         trace_id = item.fragments[0].trace_id
@@ -156,6 +157,23 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _info_dict(info: TraceInfo) -> dict[str, Any]:
+    """MLflow's record of its own trace as a dict (through protobuf, which refuses lone
+    surrogates: those are replaced first, as in the rest of the trace)."""
+    try:
+        return info.to_dict()
+    except UnicodeEncodeError:
+        def clean(text: str | None) -> str | None:
+            return _SURROGATE.sub("\ufffd", text) if text is not None else None
+
+        return dataclasses.replace(
+            info, request_preview=clean(info.request_preview),
+            response_preview=clean(info.response_preview),
+            client_request_id=clean(info.client_request_id),
+            trace_metadata={clean(k): clean(v) for k, v in info.trace_metadata.items()},
+            tags={clean(k): clean(v) for k, v in info.tags.items()}).to_dict()
 
 
 def _utf8(text: str) -> bytes:

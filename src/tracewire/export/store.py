@@ -417,8 +417,7 @@ class Store:
             for entry in entries:
                 try:
                     decoded = decode(entry.payload, experiment_id, not sql)
-                except Exception as exc:
-                    guard.report(exc, "decode")
+                except Exception as exc:  # set aside with the reason, never with content
                     raise Undecodable(f"{type(exc).__name__} in spooled trace {entry.trace_id}")
                 info = decoded.info
                 if info is not None and not decoded.via_spans:
