@@ -94,7 +94,11 @@ def test_store_pins(tracking_uri: str) -> None:
     from mlflow.utils import rest_utils
 
     params = inspect.signature(rest_utils.http_request).parameters
-    assert {"max_retries", "timeout"} <= set(params)
+    assert {"max_retries", "timeout", "raise_on_status", "kwargs"} <= set(params)
+    # A failed probe of the server's version is cached for the process: clearable.
+    from mlflow.store.tracking.rest_store import RestStore
+
+    assert callable(RestStore._get_server_version.cache_clear)
     assert rest_store.http_request is rest_utils.http_request or \
         rest_store.http_request is store._http_request
 
@@ -106,3 +110,18 @@ def test_store_pins(tracking_uri: str) -> None:
         assert "self.ManagedSessionMaker(" in source, method.__name__
     assert "self.get_experiment(" in inspect.getsource(sql._start_trace_once)
     assert hasattr(SqlTraceInfo, "request_id")
+
+
+def test_sqlite_store_pins() -> None:
+    """A fresh store is built by MLflow's own store builder, on an engine handed to it through
+    the class-level engine map."""
+    from mlflow.store.db.utils import create_sqlalchemy_engine
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
+
+    assert isinstance(SqlAlchemyStore._engine_map, dict)
+    assert "_engine_map" in inspect.getsource(SqlAlchemyStore._get_or_create_engine)
+    assert "_get_or_create_engine(" in inspect.getsource(SqlAlchemyStore.__init__)
+    assert list(inspect.signature(_get_sqlalchemy_store).parameters)[:2] == [
+        "store_uri", "artifact_uri"]
+    assert callable(create_sqlalchemy_engine)

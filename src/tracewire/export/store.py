@@ -15,15 +15,12 @@ span attributes (``mlflow.traceTag.<key>``, ``session.id``, ``user.id``).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
-from urllib.parse import urlparse
 
 from mlflow.entities import Span as MlflowSpan
 from mlflow.entities import TraceData, TraceInfo, TraceLocation, TraceState
@@ -43,8 +40,7 @@ from mlflow.tracing.utils.truncation import set_request_response_preview
 
 from tracewire import config
 from tracewire.core import attributes as keys
-from tracewire.core import guard
-from tracewire.export import destination
+from tracewire.export import destination, sqlite_store
 
 logger = logging.getLogger("tracewire")
 
@@ -244,25 +240,6 @@ def _stamp(info: TraceInfo, trace_spans: list[MlflowSpan], context: dict[str, An
 _FEEDBACK_ID = "tracewire.feedback_id"
 
 
-@contextlib.contextmanager
-def _sqlite_init_lock(uri: str) -> Iterator[None]:
-    """Several processes (one shipper per app worker) opening a fresh sqlite store at once
-    race in MLflow's schema migration: they take turns under a lock file beside it."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "sqlite" or not parsed.path or parsed.path in ("/", "/:memory:"):
-        yield
-        return
-    database = parsed.path[1:]  # sqlite:///relative.db, sqlite:////absolute.db
-    # MLflow creates a new store's directory; the lock beside it needs the directory first.
-    os.makedirs(os.path.dirname(database) or ".", exist_ok=True)
-    fd = os.open(f"{database}.tracewire-init.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 class Undecodable(ValueError):
     """A spooled trace that cannot be turned into MLflow's records: like a trace the store
     refuses, it is set aside (kept and counted), never dropped silently."""
@@ -322,9 +299,10 @@ class Store:
             from mlflow.tracing.client import TracingClient
 
             uri = destination.tracking_uri(self._settings)
-            with _sqlite_init_lock(uri):
-                client = TracingClient(uri)
-                client.store  # opens the store: creates and migrates a fresh sqlite schema
+            if (path := sqlite_store.database_path(uri)) is not None:
+                sqlite_store.create(path)  # a fresh local store: whole, or not at all
+            client = TracingClient(uri)
+            client.store  # opens the store (a database one checks its schema)
             self._client = client
         if self._experiment_id is None:
             self._experiment_id = self._resolve_experiment()

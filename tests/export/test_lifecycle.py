@@ -1,0 +1,200 @@
+"""Every trace lands across a process's whole life: its first contact with the store, a short
+script's exit, the store's creation, and the exit of a process whose store is gone.
+
+* A tracking server that comes up after the app (the ordinary container start-up order) gets
+  every trace: no failure seen at the first contact pins the shipper.
+* The README's quick start, as written, in an empty folder (the default ``sqlite:///mlflow.db``
+  in the working directory, no ``flush()``): every run stores its trace, and leaves a store MLflow
+  opens.
+* Creating a fresh local store is atomic: a creator killed at any instant leaves no store or a
+  whole one, and the next one succeeds.
+* ``flush()`` without a timeout waits for a store being created, and returns False at once-ish
+  for a dead one; exit with a dead store is bounded, says on stderr what stays spooled, and
+  ``tracewire spool ship`` ships it once the store is back.
+* The shipper is ready when ``autolog()`` returns: a warm app's first trace is in the store
+  within a moment of its request.
+
+Real parts only: subprocesses of this interpreter, the local OpenAI-compatible server over
+HTTP, real sqlite stores and ``mlflow server`` on loopback. Time bounds are hang guards; the
+figures are printed (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.conftest import API_KEY
+from tests.export.test_durability import (
+    assert_exactly_once,
+    child_env,
+    files_in,
+    run_child,
+    stored_traces,
+    wait_for,
+)
+from tests.support.mlflow_server import MlflowServer, free_port
+from tracewire.export import spool as spools
+from tracewire.testing import OpenAIServer
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _quick_start_code() -> str:
+    """The first Python block under the README's "Quick start for your app", as written."""
+    section = README.read_text().split("## Quick start for your app", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S)[1]
+
+
+def test_a_server_that_comes_up_after_the_app_gets_every_trace(
+        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    port = free_port()
+    calls = 20
+    env = child_env(tracking_uri=f"http://127.0.0.1:{port}", experiment="late-server",
+                    spool_dir=tmp_path / "spool", openai_server=openai_server,
+                    TEST_TAG="late", TEST_CALLS=str(calls), TEST_END="wait-marker",
+                    TEST_CRASH_MARKER=str(tmp_path / "stop"))
+    script = tmp_path / "child.py"
+    from tests.export.test_durability import CHILD_SCRIPT
+
+    script.write_text(textwrap.dedent(CHILD_SCRIPT))
+    app = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)  # the app has made its calls against a port nothing listens on
+        with MlflowServer(tmp_path / "server", port=port) as server:
+            started = time.monotonic()
+            arrived = wait_for(lambda: len(stored_traces(server.url, "late-server")) == calls,
+                               90, interval=0.5)
+            print(f"\nserver up after the app: {calls} traces in "
+                  f"{time.monotonic() - started:.1f} s")
+            assert arrived, f"{len(stored_traces(server.url, 'late-server'))} of {calls} arrived"
+            assert app.poll() is None  # shipped while the app runs, not by a later process
+            (tmp_path / "stop").touch()
+            out, err = app.communicate(timeout=60)
+            assert app.returncode == 0, err[-4000:]
+            assert_exactly_once(stored_traces(server.url, "late-server"),
+                                [f"late {i}" for i in range(calls)])
+    finally:
+        if app.poll() is None:
+            app.kill()
+
+
+def test_the_readme_quick_start_in_an_empty_folder_stores_every_run(
+        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    folder = tmp_path / "newcomer"
+    folder.mkdir()
+    (folder / "app.py").write_text(_quick_start_code() + textwrap.dedent("""
+        import openai
+
+        client = openai.OpenAI(max_retries=0)
+        reply = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hello from a script"}])
+        print(reply.choices[0].message.content)
+    """))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))}
+    env.update({"OPENAI_BASE_URL": openai_server.base_url, "OPENAI_API_KEY": API_KEY,
+                "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool")})  # not the user's cache dir
+    for run in range(1, 4):
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "app.py"], cwd=folder, env=env,
+                                capture_output=True, text=True, timeout=120)
+        print(f"\nquick start run {run}: exited after {time.monotonic() - started:.1f} s")
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert result.stdout.strip() == "Echo: hello from a script"
+        assert "tracewire:" not in result.stderr, result.stderr  # nothing left behind to say
+        client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+        traces = client.search_traces(locations=["0"], max_results=10)
+        assert len(traces) == run, f"run {run}: {len(traces)} traces stored"
+    assert not [s for s in spools.status(tmp_path / "spool") if s.pending]
+
+
+CREATOR = """
+    import dataclasses, sys
+    from tracewire import config
+    from tracewire.export import store
+    settings = dataclasses.replace(config.resolve(), tracking_uri=sys.argv[1])
+    print("ready", flush=True)
+    store.Store(settings).prepare()
+    print("done", flush=True)
+"""
+
+CHECKER = """
+    import dataclasses, json, sys, uuid
+    from pathlib import Path
+    import mlflow
+    from mlflow.entities import TraceInfo, TraceLocation, TraceState
+    from mlflow.tracing.client import TracingClient
+    from tracewire import config
+    from tracewire.export import store
+
+    def whole(uri):
+        try:
+            assert any(e.experiment_id == "0" for e in mlflow.MlflowClient(uri).search_experiments())
+            info = TraceInfo(trace_id="tr-" + uuid.uuid4().hex,
+                             trace_location=TraceLocation.from_experiment_id("0"),
+                             request_time=1, execution_duration=1, state=TraceState.OK,
+                             trace_metadata={}, tags={})
+            TracingClient(uri).store.start_trace(info)
+            assert TracingClient(uri).get_trace_info(info.trace_id).trace_id == info.trace_id
+            return "whole"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"[:300]
+
+    results = {}
+    for folder in map(Path, sys.argv[1:]):
+        uri = f"sqlite:///{folder}/mlflow.db"
+        left = whole(uri) if (folder / "mlflow.db").exists() else "none"
+        # The next creator, where the killed one left off.
+        store.Store(dataclasses.replace(config.resolve(), tracking_uri=uri)).prepare()
+        temporaries = sorted(p.name for p in folder.iterdir() if ".tmp" in p.name)
+        results[folder.name] = {"left": left, "next": whole(uri), "temporaries": temporaries}
+    print(json.dumps(results))
+"""
+
+
+def test_creating_a_fresh_local_store_is_atomic_wherever_its_creator_is_killed(
+        tmp_path: Path) -> None:
+    (tmp_path / "creator.py").write_text(textwrap.dedent(CREATOR))
+    (tmp_path / "checker.py").write_text(textwrap.dedent(CHECKER))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTEST_"))}
+
+    def create_and_kill(folder: Path, kill_after: float) -> None:
+        folder.mkdir()
+        proc = subprocess.Popen([sys.executable, str(tmp_path / "creator.py"),
+                                 f"sqlite:///{folder / 'mlflow.db'}"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"  # imports done: creation starts
+        time.sleep(kill_after)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+
+    # Points spread over the creation (0.6-1 s on a quiet machine, longer when loaded), two
+    # creators at a time; the last points fall after it.
+    delays = [0.08 * i for i in range(16)]
+    folders = [tmp_path / f"kill-{i:02d}" for i in range(len(delays))]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(create_and_kill, folders, delays))
+    checked = subprocess.run([sys.executable, str(tmp_path / "checker.py")] +
+                             [str(f) for f in folders], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert checked.returncode == 0, checked.stderr[-4000:]
+    results = json.loads(checked.stdout.splitlines()[-1])
+    left = [r["left"] for r in results.values()]
+    print(f"\nkilled at {len(delays)} points: {left.count('whole')} left a whole store, "
+          f"{left.count('none')} none")
+    assert set(left) <= {"whole", "none"}, f"stores left broken by a killed creator: {results}"
+    assert all(r["next"] == "whole" and not r["temporaries"] for r in results.values()), results
