@@ -148,3 +148,82 @@ def test_two_workers_each_trace(tmp_path: Path, openai_server: OpenAIServer, ser
         assert by_name["chat gpt-4o-mini"].parent_id == by_name["GET /ask"].span_id
         questions.append(by_name["chat gpt-4o-mini"].inputs["messages"][0]["content"])
     assert sorted(questions) == sorted(f"question {i}" for i in range(1, asked + 1))
+
+
+AGENT = """
+import openai
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class Agent(PythonModel):
+    def predict(self, context, model_input, params=None):
+        client = openai.OpenAI(max_retries=0)
+        return [client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": question}]
+        ).choices[0].message.content for question in model_input["question"]]
+
+
+mlflow.models.set_model(Agent())
+"""
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_right_after_a_burst_under_mlflow_models_serve_stores_every_trace(
+        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    """A container's stop: SIGTERM to its first process, ``tracewire run`` running ``mlflow
+    models serve`` (whose CLI runs uvicorn as a child), right after a burst of requests. When
+    that first process exits, the container and its disk are gone: every trace must be in the
+    store by then."""
+    env = _env(tmp_path, openai_server)
+    (tmp_path / "agent.py").write_text(AGENT)
+    logged = subprocess.run(
+        [sys.executable, "-c", "import mlflow; print(mlflow.pyfunc.log_model(name='agent', "
+         "python_model='agent.py', pip_requirements=['openai']).model_id)"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert logged.returncode == 0, logged.stderr[-3000:]
+    model_id = logged.stdout.split()[-1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bin_dir = str(Path(sys.executable).parent)  # `mlflow` and the `uvicorn` it runs
+    serve_env = {**env, "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")])}
+    proc = subprocess.Popen([*TRACEWIRE, "run", "--", "mlflow", "models", "serve", "-m",
+                             f"models:/{model_id}", "--env-manager", "local", "--port",
+                             str(port)], env=serve_env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    calls = 50
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/ping", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        with httpx.Client(timeout=30) as client:
+            for i in range(calls):
+                answer = client.post(f"{url}/invocations", json={"dataframe_split": {
+                    "columns": ["question"], "data": [[f"question {i}"]]}})
+                assert answer.status_code == 200, answer.text
+        proc.send_signal(signal.SIGTERM)  # to the first process only, as `docker stop` does
+        started = time.monotonic()
+        proc.wait(timeout=90)
+        stopped_after = time.monotonic() - started
+        # The container is gone now: whatever is not stored is lost with it.
+        stored = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_traces(
+            locations=[mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name(
+                "zero-code").experiment_id], max_results=500)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # what the container's end does to the rest
+        except ProcessLookupError:
+            pass
+        output = proc.communicate()[0].decode(errors="replace")
+    print(f"\nmodels serve: stopped {stopped_after:.1f} s after SIGTERM, {len(stored)} of "
+          f"{calls} traces stored by then")
+    assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), output[-4000:]
+    questions = sorted(s.inputs["messages"][0]["content"] for t in stored
+                       for s in t.data.spans if s.name == "chat gpt-4o-mini")
+    assert questions == sorted(f"question {i}" for i in range(calls)), output[-4000:]

@@ -1,15 +1,23 @@
 """`tracewire run -- <command ...>`: run a command with tracing on, without changing its code.
 
     tracewire run -- uvicorn app:app --workers 2
+    tracewire run -- mlflow models serve -m models:/<id> --env-manager local
     tracewire run -- python script.py
 
 Every Python process of the command (the workers uvicorn or gunicorn spawn or fork included)
 starts with ``tracewire.autolog()``, configured from ``TRACEWIRE_*`` and MLflow's environment
 variables only: the command's environment gets ``PYTHONPATH`` with tracewire's
 ``sitecustomize`` first (see tracewire/bootstrap). The settings are checked and a local sqlite
-store is created here, once, before any worker starts (a fresh store opened by several workers
-at once can fail its schema migration). Then this process becomes the command (``exec``), so
-signals and the exit code are the command's own.
+store is created once, before the command starts, in the process that then becomes the command.
+
+This process stays as the command's parent, small (it never imports MLflow), and stops last:
+it passes SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 on to the command (SIGINT and SIGQUIT from a
+terminal reach the command directly), and when the command has exited it waits, bounded by the
+exit and flush timeouts, for the processes the command left behind to finish: their traces are
+stored before this process, often a container's first, exits. A server that runs its workers
+in a process of their own (``mlflow models serve`` runs uvicorn under its CLI) is covered: on
+Linux this process is the subreaper of everything the command starts. The exit status is the
+command's own (the same signal if a signal ended it).
 """
 
 from __future__ import annotations
@@ -17,6 +25,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
+import sys
+import time
 from pathlib import Path
 
 from tracewire.cli import CLIError
@@ -41,18 +52,83 @@ def run(args: argparse.Namespace) -> int:
     if executable is None:
         raise CLIError(f"command not found: {command[0]}")
 
-    from tracewire import config
-    from tracewire.export import destination, store
-
-    settings = config.resolve()  # a bad setting fails here, once, not in every worker
-    destination.check_destination(settings)
-    store.initialize(settings)
-
     import tracewire.bootstrap
+    from tracewire import config
 
     env = dict(os.environ)
     bootstrap = str(Path(tracewire.bootstrap.__file__).parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [bootstrap, env.get("PYTHONPATH")]))
     env["TRACEWIRE_RUN"] = "1"
-    os.execve(executable, command, env)
-    return 0  # not reached
+    settings = config.resolve()  # a bad setting fails here, once, not in every worker
+    pid = os.fork()
+    if pid == 0:
+        os._exit(_become_the_command(executable, command, env))
+    return _supervise(pid, settings.exit_timeout + settings.flush_timeout + _SHIPPER_GRACE)
+
+
+# After the command, its processes' exits (each waits up to the exit timeout for its traces to
+# be stored) and their shippers' last efforts (the flush timeout), and a margin for starting.
+_SHIPPER_GRACE = 5.0
+_FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+# A terminal sends these to its whole foreground group, the command included: passing them on
+# would deliver them twice (a second Ctrl-C makes uvicorn quit without its graceful shutdown).
+_TERMINAL = (signal.SIGINT, signal.SIGQUIT)
+
+
+def _become_the_command(executable: str, command: list[str], env: dict[str, str]) -> int:
+    """In the forked child: check the destination, create a local store, then exec."""
+    try:
+        from tracewire import config
+        from tracewire.export import destination, store
+
+        settings = config.resolve()
+        destination.check_destination(settings)
+        store.initialize(settings)
+        os.execve(executable, command, env)
+    except config.ConfigError as error:
+        print(f"tracewire: error: {' '.join(str(error).split())}", file=sys.stderr)
+    except OSError as error:
+        print(f"tracewire: error: cannot run {command[0]}: {error.strerror}", file=sys.stderr)
+    return 1
+
+
+def _supervise(pid: int, grace: float) -> int:
+    _become_subreaper()
+    for sig in _FORWARDED:
+        signal.signal(sig, lambda signum, frame: _pass_on(pid, signum))
+    for sig in _TERMINAL:
+        signal.signal(sig, signal.SIG_IGN)
+    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:  # what the command left: reparented to us, reaped here
+        try:
+            reaped, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if reaped == 0:
+            time.sleep(0.05)
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:  # ended by a signal: end the same way (PID 1 ignores it: then 128 + signal)
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+        return 128 - code
+    return code
+
+
+def _pass_on(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass  # it has exited: what it left behind is being waited for
+
+
+def _become_subreaper() -> None:
+    """Linux: orphaned descendants become our children, so their exits can be waited for."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass

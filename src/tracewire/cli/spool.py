@@ -71,10 +71,14 @@ def run(args: argparse.Namespace) -> int:
 def _ship(directory: Path) -> int:
     """Ship every spool exited processes left, in the foreground, printing progress; exit code
     1 if the store stays unavailable (the traces stay spooled)."""
+    import logging
+
     from tracewire import config
     from tracewire.cli import CLIError
     from tracewire.export import shipper, spool, store
 
+    # The shipper's retry warnings are for a log; here the outcome is said once, below.
+    logging.getLogger("tracewire").setLevel(logging.ERROR)
     store.install_http_budget()
     worker = shipper.Shipper(directory, config.resolve().spool_max_bytes, shipper.store_for)
     taken = worker.adopt_all()
