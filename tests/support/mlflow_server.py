@@ -86,8 +86,10 @@ class MlflowServer:
         python: str = sys.executable,
         startup_timeout: float = 60.0,
         env: Mapping[str, str] | None = None,
+        hosts: tuple[str, ...] = (),
     ) -> None:
         self.root = Path(root).resolve()
+        self.hosts = hosts  # names besides loopback's that clients may reach it by
         self.root.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "mlflow.db"
         self.artifacts = self.root / "artifacts"
@@ -197,7 +199,8 @@ class MlflowServer:
             "--artifacts-destination", str(self.artifacts),
             # The security middleware's defaults already allow loopback; be explicit so a
             # changed default cannot turn every request into a 403.
-            "--allowed-hosts", "127.0.0.1,127.0.0.1:*,localhost,localhost:*",
+            "--allowed-hosts", ",".join(f"{host},{host}:*" for host in
+                                        ("127.0.0.1", "localhost", *self.hosts)),
         ]
 
     def _environment(self) -> dict[str, str]:
