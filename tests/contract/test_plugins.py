@@ -169,7 +169,7 @@ def exercise_starlette(server: OpenAIServer) -> list[Any]:
     from fastapi import FastAPI
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse
-    from starlette.routing import Mount, Route
+    from starlette.routing import Route
 
     client = openai.AsyncOpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
     app = FastAPI()

@@ -28,7 +28,7 @@ from deltalake import DeltaTable
 import tracewire
 from tests.conftest import Traced
 from tracewire.cli import main
-from tracewire.export import delta, trace_rows
+from tracewire.export import delta
 from tracewire.testing import OpenAIServer
 from tracewire.testing.traces import Synthetic, write
 
