@@ -205,10 +205,7 @@ class Shipper:
         with self._lock:
             sources = [s for s in self._spools if s.destination == destination]
         for source in sources:
-            try:
-                source.set_shipper_state(state)
-            except sqlite3.Error:
-                pass  # the app removed it meanwhile (it stopped): nobody to tell
+            source.set_shipper_state(state)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -239,8 +236,10 @@ class Shipper:
             waiting = [d for d in dict.fromkeys(s.destination for s in self._spools)
                        if d not in self._stores or not self._stores[d].ready]
         for destination in waiting:
+            first = destination not in self._stores
             store = self._store(destination)
-            self._tell(destination, OPENING if store.local else SHIPPING)
+            # Local work worth waiting for at exit only the first time: creating the store.
+            self._tell(destination, OPENING if store.local and first else SHIPPING)
             try:
                 store.prepare()
             except Exception as exc:
