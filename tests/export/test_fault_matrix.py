@@ -334,3 +334,41 @@ def test_fault_matrix(shared_server: MlflowServer, openai_server: OpenAIServer,
         print(f"  {cell.fault:<20} {'ok' if not cell.failures else 'FAILED'}: {figures}")
     failed = {cell.fault: cell.failures for cell in cells if cell.failures}
     assert not failed, json.dumps(failed, indent=1)[:20_000]
+
+
+def test_a_429s_retry_after_is_waited_for(shared_server: MlflowServer,
+                                          openai_server: OpenAIServer, tmp_path: Path) -> None:
+    """A throttled store says when to come back: the shipper's next try waits at least that
+    long, whatever its own backoff would have chosen (a first failure: at most 1 s)."""
+    with FaultProxy(shared_server.port) as proxy:
+        env = child_env(tracking_uri=proxy.url, experiment="retry-after",
+                        spool_dir=tmp_path / "spool", openai_server=openai_server,
+                        TRACEWIRE_SHIP_TIMEOUT=str(SHIP_TIMEOUT))
+        (tmp_path / "app.py").write_text(textwrap.dedent(APP))
+        app = App([sys.executable, "app.py"], env, tmp_path)
+        try:
+            assert app.calls("warm", 1)["wrong"] == 0  # the store is open, the shipper idle
+            deadline = time.monotonic() + 30
+            while len(stored_traces(shared_server.url, "retry-after")) < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            spans = "/v1/traces"
+            before = proxy.count(spans)
+            proxy.set_fault("status", status=429, retry_after="3", path_prefix=spans, times=1)
+            app.calls("throttled", 1)
+            seen: list[float] = []
+            deadline = time.monotonic() + 30
+            while len(seen) < 2 and time.monotonic() < deadline:
+                if proxy.count(spans) > before + len(seen):
+                    seen.append(time.monotonic())
+                time.sleep(0.01)
+            assert len(seen) == 2, "the shipper did not try again"
+            print(f"\n429 with Retry-After: 3: next try after {seen[1] - seen[0]:.2f} s")
+            assert seen[1] - seen[0] >= 2.9
+            deadline = time.monotonic() + 30
+            while len(stored_traces(shared_server.url, "retry-after")) < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            app.exit()
+        finally:
+            app.kill()

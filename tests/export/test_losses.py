@@ -51,6 +51,12 @@ def _texts(uri: str, experiment_id: str) -> list[str]:
     return sorted(t.data.spans[0].inputs["text"] for t in found)
 
 
+def _new_experiment(uri: str, name: str) -> tuple[str, config.Settings]:
+    experiment = MlflowClient(uri).create_experiment(f"{name}-{os.getpid()}-{time.time_ns()}")
+    return experiment, dataclasses.replace(config.resolve(), tracking_uri=uri,
+                                           experiment_id=experiment)
+
+
 def _ship_until_empty(directory: Path, sources: list[spool.Spool], timeout: float = 60) -> None:
     worker = shipper.Shipper(directory, 10**8, shipper.store_for)
     worker.start()
@@ -65,10 +71,7 @@ def _ship_until_empty(directory: Path, sources: list[spool.Spool], timeout: floa
 
 def test_garbage_and_newer_spool_files_are_set_aside_and_shipping_goes_on(
         tmp_path: Path, tracking_uri: str) -> None:
-    client = MlflowClient(tracking_uri)
-    experiment = client.create_experiment(f"bad-files-{os.getpid()}-{time.time_ns()}")
-    settings = dataclasses.replace(config.resolve(), tracking_uri=tracking_uri,
-                                   experiment_id=experiment)
+    experiment, settings = _new_experiment(tracking_uri, "bad-files")
     where = destination.destination(settings)
     # Another program's file, sorted before everything else, with a lock nobody holds.
     (tmp_path / "spool-0-garbage.db").write_bytes(b"this is not a database" * 100)
@@ -145,10 +148,7 @@ def test_a_lone_surrogate_anywhere_is_replaced_and_the_trace_stored(
 
 def test_an_undecodable_spooled_trace_is_set_aside_and_counted_not_dropped(
         tmp_path: Path, tracking_uri: str) -> None:
-    client = MlflowClient(tracking_uri)
-    experiment = client.create_experiment(f"undecodable-{os.getpid()}-{time.time_ns()}")
-    settings = dataclasses.replace(config.resolve(), tracking_uri=tracking_uri,
-                                   experiment_id=experiment)
+    experiment, settings = _new_experiment(tracking_uri, "undecodable")
     own = spool.Spool.create(tmp_path, 10**8, destination.destination(settings))
     own.put(*_encoded("before", settings))
     own.put("tr-broken", b'{"head": "not what the shipper reads"}')

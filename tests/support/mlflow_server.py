@@ -209,6 +209,10 @@ class MlflowServer:
         env.update({
             # No huey job runner processes: a test server needs only the REST API.
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            # The server prices spans as it stores them, fetching MLflow's model catalog from
+            # GitHub first: without network its first span write takes 7 s or more (past the
+            # shippers' timeouts in some tests). Its bundled catalog prices the same models.
+            "MLFLOW_MODEL_CATALOG_URI": "",
             "PYTHONUNBUFFERED": "1",
         })
         env.update(self._extra_env)
