@@ -213,8 +213,12 @@ def _flush_on_sigterm() -> None:
 
     def flush_then_die(signum: int, frame: Any) -> None:
         from tracewire import config
+        from tracewire.export import pipeline
 
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+        if pipeline.interrupted_inside():  # an exit or disable() already flushing: finish it
+            pipeline.die_when_free(signum)
+            return
         # On a thread of its own: the code this signal interrupted may hold a lock the flush
         # needs, and then the join's bound, not a deadlock, ends the wait.
         flusher = threading.Thread(target=_at_exit, name="tracewire-sigterm", daemon=True)

@@ -227,3 +227,26 @@ def test_sigterm_right_after_a_burst_under_mlflow_models_serve_stores_every_trac
     questions = sorted(s.inputs["messages"][0]["content"] for t in stored
                        for s in t.data.spans if s.name == "chat gpt-4o-mini")
     assert questions == sorted(f"question {i}" for i in range(calls)), output[-4000:]
+
+
+def test_signals_sent_to_tracewire_run_reach_the_command(
+        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    """`docker stop` with STOPSIGNAL SIGINT, `timeout -s INT`, systemd: a SIGINT sent to the
+    first process only (no terminal here) is passed on to the command, which ends as it would."""
+    env = _env(tmp_path, openai_server)
+    (tmp_path / "wait.py").write_text(SCRIPT + "import time\nprint('waiting', flush=True)\n"
+                                      "time.sleep(120)\n")
+    proc = subprocess.Popen([*TRACEWIRE, "run", "--", sys.executable, "wait.py"], env=env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().split()[-1] == "traced"
+        assert proc.stdout.readline().strip() == "waiting"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGINT  # the command died of it, and so did its parent
+    _traces(env, 1)  # and its trace was stored on the way out

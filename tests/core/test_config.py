@@ -51,6 +51,32 @@ def test_unusable_spool_dir_fails_at_autolog_naming_it(
         tracewire.disable()
 
 
+def test_a_local_store_in_a_read_only_place_fails_at_autolog_naming_it(tmp_path) -> None:
+    """A read-only folder (a container's image, a mount) for the default sqlite store: a clear
+    error when autolog() runs, not a shipper retrying for ever. Root ignores file modes, so the
+    folder is made read-only with a bind mount in a private mount namespace."""
+    import os
+    import shutil
+    import subprocess
+
+    assert shutil.which("unshare") is not None and os.geteuid() == 0, \
+        "this test remounts a folder read-only in a private mount namespace: it needs root"
+    folder = tmp_path / "image"
+    folder.mkdir()
+    script = ("import tracewire\ntry:\n    tracewire.autolog()\nexcept tracewire.ConfigError "
+              "as error:\n    print(error)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTEST_"))}
+    env["TRACEWIRE_SPOOL_DIR"] = str(tmp_path / "spool")
+    done = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f'mount --bind "{folder}" "{folder}" && mount -o remount,bind,ro "{folder}" && '
+         f'cd "{folder}" && exec "{sys.executable}" -c "$0"', script],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"MLFLOW_TRACKING_URI is 'sqlite:///{folder}/mlflow.db', a local store that cannot " \
+        f"be created: {folder} is not writable" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
 def test_invalid_arguments_name_the_argument(tracking_uri: str) -> None:
     with pytest.raises(tracewire.ConfigError, match="argument capture_content"):
         tracewire.autolog(capture_content="yes please")  # type: ignore[arg-type]

@@ -44,3 +44,26 @@ def test_forked_child_exports_through_its_own_threads_and_spool(
     contents = sorted(t.data.spans[0].inputs["messages"][0]["content"]
                       for t in traced.traces(expected=4))
     assert contents == ["child", "child", "child", "parent"]
+
+
+def test_multiprocessing_children_store_their_traces_without_a_flush(
+        traced: Traced, client: openai.OpenAI) -> None:
+    """A multiprocessing child (fork: the default on Linux) leaves with os._exit, past atexit:
+    its traces must still be stored, by the same bounded exit wait."""
+    import multiprocessing
+
+    def work(text: str) -> None:
+        child = openai.OpenAI(base_url=client.base_url, api_key="sk-x", max_retries=0)
+        child.chat.completions.create(model="gpt-4o-mini",
+                                      messages=[{"role": "user", "content": text}])
+
+    context = multiprocessing.get_context("fork")
+    children = [context.Process(target=work, args=(f"process {i}",)) for i in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+        assert child.exitcode == 0
+    contents = sorted(t.data.spans[0].inputs["messages"][0]["content"]
+                      for t in traced.traces(expected=2))
+    assert contents == ["process 0", "process 1"]

@@ -215,15 +215,20 @@ def test_exit_with_a_dead_store_says_what_stays_and_spool_ship_ships_it(
                                f"(http://127.0.0.1:{port}) stay in {spool_dir}/spool-"), lines
     assert f"tracewire spool ship --dir {spool_dir}" in lines[0]
 
+    again = run_child(tmp_path, {**env, "TEST_TAG": "again", "TEST_CALLS": "3",
+                                 "TEST_END": "exit"})
+    assert again.returncode == 0, again.describe()  # a second spool file, left the same way
+
     with MlflowServer(tmp_path / "server", port=port) as server:
         ship = subprocess.run([sys.executable, "-m", "tracewire.cli", "spool", "ship", "--dir",
                                str(spool_dir)], env=env, capture_output=True, text=True,
                               timeout=120)
         assert ship.returncode == 0, ship.stderr[-3000:]
-        assert "shipping 5 trace(s) from 1 spool file(s)" in ship.stdout
-        assert "5/5 shipped" in ship.stdout and "done: 5 trace(s) stored" in ship.stdout
+        assert "owned by a running process" not in ship.stdout, ship.stdout
+        assert "shipping 8 trace(s) from 2 spool file(s)" in ship.stdout, ship.stdout
+        assert "8/8 shipped" in ship.stdout and "done: 8 trace(s) stored" in ship.stdout
         assert_exactly_once(stored_traces(server.url, "dead-at-exit"),
-                            [f"dead {i}" for i in range(5)])
+                            [f"dead {i}" for i in range(5)] + [f"again {i}" for i in range(3)])
     assert files_in(spool_dir) == []
 
 

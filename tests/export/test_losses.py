@@ -76,6 +76,12 @@ def test_garbage_and_newer_spool_files_are_set_aside_and_shipping_goes_on(
     # Another program's file, sorted before everything else, with a lock nobody holds.
     (tmp_path / "spool-0-garbage.db").write_bytes(b"this is not a database" * 100)
     (tmp_path / "spool-0-garbage.lock").touch()
+    # Another program's sqlite database, with a lock: set aside untouched, never written to.
+    foreign = sqlite3.connect(tmp_path / "spool-0-other.db")
+    foreign.executescript("CREATE TABLE theirs (x); INSERT INTO theirs VALUES (1);")
+    foreign.close()
+    (tmp_path / "spool-0-other.lock").touch()
+    foreign_bytes = (tmp_path / "spool-0-other.db").read_bytes()
     # A spool of a newer tracewire, left by a process that died.
     newer = sqlite3.connect(tmp_path / "spool-1-newer.db")
     newer.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
@@ -96,6 +102,7 @@ def test_garbage_and_newer_spool_files_are_set_aside_and_shipping_goes_on(
 
     assert _texts(tracking_uri, experiment) == ["left by a dead process", "the app's own"]
     assert (tmp_path / "spool-0-garbage.db.unreadable").exists()
+    assert (tmp_path / "spool-0-other.db.unreadable").read_bytes() == foreign_bytes
     assert not (tmp_path / "spool-0-garbage.db").exists()
     assert (tmp_path / "spool-1-newer.db").exists()  # not ours to move: its tracewire ships it
     result = subprocess.run([sys.executable, "-m", "tracewire.cli", "spool", "status", "--dir",
@@ -237,6 +244,9 @@ def test_a_full_filesystem_loses_nothing_without_counting_it(
     print(f"\nfull disk: {status['pending']} kept, drops {status['drops']} of {calls}")
     assert status["drops"].get("disk", 0) > 0, "the disk never filled: the test proves nothing"
     assert status["pending"] + status["dropped"] == calls, status
-    lines = [line for line in run.stderr.splitlines() if "dropped" in line]
+    # One line while it runs (at most one a minute), one when it exits, with the counts.
+    lines = [line for line in run.stderr.splitlines() if "dropped so far" in line]
     assert len(lines) == 1 and "disk" in lines[0], run.stderr[-4000:]
+    assert f"{status['dropped']} trace(s) were dropped ({status['dropped']} disk)" in \
+        run.stderr, run.stderr[-4000:]
     assert "Traceback" not in run.stderr and "secret words" not in run.stderr, run.stderr[-4000:]

@@ -7,14 +7,16 @@
 Every Python process of the command (the workers uvicorn or gunicorn spawn or fork included)
 starts with ``tracewire.autolog()``, configured from ``TRACEWIRE_*`` and MLflow's environment
 variables only: the command's environment gets ``PYTHONPATH`` with tracewire's
-``sitecustomize`` first (see tracewire/bootstrap). The settings are checked and a local sqlite
-store is created once, before the command starts, in the process that then becomes the command.
+``sitecustomize`` first (see tracewire/bootstrap). The settings are checked once, before the
+command starts, in the process that then becomes the command; a fresh local sqlite store is
+created by the first worker's shipper, atomically (export/sqlite_store.py).
 
 This process stays as the command's parent, small (it never imports MLflow), and stops last:
-it passes SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 on to the command (SIGINT and SIGQUIT from a
-terminal reach the command directly), and when the command has exited it waits, bounded by the
-exit and flush timeouts, for the processes the command left behind to finish: their traces are
-stored before this process, often a container's first, exits. A server that runs its workers
+it passes SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 on to the command (but not a
+SIGINT or SIGQUIT a terminal sent: that one reaches the command directly), and when the command
+has exited it waits, bounded by the exit and flush timeouts, for the processes the command left
+behind to finish, saying so if they take a while: their traces are stored before this process,
+often a container's first, exits. A server that runs its workers
 in a process of their own (``mlflow models serve`` runs uvicorn under its CLI) is covered: on
 Linux this process is the subreaper of everything the command starts. The exit status is the
 command's own (the same signal if a signal ended it).
@@ -71,19 +73,20 @@ def run(args: argparse.Namespace) -> int:
 _SHIPPER_GRACE = 5.0
 _FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 # A terminal sends these to its whole foreground group, the command included: passing them on
-# would deliver them twice (a second Ctrl-C makes uvicorn quit without its graceful shutdown).
+# then would deliver them twice (a second Ctrl-C makes uvicorn quit without its graceful
+# shutdown). Sent to this process alone (`docker stop` with STOPSIGNAL SIGINT, `timeout -s
+# INT`), they are passed on.
 _TERMINAL = (signal.SIGINT, signal.SIGQUIT)
 
 
 def _become_the_command(executable: str, command: list[str], env: dict[str, str]) -> int:
-    """In the forked child: check the destination, create a local store, then exec."""
+    """In the forked child: check the destination (a local store is created by the first
+    shipper that needs it, atomically), then exec."""
     try:
         from tracewire import config
-        from tracewire.export import destination, store
+        from tracewire.export import destination
 
-        settings = config.resolve()
-        destination.check_destination(settings)
-        store.initialize(settings)
+        destination.check_destination(config.resolve())
         os.execve(executable, command, env)
     except config.ConfigError as error:
         print(f"tracewire: error: {' '.join(str(error).split())}", file=sys.stderr)
@@ -97,15 +100,26 @@ def _supervise(pid: int, grace: float) -> int:
     for sig in _FORWARDED:
         signal.signal(sig, lambda signum, frame: _pass_on(pid, signum))
     for sig in _TERMINAL:
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, lambda signum, frame: None if _from_terminal() else
+                      _pass_on(pid, signum))
     _, status = os.waitpid(pid, 0)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:  # what the command left: reparented to us, reaped here
+    started = time.monotonic()
+    said = False
+    while True:  # what the command left: reparented to us, reaped here
         try:
             reaped, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
+        waited = time.monotonic() - started
+        if waited >= grace:
+            print(f"tracewire: processes the command started are still running after "
+                  f"{grace:.0f} s; leaving them", file=sys.stderr)
+            break
         if reaped == 0:
+            if waited > 2 and not said:
+                said = True
+                print(f"tracewire: the command has exited; waiting up to {grace:.0f} s for the "
+                      "processes it started (and their traces)", file=sys.stderr)
             time.sleep(0.05)
     code = os.waitstatus_to_exitcode(status)
     if code < 0:  # ended by a signal: end the same way (PID 1 ignores it: then 128 + signal)
@@ -113,6 +127,14 @@ def _supervise(pid: int, grace: float) -> int:
         os.kill(os.getpid(), -code)
         return 128 - code
     return code
+
+
+def _from_terminal() -> bool:
+    """Whether we are in a terminal's foreground group, where its Ctrl-C reaches everyone."""
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError):  # no terminal (a container, a service, a pipe)
+        return False
 
 
 def _pass_on(pid: int, signum: int) -> None:

@@ -80,36 +80,37 @@ def _ship(directory: Path) -> int:
     # The shipper's retry warnings are for a log; here the outcome is said once, below.
     logging.getLogger("tracewire").setLevel(logging.ERROR)
     store.install_http_budget()
+    for s in spool.status(directory):  # before we take the locks of the others
+        if s.live and s.problem is None and s.pending:
+            print(f"{s.path.name}: {s.pending} pending, owned by a running process that ships "
+                  "them itself")
     worker = shipper.Shipper(directory, config.resolve().spool_max_bytes, shipper.store_for)
     taken = worker.adopt_all()
     try:
-        for s in spool.status(directory):
-            if s.live and s.problem is None and s.pending:
-                print(f"{s.path.name}: {s.pending} pending, owned by a running process that "
-                      "ships them itself")
         total = sum(source.pending() for source in taken)
-        if not total:
+        stamps = sum(source.pending("stamps") for source in taken)
+        if not total and not stamps:
             print(f"nothing to ship in {directory}")
             return 0
         print(f"shipping {total} trace(s) from {len(taken)} spool file(s) in {directory}")
-        shipped, tries = 0, 0
+        tries = 0
         while True:
-            before = sum(source.pending() for source in taken)
             if worker.ship_one_batch():
-                shipped += before - sum(source.pending() for source in taken)
-                print(f"  {shipped}/{total} shipped", flush=True)
+                print(f"  {worker.shipped}/{total} shipped", flush=True)
                 tries = 0
                 continue
             if not worker.failing:
                 break
             tries += 1
             if tries == 3:
-                left = sum(source.pending() for source in taken)
                 error = worker.last_error
                 raise CLIError(f"the tracking store is unavailable ({type(error).__name__}: "
-                               f"{error}); {left} trace(s) stay spooled in {directory}")
+                               f"{error}); {total - worker.shipped} trace(s) stay spooled in "
+                               f"{directory}")
             time.sleep(2.0 * tries)
-        print(f"done: {shipped} trace(s) stored")
+        while worker.stamp_one_batch():  # the client request ids a tracking server needs
+            pass
+        print(f"done: {worker.shipped} trace(s) stored")
         return 0
     finally:
         worker.stop(0)

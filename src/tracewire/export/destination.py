@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from urllib.parse import urlparse, urlunparse
-
-import mlflow
+import os
+from pathlib import Path
+from urllib.parse import unquote, urlparse, urlunparse
 
 from tracewire import config
 
@@ -24,6 +24,8 @@ PENDING_EXPERIMENT = "tracewire-pending"
 def tracking_uri(settings: config.Settings) -> str:
     if settings.tracking_uri:
         return settings.tracking_uri
+    import mlflow  # only here: `tracewire run` checks a destination without loading MLflow
+
     try:
         return mlflow.get_tracking_uri()
     except ImportError:
@@ -61,6 +63,15 @@ def check_destination(settings: config.Settings) -> None:
                 "`pip install \"tracewire[local]\"`, or point MLFLOW_TRACKING_URI at a tracking "
                 "server (for example MLFLOW_TRACKING_URI=http://mlflow.internal:5000)."
             )
+    path = sqlite_path(uri)
+    if path is not None:
+        nearest = next(p for p in (path, *path.parents) if p.exists())
+        if not os.access(nearest, os.W_OK):
+            raise config.ConfigError(
+                f"MLFLOW_TRACKING_URI is {uri!r}, a local store that cannot be "
+                f"{'written' if nearest == path else 'created'}: {nearest} is not writable. "
+                "Point MLFLOW_TRACKING_URI at a writable place (for example "
+                "sqlite:////tmp/mlflow.db) or at a tracking server.")
 
 
 def _importable(module: str) -> bool:
@@ -68,6 +79,15 @@ def _importable(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # its parent package is missing
         return False
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` store (relative to the working directory, or absolute with
+    four slashes; percent-decoded, as SQLAlchemy reads it); None for other stores."""
+    parsed = urlparse(uri)
+    if parsed.scheme.split("+")[0] != "sqlite" or parsed.path in ("", "/", "/:memory:"):
+        return None
+    return Path(os.path.abspath(unquote(parsed.path[1:])))
 
 
 def is_database(uri: str) -> bool:

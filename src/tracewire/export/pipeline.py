@@ -17,14 +17,17 @@ its reason and reported in one log line a minute at most, without content.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import sys
 import threading
 import time
-from pathlib import Path
-from typing import Sequence
+from types import ModuleType
+from typing import Iterator, Sequence
+
+import wrapt
 
 from tracewire import config
 from tracewire.core import guard
@@ -37,6 +40,8 @@ from tracewire.export.spool import Spool
 logger = logging.getLogger("tracewire")
 
 _lock = threading.Lock()
+_owner: int | None = None  # the thread inside start() or stop(), holding _lock
+_die_of: int | None = None  # a signal that came while that thread held it (see die_when_free)
 _worker: Worker[hooks.Item | Feedback] | None = None
 _spool: Spool | None = None
 # One shipper process per tracking URI for the life of the app: autolog()/disable() cycles
@@ -142,13 +147,39 @@ def _shipper_env(settings: config.Settings) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def _holding_lock() -> Iterator[None]:
+    global _owner
+    with _lock:
+        _owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            _owner = None
+    if _die_of is not None:
+        os.kill(os.getpid(), _die_of)
+
+
+def interrupted_inside() -> bool:
+    """Whether the calling thread (a signal handler's) interrupted start() or stop(): then a
+    flush of its own would wait on the lock the interrupted code holds."""
+    return _owner == threading.get_ident()
+
+
+def die_when_free(signum: int) -> None:
+    """Let the interrupted start() or stop() finish (bounded), then die of ``signum`` (its
+    handler must be the default by then)."""
+    global _die_of
+    _die_of = signum
+
+
 def start(settings: config.Settings) -> None:
     """Start the pipeline, or point it at a new destination; idempotent."""
     global _worker, _spool, _shipper
     where = destination.destination(settings)
     if _spool is not None and _spool.destination != where:
         stop()
-    with _lock:
+    with _holding_lock():
         if _worker is None or not _worker.alive:
             try:
                 _spool = Spool.create(settings.spool_dir, settings.spool_max_bytes, where)
@@ -224,7 +255,7 @@ def stop() -> bool:
     stderr says so); True if everything was stored."""
     global _worker, _spool, _shipper
     settings = config.active()
-    with _lock:
+    with _holding_lock():
         hooks.uninstall_hooks()
         if _worker is None or _spool is None:
             return True
@@ -233,21 +264,29 @@ def stop() -> bool:
             drained = _worker.stop(settings.exit_timeout)
             stored = _wait_stored(_spool, _shipper, deadline, settings.flush_timeout)
         finally:
-            left = _spool.pending()
-            if left:
-                _say_left_behind(_spool.path, left, settings)
+            _say_left_behind(_spool, settings)
             _spool.close()  # removed if empty; else the next process adopts it
             _worker = _spool = _shipper = None
         return drained and stored
 
 
-def _say_left_behind(path: Path, left: int, settings: config.Settings) -> None:
-    uri = destination.display_uri(destination.tracking_uri(settings))
-    sys.stderr.write(
-        f"tracewire: {left} trace(s) not yet in the tracking store ({uri}) stay in {path}; the "
-        f"next process tracing to it ships them, or run: tracewire spool ship --dir "
-        f"{path.parent}\n")
-    sys.stderr.flush()
+def _say_left_behind(spool: Spool, settings: config.Settings) -> None:
+    """One line on stderr, if any trace of this process is not in the store, for the person
+    reading the output of a script or a container that just stopped."""
+    left, drops = spool.pending(), {reason: n for reason, n in spool.drops.items() if n}
+    said = []
+    if left:
+        uri = destination.display_uri(destination.tracking_uri(settings))
+        said.append(f"{left} trace(s) not yet in the tracking store ({uri}) stay in "
+                    f"{spool.path}; the next process tracing to it ships them, or run: "
+                    f"tracewire spool ship --dir {spool.path.parent}")
+    if drops:
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(drops.items()))
+        said.append(f"{sum(drops.values())} trace(s) were dropped ({counts}); `tracewire spool "
+                    f"status --dir {spool.path.parent}` has the counts")
+    if said:
+        sys.stderr.write(f"tracewire: {'; '.join(said)}\n")
+        sys.stderr.flush()
 
 
 def at_exit() -> None:
@@ -262,7 +301,8 @@ def at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
-    """A forked worker (gunicorn, uvicorn --workers) gets its own threads, spool and shipper."""
+    """A forked worker (gunicorn, uvicorn --workers, multiprocessing) gets its own threads,
+    spool and shipper."""
     global _worker, _spool, _shipper, _lock
     _lock = threading.Lock()
     _shippers.clear()  # the parent's: its pipes are the parent's to use
@@ -272,5 +312,17 @@ def _after_fork_in_child() -> None:
     start(config.active())
 
 
+class _ExitInForkedChild:
+    """A multiprocessing child leaves by os._exit, past atexit, and clears the finalizers it
+    was forked with: its own, registered when it starts, stop the pipeline first."""
+
+    def __call__(self, mp_util: ModuleType) -> None:
+        mp_util.register_after_fork(self, lambda _: mp_util.Finalize(None, at_exit,
+                                                                     exitpriority=0))
+
+
+_exit_in_forked_child = _ExitInForkedChild()  # kept alive: multiprocessing holds a weakref
+
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+    wrapt.register_post_import_hook(_exit_in_forked_child, "multiprocessing.util")

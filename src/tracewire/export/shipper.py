@@ -140,6 +140,7 @@ class Shipper:
         self._spools: list[Spool] = []  # the app's, in the order it handed them over
         self._adopted: list[Spool] = []
         self._failures = 0
+        self.shipped = 0  # traces stored (or set aside as refused) so far
         self._retry_after: float | None = None
         self.last_error: Exception | None = None
         self._next_adopt = 0.0
@@ -295,6 +296,7 @@ class Shipper:
             # single bad trace cannot hold up the ones behind it.
             return self._ship_each(store, source, entries)
         source.ack(entries, stamps)
+        self.shipped += len(entries)
         if self._recovered():
             self._tell(source.destination, SHIPPING)
         return True
@@ -332,6 +334,7 @@ class Shipper:
                                "replay`", entry.trace_id, type(exc).__name__, exc, source.path)
                 continue
             source.ack([entry], stamps)
+            self.shipped += 1
         self._recovered()
         return True
 

@@ -142,7 +142,8 @@ class Spool:
         self._db = sqlite3.connect(_uri(path, mode), uri=True, check_same_thread=False,
                                    isolation_level=None, timeout=30)
         try:
-            _check_format(self._db, path)  # before anything is written to a file not ours
+            # Before anything is written to a file that may not be ours.
+            _check_format(self._db, path, existing=destination is None)
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode survives a process crash (kill -9); only an OS crash can lose
             # the last transactions, which is the trade every WAL-mode queue makes for speed.
@@ -333,15 +334,17 @@ def _uri(path: Path, mode: str) -> str:
     return f"{path.absolute().as_uri()}?mode={mode}"
 
 
-def _check_format(db: sqlite3.Connection, path: Path) -> None:
-    """Raise SpoolError for a spool of a newer format (sqlite3.DatabaseError for a file that is
-    not a database at all)."""
+def _check_format(db: sqlite3.Connection, path: Path, existing: bool) -> None:
+    """Raise SpoolError for a spool of a newer format, sqlite3.DatabaseError for a file that is
+    not a spool (not a database at all, or, if ``existing``, one without our tables)."""
     try:
         row = db.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
     except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            return  # a new file
-        raise
+        if "no such table" not in str(exc):
+            raise
+        if existing:
+            raise sqlite3.DatabaseError(f"{path} is not a tracewire spool") from None
+        return  # a new spool
     if row is not None and int(row[0]) > FORMAT_VERSION:
         raise SpoolError(f"{path} has spool format {row[0]}; this tracewire reads up to "
                          f"{FORMAT_VERSION}: upgrade tracewire to ship it")
@@ -463,7 +466,7 @@ def status(directory: Path) -> list[Status]:
         try:
             db = sqlite3.connect(_uri(db_path, "ro"), uri=True, timeout=5)
             try:
-                _check_format(db, db_path)
+                _check_format(db, db_path, existing=True)
                 pending, size, oldest = db.execute(
                     "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM traces").fetchone()
                 meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
@@ -479,10 +482,10 @@ def status(directory: Path) -> list[Status]:
             found.append(_unshippable(db_path, live, str(exc)))
             continue
         except sqlite3.Error as exc:
-            if not db_path.exists() or "no such table" in str(exc):
+            if not db_path.exists() or (live and "not a tracewire spool" in str(exc)):
                 continue  # being created or removed right now: not a spool to report yet
-            found.append(_unshippable(db_path, live, f"unreadable ({exc}); it is set aside as "
-                                      f"{db_path.name}{UNREADABLE_SUFFIX} when shipping"))
+            found.append(_unshippable(db_path, live, f"unreadable ({exc}): not shipped; a "
+                                      "shipper sets it aside if it has a .lock beside it"))
             continue
         found.append(Status(db_path, pending, size, oldest, live, feedback,
                             int(meta.get("feedback_dropped", 0)), rejected, stamps,
@@ -514,7 +517,7 @@ def replay(directory: Path) -> int:
         db = sqlite3.connect(db_path, isolation_level=None, timeout=30)
         try:
             try:
-                _check_format(db, db_path)
+                _check_format(db, db_path, existing=True)
                 if not _count(db, "rejected"):
                     continue
             except (SpoolError, sqlite3.DatabaseError):

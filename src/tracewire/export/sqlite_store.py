@@ -31,18 +31,6 @@ _TEMPORARY = ".tracewire-"  # "<name>.tracewire-<pid>-<random>.tmp" and its jour
 _SIDECARS = ("", "-journal", "-wal", "-shm")
 
 
-def database_path(uri: str) -> Path | None:
-    """The file of a ``sqlite:///`` store, as SQLAlchemy reads the URI; None for others."""
-    if not uri.startswith("sqlite:"):
-        return None
-    from sqlalchemy.engine import make_url
-
-    database = make_url(uri).database
-    if not database or database == ":memory:":
-        return None
-    return Path(os.path.abspath(database))
-
-
 def create(db_path: Path) -> None:
     """Make sure a whole, fully migrated store exists at ``db_path``: at once if it exists;
     otherwise built aside and published atomically. Concurrent callers (threads or processes)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -41,9 +40,6 @@ from mlflow.tracing.utils.truncation import set_request_response_preview
 from tracewire import config
 from tracewire.core import attributes as keys
 from tracewire.export import destination, sqlite_store
-
-logger = logging.getLogger("tracewire")
-
 
 _original_http_request = None
 # On the shipper's thread while it ships: the timeout of each request, and what the last
@@ -118,19 +114,6 @@ def install_http_budget() -> None:
     except ImportError:
         return
     rest_store.http_request = _http_request
-
-
-def initialize(settings: config.Settings) -> None:
-    """Create a local database store's schema and the experiment now, in one process, before
-    app workers start; one that cannot be opened yet is left to the shippers, which retry.
-    A tracking server needs nothing here (and gets no network I/O)."""
-    if not destination.is_database(destination.tracking_uri(settings)):
-        return
-    try:
-        Store(settings).prepare()
-    except Exception as exc:
-        logger.warning("tracewire: the tracking store could not be initialized yet (%s: %s); "
-                       "traces wait in the spool until it can", type(exc).__name__, exc)
 
 
 @dataclass
@@ -299,7 +282,7 @@ class Store:
             from mlflow.tracing.client import TracingClient
 
             uri = destination.tracking_uri(self._settings)
-            if (path := sqlite_store.database_path(uri)) is not None:
+            if (path := destination.sqlite_path(uri)) is not None:
                 sqlite_store.create(path)  # a fresh local store: whole, or not at all
             client = TracingClient(uri)
             client.store  # opens the store (a database one checks its schema)
@@ -410,7 +393,7 @@ class Store:
                 for info in infos:  # a tracking server merges a trace it already has
                     _start_trace(store, info)
                 for location, batch in by_experiment.items():
-                    store.log_spans(location, batch)
+                    _log_spans(store, location, batch)
             return [(info.trace_id, json.dumps(info.to_dict()).encode()) for info in later]
 
     def stamp(self, records: Sequence[bytes]) -> None:
@@ -442,6 +425,14 @@ class Store:
             if failures:
                 _shipping.status, _shipping.retry_after = status[0]
                 raise failures[0]
+
+
+def _log_spans(store: Any, location: str, batch: list[MlflowSpan]) -> None:
+    try:
+        store.log_spans(location, batch)
+    except NotImplementedError as exc:  # MLflow's words hide the usual cause
+        raise StoreAnswerError(f"{exc} (the server did not answer; or it is older than MLflow "
+                               "3.4)") from None
 
 
 def _start_trace(store: Any, info: TraceInfo) -> None:
