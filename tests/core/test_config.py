@@ -204,3 +204,27 @@ def test_autolog_does_no_network_io_on_the_callers_thread(
         listener.close()
         for conn in accepted:
             conn.close()
+
+
+def test_a_read_only_spool_directory_fails_at_autolog_naming_it(tmp_path) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    assert shutil.which("unshare") is not None and os.geteuid() == 0, \
+        "this test remounts a folder read-only in a private mount namespace: it needs root"
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    script = ("import tracewire\ntry:\n    tracewire.autolog()\nexcept tracewire.ConfigError "
+              "as error:\n    print(error)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTEST_"))}
+    env.update({"TRACEWIRE_SPOOL_DIR": str(spool),
+                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    done = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         f'mount --bind "{spool}" "{spool}" && mount -o remount,bind,ro "{spool}" && '
+         f'exec "{sys.executable}" -c "$0"', script],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"TRACEWIRE_SPOOL_DIR '{spool}' cannot hold tracewire's on-disk spool" in done.stdout, \
+        done.stdout + done.stderr[-2000:]

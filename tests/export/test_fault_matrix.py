@@ -406,3 +406,60 @@ def test_a_429s_retry_after_is_waited_for(shared_server: MlflowServer,
             app.exit()
         finally:
             app.kill()
+
+
+def _processes_with_env(key: str, value: str) -> list[int]:
+    """Our processes whose environment has ``key=value`` (an app and its shipper, which runs in
+    a session of its own)."""
+    wanted = f"{key}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_kill_9_at_random_moments_loses_only_what_was_still_in_memory(
+        tmp_path: Path, model_server: ModelServer) -> None:
+    """An app and its shipper killed together (a container's OOM kill) at random moments of a
+    burst into a healthy store: what was stored stays stored, what was spooled is stored by the
+    next process, nothing twice, nothing left on disk."""
+    import random
+
+    from tests.export.test_durability import CHILD_SCRIPT, run_child
+
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spool_dir = tmp_path / "spool"
+    env = child_env(tracking_uri=uri, experiment="kill-9", spool_dir=spool_dir,
+                    openai_server=model_server, TEST_CRASH_MARKER=str(tmp_path / "never"))
+    (tmp_path / "child.py").write_text(textwrap.dedent(CHILD_SCRIPT))
+    must_be_stored: set[str] = set()
+    for round_ in range(3):
+        delay = rng.uniform(0.5, 4.0)  # importing, starting, calling or shipping
+        app = subprocess.Popen([sys.executable, "child.py"], cwd=tmp_path, env={
+            **env, "TEST_TAG": f"round{round_}", "TEST_CALLS": "400", "TEST_END": "wait-marker"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        for pid in _processes_with_env("TRACEWIRE_SPOOL_DIR", str(spool_dir)):
+            os.kill(pid, 9)
+        app.wait(30)
+        must_be_stored |= {t.info.trace_id for t in stored_traces(uri, "kill-9")}
+        for db in spool_dir.glob("spool-*.db"):
+            with sqlite3.connect(db) as spooled:
+                must_be_stored |= {row[0] for row in spooled.execute("SELECT trace_id FROM traces")}
+        print(f"\nkill -9 at {delay:.2f} s (seed {seed}): {len(must_be_stored)} traces stored or "
+              "spooled so far")
+    drained = run_child(tmp_path, {**env, "TEST_TAG": "after", "TEST_CALLS": "1",
+                                   "TEST_END": "drain"}, timeout=180)
+    assert drained.returncode == 0, drained.describe()
+    stored = stored_traces(uri, "kill-9")
+    ids = [t.info.trace_id for t in stored]
+    assert len(ids) == len(set(ids)), "a trace was stored twice"
+    assert must_be_stored <= set(ids), f"{len(must_be_stored - set(ids))} spooled traces lost"
+    assert not [s for s in spools.status(spool_dir) if s.pending], spools.status(spool_dir)
