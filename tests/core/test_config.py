@@ -51,30 +51,39 @@ def test_unusable_spool_dir_fails_at_autolog_naming_it(
         tracewire.disable()
 
 
-def test_a_local_store_in_a_read_only_place_fails_at_autolog_naming_it(tmp_path) -> None:
-    """A read-only folder (a container's image, a mount) for the default sqlite store: a clear
-    error when autolog() runs, not a shipper retrying for ever. Root ignores file modes, so the
-    folder is made read-only with a bind mount in a private mount namespace."""
+def _autolog_with_a_read_only_folder(folder, env: dict[str, str], cwd=None) -> str:
+    """Run autolog() in a child whose `folder` is read-only, and return what it printed (its
+    ConfigError). Root ignores file modes, so the folder is made read-only with a bind mount in a
+    private mount namespace."""
     import os
     import shutil
     import subprocess
 
     assert shutil.which("unshare") is not None and os.geteuid() == 0, \
         "this test remounts a folder read-only in a private mount namespace: it needs root"
-    folder = tmp_path / "image"
-    folder.mkdir()
     script = ("import tracewire\ntry:\n    tracewire.autolog()\nexcept tracewire.ConfigError "
               "as error:\n    print(error)\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTEST_"))}
-    env["TRACEWIRE_SPOOL_DIR"] = str(tmp_path / "spool")
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTEST_"))}
+    child_env.update(env)
+    enter = f'cd "{cwd}" && ' if cwd else ""
     done = subprocess.run(
         ["unshare", "-m", "--propagation", "private", "sh", "-c",
          f'mount --bind "{folder}" "{folder}" && mount -o remount,bind,ro "{folder}" && '
-         f'cd "{folder}" && exec "{sys.executable}" -c "$0"', script],
-        env=env, capture_output=True, text=True, timeout=60)
+         f'{enter}exec "{sys.executable}" -c "$0"', script],
+        env=child_env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout + done.stderr[-2000:]
+
+
+def test_a_local_store_in_a_read_only_place_fails_at_autolog_naming_it(tmp_path) -> None:
+    """A read-only folder (a container's image, a mount) for the default sqlite store: a clear
+    error when autolog() runs, not a shipper retrying for ever."""
+    folder = tmp_path / "image"
+    folder.mkdir()
+    printed = _autolog_with_a_read_only_folder(
+        folder, {"TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool")}, cwd=folder)
     assert f"MLFLOW_TRACKING_URI is 'sqlite:///{folder}/mlflow.db', a local store that cannot " \
-        f"be created: {folder} is not writable" in done.stdout, done.stdout + done.stderr[-2000:]
+        f"be created: {folder} is not writable" in printed, printed
 
 
 def test_invalid_arguments_name_the_argument(tracking_uri: str) -> None:
@@ -207,24 +216,10 @@ def test_autolog_does_no_network_io_on_the_callers_thread(
 
 
 def test_a_read_only_spool_directory_fails_at_autolog_naming_it(tmp_path) -> None:
-    import os
-    import shutil
-    import subprocess
-
-    assert shutil.which("unshare") is not None and os.geteuid() == 0, \
-        "this test remounts a folder read-only in a private mount namespace: it needs root"
     spool = tmp_path / "spool"
     spool.mkdir()
-    script = ("import tracewire\ntry:\n    tracewire.autolog()\nexcept tracewire.ConfigError "
-              "as error:\n    print(error)\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTEST_"))}
-    env.update({"TRACEWIRE_SPOOL_DIR": str(spool),
-                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
-    done = subprocess.run(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c",
-         f'mount --bind "{spool}" "{spool}" && mount -o remount,bind,ro "{spool}" && '
-         f'exec "{sys.executable}" -c "$0"', script],
-        env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert f"TRACEWIRE_SPOOL_DIR '{spool}' cannot hold tracewire's on-disk spool" in done.stdout, \
-        done.stdout + done.stderr[-2000:]
+    printed = _autolog_with_a_read_only_folder(spool, {
+        "TRACEWIRE_SPOOL_DIR": str(spool),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert f"TRACEWIRE_SPOOL_DIR '{spool}' cannot hold tracewire's on-disk spool" in printed, \
+        printed
