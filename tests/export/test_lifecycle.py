@@ -121,6 +121,39 @@ def test_the_readme_quick_start_in_an_empty_folder_stores_every_run(
     assert not [s for s in spools.status(tmp_path / "spool") if s.pending]
 
 
+def test_an_app_that_uses_mlflow_itself_in_an_empty_folder_is_never_broken_by_the_shipper(
+        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    """The app's own MLflow call (``set_active_model``, which opens the default store) and our
+    shipper both find no ``./mlflow.db`` at start. MLflow creates it in place, ignoring our
+    lock; the shipper must not open it (and run MLflow's migration a second time beside the
+    first) before it is whole: both would fail, the app's call included."""
+    app = textwrap.dedent("""
+        import mlflow, openai, tracewire
+        tracewire.autolog()
+        model = mlflow.set_active_model(name="my-agent")
+        reply = openai.OpenAI(max_retries=0).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "linked"}])
+        print(model.model_id)
+    """)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))}
+    env.update({"OPENAI_BASE_URL": openai_server.base_url, "OPENAI_API_KEY": API_KEY,
+                "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool")})
+    for run in range(1, 3):
+        folder = tmp_path / f"newcomer-{run}"
+        folder.mkdir()
+        (folder / "app.py").write_text(app)
+        result = subprocess.run([sys.executable, "app.py"], cwd=folder, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert "already exists" not in result.stderr, result.stderr[-4000:]
+        model_id = result.stdout.split()[-1]
+        client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+        traces = client.search_traces(locations=["0"], max_results=10)
+        assert [t.info.trace_metadata.get("mlflow.modelId") for t in traces] == [model_id], \
+            f"run {run}"
+
+
 CREATOR = """
     import dataclasses, sys
     from tracewire import config

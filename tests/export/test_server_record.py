@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import openai
 import pytest
 from mlflow import MlflowClient
@@ -51,18 +52,24 @@ def _record(info: Any) -> dict[str, Any]:
         "session": metadata.get(keys.TRACE_SESSION),
         "user": metadata.get(keys.TRACE_USER),
         "tokens": metadata.get(keys.TRACE_TOKEN_USAGE),
+        # MLflow's own (source, model link) and the app's, minus the store's bookkeeping.
+        "metadata": {k: v for k, v in metadata.items()
+                     if not k.startswith(("mlflow.trace", "mlflow.spans", "mlflow.size"))},
         "request_preview": info.request_preview,
         "response_preview": info.response_preview,
         "state": info.state.value,
     }
 
 
-def _run_calls(uri: str, client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+def _run_calls(uri: str, client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch,
+               model_id: str) -> list[Any]:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ACTIVE_MODEL_ID", model_id)  # as a deployment sets it
     tracewire.autolog(tags={"team": "search"})
     try:
         for model in (MODEL, "error-500"):
-            with tracewire.context(session_id="s-1", user_id="u-1", tags={"turn": "1"}):
+            with tracewire.context(session_id="s-1", user_id="u-1", tags={"turn": "1"}), \
+                    mlflow.tracing.context(metadata={"app.commit": "abc123"}):
                 _call(client, model, f"{model} no request id")
             with tracewire.context(request_id=f"req-{model}", session_id="s-1", user_id="u-1",
                                    tags={"turn": "1"}):
@@ -79,8 +86,11 @@ def _run_calls(uri: str, client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch)
 def test_a_server_and_a_database_store_read_back_the_same_records(
         server: MlflowServer, client: openai.OpenAI, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    via_server = _run_calls(server.url, client, monkeypatch)
-    direct = _run_calls(f"sqlite:///{tmp_path / 'direct.db'}", client, monkeypatch)
+    # The same model id both ways (a logged model of the server's store): MLflow links traces
+    # to the active model with metadata no span carries.
+    model_id = MlflowClient(server.url).create_logged_model(experiment_id="0").model_id
+    via_server = _run_calls(server.url, client, monkeypatch, model_id)
+    direct = _run_calls(f"sqlite:///{tmp_path / 'direct.db'}", client, monkeypatch, model_id)
     assert len(via_server) == len(direct) == 4
 
     def by_text(traces: list[Any]) -> dict[str, Any]:
@@ -101,6 +111,9 @@ def test_a_server_and_a_database_store_read_back_the_same_records(
         assert expected["tags"] == {keys.DEPLOYMENT_ENVIRONMENT: "staging", "team": "search",
                                     "turn": "1",
                                     **({keys.REQUEST_ID_TAG: request_id} if request_id else {})}
+        assert expected["metadata"][keys.MODEL_ID] == model_id
+        assert expected["metadata"].get("app.commit") == \
+            (None if request_id else "abc123")
         assert _record(shipped.info) == expected
         assert shipped.info.execution_duration > 0
         assert [s.name for s in shipped.data.spans] == [s.name for s in reference.data.spans]

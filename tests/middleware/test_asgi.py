@@ -267,8 +267,10 @@ def test_request_body_capture_is_capped_redacted_and_off_without_content(
     if capture_content:
         assert root.inputs.startswith('{"text":"card [card] zzz')
         assert root.inputs.endswith("[tracewire: request body cut at 65536 bytes]")
-    else:
-        assert root.inputs is None and "zzzz" not in stored
+    else:  # no body: the root shows the model call's inputs, which hold no text either
+        (chat,) = [s for s in trace.data.spans if s.name == "chat gpt-4o-mini"]
+        assert root.inputs == chat.inputs == {"model": "gpt-4o-mini"}
+        assert "zzzz" not in stored
 
 
 def test_user_set_by_a_dependency_wins_over_the_client_header(app_url: str,

@@ -51,9 +51,12 @@ TRACE_COST = "mlflow.trace.cost"
 TRACE_SCHEMA_VERSION = "mlflow.trace_schema.version"
 TRACE_INPUTS = "mlflow.traceInputs"
 TRACE_OUTPUTS = "mlflow.traceOutputs"
+MODEL_ID = "mlflow.modelId"          # the logged model a trace ran in: search_traces(model_id=)
+SOURCE_RUN = "mlflow.sourceRun"
 
 # --- MLflow trace tags ---
 TRACE_NAME = "mlflow.traceName"
+EVAL_REQUEST_ID = "mlflow.eval.requestId"  # links a trace to its row of an MLflow evaluation
 # The request id, as a tag: a tracking server makes a trace from its spans alone, and no span
 # attribute sets its client_request_id, which is stamped on later (export/store.py).
 REQUEST_ID_TAG = "tracewire.request_id"

@@ -45,6 +45,9 @@ _mlflow_attach: Callable[[int, int], Any] = lambda trace_id, span_id: None
 _mlflow_detach: Callable[[Any], None] = lambda token: None
 # Only where MLflow's context cannot be served lazily (see export/hooks.py).
 _mlflow_attach_request: Callable[[int, int], Any] | None = None
+# What MLflow's context on the caller's thread says about a trace starting there (the served
+# model it runs in, `mlflow.tracing.context` metadata); read when the trace is made.
+_mlflow_origin: Callable[[], Any] = lambda: None
 
 
 class Deferred:
@@ -61,11 +64,16 @@ class Deferred:
         return self.fn(*self.args)
 
 
+class StatusError(Exception):
+    """A span marked failed with a status message and no exception (MLflow's
+    ``span.set_status("ERROR")``, a web request answered with a 5xx)."""
+
+
 class Trace:
     """All spans of one trace (or of one fragment inside a user's MLflow trace)."""
 
     __slots__ = ("otel_trace_id", "spans", "root", "request", "parent_span_id", "joined",
-                 "done", "_open_spans", "_lock")
+                 "done", "origin", "_open_spans", "_lock")
 
     def __init__(self, otel_trace_id: int, parent_span_id: int | None,
                  request: RequestContext | None = None) -> None:
@@ -78,6 +86,7 @@ class Trace:
         # Set when MLflow registered its own spans under ours (see export/hooks.py).
         self.joined = False
         self.done = False
+        self.origin = _mlflow_origin()
         self._open_spans = 0
         self._lock = threading.Lock()
 
@@ -90,7 +99,7 @@ class Span:
     """A span being recorded; values are kept as references until the export worker reads them."""
 
     __slots__ = ("trace", "span_id", "parent_id", "name", "span_type", "start_ns", "end_ns",
-                 "inputs", "outputs", "attributes", "error")
+                 "inputs", "outputs", "attributes", "error", "events")
 
     def __init__(self, trace: Trace, parent_id: int | None, name: str, span_type: str,
                  inputs: Any, attributes: dict[str, Any] | None, start_ns: int | None = None,
@@ -106,6 +115,8 @@ class Span:
         self.outputs: Any = None
         self.attributes: dict[str, Any] = attributes if attributes is not None else {}
         self.error: BaseException | None = None
+        # Events added through MLflow's span API: (name, attributes, time in ns).
+        self.events: list[tuple[str, dict[str, Any], int]] | None = None
 
     def record_error(self, error: BaseException) -> None:
         self.error = error

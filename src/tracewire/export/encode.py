@@ -18,9 +18,11 @@ import logging
 import re
 from typing import Any, Callable
 
-from mlflow.entities import TraceInfo, TraceState
+from mlflow.entities import SpanStatusCode, TraceInfo, TraceState
 from mlflow.tracing.constant import SpanAttributeKey
-from mlflow.tracing.utils import dump_span_attribute_value
+from mlflow.tracing.utils import dump_span_attribute_value, encode_span_id
+from mlflow.tracing.utils.environment import resolve_env_metadata
+from mlflow.tracking.fluent import _get_active_model_id_global, _get_latest_active_run
 
 from tracewire import config
 from tracewire.core import attributes as keys
@@ -79,9 +81,12 @@ def span_dict(span: spans.Span, trace_id: str, otel_trace_id: int) -> dict[str, 
     for key, value in span.attributes.items():
         attrs[key] = _dump(value)
     end_ns = span.end_ns or span.start_ns
-    events = []
+    events = [{"name": name, "time_unix_nano": at, "attributes": values}
+              for name, values, at in span.events or ()]
     status = {"code": "STATUS_CODE_OK", "message": ""}
-    if span.error is not None:
+    if isinstance(span.error, spans.StatusError):
+        status = {"code": "STATUS_CODE_ERROR", "message": str(span.error)}
+    elif span.error is not None:
         events.append(_exception_event(span.error, end_ns))
         status = {"code": "STATUS_CODE_ERROR",
                   "message": f"{type(span.error).__name__}: {span.error}"}
@@ -99,12 +104,36 @@ def span_dict(span: spans.Span, trace_id: str, otel_trace_id: int) -> dict[str, 
     }
 
 
+def settle(item: Item) -> None:
+    """A web request's outcome, by OpenTelemetry's HTTP server convention: a 5xx answer fails
+    the request's root span (and so its trace); a 4xx only when the app's own traced work under
+    it failed (a served agent's error, answered with a 400)."""
+    trace = item.ours
+    root = trace.root if trace is not None else None
+    if root is None or root.error is not None:
+        return
+    status = root.attributes.get(keys.HTTP_STATUS_CODE)
+    if not isinstance(status, int) or status < 400:
+        return
+    cause = next((f"{type(s.error).__name__}: {s.error}" for s in trace.spans
+                  if s.parent_id == root.span_id and s.error is not None), None)
+    if cause is None and item.mlflow is not None:  # MLflow's spans under ours
+        parent = encode_span_id(root.span_id)
+        cause = next((live.status.description or "error"
+                      for live in item.mlflow.span_dict.values()
+                      if live.parent_id == parent
+                      and live.status.status_code == SpanStatusCode.ERROR), None)
+    if status >= 500 or cause is not None:
+        root.error = spans.StatusError(f"HTTP {status}" + (f": {cause}" if cause else ""))
+
+
 def sampled_out(item: Item, rate: float) -> bool:
     """Dropped by sampling: decided by session (else request, else trace) id; errors are kept."""
     if rate >= 1.0:
         return False
     if item.ours is not None:
-        failed = item.ours.root is not None and item.ours.root.error is not None
+        failed = item.ours.root is not None and item.ours.root.error is not None or \
+            item.mlflow is not None and item.mlflow.info.state == TraceState.ERROR
         trace_id = item.ours.trace_id
     elif item.mlflow is not None:
         failed = item.mlflow.info.state == TraceState.ERROR
@@ -130,7 +159,8 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
         head = {"trace_id": trace.trace_id, "name": root.name,
                 "request_time": root.start_ns // 1_000_000,
                 "execution_duration": (root.end_ns - root.start_ns) // 1_000_000,
-                "state": (TraceState.ERROR if root.error is not None else TraceState.OK).value}
+                "state": (TraceState.ERROR if root.error is not None else TraceState.OK).value,
+                **_record(item)}
         trace_id = trace.trace_id
         dicts.extend(span_dict(s, trace.trace_id, trace.otel_trace_id) for s in trace.spans)
     elif item.mlflow is not None:
@@ -143,6 +173,8 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
     for fragment in item.fragments:
         dicts.extend(span_dict(s, fragment.trace_id, fragment.otel_trace_id)
                      for s in fragment.spans)
+    if item.ours is not None:
+        _lift_work(dicts, _b64(item.ours.root.span_id, 8))
     if settings.redact is not None:
         for data in dicts:
             _redact(data["attributes"], settings.redact)
@@ -154,6 +186,63 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
                "request_id": request.request_id, "tags": {**settings.tags, **request.tags}}
     payload = {"head": head, "info": info, "context": context, "spans": dicts}
     return trace_id, _utf8(json.dumps(payload, ensure_ascii=False))
+
+
+def _record(item: Item) -> dict[str, Any]:
+    """What MLflow records on a trace it starts, for one of ours: this process's source, run
+    and active model, what the caller's context said when the trace began (the served model,
+    an evaluation row, ``mlflow.tracing.context``), and what MLflow's trace APIs set on the
+    trace while it ran (``update_current_trace``: tags, metadata, state, previews, client
+    request id), which win."""
+    assert item.ours is not None
+    origin = item.ours.origin
+    metadata = dict(resolve_env_metadata())  # resolved once per process
+    tags: dict[str, str] = {}
+    if run := _get_latest_active_run():
+        metadata[keys.SOURCE_RUN] = run.info.run_id
+    if model_id := _get_active_model_id_global() or (origin.model_id if origin else None):
+        metadata[keys.MODEL_ID] = model_id
+    if origin is not None:
+        if origin.eval_request_id:
+            tags[keys.EVAL_REQUEST_ID] = origin.eval_request_id
+        metadata.update(origin.metadata or {})
+        tags.update(origin.tags or {})
+    record: dict[str, Any] = {"metadata": metadata, "tags": tags}
+    if item.mlflow is not None:
+        info = item.mlflow.info
+        metadata.update({str(k): str(v) for k, v in info.trace_metadata.items()})
+        tags.update({str(k): str(v) for k, v in info.tags.items()})
+        fields = {name: value for name in ("client_request_id", "request_preview",
+                                           "response_preview")
+                  if (value := getattr(info, name))}
+        if info.state in (TraceState.OK, TraceState.ERROR):  # set by update_current_trace
+            fields["state"] = info.state.value
+        if fields:
+            record["set"] = fields
+    return record
+
+
+def _lift_work(dicts: list[dict[str, Any]], root_id: str) -> None:
+    """A root with no inputs or outputs of its own (a web request's) takes those of the
+    outermost work under it: the first with inputs, the last with outputs. The trace's request
+    and response (MLflow's previews, its trace view, evaluation of production traces) are then
+    the conversation's. Only values recorded already are reused: nothing under
+    ``capture_content=False``."""
+    root = next((d for d in dicts if d["span_id"] == root_id), None)
+    if root is None:
+        return
+    attributes = root["attributes"]
+    children = [d for d in dicts if d["parent_span_id"] == root_id]
+    if keys.SPAN_INPUTS not in attributes:
+        first = min((d for d in children if keys.SPAN_INPUTS in d["attributes"]),
+                    key=lambda d: d["start_time_unix_nano"], default=None)
+        if first is not None:
+            attributes[keys.SPAN_INPUTS] = first["attributes"][keys.SPAN_INPUTS]
+    if keys.SPAN_OUTPUTS not in attributes:
+        last = max((d for d in children if keys.SPAN_OUTPUTS in d["attributes"]),
+                   key=lambda d: d["end_time_unix_nano"], default=None)
+        if last is not None:
+            attributes[keys.SPAN_OUTPUTS] = last["attributes"][keys.SPAN_OUTPUTS]
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -10,28 +10,36 @@ MLflow internals used (pinned in tests/export/test_mlflow_pins.py; ``SUPPORTED_M
 range they were tested on): ``mlflow.tracing.provider._get_mlflow_span_processor``,
 ``provider.reset``, ``mlflow_runtime_context`` (``get_current``/``attach``/``detach``),
 ``MlflowV3SpanProcessor``, ``InMemoryTraceManager`` (``_lock``, ``_traces``,
-``_otel_id_to_mlflow_trace_id``) and ``_Trace``, ``mlflow.utils.autologging_utils``.
+``_otel_id_to_mlflow_trace_id``) and ``_Trace``, ``mlflow.utils.autologging_utils``,
+``mlflow.tracing.fluent.get_current_active_span`` (replaced: where MLflow has no active span, it
+returns a ``LiveSpan`` over ours), ``mlflow.pyfunc.context.get_prediction_context``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import mlflow
-from mlflow.entities import TraceInfo, TraceLocation, TraceState
+from mlflow.entities import LiveSpan, TraceInfo, TraceLocation, TraceState
 from mlflow.environment_variables import MLFLOW_USE_DEFAULT_TRACER_PROVIDER
 from mlflow.tracing import provider as _provider
+from mlflow.tracing import fluent as _fluent
 from mlflow.tracing.constant import SpanAttributeKey
+from mlflow.tracing.context import get_configured_trace_metadata, get_configured_trace_tags
 from mlflow.tracing.processor.mlflow_v3 import MlflowV3SpanProcessor
 from mlflow.tracing.trace_manager import InMemoryTraceManager, _Trace
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace.status import StatusCode
 
+from tracewire.core import attributes as keys
 from tracewire.core import context as request_context
 from tracewire.core import guard, spans
 from tracewire.core.context import RequestContext
@@ -107,6 +115,154 @@ def take_over_mlflow_autolog(flavor: str) -> None:
                        "call twice", flavor, flavor)
 
 
+@dataclass(frozen=True)
+class Origin:
+    """What MLflow's context on the caller's thread says about a trace that starts there; MLflow
+    reads the same when it starts a trace (``BaseMlflowSpanProcessor._get_basic_trace_*``)."""
+
+    model_id: str | None                 # the logged model whose predict() runs (search by it)
+    eval_request_id: str | None          # the row of an MLflow evaluation that runs it
+    metadata: dict[str, str] | None      # ``mlflow.tracing.context(metadata=...)``
+    tags: dict[str, str] | None          # ``mlflow.tracing.context(tags=...)``
+
+
+def origin() -> Origin | None:
+    """Core's hook when a trace is made (on the caller's thread: a few ContextVar reads)."""
+    prediction = None
+    module = sys.modules.get("mlflow.pyfunc.context")  # loaded only where pyfunc models run
+    if module is not None:
+        prediction = module.get_prediction_context()
+    metadata, tags = get_configured_trace_metadata(), get_configured_trace_tags()
+    if prediction is None and metadata is None and tags is None:
+        return None
+    model_id = eval_request_id = None
+    if prediction is not None:
+        model_id = prediction.model_id
+        eval_request_id = prediction.request_id if prediction.is_evaluate else None
+    return Origin(model_id, eval_request_id, metadata, tags)
+
+
+def _register(trace: spans.Trace, manager: InMemoryTraceManager) -> str:
+    """Give MLflow a record of our trace (under ``_lock``), so that its trace APIs
+    (``update_current_trace``, spans started under ours) find it; what they set on the record
+    is merged into our trace when it ends (export/encode.py)."""
+    trace_id = manager.get_mlflow_trace_id_from_otel_id(trace.otel_trace_id)
+    if trace_id is not None:
+        return trace_id
+    root = trace.root
+    manager.register_trace(trace.otel_trace_id, TraceInfo(
+        trace_id=trace.trace_id,
+        trace_location=TraceLocation.from_experiment_id("0"),  # replaced by the worker
+        request_time=(root.start_ns if root is not None else 0) // 1_000_000,
+        state=TraceState.IN_PROGRESS,
+        trace_metadata={},
+        tags={},
+    ))
+    trace.joined = True
+    return trace.trace_id
+
+
+def _our_active_span() -> LiveSpan | None:
+    """MLflow's view of our innermost active span, or of the web request's root: what
+    ``mlflow.get_current_active_span()`` returns where MLflow itself has none (its context
+    holds our non-recording placeholder there), and so what ``update_current_trace`` and
+    ``get_active_trace_id`` work on."""
+    span = spans.current()
+    if span is None and (request := spans.current_request()) is not None:
+        span = request.materialize()
+    if span is None or span.trace.done:
+        return None
+    trace = span.trace
+    manager = InMemoryTraceManager.get_instance()
+    with _lock:
+        if trace.parent_span_id is None:
+            trace_id = _register(trace, manager)
+        else:  # a fragment of the user's MLflow trace: its record is the user's
+            trace_id = manager.get_mlflow_trace_id_from_otel_id(trace.otel_trace_id)
+            if trace_id is None:  # that trace has ended already
+                return None
+    return LiveSpan(_SpanView(span), trace_id, span.span_type)
+
+
+def _span_context(trace_id: int, span_id: int) -> otel_trace.SpanContext:
+    return otel_trace.SpanContext(trace_id, span_id, is_remote=False,
+                                  trace_flags=otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED))
+
+
+class _SpanView(ReadableSpan):
+    """One of our spans as the OpenTelemetry span an MLflow ``LiveSpan`` wraps: MLflow's span
+    API (attributes, inputs, outputs, status, events) reads and writes our record. MLflow hands
+    every value over as JSON text."""
+
+    def __init__(self, span: spans.Span) -> None:
+        trace_id = span.trace.otel_trace_id
+        super().__init__(
+            name=span.name, context=_span_context(trace_id, span.span_id),
+            parent=_span_context(trace_id, span.parent_id) if span.parent_id else None,
+            start_time=span.start_ns)
+        self._ours = span
+
+    @property
+    def attributes(self) -> dict[str, Any]:  # type: ignore[override]
+        from mlflow.tracing.utils import dump_span_attribute_value
+
+        ours = self._ours
+        values = {key: value for key, value in ours.attributes.items()
+                  if not isinstance(value, spans.Deferred)}
+        values[SpanAttributeKey.SPAN_TYPE] = ours.span_type
+        values[SpanAttributeKey.REQUEST_ID] = ours.trace.trace_id
+        for key, value in ((SpanAttributeKey.INPUTS, ours.inputs),
+                           (SpanAttributeKey.OUTPUTS, ours.outputs)):
+            if value is not None and not isinstance(value, spans.Deferred):
+                values[key] = value
+        return {key: dump_span_attribute_value(value) for key, value in values.items()}
+
+    def is_recording(self) -> bool:
+        return self._ours.end_ns is None
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        ours = self._ours
+        if key == SpanAttributeKey.REQUEST_ID or ours.trace.done:  # the worker reads it now
+            return
+        value = json.loads(value) if isinstance(value, str) else value
+        if key == SpanAttributeKey.SPAN_TYPE:
+            ours.span_type = value
+        elif key == SpanAttributeKey.INPUTS:
+            ours.inputs = value
+        elif key == SpanAttributeKey.OUTPUTS:
+            ours.outputs = value
+        else:
+            ours.attributes[key] = value
+
+    def set_status(self, status: Any, description: str | None = None) -> None:
+        ours = self._ours
+        if getattr(status, "status_code", status) is StatusCode.ERROR and ours.error is None:
+            ours.error = spans.StatusError(getattr(status, "description", None)
+                                           or description or "")
+
+    def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
+        import time
+
+        ours = self._ours
+        if ours.events is None:
+            ours.events = []
+        ours.events.append((name, dict(attributes or {}), timestamp or time.time_ns()))
+
+    def end(self, end_time: int | None = None) -> None:
+        """Our spans end with the call they trace."""
+
+
+def _with_our_spans(get_current_active_span: Callable[[], Any]) -> Callable[[], Any]:
+    def current_active_span() -> Any:
+        span = get_current_active_span()
+        if span is None:
+            span = guard.call(_our_active_span)
+        return span
+
+    current_active_span.__wrapped__ = get_current_active_span  # type: ignore[attr-defined]
+    return current_active_span
+
+
 @dataclass
 class Item:
     """One finished trace on its way to the store."""
@@ -167,17 +323,9 @@ class _Processor(MlflowV3SpanProcessor):
         if self._trace_manager.get_mlflow_trace_id_from_otel_id(trace_id) is not None:
             return
         ours = spans.open_trace(trace_id)
-        if ours is None:
-            return
-        self._trace_manager.register_trace(trace_id, TraceInfo(
-            trace_id=ours.trace_id,
-            trace_location=TraceLocation.from_experiment_id("0"),  # replaced by the worker
-            request_time=span.start_time // 1_000_000,
-            state=TraceState.IN_PROGRESS,
-            trace_metadata={},
-            tags={},
-        ))
-        ours.joined = True
+        if ours is not None:
+            with _lock:
+                _register(ours, self._trace_manager)
 
 
 class _Exporter(SpanExporter):
@@ -224,6 +372,7 @@ def install_hooks(submit: Callable[[Item], None]) -> None:
         _provider._get_mlflow_span_processor = _make_processor
         _provider.provider.reset()  # re-created with our processor on the next span
     spans._sink = on_trace_finished
+    spans._mlflow_origin = origin
     spans._mlflow_parent = active_parent
     spans._mlflow_attach = attach
     spans._mlflow_detach = detach
@@ -232,12 +381,20 @@ def install_hooks(submit: Callable[[Item], None]) -> None:
         spans._mlflow_attach_request = None
     else:  # OpenTelemetry's global context: attached up front
         spans._mlflow_attach_request = attach
+    if not hasattr(_fluent.get_current_active_span, "__wrapped__"):
+        # Where MLflow has no active span of its own, ours: module attributes, as MLflow's own
+        # functions (update_current_trace, get_active_trace_id) look it up at each call.
+        mlflow.get_current_active_span = _fluent.get_current_active_span = \
+            _with_our_spans(_fluent.get_current_active_span)
 
 
 def uninstall_hooks() -> None:
     """Give MLflow its own exporter back."""
     global _original_make_processor
     spans._sink = None
+    spans._mlflow_origin = lambda: None
+    if (original := getattr(_fluent.get_current_active_span, "__wrapped__", None)) is not None:
+        mlflow.get_current_active_span = _fluent.get_current_active_span = original
     vars(_provider.mlflow_runtime_context).pop("get_current", None)
     if _original_make_processor is not None:
         _provider._get_mlflow_span_processor = _original_make_processor

@@ -91,6 +91,7 @@ def _spool_batch(items: Sequence[hooks.Item | Feedback]) -> int:
             if not guard.call(spool.put_feedback, item.to_json()):
                 lost += 1
             continue
+        guard.call(encode.settle, item)  # a failed web request is kept by sampling
         if guard.call(encode.sampled_out, item, settings.sample_rate):
             continue
         try:

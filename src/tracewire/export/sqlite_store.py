@@ -9,6 +9,11 @@ with one atomic step that never replaces an existing file: killed at any instant
 holds no ``mlflow.db`` or a whole one. Creators take turns under a lock file beside the store,
 so a temporary file found by the lock's holder was left by a creator that died, and goes.
 
+A store found in place may still be in the making by a process that ignores the lock: the app's
+own MLflow calls (``mlflow.set_active_model`` in a fresh folder), another tool. Opening it then
+would run MLflow's migration a second time beside the first, and both fail ("table ... already
+exists"), the app's call included: it is waited for until whole.
+
 MLflow internals used (pinned in tests/export/test_mlflow_pins.py):
 ``mlflow.store.db.utils.create_sqlalchemy_engine``, ``SqlAlchemyStore._engine_map`` (the
 store takes its engine from there) and ``_get_sqlalchemy_store`` (how MLflow builds a store).
@@ -23,12 +28,15 @@ import glob
 import os
 import secrets
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 _LOCK_SUFFIX = ".tracewire-init.lock"
 _TEMPORARY = ".tracewire-"  # "<name>.tracewire-<pid>-<random>.tmp" and its journals
 _SIDECARS = ("", "-journal", "-wal", "-shm")
+# How long a store in the making by someone else is waited for (MLflow takes about 5 s).
+_WHOLE_WAIT = 60.0
 
 
 def create(db_path: Path) -> None:
@@ -36,8 +44,14 @@ def create(db_path: Path) -> None:
     otherwise built aside and published atomically. Concurrent callers (threads or processes)
     wait for one another. Raises what MLflow raises if it cannot be built (nothing is
     published then)."""
-    if db_path.exists():
-        return
+    if not db_path.exists():
+        _create(db_path)
+    deadline = time.monotonic() + _WHOLE_WAIT
+    while not _whole(db_path) and time.monotonic() < deadline:
+        time.sleep(0.1)  # past the deadline, MLflow says what is wrong with it
+
+
+def _create(db_path: Path) -> None:
     db_path.parent.mkdir(parents=True, exist_ok=True)  # as MLflow does for a new store
     lock_path = Path(f"{db_path}{_LOCK_SUFFIX}")
     with _lock(lock_path):
@@ -86,6 +100,22 @@ def _build(tmp: Path) -> None:
     finally:
         SqlAlchemyStore._engine_map.pop(uri, None)
         engine.dispose()
+
+
+def _whole(path: Path) -> bool:
+    """Whether MLflow has finished making the store: the Default experiment is what it writes
+    last (after its schema and every migration)."""
+    try:
+        connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=1)
+    except sqlite3.Error:
+        return False
+    try:
+        return connection.execute("SELECT COUNT(*) FROM experiments WHERE experiment_id = 0"
+                                  ).fetchone()[0] == 1
+    except sqlite3.Error:  # no such table yet, or locked by its maker
+        return False
+    finally:
+        connection.close()
 
 
 def _check(tmp: Path) -> None:

@@ -123,8 +123,16 @@ class Decoded:
     info: TraceInfo | None  # its record; None for late spans of a trace already stored
     spans: list[MlflowSpan]
     # The record rides in the root span's attributes (a tracking server makes it from there):
-    # no start_trace now, and a client request id is stamped on later.
+    # no start_trace now.
     via_spans: bool = False
+    # ... and what the spans cannot carry (the client request id, MLflow's metadata) is
+    # written later, by a start_trace the server merges (Store.stamp).
+    stamp: bool = False
+
+
+# Trace metadata a tracking server derives from spans arriving for a trace it does not have.
+_FROM_SPANS = frozenset({TRACE_SCHEMA_VERSION_KEY, keys.TRACE_SESSION, keys.TRACE_USER,
+                         keys.TRACE_TOKEN_USAGE, keys.TRACE_COST})
 
 
 def decode(payload: bytes, experiment_id: str, record_in_spans: bool) -> Decoded:
@@ -136,17 +144,20 @@ def decode(payload: bytes, experiment_id: str, record_in_spans: bool) -> Decoded
     :func:`_record_in_root_span`."""
     data = json.loads(payload)
     head, context = data["head"], data["context"]
-    via_spans = head is not None and record_in_spans and \
-        _record_in_root_span(head, context, data["spans"])
     if head is not None:
+        fields = head.get("set") or {}  # what MLflow's trace APIs set (export/encode.py)
         info: TraceInfo | None = TraceInfo(
             trace_id=head["trace_id"],
             trace_location=TraceLocation.from_experiment_id(experiment_id),
             request_time=head["request_time"],
             execution_duration=head["execution_duration"],
-            state=TraceState(head["state"]),
-            trace_metadata={TRACE_SCHEMA_VERSION_KEY: str(TRACE_SCHEMA_VERSION)},
-            tags={keys.TRACE_NAME: head["name"]},
+            state=TraceState(fields.get("state", head["state"])),
+            trace_metadata={TRACE_SCHEMA_VERSION_KEY: str(TRACE_SCHEMA_VERSION),
+                            **head.get("metadata", {})},
+            tags={keys.TRACE_NAME: head["name"], **head.get("tags", {})},
+            client_request_id=fields.get("client_request_id"),
+            request_preview=fields.get("request_preview"),
+            response_preview=fields.get("response_preview"),
         )
     elif data["info"] is not None:
         info = TraceInfo.from_dict(data["info"])
@@ -158,10 +169,16 @@ def decode(payload: bytes, experiment_id: str, record_in_spans: bool) -> Decoded
     for span in data["spans"]:
         if SpanAttributeKey.EXPERIMENT_ID in span["attributes"]:
             span["attributes"][SpanAttributeKey.EXPERIMENT_ID] = location
+    if info is None:
+        return Decoded(None, [MlflowSpan.from_dict(d) for d in data["spans"]])
+    # Before the spans are built: the root's attributes may carry the record.
+    via_spans = head is not None and record_in_spans and not head.get("set") and \
+        _record_in_root_span(head, context, data["spans"])
     trace_spans = [MlflowSpan.from_dict(d) for d in data["spans"]]
-    if info is not None:
-        _stamp(info, trace_spans, context)
-    return Decoded(info, trace_spans, via_spans)
+    _stamp(info, trace_spans, context)
+    stamp = via_spans and bool(info.client_request_id or
+                               set(info.trace_metadata) - _FROM_SPANS)
+    return Decoded(info, trace_spans, via_spans, stamp)
 
 
 def _storable_tags(tags: dict[str, str]) -> dict[str, str]:
@@ -185,33 +202,38 @@ def _record_in_root_span(head: dict[str, Any], context: dict[str, Any],
     among them), the session as ``session.id``, the user as ``user.id``. It takes the state,
     times, previews, token usage and cost from the spans themselves. Many such traces go in one
     request, against one ``start_trace`` request each (3-4x the server's CPU), so web-request
-    traces become visible several times faster; only their client request id, which no span
-    attribute sets, is stamped on afterwards. A trace continuing a remote parent keeps
-    ``start_trace`` (its root has a parent: the server would see no root)."""
+    traces become visible several times faster; what no span attribute sets (the client request
+    id, MLflow's metadata such as the model id) is stamped on afterwards. A trace continuing a
+    remote parent keeps ``start_trace`` (its root has a parent: the server would see no root),
+    and so does one whose state, previews or client request id the app set through MLflow's
+    API (the server would take them from the spans first)."""
     root = next((d for d in span_dicts if d["parent_span_id"] is None), None)
     if root is None:
         return False
     attributes = root["attributes"]
-    tags = _storable_tags({keys.TRACE_NAME: head["name"], **_context_tags(context)})
+    metadata = head.get("metadata", {})
+    tags = _storable_tags({keys.TRACE_NAME: head["name"], **_context_tags(context),
+                           **head.get("tags", {})})
     for key, value in tags.items():
         attributes[SpanAttributeKey.TRACE_TAG_PREFIX + key] = json.dumps(value)
-    if context["session_id"]:
-        attributes[SpanAttributeKey.SESSION_ID] = json.dumps(context["session_id"])
-    if context["user_id"]:
-        attributes[keys.USER_ID] = json.dumps(context["user_id"])
+    if session := metadata.get(keys.TRACE_SESSION) or context["session_id"]:
+        attributes[SpanAttributeKey.SESSION_ID] = json.dumps(session)
+    if user := metadata.get(keys.TRACE_USER) or context["user_id"]:
+        attributes[keys.USER_ID] = json.dumps(user)
     return True
 
 
 def _stamp(info: TraceInfo, trace_spans: list[MlflowSpan], context: dict[str, Any]) -> None:
     """Trace-level fields: request context, deployment tags, token totals, previews."""
     metadata = info.trace_metadata
-    if context["session_id"]:
+    # What the app set through MLflow's API (update_current_trace) wins.
+    if context["session_id"] and keys.TRACE_SESSION not in metadata:
         metadata[keys.TRACE_SESSION] = context["session_id"]
-    if context["user_id"]:
+    if context["user_id"] and keys.TRACE_USER not in metadata:
         metadata[keys.TRACE_USER] = context["user_id"]
     if context["request_id"] and not info.client_request_id:
         info.client_request_id = context["request_id"]
-    info.tags = _storable_tags({**info.tags, **_context_tags(context)})
+    info.tags = _storable_tags({**_context_tags(context), **info.tags})
     if usage := aggregate_usage_from_spans(trace_spans):
         metadata[keys.TRACE_TOKEN_USAGE] = json.dumps(usage)
     # A store that prices spans sums the trace's cost itself; one that does not gets ours.
@@ -366,8 +388,8 @@ class Store:
 
     def ship(self, entries: Sequence[Any]) -> list[tuple[str, bytes]]:
         """Write a batch; idempotent by trace id, so a batch shipped twice lands once. Returns
-        the ``(trace id, record)`` stamps still to be written for the client request ids that
-        the spans could not carry (:meth:`stamp`)."""
+        the ``(trace id, record)`` stamps still to be written for what the spans could not
+        carry (:meth:`stamp`)."""
         with self._shipping():
             client, experiment_id = self._destination()
             infos: list[TraceInfo] = []
@@ -383,7 +405,7 @@ class Store:
                 info = decoded.info
                 if info is not None and not decoded.via_spans:
                     infos.append(info)
-                elif info is not None and info.client_request_id:
+                elif decoded.stamp:
                     later.append(info)
                 location = info.experiment_id if info is not None else experiment_id
                 by_experiment.setdefault(location, []).extend(decoded.spans)
@@ -397,8 +419,8 @@ class Store:
             return [(info.trace_id, json.dumps(info.to_dict()).encode()) for info in later]
 
     def stamp(self, records: Sequence[bytes]) -> None:
-        """Write the records of traces stored from their spans, for their client request id
-        (the server merges them into the trace), a few requests in flight: the server handles
+        """Write the records of traces stored from their spans, for what the spans could not
+        carry (the server merges them into the trace), a few requests in flight: the server handles
         them in parallel. Raises the first failure (the stamps stay queued)."""
         infos = [TraceInfo.from_dict(json.loads(record)) for record in records]
         with self._shipping():
