@@ -197,11 +197,41 @@ def exercise_starlette(server: OpenAIServer) -> list[Any]:
     return [_outcome(lambda: asyncio.run(calls()))]
 
 
+def exercise_mlflow_agent(server: OpenAIServer) -> list[Any]:
+    """A ResponsesAgent through MLflow's pyfunc loader, as ``mlflow models serve`` calls it."""
+    import openai
+    from mlflow.pyfunc import ResponsesAgent
+    from mlflow.pyfunc.loaders.responses_agent import _ResponsesAgentPyfuncWrapper
+    from mlflow.types.responses import ResponsesAgentRequest, ResponsesAgentResponse
+
+    client = openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
+
+    class Agent(ResponsesAgent):  # type: ignore[misc]
+        def predict(self, request: ResponsesAgentRequest) -> ResponsesAgentResponse:
+            text = request.input[-1].content
+            if text == "fail":
+                raise ValueError("the agent failed")
+            reply = client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": text}])
+            return ResponsesAgentResponse(output=[self.create_text_output_item(
+                text=reply.choices[0].message.content or "", id="msg-1")])
+
+    served = _ResponsesAgentPyfuncWrapper(Agent(), None)
+
+    def ask(text: str) -> Any:
+        with tracewire.context(request_id=f"agent-{text}"):
+            return served.predict({"input": [{"role": "user", "content": text}], "context": {
+                "conversation_id": "conv-1", "user_id": "user-1"}})
+
+    return [_outcome(lambda: ask("hello contract")), _outcome(lambda: ask("fail"))]
+
+
 EXERCISERS: dict[str, Callable[[OpenAIServer], list[Any]]] = {
     "openai": exercise_openai,
     "langchain": exercise_langchain,
     "langgraph": exercise_langgraph,
     "starlette": exercise_starlette,
+    "mlflow_agent": exercise_mlflow_agent,
 }
 
 # Plugins that register a hook with their framework instead of wrapping functions: the hooks

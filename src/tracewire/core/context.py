@@ -32,6 +32,11 @@ class RequestContext:
     session_id: str | None = None
     user_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    # What the client named (headers, a served agent's request context), as opposed to what the
+    # app established (set_session/set_user, identify, a LangGraph run's thread): app values
+    # replace these, never the reverse.
+    claimed_session: str | None = None
+    claimed_user: str | None = None
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("tracewire_request", default=None)
@@ -66,6 +71,20 @@ def set_session(session_id: str | None) -> None:
 def set_user(user_id: str | None) -> None:
     """Attach the current request's traces to a user (``mlflow.trace.user``)."""
     _ensure().user_id = _valid(user_id, MAX_USER_ID)
+
+
+def claim(session_id: object, user_id: object) -> None:
+    """Session and user the client named in the request itself (a served agent's request
+    context): they replace what its headers claimed, never what the app established. Outside a
+    request (no context) nothing is recorded."""
+    ctx = _current.get()
+    if ctx is None:
+        return
+    if (session := _valid(session_id, MAX_SESSION_ID)) and \
+            ctx.session_id in (None, ctx.claimed_session):
+        ctx.session_id = ctx.claimed_session = session
+    if (user := _valid(user_id, MAX_USER_ID)) and ctx.user_id in (None, ctx.claimed_user):
+        ctx.user_id = ctx.claimed_user = user
 
 
 def set_tags(tags: Mapping[str, str]) -> None:

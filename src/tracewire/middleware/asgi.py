@@ -55,7 +55,7 @@ MAX_BODY = 64 * 1024
 class _Request(spans.RequestRoot):
     """A request's root with what the middleware carries from its start to its end."""
 
-    __slots__ = ("header_user", "status", "first_byte_ns", "last_byte_ns", "identified",
+    __slots__ = ("status", "first_byte_ns", "last_byte_ns", "identified",
                  "body")
 
 
@@ -158,6 +158,7 @@ class TracingMiddleware:
         session = user = traceparent = None
         if (value := headers.get(self._session)) is not None:
             session = identity.header_text(value, MAX_SESSION_ID)
+        header_session = session
         if (value := headers.get(self._user)) is not None:
             user = identity.header_text(value, MAX_USER_ID)
         if self._cookie is not None and b"cookie" in headers:
@@ -177,7 +178,9 @@ class TracingMiddleware:
             inputs = spans.Deferred(_body_text, body)
         request = _Request(scope["method"], SpanType.CHAIN, inputs, traceparent, request_id,
                            session, user)
-        request.header_user = user
+        request.claimed_user = user
+        if session is not None and session == header_session:
+            request.claimed_session = session
         request.status = request.first_byte_ns = request.last_byte_ns = None
         request.identified = False
         request.body = body
@@ -234,7 +237,7 @@ class TracingMiddleware:
                     logger.warning("tracewire: the identify callable raised %r; requests are "
                                    "traced without its session and user", exc)
         user = user or identity.scope_user(scope)
-        if user is not None and request.user_id == request.header_user:
+        if user is not None and request.user_id == request.claimed_user:
             request.user_id = request_context._valid(user, MAX_USER_ID)
         if session is not None:
             request.session_id = request_context._valid(session, MAX_SESSION_ID)

@@ -6,8 +6,8 @@ LangGraph uses to build a graph run's lifecycle callback manager, called once pe
 its full config and run id, to add:
 
 - the session and user: ``configurable.thread_id`` and ``configurable.user_id`` of the run
-  become the trace's ``mlflow.trace.session`` / ``mlflow.trace.user`` unless the request
-  context already names them;
+  become the trace's ``mlflow.trace.session`` / ``mlflow.trace.user`` unless the app named
+  them for the request (what a client claimed, in headers or a served agent's request, yields);
 - interrupts and resumes, through LangGraph's own ``on_interrupt`` / ``on_resume`` callbacks.
 """
 
@@ -48,11 +48,17 @@ class _RunContext:
 
     @property
     def session_id(self) -> str | None:
-        return (self.base.session_id if self.base is not None else None) or self.thread
+        base = self.base
+        if base is not None and base.session_id and base.session_id != base.claimed_session:
+            return base.session_id  # the app's own
+        return self.thread or (base.session_id if base is not None else None)
 
     @property
     def user_id(self) -> str | None:
-        return (self.base.user_id if self.base is not None else None) or self.user
+        base = self.base
+        if base is not None and base.user_id and base.user_id != base.claimed_user:
+            return base.user_id
+        return self.user or (base.user_id if base is not None else None)
 
     @property
     def tags(self) -> dict[str, str]:

@@ -8,4 +8,5 @@ PLUGINS: dict[str, str] = {
     "langchain": "tracewire.plugins.langchain",
     "langgraph": "tracewire.plugins.langgraph",
     "starlette": "tracewire.plugins.starlette",
+    "mlflow_agent": "tracewire.plugins.mlflow_agent",
 }
