@@ -23,6 +23,8 @@ from mlflow.types.responses import ResponsesAgentRequest, ResponsesAgentResponse
 class Agent(ResponsesAgent):
     def predict(self, request: ResponsesAgentRequest) -> ResponsesAgentResponse:
         text = request.input[-1].content
+        if text == "fail":
+            raise ValueError("the agent failed")
         if text.startswith("as app user "):
             tracewire.set_user(text.removeprefix("as app user "))
         if text.startswith("graph thread "):
@@ -88,3 +90,15 @@ def test_what_the_app_establishes_wins_over_the_agent_requests_context(
     by_user, by_graph = settled(traced, 2)
     assert _identity(by_user) == ("conv-3", "carol")
     assert _identity(by_graph) == ("thread-9", "dan")  # the run's thread is the app's choice
+
+
+def test_a_failed_agent_answered_with_a_400_is_an_error_trace(scoring_url: str,
+                                                              traced: Traced) -> None:
+    response = httpx.post(f"{scoring_url}/invocations", timeout=30,
+                          json={"input": [{"role": "user", "content": "fail"}]})
+    assert response.status_code == 400, response.text
+    (trace,) = settled(traced, 1)
+    assert trace.info.state.value == "ERROR"
+    root = next(s for s in trace.data.spans if s.parent_id is None)
+    assert root.status.description.startswith("HTTP 400: ")
+    assert "the agent failed" in root.status.description
