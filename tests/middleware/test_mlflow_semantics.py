@@ -41,6 +41,17 @@ def agent_app(openai_server: OpenAIServer) -> FastAPI:
         mlflow.update_current_trace(tags={"answered": "yes"})
         return {"reply": reply, "trace_id": mlflow.get_active_trace_id()}
 
+    @app.post("/custom")
+    def custom(body: dict[str, Any]) -> dict[str, str]:
+        reply = ask(body["text"])
+        mlflow.update_current_trace(request_preview="custom question",
+                                    response_preview="custom answer", state="ERROR",
+                                    client_request_id="app-chosen-id")
+        span = mlflow.get_current_active_span()
+        span.set_outputs({"answer": reply})
+        span.add_event(mlflow.entities.SpanEvent("checkpoint", attributes={"step": 2}))
+        return {"reply": reply}
+
     @app.post("/ask")
     def ask_route(body: dict[str, Any]) -> dict[str, str]:
         return {"reply": ask(body["text"])}
@@ -92,6 +103,22 @@ def test_mlflow_trace_apis_inside_a_request_land_on_its_trace(url: str, traced: 
     assert root.attributes["app.route_kind"] == "annotated"
     assert [s.name for s in trace.data.spans if s.parent_id == root.span_id] == \
         ["chat gpt-4o-mini"]
+
+
+def test_what_the_app_sets_through_mlflow_wins_and_goes_through_any_store(
+        url: str, traced: Traced) -> None:
+    response = httpx.post(f"{url}/custom", json={"text": "hello"})
+    assert response.status_code == 200, response.text
+    (trace,) = settled(traced, 1)
+    assert trace.info.request_preview == "custom question"
+    assert trace.info.response_preview == "custom answer"
+    assert trace.info.state.value == "ERROR"  # the trace's state, not the root span's status
+    assert trace.info.client_request_id == "app-chosen-id"
+    assert trace.info.tags["tracewire.request_id"] == response.headers["x-request-id"]
+    root = next(s for s in trace.data.spans if s.parent_id is None)
+    assert root.status.status_code == "OK"
+    assert root.outputs == {"answer": "Echo: hello"}
+    assert [(e.name, e.attributes) for e in root.events] == [("checkpoint", {"step": 2})]
 
 
 def test_the_trace_list_shows_the_conversation(url: str, traced: Traced) -> None:
