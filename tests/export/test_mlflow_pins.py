@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from typing import Any
 
 import mlflow
 from mlflow.entities import Span, TraceInfo, TraceLocation, TraceState
@@ -61,6 +62,34 @@ def test_hooks_pins() -> None:
     assert {"info", "span_dict"} <= set(_Trace.__dataclass_fields__)
     assert isinstance(AUTOLOGGING_INTEGRATIONS, dict)
 
+    # MLflow's trace APIs find the current span through this module attribute at each call.
+    from mlflow.tracing import fluent
+
+    for api in (fluent.update_current_trace, fluent.get_active_trace_id):
+        assert "get_current_active_span" in api.__code__.co_names, api
+    # A served model's id and an evaluation's row id live in the prediction context.
+    from mlflow.pyfunc.context import Context, get_prediction_context
+
+    assert get_prediction_context() is None
+    assert {"model_id", "request_id", "is_evaluate"} <= set(vars(Context()))
+    from mlflow.tracing.context import get_configured_trace_metadata, get_configured_trace_tags
+
+    with mlflow.tracing.context(metadata={"m": "1"}, tags={"t": "1"}):
+        assert (get_configured_trace_metadata(), get_configured_trace_tags()) == \
+            ({"m": "1"}, {"t": "1"})
+    # MLflow's LiveSpan writes through its OpenTelemetry span's set_attribute, JSON text.
+    from mlflow.entities import LiveSpan
+    from opentelemetry.sdk.trace import ReadableSpan
+
+    written: dict[str, Any] = {}
+
+    class Recording(ReadableSpan):
+        def set_attribute(self, key: str, value: Any) -> None:
+            written[key] = value
+
+    LiveSpan(Recording(name="x"), "tr-1", "LLM").set_inputs({"q": 1})
+    assert json.loads(written["mlflow.spanInputs"]) == {"q": 1}
+
 
 def test_encode_pins() -> None:
     """The span dict format encode writes is what ``Span.from_dict`` reads; a TraceInfo survives
@@ -82,6 +111,17 @@ def test_encode_pins() -> None:
                        "mlflow.spanType": json.dumps("LLM")}, "links": []})
     assert (span.name, span.span_type, span.trace_id) == ("x", "LLM", info.trace_id)
     assert Span.from_dict(span.to_dict()).span_id == span.span_id
+
+    # Trace metadata MLflow records on a trace it starts, read where encode reads them.
+    from mlflow.tracing.utils.environment import resolve_env_metadata
+    from mlflow.tracing.utils.truncation import _get_truncated_preview
+    from mlflow.tracking.fluent import _get_active_model_id_global, _get_latest_active_run
+
+    assert isinstance(resolve_env_metadata(), dict)
+    assert _get_active_model_id_global() is None and _get_latest_active_run() is None
+    assert _get_truncated_preview(json.dumps({"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
+        role="assistant") == "a"
 
 
 def test_store_pins(tracking_uri: str) -> None:

@@ -117,6 +117,9 @@ def test_graph_run_is_one_trace_with_every_step(traced: Traced) -> None:
     spans = {s.name: s for s in trace.data.spans}
     assert spans["LangGraph"].inputs["messages"][0]["content"] == QUESTION
     assert spans["LangGraph"].outputs["summary"] == "Paris"
+    # The trace list shows the question and the answer, not LangChain's message JSON.
+    assert trace.info.request_preview == QUESTION
+    assert trace.info.response_preview == result["messages"][-1].content
     assert spans["capital"].inputs == {"country": "France"}
     assert spans["capital"].outputs["content"] == "Paris"  # the ToolMessage
     routes = [s.outputs for s in trace.data.spans if s.name == "tools_condition"]

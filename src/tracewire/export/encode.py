@@ -22,6 +22,7 @@ from mlflow.entities import SpanStatusCode, TraceInfo, TraceState
 from mlflow.tracing.constant import SpanAttributeKey
 from mlflow.tracing.utils import dump_span_attribute_value, encode_span_id
 from mlflow.tracing.utils.environment import resolve_env_metadata
+from mlflow.tracing.utils.truncation import _get_truncated_preview
 from mlflow.tracking.fluent import _get_active_model_id_global, _get_latest_active_run
 
 from tracewire import config
@@ -174,7 +175,10 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
         dicts.extend(span_dict(s, fragment.trace_id, fragment.otel_trace_id)
                      for s in fragment.spans)
     if item.ours is not None:
-        _lift_work(dicts, _b64(item.ours.root.span_id, 8))
+        root_id = _b64(item.ours.root.span_id, 8)
+        _lift_work(dicts, root_id)
+        if previews := _previews(dicts, root_id):
+            head["previews"] = previews
     if settings.redact is not None:
         for data in dicts:
             _redact(data["attributes"], settings.redact)
@@ -243,6 +247,42 @@ def _lift_work(dicts: list[dict[str, Any]], root_id: str) -> None:
                    key=lambda d: d["end_time_unix_nano"], default=None)
         if last is not None:
             attributes[keys.SPAN_OUTPUTS] = last["attributes"][keys.SPAN_OUTPUTS]
+
+
+# LangChain's message types, as the roles MLflow's previews look for.
+_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
+
+
+def _chat_form(value: Any) -> Any:
+    """LangChain's messages (``{"type": "human", "content": ...}``, in a graph's or chain's
+    ``messages``) in the chat form MLflow's previews read (``{"role": "user", ...}``)."""
+    if not isinstance(value, dict) or not isinstance(value.get("messages"), list):
+        return value
+    messages = [{"role": _ROLES.get(m["type"], m["type"]), "content": m["content"]}
+                if isinstance(m, dict) and "role" not in m and "type" in m and "content" in m
+                else m for m in value["messages"]]
+    return {**value, "messages": messages}
+
+
+def _previews(dicts: list[dict[str, Any]], root_id: str) -> dict[str, str]:
+    """The trace's request and response previews where MLflow's own would show raw JSON (a
+    LangGraph run's message list): the last question and the last answer."""
+    root = next((d for d in dicts if d["span_id"] == root_id), None)
+    found: dict[str, str] = {}
+    if root is None:
+        return found
+    for attribute, name, role in ((keys.SPAN_INPUTS, "request_preview", "user"),
+                                  (keys.SPAN_OUTPUTS, "response_preview", "assistant")):
+        if (text := root["attributes"].get(attribute)) is None:
+            continue
+        try:
+            value = json.loads(text)
+        except ValueError:
+            continue
+        chat = _chat_form(value)
+        if chat is not value:
+            found[name] = _get_truncated_preview(json.dumps(chat), role=role)
+    return found
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

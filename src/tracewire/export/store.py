@@ -156,8 +156,11 @@ def decode(payload: bytes, experiment_id: str, record_in_spans: bool) -> Decoded
                             **head.get("metadata", {})},
             tags={keys.TRACE_NAME: head["name"], **head.get("tags", {})},
             client_request_id=fields.get("client_request_id"),
-            request_preview=fields.get("request_preview"),
-            response_preview=fields.get("response_preview"),
+            # The app's own previews, else ours where MLflow's would be raw JSON (encode.py).
+            request_preview=fields.get("request_preview")
+            or head.get("previews", {}).get("request_preview"),
+            response_preview=fields.get("response_preview")
+            or head.get("previews", {}).get("response_preview"),
         )
     elif data["info"] is not None:
         info = TraceInfo.from_dict(data["info"])
@@ -176,7 +179,7 @@ def decode(payload: bytes, experiment_id: str, record_in_spans: bool) -> Decoded
         _record_in_root_span(head, context, data["spans"])
     trace_spans = [MlflowSpan.from_dict(d) for d in data["spans"]]
     _stamp(info, trace_spans, context)
-    stamp = via_spans and bool(info.client_request_id or
+    stamp = via_spans and bool(info.client_request_id or head.get("previews") or
                                set(info.trace_metadata) - _FROM_SPANS)
     return Decoded(info, trace_spans, via_spans, stamp)
 
