@@ -16,15 +16,14 @@ import mlflow
 import pytest
 
 from tests.conftest import API_KEY
+from tests.support.model_serving import TRACEWIRE_RUN, ModelServer, clean_env, log_models
 from tracewire.testing import OpenAIServer
 
 TRACEWIRE = [sys.executable, "-m", "tracewire.cli"]
 
 
 def _env(tmp_path: Path, openai_server: OpenAIServer, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))}
-    env.update({
+    return clean_env(**{
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}",
         "MLFLOW_EXPERIMENT_NAME": "zero-code",
         "MLFLOW_MODEL_CATALOG_URI": "",
@@ -32,10 +31,8 @@ def _env(tmp_path: Path, openai_server: OpenAIServer, **extra: str) -> dict[str,
         "TRACEWIRE_STREAM_USAGE_HOSTS": "127.0.0.1",
         "OPENAI_BASE_URL": openai_server.base_url,
         "OPENAI_API_KEY": API_KEY,
-        "PYTHONUNBUFFERED": "1",
+        **extra,
     })
-    env.update(extra)
-    return env
 
 
 def _traces(env: dict[str, str], expected: int) -> list[mlflow.entities.Trace]:
@@ -177,34 +174,17 @@ def test_sigterm_right_after_a_burst_under_mlflow_models_serve_stores_every_trac
     store by then."""
     env = _env(tmp_path, openai_server)
     (tmp_path / "agent.py").write_text(AGENT)
-    logged = subprocess.run(
-        [sys.executable, "-c", "import mlflow; print(mlflow.pyfunc.log_model(name='agent', "
-         "python_model='agent.py', pip_requirements=['openai']).model_id)"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert logged.returncode == 0, logged.stderr[-3000:]
-    model_id = logged.stdout.split()[-1]
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    bin_dir = str(Path(sys.executable).parent)  # `mlflow` and the `uvicorn` it runs
-    serve_env = {**env, "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")])}
-    proc = subprocess.Popen([*TRACEWIRE, "run", "--", "mlflow", "models", "serve", "-m",
-                             f"models:/{model_id}", "--env-manager", "local", "--port",
-                             str(port)], env=serve_env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    model_id = log_models(env, tmp_path, {"agent": "agent.py"},
+                          pip_requirements=["openai"])["agent"]
+    server = ModelServer(model_id, env, tmp_path, wrapper=TRACEWIRE_RUN).start()
+    proc = server.proc
+    assert proc is not None
     calls = 50
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/ping", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        server.wait_ready()
         with httpx.Client(timeout=30) as client:
             for i in range(calls):
-                answer = client.post(f"{url}/invocations", json={"dataframe_split": {
+                answer = client.post(f"{server.url}/invocations", json={"dataframe_split": {
                     "columns": ["question"], "data": [[f"question {i}"]]}})
                 assert answer.status_code == 200, answer.text
         proc.send_signal(signal.SIGTERM)  # to the first process only, as `docker stop` does
@@ -216,11 +196,9 @@ def test_sigterm_right_after_a_burst_under_mlflow_models_serve_stores_every_trac
             locations=[mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name(
                 "zero-code").experiment_id], max_results=500)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # what the container's end does to the rest
-        except ProcessLookupError:
-            pass
-        output = proc.communicate()[0].decode(errors="replace")
+        server.signal_group(signal.SIGKILL)  # what the container's end does to the rest
+        proc.wait()
+        output = server.output()
     print(f"\nmodels serve: stopped {stopped_after:.1f} s after SIGTERM, {len(stored)} of "
           f"{calls} traces stored by then")
     assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), output[-4000:]
