@@ -118,6 +118,10 @@ def test_encode_pins() -> None:
     from mlflow.tracking.fluent import _get_active_model_id_global, _get_latest_active_run
 
     assert isinstance(resolve_env_metadata(), dict)
+    from mlflow.entities import SpanLogLevel
+    from mlflow.tracing.utils.default_log_level import default_log_level_for_span_type
+
+    assert default_log_level_for_span_type("LLM") == SpanLogLevel.INFO
     assert _get_active_model_id_global() is None and _get_latest_active_run() is None
     assert _get_truncated_preview(json.dumps({"messages": [
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
@@ -127,7 +131,8 @@ def test_encode_pins() -> None:
 def test_store_pins(tracking_uri: str) -> None:
     """HTTP calls go through ``rest_utils.http_request`` as the REST store calls it; a batch
     shares one SQL session: the store opens its sessions through the instance's
-    ``ManagedSessionMaker`` and looks experiments up through ``get_experiment``."""
+    ``ManagedSessionMaker`` and looks experiments up through ``get_experiment``; the size stats
+    MLflow's exporter adds to a trace's metadata (the store checks the span count)."""
     from mlflow.store.tracking import rest_store
     from mlflow.store.tracking.dbmodels.models import SqlTraceInfo
     from mlflow.tracing.client import TracingClient
@@ -150,6 +155,19 @@ def test_store_pins(tracking_uri: str) -> None:
         assert "self.ManagedSessionMaker(" in source, method.__name__
     assert "self.get_experiment(" in inspect.getsource(sql._start_trace_once)
     assert hasattr(SqlTraceInfo, "request_id")
+
+    from mlflow.entities import Trace, TraceData
+    from mlflow.tracing.utils import add_size_stats_to_trace_metadata
+
+    info = TraceInfo(trace_id="tr-" + "b" * 32, trace_location=TraceLocation.from_experiment_id(
+        "0"), request_time=1, execution_duration=2, state=TraceState.OK, trace_metadata={})
+    span = Span.from_dict({
+        "trace_id": "AAAAAAAAAAAAAAAAAAAAAQ==", "span_id": "AAAAAAAAAAE=", "parent_span_id": None,
+        "name": "x", "start_time_unix_nano": 1, "end_time_unix_nano": 2, "events": [],
+        "status": {"code": "STATUS_CODE_OK", "message": ""}, "links": [],
+        "attributes": {"mlflow.traceRequestId": json.dumps(info.trace_id)}})
+    add_size_stats_to_trace_metadata(Trace(info, TraceData(spans=[span])))
+    assert json.loads(info.trace_metadata["mlflow.trace.sizeStats"])["num_spans"] == 1
 
 
 def test_sqlite_store_pins() -> None:

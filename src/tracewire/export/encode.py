@@ -18,9 +18,10 @@ import logging
 import re
 from typing import Any, Callable
 
-from mlflow.entities import SpanStatusCode, TraceInfo, TraceState
+from mlflow.entities import SpanLogLevel, SpanStatusCode, TraceInfo, TraceState
 from mlflow.tracing.constant import SpanAttributeKey
 from mlflow.tracing.utils import dump_span_attribute_value, encode_span_id
+from mlflow.tracing.utils.default_log_level import default_log_level_for_span_type
 from mlflow.tracing.utils.environment import resolve_env_metadata
 from mlflow.tracing.utils.truncation import _get_truncated_preview
 from mlflow.tracking.fluent import _get_active_model_id_global, _get_latest_active_run
@@ -74,6 +75,9 @@ def span_dict(span: spans.Span, trace_id: str, otel_trace_id: int) -> dict[str, 
     attrs = {
         keys.TRACE_REQUEST_ID: json.dumps(trace_id),
         keys.SPAN_TYPE: json.dumps(span.span_type),
+        # The level MLflow's UI filters spans by, as MLflow sets it on its own spans.
+        keys.SPAN_LOG_LEVEL: str(int(SpanLogLevel.ERROR if span.error is not None
+                                     else default_log_level_for_span_type(span.span_type))),
     }
     if span.inputs is not None:
         attrs[keys.SPAN_INPUTS] = _dump(span.inputs)

@@ -22,15 +22,18 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from mlflow.entities import Span as MlflowSpan
-from mlflow.entities import TraceData, TraceInfo, TraceLocation, TraceState
+from mlflow.entities import Trace, TraceData, TraceInfo, TraceLocation, TraceState
 from mlflow.tracing.constant import (
+    MAX_CHARS_IN_TRACE_INFO_METADATA,
     MAX_CHARS_IN_TRACE_INFO_TAGS_KEY,
     MAX_CHARS_IN_TRACE_INFO_TAGS_VALUE,
     TRACE_SCHEMA_VERSION,
     TRACE_SCHEMA_VERSION_KEY,
+    TRUNCATION_SUFFIX,
     SpanAttributeKey,
 )
 from mlflow.tracing.utils import (
+    add_size_stats_to_trace_metadata,
     aggregate_cost_from_spans,
     aggregate_usage_from_spans,
     should_compute_cost_client_side,
@@ -243,6 +246,21 @@ def _stamp(info: TraceInfo, trace_spans: list[MlflowSpan], context: dict[str, An
     if should_compute_cost_client_side() and (total := aggregate_cost_from_spans(trace_spans)):
         metadata[keys.TRACE_COST] = json.dumps(total)
     set_request_response_preview(info, TraceData(spans=trace_spans))
+    if (root := next((s for s in trace_spans if s.parent_id is None), None)) is not None:
+        # As MLflow's span processor records them (its trace table still reads them).
+        attributes = root.to_dict()["attributes"]
+        for key, attribute in ((keys.TRACE_INPUTS, SpanAttributeKey.INPUTS),
+                               (keys.TRACE_OUTPUTS, SpanAttributeKey.OUTPUTS)):
+            metadata.setdefault(key, _metadata_text(attributes.get(attribute) or ""))
+    # MLflow's exporter adds them to each trace it writes; the store reads the span count to
+    # tell a trace whose spans are all written from one still arriving.
+    add_size_stats_to_trace_metadata(Trace(info, TraceData(spans=trace_spans)))
+
+
+def _metadata_text(value: str) -> str:
+    if len(value) <= MAX_CHARS_IN_TRACE_INFO_METADATA:
+        return value
+    return value[:MAX_CHARS_IN_TRACE_INFO_METADATA - len(TRUNCATION_SUFFIX)] + TRUNCATION_SUFFIX
 
 
 _FEEDBACK_ID = "tracewire.feedback_id"
