@@ -5,8 +5,8 @@
 Each stream is one trace holding the whole reply and its exact token usage, though the code
 never asks for usage: tracewire asks on its behalf (``stream_options.include_usage``) and
 hides the extra usage chunk from the loop below. Any OpenAI-compatible server works too
-(``OPENAI_BASE_URL``; ``OPENAI_MODEL``, default gpt-4o-mini); list its host in
-``TRACEWIRE_STREAM_USAGE_HOSTS`` if it accepts ``stream_options`` as OpenAI does.
+(``OPENAI_BASE_URL``; ``OPENAI_MODEL``, default gpt-4o-mini); one that rejects
+``stream_options`` gets the request again without it, once, and is not asked again.
 """
 
 from __future__ import annotations

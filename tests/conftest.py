@@ -13,8 +13,6 @@ import uuid
 from typing import Iterator
 
 os.environ["TRACEWIRE_TESTING"] = "1"
-# The local test server accepts `stream_options.include_usage`, like OpenAI does.
-os.environ["TRACEWIRE_STREAM_USAGE_HOSTS"] = "127.0.0.1"
 # No network here: keep MLflow's pricing to its built-in model catalog.
 os.environ["MLFLOW_MODEL_CATALOG_URI"] = ""
 # Every process the suite starts spools here, never in the user's cache directory.

@@ -17,8 +17,9 @@ from typing import Any, Callable, Iterable, Mapping
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
-# Chat-completion streams to these hosts accept `stream_options.include_usage` (OpenAI, Azure).
-DEFAULT_STREAM_USAGE_HOSTS = ("api.openai.com", ".openai.azure.com", ".cognitiveservices.azure.com")
+# Chat-completion streams to these hosts are asked for `stream_options.include_usage`: every
+# host ("*"). A host that rejects the argument is remembered for the process (plugins/openai.py).
+DEFAULT_STREAM_USAGE_HOSTS = ("*",)
 
 
 def default_spool_dir() -> Path:
@@ -42,6 +43,8 @@ class Settings:
     capture_content: bool = True
     tags: Mapping[str, str] = field(default_factory=dict)
     stream_usage: bool = True
+    # "*" every host, "api.example.com" that host, ".example.com" its subdomains, "!host" never
+    # that host (wins over the others); () no host at all.
     stream_usage_hosts: tuple[str, ...] = DEFAULT_STREAM_USAGE_HOSTS
     queue_size: int = 10_000
     flush_timeout: float = 2.0
@@ -108,6 +111,25 @@ def _names(name: str, value: Any) -> tuple[str, ...]:
         if item.strip():
             out.append(item.strip().lower())
     return tuple(out)
+
+
+def _hosts(name: str, value: Any) -> tuple[str, ...]:
+    """``TRACEWIRE_STREAM_USAGE_HOSTS``: the hosts to ask, ``none`` for none; only exclusions
+    (``!host``) mean every other host."""
+    entries = _names(name, value)
+    if entries == ("none",):
+        return ()
+    for entry in entries:
+        host = entry.removeprefix("!")
+        if (entry == "none" or not host or "/" in host or any(c.isspace() for c in host)
+                or host.rpartition(":")[2].isdigit() and host.count(":") == 1):
+            raise ConfigError(
+                f"{name} must list host names without scheme or port (api.example.com, "
+                f".example.com for its subdomains, * for every host, !host to skip one, or "
+                f"none), got {entry!r}")
+    if entries and all(entry.startswith("!") for entry in entries):
+        entries = ("*", *entries)
+    return entries
 
 
 def _tags(name: str, value: Any) -> dict[str, str]:
@@ -219,8 +241,8 @@ def resolve(
         raise ConfigError(f"{name} must be between 0 and 1, got {value!r}")
 
     hosts = DEFAULT_STREAM_USAGE_HOSTS
-    if extra := _env("TRACEWIRE_STREAM_USAGE_HOSTS"):
-        hosts = hosts + _names("TRACEWIRE_STREAM_USAGE_HOSTS", extra)
+    if (listed := _env("TRACEWIRE_STREAM_USAGE_HOSTS")) is not None:
+        hosts = _hosts("TRACEWIRE_STREAM_USAGE_HOSTS", listed)
 
     all_tags: dict[str, str] = {}
     for env, key in (("TRACEWIRE_ENVIRONMENT", "deployment.environment"),

@@ -175,8 +175,6 @@ def test_slim_install_traces_into_a_tracking_server(
         "MLFLOW_TRACKING_URI": mlflow_server.url,
         **selection,
         "TRACEWIRE_TESTING": "1",
-        # The local server accepts `stream_options.include_usage`, like OpenAI does.
-        "TRACEWIRE_STREAM_USAGE_HOSTS": "127.0.0.1",
         "TEST_OPENAI_BASE_URL": openai_server.base_url,
         "TEST_MODEL": MODEL,
     })

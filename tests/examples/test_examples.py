@@ -45,7 +45,6 @@ def example_env(store: str, openai_server: OpenAIServer, experiment: str,
         "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool"),
         # Traces and feedback are stored before exit, even on a busy machine.
         "TRACEWIRE_FLUSH_TIMEOUT": "30",
-        "TRACEWIRE_STREAM_USAGE_HOSTS": "127.0.0.1",
         "OPENAI_BASE_URL": openai_server.base_url,
         "OPENAI_API_KEY": "sk-examples-unused",
     })

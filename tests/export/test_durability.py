@@ -311,7 +311,6 @@ def child_env(*, tracking_uri: str, experiment: str, spool_dir: Path, openai_ser
            if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))}
     env.update({
         "TRACEWIRE_TESTING": "1",
-        "TRACEWIRE_STREAM_USAGE_HOSTS": "127.0.0.1",
         "MLFLOW_MODEL_CATALOG_URI": "",
         "PYTHONUNBUFFERED": "1",
         "MLFLOW_TRACKING_URI": tracking_uri,

@@ -191,6 +191,37 @@ def test_chat_openai_streams_count_tokens_once(traced: Traced,
         _chat_openai_tree(trace)
 
 
+def test_chat_openai_streaming_with_a_base_url_records_usage(traced: Traced,
+                                                             openai_server: OpenAIServer) -> None:
+    """`ChatOpenAI(streaming=True, base_url=...)` asks for no stream usage (LangChain turns it off
+    for a custom base URL): tracewire asks, records it on the OpenAI span, and hides it, so
+    LangChain's result is what it is untraced."""
+    def run() -> list[Any]:
+        model = chat_openai(openai_server, streaming=True)
+        return [model.invoke(QUESTION), list(model.stream(QUESTION)),
+                asyncio.run(model.ainvoke(QUESTION))]
+
+    with traced.untraced():
+        expected = run()
+    openai_server.clear()
+    got = run()
+    for result, want in zip(got, expected):
+        results = result if isinstance(result, list) else [result]
+        wants = want if isinstance(want, list) else [want]
+        assert [(r.content, r.usage_metadata, r.response_metadata.get("finish_reason"))
+                for r in results] == [(w.content, w.usage_metadata,
+                                       w.response_metadata.get("finish_reason")) for w in wants]
+    assert got[0].content == "Echo: " + QUESTION and got[0].usage_metadata is None
+    assert [r.body.get("stream_options") for r in openai_server.requests] == \
+        [{"include_usage": True}] * 3
+    for trace in traced.traces(expected=3):
+        assert tree(trace) == {"ChatOpenAI": ("CHAT_MODEL", None),
+                               "chat gpt-4o-mini": ("CHAT_MODEL", "ChatOpenAI")}
+        assert span(trace, "chat gpt-4o-mini").attributes["mlflow.chat.tokenUsage"] == SERVER_USAGE
+        assert trace.info.token_usage == SERVER_USAGE
+        assert json.loads(trace.info.trace_metadata["mlflow.trace.cost"])["total_cost"] > 0
+
+
 # --------------------------------------------------------------------------- switches
 
 

@@ -10,6 +10,7 @@ import asyncio
 import gc
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 import mlflow
 import openai
@@ -17,7 +18,8 @@ import pydantic
 import pytest
 
 import tracewire
-from tests.conftest import Traced
+from tests.conftest import API_KEY, Traced
+from tracewire.core import guard
 from tracewire.testing import OpenAIServer
 from tracewire.testing.openai_server import count_tokens
 
@@ -28,6 +30,9 @@ TOOLS = [{"type": "function", "function": {
     "name": "lookup", "description": "Look a city up",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                    "required": ["city"]}}}]
+
+STREAM_USAGE = {"input_tokens": PROMPT_TOKENS, "output_tokens": count_tokens(ECHO),
+                "total_tokens": PROMPT_TOKENS + count_tokens(ECHO)}
 
 # Server-generated identifiers differ between two calls; everything else must be equal.
 _VOLATILE = {"id", "created", "created_at", "item_id", "response_id", "sequence_number"}
@@ -146,12 +151,14 @@ def test_stream_gets_usage_without_the_caller_seeing_it(
         assert normalized(as_json) == normalized(json.loads(want.to_json()))
     assert openai_server.requests[-1].body["stream_options"] == {"include_usage": True}
 
-    span = only_span(traced.trace())
+    trace = traced.trace()
+    span = only_span(trace)
     assert span.outputs["choices"][0]["message"]["content"] == ECHO
     assert span.outputs["choices"][0]["finish_reason"] == "stop"
-    assert span.attributes["mlflow.chat.tokenUsage"] == {
-        "input_tokens": PROMPT_TOKENS, "output_tokens": count_tokens(ECHO),
-        "total_tokens": PROMPT_TOKENS + count_tokens(ECHO)}
+    assert span.attributes["mlflow.chat.tokenUsage"] == STREAM_USAGE
+    assert usage(trace) == STREAM_USAGE
+    # Priced too: the store's built-in table knows gpt-4o-mini.
+    assert json.loads(trace.info.trace_metadata["mlflow.trace.cost"])["total_cost"] > 0
 
 
 def test_stream_with_callers_include_usage_is_untouched(traced: Traced, client: openai.OpenAI) -> None:
@@ -176,14 +183,284 @@ def test_stream_usage_opt_out(traced: Traced, client: openai.OpenAI,
     assert "mlflow.chat.tokenUsage" not in span.attributes
 
 
-def test_stream_not_on_allow_list_is_not_changed(
+@pytest.mark.parametrize("hosts,asked", [
+    ("127.0.0.1", True), ("*", True), ("api.openai.com,.0.0.1", True), ("*,!api.openai.com", True),
+    ("api.openai.com", False), ("none", False), ("!127.0.0.1", False), ("*,!127.0.0.1", False),
+])
+def test_stream_usage_hosts_overrides_which_hosts_are_asked(
         traced: Traced, client: openai.OpenAI, openai_server: OpenAIServer,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TRACEWIRE_STREAM_USAGE_HOSTS")
-    traced.enable()  # re-read settings: 127.0.0.1 is no longer allowed
+        monkeypatch: pytest.MonkeyPatch, hosts: str, asked: bool) -> None:
+    monkeypatch.setenv("TRACEWIRE_STREAM_USAGE_HOSTS", hosts)
+    traced.enable()  # re-read the settings
     openai_server.clear()
-    _stream(client)
+    chunks = _stream(client)
+    assert ("stream_options" in openai_server.requests[-1].body) is asked
+    assert all(c.choices for c in chunks)
+    span = only_span(traced.trace())
+    assert ("mlflow.chat.tokenUsage" in span.attributes) is asked
+
+
+@pytest.mark.parametrize("hosts", ["http://127.0.0.1:8000/v1", "localhost:8000", "none,127.0.0.1",
+                                   "!"])
+def test_invalid_stream_usage_hosts_fails_at_autolog_naming_it(
+        tracking_uri: str, monkeypatch: pytest.MonkeyPatch, hosts: str) -> None:
+    monkeypatch.setenv("TRACEWIRE_STREAM_USAGE_HOSTS", hosts)
+    with pytest.raises(tracewire.ConfigError, match="TRACEWIRE_STREAM_USAGE_HOSTS"):
+        tracewire.autolog()
+
+
+def test_callers_stream_options_and_extra_body_are_never_touched(
+        traced: Traced, client: openai.OpenAI, openai_server: OpenAIServer) -> None:
+    """The caller's own stream_options (even without include_usage), or stream_options in its
+    extra_body (which wins in the body the client sends), go out exactly as given."""
+    cases: list[dict[str, Any]] = [
+        {"stream_options": {"include_usage": False}},
+        {"extra_body": {"stream_options": {"include_usage": True}}},
+        {"extra_body": {"top_k": 3}},  # an extra_body without stream_options: usage is asked
+    ]
+    with traced.untraced():
+        expected = [_stream(client, **case) for case in cases]
+    openai_server.clear()
+    got = [_stream(client, **case) for case in cases]
+    bodies = [r.body for r in openai_server.requests]
+    assert bodies[0]["stream_options"] == {"include_usage": False}
+    assert bodies[1]["stream_options"] == {"include_usage": True}
+    assert bodies[2]["stream_options"] == {"include_usage": True} and bodies[2]["top_k"] == 3
+    for chunks, want in zip(got, expected):
+        assert [normalized(c.choices) for c in chunks] == [normalized(c.choices) for c in want]
+    # The caller's own usage chunk is the caller's; ours is hidden.
+    assert got[1][-1].choices == [] and got[1][-1].usage.completion_tokens == count_tokens(ECHO)
+    assert all(c.choices for c in got[0] + got[2])
+    spans_ = [only_span(t) for t in traced.traces(expected=3)]
+    assert "mlflow.chat.tokenUsage" not in spans_[0].attributes
+    assert spans_[1].attributes["mlflow.chat.tokenUsage"] == STREAM_USAGE
+    assert spans_[2].attributes["mlflow.chat.tokenUsage"] == STREAM_USAGE
+
+
+def test_stream_helper_gets_usage_without_the_caller_seeing_it(
+        traced: Traced, openai_server: OpenAIServer) -> None:
+    """`.stream()` passes `stream_options=omit`: not a choice of the caller's."""
+    def run() -> tuple[list[str], Any]:
+        client = openai.OpenAI(base_url=openai_server.base_url, api_key=API_KEY, max_retries=0)
+        with client.chat.completions.stream(model="gpt-4o-mini", messages=USER) as stream:
+            events = [e.type for e in stream]
+            return events, stream.get_final_completion()
+
+    with traced.untraced():
+        expected_events, expected = run()
+    events, final = run()
+    assert events == expected_events
+    assert normalized(final) == normalized(expected) and final.usage is None
+    assert only_span(traced.trace()).attributes["mlflow.chat.tokenUsage"] == STREAM_USAGE
+
+
+def test_with_streaming_response_body_is_the_callers(
+        traced: Traced, openai_server: OpenAIServer) -> None:
+    """`.with_streaming_response`: the caller reads the raw body itself, so nothing is added."""
+    def run() -> list[Any]:
+        # A client of its own: `.with_streaming_response` binds `create` on first use.
+        client = openai.OpenAI(base_url=openai_server.base_url, api_key=API_KEY, max_retries=0)
+        with client.chat.completions.with_streaming_response.create(
+                model="gpt-4o-mini", messages=USER, stream=True) as response:
+            return [normalized(json.loads(line.removeprefix("data: ")))
+                    for line in response.iter_lines() if line and line != "data: [DONE]"]
+
+    with traced.untraced():
+        expected = run()
+    openai_server.clear()
+    assert run() == expected
     assert "stream_options" not in openai_server.requests[-1].body
+    assert only_span(traced.trace()).span_type == "CHAT_MODEL"
+
+
+# --------------------------------------------------------------------------- servers rejecting it
+
+
+@pytest.fixture
+def strict_server(request: pytest.FixtureRequest) -> Any:
+    """A server of its own (a new port: rejections are remembered per host and port, for the
+    process) that rejects `stream_options` like strict OpenAI-compatible servers do."""
+    with OpenAIServer(reject_unknown_args=getattr(request, "param", "openai")) as server:
+        yield server
+
+
+def _rejections(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "rejected stream_options" in r.getMessage()]
+
+
+@pytest.mark.parametrize("strict_server", ["openai", "pydantic"], indirect=True)
+def test_server_rejecting_stream_options_gets_the_callers_request(
+        traced: Traced, strict_server: OpenAIServer, openai_server: OpenAIServer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    client = openai.OpenAI(base_url=strict_server.base_url, api_key=API_KEY, max_retries=0)
+    with traced.untraced():
+        expected = _stream(client)
+    strict_server.clear()
+    caplog.set_level("WARNING", logger="tracewire")
+
+    first = _stream(client)
+    # Exactly the chunks it gets untraced: no usage chunk, no "usage": null either.
+    assert [normalized(json.loads(c.to_json())) for c in first] == \
+        [normalized(json.loads(c.to_json())) for c in expected]
+    asked, sent = strict_server.requests
+    assert asked.body["stream_options"] == {"include_usage": True}
+    assert sent.body == {"model": "gpt-4o-mini", "messages": USER, "stream": True}
+    port = urlsplit(strict_server.base_url).port
+    assert len(_rejections(caplog)) == 1 and f"127.0.0.1:{port}" in _rejections(caplog)[0]
+
+    # Remembered: the next call is one request, without the argument; no second log line.
+    strict_server.clear()
+    second = _stream(client)
+    assert [normalized(c.choices) for c in second] == [normalized(c.choices) for c in expected]
+    assert [r.body for r in strict_server.requests] == [sent.body]
+    assert len(_rejections(caplog)) == 1
+    # Remembered by host and port: another server on 127.0.0.1 is still asked.
+    openai_server.clear()
+    _stream(openai.OpenAI(base_url=openai_server.base_url, api_key=API_KEY, max_retries=0))
+    assert openai_server.requests[-1].body["stream_options"] == {"include_usage": True}
+
+    traces = traced.traces(expected=3)
+    for trace in traces[:2]:  # one span per call, the rejection nowhere in it
+        span = only_span(trace)
+        assert trace.info.state.value == "OK" and span.events == []
+        assert span.outputs["choices"][0]["message"]["content"] == ECHO
+        assert "mlflow.chat.tokenUsage" not in span.attributes
+        assert "stream_options" not in span.inputs
+    assert only_span(traces[2]).attributes["mlflow.chat.tokenUsage"] == STREAM_USAGE
+
+
+def test_server_rejecting_stream_options_async_and_raw(
+        traced: Traced, strict_server: OpenAIServer, caplog: pytest.LogCaptureFixture) -> None:
+    async def call() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=strict_server.base_url, api_key=API_KEY,
+                                    max_retries=0)
+        stream = await client.chat.completions.create(model="gpt-4o-mini", messages=USER,
+                                                      stream=True)
+        return [c.choices[0].delta.content or "" async for c in stream if c.choices]
+
+    caplog.set_level("WARNING", logger="tracewire")
+    assert "".join(asyncio.run(call())) == ECHO
+    assert len(strict_server.requests) == 2
+    client = openai.OpenAI(base_url=strict_server.base_url, api_key=API_KEY, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=USER,
+                                                          stream=True)
+    assert raw.http_response.status_code == 200
+    assert "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices) == ECHO
+    assert len(strict_server.requests) == 3  # remembered across sync and async clients
+    assert len(_rejections(caplog)) == 1
+    for trace in traced.traces(expected=2):
+        assert only_span(trace).outputs["choices"][0]["message"]["content"] == ECHO
+
+
+@pytest.mark.parametrize("failing", ["_remember_refusal", "every step"])
+def test_rejection_stays_hidden_when_our_steps_fail(
+        traced: Traced, strict_server: OpenAIServer, monkeypatch: pytest.MonkeyPatch,
+        failing: str) -> None:
+    """What production runs with (internal errors logged, not raised): whichever of our steps
+    fails, the caller gets its stream and never the rejection."""
+    client = openai.OpenAI(base_url=strict_server.base_url, api_key=API_KEY, max_retries=0)
+    with traced.untraced():
+        expected = [normalized(c) for c in _stream(client)]
+    monkeypatch.setattr(guard, "TESTING", False)
+    monkeypatch.setattr(guard, "fault", lambda step: failing == "every step" or step == failing)
+    for _ in range(2):
+        assert [normalized(c) for c in _stream(client)] == expected
+    monkeypatch.setattr(guard, "fault", None)
+    # A failed _remember_refusal remembers nothing: each call is rejected, then resent.
+    assert len(strict_server.requests) == (1 + 4 if failing == "_remember_refusal" else 1 + 2)
+    tracewire.flush(30)
+
+
+def _error_of(call: Any) -> BaseException:
+    with pytest.raises(openai.APIStatusError) as caught:
+        call()
+    return caught.value
+
+
+def _same_error(got: BaseException, want: BaseException) -> None:
+    assert type(got) is type(want)
+    assert str(got) == str(want) and got.body == want.body  # type: ignore[attr-defined]
+    assert got.__cause__ is None and got.__suppress_context__  # as the openai client raises it
+    error: BaseException | None = got
+    while error is not None:  # our rejection is nowhere in what the caller gets
+        assert "stream_options" not in str(error) + repr(getattr(error, "body", None))
+        error = error.__context__
+
+
+def test_other_bad_request_reaches_the_caller_unchanged_once(
+        traced: Traced, client: openai.OpenAI, openai_server: OpenAIServer) -> None:
+    """A 400 that is not about stream_options: the call is made once, its error is the caller's."""
+    def call() -> Any:
+        return client.chat.completions.create(model="", messages=USER, stream=True)
+
+    with traced.untraced():
+        expected = _error_of(call)
+    openai_server.clear()
+    _same_error(_error_of(call), expected)
+    assert len(openai_server.requests) == 1
+    span = only_span(traced.trace())
+    assert span.status.status_code == "ERROR" and len(span.events) == 1
+    assert span.events[0].attributes["exception.type"] == "BadRequestError"
+
+
+def test_error_on_the_retry_is_what_the_caller_gets_untraced(
+        traced: Traced, strict_server: OpenAIServer) -> None:
+    """Rejected for stream_options, then the caller's own request fails for its own reason: the
+    caller sees that second error, exactly as untraced, and the span records it alone."""
+    client = openai.OpenAI(base_url=strict_server.base_url, api_key=API_KEY, max_retries=0)
+
+    def call() -> Any:
+        return client.chat.completions.create(model="", messages=USER, stream=True)
+
+    with traced.untraced():
+        expected = _error_of(call)
+    assert "model parameter" in str(expected)
+    strict_server.clear()
+    _same_error(_error_of(call), expected)
+    assert ["stream_options" in r.body for r in strict_server.requests] == [True, False]
+    span = only_span(traced.trace())
+    assert span.status.status_code == "ERROR" and len(span.events) == 1
+    assert "stream_options" not in json.dumps(span.events[0].attributes)
+
+
+@pytest.mark.parametrize("how", [{"stream_options": {"include_usage": True}},
+                                 {"extra_body": {"stream_options": {"include_usage": True}}}])
+def test_rejection_of_the_callers_own_stream_options_reaches_it_once(
+        traced: Traced, strict_server: OpenAIServer, how: dict[str, Any],
+        caplog: pytest.LogCaptureFixture) -> None:
+    client = openai.OpenAI(base_url=strict_server.base_url, api_key=API_KEY, max_retries=0)
+
+    def call() -> Any:
+        return _stream(client, **how)
+
+    with traced.untraced():
+        expected = _error_of(call)
+    strict_server.clear()
+    got = _error_of(call)
+    assert type(got) is type(expected) and str(got) == str(expected)
+    assert "stream_options" in str(got)
+    assert len(strict_server.requests) == 1
+    assert _rejections(caplog) == []
+    assert only_span(traced.trace()).status.status_code == "ERROR"
+
+
+def test_rate_limit_and_openai_retries_are_left_to_the_client(
+        traced: Traced, openai_server: OpenAIServer) -> None:
+    """A 429 is not a rejection: openai's own retries run as untraced, the caller gets its
+    RateLimitError, and tracewire sends nothing more."""
+    client = openai.OpenAI(base_url=openai_server.base_url, api_key=API_KEY, max_retries=2)
+
+    def call() -> Any:
+        return client.chat.completions.create(model="error-429", messages=USER, stream=True)
+
+    with traced.untraced():
+        openai_server.clear()
+        expected = _error_of(call)
+        untraced_requests = len(openai_server.requests)
+    openai_server.clear()
+    _same_error(_error_of(call), expected)
+    assert untraced_requests == 3 and len(openai_server.requests) == 3
+    assert only_span(traced.trace()).events[0].attributes["exception.type"] == "RateLimitError"
 
 
 def test_stream_tool_call(traced: Traced, client: openai.OpenAI) -> None:
@@ -248,9 +525,12 @@ def test_stream_async(traced: Traced, aclient: Any) -> None:
         expected = asyncio.run(call())
     chunks = asyncio.run(call())
     assert [normalized(c.choices) for c in chunks] == [normalized(c.choices) for c in expected]
-    span = only_span(traced.trace())
+    assert all(c.choices for c in chunks)
+    trace = traced.trace()
+    span = only_span(trace)
     assert span.outputs["choices"][0]["message"]["content"] == ECHO
-    assert span.attributes["mlflow.chat.tokenUsage"]["output_tokens"] == count_tokens(ECHO)
+    assert span.attributes["mlflow.chat.tokenUsage"] == STREAM_USAGE
+    assert usage(trace) == STREAM_USAGE
 
 
 # --------------------------------------------------------------------------- raw responses

@@ -56,7 +56,6 @@ def _env(tmp_path: Path, openai_server: OpenAIServer, tracking_uri: str) -> dict
         "TRACEWIRE_TESTING": "1",  # an internal error in a worker raises instead of hiding
         "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool"),
         "TRACEWIRE_FEEDBACK_PATH": "/feedback",
-        "TRACEWIRE_STREAM_USAGE_HOSTS": "127.0.0.1",
         # Everything is shipped before the app stops; the bound is for a loaded machine.
         "TRACEWIRE_FLUSH_TIMEOUT": "10",
         "OPENAI_BASE_URL": openai_server.base_url,

@@ -351,6 +351,72 @@ def test_unknown_path_and_invalid_json(client: openai.OpenAI, server: OpenAIServ
 
 
 # --------------------------------------------------------------------------
+# Strict servers: unknown arguments rejected
+
+
+def test_reject_unknown_args_rejects_stream_options_like_strict_servers() -> None:
+    with OpenAIServer(reject_unknown_args=True) as strict, \
+            openai.OpenAI(base_url=strict.base_url, api_key="sk-test", max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError) as rejected:
+            client.chat.completions.create(model="m", messages=user("hi"), stream=True,
+                                           stream_options={"include_usage": True})
+        assert rejected.value.status_code == 400
+        assert rejected.value.body == {  # what the openai client keeps: the error object
+            "message": "Unrecognized request argument supplied: stream_options",
+            "type": "invalid_request_error", "param": None, "code": None}
+        assert strict.requests[-1].body["stream_options"] == {"include_usage": True}  # recorded
+        # Checked before anything else (a missing model would be a different 400).
+        with pytest.raises(openai.BadRequestError, match="arguments supplied: stream_options, top_k"):
+            client.completions.create(model="", prompt="hi", stream=True, extra_body={"top_k": 1},
+                                      stream_options={"include_usage": True})
+
+        # Everything OpenAI's client sends without stream_options is served as usual.
+        chunks = list(client.chat.completions.create(
+            model="m", messages=user("hi"), stream=True, tools=[WEATHER_TOOL], temperature=0,
+            max_completion_tokens=5, seed=1, parallel_tool_calls=False))
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert client.completions.create(model="m", prompt="hi", max_tokens=5).choices[0].text == "Echo: hi"
+        # Responses and embeddings accept every argument.
+        assert client.responses.create(model="m", input="hi", extra_body={"top_k": 1}).output_text == "Echo: hi"
+        assert client.embeddings.create(model="e", input="hi", extra_body={"top_k": 1}).data
+
+
+def test_reject_unknown_args_pydantic_style_answers_422() -> None:
+    with OpenAIServer(reject_unknown_args="pydantic") as strict, \
+            openai.OpenAI(base_url=strict.base_url, api_key="sk-test", max_retries=0) as client:
+        with pytest.raises(openai.UnprocessableEntityError) as rejected:
+            list(client.chat.completions.create(model="m", messages=user("hi"), stream=True,
+                                                stream_options={"include_usage": True}))
+        assert rejected.value.status_code == 422
+        assert rejected.value.body == {"detail": [{
+            "type": "extra_forbidden", "loc": ["body", "stream_options"],
+            "msg": "Extra inputs are not permitted", "input": {"include_usage": True}}]}
+        reply = client.chat.completions.create(model="m", messages=user("hi"))
+        assert reply.choices[0].message.content == "Echo: hi"
+    with pytest.raises(ValueError, match="reject_unknown_args"):
+        OpenAIServer(reject_unknown_args="strict")
+
+
+def test_cli_reject_unknown_args() -> None:
+    src = Path(server_module.__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tracewire.testing.openai_server", "--reject-unknown-args"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert process.stdout is not None
+        base_url = process.stdout.readline().strip()
+        with openai.OpenAI(base_url=base_url, api_key="sk-test", max_retries=0) as client:
+            with pytest.raises(openai.BadRequestError, match="supplied: stream_options"):
+                client.chat.completions.create(model="m", messages=user("x"), stream=True,
+                                               stream_options={"include_usage": True})
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=5)
+    assert stderr == ""
+
+
+# --------------------------------------------------------------------------
 # Responses API
 
 

@@ -146,7 +146,7 @@ def _environ(updates: Mapping[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _demo_environ(uri: str, run_id: str, local: bool) -> dict[str, str]:
+def _demo_environ(uri: str, run_id: str) -> dict[str, str]:
     """The settings the app's own ``tracewire.autolog()`` reads: the store, the experiment, and
     the run's tag on every trace (how the demo finds exactly this run's traces)."""
     env = {"MLFLOW_TRACKING_URI": uri}
@@ -159,12 +159,6 @@ def _demo_environ(uri: str, run_id: str, local: bool) -> dict[str, str]:
         # Otherwise MLflow downloads a model price catalog for models it does not know,
         # which stalls offline; its built-in table prices the demo's model.
         env["MLFLOW_MODEL_CATALOG_URI"] = ""
-    if local:
-        # The local server accepts stream_options.include_usage like OpenAI does, so streamed
-        # calls get exact usage there too.
-        hosts = os.environ.get("TRACEWIRE_STREAM_USAGE_HOSTS", "").strip()
-        if "127.0.0.1" not in hosts.split(","):
-            env["TRACEWIRE_STREAM_USAGE_HOSTS"] = f"{hosts},127.0.0.1" if hosts else "127.0.0.1"
     return env
 
 
@@ -401,7 +395,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                        "unset it to run the demo")
     uri = resolve_tracking_uri(args.tracking_uri, os.environ)
     run_id = uuid.uuid4().hex
-    with _environ(_demo_environ(uri, run_id, local=not args.real)), _quiet_store_setup():
+    with _environ(_demo_environ(uri, run_id)), _quiet_store_setup():
         return _run(args, uri, run_id, out)
 
 

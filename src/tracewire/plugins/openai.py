@@ -7,16 +7,22 @@ Responses are kept by reference and serialized by the export worker; streams are
 span lives until the stream is exhausted, closed, broken out of or garbage collected, and their
 reply is assembled from the chunks on the worker.
 
-Streamed token usage: for chat-completion streams to hosts known to accept it, the plugin asks
-for ``stream_options.include_usage`` when the caller did not, and hides the one extra usage-only
-chunk, so the caller sees the chunks it would have seen untraced. The one visible difference: the
-server then also sends ``"usage": null`` on every chunk, so ``chunk.to_json()`` shows that field.
+Streamed token usage: for chat-completion streams the plugin asks every host (or those
+``TRACEWIRE_STREAM_USAGE_HOSTS`` lists) for ``stream_options.include_usage`` when the caller did
+not set ``stream_options`` itself, and hides the one extra usage-only chunk, so the caller sees the
+chunks it would have seen untraced. The one visible difference: the server then also sends
+``"usage": null`` on every chunk, so ``chunk.to_json()`` shows that field. A server that rejects
+the argument (HTTP 400 or 422 whose body names ``stream_options``) gets the caller's own request
+once more, exactly as the caller made it, within the same span; its host and port are remembered
+for the process (never asked again) with one log line. The caller sees only the second answer.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import logging
+import threading
 from typing import Any, Callable
 
 import wrapt
@@ -47,19 +53,31 @@ _CONTENT_ARGS = frozenset({"messages", "input", "prompt", "instructions", "tools
                            "extra_body", "prediction", "suffix", "response_format", "text"})
 
 
+logger = logging.getLogger("tracewire")
+
+# (host, port) of servers that rejected `stream_options`: never asked again in this process.
+_refusing: set[tuple[str | None, int | None]] = set()
+_refusing_lock = threading.Lock()
+# The header `.with_streaming_response` sets: the caller reads the raw body itself.
+_RAW_HEADER = "X-Stainless-Raw-Response"
+
+
 class _Call:
     """What one traced call carries from its start to its end."""
 
-    __slots__ = ("span", "kwargs", "kind", "stream", "hide_usage", "capture")
+    __slots__ = ("span", "kwargs", "kind", "stream", "hide_usage", "capture", "server")
 
     def __init__(self, span: spans.Span, kwargs: dict[str, Any], kind: str, stream: bool,
-                 hide_usage: bool, capture: bool) -> None:
+                 hide_usage: bool, capture: bool,
+                 server: tuple[str | None, int | None] = (None, None)) -> None:
         self.span = span
+        # What is sent: the caller's arguments, or a copy with stream_options added.
         self.kwargs = kwargs
         self.kind = kind
         self.stream = stream
         self.hide_usage = hide_usage
         self.capture = capture
+        self.server = server
 
 
 # --------------------------------------------------------------------------- request side
@@ -73,10 +91,41 @@ def _provider(instance: Any) -> tuple[str, str | None, int | None]:
     return name, getattr(url, "host", None) or None, getattr(url, "port", None)
 
 
-def _usage_host_allowed(host: str | None, allowed: tuple[str, ...]) -> bool:
+def _host_matches(host: str, entry: str) -> bool:
     # An entry starting with "." matches every subdomain (".openai.azure.com").
-    return bool(host) and any(
-        host == entry or (entry.startswith(".") and host.endswith(entry)) for entry in allowed)
+    return entry == "*" or host == entry or (entry.startswith(".") and host.endswith(entry))
+
+
+def _usage_host_allowed(host: str | None, entries: tuple[str, ...]) -> bool:
+    """Whether chat streams to ``host`` are asked for usage (config.Settings.stream_usage_hosts:
+    ``!host`` entries win)."""
+    if not host:
+        return False
+    if entries == ("*",):
+        return True
+    allowed = False
+    for entry in entries:
+        if entry[0] == "!":
+            if _host_matches(host, entry[1:]):
+                return False
+        elif not allowed:
+            allowed = _host_matches(host, entry)
+    return allowed
+
+
+def _caller_sets_stream_options(kwargs: dict[str, Any]) -> bool:
+    """The caller chose its stream options (an argument, or in ``extra_body``, which wins in the
+    body the client sends) or reads the raw body itself (``.with_streaming_response``): then
+    the request is sent as it is. ``omit``/``NOT_GIVEN`` (falsy sentinels, what ``.stream()``
+    passes) and ``None`` count as not set."""
+    options = kwargs.get("stream_options")
+    if options is not None and (options or isinstance(options, dict)):
+        return True
+    extra_body = kwargs.get("extra_body")
+    if isinstance(extra_body, dict) and "stream_options" in extra_body:
+        return True
+    headers = kwargs.get("extra_headers")
+    return isinstance(headers, dict) and headers.get(_RAW_HEADER) == "stream"
 
 
 def _inputs(kwargs: dict[str, Any], capture: bool) -> dict[str, Any]:
@@ -113,14 +162,12 @@ def _start(kind: str, instance: Any, kwargs: dict[str, Any]) -> _Call:
     span = spans.start_span(name, _SPAN_TYPES[kind], _inputs(kwargs, capture), attributes)
 
     stream = kwargs.get("stream") is True
-    hide_usage = False
-    if stream and kind == CHAT and settings.stream_usage:
-        options = kwargs.get("stream_options")
-        options = options if isinstance(options, dict) else {}
-        if not options.get("include_usage") and _usage_host_allowed(host, settings.stream_usage_hosts):
-            kwargs = {**kwargs, "stream_options": {**options, "include_usage": True}}
-            hide_usage = True
-    return _Call(span, kwargs, kind, stream, hide_usage, capture)
+    if stream and kind == CHAT and settings.stream_usage and (host, port) not in _refusing \
+            and _usage_host_allowed(host, settings.stream_usage_hosts) \
+            and not _caller_sets_stream_options(kwargs):
+        kwargs = {**kwargs, "stream_options": {"include_usage": True}}
+        return _Call(span, kwargs, kind, stream, True, capture, (host, port))
+    return _Call(span, kwargs, kind, stream, False, capture)
 
 
 # --------------------------------------------------------------------------- response side
@@ -205,6 +252,44 @@ def _deliver(call: _Call, result: Any) -> Any:
 def _fail(call: _Call, error: BaseException) -> None:
     call.span.record_error(error)
     call.span.end()
+
+
+@functools.cache
+def _status_error() -> type:
+    from openai import APIStatusError
+
+    return APIStatusError  # type: ignore[no-any-return]
+
+
+def _usage_refused(call: _Call, error: Exception) -> bool:
+    """Whether ``error`` is the server rejecting the ``stream_options`` we added: then the caller's
+    own request is sent instead. Not a guarded step on purpose: it only checks a type, a status
+    and two strings, so that no failure of ours can hand the caller an error its own request
+    would not have caused."""
+    if not call.hide_usage or not isinstance(error, _status_error()) \
+            or error.status_code not in (400, 422):
+        return False
+    body = error.body
+    if "stream_options" not in error.message and "stream_options" not in (
+            body if isinstance(body, str) else repr(body)):
+        return False
+    call.hide_usage = False  # the retry is the caller's request: nothing of ours to hide
+    return True
+
+
+def _remember_refusal(call: _Call) -> None:
+    """Never ask this server again in this process; say so once. No error text: it can echo
+    request content."""
+    with _refusing_lock:
+        if call.server in _refusing:
+            return
+        _refusing.add(call.server)
+    host, port = call.server
+    logger.warning(
+        "tracewire: %s rejected stream_options.include_usage; streamed chat calls to it are sent "
+        "without it for the rest of this process, so they record no token usage (set "
+        "TRACEWIRE_STREAM_USAGE_HOSTS=!%s to skip the first try)",
+        f"{host}:{port}" if port else host, host)
 
 
 # --------------------------------------------------------------------------- streams
@@ -435,6 +520,9 @@ class _RawResponse(wrapt.ObjectProxy):  # type: ignore[misc]
 
 # --------------------------------------------------------------------------- wrappers
 
+# Stands for "the server rejected our stream_options; send the caller's request".
+_REFUSED = object()
+
 
 def _sync_wrapper(kind: str) -> Callable[..., Any]:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
@@ -446,7 +534,15 @@ def _sync_wrapper(kind: str) -> Callable[..., Any]:
             return wrapped(*args, **kwargs)
         tokens = guard.call(spans.activate, call.span)
         try:
-            result = wrapped(*args, **call.kwargs)
+            try:
+                result = wrapped(*args, **call.kwargs)
+            except Exception as exc:
+                if not _usage_refused(call, exc):
+                    raise
+                guard.call(_remember_refusal, call)
+                result = _REFUSED
+            if result is _REFUSED:  # outside the except: the rejection is no __context__
+                result = wrapped(*args, **kwargs)
         except BaseException as exc:
             guard.call(_fail, call, exc)
             raise
@@ -468,7 +564,15 @@ def _async_wrapper(kind: str) -> Callable[..., Any]:
             return await wrapped(*args, **kwargs)
         tokens = guard.call(spans.activate, call.span)
         try:
-            result = await wrapped(*args, **call.kwargs)
+            try:
+                result = await wrapped(*args, **call.kwargs)
+            except Exception as exc:
+                if not _usage_refused(call, exc):
+                    raise
+                guard.call(_remember_refusal, call)
+                result = _REFUSED
+            if result is _REFUSED:  # outside the except: the rejection is no __context__
+                result = await wrapped(*args, **kwargs)
         except BaseException as exc:
             guard.call(_fail, call, exc)
             raise

@@ -10,7 +10,7 @@ Point the real ``openai`` client at it over HTTP::
 or run it in the foreground (the base URL is printed on one line, then it serves
 until interrupted)::
 
-    python -m tracewire.testing.openai_server [--port N]
+    python -m tracewire.testing.openai_server [--port N] [--reject-unknown-args [openai|pydantic]]
 
 Only the standard library is used, so it works wherever the core package does.
 
@@ -76,6 +76,19 @@ chunk plus one final chunk with ``choices == []`` and the usage; then
 from ``response.created`` to ``response.completed`` (which carries usage) and no
 ``[DONE]``, like OpenAI. Bodies are sent with chunked transfer encoding so the
 connection stays reusable.
+
+Unknown arguments (``OpenAIServer(reject_unknown_args=...)``, ``--reject-unknown-args``)
+    By default every argument is accepted. Like servers that validate strictly (some
+    OpenAI-compatible servers, older deployments), chat and legacy completions can
+    instead reject any argument outside OpenAI's (``stream`` and the arguments of the
+    openai client's ``create``) minus ``stream_options``, so ``stream_options`` and
+    unknown ``extra_body`` fields are rejected before anything else is checked:
+    ``"openai"`` (or ``True``) answers HTTP 400 ``Unrecognized request argument
+    supplied: stream_options`` in an OpenAI error body (``openai.BadRequestError``);
+    ``"pydantic"`` answers HTTP 422 with a FastAPI/pydantic body, ``{"detail": [{"type":
+    "extra_forbidden", "loc": ["body", "stream_options"], "msg": "Extra inputs are not
+    permitted", ...}]}`` (``openai.UnprocessableEntityError``). Rejected requests are
+    recorded like any other. Responses and embeddings accept every argument.
 
 Embeddings are ``dimensions`` (default 8) float32 values in [-1, 1) derived from
 a SHA-256 of the input (``embedding_vector``); ``encoding_format="base64"`` (what
@@ -681,6 +694,41 @@ def _embeddings(body: Mapping[str, Any], seq: int) -> _Reply:
     )
 
 
+# What a strict server knows (OpenAI's arguments without `stream_options`).
+_KNOWN_ARGS = {
+    "/v1/chat/completions": frozenset({
+        "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+        "max_completion_tokens", "max_tokens", "messages", "metadata", "modalities", "model",
+        "moderation", "n", "parallel_tool_calls", "prediction", "presence_penalty",
+        "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "reasoning_effort",
+        "response_format", "safety_identifier", "seed", "service_tier", "stop", "store", "stream",
+        "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity",
+        "web_search_options",
+    }),
+    "/v1/completions": frozenset({
+        "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "model",
+        "n", "presence_penalty", "prompt", "seed", "stop", "stream", "suffix", "temperature",
+        "top_p", "user",
+    }),
+}
+_REJECT_STYLES = ("openai", "pydantic")
+
+
+def _reject_unknown(style: str, path: str, body: Mapping[str, Any]) -> None:
+    known = _KNOWN_ARGS.get(path)
+    unknown = [name for name in body if name not in known] if known is not None else []
+    if not unknown:
+        return
+    if style == "pydantic":
+        error = _APIError(422, "Extra inputs are not permitted", "invalid_request_error")
+        error.body = {"detail": [
+            {"type": "extra_forbidden", "loc": ["body", name], "msg": "Extra inputs are not permitted",
+             "input": body[name]} for name in unknown]}
+        raise error
+    plural = "s" if len(unknown) > 1 else ""
+    raise _bad_request(f"Unrecognized request argument{plural} supplied: {', '.join(unknown)}")
+
+
 _ENDPOINTS: dict[str, Callable[[Mapping[str, Any], int], _Reply]] = {
     "/v1/chat/completions": _chat,
     "/v1/completions": _completions,
@@ -783,6 +831,8 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             if not isinstance(body, dict):
                 raise _bad_request("We could not parse the JSON body of your request: expected a JSON object.")
+            if self.server.owner.reject_unknown_args:
+                _reject_unknown(self.server.owner.reject_unknown_args, path, body)
             reply = endpoint(body, seq)
         except _APIError as error:
             self._send_json(error.status, error.body, seq, error.headers)
@@ -825,8 +875,16 @@ class OpenAIServer:
     Use as a context manager, or call ``start()`` and ``stop()``.
     """
 
-    def __init__(self, port: int = 0) -> None:
-        """``port=0`` picks a free port."""
+    def __init__(self, port: int = 0, *, reject_unknown_args: bool | str = False) -> None:
+        """``port=0`` picks a free port. ``reject_unknown_args``: ``True``/``"openai"`` or
+        ``"pydantic"`` rejects arguments a strict server does not know, ``stream_options``
+        included (see the module docstring)."""
+        if reject_unknown_args is True:
+            reject_unknown_args = "openai"
+        if reject_unknown_args and reject_unknown_args not in _REJECT_STYLES:
+            raise ValueError(f"reject_unknown_args must be one of {_REJECT_STYLES}, "
+                             f"got {reject_unknown_args!r}")
+        self.reject_unknown_args: str | None = reject_unknown_args or None
         self._requested_port = port
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -904,8 +962,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run the server in the foreground, printing its base URL on one line."""
     parser = argparse.ArgumentParser(description="Run a local deterministic OpenAI-compatible server.")
     parser.add_argument("--port", type=int, default=0, help="port to bind on 127.0.0.1 (default: a free one)")
+    parser.add_argument(
+        "--reject-unknown-args", nargs="?", const="openai", choices=_REJECT_STYLES, default=None,
+        help="reject chat/completions arguments a strict server does not know, stream_options "
+        "included: HTTP 400 like OpenAI (openai, the default) or 422 like FastAPI (pydantic)")
     args = parser.parse_args(argv)
-    with OpenAIServer(port=args.port) as server:
+    with OpenAIServer(port=args.port, reject_unknown_args=args.reject_unknown_args or False) as server:
         print(server.base_url, flush=True)
         try:
             threading.Event().wait()
