@@ -179,13 +179,12 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
         dicts.extend(span_dict(s, fragment.trace_id, fragment.otel_trace_id)
                      for s in fragment.spans)
     if item.ours is not None:
-        root_id = _b64(item.ours.root.span_id, 8)
-        _lift_work(dicts, root_id)
-        if previews := _previews(dicts, root_id):
-            head["previews"] = previews
+        _lift_work(dicts, _b64(item.ours.root.span_id, 8))
     if settings.redact is not None:
         for data in dicts:
             _redact(data["attributes"], settings.redact)
+    if item.ours is not None and (previews := _previews(dicts, _b64(item.ours.root.span_id, 8))):
+        head["previews"] = previews  # from the redacted values
     # Here, off the caller's thread, and only for prices the store would not set (core/cost.py).
     cost.price_span_dicts(dicts, settings.prices,
                           catalog=not cost.store_prices(destination.tracking_uri(settings)))
@@ -196,6 +195,14 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
     return trace_id, _utf8(json.dumps(payload, ensure_ascii=False))
 
 
+def process_metadata() -> dict[str, str]:
+    """The source MLflow records on every trace (script or entry point, git commit), resolved
+    once per process. Resolved when the worker starts, not at the first trace: resolving
+    imports GitPython, and that import during the exit of a script stopped by Ctrl-C made it
+    exit with status 1 instead of dying of SIGINT (CPython resets its unhandled-interrupt mark)."""
+    return dict(resolve_env_metadata())
+
+
 def _record(item: Item) -> dict[str, Any]:
     """What MLflow records on a trace it starts, for one of ours: this process's source, run
     and active model, what the caller's context said when the trace began (the served model,
@@ -204,7 +211,7 @@ def _record(item: Item) -> dict[str, Any]:
     request id), which win."""
     assert item.ours is not None
     origin = item.ours.origin
-    metadata = dict(resolve_env_metadata())  # resolved once per process
+    metadata = process_metadata()
     tags: dict[str, str] = {}
     if run := _get_latest_active_run():
         metadata[keys.SOURCE_RUN] = run.info.run_id
@@ -262,9 +269,12 @@ def _chat_form(value: Any) -> Any:
     ``messages``) in the chat form MLflow's previews read (``{"role": "user", ...}``)."""
     if not isinstance(value, dict) or not isinstance(value.get("messages"), list):
         return value
-    messages = [{"role": _ROLES.get(m["type"], m["type"]), "content": m["content"]}
-                if isinstance(m, dict) and "role" not in m and "type" in m and "content" in m
-                else m for m in value["messages"]]
+    langchain = [isinstance(m, dict) and "role" not in m and "type" in m and "content" in m
+                 for m in value["messages"]]
+    if not any(langchain):
+        return value
+    messages = [{"role": _ROLES.get(m["type"], m["type"]), "content": m["content"]} if chat
+                else m for m, chat in zip(value["messages"], langchain)]
     return {**value, "messages": messages}
 
 

@@ -119,12 +119,14 @@ def _spool_batch(items: Sequence[hooks.Item | Feedback]) -> int:
     return lost
 
 
-def _hand_spool_to_shipper() -> None:
+def _start_on_worker() -> None:
     """First thing on the worker thread: start the shipper with our spool, so it opens the store
-    now instead of at the first trace."""
+    now instead of at the first trace; then what every trace's record reads once per process
+    (encode.py), which is slow to resolve (GitPython asks git)."""
     spool, shipper = _spool, _shipper
     if spool is not None and shipper is not None:
         shipper.ship(spool.path)
+    guard.call(encode.process_metadata)
 
 
 def submit_feedback(feedback: Feedback) -> bool:
@@ -194,7 +196,7 @@ def start(settings: config.Settings) -> None:
                 _shippers[uri] = ShipperProcess(_shipper_env(settings))
             _shipper = _shippers[uri]
             _worker = Worker(_spool_batch, maxsize=settings.queue_size,
-                             on_start=_hand_spool_to_shipper)
+                             on_start=_start_on_worker)
         hooks.install_hooks(_worker.submit)
 
 
