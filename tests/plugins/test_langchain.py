@@ -32,7 +32,7 @@ QUESTION = "What is the capital of France"
 PROMPT_TOKENS = 3 + count_tokens(QUESTION)
 ECHO_TOKENS = count_tokens("Echo: " + QUESTION)
 SERVER_USAGE = {"input_tokens": PROMPT_TOKENS, "output_tokens": ECHO_TOKENS,
-                "total_tokens": PROMPT_TOKENS + ECHO_TOKENS}
+                "total_tokens": PROMPT_TOKENS + ECHO_TOKENS, "cache_read_input_tokens": 0}
 
 
 def tree(trace: mlflow.entities.Trace) -> dict[str, tuple[str, str | None]]:

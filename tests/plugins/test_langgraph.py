@@ -284,7 +284,8 @@ def test_streamed_chat_openai_in_a_graph_counts_exact_tokens(
         assert shape(trace) == ("LangGraph", "AGENT", [("agent", "CHAIN", [
             ("ChatOpenAI", "CHAT_MODEL", [("chat gpt-4o-mini", "CHAT_MODEL", [])])])])
         assert trace.info.token_usage == {"input_tokens": prompt, "output_tokens": completion,
-                                          "total_tokens": prompt + completion}
+                                          "total_tokens": prompt + completion,
+                                          "cache_read_input_tokens": 0}
 
 
 def test_parallel_nodes_in_langgraphs_thread_pool_keep_their_children(traced: Traced) -> None:

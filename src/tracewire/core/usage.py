@@ -38,9 +38,9 @@ def _usage(input_tokens: int | None, output_tokens: int | None, total: int | Non
         keys.OUTPUT_TOKENS: output_tokens,
         keys.TOTAL_TOKENS: total if total is not None else input_tokens + output_tokens,
     }
-    if cache_read:
+    if cache_read is not None:  # a reported 0 is kept, as MLflow keeps it
         result[keys.CACHE_READ_INPUT_TOKENS] = cache_read
-    if cache_creation:
+    if cache_creation is not None:
         result[keys.CACHE_CREATION_INPUT_TOKENS] = cache_creation
     return result
 
