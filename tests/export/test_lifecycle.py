@@ -260,8 +260,11 @@ def test_exit_with_a_dead_store_says_what_stays_and_spool_ship_ships_it(
         assert "owned by a running process" not in ship.stdout, ship.stdout
         assert "shipping 8 trace(s) from 2 spool file(s)" in ship.stdout, ship.stdout
         assert "8/8 shipped" in ship.stdout and "done: 8 trace(s) stored" in ship.stdout
-        assert_exactly_once(stored_traces(server.url, "dead-at-exit"),
-                            [f"dead {i}" for i in range(5)] + [f"again {i}" for i in range(3)])
+        stored = stored_traces(server.url, "dead-at-exit")
+        assert_exactly_once(stored, [f"dead {i}" for i in range(5)] +
+                            [f"again {i}" for i in range(3)])
+        # Their records too, which a tracking server takes after the spans (MLflow's metadata).
+        assert all(t.info.trace_metadata.get("mlflow.source.type") for t in stored)
     assert files_in(spool_dir) == []
 
 

@@ -108,8 +108,14 @@ def _ship(directory: Path) -> int:
                                f"{error}); {total - worker.shipped} trace(s) stay spooled in "
                                f"{directory}")
             time.sleep(2.0 * tries)
-        while worker.stamp_one_batch():  # the client request ids a tracking server needs
+        while worker.stamp_one_batch():  # what a tracking server takes after the spans
             pass
+        if unstamped := sum(source.pending("stamps") for source in taken):
+            error = worker.last_error
+            raise CLIError(f"{worker.shipped} trace(s) stored, but the records of {unstamped} "
+                           f"(client request id, metadata) could not be written "
+                           f"({type(error).__name__}: {error}); they stay spooled in "
+                           f"{directory}: run this again")
         print(f"done: {worker.shipped} trace(s) stored")
         return 0
     finally:

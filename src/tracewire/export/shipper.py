@@ -270,7 +270,7 @@ class Shipper:
                     continue
                 if entries:
                     return source, entries
-                if source in self._adopted:
+                if source in self._adopted and not source.outstanding():  # stamps included
                     self._adopted.remove(source)
                     source.close()
                 elif not source.path.exists():  # the app removed it, empty, when it stopped
