@@ -207,6 +207,7 @@ class HungStore:
 #   drain         wait until the spools other processes left in the directory are shipped and
 #                 removed (this process ships them: same destination), flush, return normally;
 #   wait-marker   wait until the file TEST_CRASH_MARKER exists (see CRASH_HOOK), then return.
+# With TEST_REQUEST_IDS set, call i runs under the request id "<TEST_TAG>-<i>".
 CHILD_SCRIPT = """
     import json, os, signal, sys, time
     from pathlib import Path
@@ -225,8 +226,10 @@ CHILD_SCRIPT = """
     for i in range(calls):
         text = f"{tag} {i}"
         started = time.perf_counter()
-        reply = client.chat.completions.create(model="gpt-4o-mini",
-                                               messages=[{"role": "user", "content": text}])
+        with tracewire.context(request_id=f"{tag}-{i}" if os.environ.get("TEST_REQUEST_IDS")
+                               else None):  # a web request's trace: its id is stamped on
+            reply = client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": text}])
         durations.append(time.perf_counter() - started)
         if reply.choices[0].message.content != f"Echo: {text}":
             wrong.append(reply.choices[0].message.content)

@@ -239,6 +239,7 @@ def test_exit_with_a_dead_store_says_what_stays_and_spool_ship_ships_it(
     spool_dir = tmp_path / "spool"
     env = child_env(tracking_uri=f"http://127.0.0.1:{port}", experiment="dead-at-exit",
                     spool_dir=spool_dir, openai_server=openai_server)
+    env["TEST_REQUEST_IDS"] = "1"
     run = run_child(tmp_path, {**env, "TEST_TAG": "dead", "TEST_CALLS": "5", "TEST_END": "exit"})
     print(f"\nexit with a dead store: {run.wall:.1f} s in all")
     assert run.returncode == 0, run.describe()
@@ -263,8 +264,9 @@ def test_exit_with_a_dead_store_says_what_stays_and_spool_ship_ships_it(
         stored = stored_traces(server.url, "dead-at-exit")
         assert_exactly_once(stored, [f"dead {i}" for i in range(5)] +
                             [f"again {i}" for i in range(3)])
-        # Their records too, which a tracking server takes after the spans (MLflow's metadata).
-        assert all(t.info.trace_metadata.get("mlflow.source.type") for t in stored)
+        # Their request ids too, which a tracking server takes after the spans.
+        assert sorted(t.info.client_request_id for t in stored) == \
+            sorted([f"dead-{i}" for i in range(5)] + [f"again-{i}" for i in range(3)])
     assert files_in(spool_dir) == []
 
 

@@ -110,7 +110,7 @@ def _ship(directory: Path) -> int:
             time.sleep(2.0 * tries)
         while worker.stamp_one_batch():  # what a tracking server takes after the spans
             pass
-        if unstamped := sum(source.pending("stamps") for source in taken):
+        if unstamped := worker.stamps_pending():
             error = worker.last_error
             raise CLIError(f"{worker.shipped} trace(s) stored, but the records of {unstamped} "
                            f"(client request id, metadata) could not be written "

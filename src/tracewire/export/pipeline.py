@@ -34,7 +34,7 @@ from tracewire.core import guard
 from tracewire.core.feedback import Feedback
 from tracewire.export import destination, encode, hooks
 from tracewire.export.queue import Worker
-from tracewire.export.shipper import OPENING, ShipperProcess
+from tracewire.export.shipper import ADOPTED, OPENING, ShipperProcess
 from tracewire.export.spool import Spool
 
 logger = logging.getLogger("tracewire")
@@ -206,22 +206,25 @@ _STARTING_MAX = 20.0
 _OPENING_MAX = 60.0
 
 
-def _busy_locally(spool: Spool, shipper: ShipperProcess | None) -> bool:
-    """The shipper is doing local work that ends on its own: starting up, or creating or
-    migrating a database store."""
+def _progress_elsewhere(spool: Spool, shipper: ShipperProcess | None, stall: float) -> bool:
+    """The shipper is working for this spool without its count going down: starting up,
+    creating or migrating a database store (local work that ends on its own), or shipping what
+    a dead process left, which goes first."""
     if shipper is None or not shipper.alive:
         return False
     now = time.time()
     state = spool.shipper_state()
     if state is None or state[1] < shipper.spawned_at:  # this process has said nothing yet
         return now - shipper.spawned_at < _STARTING_MAX
-    return state[0] == OPENING and now - state[1] < _OPENING_MAX
+    return state[0] == OPENING and now - state[1] < _OPENING_MAX or \
+        state[0] == ADOPTED and now - state[1] < stall
 
 
 def _wait_stored(spool: Spool, shipper: ShipperProcess | None, deadline: float,
                  stall: float) -> bool:
     """Wait until the spool is empty (True); False at ``deadline``, or once the store has made
-    no progress (traces acknowledged, or local work under way) for ``stall`` seconds."""
+    no progress (ours acknowledged, or the shipper's work that comes first) for ``stall``
+    seconds."""
     last_count = math.inf
     last_progress = time.monotonic()
     while True:
@@ -229,7 +232,7 @@ def _wait_stored(spool: Spool, shipper: ShipperProcess | None, deadline: float,
         if not count:
             return True
         now = time.monotonic()
-        if count < last_count or _busy_locally(spool, shipper):
+        if count < last_count or _progress_elsewhere(spool, shipper, stall):
             last_progress = now
         last_count = count
         if now >= deadline or now - last_progress > stall:

@@ -47,9 +47,11 @@ _ADOPT_EVERY = 30.0  # seconds between looks for spools of dead processes
 _RESPAWN_EVERY = 5.0  # seconds between restarts of a shipper process that died
 _FEEDBACK_EVERY = 2.0  # seconds between attempts to apply feedback whose trace is not stored yet
 
-# What the shipper says it is doing, in the app's spool. "opening" is local work (creating or
-# migrating a database store) that the app's exit may wait for; the others are not.
-OPENING, SHIPPING, FAILING = "opening", "shipping", "failing"
+# What the shipper says it is doing, in the app's spool. An exit waits while the shipper works
+# for it without the spool's count going down: "opening" (creating or migrating a database
+# store), and "adopted", said again at each acknowledgement of what a dead process left (which
+# goes first).
+OPENING, SHIPPING, FAILING, ADOPTED = "opening", "shipping", "failing", "adopted"
 
 
 # --------------------------------------------------------------------------- in the app
@@ -299,7 +301,15 @@ class Shipper:
         self.shipped += len(entries)
         if self._recovered():
             self._tell(source.destination, SHIPPING)
+        if source in self._adopted:
+            self._tell(source.destination, ADOPTED)
         return True
+
+    def stamps_pending(self) -> int:
+        """Stamps still to write, in the spools held (a spool is let go once empty)."""
+        with self._lock:
+            sources = [*self._adopted, *self._spools]
+        return sum(source.pending("stamps") for source in sources)
 
     def stamp_one_batch(self) -> bool:
         """Write the oldest client request ids still to stamp (only when no trace is waiting:
@@ -317,6 +327,8 @@ class Shipper:
                 self._failed(exc, store)
                 return False
             source.ack_stamps(stamps)
+            if source in self._adopted:
+                self._tell(source.destination, ADOPTED)
             return True
         return False
 

@@ -31,6 +31,7 @@ from mlflow.tracing.constant import (
     TRACE_SCHEMA_VERSION_KEY,
     TRUNCATION_SUFFIX,
     SpanAttributeKey,
+    TraceMetadataKey,
 )
 from mlflow.tracing.utils import (
     add_size_stats_to_trace_metadata,
@@ -39,6 +40,7 @@ from mlflow.tracing.utils import (
     should_compute_cost_client_side,
 )
 from mlflow.tracing.utils.truncation import set_request_response_preview
+from mlflow.utils.mlflow_tags import TRACE_RESOLVE_TAGS_ALLOWLIST
 
 from tracewire import config
 from tracewire.core import attributes as keys
@@ -133,9 +135,14 @@ class Decoded:
     stamp: bool = False
 
 
-# Trace metadata a tracking server derives from spans arriving for a trace it does not have.
-_FROM_SPANS = frozenset({TRACE_SCHEMA_VERSION_KEY, keys.TRACE_SESSION, keys.TRACE_USER,
-                         keys.TRACE_TOKEN_USAGE, keys.TRACE_COST})
+# Trace metadata a tracking server derives from spans arriving for a trace it does not have,
+# and metadata that describes rather than identifies (the process's source, sizes, the root's
+# values cut short): neither is worth a request of its own (a ``start_trace`` each, the server's
+# bottleneck, about 50 a second), and the latter rides along when a trace is stamped anyway.
+_NO_STAMP = frozenset({
+    TRACE_SCHEMA_VERSION_KEY, keys.TRACE_SESSION, keys.TRACE_USER, keys.TRACE_TOKEN_USAGE,
+    keys.TRACE_COST, keys.TRACE_INPUTS, keys.TRACE_OUTPUTS, TraceMetadataKey.SIZE_STATS,
+    TraceMetadataKey.SIZE_BYTES, *TRACE_RESOLVE_TAGS_ALLOWLIST})
 
 
 def decode(payload: bytes, experiment_id: str, record_in_spans: bool) -> Decoded:
@@ -183,7 +190,7 @@ def decode(payload: bytes, experiment_id: str, record_in_spans: bool) -> Decoded
     trace_spans = [MlflowSpan.from_dict(d) for d in data["spans"]]
     _stamp(info, trace_spans, context)
     stamp = via_spans and bool(info.client_request_id or head.get("previews") or
-                               set(info.trace_metadata) - _FROM_SPANS)
+                               set(info.trace_metadata) - _NO_STAMP)
     return Decoded(info, trace_spans, via_spans, stamp)
 
 
