@@ -39,7 +39,6 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace.status import StatusCode
 
-from tracewire.core import attributes as keys
 from tracewire.core import context as request_context
 from tracewire.core import guard, spans
 from tracewire.core.context import RequestContext
