@@ -305,6 +305,38 @@ def test_batch_runs_on_langchains_pool_stay_under_their_parent(traced: Traced) -
     assert trace.info.token_usage["total_tokens"] == 6
 
 
+def test_a_sequences_batch_is_one_trace_per_input_and_leaves_nothing_current(
+        traced: Traced) -> None:
+    """``RunnableSequence.batch`` starts every input's run in the caller's thread, one after
+    the other, before any ends (issue 16, points 1 and 2)."""
+    from tracewire.core import spans
+
+    def half(x: int) -> float:
+        if x == 0:
+            raise ZeroDivisionError("no half of nothing")
+        return 1 / x
+
+    chain = RunnableLambda(lambda x: x * 2, name="double") | RunnableLambda(half, name="half")
+    results = chain.batch([1, 0, 2], return_exceptions=True)
+    assert results[0] == 0.5 and results[2] == 0.25 and isinstance(results[1], ZeroDivisionError)
+    assert spans.current() is None  # nothing of ours left current in the caller's context
+
+    @mlflow.trace
+    def after(x: int) -> int:
+        return x + 1
+
+    assert after(1) == 2
+    traces = traced.traces(expected=4)
+    by_input = {t.data.spans[0].inputs: t for t in traces if t.data.spans[0].name != "after"}
+    assert sorted(by_input) == [0, 1, 2]
+    for x, trace in by_input.items():
+        assert tree(trace) == {"RunnableSequence": ("CHAIN", None),
+                               "double": ("CHAIN", "RunnableSequence"),
+                               "half": ("CHAIN", "RunnableSequence")}
+        assert trace.info.state.value == ("ERROR" if x == 0 else "OK")
+    assert [t.data.spans[0].name for t in traces].count("after") == 1
+
+
 def test_propagate_carries_the_run_into_run_in_executor(traced: Traced, client: Any) -> None:
     def ask() -> str:
         return client.chat.completions.create(

@@ -175,6 +175,18 @@ def start_span(name: str, span_type: str, inputs: Any = None,
     return _add(trace, parent_id, name, span_type, inputs, attributes)
 
 
+def start_beside(span: Span, name: str, span_type: str, inputs: Any = None,
+                 attributes: dict[str, Any] | None = None) -> Span:
+    """Start a span beside ``span``: under its parent, or as the root of a new trace when
+    ``span`` is a root. For work begun where ``span`` is current but not running inside it (a
+    batch's next input, a stream consumed in turns with another)."""
+    if span.parent_id is not None and not span.trace.done:
+        return _add(span.trace, span.parent_id, name, span_type, inputs, attributes)
+    trace = Trace(_rng.getrandbits(128) or 1, parent_span_id=None)
+    _open[trace.otel_trace_id] = trace
+    return _add(trace, None, name, span_type, inputs, attributes)
+
+
 def _add(trace: Trace, parent_id: int | None, name: str, span_type: str, inputs: Any,
          attributes: dict[str, Any] | None) -> Span:
     span = Span(trace, parent_id, name, span_type, inputs, attributes)

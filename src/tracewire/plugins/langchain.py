@@ -206,6 +206,7 @@ class _Handler:
 
     def __init__(self) -> None:
         self.runs: dict[UUID, _Run] = {}
+        self.live: set[int] = set()  # id() of the spans of runs not ended yet
 
     # ---- span lifecycle
 
@@ -223,12 +224,25 @@ class _Handler:
 
     def _start(self, run_id: UUID, parent_run_id: UUID | None, name: str, span_type: str,
                inputs: Any, attributes: dict[str, Any]) -> spans.Span:
-        span = spans.start_span(name, span_type, inputs, attributes, self._parent(parent_run_id))
+        here = spans.current()
+        if parent_run_id is None and here is not None and id(here) in self.live:
+            # A top-level run begun where another run's span is current, yet not inside it
+            # (LangChain would have named that run its parent): the next input of a sequence's
+            # batch, a stream consumed in turns with another. It goes beside that run, and is
+            # not made current here: this context is the other run's, and what runs inside
+            # this one finds it through LangChain's parent run id.
+            span = spans.start_beside(here, name, span_type, inputs, attributes)
+            tokens = None
+        else:
+            span = spans.start_span(name, span_type, inputs, attributes,
+                                    self._parent(parent_run_id))
+            tokens = spans.activate(span)
         if parent_run_id is not None and attributes.get(keys.LANGGRAPH_NODE) is not None:
             parent = self.runs.get(parent_run_id)
             if parent is not None:
                 parent.span.span_type = SpanType.AGENT  # a run whose children are nodes is a graph
-        self.runs[run_id] = _Run(span, spans.activate(span))
+        self.live.add(id(span))
+        self.runs[run_id] = _Run(span, tokens)
         return span
 
     def _end(self, run_id: UUID, outputs: Any = None, error: BaseException | None = None) -> None:
@@ -236,8 +250,10 @@ class _Handler:
         if run is None:
             return
         span = run.span
+        self.live.discard(id(span))
         try:
-            _deactivate(run.tokens)
+            if run.tokens is not None:
+                _deactivate(run.tokens)
         finally:
             if error is not None:
                 if _is_control_flow(error):
