@@ -406,3 +406,31 @@ def test_a_command_to_the_parent_graph_is_control_flow(traced: Traced) -> None:
     assert controlled["hop"] == "ParentCommand"
     assert all(s.status.status_code.value == "OK" for s in trace.data.spans)
     assert [c[0] for c in shape(trace)[2]] == ["inner", "done"]
+
+
+def test_two_streams_consumed_in_turns_are_two_traces(traced: Traced) -> None:
+    """Two graph runs streamed alternately in one thread (issue 16, point 4, sync)."""
+    import itertools
+
+    from tracewire.core import spans
+
+    class Count(TypedDict):
+        n: int
+
+    graph = StateGraph(Count)
+    graph.add_node("add", lambda state: {"n": state["n"] + 1})
+    graph.add_node("scale", lambda state: {"n": state["n"] * 10})
+    graph.add_edge(START, "add")
+    graph.add_edge("add", "scale")
+    graph.add_edge("scale", END)
+    app = graph.compile()
+    first, second = app.stream({"n": 1}), app.stream({"n": 2})
+    chunks = [c for pair in itertools.zip_longest(first, second) for c in pair if c]
+    assert chunks == [{"add": {"n": 2}}, {"add": {"n": 3}}, {"scale": {"n": 20}},
+                      {"scale": {"n": 30}}]
+    assert spans.current() is None
+    traces = traced.traces(expected=2)
+    assert sorted(t.data.spans[0].inputs["n"] for t in traces) == [1, 2]
+    for trace in traces:
+        assert shape(trace) == ("LangGraph", "AGENT", [("add", "CHAIN", []),
+                                                       ("scale", "CHAIN", [])])
