@@ -5,6 +5,7 @@ through MLflow's API."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Annotated, Any
 
 import mlflow
@@ -434,3 +435,87 @@ def test_two_streams_consumed_in_turns_are_two_traces(traced: Traced) -> None:
     for trace in traces:
         assert shape(trace) == ("LangGraph", "AGENT", [("add", "CHAIN", []),
                                                        ("scale", "CHAIN", [])])
+
+
+ABANDONED_STREAM = """
+import asyncio, os, sys
+from typing import Annotated
+
+import mlflow, tracewire
+from langchain_core.messages import AnyMessage
+from langchain_openai import ChatOpenAI
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.message import add_messages
+from typing_extensions import TypedDict
+
+tracewire.autolog()
+model = ChatOpenAI(model="gpt-4o-mini", base_url=os.environ["TEST_BASE_URL"], api_key="sk-test",
+                   streaming=True)
+
+class State(TypedDict):
+    messages: Annotated[list[AnyMessage], add_messages]
+
+async def agent(state):
+    return {"messages": [await model.ainvoke(state["messages"])]}
+
+graph = StateGraph(State)
+graph.add_node("agent", agent)
+graph.add_edge(START, "agent")
+graph.add_edge("agent", END)
+app = graph.compile()
+
+@mlflow.trace
+def mine(x):
+    return x
+
+async def main(how):
+    question = {"messages": [("user", "a question long enough to stream in many chunks")]}
+    stream = app.astream(question, stream_mode="messages")
+    if how == "aclose":  # the caller stops after the first token
+        async for _ in stream:
+            break
+        await stream.aclose()
+    else:  # the consuming task is cancelled, as a client's disconnect does in an SSE endpoint
+        async def consume():
+            async for _ in stream:
+                await asyncio.sleep(10)
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.5)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+    mine(1)
+    for i in range(3):
+        await app.ainvoke({"messages": [("user", f"after {i}")]})
+
+asyncio.run(main(sys.argv[1]))
+assert tracewire.flush(30)
+"""
+
+
+@pytest.mark.parametrize("how", ["aclose", "cancel"])
+def test_a_stream_abandoned_mid_model_call_keeps_its_trace_and_the_runs_after_it(
+        traced: Traced, openai_server: OpenAIServer, tmp_path: Any, how: str) -> None:
+    """Issue 16, point 3: the model's run gets no end callback when its stream is closed or
+    its task cancelled; it ends with its graph's run, and the task's next runs (and a user's
+    span) are traces of their own. Its own process: one event loop (FACTS.md)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "app.py").write_text(ABANDONED_STREAM)
+    env = {**os.environ, "TEST_BASE_URL": openai_server.base_url}
+    done = subprocess.run([sys.executable, str(tmp_path / "app.py"), how], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    traces = traced.traces(expected=5)
+    names = sorted(t.data.spans[0].name for t in traces)
+    assert names == ["LangGraph"] * 4 + ["mine"]
+    first = min((t for t in traces if t.data.spans[0].name == "LangGraph"),
+                key=lambda t: t.info.request_time)
+    assert "a question long enough" in json.dumps(first.data.spans[0].inputs)
+    model_spans = [s for s in first.data.spans if s.name == "ChatOpenAI"]
+    if how == "aclose":
+        assert model_spans[0].attributes["tracewire.abandoned"] is True

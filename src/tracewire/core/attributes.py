@@ -71,6 +71,8 @@ DEPLOYMENT_ENVIRONMENT = "deployment.environment"
 SERVICE_VERSION = "service.version"
 CLOUD_REGION = "cloud.region"
 TRACEWIRE_VERSION = "tracewire.version"
+# A span ended by tracewire because its work was abandoned (a stream closed mid-call).
+ABANDONED = "tracewire.abandoned"
 
 # --- OpenTelemetry GenAI semantic conventions (span attributes) ---
 GEN_AI_OPERATION = "gen_ai.operation.name"

@@ -62,11 +62,25 @@ def _context_with_request() -> Any:
     root is made, see spans.open_trace). Served when read rather than attached at each
     request's start: that was a fifth of an untraced request's cost."""
     ctx = _current_context()
+    current = otel_trace.get_current_span(ctx)
+    if type(current) is otel_trace.NonRecordingSpan and _ended(current):
+        # Our placeholder, left in a context its span's end could not reset (an async stream
+        # closed from another context): MLflow would parent a span under a trace that is gone,
+        # and drop it.
+        current = otel_trace.INVALID_SPAN
+        ctx = otel_trace.set_span_in_context(current, ctx)
     root = spans.current_request()
-    if root is None or root.ended or \
-            otel_trace.get_current_span(ctx) is not otel_trace.INVALID_SPAN:
+    if root is None or root.ended or current is not otel_trace.INVALID_SPAN:
         return ctx
     return otel_trace.set_span_in_context(_placeholder(root.otel_trace_id, root.span_id), ctx)
+
+
+def _ended(placeholder: otel_trace.NonRecordingSpan) -> bool:
+    """Whether the trace a placeholder of ours stands in is over: neither ours (open) nor an
+    MLflow trace still recording (ours are a fragment of it)."""
+    trace_id = placeholder.get_span_context().trace_id
+    return trace_id not in spans._open and \
+        InMemoryTraceManager.get_instance().get_mlflow_trace_id_from_otel_id(trace_id) is None
 
 
 def _placeholder(trace_id: int, span_id: int) -> otel_trace.NonRecordingSpan:

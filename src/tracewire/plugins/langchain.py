@@ -38,11 +38,12 @@ _PARAMS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "stop"
 
 
 class _Run:
-    __slots__ = ("span", "tokens")
+    __slots__ = ("span", "tokens", "children")
 
     def __init__(self, span: spans.Span, tokens: Any) -> None:
         self.span = span
         self.tokens = tokens
+        self.children: list[UUID] = []  # runs started under this one (ended ones are skipped)
 
 
 def _copy(value: Any) -> Any:
@@ -243,6 +244,8 @@ class _Handler:
                 parent.span.span_type = SpanType.AGENT  # a run whose children are nodes is a graph
         self.live.add(id(span))
         self.runs[run_id] = _Run(span, tokens)
+        if parent_run_id is not None and (parent_run := self.runs.get(parent_run_id)):
+            parent_run.children.append(run_id)
         return span
 
     def _end(self, run_id: UUID, outputs: Any = None, error: BaseException | None = None) -> None:
@@ -251,6 +254,8 @@ class _Handler:
             return
         span = run.span
         self.live.discard(id(span))
+        for child in run.children:  # runs that will never end on their own: see _abandon
+            self._abandon(child)
         try:
             if run.tokens is not None:
                 _deactivate(run.tokens)
@@ -263,6 +268,16 @@ class _Handler:
             elif outputs is not None:
                 span.outputs = outputs
             span.end()
+
+    def _abandon(self, run_id: UUID) -> None:
+        """A run still open when its parent ends was abandoned: a stream closed or its task
+        cancelled while a model was streaming gets no end callback for the model's run (and
+        its trace would stay open for ever, the next runs of the task joining it). It ends
+        with its parent, marked."""
+        run = self.runs.get(run_id)
+        if run is not None:
+            run.span.attributes[keys.ABANDONED] = True
+            self._end(run_id)
 
     def span_of(self, run_id: UUID | None) -> spans.Span | None:
         run = self.runs.get(run_id) if run_id is not None else None
