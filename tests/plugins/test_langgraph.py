@@ -519,3 +519,42 @@ def test_a_stream_abandoned_mid_model_call_keeps_its_trace_and_the_runs_after_it
     model_spans = [s for s in first.data.spans if s.name == "ChatOpenAI"]
     if how == "aclose":
         assert model_spans[0].attributes["tracewire.abandoned"] is True
+
+
+def test_two_async_streams_consumed_in_turns_in_one_task_are_two_traces(
+        traced: Traced) -> None:
+    """Issue 16, point 4, async: a node of the first graph ends where this task's context
+    cannot be reset, and stays current in it; the second graph is still a trace of its own."""
+    class Count(TypedDict):
+        n: int
+
+    async def add(state: Count) -> Count:
+        return {"n": state["n"] + 1}
+
+    async def scale(state: Count) -> Count:
+        return {"n": state["n"] * 10}
+
+    graph = StateGraph(Count)
+    graph.add_node("add", add)
+    graph.add_node("scale", scale)
+    graph.add_edge(START, "add")
+    graph.add_edge("add", "scale")
+    graph.add_edge("scale", END)
+    app = graph.compile()
+
+    async def in_turns() -> list[Any]:
+        streams, chunks = [app.astream({"n": 1}), app.astream({"n": 2})], []
+        while streams:
+            for stream in list(streams):
+                try:
+                    chunks.append(await stream.__anext__())
+                except StopAsyncIteration:
+                    streams.remove(stream)
+        return chunks
+
+    assert len(asyncio.run(in_turns())) == 4
+    traces = traced.traces(expected=2)
+    assert sorted(t.data.spans[0].inputs["n"] for t in traces) == [1, 2]
+    for trace in traces:
+        assert shape(trace) == ("LangGraph", "AGENT", [("add", "CHAIN", []),
+                                                       ("scale", "CHAIN", [])])

@@ -225,14 +225,15 @@ class _Handler:
 
     def _start(self, run_id: UUID, parent_run_id: UUID | None, name: str, span_type: str,
                inputs: Any, attributes: dict[str, Any]) -> spans.Span:
-        here = spans.current()
-        if parent_run_id is None and here is not None and id(here) in self.live:
+        here = self._run_span_here() if parent_run_id is None else None
+        if here is not None:
             # A top-level run begun where another run's span is current, yet not inside it
             # (LangChain would have named that run its parent): the next input of a sequence's
             # batch, a stream consumed in turns with another. It goes beside that run, and is
             # not made current here: this context is the other run's, and what runs inside
             # this one finds it through LangChain's parent run id.
-            span = spans.start_beside(here, name, span_type, inputs, attributes)
+            span = spans.start_beside(self._outermost(here), name, span_type, inputs,
+                                      attributes)
             tokens = None
         else:
             span = spans.start_span(name, span_type, inputs, attributes,
@@ -268,6 +269,24 @@ class _Handler:
             elif outputs is not None:
                 span.outputs = outputs
             span.end()
+
+    def _run_span_here(self) -> spans.Span | None:
+        """The span of a run not ended yet that this context is in, if any: its current span,
+        or past one that ended where its context could not be reset (a node of a graph being
+        streamed asynchronously), the nearest such above it."""
+        here = spans.current()
+        if here is not None and here.end_ns is not None:
+            by_id = {s.span_id: s for s in here.trace.spans}
+            while here is not None and here.end_ns is not None:
+                here = by_id.get(here.parent_id) if here.parent_id is not None else None
+        return here if here is not None and id(here) in self.live else None
+
+    def _outermost(self, span: spans.Span) -> spans.Span:
+        """The top-level run's span above ``span`` (a node of a graph being streamed)."""
+        by_id = {s.span_id: s for s in span.trace.spans}
+        while (parent := by_id.get(span.parent_id)) is not None and id(parent) in self.live:
+            span = parent
+        return span
 
     def _abandon(self, run_id: UUID) -> None:
         """A run still open when its parent ends was abandoned: a stream closed or its task
