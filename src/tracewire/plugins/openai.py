@@ -263,9 +263,8 @@ def _status_error() -> type:
 
 def _usage_refused(call: _Call, error: Exception) -> bool:
     """Whether ``error`` is the server rejecting the ``stream_options`` we added: then the caller's
-    own request is sent instead. Not a guarded step on purpose: it only checks a type, a status
-    and two strings, so that no failure of ours can hand the caller an error its own request
-    would not have caused."""
+    own request is sent instead. Guarded: a failure here reads as "no", and the caller gets its
+    own error unchanged."""
     if not call.hide_usage or not isinstance(error, _status_error()) \
             or error.status_code not in (400, 422):
         return False
@@ -537,7 +536,7 @@ def _sync_wrapper(kind: str) -> Callable[..., Any]:
             try:
                 result = wrapped(*args, **call.kwargs)
             except Exception as exc:
-                if not _usage_refused(call, exc):
+                if not guard.call(_usage_refused, call, exc):
                     raise
                 guard.call(_remember_refusal, call)
                 result = _REFUSED
@@ -567,7 +566,7 @@ def _async_wrapper(kind: str) -> Callable[..., Any]:
             try:
                 result = await wrapped(*args, **call.kwargs)
             except Exception as exc:
-                if not _usage_refused(call, exc):
+                if not guard.call(_usage_refused, call, exc):
                     raise
                 guard.call(_remember_refusal, call)
                 result = _REFUSED
