@@ -49,6 +49,8 @@ class Settings:
     queue_size: int = 10_000
     flush_timeout: float = 2.0
     exit_timeout: float = 30.0
+    # A trace still open this long is exported as incomplete (spans.expire).
+    trace_timeout: float = 3600.0
     spool_dir: Path = field(default_factory=default_spool_dir)
     spool_max_bytes: int = 512 * 1024 * 1024
     ship_timeout: float = 10.0
@@ -260,6 +262,8 @@ def resolve(
                             float, 0)
     exit_timeout = _number("TRACEWIRE_EXIT_TIMEOUT", _env("TRACEWIRE_EXIT_TIMEOUT") or 30.0,
                            float, 0)
+    trace_timeout = _number("TRACEWIRE_TRACE_TIMEOUT", _env("TRACEWIRE_TRACE_TIMEOUT") or 3600.0,
+                            float, 1.0)
 
     spool_dir = Path(_env("TRACEWIRE_SPOOL_DIR") or default_spool_dir()).expanduser()
     spool_mb = _number("TRACEWIRE_SPOOL_MAX_MB", _env("TRACEWIRE_SPOOL_MAX_MB") or 512, float, 0.001)
@@ -301,6 +305,7 @@ def resolve(
         queue_size=queue_size,
         flush_timeout=flush_timeout,
         exit_timeout=exit_timeout,
+        trace_timeout=trace_timeout,
         spool_dir=spool_dir,
         spool_max_bytes=int(spool_mb * 1024 * 1024),
         ship_timeout=ship_timeout,

@@ -115,3 +115,28 @@ def test_concurrent_roots_do_not_mix(traced: Traced, aclient) -> None:  # type: 
         i = root.name.split("-")[1]
         child = next(s for s in trace.data.spans if s.parent_id == root.span_id)
         assert child.inputs["messages"][0]["content"] == f"n{i}"
+
+
+def test_a_span_ended_where_its_context_was_not_reset_is_no_ones_parent(
+        traced: Traced, client: openai.OpenAI) -> None:
+    """Issue 16, point 2: a span ended from another context (an async stream closed by another
+    task) stays current here; ours, the user's and the OpenAI client's spans started next nest
+    under the nearest span still open, never under the ended one."""
+    outer = spans.start_span("outer", "CHAIN")
+    outer_tokens = spans.activate(outer)
+    try:
+        inner = spans.start_span("inner", "CHAIN")
+        spans.activate(inner)  # never deactivated here: its end comes from elsewhere
+        inner.end()
+        assert spans.current() is outer
+        with mlflow.start_span("user_step"):
+            client.chat.completions.create(model="gpt-4o-mini", messages=USER)
+        ours = spans.start_span("ours", "CHAIN")
+        ours.end()
+    finally:
+        spans.deactivate(outer_tokens)
+        outer.end()
+
+    trace = traced.trace()
+    assert _tree(trace) == {"outer": None, "inner": "outer", "user_step": "outer",
+                            "chat gpt-4o-mini": "user_step", "ours": "outer"}

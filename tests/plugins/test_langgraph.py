@@ -437,6 +437,52 @@ def test_two_streams_consumed_in_turns_are_two_traces(traced: Traced) -> None:
                                                        ("scale", "CHAIN", [])])
 
 
+def test_a_run_that_never_ends_is_stored_incomplete_after_the_trace_timeout(
+        traced: Traced, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16, point 3: a stream left open (never closed, never collected) keeps its run
+    open; past TRACEWIRE_TRACE_TIMEOUT its trace is stored as it is, failed and marked, counted
+    in the spool, and no longer held by tracewire."""
+    import time
+
+    import tracewire
+    from tracewire import config as tw_config
+    from tracewire.core import spans
+    from tracewire.export import spool
+
+    tracewire.disable()
+    monkeypatch.setenv("TRACEWIRE_TRACE_TIMEOUT", "1")
+    traced.enable()
+
+    class Count(TypedDict):
+        n: int
+
+    graph = StateGraph(Count)
+    graph.add_node("add", lambda state: {"n": state["n"] + 1})
+    graph.add_node("scale", lambda state: {"n": state["n"] * 10})
+    graph.add_edge(START, "add")
+    graph.add_edge("add", "scale")
+    graph.add_edge("scale", END)
+    stream = graph.compile().stream({"n": 1})
+    assert next(stream) == {"add": {"n": 2}}  # the graph's run stays open from here on
+    open_trace = spans.current().trace  # type: ignore[union-attr]
+    deadline = time.monotonic() + 30
+    while not open_trace.done and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert spans.find_open_trace(open_trace.otel_trace_id) is None
+
+    trace = traced.trace()
+    root = trace.data.spans[0]
+    assert (root.name, trace.info.state.value) == ("LangGraph", "ERROR")
+    assert "TRACEWIRE_TRACE_TIMEOUT (1 s)" in root.status.description
+    assert root.attributes["tracewire.abandoned"] is True
+    assert root.attributes["tracewire.incomplete"] == 1
+    assert shape(trace) == ("LangGraph", "AGENT", [("add", "CHAIN", [])])
+    spool_dir = tw_config.active().spool_dir
+    assert sum(s.incomplete for s in spool.status(spool_dir) if s.live) == 1
+    stream.close()  # ends nothing more: the trace is stored already
+    assert len(traced.traces()) == 1
+
+
 ABANDONED_STREAM = """
 import asyncio, os, sys
 from typing import Annotated

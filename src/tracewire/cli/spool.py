@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"directory": str(directory), "spools": [
             {"path": str(s.path), "pending": s.pending, "bytes": s.bytes, "dropped": s.dropped,
-             "drops": s.drops, "rejected": s.rejected, "oldest": s.oldest, "live": s.live,
+             "drops": s.drops, "rejected": s.rejected, "incomplete": s.incomplete,
+             "oldest": s.oldest, "live": s.live,
              "problem": s.problem} for s in found]}))
         return 0
     print(f"spool directory: {directory}")
@@ -56,9 +57,11 @@ def run(args: argparse.Namespace) -> int:
         owner = "live process" if s.live else \
             "left by an exited process: the next one ships it, or `tracewire spool ship`"
         drops = ", ".join(f"{n} {reason}" for reason, n in sorted(s.drops.items()) if n)
+        incomplete = f", {s.incomplete} stored incomplete (open past TRACEWIRE_TRACE_TIMEOUT)" \
+            if s.incomplete else ""
         print(f"  {s.path.name}: {s.pending} pending ({s.bytes / 1024:.1f} KiB{age}), "
               f"{s.rejected} refused by the store, {s.dropped} dropped"
-              f"{f' ({drops})' if drops else ''}; {owner}")
+              f"{f' ({drops})' if drops else ''}{incomplete}; {owner}")
     rejected = sum(s.rejected for s in found)
     print(f"total: {sum(s.pending for s in found)} pending, {rejected} refused, "
           f"{sum(s.dropped for s in found)} dropped")

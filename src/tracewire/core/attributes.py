@@ -71,8 +71,11 @@ DEPLOYMENT_ENVIRONMENT = "deployment.environment"
 SERVICE_VERSION = "service.version"
 CLOUD_REGION = "cloud.region"
 TRACEWIRE_VERSION = "tracewire.version"
-# A span ended by tracewire because its work was abandoned (a stream closed mid-call).
+# A span ended by tracewire because its work was abandoned: a stream closed mid-call, or its
+# trace still open past TRACEWIRE_TRACE_TIMEOUT.
 ABANDONED = "tracewire.abandoned"
+# On the root of a trace exported at TRACEWIRE_TRACE_TIMEOUT: how many spans were cut.
+INCOMPLETE = "tracewire.incomplete"
 
 # --- OpenTelemetry GenAI semantic conventions (span attributes) ---
 GEN_AI_OPERATION = "gen_ai.operation.name"

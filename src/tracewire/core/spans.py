@@ -27,6 +27,7 @@ from contextvars import ContextVar, Token
 from typing import Any, Callable
 
 from tracewire.core import context as request_context
+from tracewire.core.attributes import ABANDONED, INCOMPLETE
 from tracewire.core.context import RequestContext
 
 _rng = random.Random()
@@ -94,6 +95,12 @@ class Trace:
     def trace_id(self) -> str:
         return "tr-" + format(self.otel_trace_id, "032x")
 
+    def find_span(self, span_id: int) -> "Span | None":
+        for span in self.spans:
+            if span.span_id == span_id:
+                return span
+        return None
+
 
 class Span:
     """A span being recorded; values are kept as references until the export worker reads them."""
@@ -139,9 +146,59 @@ class Span:
                 _sink(trace)
 
 
+def expire(started_before_ns: int, reason: str) -> int:
+    """Hand to export, as incomplete, every open top-level trace whose root started before
+    ``started_before_ns``: work whose end never came (a stream abandoned with no close, a
+    task that never finishes) must not hold its trace in memory for the life of the process.
+    Its spans still open end now, marked abandoned; its root, if still open, fails with
+    ``reason``. Spans that end later are not recorded; work started under them later makes
+    a new trace. Returns how many traces were expired."""
+    expired = 0
+    for trace in list(_open.values()):  # one C-level copy: no other thread's change breaks it
+        root = trace.root
+        if root is None or root.start_ns >= started_before_ns:
+            continue
+        now = time.time_ns()
+        with trace._lock:
+            if trace.done:
+                continue
+            trace.done = True
+            cut = [span for span in trace.spans if span.end_ns is None]
+            for span in cut:
+                span.end_ns = now
+                span.attributes[ABANDONED] = True
+        if root in cut and root.error is None:
+            root.error = StatusError(reason)
+        root.attributes[INCOMPLETE] = len(cut)
+        _open.pop(trace.otel_trace_id, None)
+        expired += 1
+        if _sink is not None:
+            _sink(trace)
+    return expired
+
+
 def current() -> Span | None:
-    """The span of ours active in this context, if any."""
-    return _current.get()
+    """The span of ours active in this context, if any: past spans that ended where this
+    context could not be reset (a stream's run ended from another task), the nearest one
+    still open, so nothing nests under work that is over."""
+    span = _current.get()
+    if span is not None and span.end_ns is not None:
+        span = open_ancestor(span)
+    return span
+
+
+def open_ancestor(span: Span) -> Span | None:
+    """``span`` if it is still open, else its nearest ancestor in its trace that is; None when
+    there is none (the trace is over, or nearly)."""
+    if span.end_ns is None:
+        return span
+    by_id = {s.span_id: s for s in span.trace.spans}  # a rare path: no index kept for it
+    while span.end_ns is not None:
+        parent = by_id.get(span.parent_id) if span.parent_id is not None else None
+        if parent is None:
+            return None
+        span = parent
+    return span
 
 
 def start_span(name: str, span_type: str, inputs: Any = None,
@@ -151,7 +208,7 @@ def start_span(name: str, span_type: str, inputs: Any = None,
     call's parent when the context lost it (LangChain's parent run id across threads)."""
     if parent is not None and not parent.trace.done:
         return _add(parent.trace, parent.span_id, name, span_type, inputs, attributes)
-    parent = _current.get()
+    parent = current()
     if parent is None:
         request = _request.get()
         if request is not None:
@@ -290,6 +347,11 @@ def leave_request(root: RequestRoot, keep_idle: bool) -> Span | None:
     if span is not None:
         span.error = root.error
     return span
+
+
+def find_open_trace(otel_trace_id: int) -> Trace | None:
+    """The open top-level tracewire trace with this OpenTelemetry id, if any."""
+    return _open.get(otel_trace_id)
 
 
 def open_trace(otel_trace_id: int) -> Trace | None:

@@ -63,24 +63,38 @@ def _context_with_request() -> Any:
     request's start: that was a fifth of an untraced request's cost."""
     ctx = _current_context()
     current = otel_trace.get_current_span(ctx)
-    if type(current) is otel_trace.NonRecordingSpan and _ended(current):
-        # Our placeholder, left in a context its span's end could not reset (an async stream
-        # closed from another context): MLflow would parent a span under a trace that is gone,
-        # and drop it.
-        current = otel_trace.INVALID_SPAN
-        ctx = otel_trace.set_span_in_context(current, ctx)
+    if type(current) is otel_trace.NonRecordingSpan:
+        standing = _in_place_of(current)
+        if standing is not current:
+            current = standing
+            ctx = otel_trace.set_span_in_context(current, ctx)
     root = spans.current_request()
     if root is None or root.ended or current is not otel_trace.INVALID_SPAN:
         return ctx
     return otel_trace.set_span_in_context(_placeholder(root.otel_trace_id, root.span_id), ctx)
 
 
-def _ended(placeholder: otel_trace.NonRecordingSpan) -> bool:
-    """Whether the trace a placeholder of ours stands in is over: neither ours (open) nor an
-    MLflow trace still recording (ours are a fragment of it)."""
-    trace_id = placeholder.get_span_context().trace_id
-    return trace_id not in spans._open and \
-        InMemoryTraceManager.get_instance().get_mlflow_trace_id_from_otel_id(trace_id) is None
+def _in_place_of(placeholder: otel_trace.NonRecordingSpan) -> otel_trace.Span:
+    """What MLflow sees in place of a placeholder of ours. A placeholder can outlive its span
+    in a context the span's end could not reset (an async stream closed from another task):
+    then the nearest span above it still open stands in, or nothing once its trace is over
+    (MLflow would parent a span under a trace that is gone, and drop it)."""
+    ids = placeholder.get_span_context()
+    trace = spans.find_open_trace(ids.trace_id)
+    if trace is None:  # not ours, or over; unless ours are a fragment of a recording MLflow trace
+        manager = InMemoryTraceManager.get_instance()
+        if manager.get_mlflow_trace_id_from_otel_id(ids.trace_id) is None:
+            return otel_trace.INVALID_SPAN
+        return placeholder
+    here = spans.current()
+    if here is not None and here.span_id == ids.span_id:
+        return placeholder  # the usual case: the span this context made current, open
+    span = trace.find_span(ids.span_id)
+    if span is None or span.end_ns is None:
+        return placeholder
+    span = spans.open_ancestor(span)
+    return otel_trace.INVALID_SPAN if span is None else _placeholder(trace.otel_trace_id,
+                                                                     span.span_id)
 
 
 def _placeholder(trace_id: int, span_id: int) -> otel_trace.NonRecordingSpan:

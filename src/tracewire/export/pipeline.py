@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import wrapt
 
 from tracewire import config
-from tracewire.core import guard
+from tracewire.core import guard, spans
 from tracewire.core.feedback import Feedback
 from tracewire.export import destination, encode, hooks
 from tracewire.export.queue import Worker
@@ -56,26 +56,34 @@ _WHY = {"budget": "the spool reached its TRACEWIRE_SPOOL_MAX_MB budget",
         "queue": "the in-memory queue (TRACEWIRE_QUEUE_SIZE) was full"}
 
 
-class _DropLog:
-    """One warning about dropped traces per minute at most: counts and reasons, no content."""
+class _Throttle:
+    """True at most once per ``_DROP_LOG_EVERY`` seconds: one log line a minute at most."""
 
     def __init__(self) -> None:
         self._next = 0.0
 
-    def report(self, spool: Spool, error: str | None = None) -> None:
+    def due(self) -> bool:
         now = time.monotonic()
         if now < self._next:
-            return
+            return False
         self._next = now + _DROP_LOG_EVERY
-        drops = {reason: count for reason, count in spool.drops.items() if count}
-        detail = "; ".join(f"{count} {reason}: {_WHY.get(reason, reason)}"
-                           for reason, count in sorted(drops.items()))
-        logger.warning("tracewire: %d trace(s) dropped so far (%s%s); counted in %s, see "
-                       "`tracewire spool status`", sum(drops.values()), detail,
-                       f"; last error {error}" if error else "", spool.path)
+        return True
 
 
-_drop_log = _DropLog()
+_drop_log = _Throttle()
+_incomplete_log = _Throttle()
+
+
+def _report_drops(spool: Spool, error: str | None = None) -> None:
+    """A warning about dropped traces (throttled): counts and reasons, no content."""
+    if not _drop_log.due():
+        return
+    drops = {reason: count for reason, count in spool.drops.items() if count}
+    detail = "; ".join(f"{count} {reason}: {_WHY.get(reason, reason)}"
+                       for reason, count in sorted(drops.items()))
+    logger.warning("tracewire: %d trace(s) dropped so far (%s%s); counted in %s, see "
+                   "`tracewire spool status`", sum(drops.values()), detail,
+                   f"; last error {error}" if error else "", spool.path)
 
 
 def _spool_batch(items: Sequence[hooks.Item | Feedback]) -> int:
@@ -111,7 +119,7 @@ def _spool_batch(items: Sequence[hooks.Item | Feedback]) -> int:
     if refused:
         spool.count_drops("queue", refused)
     if lost or refused:
-        _drop_log.report(spool, error)
+        _report_drops(spool, error)
     if kept and shipper is not None:
         # Spooled already: if the shipper cannot be reached now, a later batch or the next
         # process ships them.
@@ -127,6 +135,22 @@ def _start_on_worker() -> None:
     if spool is not None and shipper is not None:
         shipper.ship(spool.path)
     guard.call(encode.process_metadata)
+
+
+def _expire_open_traces() -> None:
+    """Worker side, every few seconds: export the traces open past the trace timeout as
+    incomplete (spans.expire), counted in the spool and said in the log."""
+    timeout = config.active().trace_timeout
+    expired = spans.expire(time.time_ns() - int(timeout * 1e9),
+                           f"trace still open after TRACEWIRE_TRACE_TIMEOUT ({timeout:g} s)")
+    spool = _spool
+    if expired and spool is not None:
+        spool.count_incomplete(expired)
+        if _incomplete_log.due():
+            logger.warning("tracewire: %d trace(s) still open after %g s "
+                           "(TRACEWIRE_TRACE_TIMEOUT) stored incomplete, %d so far; their open "
+                           "spans are marked tracewire.abandoned", expired, timeout,
+                           spool.incomplete)
 
 
 def submit_feedback(feedback: Feedback) -> bool:
@@ -196,7 +220,8 @@ def start(settings: config.Settings) -> None:
                 _shippers[uri] = ShipperProcess(_shipper_env(settings))
             _shipper = _shippers[uri]
             _worker = Worker(_spool_batch, maxsize=settings.queue_size,
-                             on_start=_start_on_worker)
+                             on_start=_start_on_worker,
+                             every=(min(5.0, settings.trace_timeout / 4), _expire_open_traces))
         hooks.install_hooks(_worker.submit)
 
 

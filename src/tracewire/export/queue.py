@@ -9,8 +9,10 @@ bounded: ``stop`` waits at most ``timeout`` seconds for the backlog, then leaves
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
+import time
 from typing import Callable, Generic, Sequence, TypeVar
 
 logger = logging.getLogger("tracewire")
@@ -26,9 +28,12 @@ class Worker(Generic[T]):
 
     def __init__(self, handler: Callable[[Sequence[T]], int], maxsize: int,
                  name: str = "tracewire-export",
-                 on_start: Callable[[], None] | None = None) -> None:
+                 on_start: Callable[[], None] | None = None,
+                 every: tuple[float, Callable[[], None]] | None = None) -> None:
         self._handler = handler
         self._on_start = on_start  # run first on the worker thread: set-up kept off the caller's
+        # (seconds, fn): housekeeping run on the worker thread that often, busy or idle.
+        self._tick_every, self._on_tick = every if every is not None else (None, None)
         self._queue: queue.Queue[T] = queue.Queue(maxsize=maxsize)
         self._done = threading.Condition()
         self._submitted = 0
@@ -84,8 +89,16 @@ class Worker(Generic[T]):
                 self._on_start()
             except Exception:  # the worker must survive its set-up too
                 logger.exception("tracewire: export worker set-up failed")
+        interval = self._tick_every
+        next_tick = time.monotonic() + interval if interval is not None else math.inf
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=interval)
+            except queue.Empty:
+                item = None
+            if interval is not None and time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + interval
+                self._tick()
             if item is None:
                 if self._stopping:
                     return
@@ -103,6 +116,13 @@ class Worker(Generic[T]):
                     continue
                 batch.append(nxt)
             self._handle(batch)
+
+    def _tick(self) -> None:
+        try:
+            if self._on_tick is not None:
+                self._on_tick()
+        except Exception:  # the worker must survive its housekeeping too
+            logger.exception("tracewire: export worker housekeeping failed")
 
     def _handle(self, batch: list[T]) -> None:
         try:

@@ -110,6 +110,7 @@ class Status:
     feedback_dropped: int
     rejected: int  # refused by the store, waiting for `tracewire spool replay`
     stamps: int = 0  # stored traces whose client request id is still to be written
+    incomplete: int = 0  # stored incomplete: still open at TRACEWIRE_TRACE_TIMEOUT
     drops: dict[str, int] = field(default_factory=dict)  # by reason (DROP_REASONS)
     problem: str | None = None  # set for a file that cannot be shipped (then nothing else is)
 
@@ -136,6 +137,7 @@ class Spool:
         self.budget_bytes = budget_bytes
         self._mutex = threading.Lock()
         self._drops: Counter[str] = Counter(_Block.read(path.with_suffix(".lock"), _Block.DROPS))
+        self.incomplete = 0
         # Only the app that owns a spool creates it: anyone else opening a path that is gone
         # (the app removed it, empty, as it stopped) must not make an empty one there.
         mode = "rwc" if destination is not None else "rw"
@@ -204,6 +206,14 @@ class Spool:
                     return True
             self._count_drops(reason, 1)
             return False
+
+    def count_incomplete(self, count: int) -> None:
+        """Count traces exported incomplete: still open at TRACEWIRE_TRACE_TIMEOUT."""
+        with self._mutex:
+            self.incomplete += count
+            if self._lock_fd is not None:
+                _Block.write(self.path.with_suffix(".lock"), _Block.INCOMPLETE,
+                             {"traces": self.incomplete})
 
     def count_drops(self, reason: str, count: int) -> None:
         """Count traces lost before they reached the spool (unencodable, queue full)."""
@@ -356,7 +366,8 @@ class _Block:
 
     DROPS = (0, 448)  # (offset, size): drop counts by reason, written by the app
     STATE = (448, 64)  # what the shipper is doing and since when, written by the shipper
-    SIZE = 512
+    INCOMPLETE = (512, 64)  # traces stored incomplete (see count_incomplete), by the app
+    SIZE = 576
 
     @staticmethod
     def write(lock_path: Path, field: tuple[int, int], value: dict[str, object]) -> None:
@@ -487,9 +498,11 @@ def status(directory: Path) -> list[Status]:
             found.append(_unshippable(db_path, live, f"unreadable ({exc}): not shipped; a "
                                       "shipper sets it aside if it has a .lock beside it"))
             continue
+        lock_path = db_path.with_suffix(".lock")
         found.append(Status(db_path, pending, size, oldest, live, feedback,
                             int(meta.get("feedback_dropped", 0)), rejected, stamps,
-                            _Block.read(db_path.with_suffix(".lock"), _Block.DROPS)))
+                            _Block.read(lock_path, _Block.INCOMPLETE).get("traces", 0),
+                            _Block.read(lock_path, _Block.DROPS)))
     for path in sorted(directory.glob(f"spool-*{UNREADABLE_SUFFIX}")):
         found.append(_unshippable(path, False, "unreadable, set aside: not shipped; inspect or "
                                   "delete it"))

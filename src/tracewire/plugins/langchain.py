@@ -271,14 +271,10 @@ class _Handler:
             span.end()
 
     def _run_span_here(self) -> spans.Span | None:
-        """The span of a run not ended yet that this context is in, if any: its current span,
-        or past one that ended where its context could not be reset (a node of a graph being
-        streamed asynchronously), the nearest such above it."""
+        """The span of a run not ended yet that this context is in, if any (spans.current()
+        looks past spans that ended where this context could not be reset, as a node of a
+        graph streamed asynchronously does)."""
         here = spans.current()
-        if here is not None and here.end_ns is not None:
-            by_id = {s.span_id: s for s in here.trace.spans}
-            while here is not None and here.end_ns is not None:
-                here = by_id.get(here.parent_id) if here.parent_id is not None else None
         return here if here is not None and id(here) in self.live else None
 
     def _outermost(self, span: spans.Span) -> spans.Span:
