@@ -24,7 +24,7 @@ import random
 import threading
 import time
 from contextvars import ContextVar, Token
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from tracewire.core import context as request_context
 from tracewire.core.attributes import ABANDONED, INCOMPLETE
@@ -39,16 +39,63 @@ _current: ContextVar["Span | None"] = ContextVar("tracewire_span", default=None)
 # Open traces by OpenTelemetry trace id, so MLflow spans started under ours can find their trace.
 _open: dict[int, "Trace"] = {}
 
-# Set by export: where finished traces go, and how MLflow's context is read and written.
-_sink: Callable[["Trace"], None] | None = None
-_mlflow_parent: Callable[[], tuple[int, int] | None] = lambda: None
-_mlflow_attach: Callable[[int, int], Any] = lambda trace_id, span_id: None
-_mlflow_detach: Callable[[Any], None] = lambda token: None
-# Only where MLflow's context cannot be served lazily (see export/hooks.py).
-_mlflow_attach_request: Callable[[int, int], Any] | None = None
-# What MLflow's context on the caller's thread says about a trace starting there (the served
-# model it runs in, `mlflow.tracing.context` metadata); read when the trace is made.
-_mlflow_origin: Callable[[], Any] = lambda: None
+
+
+class Bridge(Protocol):
+    """What core needs from the export side, which implements it (export/hooks.py) and installs
+    it with :func:`connect`: where finished traces go, and how MLflow's span context is read and
+    written so that our spans and the user's MLflow spans nest both ways."""
+
+    def finished(self, trace: Trace) -> None:
+        """A trace ended (on the caller's thread: it must not block)."""
+
+    def origin(self) -> Any:
+        """What MLflow's context says about a trace starting here (the served model it runs
+        in, ``mlflow.tracing.context`` metadata); read when the trace is made."""
+
+    def mlflow_parent(self) -> tuple[int, int] | None:
+        """(trace id, span id) of the user's MLflow span recording in this context, if any."""
+
+    def attach(self, trace_id: int, span_id: int) -> Any:
+        """Make our span with these ids MLflow's current parent here; a token for detach."""
+
+    def detach(self, token: Any) -> None:
+        """Undo one attach."""
+
+    def attach_request(self, trace_id: int, span_id: int) -> Any:
+        """As attach, for a web request's root at its start; None where MLflow's context is
+        served with the request's placeholder when read instead (cheaper)."""
+
+
+class _Unconnected:
+    """The bridge before export is connected: traces go nowhere, MLflow is not touched."""
+
+    def finished(self, trace: Trace) -> None:
+        pass
+
+    def origin(self) -> Any:
+        return None
+
+    def mlflow_parent(self) -> tuple[int, int] | None:
+        return None
+
+    def attach(self, trace_id: int, span_id: int) -> Any:
+        return None
+
+    def detach(self, token: Any) -> None:
+        pass
+
+    def attach_request(self, trace_id: int, span_id: int) -> Any:
+        return None
+
+
+_bridge: Bridge = _Unconnected()
+
+
+def connect(bridge: Bridge) -> None:
+    """Install the export side's bridge (export/hooks.py, when the pipeline starts)."""
+    global _bridge
+    _bridge = bridge
 
 
 class Deferred:
@@ -87,7 +134,7 @@ class Trace:
         # Set when MLflow registered its own spans under ours (see export/hooks.py).
         self.joined = False
         self.done = False
-        self.origin = _mlflow_origin()
+        self.origin = _bridge.origin()
         self._open_spans = 0
         self._lock = threading.Lock()
 
@@ -142,8 +189,7 @@ class Span:
                 trace.done = True
         if finished:
             _open.pop(trace.otel_trace_id, None)
-            if _sink is not None:
-                _sink(trace)
+            _bridge.finished(trace)
 
 
 def expire(started_before_ns: int, reason: str) -> int:
@@ -172,8 +218,7 @@ def expire(started_before_ns: int, reason: str) -> int:
         root.attributes[INCOMPLETE] = len(cut)
         _open.pop(trace.otel_trace_id, None)
         expired += 1
-        if _sink is not None:
-            _sink(trace)
+        _bridge.finished(trace)
     return expired
 
 
@@ -217,7 +262,7 @@ def start_span(name: str, span_type: str, inputs: Any = None,
         parent = None  # a context that outlived its trace (e.g. a task left running)
     # MLflow's current span is recording only when it is the user's own span: ours appear
     # there as non-recording placeholders. A recording one is therefore the innermost.
-    mlflow_parent = _mlflow_parent()
+    mlflow_parent = _bridge.mlflow_parent()
     if mlflow_parent is not None:
         trace_id, span_id = mlflow_parent
         if parent is not None and parent.trace.otel_trace_id == trace_id:
@@ -316,9 +361,8 @@ def enter_request(root: RequestRoot) -> None:
     nest under it, in a new trace whatever this context held (with a remote parent, in the
     caller's trace). It is exported only if something is traced under it (see
     :func:`leave_request`)."""
-    attach = _mlflow_attach_request
     # MLflow's first: if it fails, nothing of ours is left set in this context.
-    mlflow_token = attach(root.otel_trace_id, root.span_id) if attach is not None else None
+    mlflow_token = _bridge.attach_request(root.otel_trace_id, root.span_id)
     root._tokens = (request_context._current.set(root), _request.set(root),
                     _current.set(None) if _current.get() is not None else None, mlflow_token)
 
@@ -330,7 +374,7 @@ def leave_request(root: RequestRoot, keep_idle: bool) -> Span | None:
     context_token, request_token, current_token, mlflow_token = root._tokens
     try:
         if mlflow_token is not None:
-            _mlflow_detach(mlflow_token)
+            _bridge.detach(mlflow_token)
     finally:
         if current_token is not None:
             _current.reset(current_token)
@@ -368,12 +412,12 @@ def open_trace(otel_trace_id: int) -> Trace | None:
 
 def activate(span: Span) -> tuple[Token, Any]:
     """Make ``span`` the parent of spans started in this context (ours and MLflow's)."""
-    return _current.set(span), _mlflow_attach(span.trace.otel_trace_id, span.span_id)
+    return _current.set(span), _bridge.attach(span.trace.otel_trace_id, span.span_id)
 
 
 def deactivate(tokens: tuple[Token, Any]) -> None:
     token, mlflow_token = tokens
     try:
-        _mlflow_detach(mlflow_token)
+        _bridge.detach(mlflow_token)
     finally:
         _current.reset(token)

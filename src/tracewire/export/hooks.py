@@ -53,7 +53,7 @@ def _current_context():
     # MLflow's isolated context unless MLFLOW_USE_DEFAULT_TRACER_PROVIDER=false (read at install);
     # as set, without the request placeholder _context_with_request adds.
     runtime = _provider.mlflow_runtime_context
-    return type(runtime).get_current(runtime) if _isolated else None
+    return type(runtime).get_current(runtime) if bridge.isolated else None
 
 
 def _context_with_request() -> Any:
@@ -115,13 +115,13 @@ def active_parent() -> tuple[int, int] | None:
 def attach(trace_id: int, span_id: int) -> Any:
     """Make a placeholder with our ids MLflow's current span, so MLflow spans nest under ours."""
     ctx = otel_trace.set_span_in_context(_placeholder(trace_id, span_id), _current_context())
-    if _isolated:
+    if bridge.isolated:
         return _provider.mlflow_runtime_context.attach(ctx)
     return otel_context.attach(ctx)
 
 
 def detach(token: Any) -> None:
-    if _isolated:
+    if bridge.isolated:
         _provider.mlflow_runtime_context.detach(token)
     else:
         otel_context.detach(token)
@@ -303,9 +303,6 @@ class Item:
 _lock = threading.Lock()
 _fragments: dict[int, list[spans.Trace]] = {}
 _mlflow_requests: dict[int, RequestContext | None] = {}
-_isolated = True
-# Set by the pipeline: where finished traces go (never blocks).
-_submit: Callable[[Item], None] = lambda item: None
 
 
 def _pop_mlflow_trace(otel_trace_id: int) -> _Trace | None:
@@ -315,19 +312,55 @@ def _pop_mlflow_trace(otel_trace_id: int) -> _Trace | None:
         return manager._traces.pop(mlflow_id, None) if mlflow_id else None
 
 
-def on_trace_finished(trace: spans.Trace) -> None:
-    """Core's sink: our trace ended (runs on the caller's thread; dict operations only)."""
-    if trace.parent_span_id is None:
-        joined = _pop_mlflow_trace(trace.otel_trace_id) if trace.joined else None
-        _submit(Item(ours=trace, mlflow=joined, request=trace.request))
-        return
-    manager = InMemoryTraceManager.get_instance()
-    with _lock:
-        if manager.get_mlflow_trace_id_from_otel_id(trace.otel_trace_id) is not None:
-            _fragments.setdefault(trace.otel_trace_id, []).append(trace)
+class MlflowBridge:
+    """Core's bridge (spans.Bridge) to MLflow's span context and to the export queue; the
+    exporter MLflow calls submits through it too. One instance, :data:`bridge`."""
+
+    def __init__(self) -> None:
+        # Where finished traces go (never blocks); None while tracewire is disabled.
+        self.submit: Callable[[Item], None] | None = None
+        # MLflow's own context (MLFLOW_USE_DEFAULT_TRACER_PROVIDER, read at install), not
+        # OpenTelemetry's global one.
+        self.isolated = True
+
+    def finished(self, trace: spans.Trace) -> None:
+        """Our trace ended (runs on the caller's thread; dict operations only)."""
+        if trace.parent_span_id is None:
+            joined = _pop_mlflow_trace(trace.otel_trace_id) if trace.joined else None
+            self.send(Item(ours=trace, mlflow=joined, request=trace.request))
             return
-    # The user's trace was already exported (our span outlived it, e.g. a stream): ship alone.
-    _submit(Item(fragments=[trace], request=trace.request))
+        manager = InMemoryTraceManager.get_instance()
+        with _lock:
+            if manager.get_mlflow_trace_id_from_otel_id(trace.otel_trace_id) is not None:
+                _fragments.setdefault(trace.otel_trace_id, []).append(trace)
+                return
+        # The user's trace was already exported (our span outlived it, e.g. a stream): alone.
+        self.send(Item(fragments=[trace], request=trace.request))
+
+    def send(self, item: Item) -> None:
+        """Hand a finished trace to the export queue, if tracewire is enabled."""
+        submit = self.submit
+        if submit is not None:
+            submit(item)
+
+    def origin(self) -> Origin | None:
+        return origin() if self.submit is not None else None
+
+    def mlflow_parent(self) -> tuple[int, int] | None:
+        return active_parent()
+
+    def attach(self, trace_id: int, span_id: int) -> Any:
+        return attach(trace_id, span_id)
+
+    def detach(self, token: Any) -> None:
+        detach(token)
+
+    def attach_request(self, trace_id: int, span_id: int) -> Any:
+        # Isolated: MLflow reads its context through one call, which serves the placeholder.
+        return None if self.isolated else attach(trace_id, span_id)
+
+
+bridge = MlflowBridge()
 
 
 class _Processor(MlflowV3SpanProcessor):
@@ -371,7 +404,7 @@ class _Exporter(SpanExporter):
             fragments = _fragments.pop(trace_id, [])
         request = _mlflow_requests.pop(trace_id, None)
         if record is not None:
-            _submit(Item(mlflow=record, fragments=fragments, request=request))
+            bridge.send(Item(mlflow=record, fragments=fragments, request=request))
 
     def shutdown(self) -> None:
         pass
@@ -386,9 +419,9 @@ _original_make_processor = None
 
 def install_hooks(submit: Callable[[Item], None]) -> None:
     """Route MLflow's traces and ours to ``submit`` (idempotent)."""
-    global _original_make_processor, _isolated, _submit
-    _isolated = MLFLOW_USE_DEFAULT_TRACER_PROVIDER.get()
-    _submit = submit
+    global _original_make_processor
+    bridge.isolated = MLFLOW_USE_DEFAULT_TRACER_PROVIDER.get()
+    bridge.submit = submit
     if _original_make_processor is None:
         version = tuple(int(p) for p in mlflow.__version__.split(".")[:2] if p.isdigit())
         if not SUPPORTED_MLFLOW[0] <= version < SUPPORTED_MLFLOW[1]:
@@ -398,16 +431,9 @@ def install_hooks(submit: Callable[[Item], None]) -> None:
         _original_make_processor = _provider._get_mlflow_span_processor
         _provider._get_mlflow_span_processor = _make_processor
         _provider.provider.reset()  # re-created with our processor on the next span
-    spans._sink = on_trace_finished
-    spans._mlflow_origin = origin
-    spans._mlflow_parent = active_parent
-    spans._mlflow_attach = attach
-    spans._mlflow_detach = detach
-    if _isolated:  # MLflow reads it through this one call: the placeholder is served there
+    spans.connect(bridge)
+    if bridge.isolated:  # MLflow reads it through this one call: the placeholder is served there
         _provider.mlflow_runtime_context.get_current = _context_with_request
-        spans._mlflow_attach_request = None
-    else:  # OpenTelemetry's global context: attached up front
-        spans._mlflow_attach_request = attach
     if not hasattr(_fluent.get_current_active_span, "__wrapped__"):
         # Where MLflow has no active span of its own, ours: module attributes, as MLflow's own
         # functions (update_current_trace, get_active_trace_id) look it up at each call.
@@ -418,8 +444,8 @@ def install_hooks(submit: Callable[[Item], None]) -> None:
 def uninstall_hooks() -> None:
     """Give MLflow its own exporter back."""
     global _original_make_processor
-    spans._sink = None
-    spans._mlflow_origin = lambda: None
+    # Spans still open keep attaching and detaching MLflow's context; nothing more is exported.
+    bridge.submit = None
     if (original := getattr(_fluent.get_current_active_span, "__wrapped__", None)) is not None:
         mlflow.get_current_active_span = _fluent.get_current_active_span = original
     vars(_provider.mlflow_runtime_context).pop("get_current", None)
