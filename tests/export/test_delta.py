@@ -27,16 +27,13 @@ from deltalake import DeltaTable
 
 import tracewire
 from tests.conftest import Traced
+from tests.support.store import new_experiment, synthetic
 from tracewire.cli import main
 from tracewire.export import delta
 from tracewire.testing import OpenAIServer
 from tracewire.testing.traces import Synthetic, write
 
 HOUR_MS = 3_600_000
-
-
-def new_experiment(tracking_uri: str) -> str:
-    return mlflow.MlflowClient(tracking_uri).create_experiment(f"delta-{uuid.uuid4().hex[:10]}")
 
 
 def read(path: Path, columns: list[str] | None = None):  # type: ignore[no-untyped-def]
@@ -47,13 +44,6 @@ def read(path: Path, columns: list[str] | None = None):  # type: ignore[no-untyp
 
 def rows(path: Path) -> list[dict]:
     return read(path).sort_by("trace_id").to_pylist()
-
-
-def synthetic(count: int, start_ms: int, **fields: object) -> list[Synthetic]:
-    base = uuid.uuid4().int >> 64  # trace ids unique in the suite's shared store
-    return [Synthetic(otel_trace_id=base + i + 1,  # type: ignore[arg-type]
-                      request_time_ms=start_ms + i * 1000, duration_ms=100 + i, **fields)
-            for i in range(count)]
 
 
 def sync(path: Path, uri: str, experiment: str, **options: object) -> delta.SyncReport:

@@ -27,7 +27,7 @@ from deltalake import DeltaTable
 from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 from werkzeug.serving import make_server
 
-from tests.export.test_delta import new_experiment, synthetic
+from tests.support.store import new_experiment, synthetic
 from tracewire.cli import main
 from tracewire.export import delta, trace_rows
 from tracewire.testing.traces import write

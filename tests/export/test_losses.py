@@ -169,14 +169,14 @@ def test_an_undecodable_spooled_trace_is_set_aside_and_counted_not_dropped(
 
 def test_a_full_queue_counts_what_it_refuses(tracking_uri: str, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.export.test_durability import _mock_client
+    from tests.support.app_process import mock_client
 
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"queue-{os.getpid()}-{time.time_ns()}")
     monkeypatch.setenv("TRACEWIRE_SPOOL_DIR", str(tmp_path))
     monkeypatch.setenv("TRACEWIRE_QUEUE_SIZE", "1")
     tracewire.autolog()
     try:
-        client = _mock_client()
+        client = mock_client()
         calls = 300
         for i in range(calls):
             client.chat.completions.create(model=MODEL,

@@ -23,7 +23,7 @@ from langchain_openai import ChatOpenAI
 
 import tracewire
 from tests.conftest import API_KEY, Traced
-from tests.plugins.langchain_fakes import FakeChat, reply
+from tests.support.langchain_fakes import FakeChat, reply
 from tracewire.testing import OpenAIServer
 from tracewire.testing.openai_server import count_tokens
 

@@ -22,7 +22,7 @@ from langgraph.types import Command, interrupt
 from typing_extensions import TypedDict
 
 from tests.conftest import API_KEY, Traced
-from tests.plugins.langchain_fakes import FakeChat, ToolThenAnswer, reply
+from tests.support.langchain_fakes import FakeChat, ToolThenAnswer, reply
 from tracewire.testing import OpenAIServer
 from tracewire.testing.openai_server import count_tokens
 

@@ -5,20 +5,15 @@ Checked on the store's bytes (the sqlite file and its WAL), not on what the API 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import openai
 import pytest
 
 from tests.conftest import API_KEY, Traced
+from tests.support.store import store_bytes
 from tracewire.testing import OpenAIServer
 
 PHRASE = "zebra-quartz-lighthouse"
-
-
-def store_bytes(tracking_uri: str) -> bytes:
-    path = Path(tracking_uri.removeprefix("sqlite:///"))
-    return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
 
 
 def _all_kinds_of_calls(client: openai.OpenAI, server: OpenAIServer) -> None:

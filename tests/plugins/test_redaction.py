@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from tests.conftest import Traced
-from tests.plugins.test_privacy import store_bytes
+from tests.support.store import store_bytes
 
 EMAIL = "jane.doe@example.org"
 

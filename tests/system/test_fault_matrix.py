@@ -40,7 +40,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.export.test_durability import assert_exactly_once, child_env, stored_traces
+from tests.support.app_process import assert_exactly_once, child_env, stored_traces
 from tests.support.fault_proxy import FaultProxy
 from tests.support.mlflow_server import MlflowServer, free_port
 from tracewire.export import spool as spools
@@ -430,7 +430,7 @@ def test_kill_9_at_random_moments_loses_only_what_was_still_in_memory(
     next process, nothing twice, nothing left on disk."""
     import random
 
-    from tests.export.test_durability import CHILD_SCRIPT, run_child
+    from tests.support.app_process import CHILD_SCRIPT, run_child
 
     seed = random.randrange(2**32)
     rng = random.Random(seed)

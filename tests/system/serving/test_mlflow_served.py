@@ -5,7 +5,7 @@ serve --env-manager local`` three ways, each with ``ENABLE_MLFLOW_TRACING=true``
 
 - ``plain``: MLflow alone (the reference: MLflow's own ResponsesAgent and autolog tracing);
 - ``run``: under ``python -m tracewire.cli run --``;
-- ``autolog``: ``tracewire.autolog()`` in the model's code (tests/serving/agents/).
+- ``autolog``: ``tracewire.autolog()`` in the model's code (tests/system/serving/agents/).
 
 Every server gets the same requests, in one concurrent burst: ResponsesAgent bodies, most with
 ``context.conversation_id``/``user_id``, some with ``X-Session-ID``/``X-User-ID`` headers, some
@@ -666,7 +666,7 @@ def _table(d: Deployment, agent: str, modes: tuple[str, ...] = MODES, width: int
 def _write_report(d: Deployment) -> None:
     parts = ["# A served ResponsesAgent's traces: plain MLflow vs tracewire",
              "",
-             "Written by tests/serving/test_mlflow_served.py. Modes: `plain` = `mlflow models "
+             "Written by tests/system/serving/test_mlflow_served.py. Modes: `plain` = `mlflow models "
              "serve` alone; `run` = under `tracewire run --`; `autolog` = `tracewire.autolog()` "
              "in the model's code. All with ENABLE_MLFLOW_TRACING=true and MLFLOW_EXPERIMENT_ID. "
              f"Module: {d.total_s:.0f} s in all (logging both models {d.log_s:.1f} s; servers "

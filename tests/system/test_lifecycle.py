@@ -36,7 +36,7 @@ import mlflow
 import pytest
 
 from tests.conftest import API_KEY
-from tests.export.test_durability import (
+from tests.support.app_process import (
     assert_exactly_once,
     child_env,
     files_in,
@@ -66,7 +66,7 @@ def test_a_server_that_comes_up_after_the_app_gets_every_trace(
                     TEST_TAG="late", TEST_CALLS=str(calls), TEST_END="wait-marker",
                     TEST_CRASH_MARKER=str(tmp_path / "stop"))
     script = tmp_path / "child.py"
-    from tests.export.test_durability import CHILD_SCRIPT
+    from tests.support.app_process import CHILD_SCRIPT
 
     script.write_text(textwrap.dedent(CHILD_SCRIPT))
     app = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env,

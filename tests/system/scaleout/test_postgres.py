@@ -37,7 +37,7 @@ CHAT_SPAN = "chat gpt-4o-mini"
 SERVER_PAGE = 500  # the most traces an MLflow server returns for one search
 
 # Read, not imported: its OpenAI client wants the key the test gives the workers.
-APP = (Path(__file__).parents[1] / "support" / "worker_app.py").read_text()
+APP = (Path(__file__).parents[2] / "support" / "worker_app.py").read_text()
 
 
 def _request(i: int) -> dict[str, str]:

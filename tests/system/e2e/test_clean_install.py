@@ -30,7 +30,7 @@ from tracewire.testing import OpenAIServer, count_prompt_tokens, count_tokens
 
 pytestmark = pytest.mark.timeout(600)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 EXPERIMENT = "clean-install"
 MODEL = "gpt-4o-mini"
 # Not installed and not part of the package: leave them out of the copy pip builds from.
