@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 from tracewire import middleware  # tracewire.middleware.TracingMiddleware
 from tracewire.config import ConfigError
 from tracewire.core.context import context, propagate, set_session, set_tags, set_user
+from tracewire.plugins import registry
 from tracewire.plugins.base import Plugin, PluginUnavailable
 
 __all__ = [
@@ -33,12 +34,6 @@ _atexit_registered = False
 _delta_started = False  # the Delta module is imported only once a sync was asked for
 
 
-def _load(name: str) -> Plugin:
-    from tracewire.plugins.registry import PLUGINS
-
-    return importlib.import_module(PLUGINS[name]).plugin
-
-
 def _installed(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -47,18 +42,16 @@ def _installed(module: str) -> bool:
 
 
 def _selected(include: tuple[str, ...] | None, exclude: tuple[str, ...]) -> list[Plugin]:
-    from tracewire.plugins.registry import PLUGINS
-
     for setting, names in (("include", include or ()), ("exclude", exclude)):
-        unknown = sorted(set(names) - set(PLUGINS))
+        unknown = sorted(set(names) - set(registry.PLUGINS))
         if unknown:
             raise ConfigError(f"{setting} names unknown plugin(s) {unknown}; "
-                              f"known plugins: {sorted(PLUGINS)}")
+                              f"known plugins: {sorted(registry.PLUGINS)}")
     selected = []
-    for name in (include if include is not None else tuple(PLUGINS)):
+    for name in (include if include is not None else tuple(registry.PLUGINS)):
         if name in exclude:
             continue
-        plugin = _load(name)
+        plugin = registry.get(name)
         if include is not None:
             plugin.installed_version()  # asked for by name: a missing framework is an error
         elif not _installed(plugin.module):

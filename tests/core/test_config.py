@@ -14,7 +14,7 @@ import pytest
 
 import tracewire
 from tests.conftest import Traced
-from tracewire.plugins.base import Plugin, TracewireWrapper
+from tracewire.plugins.base import TracewireWrapper, WrappingPlugin
 from tracewire.plugins.registry import PLUGINS
 
 
@@ -148,7 +148,7 @@ def missing_framework_plugin(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A registry entry whose framework is not installed."""
     module = types.ModuleType("tracewire_test_missing_plugin")
 
-    class Missing(Plugin):
+    class Missing(WrappingPlugin):
         name = "missingfw"
         module = "tracewire_no_such_framework"
         distribution = "tracewire-no-such-framework"
@@ -158,9 +158,9 @@ def missing_framework_plugin(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         def targets(self) -> list:  # type: ignore[type-arg]
             return []
 
-    module.plugin = Missing()  # type: ignore[attr-defined]
+    module.Missing = Missing  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setitem(PLUGINS, "missingfw", module.__name__)
+    monkeypatch.setitem(PLUGINS, "missingfw", f"{module.__name__}:Missing")
     yield "missingfw"
 
 

@@ -245,8 +245,11 @@ def test_capture_content_false_records_no_text(traced: Traced,
 
 
 def test_disable_stops_tracing_and_autolog_resumes_it(traced: Traced) -> None:
+    from langchain_core.callbacks.manager import CallbackManager
+
     model = FakeChat.scripted(reply("hi"))
     tracewire.disable()
+    assert CallbackManager.configure().handlers == []  # nothing of ours while disabled
     assert model.invoke("hello").content == "hi"
     traced.enable()
     assert model.invoke("hello").content == "hi"

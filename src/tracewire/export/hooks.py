@@ -10,7 +10,7 @@ MLflow internals used (pinned in tests/export/test_mlflow_pins.py; ``SUPPORTED_M
 range they were tested on): ``mlflow.tracing.provider._get_mlflow_span_processor``,
 ``provider.reset``, ``mlflow_runtime_context`` (``get_current``/``attach``/``detach``),
 ``MlflowV3SpanProcessor``, ``InMemoryTraceManager`` (``_lock``, ``_traces``,
-``_otel_id_to_mlflow_trace_id``) and ``_Trace``, ``mlflow.utils.autologging_utils``,
+``_otel_id_to_mlflow_trace_id``) and ``_Trace``,
 ``mlflow.tracing.fluent.get_current_active_span`` (replaced: where MLflow has no active span, it
 returns a ``LiveSpan`` over ours), ``mlflow.pyfunc.context.get_prediction_context``.
 """
@@ -125,21 +125,6 @@ def detach(token: Any) -> None:
         _provider.mlflow_runtime_context.detach(token)
     else:
         otel_context.detach(token)
-
-
-def take_over_mlflow_autolog(flavor: str) -> None:
-    """Switch MLflow's own autologging for ``flavor`` off: tracewire traces those calls, and
-    MLflow's patch checks this flag on every call, so the same call is not traced twice."""
-    try:
-        from mlflow.utils.autologging_utils import AUTOLOGGING_INTEGRATIONS
-    except ImportError:
-        return
-    config = AUTOLOGGING_INTEGRATIONS.get(flavor)
-    if config is not None and not config.get("disable", True):
-        config["disable"] = True
-        logger.warning("tracewire: mlflow.%s.autolog() is active too; tracewire traces these "
-                       "calls, so MLflow's %s autologging is switched off to avoid tracing each "
-                       "call twice", flavor, flavor)
 
 
 @dataclass(frozen=True)

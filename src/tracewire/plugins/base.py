@@ -1,10 +1,15 @@
-"""The contract every plugin implements, and the patch-once / unpatch-exactly mechanics.
+"""The two kinds of plugin, and the patch-once / unpatch-exactly mechanics.
 
 A plugin patches its framework from a wrapt post-import hook, so import order does not matter.
 wrapt cannot unregister a hook, so each plugin registers its hook once and the hook does nothing
-while the plugin is disabled. Our wrappers are marked (:class:`TracewireWrapper`); ``wrap`` never
-wraps twice and ``unwrap`` removes only ours. If someone else wrapped on top of ours, our wrapper
-stays in their chain but passes straight through while the plugin is disabled.
+while the plugin is disabled. There are two kinds:
+
+- :class:`WrappingPlugin` wraps functions (``targets()``). Our wrappers are marked
+  (:class:`TracewireWrapper`) and pass straight through while the plugin is disabled; ``wrap``
+  never wraps twice and ``unwrap`` removes only ours, so if someone else wrapped on top of ours,
+  ours stays in their chain, passing through.
+- :class:`HookPlugin` registers a hook the framework calls (``register()``), once for the
+  process (frameworks offer no way to remove one); the hook must do nothing while disabled.
 """
 
 from __future__ import annotations
@@ -50,8 +55,8 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 
 class Plugin:
-    """Subclasses set the class attributes and list what they wrap in ``targets``; a plugin
-    that hooks its framework differently overrides ``patch`` / ``unpatch`` too."""
+    """What every plugin declares, and how it is enabled and disabled. Subclass
+    :class:`WrappingPlugin` or :class:`HookPlugin`, not this."""
 
     name: str                       # registry name, used in include= / exclude=
     module: str                     # importing this module triggers patching
@@ -68,25 +73,22 @@ class Plugin:
         self._claimed = False
         self._lock = threading.RLock()
 
-    def targets(self) -> list[tuple[Any, str, Callable[..., Any]]]:
-        """(owner, attribute name, wrapper) for everything this plugin wraps."""
+    def patch(self) -> None:
         raise NotImplementedError
 
-    def patch(self) -> None:
-        for owner, name, wrapper in self.targets():
-            wrap(owner, name, wrapper)
-
     def unpatch(self) -> None:
-        for owner, name, _ in self.targets():
-            unwrap(owner, name)
+        raise NotImplementedError
+
+    def attached(self) -> bool:
+        """Whether the framework calls into this plugin now (its wrappers or hook in place)."""
+        raise NotImplementedError
 
     def _claim_mlflow_flavor(self) -> None:
         """Trace each call once: switch ``mlflow.<flavor>.autolog()`` off now, and again
         right after any later call of it enables it."""
-        from tracewire.export import hooks
-
         flavor = self.mlflow_flavor
-        hooks.take_over_mlflow_autolog(flavor)
+        assert flavor is not None
+        take_over_mlflow_autolog(flavor)
         if self._claimed:
             return
         self._claimed = True
@@ -95,7 +97,7 @@ class Plugin:
                           kwargs: dict[str, Any]) -> Any:
             result = wrapped(*args, **kwargs)
             if self.enabled:
-                guard.call(hooks.take_over_mlflow_autolog, flavor)
+                guard.call(take_over_mlflow_autolog, flavor)
             return result
 
         wrapt.register_post_import_hook(lambda module: wrap(module, "autolog", after_autolog),
@@ -146,3 +148,73 @@ class Plugin:
             guard.call(self.patch)
             if self.mlflow_flavor:
                 guard.call(self._claim_mlflow_flavor)
+
+
+class WrappingPlugin(Plugin):
+    """A plugin that wraps functions: ``targets()`` lists them, each wrapper is called as
+    ``wrapper(wrapped, instance, args, kwargs)`` (wrapt's signature) only while the plugin is
+    enabled."""
+
+    def targets(self) -> list[tuple[Any, str, Callable[..., Any]]]:
+        """(owner, attribute name, wrapper) for everything this plugin wraps."""
+        raise NotImplementedError
+
+    def patch(self) -> None:
+        for owner, name, wrapper in self.targets():
+            wrap(owner, name, self._while_enabled(wrapper))
+
+    def unpatch(self) -> None:
+        for owner, name, _ in self.targets():
+            unwrap(owner, name)
+
+    def attached(self) -> bool:
+        targets = self.targets()
+        return bool(targets) and all(isinstance(vars(owner).get(name), TracewireWrapper)
+                                     for owner, name, _ in targets)
+
+    def _while_enabled(self, wrapper: Callable[..., Any]) -> Callable[..., Any]:
+        def call(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> Any:
+            if not self.enabled:  # a wrapper someone else's wraps on top of keeps us in
+                return wrapped(*args, **kwargs)
+            return wrapper(wrapped, instance, args, kwargs)
+
+        return call
+
+
+class HookPlugin(Plugin):
+    """A plugin that registers a hook its framework calls; the hook stays registered for the
+    life of the process and does nothing while the plugin is disabled."""
+
+    def register(self) -> None:
+        """Register the hook with the framework (called once per process)."""
+        raise NotImplementedError
+
+    def registered(self) -> int:
+        """How many hooks of ours the framework holds (one at most, ever)."""
+        raise NotImplementedError
+
+    def patch(self) -> None:
+        if not self.registered():
+            self.register()
+
+    def unpatch(self) -> None:
+        """Nothing to undo: the hook does nothing while the plugin is disabled."""
+
+    def attached(self) -> bool:
+        return self.enabled and self.registered() == 1
+
+
+def take_over_mlflow_autolog(flavor: str) -> None:
+    """Switch MLflow's own autologging for ``flavor`` off: tracewire traces those calls, and
+    MLflow's patch checks this flag on every call, so the same call is not traced twice."""
+    try:
+        from mlflow.utils.autologging_utils import AUTOLOGGING_INTEGRATIONS
+    except ImportError:
+        return
+    config = AUTOLOGGING_INTEGRATIONS.get(flavor)
+    if config is not None and not config.get("disable", True):
+        config["disable"] = True
+        logger.warning("tracewire: mlflow.%s.autolog() is active too; tracewire traces these "
+                       "calls, so MLflow's %s autologging is switched off to avoid tracing each "
+                       "call twice", flavor, flavor)

@@ -19,14 +19,14 @@ still says where the span belongs, and is used instead.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 from uuid import UUID
 
 from tracewire import config
 from tracewire.core import attributes as keys
 from tracewire.core import guard, spans, usage
 from tracewire.core.attributes import SpanType
-from tracewire.plugins.base import Plugin
+from tracewire.plugins.base import HookPlugin
 
 # LangGraph's control-flow signals (interrupt(), Command(graph=PARENT)) reach on_chain_error as
 # subclasses of this; matched by name so this plugin does not import LangGraph.
@@ -205,7 +205,8 @@ class _Handler:
     # Under TRACEWIRE_TESTING our failures must reach the test, not LangChain's warning log.
     raise_error = guard.TESTING
 
-    def __init__(self) -> None:
+    def __init__(self, plugin: LangChainPlugin) -> None:
+        self._plugin = plugin
         self.runs: dict[UUID, _Run] = {}
         self.live: set[int] = set()  # id() of the spans of runs not ended yet
 
@@ -303,7 +304,7 @@ class _Handler:
     def on_chain_start(self, serialized: Any, inputs: Any, *, run_id: UUID,
                        parent_run_id: UUID | None = None, tags: list[str] | None = None,
                        metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if plugin.enabled:
+        if self._plugin.enabled:
             guard.call(self._chain_start, serialized, inputs, run_id, parent_run_id, tags,
                        metadata, kwargs)
 
@@ -330,14 +331,14 @@ class _Handler:
     def on_chat_model_start(self, serialized: Any, messages: list[list[Any]], *, run_id: UUID,
                             parent_run_id: UUID | None = None, tags: list[str] | None = None,
                             metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if plugin.enabled:
+        if self._plugin.enabled:
             guard.call(self._model_start, SpanType.CHAT_MODEL, serialized, messages, run_id,
                        parent_run_id, metadata, kwargs)
 
     def on_llm_start(self, serialized: Any, prompts: list[str], *, run_id: UUID,
                      parent_run_id: UUID | None = None, tags: list[str] | None = None,
                      metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if plugin.enabled:
+        if self._plugin.enabled:
             guard.call(self._model_start, SpanType.LLM, serialized, prompts, run_id,
                        parent_run_id, metadata, kwargs)
 
@@ -383,7 +384,7 @@ class _Handler:
                       parent_run_id: UUID | None = None, tags: list[str] | None = None,
                       metadata: dict[str, Any] | None = None, inputs: Any = None,
                       **kwargs: Any) -> None:
-        if plugin.enabled:
+        if self._plugin.enabled:
             guard.call(self._tool_start, serialized, input_str, inputs, run_id, parent_run_id,
                        kwargs)
 
@@ -412,7 +413,7 @@ class _Handler:
     def on_retriever_start(self, serialized: Any, query: str, *, run_id: UUID,
                            parent_run_id: UUID | None = None, tags: list[str] | None = None,
                            metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if plugin.enabled:
+        if self._plugin.enabled:
             guard.call(self._start_retriever, serialized, query, run_id, parent_run_id, kwargs)
 
     def _start_retriever(self, serialized: Any, query: str, run_id: UUID,
@@ -448,20 +449,17 @@ class _Switch:
     its ``get()``): our handler while the plugin is enabled, else None (no handler added). A
     ContextVar could not do this for every thread and task at once."""
 
-    __slots__ = ()
+    __slots__ = ("_plugin", "_handler")
+
+    def __init__(self, plugin: LangChainPlugin, handler: Any) -> None:
+        self._plugin = plugin
+        self._handler = handler
 
     def get(self) -> Any:
-        return plugin.handler if plugin.enabled else None
+        return self._handler if self._plugin.enabled else None
 
 
-def _make_handler() -> Any:
-    # The LangChain base class is mixed in here, so importing this module imports no LangChain.
-    from langchain_core.callbacks import BaseCallbackHandler
-
-    return type("TracewireCallbackHandler", (_Handler, BaseCallbackHandler), {})()
-
-
-class LangChainPlugin(Plugin):
+class LangChainPlugin(HookPlugin):
     name = "langchain"
     module = "langchain_core"
     distribution = "langchain-core"
@@ -471,21 +469,23 @@ class LangChainPlugin(Plugin):
 
     def __init__(self) -> None:
         super().__init__()
-        self.handler: Any = None
+        self._handler: _Handler | None = None
 
-    def targets(self) -> list[tuple[Any, str, Callable[..., Any]]]:
-        return []  # nothing is wrapped: LangChain calls our handler through its configure hook
-
-    def patch(self) -> None:
-        if self.handler is not None:
-            return  # the hook stays registered (LangChain cannot unregister it)
+    def register(self) -> None:
+        # The LangChain base class is mixed in here, so importing this module imports no
+        # LangChain.
+        from langchain_core.callbacks import BaseCallbackHandler
         from langchain_core.tracers.context import register_configure_hook
 
-        self.handler = _make_handler()
-        register_configure_hook(_Switch(), inheritable=True)  # type: ignore[arg-type]
+        handler_class = type("TracewireCallbackHandler", (_Handler, BaseCallbackHandler), {})
+        self._handler = handler_class(self)
+        register_configure_hook(_Switch(self, self._handler), inheritable=True)  # type: ignore[arg-type]
 
-    def unpatch(self) -> None:
-        """Nothing to undo: the handler does nothing while the plugin is disabled."""
+    def registered(self) -> int:
+        from langchain_core.tracers.context import _configure_hooks
 
+        return sum(isinstance(var, _Switch) for var, *_ in _configure_hooks)
 
-plugin = LangChainPlugin()
+    def span_of(self, run_id: UUID | None) -> spans.Span | None:
+        """The span of a LangChain run still open (LangGraph's plugin adds to a graph's)."""
+        return self._handler.span_of(run_id) if self._handler is not None else None

@@ -21,7 +21,9 @@ from tracewire import config
 from tracewire.core import attributes as keys
 from tracewire.core import context as request_context
 from tracewire.core import guard, spans
-from tracewire.plugins.base import Plugin
+from tracewire.plugins import registry
+from tracewire.plugins.base import WrappingPlugin
+from tracewire.plugins.langchain import LangChainPlugin
 
 _MODULE = "langgraph.pregel.main"
 _FACTORIES = ("get_sync_graph_callback_manager_for_config",
@@ -72,13 +74,13 @@ def _id(value: Any, limit: int) -> str | None:
 
 
 def _graph_span(run_id: Any) -> spans.Span | None:
-    from tracewire.plugins.langchain import plugin as langchain
+    """The graph run's span, which the LangChain plugin made from its callbacks."""
+    langchain = registry.get("langchain")
+    return langchain.span_of(run_id) if isinstance(langchain, LangChainPlugin) else None
 
-    handler = langchain.handler
-    return handler.span_of(run_id) if handler is not None else None
 
-
-def _attach(manager: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _attach(manager: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+            lifecycle_handler: Any) -> None:
     """Session and user from the run's config; our lifecycle handler on its manager."""
     run_config = args[0] if args else kwargs.get("config")
     span = _graph_span(kwargs.get("run_id"))
@@ -91,7 +93,8 @@ def _attach(manager: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None
         user = _id(configurable.get("user_id"), request_context.MAX_USER_ID)
         if thread is not None or user is not None:
             trace.request = _RunContext(trace.request, thread, user)  # type: ignore[assignment]
-    manager.add_handler(plugin.lifecycle_handler(), False)
+    if lifecycle_handler is not None:
+        manager.add_handler(lifecycle_handler, False)
 
 
 def _on_interrupt(event: Any) -> None:
@@ -128,15 +131,7 @@ def _make_lifecycle_handler() -> Any:
     return TracewireGraphHandler()
 
 
-def _wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
-             kwargs: dict[str, Any]) -> Any:
-    manager = wrapped(*args, **kwargs)
-    if plugin.enabled:
-        guard.call(_attach, manager, args, kwargs)
-    return manager
-
-
-class LangGraphPlugin(Plugin):
+class LangGraphPlugin(WrappingPlugin):
     name = "langgraph"
     module = "langgraph.pregel"  # `langgraph` itself is a namespace package: no import hook fires
     distribution = "langgraph"
@@ -147,14 +142,14 @@ class LangGraphPlugin(Plugin):
         super().__init__()
         self._handler: Any = None
 
-    def lifecycle_handler(self) -> Any:
-        if self._handler is None:
-            self._handler = _make_lifecycle_handler()
-        return self._handler
-
     def targets(self) -> list[tuple[Any, str, Callable[..., Any]]]:
         module = importlib.import_module(_MODULE)
-        return [(module, name, _wrapper) for name in _FACTORIES if name in vars(module)]
+        return [(module, name, self._wrapper) for name in _FACTORIES if name in vars(module)]
 
-
-plugin = LangGraphPlugin()
+    def _wrapper(self, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> Any:
+        manager = wrapped(*args, **kwargs)
+        if self._handler is None:
+            self._handler = guard.call(_make_lifecycle_handler)
+        guard.call(_attach, manager, args, kwargs, self._handler)
+        return manager

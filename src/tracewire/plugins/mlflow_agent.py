@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from tracewire.core import context as request_context
 from tracewire.core import guard
-from tracewire.plugins.base import Plugin
+from tracewire.plugins.base import WrappingPlugin
 
 
 def _claim(request: Any) -> None:
@@ -27,7 +27,7 @@ def _claim(request: Any) -> None:
                               getattr(context, "user_id", None))
 
 
-class MlflowAgentPlugin(Plugin):
+class MlflowAgentPlugin(WrappingPlugin):
     name = "mlflow_agent"
     module = "mlflow.pyfunc.loaders.responses_agent"
     distribution = "mlflow-skinny"  # full mlflow depends on it; the tracing-only SDK has no pyfunc
@@ -42,9 +42,6 @@ class MlflowAgentPlugin(Plugin):
     def _convert_input(self, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                        kwargs: dict[str, Any]) -> Any:
         request = wrapped(*args, **kwargs)
-        if self.enabled:
-            guard.call(_claim, request)
+        guard.call(_claim, request)
         return request
 
-
-plugin = MlflowAgentPlugin()

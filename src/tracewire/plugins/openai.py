@@ -31,7 +31,7 @@ from tracewire import config
 from tracewire.core import attributes as keys
 from tracewire.core import guard, spans, usage
 from tracewire.core.attributes import SpanType
-from tracewire.plugins.base import Plugin
+from tracewire.plugins.base import WrappingPlugin
 
 CHAT, RESPONSES, EMBEDDINGS, COMPLETIONS = "chat", "responses", "embeddings", "text_completion"
 
@@ -526,8 +526,6 @@ _REFUSED = object()
 def _sync_wrapper(kind: str) -> Callable[..., Any]:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> Any:
-        if not plugin.enabled:
-            return wrapped(*args, **kwargs)
         call = guard.call(_start, kind, instance, kwargs)
         if call is None:
             return wrapped(*args, **kwargs)
@@ -556,8 +554,6 @@ def _sync_wrapper(kind: str) -> Callable[..., Any]:
 def _async_wrapper(kind: str) -> Callable[..., Any]:
     async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
                       kwargs: dict[str, Any]) -> Any:
-        if not plugin.enabled:
-            return await wrapped(*args, **kwargs)
         call = guard.call(_start, kind, instance, kwargs)
         if call is None:
             return await wrapped(*args, **kwargs)
@@ -583,7 +579,7 @@ def _async_wrapper(kind: str) -> Callable[..., Any]:
     return wrapper
 
 
-class OpenAIPlugin(Plugin):
+class OpenAIPlugin(WrappingPlugin):
     name = "openai"
     module = "openai"
     distribution = "openai"
@@ -606,5 +602,3 @@ class OpenAIPlugin(Plugin):
                         found.append((owner, method, make(kind)))
         return found
 
-
-plugin = OpenAIPlugin()

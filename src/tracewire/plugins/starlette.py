@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from tracewire import config
 from tracewire.core import guard
-from tracewire.plugins.base import Plugin
+from tracewire.plugins.base import WrappingPlugin
 
 
 def _listed_by_app(app: Any) -> bool:
@@ -25,7 +25,7 @@ def _listed_by_app(app: Any) -> bool:
                for entry in getattr(app, "user_middleware", ()))
 
 
-class StarlettePlugin(Plugin):
+class StarlettePlugin(WrappingPlugin):
     name = "starlette"
     module = "starlette.applications"
     distribution = "starlette"
@@ -39,8 +39,6 @@ class StarlettePlugin(Plugin):
 
     def _call(self, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> Any:
-        if not self.enabled:
-            return wrapped(*args, **kwargs)
         middleware = instance.__dict__.get("_tracewire_middleware") or guard.call(
             self._install, instance, wrapped) or wrapped
         return middleware(*args, **kwargs)
@@ -55,5 +53,3 @@ class StarlettePlugin(Plugin):
         app.__dict__["_tracewire_middleware"] = middleware
         return middleware
 
-
-plugin = StarlettePlugin()
