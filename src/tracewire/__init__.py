@@ -49,11 +49,6 @@ def _installed(module: str) -> bool:
 def _selected(include: tuple[str, ...] | None, exclude: tuple[str, ...]) -> list[Plugin]:
     from tracewire.plugins.registry import PLUGINS
 
-    for setting, names in (("include", include or ()), ("exclude", exclude)):
-        unknown = sorted(set(names) - set(PLUGINS))
-        if unknown:
-            raise ConfigError(f"{setting} names unknown plugin(s) {unknown}; "
-                              f"known plugins: {sorted(PLUGINS)}")
     selected = []
     for name in (include if include is not None else tuple(PLUGINS)):
         if name in exclude:
