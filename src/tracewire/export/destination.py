@@ -16,6 +16,10 @@ from urllib.parse import unquote, urlparse, urlunparse
 from tracewire import config
 
 _DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+# What MLflow's tracking store registry takes besides the databases and its plugins' schemes
+# (mlflow/tracking/_tracking_service/utils.py, _register_tracking_stores): known here without
+# importing MLflow, which `tracewire run` checks a destination without.
+_STORE_SCHEMES = ("", "file", "http", "https", "databricks", "databricks-uc", "uc", *_DB_SCHEMES)
 _DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # The experiment id a user-only trace carries until the shipper resolves the destination.
 PENDING_EXPERIMENT = "tracewire-pending"
@@ -52,6 +56,12 @@ def check_destination(settings: config.Settings) -> None:
     """Fail at autolog() when the destination cannot work here; no network I/O."""
     uri = tracking_uri(settings)
     scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme not in _STORE_SCHEMES and scheme not in _plugin_schemes():
+        # MLflow itself would only fail at the first trace, with an unrelated message.
+        raise config.ConfigError(
+            f"MLFLOW_TRACKING_URI is {display_uri(uri)!r}, whose scheme {scheme!r} MLflow has "
+            "no tracking store for: use http:// or https:// for a tracking server, sqlite:/// "
+            "(or postgresql://, mysql://, mssql://) for a database, or databricks.")
     if scheme in _DB_SCHEMES or scheme in ("", "file"):
         # Looked for, not imported: the SQL store costs half a second to import, and the
         # shipper process is the one that writes to it.
@@ -72,6 +82,14 @@ def check_destination(settings: config.Settings) -> None:
                 f"{'written' if nearest == path else 'created'}: {nearest} is not writable. "
                 "Point MLFLOW_TRACKING_URI at a writable place (for example "
                 "sqlite:////tmp/mlflow.db) or at a tracking server.")
+
+
+def _plugin_schemes() -> set[str]:
+    """Schemes that installed MLflow plugins register (the ``mlflow.tracking_store`` entry
+    points MLflow's registry loads)."""
+    from importlib.metadata import entry_points
+
+    return {entry.name for entry in entry_points(group="mlflow.tracking_store")}
 
 
 def _importable(module: str) -> bool:
