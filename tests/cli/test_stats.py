@@ -9,6 +9,8 @@ import io
 import json
 import math
 import re
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +19,7 @@ import mlflow
 import pytest
 from mlflow.tracing.utils import calculate_cost_by_model_and_token_usage
 
+from tests.support.model_serving import clean_env
 from tracewire.cli import main
 from tracewire.export import delta
 from tracewire.testing.traces import Synthetic, write
@@ -148,3 +151,36 @@ def test_bad_input_is_one_line(tracking_uri: str, tmp_path: Path,
     assert main(["stats", "--delta", str(tmp_path / "missing")]) == 1
     assert "no Delta table" in capsys.readouterr().err
     assert main(["stats", "--by", "colour"]) == 2
+
+
+def _cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The command as a user runs it: its own process, no MLflow settings but ``env``."""
+    return subprocess.run([sys.executable, "-m", "tracewire.cli", *args], cwd=cwd,
+                          env=clean_env(MLFLOW_MODEL_CATALOG_URI="", **env),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_reading_where_there_is_no_store_creates_none(tmp_path: Path) -> None:
+    for args in (["stats"], ["export", "delta", "table"]):
+        done = _cli(tmp_path, *args)
+        assert done.returncode == 1 and done.stdout == "", done.stderr
+        assert done.stderr.splitlines() == [
+            f"tracewire: error: MLflow's default tracking URI 'sqlite:///{tmp_path}/mlflow.db' "
+            "(MLFLOW_TRACKING_URI is not set), but there is no MLflow store at "
+            f"{tmp_path}/mlflow.db: run this in the folder your app keeps its store in, or set "
+            "MLFLOW_TRACKING_URI to it (sqlite:////path/to/mlflow.db or http://your-server:5000)"]
+        assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlruns, no table
+    done = _cli(tmp_path, "stats", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/other.db")
+    assert done.returncode == 1 and "there is no MLflow store at " in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_store_is_one_line(tmp_path: Path) -> None:
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"this is not a database " * 100)
+    done = _cli(tmp_path, "stats")
+    assert done.returncode == 1 and done.stdout == "", done.stderr
+    assert done.stderr.splitlines() == [
+        f"tracewire: error: cannot read the tracking store sqlite:///{store}: "
+        "(sqlite3.DatabaseError) file is not a database"]
+    assert store.read_bytes() == b"this is not a database " * 100

@@ -101,8 +101,9 @@ def test_a_local_store_in_a_read_only_place_fails_at_autolog_naming_it(tmp_path)
     folder.mkdir()
     printed = _autolog_with_a_read_only_folder(
         folder, {"TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool")}, cwd=folder)
-    assert f"MLFLOW_TRACKING_URI is 'sqlite:///{folder}/mlflow.db', a local store that cannot " \
-        f"be created: {folder} is not writable" in printed, printed
+    assert f"MLflow's default tracking URI 'sqlite:///{folder}/mlflow.db' (MLFLOW_TRACKING_URI " \
+        f"is not set), a local store that cannot be created: {folder} is not writable" in printed, \
+        printed
 
 
 def test_invalid_arguments_name_the_argument(tracking_uri: str) -> None:

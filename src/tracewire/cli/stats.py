@@ -46,7 +46,7 @@ def _iso(ms: int) -> str:
 def run(args: argparse.Namespace) -> int:
     from tracewire import config
     from tracewire.cli import CLIError
-    from tracewire.cli.shared import require_deltalake, since_ms
+    from tracewire.cli.shared import reading_store, require_deltalake, since_ms
     from tracewire.report import aggregate, render, sources
 
     try:
@@ -67,15 +67,16 @@ def run(args: argparse.Namespace) -> int:
         from tracewire.export import delta, destination
 
         settings = config.resolve()
-        uri = destination.tracking_uri(settings)
+        uri = destination.check_readable(settings)
         wanted = args.experiment or [e for e in (settings.experiment_id,
                                                  settings.experiment_name) if e]
-        try:
-            experiment_ids = delta.experiments(uri, wanted)
-        except LookupError as exc:
-            raise CLIError(str(exc)) from None
-        rows = sources.from_store(uri, experiment_ids, since) if experiment_ids else []
-        source = f"tracking store {uri}"
+        with reading_store(uri):
+            try:
+                experiment_ids = delta.experiments(uri, wanted)
+            except LookupError as exc:
+                raise CLIError(str(exc)) from None
+            rows = sources.from_store(uri, experiment_ids, since) if experiment_ids else []
+        source = f"tracking store {destination.display_uri(uri)}"
 
     groups = aggregate.aggregate(rows, args.by)
     window = {"since": _iso(since), "until": _iso(until), "source": source}
