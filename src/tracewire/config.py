@@ -115,6 +115,16 @@ def _names(name: str, value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _plugins(name: str, value: Any) -> tuple[str, ...]:
+    from tracewire.plugins.registry import PLUGINS
+
+    names = _names(name, value)
+    if unknown := sorted(set(names) - set(PLUGINS)):
+        raise ConfigError(f"{name} names unknown plugin(s) {unknown}; known plugins: "
+                          f"{sorted(PLUGINS)}")
+    return names
+
+
 def _hosts(name: str, value: Any) -> tuple[str, ...]:
     """``TRACEWIRE_STREAM_USAGE_HOSTS``: the hosts to ask, ``none`` for none; only exclusions
     (``!host``) mean every other host."""
@@ -154,7 +164,8 @@ def _number(name: str, value: Any, kind: type, minimum: float) -> Any:
     try:
         number = kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+        raise ConfigError(f"{name} must be {'a whole number' if kind is int else 'a number'}, "
+                          f"got {value!r}") from None
     if number < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value!r}")
     return number
@@ -229,9 +240,9 @@ def resolve(
             env, _env(env))
 
     name, value = pick(include, "TRACEWIRE_INCLUDE")
-    include_ = _names(name, value) if value is not None else None
+    include_ = _plugins(name, value) if value is not None else None
     name, value = pick(exclude, "TRACEWIRE_EXCLUDE")
-    exclude_ = _names(name, value) if value is not None else ()
+    exclude_ = _plugins(name, value) if value is not None else ()
     name, value = pick(capture_content, "TRACEWIRE_CAPTURE_CONTENT")
     capture = _bool(name, value) if value is not None else True
     name, value = pick(stream_usage, "TRACEWIRE_STREAM_USAGE")

@@ -83,9 +83,34 @@ def test_the_commands_exit_code_and_a_bad_setting_fail_clearly(
                          env={**env, "TRACEWIRE_SAMPLE_RATE": "lots"},
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "TRACEWIRE_SAMPLE_RATE" in bad.stderr
+    mistyped = subprocess.run([*TRACEWIRE, "run", "--", sys.executable, "-c", "print('ran')"],
+                              env={**env, "MLFLOW_TRACKING_URI": "htp://mlflow.internal:5000"},
+                              capture_output=True, text=True, timeout=120)
+    assert (mistyped.returncode, mistyped.stdout) == (1, ""), mistyped.stderr
+    assert mistyped.stderr.splitlines() == [
+        "tracewire: error: MLFLOW_TRACKING_URI is 'htp://mlflow.internal:5000', whose scheme "
+        "'htp' MLflow has no tracking store for: use http:// or https:// for a tracking server, "
+        "sqlite:/// (or postgresql://, mysql://, mssql://) for a database, or databricks."]
     missing = subprocess.run([*TRACEWIRE, "run", "--", "no-such-command-here"], env=env,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and "command not found" in missing.stderr
+
+
+def test_a_bad_setting_in_a_process_tracewire_run_did_not_check_leaves_it_untraced(
+        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    """A process that inherits the bootstrap (a worker started later, a changed variable) but
+    whose settings are bad still runs, untraced, with one line saying why."""
+    import tracewire.bootstrap
+
+    env = _env(tmp_path, openai_server, TRACEWIRE_RUN="1",
+               PYTHONPATH=str(Path(tracewire.bootstrap.__file__).parent),
+               MLFLOW_TRACKING_URI="htp://mlflow.internal:5000")
+    done = subprocess.run([sys.executable, "-c", "print('app ran')"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "app ran\n"), done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("tracewire: autolog() failed, this process runs untraced: "
+                           "MLFLOW_TRACKING_URI is 'htp://mlflow.internal:5000'"), line
 
 
 # Read, not imported: its OpenAI client wants the key the test gives the workers.

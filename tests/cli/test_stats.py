@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import html
 import io
 import json
 import math
 import re
+import shutil
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +21,7 @@ import mlflow
 import pytest
 from mlflow.tracing.utils import calculate_cost_by_model_and_token_usage
 
+from tests.support.model_serving import clean_env
 from tracewire.cli import main
 from tracewire.export import delta
 from tracewire.testing.traces import Synthetic, write
@@ -133,12 +138,84 @@ def test_table_csv_and_html(known: str, tmp_path: Path,
     assert [r["key"] for r in rows] == ["(all)", "/a", "/b"]
     assert rows[1]["latency_p95_ms"] == "400.0" and rows[2]["ttfb_p50_ms"] == ""
 
+
+
+# Headless Debian chromium, as docs/screenshot.py runs it (offline: no calls to Google).
+CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+WINDOW = (1400, 900)
+# Run by the browser on a copy of the page (the page itself has no script): what it laid out.
+MEASURE = ("<script>document.body.dataset.layout = JSON.stringify({scroll: "
+           "document.documentElement.scrollWidth, client: document.documentElement.clientWidth, "
+           "inner: window.innerWidth});</script></body>")
+
+
+def _laid_out(page: Path) -> dict[str, int]:
+    """The page's widths in a 1400 x 900 headless chromium window."""
+    assert shutil.which("chromium"), "needs Debian's chromium (apt-get install chromium; " \
+        ".ci/run installs it)"
+    probe = page.with_suffix(".probe.html")
+    probe.write_text(page.read_text().replace("</body>", MEASURE))
+    done = subprocess.run([*CHROMIUM, f"--window-size={WINDOW[0]},{WINDOW[1]}",
+                           f"--user-data-dir={page.parent / 'chromium-profile'}", "--dump-dom",
+                           probe.as_uri()], capture_output=True, text=True, timeout=60)
+    found = re.search(r'data-layout="([^"]*)"', done.stdout)
+    assert found, done.stderr[-2000:]
+    return json.loads(html.unescape(found[1]))
+
+
+def test_html_report_reads_well_in_a_1400px_window(known: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     page = tmp_path / "stats.html"
-    stats(capsys, "--experiment", known, "--since", ago(60), "--html", str(page))
+    assert main(["stats", "--experiment", known, "--since", ago(60), "--html", str(page)]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == f"tracewire: wrote the HTML report to {page}\n"
+    assert printed.out.splitlines()[0].split()[0] == "route"  # the table, as without --html
     content = page.read_text()
-    assert content.count("<svg") == 5 and "<td>/a</td>" in content
     assert not re.search(r"(src|href)\s*=|https?://|<script", content)  # nothing to fetch
-    assert "Latency distribution" in content and "Error rate over time" in content
+
+    # Headings a person reads, with units; rates as percentages.
+    assert not re.search(r"<th[^>]*>[^<]*_", content), "a raw field name as a heading"
+    for heading in ("error rate", "latency (ms)", "time to first byte (ms)", "cost (USD)",
+                    "p50", "p99", "positive share"):
+        assert f">{heading}</th>" in content, heading
+    all_row = re.search(r"<tr><td>\(all\)</td>(.*?)</tr>", content)[1]
+    assert re.findall(r"<td>([^<]*)</td>", all_row)[:7] == [
+        "6", "1", "16.7 %", "200", "1,000", "1,000", "20"]
+
+    # Over time: the hour's window in 2-minute buckets (empty ones too), a y axis from 0 to the
+    # largest bucket, and the window's first and last minute under it.
+    charts = re.findall(r"<figure><figcaption>([^<]*)</figcaption>(.*?)</figure>", content)
+    assert [title for title, _ in charts] == [
+        "Latency distribution: traces per duration bin", "Traces per 2-minute bucket",
+        "Error rate (share of traces in error) per 2-minute bucket",
+        "Tokens per 2-minute bucket", "Cost (USD) per 2-minute bucket"]
+    for title, svg in charts[1:]:
+        assert 30 <= svg.count("<rect") <= 31, title
+        labels = re.findall(r"<text[^>]*>([^<]*)</text>", svg)
+        top, zero, first, last = labels
+        assert zero in ("0", "0.0 %") and top not in ("0", "0.0 %"), (title, labels)
+        assert first < last and last.endswith(" UTC"), (title, labels)
+    assert re.findall(r"<text[^>]*>([^<]*)</text>", charts[1][1])[0] == "1"  # one a bucket
+    assert re.findall(r"<text[^>]*>([^<]*)</text>", charts[0][1])[2:] == ["0 ms", "1,000 ms"]
+
+    # Laid out by a browser: nothing wider than the window, even with a long unbroken key.
+    layout = _laid_out(page)
+    assert layout["inner"] == WINDOW[0] and layout["scroll"] <= layout["client"], layout
+    long_key = tmp_path / "long.html"
+    assert main(["stats", "--experiment", known, "--since", ago(60), "--by", "session",
+                 "--html", str(long_key)]) == 0
+    long_key.write_text(long_key.read_text().replace(">s1<", ">" + "s" * 300 + "<"))
+    layout = _laid_out(long_key)
+    assert layout["scroll"] <= layout["client"], layout
+
+
+def test_html_report_that_cannot_be_written_is_one_line(
+        known: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    where = tmp_path / "missing-folder" / "stats.html"
+    assert main(["stats", "--experiment", known, "--html", str(where)]) == 1
+    assert capsys.readouterr().err == (f"tracewire: error: cannot write the HTML report to "
+                                       f"{where}: No such file or directory\n")
 
 
 def test_bad_input_is_one_line(tracking_uri: str, tmp_path: Path,
@@ -148,3 +225,36 @@ def test_bad_input_is_one_line(tracking_uri: str, tmp_path: Path,
     assert main(["stats", "--delta", str(tmp_path / "missing")]) == 1
     assert "no Delta table" in capsys.readouterr().err
     assert main(["stats", "--by", "colour"]) == 2
+
+
+def _cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The command as a user runs it: its own process, no MLflow settings but ``env``."""
+    return subprocess.run([sys.executable, "-m", "tracewire.cli", *args], cwd=cwd,
+                          env=clean_env(MLFLOW_MODEL_CATALOG_URI="", **env),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_reading_where_there_is_no_store_creates_none(tmp_path: Path) -> None:
+    for args in (["stats"], ["export", "delta", "table"]):
+        done = _cli(tmp_path, *args)
+        assert done.returncode == 1 and done.stdout == "", done.stderr
+        assert done.stderr.splitlines() == [
+            f"tracewire: error: MLflow's default tracking URI 'sqlite:///{tmp_path}/mlflow.db' "
+            "(MLFLOW_TRACKING_URI is not set), but there is no MLflow store at "
+            f"{tmp_path}/mlflow.db: run this in the folder your app keeps its store in, or set "
+            "MLFLOW_TRACKING_URI to it (sqlite:////path/to/mlflow.db or http://your-server:5000)"]
+        assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlruns, no table
+    done = _cli(tmp_path, "stats", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/other.db")
+    assert done.returncode == 1 and "there is no MLflow store at " in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_store_is_one_line(tmp_path: Path) -> None:
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"this is not a database " * 100)
+    done = _cli(tmp_path, "stats")
+    assert done.returncode == 1 and done.stdout == "", done.stderr
+    assert done.stderr.splitlines() == [
+        f"tracewire: error: cannot read the tracking store sqlite:///{store}: "
+        "(sqlite3.DatabaseError) file is not a database"]
+    assert store.read_bytes() == b"this is not a database " * 100

@@ -14,6 +14,8 @@ import pytest
 
 import tracewire
 from tests.conftest import Traced
+from tracewire import config
+from tracewire.export import destination
 from tracewire.plugins.base import TracewireWrapper, WrappingPlugin
 from tracewire.plugins.registry import PLUGINS
 
@@ -25,8 +27,12 @@ from tracewire.plugins.registry import PLUGINS
     ("TRACEWIRE_QUEUE_SIZE", "0", "TRACEWIRE_QUEUE_SIZE"),
     ("TRACEWIRE_FLUSH_TIMEOUT", "-1", "TRACEWIRE_FLUSH_TIMEOUT"),
     ("TRACEWIRE_TAGS", "novalue", "TRACEWIRE_TAGS"),
-    ("TRACEWIRE_INCLUDE", "openai,nosuchplugin", "nosuchplugin"),
+    ("TRACEWIRE_QUEUE_SIZE", "1.5", "TRACEWIRE_QUEUE_SIZE must be a whole number"),
+    ("TRACEWIRE_INCLUDE", "openai,nosuchplugin", "TRACEWIRE_INCLUDE names unknown .*nosuchplugin"),
+    ("TRACEWIRE_EXCLUDE", "nosuchplugin", "TRACEWIRE_EXCLUDE names unknown .*nosuchplugin"),
     ("MLFLOW_EXPERIMENT_ID", "abc", "MLFLOW_EXPERIMENT_ID"),
+    ("MLFLOW_TRACKING_URI", "htp://mlflow.internal:5000",
+     "MLFLOW_TRACKING_URI is 'htp://mlflow.internal:5000', whose scheme 'htp' MLflow has no "),
     ("ENABLE_MLFLOW_TRACING", "perhaps", "ENABLE_MLFLOW_TRACING"),
     ("TRACEWIRE_FEEDBACK_PATH", "feedback", "TRACEWIRE_FEEDBACK_PATH"),
 ])
@@ -36,6 +42,19 @@ def test_invalid_environment_fails_at_autolog_naming_it(
     monkeypatch.setenv(env, value)
     with pytest.raises(tracewire.ConfigError, match=named):
         tracewire.autolog()
+
+
+def test_a_mistyped_tracking_uri_is_refused_without_its_credentials(
+        tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "htps://user:s3cret@mlflow.internal/?token=t0k")
+    with pytest.raises(tracewire.ConfigError, match="scheme 'htps'") as raised:
+        tracewire.autolog()
+    assert "s3cret" not in str(raised.value) and "t0k" not in str(raised.value)
+    # What MLflow takes passes: a server, a database with its driver, a local folder.
+    for uri in ("https://mlflow.internal", "postgresql+psycopg://db/mlflow", "file:///tmp/mlruns",
+                tracking_uri):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        destination.check_destination(config.resolve())
 
 
 def test_unusable_spool_dir_fails_at_autolog_naming_it(
@@ -82,8 +101,9 @@ def test_a_local_store_in_a_read_only_place_fails_at_autolog_naming_it(tmp_path)
     folder.mkdir()
     printed = _autolog_with_a_read_only_folder(
         folder, {"TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool")}, cwd=folder)
-    assert f"MLFLOW_TRACKING_URI is 'sqlite:///{folder}/mlflow.db', a local store that cannot " \
-        f"be created: {folder} is not writable" in printed, printed
+    assert f"MLflow's default tracking URI 'sqlite:///{folder}/mlflow.db' (MLFLOW_TRACKING_URI " \
+        f"is not set), a local store that cannot be created: {folder} is not writable" in printed, \
+        printed
 
 
 def test_invalid_arguments_name_the_argument(tracking_uri: str) -> None:
@@ -91,13 +111,13 @@ def test_invalid_arguments_name_the_argument(tracking_uri: str) -> None:
         tracewire.autolog(capture_content="yes please")  # type: ignore[arg-type]
     with pytest.raises(tracewire.ConfigError, match="argument tags"):
         tracewire.autolog(tags=["not", "a", "mapping"])  # type: ignore[arg-type]
-    with pytest.raises(tracewire.ConfigError, match="exclude"):
+    with pytest.raises(tracewire.ConfigError, match="argument exclude names unknown .*nope"):
         tracewire.autolog(exclude=["nope"])
+    with pytest.raises(tracewire.ConfigError, match="argument include names unknown .*nope"):
+        tracewire.autolog(include=["openai", "nope"])
 
 
 def test_arguments_win_over_environment(traced: Traced, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tracewire import config
-
     monkeypatch.setenv("TRACEWIRE_CAPTURE_CONTENT", "false")
     tracewire.autolog(capture_content=True)
     assert config.active().capture_content is True

@@ -376,7 +376,7 @@ def test_progress_only_on_a_terminal() -> None:
 
 @pytest.mark.parametrize("env, value, message", [
     ("TRACEWIRE_DELTA_INTERVAL", "0", "TRACEWIRE_DELTA_INTERVAL must be at least 1"),
-    ("TRACEWIRE_DELTA_INTERVAL", "soon", "TRACEWIRE_DELTA_INTERVAL must be a float"),
+    ("TRACEWIRE_DELTA_INTERVAL", "soon", "TRACEWIRE_DELTA_INTERVAL must be a number"),
 ])
 def test_bad_delta_settings_name_the_setting(monkeypatch: pytest.MonkeyPatch, env: str,
                                              value: str, message: str) -> None:

@@ -23,6 +23,12 @@ def test_destination_pins() -> None:
     from mlflow.tracking import fluent
 
     assert hasattr(fluent, "_active_experiment_id")  # what mlflow.set_experiment() chose
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    from tracewire.export import destination
+
+    assert set(_tracking_store_registry._registry) == set(destination._STORE_SCHEMES) | \
+        destination._plugin_schemes()
 
 
 def test_hooks_pins() -> None:

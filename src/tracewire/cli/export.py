@@ -29,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from tracewire import config
     from tracewire.cli import CLIError
-    from tracewire.cli.shared import require_deltalake, since_ms
+    from tracewire.cli.shared import reading_store, require_deltalake, since_ms
     from tracewire.export import delta, destination
 
     require_deltalake("export delta")
@@ -38,21 +38,23 @@ def run(args: argparse.Namespace) -> int:
         since = since_ms(args.since) if args.since else None
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    uri = destination.tracking_uri(settings)
+    uri = destination.check_readable(settings)
     wanted = args.experiment or [e for e in (settings.experiment_id, settings.experiment_name) if e]
-    try:
-        experiment_ids = delta.experiments(uri, wanted)
-    except LookupError as exc:
-        raise CLIError(str(exc)) from None
+    with reading_store(uri):
+        try:
+            experiment_ids = delta.experiments(uri, wanted)
+        except LookupError as exc:
+            raise CLIError(str(exc)) from None
     if not experiment_ids:
-        raise CLIError(f"no experiments in {uri}")
+        raise CLIError(f"no experiments in {destination.display_uri(uri)}")
     from deltalake.exceptions import CommitFailedError
 
     progress = delta.terminal_progress(sys.stderr)
     try:
-        report = delta.sync(args.path, tracking_uri=uri, experiment_ids=experiment_ids,
-                            lookback_s=settings.feedback_retention, since_ms=since,
-                            progress=progress)
+        with reading_store(uri):
+            report = delta.sync(args.path, tracking_uri=uri, experiment_ids=experiment_ids,
+                                lookback_s=settings.feedback_retention, since_ms=since,
+                                progress=progress)
     except CommitFailedError:
         raise CLIError(f"other writers kept committing to {args.path}; what was synced is "
                        "kept, run again to continue") from None

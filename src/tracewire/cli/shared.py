@@ -1,12 +1,14 @@
 """What ``stats`` and ``export`` share (not a subcommand): ``--since``, a duration back from now
-(``90m``, ``24h``, ``7d``) or an ISO date/time (UTC unless it names a zone); and the check that
-the Delta extra is installed."""
+(``90m``, ``24h``, ``7d``) or an ISO date/time (UTC unless it names a zone); the check that
+the Delta extra is installed; and one line for a store that cannot be read."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
 import time
+from typing import Iterator
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -35,3 +37,25 @@ def require_deltalake(what: str) -> None:
     if importlib.util.find_spec("deltalake") is None or importlib.util.find_spec(
             "pyarrow") is None:
         raise CLIError(f'{what} needs the Delta extra: pip install "tracewire[delta]"')
+
+
+@contextlib.contextmanager
+def reading_store(uri: str) -> Iterator[None]:
+    """A store that cannot be read (damaged, of another MLflow version, unreachable) is one
+    line naming it, not MLflow's or SQLAlchemy's traceback."""
+    from mlflow.exceptions import MlflowException
+
+    from tracewire.cli import CLIError
+    from tracewire.export import destination
+
+    errors: tuple[type[Exception], ...] = (MlflowException,)
+    if destination.is_database(uri):  # its driver's errors reach us unwrapped
+        from sqlalchemy.exc import SQLAlchemyError
+
+        errors += (SQLAlchemyError,)
+    try:
+        yield
+    except errors as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CLIError(f"cannot read the tracking store {destination.display_uri(uri)}: "
+                       f"{reason}") from None

@@ -5,6 +5,7 @@ store or from a Delta table written by `tracewire export delta`."""
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 import time
 from pathlib import Path
@@ -37,16 +38,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def _iso(ms: int) -> str:
-    import datetime as dt
+def _utc(ms: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc)
 
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).isoformat(timespec="seconds")
+
+def _iso(ms: int) -> str:
+    return _utc(ms).isoformat(timespec="seconds")
 
 
 def run(args: argparse.Namespace) -> int:
     from tracewire import config
     from tracewire.cli import CLIError
-    from tracewire.cli.shared import require_deltalake, since_ms
+    from tracewire.cli.shared import reading_store, require_deltalake, since_ms
     from tracewire.report import aggregate, render, sources
 
     try:
@@ -67,27 +70,32 @@ def run(args: argparse.Namespace) -> int:
         from tracewire.export import delta, destination
 
         settings = config.resolve()
-        uri = destination.tracking_uri(settings)
+        uri = destination.check_readable(settings)
         wanted = args.experiment or [e for e in (settings.experiment_id,
                                                  settings.experiment_name) if e]
-        try:
-            experiment_ids = delta.experiments(uri, wanted)
-        except LookupError as exc:
-            raise CLIError(str(exc)) from None
-        rows = sources.from_store(uri, experiment_ids, since) if experiment_ids else []
-        source = f"tracking store {uri}"
+        with reading_store(uri):
+            try:
+                experiment_ids = delta.experiments(uri, wanted)
+            except LookupError as exc:
+                raise CLIError(str(exc)) from None
+            rows = sources.from_store(uri, experiment_ids, since) if experiment_ids else []
+        source = f"tracking store {destination.display_uri(uri)}"
 
     groups = aggregate.aggregate(rows, args.by)
     window = {"since": _iso(since), "until": _iso(until), "source": source}
     if args.html:
         from tracewire.report import html
 
-        # Hourly buckets up to three days, daily beyond.
-        seconds = 3600 if until - since <= 3 * 86_400_000 else 86_400
         durations = [float(r["execution_duration_ms"]) for r in rows
                      if r.get("execution_duration_ms") is not None]
-        args.html.write_text(html.page(groups, args.by, durations,
-                                       aggregate.over_time(rows, seconds), window))
+        buckets = aggregate.over_time(rows, _utc(since), _utc(until))
+        path = args.html.resolve()
+        try:
+            path.write_text(html.page(groups, args.by, durations, buckets, window))
+        except OSError as exc:
+            raise CLIError(f"cannot write the HTML report to {path}: {exc.strerror}") from None
+        # A status line, not data: stdout stays the table, JSON or CSV.
+        print(f"tracewire: wrote the HTML report to {path}", file=sys.stderr)
     if args.json:
         print(render.as_json(groups, args.by, window))
     elif args.csv:

@@ -16,6 +16,10 @@ from urllib.parse import unquote, urlparse, urlunparse
 from tracewire import config
 
 _DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+# What MLflow's tracking store registry takes besides the databases and its plugins' schemes
+# (mlflow/tracking/_tracking_service/utils.py, _register_tracking_stores): known here without
+# importing MLflow, which `tracewire run` checks a destination without.
+_STORE_SCHEMES = ("", "file", "http", "https", "databricks", "databricks-uc", "uc", *_DB_SCHEMES)
 _DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # The experiment id a user-only trace carries until the shipper resolves the destination.
 PENDING_EXPERIMENT = "tracewire-pending"
@@ -51,27 +55,70 @@ def destination(settings: config.Settings) -> str:
 def check_destination(settings: config.Settings) -> None:
     """Fail at autolog() when the destination cannot work here; no network I/O."""
     uri = tracking_uri(settings)
+    named = _named(settings, uri)
+    _check_store_type(uri, named)
+    path = sqlite_path(uri)
+    if path is not None:
+        nearest = next(p for p in (path, *path.parents) if p.exists())
+        if not os.access(nearest, os.W_OK):
+            raise config.ConfigError(
+                f"{named}, a local store that cannot be "
+                f"{'written' if nearest == path else 'created'}: {nearest} is not writable. "
+                "Point MLFLOW_TRACKING_URI at a writable place (for example "
+                "sqlite:////tmp/mlflow.db) or at a tracking server.")
+
+
+def check_readable(settings: config.Settings) -> str:
+    """For commands that only read the store (``stats``, ``export delta``): the tracking URI,
+    once it names a store this environment can open. A local store that does not exist is an
+    error here: opening it would create an empty one. No network I/O."""
+    uri = tracking_uri(settings)
+    named = _named(settings, uri)
+    _check_store_type(uri, named)
+    path = _local_store(uri)
+    if path is not None and not (path.is_dir() or path.is_file() and path.stat().st_size):
+        raise config.ConfigError(
+            f"{named}, but there is no MLflow store at {path}: run this in the folder your app "
+            "keeps its store in, or set MLFLOW_TRACKING_URI to it (sqlite:////path/to/mlflow.db "
+            "or http://your-server:5000)")
+    return uri
+
+
+def _named(settings: config.Settings, uri: str) -> str:
+    """Where the tracking URI came from, for an error message (without credentials)."""
+    if settings.tracking_uri:  # mlflow.set_tracking_uri() sets the variable too
+        return f"MLFLOW_TRACKING_URI is {display_uri(uri)!r}"
+    return f"MLflow's default tracking URI {display_uri(uri)!r} (MLFLOW_TRACKING_URI is not set)"
+
+
+def _check_store_type(uri: str, named: str) -> None:
+    """A store MLflow knows, whose code this environment has."""
     scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme not in _STORE_SCHEMES and scheme not in _plugin_schemes():
+        # MLflow itself would only fail at the first trace, with an unrelated message.
+        raise config.ConfigError(
+            f"{named}, whose scheme {scheme!r} MLflow has no tracking store for: use http:// "
+            "or https:// for a tracking server, sqlite:/// (or postgresql://, mysql://, "
+            "mssql://) for a database, or databricks.")
     if scheme in _DB_SCHEMES or scheme in ("", "file"):
         # Looked for, not imported: the SQL store costs half a second to import, and the
         # shipper process is the one that writes to it.
         if not all(_importable(m) for m in ("sqlalchemy", "alembic",
                                             "mlflow.store.tracking.sqlalchemy_store")):
             raise config.ConfigError(
-                f"MLFLOW_TRACKING_URI is {uri!r}, a local MLflow store, which needs the full "
-                "`mlflow` package that this environment does not have. Either install it with "
-                "`pip install \"tracewire[local]\"`, or point MLFLOW_TRACKING_URI at a tracking "
-                "server (for example MLFLOW_TRACKING_URI=http://mlflow.internal:5000)."
+                f"{named}, a local MLflow store, which needs the full `mlflow` package that "
+                "this environment does not have. Either install it with `pip install "
+                "\"tracewire[local]\"`, or point MLFLOW_TRACKING_URI at a tracking server (for "
+                "example MLFLOW_TRACKING_URI=http://mlflow.internal:5000)."
             )
-    path = sqlite_path(uri)
-    if path is not None:
-        nearest = next(p for p in (path, *path.parents) if p.exists())
-        if not os.access(nearest, os.W_OK):
-            raise config.ConfigError(
-                f"MLFLOW_TRACKING_URI is {uri!r}, a local store that cannot be "
-                f"{'written' if nearest == path else 'created'}: {nearest} is not writable. "
-                "Point MLFLOW_TRACKING_URI at a writable place (for example "
-                "sqlite:////tmp/mlflow.db) or at a tracking server.")
+
+
+def _plugin_schemes() -> set[str]:
+    """Schemes that installed MLflow plugins register (the ``mlflow.tracking_store`` entry
+    points MLflow's registry loads)."""
+    from importlib.metadata import entry_points
+
+    return {entry.name for entry in entry_points(group="mlflow.tracking_store")}
 
 
 def _importable(module: str) -> bool:
@@ -88,6 +135,14 @@ def sqlite_path(uri: str) -> Path | None:
     if parsed.scheme.split("+")[0] != "sqlite" or parsed.path in ("", "/", "/:memory:"):
         return None
     return Path(os.path.abspath(unquote(parsed.path[1:])))
+
+
+def _local_store(uri: str) -> Path | None:
+    """The file or folder of a local store (sqlite, or MLflow's file store); None for others."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(os.path.abspath(unquote(parsed.path) if parsed.scheme else uri))
+    return sqlite_path(uri)
 
 
 def is_database(uri: str) -> bool:

@@ -94,19 +94,44 @@ def aggregate(rows: Iterable[dict[str, Any]], by: str) -> list[Group]:
 @dataclass
 class Bucket:
     start: dt.datetime
+    end: dt.datetime
     traces: int
     errors: int
     total_tokens: int
     cost_usd: float
 
 
-def over_time(rows: Iterable[dict[str, Any]], seconds: int) -> list[Bucket]:
-    """Traces, errors, tokens and cost per ``seconds``-long bucket of request time."""
-    buckets: dict[int, list[dict[str, Any]]] = {}
+# Widths of the time buckets, in seconds: a window gets the narrowest that cuts it into at most
+# MAX_BUCKETS (an hour: 2-minute buckets, a day: 1-hour, a week: 6-hour, 30 days: 1-day).
+WIDTHS = (60, 120, 300, 600, 900, 1800, 3600, 7200, 10_800, 21_600, 43_200, 86_400, 172_800,
+          604_800)
+MAX_BUCKETS = 40
+
+
+def bucket_width(since: dt.datetime, until: dt.datetime) -> int:
+    span = (until - since).total_seconds()
+    for width in WIDTHS:
+        if span <= width * MAX_BUCKETS:
+            return width
+    return WIDTHS[-1] * math.ceil(span / WIDTHS[-1] / MAX_BUCKETS)  # whole weeks
+
+
+def over_time(rows: Iterable[dict[str, Any]], since: dt.datetime,
+              until: dt.datetime) -> list[Bucket]:
+    """Traces, errors, tokens and cost per bucket of request time over the whole window, empty
+    buckets included; buckets are aligned to whole minutes, hours or days (UTC)."""
+    width = bucket_width(since, until)
+    first = int(since.timestamp()) // width * width
+    last = int(until.timestamp()) // width * width
+    buckets: dict[int, list[dict[str, Any]]] = {s: [] for s in range(first, last + 1, width)}
     for row in rows:
-        stamp = int(row["request_time"].timestamp()) // seconds * seconds
-        buckets.setdefault(stamp, []).append(row)
-    return [Bucket(start=dt.datetime.fromtimestamp(stamp, tz=dt.timezone.utc), traces=len(rs),
+        stamp = int(row["request_time"].timestamp()) // width * width
+        buckets.setdefault(stamp, []).append(row)  # a trace stamped past `until` still counts
+
+    def at(stamp: int) -> dt.datetime:
+        return dt.datetime.fromtimestamp(stamp, tz=dt.timezone.utc)
+
+    return [Bucket(start=at(stamp), end=at(stamp + width), traces=len(rs),
                    errors=sum(1 for r in rs if r.get("state") == "ERROR"),
                    total_tokens=sum(r.get("total_tokens") or 0 for r in rs),
                    cost_usd=math.fsum(r.get("total_cost_usd") or 0.0 for r in rs))

@@ -262,3 +262,18 @@ def test_slim_install_without_tracking_uri_asks_for_local_extra_or_server(
     assert 'pip install "tracewire[local]"' in outcome["message"]
     assert "MLFLOW_TRACKING_URI" in outcome["message"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["script.py"]  # no mlflow.db, no mlruns
+
+
+def test_slim_install_stats_says_what_to_install_and_creates_nothing(
+        clean_venv: CleanVenv, tmp_path: Path) -> None:
+    # `tracewire stats` in a folder, with the slim SDK only: one line, no traceback, no store.
+    result = subprocess.run([str(clean_venv.python), "-m", "tracewire.cli", "stats"],
+                            cwd=tmp_path, env=_clean_env(clean_venv), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == "", _output(result)
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("tracewire: error: MLflow's default tracking URI 'sqlite:///mlflow.db' "
+                           "(MLFLOW_TRACKING_URI is not set), a local MLflow store, which needs "
+                           "the full `mlflow` package"), line
+    assert 'pip install "tracewire[local]"' in line
+    assert list(tmp_path.iterdir()) == []
