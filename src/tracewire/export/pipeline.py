@@ -35,7 +35,7 @@ from tracewire.core.feedback import Feedback
 from tracewire.export import destination, encode, hooks
 from tracewire.export.queue import Worker
 from tracewire.export.shipper import ADOPTED, OPENING, ShipperProcess
-from tracewire.export.spool import Spool
+from tracewire.export.spool import Spool, SpoolError
 
 logger = logging.getLogger("tracewire")
 
@@ -191,6 +191,10 @@ def start(settings: config.Settings) -> None:
                     f"TRACEWIRE_SPOOL_DIR {str(settings.spool_dir)!r} cannot hold tracewire's "
                     f"on-disk spool ({exc.strerror or exc}); point it at a writable directory"
                 ) from None
+            except SpoolError as exc:
+                raise config.ConfigError(
+                    f"TRACEWIRE_SPOOL_DIR {str(settings.spool_dir)!r} cannot hold tracewire's "
+                    f"on-disk spool: {exc}; point it at a directory of this user's") from None
             uri = destination.tracking_uri(settings)
             if uri not in _shippers:
                 _shippers[uri] = ShipperProcess(_shipper_env(settings))

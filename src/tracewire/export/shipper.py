@@ -159,6 +159,9 @@ class Shipper:
             source = Spool(path, None, self._budget)
         except sqlite3.OperationalError:
             return  # gone already: its app stopped with nothing left to ship
+        except spools.UnsafeFileError as exc:  # replaced under the app: never opened
+            logger.warning("tracewire: not shipping %s: %s", path, exc)
+            return
         with self._lock:
             self._spools.append(source)
         self._wake.set()
