@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import wrapt
 
 from tracewire import config
-from tracewire.core import guard
+from tracewire.core import guard, scrub
 from tracewire.core.feedback import Feedback
 from tracewire.export import destination, encode, hooks
 from tracewire.export.queue import Worker
@@ -286,7 +286,7 @@ def _say_left_behind(spool: Spool, settings: config.Settings) -> None:
     left, drops = spool.pending(), {reason: n for reason, n in spool.drops.items() if n}
     said = []
     if left:
-        uri = destination.display_uri(destination.tracking_uri(settings))
+        uri = scrub.text(destination.tracking_uri(settings))
         said.append(f"{left} trace(s) not yet in the tracking store ({uri}) stay in "
                     f"{spool.path}; the next process tracing to it ships them, or run: "
                     f"tracewire spool ship --dir {spool.path.parent}")
