@@ -141,7 +141,7 @@ def _tags(name: str, value: Any) -> dict[str, str]:
                 continue
             key, sep, val = part.partition("=")
             if not sep or not key.strip():
-                raise ConfigError(f"{name} must look like 'key=value,key2=value2', got {value!r}")
+                raise ConfigError(f"{name} must look like 'k=v,k2=v2', got {value!r}")
             pairs[key.strip()] = val.strip()
         return pairs
     if isinstance(value, Mapping):
