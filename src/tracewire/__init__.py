@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from tracewire import middleware  # tracewire.middleware.TracingMiddleware
 from tracewire.config import ConfigError
+from tracewire.core import scrub
 from tracewire.core.context import context, propagate, set_session, set_tags, set_user
 from tracewire.plugins import registry
 from tracewire.plugins.base import Plugin, PluginUnavailable
@@ -27,6 +28,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("tracewire")
+logger.addFilter(scrub.LogFilter())  # every process of ours imports this package first
 
 _lock = threading.Lock()
 _enabled: dict[str, Plugin] = {}

@@ -23,13 +23,14 @@ DEFAULT_STREAM_USAGE_HOSTS = ("*",)
 
 
 def default_spool_dir() -> Path:
-    """$XDG_CACHE_HOME/tracewire/spool (or ~/.cache/...), else the temp dir if home is not
-    writable (read-only containers)."""
+    """$XDG_CACHE_HOME/tracewire/spool (or ~/.cache/...), else, if home is not writable
+    (read-only containers), a directory of this user's own in the temp dir: one level, so that
+    the spool's checks (ownership, mode) cover every directory another user could make there."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     if os.access(cache, os.W_OK) or (not os.path.exists(cache)
                                      and os.access(os.path.dirname(cache), os.W_OK)):
         return Path(cache) / "tracewire" / "spool"
-    return Path(tempfile.gettempdir()) / f"tracewire-{os.getuid()}" / "spool"
+    return Path(tempfile.gettempdir()) / f"tracewire-{os.geteuid()}"
 
 
 class ConfigError(ValueError):
@@ -152,7 +153,7 @@ def _tags(name: str, value: Any) -> dict[str, str]:
                 continue
             key, sep, val = part.partition("=")
             if not sep or not key.strip():
-                raise ConfigError(f"{name} must look like 'key=value,key2=value2', got {value!r}")
+                raise ConfigError(f"{name} must look like 'k=v,k2=v2', got {value!r}")
             pairs[key.strip()] = val.strip()
         return pairs
     if isinstance(value, Mapping):

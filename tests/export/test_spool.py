@@ -94,3 +94,18 @@ def test_refused_traces_are_kept_and_replayed_once_fixed(tmp_path: Path) -> None
     assert spools.replay(tmp_path) == 1
     assert [e.trace_id for e in spool.take(10)] == ["tr-bad"]
     spool.close(remove_if_empty=False)
+
+
+def test_a_spool_recorded_with_credentials_by_an_older_tracewire_is_adopted(
+        tmp_path: Path) -> None:
+    """Destinations are recorded without credentials now; an older spool still ships."""
+    raw = '{"experiment_id": null, "experiment_name": null, ' \
+          '"tracking_uri": "http://alice:pw-1@mlflow.internal:5000/?token=t-2"}'
+    old = Spool.create(tmp_path, 1 << 20, raw)
+    old.put("tr-old", b"p")
+    old.close()
+    masked = raw.replace("alice:pw-1@", "alice:***@").replace("token=t-2", "token=***")
+    adopted = list(spools.adopt(tmp_path, 1 << 20, masked))
+    assert [[e.trace_id for e in s.take(10)] for s in adopted] == [["tr-old"]]
+    for spool in adopted:
+        spool.close(remove_if_empty=False)

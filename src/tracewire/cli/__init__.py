@@ -52,8 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> int:
-    # One line: the first line of the message is what the user needs.
-    text = " ".join(str(message).split()) or "failed"
+    from tracewire.core import scrub
+
+    # One line: the first line of the message is what the user needs; no credential (errors
+    # repeat MLflow's, which repeat the tracking URI).
+    text = " ".join(scrub.text(str(message)).split()) or "failed"
     print(f"{PROG}: error: {text}", file=sys.stderr)
     return 1
 

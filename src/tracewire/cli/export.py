@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from tracewire import config
     from tracewire.cli import CLIError
     from tracewire.cli.shared import reading_store, require_deltalake, since_ms
+    from tracewire.core import scrub
     from tracewire.export import delta, destination
 
     require_deltalake("export delta")
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         except LookupError as exc:
             raise CLIError(str(exc)) from None
     if not experiment_ids:
-        raise CLIError(f"no experiments in {destination.display_uri(uri)}")
+        raise CLIError(f"no experiments in {scrub.text(uri)}")
     from deltalake.exceptions import CommitFailedError
 
     progress = delta.terminal_progress(sys.stderr)

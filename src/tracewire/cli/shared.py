@@ -46,6 +46,7 @@ def reading_store(uri: str) -> Iterator[None]:
     from mlflow.exceptions import MlflowException
 
     from tracewire.cli import CLIError
+    from tracewire.core import scrub
     from tracewire.export import destination
 
     errors: tuple[type[Exception], ...] = (MlflowException,)
@@ -57,5 +58,5 @@ def reading_store(uri: str) -> Iterator[None]:
         yield
     except errors as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CLIError(f"cannot read the tracking store {destination.display_uri(uri)}: "
+        raise CLIError(f"cannot read the tracking store {scrub.text(uri)}: "
                        f"{reason}") from None

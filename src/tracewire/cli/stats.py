@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from tracewire import config
     from tracewire.cli import CLIError
     from tracewire.cli.shared import reading_store, require_deltalake, since_ms
+    from tracewire.core import scrub
     from tracewire.report import aggregate, render, sources
 
     try:
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             except LookupError as exc:
                 raise CLIError(str(exc)) from None
             rows = sources.from_store(uri, experiment_ids, since) if experiment_ids else []
-        source = f"tracking store {destination.display_uri(uri)}"
+        source = f"tracking store {scrub.text(uri)}"
 
     groups = aggregate.aggregate(rows, args.by)
     window = {"since": _iso(since), "until": _iso(until), "source": source}

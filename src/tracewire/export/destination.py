@@ -11,9 +11,10 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from urllib.parse import unquote, urlparse, urlunparse
+from urllib.parse import unquote, urlparse
 
 from tracewire import config
+from tracewire.core import scrub
 
 _DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 # What MLflow's tracking store registry takes besides the databases and its plugins' schemes
@@ -40,7 +41,8 @@ def tracking_uri(settings: config.Settings) -> str:
 
 def destination(settings: config.Settings) -> str:
     """Where traces go, as one JSON string: stored in each spool, read by the shipper process,
-    and compared before a spool is adopted."""
+    and compared before a spool is adopted. Without credentials (it rests on disk): the shipper
+    takes them from its own environment (:func:`writable_uri`)."""
     experiment_id = settings.experiment_id
     if experiment_id is None and settings.experiment_name is None:
         from mlflow.tracking.fluent import (
@@ -48,8 +50,17 @@ def destination(settings: config.Settings) -> str:
         )
 
         experiment_id = _active_experiment_id
-    return json.dumps({"tracking_uri": tracking_uri(settings), "experiment_id": experiment_id,
+    return json.dumps({"tracking_uri": scrub.text(tracking_uri(settings)),
+                       "experiment_id": experiment_id,
                        "experiment_name": settings.experiment_name}, sort_keys=True)
+
+
+def writable_uri(recorded: str, settings: config.Settings) -> str:
+    """The URI to write a spool's traces to, from the one it records: this process's own
+    tracking URI, credentials included, when it names the same store; else the recorded one
+    (credentials then come from MLflow's variables, MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN)."""
+    own = settings.tracking_uri
+    return own if own is not None and scrub.text(own) == recorded else recorded
 
 
 def check_destination(settings: config.Settings) -> None:
@@ -87,8 +98,8 @@ def check_readable(settings: config.Settings) -> str:
 def _named(settings: config.Settings, uri: str) -> str:
     """Where the tracking URI came from, for an error message (without credentials)."""
     if settings.tracking_uri:  # mlflow.set_tracking_uri() sets the variable too
-        return f"MLFLOW_TRACKING_URI is {display_uri(uri)!r}"
-    return f"MLflow's default tracking URI {display_uri(uri)!r} (MLFLOW_TRACKING_URI is not set)"
+        return f"MLFLOW_TRACKING_URI is {scrub.text(uri)!r}"
+    return f"MLflow's default tracking URI {scrub.text(uri)!r} (MLFLOW_TRACKING_URI is not set)"
 
 
 def _check_store_type(uri: str, named: str) -> None:
@@ -149,11 +160,3 @@ def is_database(uri: str) -> bool:
     """A database-backed MLflow store, written directly (not through a tracking server)."""
     return urlparse(uri).scheme.split("+")[0] in _DB_SCHEMES
 
-
-def display_uri(uri: str) -> str:
-    """The URI without credentials or query (``user:pass@``, ``?token=``): safe to print."""
-    parsed = urlparse(uri)
-    if "@" not in parsed.netloc and not parsed.query and not parsed.fragment:
-        return uri
-    return urlunparse(parsed._replace(netloc=parsed.netloc.rpartition("@")[2], query="",
-                                      fragment=""))

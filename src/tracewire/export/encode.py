@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from mlflow.entities import SpanLogLevel, SpanStatusCode, TraceInfo, TraceState
@@ -28,7 +29,7 @@ from mlflow.tracking.fluent import _get_active_model_id_global, _get_latest_acti
 
 from tracewire import config
 from tracewire.core import attributes as keys
-from tracewire.core import cost, sampling, spans
+from tracewire.core import cost, sampling, scrub, spans
 from tracewire.core.context import RequestContext
 from tracewire.export import destination
 from tracewire.export.hooks import Item
@@ -180,6 +181,8 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
                      for s in fragment.spans)
     if item.ours is not None:
         _lift_work(dicts, _b64(item.ours.root.span_id, 8))
+    for data in dicts:
+        _scrub_errors(data)
     if settings.redact is not None:
         for data in dicts:
             _redact(data["attributes"], settings.redact)
@@ -326,6 +329,24 @@ def _utf8(text: str) -> bytes:
         return text.encode()
     except UnicodeEncodeError:
         return _SURROGATE.sub("\ufffd", text).encode()
+
+
+_ERROR_TEXT = ("exception.message", "exception.stacktrace")
+
+
+def _scrub_errors(data: dict[str, Any]) -> None:
+    """Credentials out of a span's error text, ours or MLflow's (an exception's message and
+    stack trace can show a URL with its token, a keyword argument with its key)."""
+    status = data.get("status")
+    if isinstance(status, dict) and status.get("message"):
+        status["message"] = scrub.text(str(status["message"]))
+    for event in data.get("events") or ():
+        attributes = event.get("attributes")
+        if event.get("name") == "exception" and isinstance(attributes, Mapping):
+            # A copy: MLflow's are OpenTelemetry's attributes, which can be read-only.
+            event["attributes"] = {key: scrub.text(value) if key in _ERROR_TEXT
+                                   and isinstance(value, str) else value
+                                   for key, value in attributes.items()}
 
 
 _REDACTED_KEYS = {SpanAttributeKey.INPUTS: "inputs", SpanAttributeKey.OUTPUTS: "outputs"}

@@ -30,12 +30,12 @@ from typing import Iterator, Sequence
 import wrapt
 
 from tracewire import config
-from tracewire.core import guard, spans
+from tracewire.core import guard, scrub, spans
 from tracewire.core.feedback import Feedback
 from tracewire.export import destination, encode, hooks
 from tracewire.export.queue import Worker
 from tracewire.export.shipper import ADOPTED, OPENING, ShipperProcess
-from tracewire.export.spool import Spool
+from tracewire.export.spool import Spool, SpoolError
 
 logger = logging.getLogger("tracewire")
 
@@ -215,6 +215,10 @@ def start(settings: config.Settings) -> None:
                     f"TRACEWIRE_SPOOL_DIR {str(settings.spool_dir)!r} cannot hold tracewire's "
                     f"on-disk spool ({exc.strerror or exc}); point it at a writable directory"
                 ) from None
+            except SpoolError as exc:
+                raise config.ConfigError(
+                    f"TRACEWIRE_SPOOL_DIR {str(settings.spool_dir)!r} cannot hold tracewire's "
+                    f"on-disk spool: {exc}; point it at a directory of this user's") from None
             uri = destination.tracking_uri(settings)
             if uri not in _shippers:
                 _shippers[uri] = ShipperProcess(_shipper_env(settings))
@@ -307,7 +311,7 @@ def _say_left_behind(spool: Spool, settings: config.Settings) -> None:
     left, drops = spool.pending(), {reason: n for reason, n in spool.drops.items() if n}
     said = []
     if left:
-        uri = destination.display_uri(destination.tracking_uri(settings))
+        uri = scrub.text(destination.tracking_uri(settings))
         said.append(f"{left} trace(s) not yet in the tracking store ({uri}) stay in "
                     f"{spool.path}; the next process tracing to it ships them, or run: "
                     f"tracewire spool ship --dir {spool.path.parent}")

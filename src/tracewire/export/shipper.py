@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable
 
+from tracewire.core import scrub
 from tracewire.export import spool as spools
 from tracewire.export.spool import Entry, Spool
 
@@ -159,6 +160,9 @@ class Shipper:
             source = Spool(path, None, self._budget)
         except sqlite3.OperationalError:
             return  # gone already: its app stopped with nothing left to ship
+        except spools.UnsafeFileError as exc:  # replaced under the app: never opened
+            logger.warning("tracewire: not shipping %s: %s", path, exc)
+            return
         with self._lock:
             self._spools.append(source)
         self._wake.set()
@@ -340,7 +344,7 @@ class Shipper:
                 if not store.rejects(exc):
                     self._failed(exc, store)
                     return False
-                source.reject(entry, f"{type(exc).__name__}: {exc}"[:1000])
+                source.reject(entry, scrub.text(f"{type(exc).__name__}: {exc}")[:1000])
                 logger.warning("tracewire: the tracking store refused trace %s (%s: %s); it is "
                                "kept aside in %s: fix the cause, then run `tracewire spool "
                                "replay`", entry.trace_id, type(exc).__name__, exc, source.path)
@@ -400,10 +404,13 @@ class Shipper:
 def store_for(destination: str) -> Any:
     """The store a spool's destination (see ``destination.destination``) names."""
     from tracewire import config
+    from tracewire.export import destination as destinations
     from tracewire.export import store
 
     where: dict[str, Any] = json.loads(destination)
-    settings = dataclasses.replace(config.resolve(), tracking_uri=where["tracking_uri"],
+    own = config.resolve()
+    settings = dataclasses.replace(own, tracking_uri=destinations.writable_uri(
+                                       where["tracking_uri"], own),
                                    experiment_id=where["experiment_id"],
                                    experiment_name=where["experiment_name"])
     return store.Store(settings)

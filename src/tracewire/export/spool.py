@@ -23,6 +23,12 @@ survives a crash as the trace did.
 A file in the directory that is not a spool tracewire can read (garbage, a truncated copy) is
 renamed ``<name>.unreadable`` when a shipper comes across it, so it never stops shipping; one of
 a newer format is left in place for the tracewire that wrote it. ``status`` lists both.
+
+The spool holds the app's prompts: its directory is this user's and no one else's (0700), every
+file in it is made 0600 whatever the umask (sqlite gives ``-wal``/``-shm`` the database's
+mode), and tracewire opens only regular files of its own user with one name: a symbolic link, a
+hard link or another user's file named like a spool is never opened (an attacker's link would
+make the shipper, perhaps root, rewrite or create a file elsewhere); ``status`` lists it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -39,6 +46,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+from tracewire.core import scrub
 
 logger = logging.getLogger("tracewire")
 
@@ -83,6 +92,10 @@ _TABLES = ("traces", "feedback", "stamps")
 
 class SpoolError(RuntimeError):
     """A spool file this tracewire cannot use: one of a newer format version."""
+
+
+class UnsafeFileError(SpoolError):
+    """A spool file tracewire must not open: a link, or another user's (see the module doc)."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +149,8 @@ class Spool:
         self._lock_fd = lock_fd
         self.budget_bytes = budget_bytes
         self._mutex = threading.Lock()
+        if destination is None and (problem := unsafe(path)) is not None:
+            raise UnsafeFileError(problem)
         self._drops: Counter[str] = Counter(_Block.read(path.with_suffix(".lock"), _Block.DROPS))
         self.incomplete = 0
         # Only the app that owns a spool creates it: anyone else opening a path that is gone
@@ -166,13 +181,18 @@ class Spool:
 
     @classmethod
     def create(cls, directory: Path, budget_bytes: int, destination: str) -> "Spool":
-        directory.mkdir(parents=True, exist_ok=True)
+        """A new spool in ``directory`` (made private first: see :func:`private_directory`)."""
+        private_directory(directory)
         stem = f"spool-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        lock_fd = _lock(directory / f"{stem}.lock")
+        lock_fd = _lock(directory / f"{stem}.lock", create=True)
         if lock_fd is None:  # cannot happen for a fresh name, but never share a spool
             raise SpoolError(f"could not lock a new spool in {directory}")
         os.pwrite(lock_fd, b" " * _Block.SIZE, 0)  # the block, allocated now
-        return cls(directory / f"{stem}.db", lock_fd, budget_bytes, destination)
+        db_path = directory / f"{stem}.db"
+        # Made here, not by sqlite (0644 under the usual umask): its -wal and -shm, which hold
+        # the prompts too, get the same mode.
+        os.close(_create_private(db_path))
+        return cls(db_path, lock_fd, budget_bytes, destination)
 
     def _used_bytes(self) -> int:
         return self._db.execute("SELECT (SELECT COALESCE(SUM(size), 0) FROM traces) + "
@@ -375,8 +395,8 @@ class _Block:
         data = json.dumps(value, separators=(",", ":")).encode()
         if len(data) > size:
             return  # cannot happen for the fields above
-        try:
-            fd = os.open(lock_path, os.O_WRONLY)  # never created here: the owner makes it
+        try:  # never created here: the owner makes it
+            fd = os.open(lock_path, os.O_WRONLY | os.O_NOFOLLOW)
         except OSError:
             return  # removed: its spool is gone
         try:
@@ -390,9 +410,11 @@ class _Block:
     def read(lock_path: Path, field: tuple[int, int]) -> dict[str, Any]:
         offset, size = field
         try:
-            with open(lock_path, "rb") as f:
-                f.seek(offset)
-                text = f.read(size).strip()
+            fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                text = os.pread(fd, size, offset).strip()
+            finally:
+                os.close(fd)
             value = json.loads(text) if text else {}
         except (OSError, ValueError):
             return {}
@@ -411,8 +433,68 @@ def set_aside(db_path: Path, reason: str) -> Path:
     return target
 
 
-def _lock(path: Path) -> int | None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+def private_directory(directory: Path) -> None:
+    """Make ``directory`` (mode 0700 whatever the umask), or check the one there: it must be
+    this user's (a symbolic link to it too); if others can enter it, it is made 0700, and the
+    log says so. Raises SpoolError for a directory, or a link, of another user: the prompts
+    would rest where that user can read or replace them."""
+    try:
+        directory.mkdir(mode=0o700, parents=True)
+        os.chmod(directory, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(directory)
+    if stat.S_ISLNK(info.st_mode) and info.st_uid not in (os.geteuid(), 0):
+        raise SpoolError(f"the spool directory {directory} is a symbolic link of another user "
+                         f"(uid {info.st_uid})")
+    info = os.stat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise SpoolError(f"the spool directory {directory} is not a directory")
+    if info.st_uid != os.geteuid():
+        raise SpoolError(f"the spool directory {directory} belongs to another user (uid "
+                         f"{info.st_uid}, this process runs as uid {os.geteuid()}): the "
+                         "prompts it holds would be theirs to read")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(directory, 0o700)
+        logger.warning("tracewire: the spool directory %s was open to other users (mode %o); "
+                       "made it 0700", directory, stat.S_IMODE(info.st_mode))
+
+
+def unsafe(db_path: Path) -> str | None:
+    """Why tracewire must not open the spool ``db_path`` (or its -wal, -shm or .lock): a
+    symbolic link, not a regular file, another user's, or a file with another name too (a hard
+    link); None if they are safe (or absent)."""
+    for path in (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm"),
+                 db_path.with_suffix(".lock")):
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            problem = "is a symbolic link"
+        elif not stat.S_ISREG(info.st_mode):
+            problem = "is not a regular file"
+        elif info.st_uid != os.geteuid():
+            problem = f"belongs to another user (uid {info.st_uid})"
+        elif info.st_nlink != 1:
+            problem = "has another name too (a hard link)"
+        else:
+            continue
+        return f"{path.name} {problem}: tracewire never opens it; remove it"
+    return None
+
+
+def _create_private(path: Path) -> int:
+    """A new file, 0600 whatever the umask, never through a link."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+def _lock(path: Path, create: bool = False) -> int | None:
+    """The spool's lock, taken (None if another process holds it): a new lock file, or the one
+    there (never through a link: raises OSError)."""
+    fd = _create_private(path) if create else os.open(path, os.O_RDWR | os.O_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -424,8 +506,8 @@ def _lock(path: Path) -> int | None:
 def _held(lock_path: Path) -> bool:
     """Whether a live process holds this lock (checked without creating the file)."""
     try:
-        fd = os.open(lock_path, os.O_RDWR)
-    except FileNotFoundError:
+        fd = os.open(lock_path, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:  # none, or not a lock of ours (a link)
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -438,12 +520,21 @@ def _held(lock_path: Path) -> bool:
 
 def adopt(directory: Path, budget_bytes: int, destination: str | None) -> Iterator[Spool]:
     """Spools left by dead processes for ``destination`` (None: for any), each locked for the
-    caller while it ships them. Unreadable files are set aside; newer ones are left alone."""
+    caller while it ships them. Unreadable files are set aside; newer ones are left alone, and
+    so are unsafe ones (said once per process; ``status`` lists them)."""
     if not directory.is_dir():
         return
     for lock_path in sorted(directory.glob("spool-*.lock")):
         db_path = lock_path.with_suffix(".db")
-        fd = _lock(lock_path)
+        if (problem := unsafe(db_path)) is not None:
+            if db_path not in _refused:
+                _refused.add(db_path)
+                logger.warning("tracewire: not shipping %s: %s", db_path, problem)
+            continue
+        try:
+            fd = _lock(lock_path)
+        except OSError:  # gone meanwhile
+            continue
         if fd is None:
             continue  # its process is alive (or another process adopted it first)
         if not db_path.exists():
@@ -460,10 +551,15 @@ def adopt(directory: Path, budget_bytes: int, destination: str | None) -> Iterat
             lock_path.unlink(missing_ok=True)
             os.close(fd)
             continue
-        if destination is not None and spool.destination != destination:
+        # Destinations are recorded without credentials; one from before that was not.
+        if destination is not None and scrub.text(spool.destination) != destination:
             spool.close(remove_if_empty=False)  # another app's: leave it for that app
             continue
         yield spool
+
+
+# Unsafe spools adoption has said it leaves alone, in this process.
+_refused: set[Path] = set()
 
 
 def status(directory: Path) -> list[Status]:
@@ -473,6 +569,9 @@ def status(directory: Path) -> list[Status]:
     if not directory.is_dir():
         return found
     for db_path in sorted(directory.glob("spool-*.db")):
+        if (problem := unsafe(db_path)) is not None:
+            found.append(_unshippable(db_path, False, problem))
+            continue
         live = _held(db_path.with_suffix(".lock"))
         try:
             db = sqlite3.connect(_uri(db_path, "ro"), uri=True, timeout=5)
@@ -510,8 +609,8 @@ def status(directory: Path) -> list[Status]:
 
 
 def _unshippable(path: Path, live: bool, problem: str) -> Status:
-    return Status(path, 0, path.stat().st_size if path.exists() else 0, None, live, 0, 0, 0,
-                  problem=problem)
+    size = os.lstat(path).st_size if os.path.lexists(path) else 0
+    return Status(path, 0, size, None, live, 0, 0, 0, problem=problem)
 
 
 def _count(db: sqlite3.Connection, table: str) -> int:
@@ -527,6 +626,8 @@ def replay(directory: Path) -> int:
     if not directory.is_dir():
         return moved
     for db_path in sorted(directory.glob("spool-*.db")):
+        if unsafe(db_path) is not None:
+            continue  # never opened: `spool status` says why
         db = sqlite3.connect(db_path, isolation_level=None, timeout=30)
         try:
             try:

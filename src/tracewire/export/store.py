@@ -44,6 +44,7 @@ from mlflow.utils.mlflow_tags import TRACE_RESOLVE_TAGS_ALLOWLIST
 
 from tracewire import config
 from tracewire.core import attributes as keys
+from tracewire.core import scrub
 from tracewire.export import destination, sqlite_store
 
 _original_http_request = None
@@ -79,7 +80,7 @@ def _http_request(*args: Any, **kwargs: Any) -> Any:
     _shipping.retry_after = _retry_after(response.headers.get("Retry-After"))
     if 300 <= response.status_code < 400:
         raise StoreAnswerError(f"the tracking server redirected ({response.status_code}) to "
-                               f"{destination.display_uri(response.headers.get('Location', '?'))}")
+                               f"{scrub.text(response.headers.get('Location', '?'))}")
     kind = response.headers.get("Content-Type", "").split(";")[0].strip()
     endpoint = kwargs.get("endpoint", args[1] if len(args) > 1 else None)
     if response.status_code < 300 and kind not in _ANSWER_TYPES and \

@@ -29,7 +29,7 @@ import wrapt
 
 from tracewire import config
 from tracewire.core import attributes as keys
-from tracewire.core import guard, spans, usage
+from tracewire.core import guard, scrub, spans, usage
 from tracewire.core.attributes import SpanType
 from tracewire.plugins.base import WrappingPlugin
 
@@ -131,6 +131,8 @@ def _caller_sets_stream_options(kwargs: dict[str, Any]) -> bool:
 def _inputs(kwargs: dict[str, Any], capture: bool) -> dict[str, Any]:
     drop = _SECRET_ARGS if capture else _SECRET_ARGS | _CONTENT_ARGS
     inputs = {k: v for k, v in kwargs.items() if k not in drop}
+    if "extra_query" in inputs:  # a query string can carry an API key (`?api-key=`, `?sig=`)
+        inputs["extra_query"] = scrub.params(inputs["extra_query"])
     # Callers often append the reply to their message list afterwards: keep the list as sent.
     for name in ("messages", "input"):
         if isinstance(inputs.get(name), list):
