@@ -6,7 +6,9 @@ The request id is the ``X-Request-ID`` header tracewire's middleware puts on eve
 (a web or mobile client keeps it next to the reply it shows). The app must serve the
 middleware's feedback route (``TracingMiddleware(app, feedback_path="/feedback")``, as
 examples/fastapi_agent does): the feedback lands on that request's trace in MLflow, even when
-it arrives before the trace is stored. ``--user`` sends ``X-User-ID``: the feedback's source.
+it arrives before the trace is stored. It lands only if this request may give feedback on that
+trace: ``--user`` sends ``X-User-ID``, which examples/fastapi_agent trusts (as an app behind a
+gateway would), and a reply of user ``ada`` takes feedback only from ``ada``.
 """
 
 from __future__ import annotations

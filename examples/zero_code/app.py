@@ -1,12 +1,13 @@
 """A FastAPI app with no tracewire line: ``tracewire run`` traces it.
 
     OPENAI_API_KEY=sk-... tracewire run -- uvicorn app:app --port 8000
-    curl -X POST localhost:8000/ask -H 'X-Session-ID: s1' -H 'Content-Type: application/json' \\
+    curl -X POST localhost:8000/ask -H 'Content-Type: application/json' \\
          -d '{"question": "What is MLflow?"}'
 
 Every request that calls the model is one trace (the request's span, the OpenAI call under it),
-with the session and user from the ``X-Session-ID`` / ``X-User-ID`` headers and the request id
-echoed in ``X-Request-ID``. Any OpenAI-compatible server works too (``OPENAI_BASE_URL``;
+with the request id echoed in ``X-Request-ID``. Behind a gateway that sets ``X-Session-ID`` /
+``X-User-ID``, ``TRACEWIRE_TRUST_IDENTITY_HEADERS=session=X-Session-ID,user=X-User-ID`` makes
+them the trace's session and user (no header is trusted by default: any client can write one). Any OpenAI-compatible server works too (``OPENAI_BASE_URL``;
 ``OPENAI_MODEL``, default gpt-4o-mini).
 """
 

@@ -57,6 +57,9 @@ class Settings:
     ship_timeout: float = 10.0
     sample_rate: float = 1.0
     feedback_retention: float = 86_400.0
+    # Feedback waiting for its trace, per process: past either, the oldest makes room.
+    feedback_max_pending: int = 1000
+    feedback_max_pending_bytes: int = 1024 * 1024
     # Called as redact(key, value) for span "inputs" and "outputs" before they reach disk.
     redact: Callable[[str, Any], Any] | None = None
     tracking_uri: str | None = None
@@ -67,8 +70,10 @@ class Settings:
     # Background sync of the experiment's traces into this Delta table, every interval seconds.
     delta_path: str | None = None
     delta_interval: float = 300.0
-    # The feedback route of the TracingMiddleware the starlette plugin installs.
+    # The feedback route of the TracingMiddleware the starlette plugin installs, and the
+    # identity headers it trusts ({"session": header, "user": header}; none by default).
     feedback_path: str | None = None
+    trust_identity_headers: Mapping[str, str] = field(default_factory=dict)
 
 
 _active = Settings()
@@ -159,6 +164,18 @@ def _tags(name: str, value: Any) -> dict[str, str]:
     if isinstance(value, Mapping):
         return {str(k): str(v) for k, v in value.items()}
     raise ConfigError(f"{name} must be a mapping of tag names to values, got {value!r}")
+
+
+def identity_headers(name: str, value: Any) -> dict[str, str]:
+    """Which headers name the session and the user (``session=X-Session-ID,user=X-User-ID``
+    or a mapping): only ``session`` and ``user``, each an HTTP header name."""
+    headers = _tags(name, value)
+    if not set(headers) <= {"session", "user"} or not all(
+            header and header.isascii() and all(c.isalnum() or c in "-_" for c in header)
+            for header in headers.values()):
+        raise ConfigError(f"{name} maps 'session' and/or 'user' to header names, such as "
+                          f"session=X-Session-ID,user=X-User-ID; got {value!r}")
+    return headers
 
 
 def _number(name: str, value: Any, kind: type, minimum: float) -> Any:
@@ -289,6 +306,10 @@ def resolve(
 
     feedback_retention = _number("TRACEWIRE_FEEDBACK_RETENTION",
                                  _env("TRACEWIRE_FEEDBACK_RETENTION") or 86_400.0, float, 0)
+    feedback_max_pending = _number("TRACEWIRE_FEEDBACK_MAX_PENDING",
+                                   _env("TRACEWIRE_FEEDBACK_MAX_PENDING") or 1000, int, 1)
+    feedback_pending_mb = _number("TRACEWIRE_FEEDBACK_MAX_PENDING_MB",
+                                  _env("TRACEWIRE_FEEDBACK_MAX_PENDING_MB") or 1, float, 0.001)
 
     name, value = pick(prices, "TRACEWIRE_PRICES")
     prices_ = _prices(name, value) if value is not None else {}
@@ -302,6 +323,10 @@ def resolve(
             c.isspace() for c in feedback_path)):
         raise ConfigError(f"TRACEWIRE_FEEDBACK_PATH must be a URL path such as /feedback, got "
                           f"{feedback_path!r}")
+
+    trusted = _env("TRACEWIRE_TRUST_IDENTITY_HEADERS")
+    trust_identity_headers = identity_headers("TRACEWIRE_TRUST_IDENTITY_HEADERS", trusted) \
+        if trusted is not None else {}
 
     experiment_id = _env("MLFLOW_EXPERIMENT_ID")
     if experiment_id is not None and not experiment_id.isdigit():
@@ -323,6 +348,8 @@ def resolve(
         ship_timeout=ship_timeout,
         sample_rate=rate,
         feedback_retention=feedback_retention,
+        feedback_max_pending=feedback_max_pending,
+        feedback_max_pending_bytes=int(feedback_pending_mb * 1024 * 1024),
         redact=redact,
         tracking_uri=_env("MLFLOW_TRACKING_URI"),
         experiment_id=experiment_id,
@@ -331,4 +358,5 @@ def resolve(
         delta_path=delta_path_,
         delta_interval=delta_interval_,
         feedback_path=feedback_path,
+        trust_identity_headers=trust_identity_headers,
     )

@@ -181,6 +181,7 @@ def test_zero_code_app_under_tracewire_run(store: str, openai_server: OpenAIServ
     source = (EXAMPLES / "zero_code" / "app.py").read_text()
     assert "import tracewire" not in source and "from tracewire" not in source
     env = example_env(store, openai_server, "zero-code-example", tmp_path)
+    env["TRACEWIRE_TRUST_IDENTITY_HEADERS"] = "session=X-Session-ID,user=X-User-ID"
     command = [sys.executable, "-m", "tracewire.cli", "run", "--", sys.executable, "-m",
                "uvicorn", "app:app"]
     with serving(command, EXAMPLES / "zero_code", env) as url:

@@ -324,7 +324,8 @@ def test_web_request_trace_row_has_route_status_and_first_byte(
         return {"reply": reply.choices[0].message.content or ""}
 
     async def call() -> httpx.Response:
-        transport = httpx.ASGITransport(app=TracingMiddleware(app))
+        transport = httpx.ASGITransport(app=TracingMiddleware(app, trust_identity_headers={
+            "session": "X-Session-ID", "user": "X-User-ID"}))
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
             return await http.post("/chat/lobby", headers={
                 "X-Request-ID": "req-delta-1", "X-Session-ID": "sess-9", "X-User-ID": "ann"})

@@ -29,6 +29,8 @@ from tracewire.middleware import TracingMiddleware
 from tracewire.testing import OpenAIServer
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
+# As an app behind a gateway that sets them would: the tests that send them opt in.
+TRUSTED = {"session": "X-Session-ID", "user": "X-User-ID"}
 
 
 def chat_app(openai_server: OpenAIServer, **options: Any) -> FastAPI:
@@ -110,7 +112,8 @@ def chat_app(openai_server: OpenAIServer, **options: Any) -> FastAPI:
 @pytest.fixture
 def app_url(server: Serve, openai_server: OpenAIServer, traced: Traced) -> Iterator[str]:
     app = chat_app(openai_server)
-    with server(TracingMiddleware(app, feedback_path="/feedback")) as url:
+    traced_app = TracingMiddleware(app, feedback_path="/feedback", trust_identity_headers=TRUSTED)
+    with server(traced_app) as url:
         yield url
 
 
@@ -362,7 +365,7 @@ def test_a_langgraph_agent_in_a_handler_is_one_request_trace(
                              {"configurable": {"thread_id": request.headers["x-thread"]}})
         return {"reply": state["messages"][-1].content}
 
-    with server(TracingMiddleware(app)) as url:
+    with server(TracingMiddleware(app, trust_identity_headers=TRUSTED)) as url:
         response = httpx.post(f"{url}/agent", json={"text": "plan my day"},
                               headers={"X-Thread": "thread-9", "X-User-ID": "carol"})
     assert response.json() == {"reply": "Echo: plan my day"}
@@ -454,7 +457,8 @@ def test_an_identify_callable_that_raises_costs_only_its_own_ids(
     def identify(scope: Any) -> tuple[str | None, str | None]:
         raise KeyError("no tenant")
 
-    with server(TracingMiddleware(chat_app(openai_server), identify=identify)) as url:
+    with server(TracingMiddleware(chat_app(openai_server), identify=identify,
+                                  trust_identity_headers=TRUSTED)) as url:
         response = httpx.post(f"{url}/achat", json={"text": "hi"},
                               headers={"X-Request-ID": "req-id-kept", "X-User-ID": "u1"})
     assert response.status_code == 200 and response.headers["x-request-id"] == "req-id-kept"
@@ -491,7 +495,7 @@ HOSTILE = [
 def test_hostile_headers_are_replaced_never_reflected(
         openai_server: OpenAIServer, traced: Traced, name: str, value: bytes) -> None:
     """In-process ASGI, so values no HTTP client would send reach the middleware as is."""
-    app = TracingMiddleware(chat_app(openai_server))
+    app = TracingMiddleware(chat_app(openai_server), trust_identity_headers=TRUSTED)
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:

@@ -3,49 +3,14 @@ dropped, never reflected as is."""
 
 from __future__ import annotations
 
-import os
-import re
-import threading
-
 from tracewire.middleware import identity
-
-SAFE = re.compile(r"[0-9a-f]{32}")
-
-
-def test_fresh_request_ids_are_random_hex_and_never_repeat_across_threads() -> None:
-    seen: list[str] = []
-
-    def take() -> None:
-        seen.extend(identity.new_request_id() for _ in range(2_000))
-
-    threads = [threading.Thread(target=take) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(seen) == len(set(seen)) == 8_000
-    assert all(SAFE.fullmatch(value) for value in seen)
-
-
-def test_a_forked_child_never_reuses_its_parents_read_ahead_ids() -> None:
-    identity.new_request_id()  # the parent now holds ids read ahead
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.write(write, identity.new_request_id().encode())
-        os._exit(0)
-    os.waitpid(pid, 0)
-    child = os.read(read, 64).decode()
-    assert SAFE.fullmatch(child) and child != identity.new_request_id()
 
 
 def test_an_incoming_request_id_is_kept_only_when_safe() -> None:
     assert identity.request_id(b"req-1.2:3_x") == "req-1.2:3_x"
     for hostile in (b"", b"-starts-with-dash", b"has space", b"new\nline", b"\xff\xfe",
                     b"x" * 1000, b'quote"d'):
-        replaced = identity.request_id(hostile)
-        assert SAFE.fullmatch(replaced), hostile
-    assert SAFE.fullmatch(identity.request_id(None))
+        assert identity.request_id(hostile) is None, hostile  # the caller makes a fresh one
 
 
 def test_traceparent_accepts_only_wellformed_w3c_values() -> None:

@@ -83,7 +83,8 @@ def agent_app(openai_server: OpenAIServer) -> FastAPI:
 
 @pytest.fixture
 def url(server: Serve, openai_server: OpenAIServer, traced: Traced) -> Any:
-    with server(TracingMiddleware(agent_app(openai_server))) as url:
+    with server(TracingMiddleware(agent_app(openai_server), trust_identity_headers={
+            "session": "X-Session-ID", "user": "X-User-ID"})) as url:
         yield url
 
 

@@ -77,8 +77,8 @@ def test_the_agent_requests_context_names_the_session_and_user(scoring_url: str,
     _ask(scoring_url, "hello", headers={"X-Session-ID": "header-only"})
     first, second, third = settled(traced, 3)
     assert _identity(first) == ("conv-1", "ann")
-    assert _identity(second) == ("conv-2", "bob")  # the request body's over the headers'
-    assert _identity(third) == ("header-only", None)
+    assert _identity(second) == ("conv-2", "bob")
+    assert _identity(third) == (None, None)  # no header is trusted by default
     assert first.info.request_preview == "hello"
     assert first.info.response_preview == "answer to hello"
 

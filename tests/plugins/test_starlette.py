@@ -55,7 +55,8 @@ def test_an_app_with_no_tracewire_line_is_traced_outermost(
     traces = {t.info.client_request_id: t for t in settled(traced, 3)}
     assert set(traces) == {ok.headers["x-request-id"], "req-unhandled",
                            mounted.headers["x-request-id"]}
-    assert traces[ok.headers["x-request-id"]].info.trace_metadata["mlflow.trace.session"] == "zero"
+    # A header names nobody unless the app trusts it (TRACEWIRE_TRUST_IDENTITY_HEADERS).
+    assert "mlflow.trace.session" not in traces[ok.headers["x-request-id"]].info.trace_metadata
     assert traces["req-unhandled"].info.state.value == "ERROR"
     for trace in traces.values():  # one root each: the mounted app's is not a second one
         roots = [s.name for s in trace.data.spans if s.parent_id is None]
@@ -66,6 +67,7 @@ def test_feedback_route_from_the_environment(server: Serve, openai_server: OpenA
                                              traced: Traced,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRACEWIRE_FEEDBACK_PATH", "/feedback")
+    monkeypatch.setenv("TRACEWIRE_TRUST_IDENTITY_HEADERS", "user=X-User-ID")
     traced.enable()  # settings are read at autolog()
     with server(zero_code_app(openai_server)) as url:
         asked = httpx.post(f"{url}/ask", json={"q": "rate me"})

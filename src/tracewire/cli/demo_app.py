@@ -12,7 +12,10 @@ gpt-4o-mini). Endpoints:
 
 ``X-Session-ID`` (required) names the conversation: it is the LangGraph ``thread_id``, so turns
 with the same id continue it, and the trace's session in MLflow; ``X-User-ID`` names the user.
-Every response carries ``X-Request-ID``, the id feedback refers to.
+The app trusts both headers, as an app behind a gateway that authenticates users and sets them
+would (without one, any client can write them: use your auth, ``identify`` or a session cookie
+instead). Every response carries ``X-Request-ID``, the id feedback refers to; feedback on a
+user's reply is taken only from that same user.
 
 ``tracewire demo`` runs this very file (it ships in the package as tracewire/cli/demo_app.py; a
 test keeps the two identical).
@@ -117,8 +120,9 @@ graph = builder.compile(checkpointer=InMemorySaver())
 
 app = FastAPI(title="tracewire agent example")
 # autolog() already traces this app; adding the middleware by hand sets its options: here the
-# feedback route.
-app.add_middleware(TracingMiddleware, feedback_path="/feedback")
+# feedback route, and the identity headers it trusts (see the docstring).
+app.add_middleware(TracingMiddleware, feedback_path="/feedback",
+                   trust_identity_headers={"session": "X-Session-ID", "user": "X-User-ID"})
 
 
 class Turn(BaseModel):

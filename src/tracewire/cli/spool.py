@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 
@@ -42,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
             {"path": str(s.path), "pending": s.pending, "bytes": s.bytes, "dropped": s.dropped,
              "drops": s.drops, "rejected": s.rejected, "incomplete": s.incomplete,
              "oldest": s.oldest, "live": s.live,
-             "problem": s.problem} for s in found]}))
+             "feedback_pending": s.feedback_pending, "feedback_bytes": s.feedback_bytes,
+             "feedback_drops": s.feedback_drops, "problem": s.problem} for s in found]}))
         return 0
     print(f"spool directory: {directory}")
     if not found:
@@ -62,9 +64,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {s.path.name}: {s.pending} pending ({s.bytes / 1024:.1f} KiB{age}), "
               f"{s.rejected} refused by the store, {s.dropped} dropped"
               f"{f' ({drops})' if drops else ''}{incomplete}; {owner}")
+        if s.feedback_pending or s.feedback_dropped:
+            print("    " + spool.describe_feedback(s.feedback_pending, s.feedback_bytes,
+                                                   s.feedback_drops))
     rejected = sum(s.rejected for s in found)
     print(f"total: {sum(s.pending for s in found)} pending, {rejected} refused, "
           f"{sum(s.dropped for s in found)} dropped")
+    feedback_pending = sum(s.feedback_pending for s in found)
+    feedback_drops = sum((Counter(s.feedback_drops) for s in found), Counter())
+    if feedback_pending or feedback_drops:
+        print("total: " + spool.describe_feedback(
+            feedback_pending, sum(s.feedback_bytes for s in found), feedback_drops))
     if rejected:
         print("the store refused some traces (the app's log says why); once fixed, "
               "`tracewire spool replay` sends them again")

@@ -61,6 +61,8 @@ EVAL_REQUEST_ID = "mlflow.eval.requestId"  # links a trace to its row of an MLfl
 # The request id, as a tag: a tracking server makes a trace from its spans alone, and no span
 # attribute sets its client_request_id, which is stamped on later (export/store.py).
 REQUEST_ID_TAG = "tracewire.request_id"
+# Who may give feedback on a web request's trace through the feedback route (core/feedback.py).
+FEEDBACK_FROM_TAG = "tracewire.feedback_from"
 
 # --- OpenTelemetry's user id: a tracking server reads it as the trace's user when a trace
 # arrives as spans only (export/store.py; MLflow has no constant for it) ---

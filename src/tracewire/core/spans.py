@@ -19,20 +19,15 @@ Nesting with the user's own MLflow spans works both ways:
 
 from __future__ import annotations
 
-import os
-import random
 import threading
 import time
 from contextvars import ContextVar, Token
 from typing import Any, Callable, Protocol
 
 from tracewire.core import context as request_context
+from tracewire.core import ids
 from tracewire.core.attributes import ABANDONED, INCOMPLETE
 from tracewire.core.context import RequestContext
-
-_rng = random.Random()
-if hasattr(os, "register_at_fork"):  # forked workers must not repeat their parent's ids
-    os.register_at_fork(after_in_child=_rng.seed)
 
 _current: ContextVar["Span | None"] = ContextVar("tracewire_span", default=None)
 
@@ -159,7 +154,7 @@ class Span:
                  inputs: Any, attributes: dict[str, Any] | None, start_ns: int | None = None,
                  span_id: int | None = None) -> None:
         self.trace = trace
-        self.span_id = span_id or _rng.getrandbits(64) or 1
+        self.span_id = span_id or ids.span_id()
         self.parent_id = parent_id
         self.name = name
         self.span_type = span_type
@@ -272,7 +267,7 @@ def start_span(name: str, span_type: str, inputs: Any = None,
     elif parent is not None:
         trace, parent_id = parent.trace, parent.span_id
     else:
-        trace, parent_id = Trace(_rng.getrandbits(128) or 1, parent_span_id=None), None
+        trace, parent_id = Trace(ids.trace_id(), parent_span_id=None), None
         _open[trace.otel_trace_id] = trace
     return _add(trace, parent_id, name, span_type, inputs, attributes)
 
@@ -284,7 +279,7 @@ def start_beside(span: Span, name: str, span_type: str, inputs: Any = None,
     batch's next input, a stream consumed in turns with another)."""
     if span.parent_id is not None and not span.trace.done:
         return _add(span.trace, span.parent_id, name, span_type, inputs, attributes)
-    trace = Trace(_rng.getrandbits(128) or 1, parent_span_id=None)
+    trace = Trace(ids.trace_id(), parent_span_id=None)
     _open[trace.otel_trace_id] = trace
     return _add(trace, None, name, span_type, inputs, attributes)
 
@@ -321,8 +316,8 @@ class RequestRoot(RequestContext):
         self.inputs = inputs
         self.error: BaseException | None = None
         self.start_ns = time.time_ns()
-        self.otel_trace_id, self.parent_id = remote_parent or (_rng.getrandbits(128) or 1, None)
-        self.span_id = _rng.getrandbits(64) or 1
+        self.otel_trace_id, self.parent_id = remote_parent or (ids.trace_id(), None)
+        self.span_id = ids.span_id()
         self.span: Span | None = None
         self.ended = False
 

@@ -35,7 +35,7 @@ from tracewire.core.feedback import Feedback
 from tracewire.export import destination, encode, hooks
 from tracewire.export.queue import Worker
 from tracewire.export.shipper import ADOPTED, OPENING, ShipperProcess
-from tracewire.export.spool import Spool, SpoolError
+from tracewire.export.spool import Spool, SpoolError, describe_feedback
 
 logger = logging.getLogger("tracewire")
 
@@ -96,8 +96,8 @@ def _spool_batch(items: Sequence[hooks.Item | Feedback]) -> int:
     error = None
     for item in items:
         if isinstance(item, Feedback):
-            if not guard.call(spool.put_feedback, item.to_json()):
-                lost += 1
+            guard.call(spool.put_feedback, item.to_json(), settings.feedback_max_pending,
+                       settings.feedback_max_pending_bytes)
             continue
         guard.call(encode.settle, item)  # a failed web request is kept by sampling
         if guard.call(encode.sampled_out, item, settings.sample_rate):
@@ -319,6 +319,9 @@ def _say_left_behind(spool: Spool, settings: config.Settings) -> None:
         counts = ", ".join(f"{n} {reason}" for reason, n in sorted(drops.items()))
         said.append(f"{sum(drops.values())} trace(s) were dropped ({counts}); `tracewire spool "
                     f"status --dir {spool.path.parent}` has the counts")
+    feedback_pending, feedback_bytes, feedback_drops = spool.feedback()
+    if feedback_pending or feedback_drops:
+        said.append(describe_feedback(feedback_pending, feedback_bytes, feedback_drops))
     if said:
         sys.stderr.write(f"tracewire: {'; '.join(said)}\n")
         sys.stderr.flush()

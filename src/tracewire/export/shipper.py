@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -46,7 +47,10 @@ _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 30.0
 _ADOPT_EVERY = 30.0  # seconds between looks for spools of dead processes
 _RESPAWN_EVERY = 5.0  # seconds between restarts of a shipper process that died
-_FEEDBACK_EVERY = 2.0  # seconds between attempts to apply feedback whose trace is not stored yet
+_FEEDBACK_EVERY = 2.0  # seconds between rounds of feedback look-ups
+_FEEDBACK_ROUND = 1.0  # seconds of look-ups a round may take at most
+# Feedback whose trace is not in the store is looked up again 2 s later, then 4 s, ... up to this.
+_FEEDBACK_BACKOFF_CAP = 300.0
 
 # What the shipper says it is doing, in the app's spool. An exit waits while the shipper works
 # for it without the spool's count going down: "opening" (creating or migrating a database
@@ -382,23 +386,43 @@ class Shipper:
         return True
 
     def _apply_feedback(self) -> None:
-        """Feedback waits in the spool until its trace is stored, for the retention period."""
+        """Feedback waits in the spool until its trace is stored, for the retention period.
+        A round looks up what was never looked up first, then what is due again: a look-up
+        that finds no trace backs off (2 s, doubling, up to 5 min), and a round stops after
+        ``_FEEDBACK_ROUND`` seconds, so feedback for traces that never come costs little and
+        cannot hold up feedback whose trace is there."""
+        from tracewire.export.store import APPLIED, REFUSED
+
         with self._lock:
             sources = [*self._adopted, *self._spools]
-        for source in sources:
-            for entry in source.take_feedback(_BATCH):
-                try:
-                    applied = self._store(source.destination).apply_feedback(entry.payload)
-                except Exception as exc:  # the store is down: the next round tries again
-                    logger.warning("tracewire: could not apply feedback yet (%s: %s)",
-                                   type(exc).__name__, exc)
-                    return
-                if applied:
-                    source.ack_feedback(entry)
-                elif time.time() > json.loads(entry.payload)["expires"]:
-                    source.ack_feedback(entry, expired=True)
-                    logger.warning("tracewire: feedback dropped: its trace did not reach the "
-                                   "store within the retention period")
+        end = time.monotonic() + _FEEDBACK_ROUND
+        dropped: Counter[str] = Counter()
+        try:
+            for source in sources:
+                while time.monotonic() < end and (entries := source.take_feedback(_BATCH)):
+                    for entry in entries:
+                        if time.monotonic() >= end:
+                            return
+                        outcome = self._store(source.destination).apply_feedback(entry.payload)
+                        if outcome == APPLIED:
+                            source.ack_feedback(entry)
+                        elif outcome == REFUSED:
+                            source.ack_feedback(entry, dropped="refused")
+                            dropped["refused: the trace's owner is someone else"] += 1
+                        elif time.time() > json.loads(entry.payload)["expires"]:
+                            source.ack_feedback(entry, dropped="expired")
+                            dropped["expired: its trace was not stored within "
+                                    "TRACEWIRE_FEEDBACK_RETENTION"] += 1
+                        else:
+                            source.retry_feedback(entry, time.time() + min(
+                                _FEEDBACK_BACKOFF_CAP, 2.0 * 2 ** entry.tries))
+        except Exception as exc:  # the store is down: the next round tries again
+            logger.warning("tracewire: could not apply feedback yet (%s: %s)",
+                           type(exc).__name__, exc)
+        finally:
+            if dropped:  # one line a round at most, counts only
+                logger.warning("tracewire: feedback dropped (%s); see `tracewire spool status`",
+                               "; ".join(f"{n} {why}" for why, n in dropped.items()))
 
 
 def store_for(destination: str) -> Any:

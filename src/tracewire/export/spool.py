@@ -56,6 +56,9 @@ FORMAT_VERSION = 1
 # Why a trace was not kept: past the size budget, the disk full or unwritable, a payload that
 # could not be encoded, the in-memory queue full (the worker fell behind the app).
 DROP_REASONS = ("budget", "disk", "encoding", "queue")
+# Why feedback was not applied: pushed out of the pending-feedback budget by newer feedback, its
+# trace not stored within the retention period, or the trace's owner is someone else.
+FEEDBACK_DROP_REASONS = ("budget", "expired", "refused")
 UNREADABLE_SUFFIX = ".unreadable"
 
 _SCHEMA = """
@@ -78,7 +81,9 @@ CREATE TABLE IF NOT EXISTS rejected (
 CREATE TABLE IF NOT EXISTS feedback (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     created REAL NOT NULL,
-    payload BLOB NOT NULL
+    payload BLOB NOT NULL,
+    tries INTEGER NOT NULL DEFAULT 0,  -- look-ups that found no trace yet
+    due REAL NOT NULL DEFAULT 0  -- when to look again
 );
 CREATE TABLE IF NOT EXISTS stamps (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -110,6 +115,7 @@ class FeedbackEntry:
     seq: int
     created: float
     payload: bytes
+    tries: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,16 +126,21 @@ class Status:
     oldest: float | None
     live: bool  # its process is still running
     feedback_pending: int
-    feedback_dropped: int
     rejected: int  # refused by the store, waiting for `tracewire spool replay`
     stamps: int = 0  # stored traces whose client request id is still to be written
     incomplete: int = 0  # stored incomplete: still open at TRACEWIRE_TRACE_TIMEOUT
     drops: dict[str, int] = field(default_factory=dict)  # by reason (DROP_REASONS)
     problem: str | None = None  # set for a file that cannot be shipped (then nothing else is)
+    feedback_bytes: int = 0
+    feedback_drops: dict[str, int] = field(default_factory=dict)  # by FEEDBACK_DROP_REASONS
 
     @property
     def dropped(self) -> int:
         return sum(self.drops.values())
+
+    @property
+    def feedback_dropped(self) -> int:
+        return sum(self.feedback_drops.values())
 
 
 def _is_disk_error(exc: sqlite3.Error) -> bool:
@@ -166,10 +177,10 @@ class Spool:
             # the last transactions, which is the trade every WAL-mode queue makes for speed.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            _add_feedback_retries(self._db)
             if self._meta("format_version") is None:
                 self._db.execute("INSERT INTO meta VALUES ('format_version', ?)",
                                  (str(FORMAT_VERSION),))
-                self._db.execute("INSERT INTO meta VALUES ('feedback_dropped', '0')")
                 # Where its traces go: only a process with the same destination adopts it.
                 self._db.execute("INSERT INTO meta VALUES ('destination', ?)",
                                  (destination or "",))
@@ -305,25 +316,75 @@ class Spool:
             self._db.execute("DELETE FROM traces WHERE seq = ?", (entry.seq,))
             self._db.execute("COMMIT")
 
-    def put_feedback(self, payload: bytes) -> bool:
+    def put_feedback(self, payload: bytes, max_entries: int, max_bytes: int) -> None:
+        """Queue feedback for the shipper, within the pending-feedback budget. Past it, the
+        oldest waiting feedback makes room, counted as dropped (``budget``): feedback whose
+        trace is stored is applied within seconds, so the oldest is the least likely ever to
+        find its trace, and a flood of feedback for traces that do not exist cannot keep later
+        feedback out."""
         with self._mutex:
-            self._db.execute("INSERT INTO feedback (created, payload) VALUES (?, ?)",
-                             (time.time(), payload))
-        return True
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                count, size = self._db.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM feedback").fetchone()
+                evicted: list[int] = []
+                if count + 1 > max_entries or size + len(payload) > max_bytes:
+                    for seq, length in self._db.execute(
+                            "SELECT seq, LENGTH(payload) FROM feedback ORDER BY seq"):
+                        if count + 1 <= max_entries and size + len(payload) <= max_bytes:
+                            break
+                        evicted.append(seq)
+                        count, size = count - 1, size - length
+                if size + len(payload) > max_bytes:  # alone past the budget: this one goes
+                    evicted.clear()
+                    self._count_feedback_drop("budget", 1)
+                else:
+                    self._db.executemany("DELETE FROM feedback WHERE seq = ?",
+                                         [(seq,) for seq in evicted])
+                    self._db.execute("INSERT INTO feedback (created, payload) VALUES (?, ?)",
+                                     (time.time(), payload))
+                    if evicted:
+                        self._count_feedback_drop("budget", len(evicted))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def take_feedback(self, limit: int) -> list[FeedbackEntry]:
+        """Feedback due for a look-up: what was never looked up first, in arrival order, then
+        what is due again after a look-up that found no trace."""
         with self._mutex:
-            rows = self._db.execute("SELECT seq, created, payload FROM feedback ORDER BY seq "
-                                    "LIMIT ?", (limit,)).fetchall()
+            rows = self._db.execute(
+                "SELECT seq, created, payload, tries FROM feedback WHERE due <= ? "
+                "ORDER BY tries > 0, due, seq LIMIT ?", (time.time(), limit)).fetchall()
         return [FeedbackEntry(*row) for row in rows]
 
-    def ack_feedback(self, entry: FeedbackEntry, expired: bool = False) -> None:
-        """Applied to its trace, or (``expired``) its trace never appeared: counted as dropped."""
+    def ack_feedback(self, entry: FeedbackEntry, dropped: str | None = None) -> None:
+        """Applied to its trace, or dropped for a reason of ``FEEDBACK_DROP_REASONS``
+        (counted)."""
         with self._mutex:
             self._db.execute("DELETE FROM feedback WHERE seq = ?", (entry.seq,))
-            if expired:
-                self._db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 "
-                                 "WHERE key = 'feedback_dropped'")
+            if dropped is not None:
+                self._count_feedback_drop(dropped, 1)
+
+    def retry_feedback(self, entry: FeedbackEntry, due: float) -> None:
+        """Its trace is not in the store yet: look again at ``due`` (wall clock)."""
+        with self._mutex:
+            self._db.execute("UPDATE feedback SET tries = tries + 1, due = ? WHERE seq = ?",
+                             (due, entry.seq))
+
+    def _count_feedback_drop(self, reason: str, count: int) -> None:
+        # In the database: the app (budget) and the shipper process (expired, refused) both
+        # count, and an update in place adds to what the other wrote.
+        assert reason in FEEDBACK_DROP_REASONS, reason
+        self._db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                         "value = CAST(value AS INTEGER) + excluded.value",
+                         (f"feedback_dropped:{reason}", str(count)))
+
+    def feedback(self) -> tuple[int, int, dict[str, int]]:
+        """Feedback waiting for its trace (count, bytes) and feedback dropped, by reason."""
+        with self._mutex:
+            return _feedback_counts(self._db)
 
     def pending(self, table: str = "traces") -> int:
         """Traces waiting to be shipped (or, by table: feedback, stamps)."""
@@ -332,10 +393,12 @@ class Spool:
             return self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
 
     def outstanding(self) -> int:
-        """Everything still to reach the store: traces, feedback and stamps."""
+        """Everything still to reach the store: traces, stamps, and feedback not looked up
+        yet (feedback whose trace was not there waits for it, but nothing waits for that)."""
         with self._mutex:
             return self._db.execute("SELECT (SELECT COUNT(*) FROM traces) + (SELECT COUNT(*) "
-                                    "FROM feedback) + (SELECT COUNT(*) FROM stamps)").fetchone()[0]
+                                    "FROM feedback WHERE tries = 0) + (SELECT COUNT(*) FROM "
+                                    "stamps)").fetchone()[0]
 
     def close(self, remove_if_empty: bool = True) -> None:
         with self._mutex:
@@ -344,9 +407,13 @@ class Spool:
                     "SELECT (SELECT COUNT(*) FROM traces) + (SELECT COUNT(*) FROM feedback) + "
                     "(SELECT COUNT(*) FROM stamps) + (SELECT COUNT(*) FROM rejected)"
                 ).fetchone()[0] == 0
+                # Feedback drops are counted here only: the file stays for `spool status`.
+                dropped_feedback = self._db.execute(
+                    "SELECT COUNT(*) FROM meta WHERE key LIKE 'feedback_dropped%' AND "
+                    "CAST(value AS INTEGER) > 0").fetchone()[0] > 0
             except sqlite3.Error:  # a file gone bad under us: leave it for `spool status`
-                empty = False
-            dropped = any(self._drops.values())
+                empty = dropped_feedback = False
+            dropped = any(self._drops.values()) or dropped_feedback
             self._db.close()
         if self._lock_fd is None:  # not ours to remove
             if not self.path.exists():  # its owner removed it: what our reads left goes too
@@ -362,6 +429,15 @@ class Spool:
 
 def _uri(path: Path, mode: str) -> str:
     return f"{path.absolute().as_uri()}?mode={mode}"
+
+
+def _add_feedback_retries(db: sqlite3.Connection) -> None:
+    """A spool written before feedback look-ups were retried with back-off gets the columns
+    (readers that do not know them are unaffected)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(feedback)")}
+    for column, kind in (("tries", "INTEGER NOT NULL DEFAULT 0"), ("due", "REAL NOT NULL DEFAULT 0")):
+        if column not in columns:
+            db.execute(f"ALTER TABLE feedback ADD COLUMN {column} {kind}")
 
 
 def _check_format(db: sqlite3.Connection, path: Path, existing: bool) -> None:
@@ -579,8 +655,7 @@ def status(directory: Path) -> list[Status]:
                 _check_format(db, db_path, existing=True)
                 pending, size, oldest = db.execute(
                     "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM traces").fetchone()
-                meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-                feedback = db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
+                feedback, feedback_bytes, feedback_drops = _feedback_counts(db)
                 rejected = _count(db, "rejected")
                 stamps = _count(db, "stamps")
             finally:
@@ -598,19 +673,37 @@ def status(directory: Path) -> list[Status]:
                                       "shipper sets it aside if it has a .lock beside it"))
             continue
         lock_path = db_path.with_suffix(".lock")
-        found.append(Status(db_path, pending, size, oldest, live, feedback,
-                            int(meta.get("feedback_dropped", 0)), rejected, stamps,
+        found.append(Status(db_path, pending, size, oldest, live, feedback, rejected, stamps,
                             _Block.read(lock_path, _Block.INCOMPLETE).get("traces", 0),
-                            _Block.read(lock_path, _Block.DROPS)))
+                            _Block.read(lock_path, _Block.DROPS),
+                            feedback_bytes=feedback_bytes, feedback_drops=feedback_drops))
     for path in sorted(directory.glob(f"spool-*{UNREADABLE_SUFFIX}")):
         found.append(_unshippable(path, False, "unreadable, set aside: not shipped; inspect or "
                                   "delete it"))
     return found
 
 
+def _feedback_counts(db: sqlite3.Connection) -> tuple[int, int, dict[str, int]]:
+    """Feedback waiting for its trace (count, bytes) and feedback dropped, by reason."""
+    pending, size = db.execute(
+        "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM feedback").fetchone()
+    meta = dict(db.execute("SELECT key, value FROM meta WHERE key LIKE 'feedback_dropped%'"))
+    drops = {reason: int(meta.get(f"feedback_dropped:{reason}", 0))
+             for reason in FEEDBACK_DROP_REASONS}
+    drops["expired"] += int(meta.get("feedback_dropped", 0))  # from before drops had reasons
+    return pending, size, {reason: n for reason, n in drops.items() if n}
+
+
+def describe_feedback(pending: int, size: int, drops: dict[str, int]) -> str:
+    """What became of feedback, in words: waiting for its trace, dropped by reason."""
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(drops.items()) if n)
+    return (f"{pending} feedback waiting for its trace ({size / 1024:.1f} KiB), "
+            f"{sum(drops.values())} feedback dropped{f' ({why})' if why else ''}")
+
+
 def _unshippable(path: Path, live: bool, problem: str) -> Status:
     size = os.lstat(path).st_size if os.path.lexists(path) else 0
-    return Status(path, 0, size, None, live, 0, 0, 0, problem=problem)
+    return Status(path, 0, size, None, live, 0, 0, problem=problem)
 
 
 def _count(db: sqlite3.Connection, table: str) -> int:

@@ -44,7 +44,7 @@ from mlflow.utils.mlflow_tags import TRACE_RESOLVE_TAGS_ALLOWLIST
 
 from tracewire import config
 from tracewire.core import attributes as keys
-from tracewire.core import scrub
+from tracewire.core import feedback, scrub
 from tracewire.export import destination, sqlite_store
 
 _original_http_request = None
@@ -272,6 +272,8 @@ def _metadata_text(value: str) -> str:
 
 
 _FEEDBACK_ID = "tracewire.feedback_id"
+# What became of one feedback (Store.apply_feedback).
+APPLIED, WAITING, REFUSED = "applied", "waiting", "refused"
 
 
 class Undecodable(ValueError):
@@ -365,40 +367,63 @@ class Store:
 
         return _active_experiment_id or "0"
 
-    def apply_feedback(self, payload: bytes) -> bool:
-        """Log one feedback on its trace; False while the trace is not in the store yet."""
+    def apply_feedback(self, payload: bytes) -> str:
+        """Log one feedback on its trace: ``APPLIED``; ``WAITING`` while no trace it may land on
+        is in the store; ``REFUSED`` when its trace belongs to someone else (core/feedback.py)."""
         from mlflow.entities import AssessmentSource, Feedback
         from mlflow.exceptions import MlflowException
 
         data = json.loads(payload)
+        poster = data.get("poster")
         with self._shipping():
             client, experiment_id = self._destination()
             trace_id = data["trace_id"]
             if trace_id is None:
-                # The tag is there from the trace's first write; client_request_id too on a
-                # database store, but through a tracking server only once stamped.
-                # (Request ids are validated: no quote can reach the filter.)
-                found = client.search_traces(
-                    locations=[experiment_id], max_results=1, include_spans=False,
-                    filter_string=f"tags.`{keys.REQUEST_ID_TAG}` = '{data['request_id']}'")
-                if not found:
-                    return False
-                trace_id = found[0].info.trace_id
+                trace_id = self._trace_of_request(client, experiment_id, data["request_id"],
+                                                  poster)
+                if trace_id is None:
+                    return WAITING
             try:
                 info = client.get_trace_info(trace_id)
             except MlflowException as exc:
                 if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                    return False
+                    return WAITING
                 raise
+            if poster is not None and not feedback.may_post(
+                    info.tags.get(keys.FEEDBACK_FROM_TAG), poster):
+                return REFUSED
             if any((a.metadata or {}).get(_FEEDBACK_ID) == data["feedback_id"]
                    for a in info.assessments):
-                return True  # applied before a crash that kept it spooled
+                return APPLIED  # applied before a crash that kept it spooled
             client.log_assessment(trace_id, Feedback(
                 name=data["name"], value=data["value"], rationale=data["rationale"],
                 source=AssessmentSource(source_type="HUMAN",
                                         source_id=data["source_id"] or "anonymous"),
                 metadata={_FEEDBACK_ID: data["feedback_id"]}))
-            return True
+            return APPLIED
+
+    @staticmethod
+    def _trace_of_request(client: Any, experiment_id: str, request_id: str,
+                          poster: str | None) -> str | None:
+        """The trace feedback by request id lands on: the newest with that id for the app's
+        own feedback; for the route's, only one the poster may give feedback on, found by
+        that in the filter, so that other clients' traces with the same id (as many as they
+        like) cannot hide it. (The tags are there from a trace's first write; ids and
+        digests are validated: no quote can reach the filter.)"""
+        by_id = f"tags.`{keys.REQUEST_ID_TAG}` = '{request_id}'"
+        if poster is None:
+            wanted: list[str | None] = [None]
+        else:  # the poster's own traces, then an anonymous one whose request id it holds
+            wanted = [poster, feedback.BEARER] if poster != feedback.ANONYMOUS \
+                else [feedback.BEARER]
+        for feedback_from in wanted:
+            condition = by_id if feedback_from is None else \
+                f"{by_id} AND tags.`{keys.FEEDBACK_FROM_TAG}` = '{feedback_from}'"
+            found = client.search_traces(locations=[experiment_id], max_results=1,
+                                         include_spans=False, filter_string=condition)
+            if found:
+                return found[0].info.trace_id
+        return None
 
     def rejects(self, exc: Exception) -> bool:
         """Whether the store refused the data itself (a 4xx), so that sending the same bytes

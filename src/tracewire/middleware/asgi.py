@@ -3,17 +3,19 @@ request id, session and user.
 
 Pure ASGI (``BaseHTTPMiddleware`` breaks ContextVar propagation). Per HTTP request it:
 
-1. reads the request id (echoed back in the response, also on errors), the session and user
-   from headers or a session cookie, and a W3C ``traceparent``;
+1. reads the request id (echoed back in the response, also on errors), the session from a
+   session cookie (and session and user from headers, only where the app trusts them), and a
+   W3C ``traceparent``;
 2. opens the request's root, so every plugin span and the user's own MLflow spans in the
    handler, its background tasks and its streamed body nest under it; the trace and its root
    span are made only when the first of those starts (a health check costs a few fields);
 3. when the response starts, adds the request id (and the trace id, once something was
    traced) to the response headers;
 4. when the app call returns (after the last body chunk, a disconnect and Starlette's
-   background tasks), ends the root span with the route template, status and timings, and
-   the user from the authenticated scope or the ``identify`` callable (the app's own
-   middleware has run by then). A request that traced nothing leaves no trace.
+   background tasks), ends the root span with the route template, status and timings, the
+   user from the authenticated scope or the ``identify`` callable (the app's own middleware
+   has run by then), and who may give feedback on the trace (core/feedback.py). A request
+   that traced nothing leaves no trace.
 
 Every step is guarded: a failure of ours never reaches the app or the client.
 
@@ -27,12 +29,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Awaitable, Callable, Iterable, MutableMapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping, MutableMapping
 
 from tracewire import config
 from tracewire.core import attributes as keys
 from tracewire.core import context as request_context
-from tracewire.core import guard, spans
+from tracewire.core import feedback as feedback_rules
+from tracewire.core import guard, ids, spans
 from tracewire.core.attributes import SpanType
 from tracewire.core.context import MAX_SESSION_ID, MAX_USER_ID
 from tracewire.middleware import feedback, identity
@@ -55,8 +58,8 @@ MAX_BODY = 64 * 1024
 class _Request(spans.RequestRoot):
     """A request's root with what the middleware carries from its start to its end."""
 
-    __slots__ = ("status", "first_byte_ns", "last_byte_ns", "identified",
-                 "body")
+    __slots__ = ("status", "first_byte_ns", "last_byte_ns", "identified", "body",
+                 "header_session", "header_user", "own_request_id")
 
 
 class TracingMiddleware:
@@ -69,7 +72,10 @@ class TracingMiddleware:
             ``client_request_id`` and echoed in the response.
         trace_id_header: the trace id, in the response when something was traced before the
             headers went out.
-        session_header, user_header: where clients send their session and user ids.
+        trust_identity_headers: headers whose values become the request's session and user,
+            e.g. ``{"session": "X-Session-ID", "user": "X-User-ID"}``. Only for an app behind
+            a gateway that sets them (and strips them from what clients send): a header is
+            whatever the client writes in it. By default no header names anyone.
         session_cookie: a cookie naming the session; recorded only as a keyed hash
             (``session_cookie_key`` or ``TRACEWIRE_SESSION_COOKIE_KEY``), never as its value.
         identify: ``identify(scope) -> (session_id, user_id)``, called when a request that
@@ -88,8 +94,7 @@ class TracingMiddleware:
         *,
         request_id_header: str = "X-Request-ID",
         trace_id_header: str = "X-Trace-ID",
-        session_header: str = "X-Session-ID",
-        user_header: str = "X-User-ID",
+        trust_identity_headers: Mapping[str, str] | None = None,
         session_cookie: str | None = None,
         session_cookie_key: str | bytes | None = None,
         identify: Callable[[Scope], tuple[str | None, str | None]] | None = None,
@@ -101,8 +106,10 @@ class TracingMiddleware:
         self.app = app
         self._request_id = request_id_header.lower().encode("latin-1")
         self._trace_id = trace_id_header.lower().encode("latin-1")
-        self._session = session_header.lower().encode("latin-1")
-        self._user = user_header.lower().encode("latin-1")
+        trusted = config.identity_headers("trust_identity_headers", trust_identity_headers or {})
+        self._session, self._user = (
+            trusted[kind].lower().encode("latin-1") if kind in trusted else None
+            for kind in ("session", "user"))
         self._cookie = session_cookie
         key = session_cookie_key or os.environ.get("TRACEWIRE_SESSION_COOKIE_KEY")
         if session_cookie is not None and not key:
@@ -134,8 +141,11 @@ class TracingMiddleware:
             return
         try:
             if self._feedback_path is not None and scope["path"] == self._feedback_path:
-                guard.call(self._identify_late, scope, request)  # the feedback's source user
-                await feedback.serve(scope, receive, self._sender(request, send), request)
+                # Who is asking: the source user, and whose traces it may give feedback on.
+                guard.call(self._identify_late, scope, request)
+                poster = guard.call(self._owner, request) or feedback_rules.ANONYMOUS
+                await feedback.serve(scope, receive, self._sender(request, send), request,
+                                     poster)
                 return
             if request.body is not None:
                 receive = self._recording(receive, request.body)
@@ -156,10 +166,10 @@ class TracingMiddleware:
         # helper only for a header present.
         headers = dict(scope["headers"])
         session = user = traceparent = None
-        if (value := headers.get(self._session)) is not None:
+        if self._session is not None and (value := headers.get(self._session)) is not None:
             session = identity.header_text(value, MAX_SESSION_ID)
         header_session = session
-        if (value := headers.get(self._user)) is not None:
+        if self._user is not None and (value := headers.get(self._user)) is not None:
             user = identity.header_text(value, MAX_USER_ID)
         if self._cookie is not None and b"cookie" in headers:
             assert self._cookie_key is not None
@@ -170,15 +180,18 @@ class TracingMiddleware:
         if (value := headers.get(b"traceparent")) is not None:
             traceparent = identity.traceparent(value)
         value = headers.get(self._request_id)
-        request_id = identity.new_request_id() if value is None else identity.request_id(value)
+        chosen = None if value is None else identity.request_id(value)
         body: list[bytes] | None = None
         inputs = None
         if self._capture_body and config.active().capture_content:
             body = []
             inputs = spans.Deferred(_body_text, body)
-        request = _Request(scope["method"], SpanType.CHAIN, inputs, traceparent, request_id,
-                           session, user)
-        request.claimed_user = user
+        request = _Request(scope["method"], SpanType.CHAIN, inputs, traceparent,
+                           chosen or ids.request_id(), session, user)
+        request.own_request_id = chosen is None
+        # Trusted headers still yield to what the app itself sets (see _identify_late).
+        request.claimed_user = request.header_user = user
+        request.header_session = header_session
         if session is not None and session == header_session:
             request.claimed_session = session
         request.status = request.first_byte_ns = request.last_byte_ns = None
@@ -242,9 +255,25 @@ class TracingMiddleware:
         if session is not None:
             request.session_id = request_context._valid(session, MAX_SESSION_ID)
 
+    @staticmethod
+    def _owner(request: _Request) -> str | None:
+        """The identity the app established for the request (core/feedback.py::owner): not
+        what a served agent's request body claims (core/context.py::claim)."""
+        user, session = request.user_id, request.session_id
+        if user == request.claimed_user and user != request.header_user:
+            user = None
+        if session == request.claimed_session and session != request.header_session:
+            session = None
+        return feedback_rules.owner(user, session)
+
     def _describe(self, scope: Scope, request: _Request, root: spans.Span) -> None:
-        """The kept root span's route, status and timings, and identity only the app knows."""
+        """The kept root span's route, status and timings, identity only the app knows, and
+        who may give feedback on the trace through the feedback route."""
         self._identify_late(scope, request)
+        feedback_from = self._owner(request) or (
+            feedback_rules.BEARER if request.own_request_id else None)
+        if feedback_from is not None:
+            request.tags[keys.FEEDBACK_FROM_TAG] = feedback_from
         root.attributes[keys.HTTP_METHOD] = scope["method"]
         root.attributes[keys.URL_PATH] = scope["path"]
         route = getattr(scope.get("route"), "path", None)

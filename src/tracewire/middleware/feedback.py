@@ -2,9 +2,11 @@
 
     {"request_id": "..." | "trace_id": "...", "name": "thumbs", "value": false, "rationale": "..."}
 
-records the feedback on that request's trace through ``tracewire.log_feedback``: it never
-blocks, and feedback that arrives before its trace is stored waits in the spool. The source
-user is the request's own (its headers, cookie, ``identify``), never a field of the body.
+queues the feedback for that request's trace, as ``tracewire.log_feedback`` does: it never
+blocks, and feedback that arrives before its trace is stored waits in the spool. It lands only
+where this request may give feedback (core/feedback.py): on a trace of the identity the app
+established for this request, or by an id that only the trace's client was given. The source
+user is the request's own (``identify``, trusted headers), never a field of the body.
 
 Answers: 202 accepted; 400 not a JSON object; 413 body over 16 KiB; 405 not a POST; 422 a
 malformed field (the message says which); 503 tracewire is not enabled.
@@ -13,9 +15,11 @@ malformed field (the message says which); 503 tracewire is not enabled.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Awaitable, Callable, MutableMapping
 
 from tracewire.core.context import RequestContext
+from tracewire.core.feedback import Feedback
 
 MAX_BODY = 16 * 1024
 
@@ -25,7 +29,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 async def serve(scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]],
-                send: Send, context: RequestContext) -> None:
+                send: Send, context: RequestContext, poster: str) -> None:
     if scope["method"] != "POST":
         await _answer(send, 405, {"error": "use POST"}, [(b"allow", b"POST")])
         return
@@ -48,13 +52,15 @@ async def serve(scope: MutableMapping[str, Any], receive: Callable[[], Awaitable
     if "value" not in data:
         await _answer(send, 422, {"error": "value is required (a bool, a number or a string)"})
         return
-    import tracewire
+    from tracewire import config
+    from tracewire.export import pipeline
 
     try:
-        accepted = tracewire.log_feedback(
+        accepted = pipeline.submit_feedback(Feedback(
             request_id=data.get("request_id"), trace_id=data.get("trace_id"),
             name=data.get("name", "feedback"), value=data["value"],
-            rationale=data.get("rationale"), user=context.user_id)
+            rationale=data.get("rationale"), source_id=context.user_id, poster=poster,
+            expires=time.time() + config.active().feedback_retention))
     except ValueError as exc:  # Feedback's own validation: the message names the field
         await _answer(send, 422, {"error": str(exc)})
         return

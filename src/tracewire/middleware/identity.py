@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 from typing import Any
 
@@ -19,33 +18,11 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,%d}" % (MAX_REQUEST_ID -
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 
 
-# Fresh ids are cut from one os.urandom read per 256 (a read per id was a tenth of the
-# middleware's cost), by slices precomputed once. list.pop and list.extend are atomic, so
-# threads never share an id; a forked worker drops the ids its parent had read ahead.
-_spare_ids: list[str] = []
-_ID_SLICES = [slice(start, start + 32) for start in range(0, 32 * 256, 32)]
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_spare_ids.clear)
-
-
-def new_request_id() -> str:
-    """32 hex characters from the OS's random source (unguessable: feedback is keyed by it)."""
-    try:
-        return _spare_ids.pop()
-    except IndexError:
-        fresh = list(map(os.urandom(16 * 256).hex().__getitem__, _ID_SLICES))
-        taken = fresh.pop()
-        _spare_ids.extend(fresh)
-        return taken
-
-
-def request_id(value: bytes | None) -> str:
-    """The incoming id if it is one the store and a header can hold as is, else a fresh one."""
-    if value is not None:
-        text = value.decode("latin-1")
-        if _REQUEST_ID.fullmatch(text):
-            return text
-    return new_request_id()
+def request_id(value: bytes) -> str | None:
+    """The incoming id if it is one the store and a header can hold as is (else the caller
+    makes a fresh one)."""
+    text = value.decode("latin-1")
+    return text if _REQUEST_ID.fullmatch(text) else None
 
 
 def traceparent(value: bytes | None) -> tuple[int, int] | None:

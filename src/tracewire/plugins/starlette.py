@@ -6,7 +6,8 @@ is echoed on unhandled-exception 500s too. It is installed once per request path
 app already lists ``TracingMiddleware`` in its own middleware, and an outer ``TracingMiddleware``
 (the app wrapped by hand, or a parent app a Starlette app is mounted in) makes inner ones pass
 through. While the plugin is disabled the wrapper passes every call straight through.
-``TRACEWIRE_FEEDBACK_PATH=/feedback`` gives it the feedback route.
+``TRACEWIRE_FEEDBACK_PATH=/feedback`` gives it the feedback route,
+``TRACEWIRE_TRUST_IDENTITY_HEADERS`` the identity headers it trusts (none by default).
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ class StarlettePlugin(WrappingPlugin):
         from tracewire.middleware import TracingMiddleware
 
         # `call` is this app's own __call__: the middleware wraps the whole app.
+        settings = config.active()
         middleware = call if _listed_by_app(app) else TracingMiddleware(
-            call, feedback_path=config.active().feedback_path)
+            call, feedback_path=settings.feedback_path,
+            trust_identity_headers=settings.trust_identity_headers)
         app.__dict__["_tracewire_middleware"] = middleware
         return middleware
 

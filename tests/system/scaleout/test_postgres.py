@@ -56,6 +56,8 @@ def _env(tmp_path: Path, openai_server: OpenAIServer, tracking_uri: str) -> dict
         "TRACEWIRE_TESTING": "1",  # an internal error in a worker raises instead of hiding
         "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool"),
         "TRACEWIRE_FEEDBACK_PATH": "/feedback",
+        # As behind a gateway that sets them: the users' feedback is bound to these.
+        "TRACEWIRE_TRUST_IDENTITY_HEADERS": "session=X-Session-ID,user=X-User-ID",
         # Everything is shipped before the app stops; the bound is for a loaded machine.
         "TRACEWIRE_FLUSH_TIMEOUT": "10",
         "OPENAI_BASE_URL": openai_server.base_url,

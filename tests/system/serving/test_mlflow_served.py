@@ -95,14 +95,15 @@ class Sent:
         """(session, user) the issue asks for. What the app establishes wins over what the
         client claims: the LangGraph run's thread_id (the LangGraph agent runs one for every
         request that gets that far: ``custom_inputs.thread_id``, else the conversation id,
-        else one it makes up, ANONYMOUS); then the request's context; then its headers."""
+        else one it makes up, ANONYMOUS); then the request's context; never its headers (no
+        header is trusted by default)."""
         context = self.body.get("context") or {}
         thread = None
         if agent == "langgraph" and self.kind != "fail":
             thread = (self.body.get("custom_inputs") or {}).get("thread_id") \
                 or context.get("conversation_id") or ANONYMOUS
-        session = thread or context.get("conversation_id") or self.headers.get("X-Session-ID")
-        user = context.get("user_id") or self.headers.get("X-User-ID")
+        session = thread or context.get("conversation_id")
+        user = context.get("user_id")
         return session, user
 
     def expected_usage(self, agent: str) -> dict[str, int] | None:
@@ -440,7 +441,7 @@ def test_point4_traces_are_linked_to_the_served_model(
 def test_point5_session_and_user_from_the_agent_request(
         deployment: Deployment, mode: str, agent: str) -> None:
     """Issue 15 point 5: context.conversation_id / context.user_id are the trace's session and
-    user, over the X-Session-ID / X-User-ID headers (both client claims); a LangGraph run's
+    user (the X-Session-ID / X-User-ID headers name nobody by default); a LangGraph run's
     thread_id (established by the app) is the session over both; nothing made up otherwise."""
     served = deployment[mode, agent]
     seen, expected = {}, {}

@@ -1,0 +1,1 @@
+from tests.support.web_server import server  # noqa: F401  (fixture)
