@@ -72,16 +72,14 @@ def autolog(
 ) -> None:
     """Trace every installed framework into MLflow. Safe to call again; ``disable=True`` undoes it.
 
-    Arguments left as ``None`` come from ``TRACEWIRE_*`` environment variables, then defaults
-    (``capture_content`` and ``stream_usage`` default to true, ``sample_rate`` to 1: keep all). ``ENABLE_MLFLOW_TRACING=false``
-    makes this a no-op. ``redact(key, value)`` is called for every span's ``"inputs"`` and
-    ``"outputs"`` (JSON-like data) before anything is written to disk; what it returns is
-    recorded. ``prices`` (a mapping, or a JSON/TOML file: model -> ``{"input": ..., "output":
-    ...}`` USD per token) prices those models instead of MLflow's catalog. ``delta_path`` syncs
-    the experiment's traces into that Delta table every ``delta_interval`` seconds (default 300)
-    on a background thread. Invalid settings raise :class:`ConfigError` naming the setting; naming
-    a plugin in ``include`` whose framework is missing raises :class:`PluginUnavailable`.
+    Each argument is a setting (the README's settings table, declared in ``config.SETTINGS``):
+    left as ``None`` it comes from its ``TRACEWIRE_*`` variable, then its default.
+    ``ENABLE_MLFLOW_TRACING=false`` makes this a no-op. Invalid settings raise
+    :class:`ConfigError` naming what was set; naming a plugin in ``include`` whose framework is
+    missing raises :class:`PluginUnavailable`.
     """
+    # Every parameter but disable is a setting declared in config.SETTINGS (a test checks it).
+    settings_given = {name: value for name, value in locals().items() if name != "disable"}
     from tracewire import config
 
     if config.disable_requested(disable):
@@ -91,10 +89,7 @@ def autolog(
     if not config.tracing_enabled():
         logger.info("tracewire: ENABLE_MLFLOW_TRACING is false, autolog() does nothing")
         return
-    settings = config.resolve(include=include, exclude=exclude, capture_content=capture_content,
-                              tags=tags, stream_usage=stream_usage, sample_rate=sample_rate,
-                              redact=redact, prices=prices, delta_path=delta_path,
-                              delta_interval=delta_interval)
+    settings = config.resolve(**settings_given)
     plugins = _selected(settings.include, settings.exclude)
 
     from tracewire.export import destination, pipeline

@@ -1,16 +1,18 @@
-"""One frozen settings object, read from ``autolog()`` arguments and the environment.
+"""Every setting, declared once (:data:`SETTINGS`), and the frozen settings object read from
+``autolog()`` arguments and the environment.
 
-Arguments win over ``TRACEWIRE_*`` variables, which mirror every argument. MLflow's own variables
-choose the destination (``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_ID``/``_NAME``) and
-``ENABLE_MLFLOW_TRACING=false`` turns tracing off, as in MLflow's production-tracing contract.
-A value that cannot be used fails here, naming the setting, before anything is patched.
+Arguments win over ``TRACEWIRE_*`` variables. MLflow's own variables choose the destination
+(``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_ID``/``_NAME``) and ``ENABLE_MLFLOW_TRACING=false``
+turns tracing off, as in MLflow's production-tracing contract. A value that cannot be used fails
+here, naming what the user set, before anything is patched. The README's settings table is
+:func:`markdown_table`; a test keeps the two equal.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -39,54 +41,48 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = ()
-    capture_content: bool = True
-    tags: Mapping[str, str] = field(default_factory=dict)
-    stream_usage: bool = True
+    """The settings of one ``autolog()`` call; each field is declared in :data:`SETTINGS`."""
+
+    include: tuple[str, ...] | None
+    exclude: tuple[str, ...]
+    capture_content: bool
+    tags: Mapping[str, str]
+    redact: Callable[[str, Any], Any] | None
+    stream_usage: bool
     # "*" every host, "api.example.com" that host, ".example.com" its subdomains, "!host" never
     # that host (wins over the others); () no host at all.
-    stream_usage_hosts: tuple[str, ...] = DEFAULT_STREAM_USAGE_HOSTS
-    queue_size: int = 10_000
-    flush_timeout: float = 2.0
-    exit_timeout: float = 30.0
-    # A trace still open this long is exported as incomplete (spans.expire).
-    trace_timeout: float = 3600.0
-    spool_dir: Path = field(default_factory=default_spool_dir)
-    spool_max_bytes: int = 512 * 1024 * 1024
-    ship_timeout: float = 10.0
-    sample_rate: float = 1.0
-    feedback_retention: float = 86_400.0
-    # Feedback waiting for its trace, per process: past either, the oldest makes room.
-    feedback_max_pending: int = 1000
-    feedback_max_pending_bytes: int = 1024 * 1024
-    # Called as redact(key, value) for span "inputs" and "outputs" before they reach disk.
-    redact: Callable[[str, Any], Any] | None = None
-    tracking_uri: str | None = None
-    experiment_id: str | None = None
-    experiment_name: str | None = None
-    # Per-token prices by model name that win over MLflow's catalog (core/cost.py).
-    prices: Mapping[str, Any] = field(default_factory=dict)
-    # Background sync of the experiment's traces into this Delta table, every interval seconds.
-    delta_path: str | None = None
-    delta_interval: float = 300.0
-    # The feedback route of the TracingMiddleware the starlette plugin installs, and the
-    # identity headers it trusts ({"session": header, "user": header}; none by default).
-    feedback_path: str | None = None
-    trust_identity_headers: Mapping[str, str] = field(default_factory=dict)
+    stream_usage_hosts: tuple[str, ...]
+    environment: str | None
+    app_version: str | None
+    region: str | None
+    sample_rate: float
+    queue_size: int
+    spool_dir: Path
+    spool_max_bytes: int
+    feedback_retention: float
+    feedback_max_pending: int
+    feedback_max_pending_bytes: int
+    feedback_path: str | None
+    # The identity headers the starlette plugin's middleware trusts: {"session": header,
+    # "user": header}.
+    trust_identity_headers: Mapping[str, str]
+    prices: Mapping[str, Any]
+    delta_path: str | None
+    delta_interval: float
+    ship_timeout: float
+    flush_timeout: float
+    exit_timeout: float
+    trace_timeout: float
+    tracking_uri: str | None
+    experiment_id: str | None
+    experiment_name: str | None
 
-
-_active = Settings()
-
-
-def active() -> Settings:
-    """The settings of the last ``autolog()`` call (defaults before any)."""
-    return _active
-
-
-def activate(settings: Settings) -> None:
-    global _active
-    _active = settings
+    @property
+    def trace_tags(self) -> dict[str, str]:
+        """The tags every trace gets: the deployment's, then ``tags``."""
+        deployment = {"deployment.environment": self.environment,
+                      "service.version": self.app_version, "cloud.region": self.region}
+        return {**{k: v for k, v in deployment.items() if v is not None}, **self.tags}
 
 
 def _env(name: str) -> str | None:
@@ -223,140 +219,223 @@ def _delta_path(name: str, value: Any) -> str:
     return str(value).strip()
 
 
+def _optional_text(name: str, value: Any) -> str:
+    return str(value).strip()
+
+
+def _number_in(kind: type, minimum: float, maximum: float | None = None,
+               scale: float = 1) -> Callable[[str, Any], Any]:
+    """A parser for a number of ``kind`` within the bounds, times ``scale`` (MB -> bytes)."""
+    def parse(name: str, value: Any) -> Any:
+        number = _number(name, value, kind, minimum)
+        if maximum is not None and number > maximum:
+            raise ConfigError(f"{name} must be between {minimum:g} and {maximum:g}, "
+                              f"got {value!r}")
+        return int(number * scale) if scale != 1 else number
+    return parse
+
+
+def _redact(name: str, value: Any) -> Callable[[str, Any], Any]:
+    if isinstance(value, str):  # TRACEWIRE_REDACT=package.module:function
+        return _import_callable(name, value)
+    if not callable(value):
+        raise ConfigError(f"{name} must be a function (key, value) -> value, got {value!r}")
+    return value  # type: ignore[no-any-return]
+
+
+def _spool_dir(name: str, value: Any) -> Path:
+    return Path(str(value)).expanduser()
+
+
+def _feedback_path(name: str, value: Any) -> str:
+    if not value.startswith("/") or any(c.isspace() for c in value):
+        raise ConfigError(f"{name} must be a URL path such as /feedback, got {value!r}")
+    return str(value)
+
+
+def _experiment_id(name: str, value: Any) -> str:
+    if not value.isdigit():
+        raise ConfigError(f"{name} must be a numeric experiment id, got {value!r}")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: where it is read from, how, its default, and its row in the README's table.
+    An ``argument`` is also an ``autolog()`` keyword of the same name, and wins over ``env``."""
+
+    field: str  # the Settings attribute (and the argument's name)
+    env: str
+    parse: Callable[[str, Any], Any]  # (the name the user set, raw value) -> value
+    default: Any  # a zero-argument callable: computed when read
+    doc: str
+    argument: bool = False
+    shown_default: str | None = None  # the table's default column, when not the default
+    env_note: str = ""  # after the variable in the table: its form
+    # Both apply, the argument's keys over the variable's (tags).
+    merge: Callable[[Any, Any], Any] | None = None
+    switch: bool = False  # read by autolog() itself, not a field of Settings
+
+    def row(self) -> str:
+        default = self.shown_default
+        if default is None:
+            value = self.default
+            default = "none" if value in (None, (), {}) else f"`{str(value).lower()}`" \
+                if isinstance(value, bool) else f"`{value:g}`" if isinstance(value, float) \
+                else f"`{value}`"
+        argument = f" `{self.field}`" if self.argument else ""
+        note = f" ({self.env_note})" if self.env_note else ""
+        return f"|{argument} | `{self.env}`{note} | {default} | {self.doc} |"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("include", "TRACEWIRE_INCLUDE", _plugins, None, "plugins to enable (`openai`, "
+            "`langchain`, `langgraph`, `starlette`, `mlflow_agent`); naming one whose framework "
+            "is missing raises `PluginUnavailable` with the pip extra", argument=True,
+            shown_default="all installed"),
+    Setting("exclude", "TRACEWIRE_EXCLUDE", _plugins, (), "plugins to leave alone",
+            argument=True),
+    Setting("capture_content", "TRACEWIRE_CAPTURE_CONTENT", _bool, True, "`false`: no prompt, "
+            "completion or tool text is recorded anywhere; model, token usage and finish "
+            "reasons still are", argument=True),
+    Setting("tags", "TRACEWIRE_TAGS", _tags, {}, "tags on every trace (the argument's over the "
+            "variable's)", argument=True, env_note="`k=v,k2=v2`",
+            merge=lambda env, arg: {**env, **arg}),
+    Setting("redact", "TRACEWIRE_REDACT", _redact, None, "`redact(key, value) -> value`, "
+            "called for every span's `\"inputs\"` and `\"outputs\"` on the background worker, "
+            "before anything touches disk; if it raises, that content is withheld",
+            argument=True, env_note="`package.module:function`"),
+    Setting("stream_usage", "TRACEWIRE_STREAM_USAGE", _bool, True, "ask chat streams for usage "
+            "(see Streams below); `false`: ask no host", argument=True),
+    Setting("stream_usage_hosts", "TRACEWIRE_STREAM_USAGE_HOSTS", _hosts,
+            DEFAULT_STREAM_USAGE_HOSTS, "which hosts chat streams ask for usage, "
+            "comma-separated: `api.example.com`, `.example.com` (its subdomains), `*` (every "
+            "host), `!host` (never that host; with only `!` entries, every other host is "
+            "asked), or `none`. Host names only, no scheme or port. Replaces the default: "
+            "`vllm.internal` asks that host alone", shown_default="`*` (every host)"),
+    Setting("environment", "TRACEWIRE_ENVIRONMENT", _optional_text, None,
+            "trace tag `deployment.environment`"),
+    Setting("app_version", "TRACEWIRE_APP_VERSION", _optional_text, None,
+            "trace tag `service.version`"),
+    Setting("region", "TRACEWIRE_REGION", _optional_text, None, "trace tag `cloud.region`"),
+    Setting("sample_rate", "TRACEWIRE_SAMPLE_RATE", _number_in(float, 0.0, 1.0), 1.0,
+            "share of sessions to keep, 0 to 1 (see Sampling)", argument=True,
+            shown_default="`1`"),
+    Setting("queue_size", "TRACEWIRE_QUEUE_SIZE", _number_in(int, 1), 10_000,
+            "finished traces held in memory before the worker spools them"),
+    Setting("spool_dir", "TRACEWIRE_SPOOL_DIR", _spool_dir, default_spool_dir,
+            "where the on-disk spool lives: a directory of this user's, made (or tightened to) "
+            "0700; one of another user is refused at `autolog()` (see Security)",
+            shown_default="`~/.cache/tracewire/spool` (`$TMPDIR/tracewire-<uid>` if home is "
+            "read-only)"),
+    Setting("spool_max_bytes", "TRACEWIRE_SPOOL_MAX_MB", _number_in(float, 0.001, scale=2**20),
+            512 * 2**20, "spool size budget per process, in MB; past it new traces are dropped "
+            "and counted", shown_default="`512`"),
+    Setting("feedback_retention", "TRACEWIRE_FEEDBACK_RETENTION", _number_in(float, 0),
+            86_400.0, "seconds feedback waits for its trace before it is dropped (and counted)"),
+    Setting("feedback_max_pending", "TRACEWIRE_FEEDBACK_MAX_PENDING", _number_in(int, 1), 1000,
+            "feedback entries waiting for their trace, per process; past it (or "
+            "`TRACEWIRE_FEEDBACK_MAX_PENDING_MB`) the oldest waiting one is dropped (counted)"),
+    Setting("feedback_max_pending_bytes", "TRACEWIRE_FEEDBACK_MAX_PENDING_MB",
+            _number_in(float, 0.001, scale=2**20), 2**20,
+            "MB of feedback waiting for its trace, per process", shown_default="`1`"),
+    Setting("feedback_path", "TRACEWIRE_FEEDBACK_PATH", _feedback_path, None,
+            "the feedback route (`/feedback`) of the `TracingMiddleware` the `starlette` "
+            "plugin installs"),
+    Setting("trust_identity_headers", "TRACEWIRE_TRUST_IDENTITY_HEADERS", identity_headers, {},
+            "headers that name the session and user for the `TracingMiddleware` the "
+            "`starlette` plugin installs (`session=X-Session-ID,user=X-User-ID`): only behind "
+            "a gateway that sets them"),
+    Setting("prices", "TRACEWIRE_PRICES", _prices, {}, "USD per token by model name "
+            "(`input`, `output`, optional `cache_read_input`), for private or fine-tuned "
+            "models; wins over MLflow's catalog (see Cost)", argument=True,
+            env_note="a `.json` or `.toml` file"),
+    Setting("delta_path", "TRACEWIRE_DELTA_PATH", _delta_path, None, "sync the experiment's "
+            "traces into this Delta table from a background thread (needs `tracewire[delta]`)",
+            argument=True),
+    Setting("delta_interval", "TRACEWIRE_DELTA_INTERVAL", _number_in(float, 1.0), 300.0,
+            "seconds between background Delta syncs (at least 1)", argument=True),
+    Setting("ship_timeout", "TRACEWIRE_SHIP_TIMEOUT", _number_in(float, 0.1), 10.0,
+            "seconds one store request may take before the shipper backs off and retries"),
+    Setting("flush_timeout", "TRACEWIRE_FLUSH_TIMEOUT", _number_in(float, 0), 2.0,
+            "seconds exit, `disable()` and `flush()` keep waiting on a store that makes no "
+            "progress (down, hung, refusing); the rest stays spooled"),
+    Setting("exit_timeout", "TRACEWIRE_EXIT_TIMEOUT", _number_in(float, 0), 30.0,
+            "seconds exit, `disable()` and `flush()` wait at most while the store does make "
+            "progress (match it to your platform's stop grace period)"),
+    Setting("trace_timeout", "TRACEWIRE_TRACE_TIMEOUT", _number_in(float, 1.0), 3600.0,
+            "seconds a trace may stay open (a stream nobody closes, a task that never ends); "
+            "then it is stored as it is, its root failed and its open spans marked "
+            "`tracewire.abandoned`, and `tracewire spool status` counts it. At least 1"),
+    Setting("disable", "TRACEWIRE_DISABLE", _bool, False,
+            "`True`: same as `tracewire.disable()`", argument=True, switch=True),
+    Setting("enable_mlflow_tracing", "ENABLE_MLFLOW_TRACING", _bool, True,
+            "`false` makes `autolog()` a no-op (MLflow's production switch)", switch=True),
+    Setting("tracking_uri", "MLFLOW_TRACKING_URI", _optional_text, None, "where traces go; a "
+            "scheme MLflow has no store for (a mistyped `htp://`) fails at `autolog()`",
+            shown_default="`sqlite:///mlflow.db`"),
+    Setting("experiment_id", "MLFLOW_EXPERIMENT_ID", _experiment_id, None,
+            "which experiment, by id", shown_default="`Default`"),
+    Setting("experiment_name", "MLFLOW_EXPERIMENT_NAME", _optional_text, None,
+            "which experiment, by name (created if missing)", shown_default="`Default`"),
+)
+ARGUMENTS = tuple(s.field for s in SETTINGS if s.argument and not s.switch)
+_BY_ENV = {s.env: s for s in SETTINGS}
+
+
+def _read(setting: Setting, arguments: Mapping[str, Any]) -> Any:
+    """The setting's value: the argument, else the variable, else the default (for a setting
+    that merges, the argument over the variable)."""
+    given = arguments.get(setting.field) if setting.argument else None
+    from_arg = setting.parse(f"argument {setting.field}", given) if given is not None else None
+    if from_arg is not None and setting.merge is None:
+        return from_arg  # the variable is not even read: it may be stale or wrong
+    env = _env(setting.env)
+    from_env = setting.parse(setting.env, env) if env is not None else None
+    if from_arg is not None:
+        return setting.merge(from_env, from_arg) if from_env is not None else from_arg
+    if from_env is not None:
+        return from_env
+    return setting.default() if callable(setting.default) else setting.default
+
+
+def resolve(**arguments: Any) -> Settings:
+    """Merge ``autolog()`` arguments over environment variables into validated settings."""
+    if unknown := sorted(set(arguments) - set(ARGUMENTS)):
+        raise TypeError(f"unknown setting(s) {unknown}; the arguments are {list(ARGUMENTS)}")
+    return Settings(**{s.field: _read(s, arguments) for s in SETTINGS if not s.switch})
+
+
 def tracing_enabled() -> bool:
     """MLflow's production switch: ``ENABLE_MLFLOW_TRACING=false`` turns autolog into a no-op."""
-    value = _env("ENABLE_MLFLOW_TRACING")
-    return True if value is None else _bool("ENABLE_MLFLOW_TRACING", value)
+    return bool(_read(_BY_ENV["ENABLE_MLFLOW_TRACING"], {}))
 
 
 def disable_requested(disable: bool) -> bool:
     """``autolog(disable=True)``, or ``TRACEWIRE_DISABLE=true`` (which mirrors it)."""
-    if disable:
-        return True
-    value = _env("TRACEWIRE_DISABLE")
-    return False if value is None else _bool("TRACEWIRE_DISABLE", value)
+    return disable or bool(_read(_BY_ENV["TRACEWIRE_DISABLE"], {}))
 
 
-def resolve(
-    *,
-    include: Iterable[str] | None = None,
-    exclude: Iterable[str] | None = None,
-    capture_content: bool | None = None,
-    tags: Mapping[str, str] | None = None,
-    stream_usage: bool | None = None,
-    sample_rate: float | None = None,
-    redact: Callable[[str, Any], Any] | None = None,
-    prices: Mapping[str, Any] | str | None = None,
-    delta_path: str | None = None,
-    delta_interval: float | None = None,
-) -> Settings:
-    """Merge arguments over environment variables into validated settings."""
+def markdown_table() -> str:
+    """The README's settings table."""
+    head = "| argument | environment variable | default | meaning |\n|---|---|---|---|\n"
+    return head + "\n".join(s.row() for s in SETTINGS) + "\n"
 
-    def pick(arg: Any, env: str) -> tuple[str, Any]:
-        # The name reported in an error is the one the user actually set.
-        return ("argument " + env.removeprefix("TRACEWIRE_").lower(), arg) if arg is not None else (
-            env, _env(env))
 
-    name, value = pick(include, "TRACEWIRE_INCLUDE")
-    include_ = _plugins(name, value) if value is not None else None
-    name, value = pick(exclude, "TRACEWIRE_EXCLUDE")
-    exclude_ = _plugins(name, value) if value is not None else ()
-    name, value = pick(capture_content, "TRACEWIRE_CAPTURE_CONTENT")
-    capture = _bool(name, value) if value is not None else True
-    name, value = pick(stream_usage, "TRACEWIRE_STREAM_USAGE")
-    stream_usage_ = _bool(name, value) if value is not None else True
+def defaults() -> Settings:
+    """Every setting at its default, whatever the environment says."""
+    return Settings(**{s.field: s.default() if callable(s.default) else s.default
+                       for s in SETTINGS if not s.switch})
 
-    name, value = pick(sample_rate, "TRACEWIRE_SAMPLE_RATE")
-    rate = _number(name, value, float, 0.0) if value is not None else 1.0
-    if rate > 1.0:
-        raise ConfigError(f"{name} must be between 0 and 1, got {value!r}")
 
-    hosts = DEFAULT_STREAM_USAGE_HOSTS
-    if (listed := _env("TRACEWIRE_STREAM_USAGE_HOSTS")) is not None:
-        hosts = _hosts("TRACEWIRE_STREAM_USAGE_HOSTS", listed)
+_active = defaults()
 
-    all_tags: dict[str, str] = {}
-    for env, key in (("TRACEWIRE_ENVIRONMENT", "deployment.environment"),
-                     ("TRACEWIRE_APP_VERSION", "service.version"),
-                     ("TRACEWIRE_REGION", "cloud.region")):
-        if (val := _env(env)) is not None:
-            all_tags[key] = val
-    if (env_tags := _env("TRACEWIRE_TAGS")) is not None:
-        all_tags.update(_tags("TRACEWIRE_TAGS", env_tags))
-    if tags is not None:
-        all_tags.update(_tags("argument tags", tags))
 
-    queue_size = _number("TRACEWIRE_QUEUE_SIZE", _env("TRACEWIRE_QUEUE_SIZE") or 10_000, int, 1)
-    flush_timeout = _number("TRACEWIRE_FLUSH_TIMEOUT", _env("TRACEWIRE_FLUSH_TIMEOUT") or 2.0,
-                            float, 0)
-    exit_timeout = _number("TRACEWIRE_EXIT_TIMEOUT", _env("TRACEWIRE_EXIT_TIMEOUT") or 30.0,
-                           float, 0)
-    trace_timeout = _number("TRACEWIRE_TRACE_TIMEOUT", _env("TRACEWIRE_TRACE_TIMEOUT") or 3600.0,
-                            float, 1.0)
+def active() -> Settings:
+    """The settings of the last ``autolog()`` call (defaults before any)."""
+    return _active
 
-    spool_dir = Path(_env("TRACEWIRE_SPOOL_DIR") or default_spool_dir()).expanduser()
-    spool_mb = _number("TRACEWIRE_SPOOL_MAX_MB", _env("TRACEWIRE_SPOOL_MAX_MB") or 512, float, 0.001)
-    ship_timeout = _number("TRACEWIRE_SHIP_TIMEOUT", _env("TRACEWIRE_SHIP_TIMEOUT") or 10.0,
-                           float, 0.1)
 
-    if redact is None and (target := _env("TRACEWIRE_REDACT")) is not None:
-        redact = _import_callable("TRACEWIRE_REDACT", target)
-    if redact is not None and not callable(redact):
-        raise ConfigError(f"argument redact must be a function (key, value) -> value, got {redact!r}")
-
-    feedback_retention = _number("TRACEWIRE_FEEDBACK_RETENTION",
-                                 _env("TRACEWIRE_FEEDBACK_RETENTION") or 86_400.0, float, 0)
-    feedback_max_pending = _number("TRACEWIRE_FEEDBACK_MAX_PENDING",
-                                   _env("TRACEWIRE_FEEDBACK_MAX_PENDING") or 1000, int, 1)
-    feedback_pending_mb = _number("TRACEWIRE_FEEDBACK_MAX_PENDING_MB",
-                                  _env("TRACEWIRE_FEEDBACK_MAX_PENDING_MB") or 1, float, 0.001)
-
-    name, value = pick(prices, "TRACEWIRE_PRICES")
-    prices_ = _prices(name, value) if value is not None else {}
-    name, value = pick(delta_path, "TRACEWIRE_DELTA_PATH")
-    delta_path_ = _delta_path(name, value) if value is not None else None
-    name, value = pick(delta_interval, "TRACEWIRE_DELTA_INTERVAL")
-    delta_interval_ = _number(name, value, float, 1.0) if value is not None else 300.0
-
-    feedback_path = _env("TRACEWIRE_FEEDBACK_PATH")
-    if feedback_path is not None and (not feedback_path.startswith("/") or any(
-            c.isspace() for c in feedback_path)):
-        raise ConfigError(f"TRACEWIRE_FEEDBACK_PATH must be a URL path such as /feedback, got "
-                          f"{feedback_path!r}")
-
-    trusted = _env("TRACEWIRE_TRUST_IDENTITY_HEADERS")
-    trust_identity_headers = identity_headers("TRACEWIRE_TRUST_IDENTITY_HEADERS", trusted) \
-        if trusted is not None else {}
-
-    experiment_id = _env("MLFLOW_EXPERIMENT_ID")
-    if experiment_id is not None and not experiment_id.isdigit():
-        raise ConfigError(f"MLFLOW_EXPERIMENT_ID must be a numeric experiment id, got {experiment_id!r}")
-
-    return Settings(
-        include=include_,
-        exclude=exclude_,
-        capture_content=capture,
-        tags=all_tags,
-        stream_usage=stream_usage_,
-        stream_usage_hosts=hosts,
-        queue_size=queue_size,
-        flush_timeout=flush_timeout,
-        exit_timeout=exit_timeout,
-        trace_timeout=trace_timeout,
-        spool_dir=spool_dir,
-        spool_max_bytes=int(spool_mb * 1024 * 1024),
-        ship_timeout=ship_timeout,
-        sample_rate=rate,
-        feedback_retention=feedback_retention,
-        feedback_max_pending=feedback_max_pending,
-        feedback_max_pending_bytes=int(feedback_pending_mb * 1024 * 1024),
-        redact=redact,
-        tracking_uri=_env("MLFLOW_TRACKING_URI"),
-        experiment_id=experiment_id,
-        experiment_name=_env("MLFLOW_EXPERIMENT_NAME"),
-        prices=prices_,
-        delta_path=delta_path_,
-        delta_interval=delta_interval_,
-        feedback_path=feedback_path,
-        trust_identity_headers=trust_identity_headers,
-    )
+def activate(settings: Settings) -> None:
+    global _active
+    _active = settings

@@ -243,3 +243,45 @@ def test_a_read_only_spool_directory_fails_at_autolog_naming_it(tmp_path) -> Non
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     assert f"TRACEWIRE_SPOOL_DIR '{spool}' cannot hold tracewire's on-disk spool" in printed, \
         printed
+
+
+def test_the_settings_table_in_the_docs_is_the_declared_one() -> None:
+    """Each setting is declared once (config.SETTINGS); the table a user reads is made from it."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    marker = "<!-- settings: generated from tracewire.config.SETTINGS"
+    pages = [p for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+             if marker in p.read_text()]
+    assert len(pages) == 1, pages
+    text = pages[0].read_text()
+    start = text.index("\n", text.index(marker)) + 1
+    table = text[start:text.index("\n\n", start) + 1]
+    assert table == config.markdown_table(), "regenerate it with config.markdown_table()"
+
+
+def test_autolog_arguments_and_settings_fields_are_the_declared_ones() -> None:
+    import dataclasses
+    import inspect
+
+    declared = {s.field for s in config.SETTINGS if s.argument}
+    assert set(inspect.signature(tracewire.autolog).parameters) == declared
+    assert [f.name for f in dataclasses.fields(config.Settings)] == [
+        s.field for s in config.SETTINGS if not s.switch]
+    assert len({s.env for s in config.SETTINGS}) == len(config.SETTINGS)
+
+
+def test_an_argument_wins_over_its_variable_and_tags_merge(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRACEWIRE_SAMPLE_RATE", "0.5")
+    monkeypatch.setenv("TRACEWIRE_TAGS", "team=search,tier=gold")
+    monkeypatch.setenv("TRACEWIRE_ENVIRONMENT", "prod")
+    settings = config.resolve(sample_rate=0.25, tags={"tier": "free"})
+    assert settings.sample_rate == 0.25
+    assert settings.trace_tags == {"deployment.environment": "prod", "team": "search",
+                                   "tier": "free"}
+    assert config.resolve().sample_rate == 0.5
+    with pytest.raises(tracewire.ConfigError, match="argument sample_rate must be between"):
+        config.resolve(sample_rate=2)
+    with pytest.raises(TypeError, match="unknown setting"):
+        config.resolve(sampel_rate=0.1)

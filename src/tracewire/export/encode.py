@@ -193,7 +193,7 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
                           catalog=not cost.store_prices(destination.tracking_uri(settings)))
     request = item.request or RequestContext()
     context = {"session_id": request.session_id, "user_id": request.user_id,
-               "request_id": request.request_id, "tags": {**settings.tags, **request.tags}}
+               "request_id": request.request_id, "tags": {**settings.trace_tags, **request.tags}}
     payload = {"head": head, "info": info, "context": context, "spans": dicts}
     return trace_id, _utf8(json.dumps(payload, ensure_ascii=False))
 
