@@ -15,7 +15,7 @@ from tracewire import config
 from tracewire.export import store
 import dataclasses
 settings = dataclasses.replace(config.resolve(), tracking_uri=sys.argv[1], experiment_name="race")
-client, experiment_id = store.Store(settings)._destination()
+client, experiment_id = store.Store(settings).experiment()
 print(experiment_id)
 """
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
@@ -46,7 +46,16 @@ def current() -> RequestContext | None:
     return _current.get()
 
 
-def _valid(value: object, limit: int) -> str | None:
+def enter(ctx: RequestContext) -> Token[RequestContext | None]:
+    """Make ``ctx`` this context's request context (a web request's root, see core/spans.py)."""
+    return _current.set(ctx)
+
+
+def leave(token: Token[RequestContext | None]) -> None:
+    _current.reset(token)
+
+
+def valid_id(value: object, limit: int) -> str | None:
     """A value the store accepts, or None: invalid ids are dropped, never made up."""
     if not isinstance(value, str) or not value or len(value) > limit:
         return None
@@ -65,12 +74,12 @@ def _ensure() -> RequestContext:
 
 def set_session(session_id: str | None) -> None:
     """Attach the current request's traces to a session (``mlflow.trace.session``)."""
-    _ensure().session_id = _valid(session_id, MAX_SESSION_ID)
+    _ensure().session_id = valid_id(session_id, MAX_SESSION_ID)
 
 
 def set_user(user_id: str | None) -> None:
     """Attach the current request's traces to a user (``mlflow.trace.user``)."""
-    _ensure().user_id = _valid(user_id, MAX_USER_ID)
+    _ensure().user_id = valid_id(user_id, MAX_USER_ID)
 
 
 def claim(session_id: object, user_id: object) -> None:
@@ -80,10 +89,10 @@ def claim(session_id: object, user_id: object) -> None:
     ctx = _current.get()
     if ctx is None:
         return
-    if (session := _valid(session_id, MAX_SESSION_ID)) and \
+    if (session := valid_id(session_id, MAX_SESSION_ID)) and \
             ctx.session_id in (None, ctx.claimed_session):
         ctx.session_id = ctx.claimed_session = session
-    if (user := _valid(user_id, MAX_USER_ID)) and ctx.user_id in (None, ctx.claimed_user):
+    if (user := valid_id(user_id, MAX_USER_ID)) and ctx.user_id in (None, ctx.claimed_user):
         ctx.user_id = ctx.claimed_user = user
 
 
@@ -102,9 +111,9 @@ def context(
 ) -> Iterator[RequestContext]:
     """Scope a block of work to a request, session and user; restored on exit."""
     ctx = RequestContext(
-        request_id=_valid(request_id, MAX_REQUEST_ID),
-        session_id=_valid(session_id, MAX_SESSION_ID),
-        user_id=_valid(user_id, MAX_USER_ID),
+        request_id=valid_id(request_id, MAX_REQUEST_ID),
+        session_id=valid_id(session_id, MAX_SESSION_ID),
+        user_id=valid_id(user_id, MAX_USER_ID),
         tags={str(k): str(v) for k, v in (tags or {}).items()},
     )
     token = _current.set(ctx)

@@ -358,7 +358,7 @@ def enter_request(root: RequestRoot) -> None:
     :func:`leave_request`)."""
     # MLflow's first: if it fails, nothing of ours is left set in this context.
     mlflow_token = _bridge.attach_request(root.otel_trace_id, root.span_id)
-    root._tokens = (request_context._current.set(root), _request.set(root),
+    root._tokens = (request_context.enter(root), _request.set(root),
                     _current.set(None) if _current.get() is not None else None, mlflow_token)
 
 
@@ -374,7 +374,7 @@ def leave_request(root: RequestRoot, keep_idle: bool) -> Span | None:
         if current_token is not None:
             _current.reset(current_token)
         _request.reset(request_token)
-        request_context._current.reset(context_token)
+        request_context.leave(context_token)
     if keep_idle:
         root.materialize()
     _request_lock.acquire()  # not `with`: here that doubled the cost of taking the lock

@@ -307,7 +307,7 @@ def start_background(settings: Any) -> None:
             store = stores.Store(settings)  # resolves the experiment as the shipper does
             _background = BackgroundSync(wanted, settings.delta_interval,
                                          destination.tracking_uri(settings),
-                                         lambda: store._destination()[1],
+                                         lambda: store.experiment()[1],
                                          settings.feedback_retention)
             _background.start()
 

@@ -303,7 +303,7 @@ class Store:
         """Open the store and resolve the experiment now, before the first trace; raises as
         :meth:`ship` does."""
         with self._shipping():
-            self._destination()
+            self.experiment()
 
     def reset(self) -> None:
         """After a failure: the next attempt opens the store afresh. MLflow's REST store caches
@@ -330,7 +330,8 @@ class Store:
         finally:
             _shipping.timeout = None
 
-    def _destination(self) -> tuple[Any, str]:
+    def experiment(self) -> tuple[Any, str]:
+        """(tracing client, experiment id) of the destination, opened (and made) on first use."""
         if self._client is None:
             from mlflow.tracing.client import TracingClient
 
@@ -376,7 +377,7 @@ class Store:
         data = json.loads(payload)
         poster = data.get("poster")
         with self._shipping():
-            client, experiment_id = self._destination()
+            client, experiment_id = self.experiment()
             trace_id = data["trace_id"]
             if trace_id is None:
                 trace_id = self._trace_of_request(client, experiment_id, data["request_id"],
@@ -445,7 +446,7 @@ class Store:
         the ``(trace id, record)`` stamps still to be written for what the spans could not
         carry (:meth:`stamp`)."""
         with self._shipping():
-            client, experiment_id = self._destination()
+            client, experiment_id = self.experiment()
             infos: list[TraceInfo] = []
             later: list[TraceInfo] = []
             by_experiment: dict[str, list[MlflowSpan]] = {}
@@ -478,7 +479,7 @@ class Store:
         them in parallel. Raises the first failure (the stamps stay queued)."""
         infos = [TraceInfo.from_dict(json.loads(record)) for record in records]
         with self._shipping():
-            store = self._destination()[0].store
+            store = self.experiment()[0].store
             failures: list[Exception] = []
             status: list[tuple[int | None, float | None]] = []
 

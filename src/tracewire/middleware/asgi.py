@@ -251,9 +251,9 @@ class TracingMiddleware:
                                    "traced without its session and user", exc)
         user = user or identity.scope_user(scope)
         if user is not None and request.user_id == request.claimed_user:
-            request.user_id = request_context._valid(user, MAX_USER_ID)
+            request.user_id = request_context.valid_id(user, MAX_USER_ID)
         if session is not None:
-            request.session_id = request_context._valid(session, MAX_SESSION_ID)
+            request.session_id = request_context.valid_id(session, MAX_SESSION_ID)
 
     @staticmethod
     def _owner(request: _Request) -> str | None:

@@ -70,7 +70,7 @@ class _RunContext:
 def _id(value: Any, limit: int) -> str | None:
     if isinstance(value, (int, UUID)) and not isinstance(value, bool):
         value = str(value)
-    return request_context._valid(value, limit)
+    return request_context.valid_id(value, limit)
 
 
 def _graph_span(run_id: Any) -> spans.Span | None:

@@ -233,7 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = None
         headers = {name.lower(): value for name, value in self.headers.items()}
-        seq = self.server.owner._record(RecordedRequest(self.command, self.path, headers, body))
+        seq = self.server.owner.record(RecordedRequest(self.command, self.path, headers, body))
         # Azure clients put the deployment in the path: /v1/deployments/<name>/chat/completions.
         path = re.sub(r"/deployments/[^/]+/", "/", urlsplit(self.path).path)
         endpoint = _ENDPOINTS.get(path) if self.command == "POST" else None
@@ -364,7 +364,7 @@ class OpenAIServer:
         with self._lock:
             self._requests.clear()
 
-    def _record(self, request: RecordedRequest) -> int:
+    def record(self, request: RecordedRequest) -> int:
         """Store a request; returns its sequence number, used in response ids."""
         with self._lock:
             self._requests.append(request)
