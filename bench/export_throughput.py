@@ -96,7 +96,7 @@ from openai_overhead import (
 
 from tracewire.export import spool as spools
 
-# The targets.
+# The targets.
 TARGET_DRAIN_SPEEDUP = 5.0     # tracewire drains the burst at least 5x faster than MLflow
 TARGET_WEB_SPEEDUP = 4.0       # ... and web-request traces (a request id each) at least 4x
 TARGET_OUTAGE_DELTA_US = 1000  # median caller latency during an outage at most 1 ms over normal

@@ -5,7 +5,7 @@ minimal ``receive``/``send`` pair:
 
   (a) a trivial endpoint (a health check: no traced work), a bare Starlette app vs the same
       app inside ``TracingMiddleware`` -- the middleware's own cost, which must stay under
-      15 us per request (the issue's target: such a request creates no trace);
+      15 us per request (the target: such a request creates no trace);
   (a') the same with a bare ASGI callable instead of Starlette (no router, no Request object),
       which shows the middleware's cost apart from its interplay with Starlette's layers;
   (b) an endpoint that makes one traced OpenAI ``chat.completions.create`` call through an

@@ -53,7 +53,7 @@ import mlflow
 import openai
 from mlflow.tracking import MlflowClient
 
-# The targets: tracewire's added latency as a fraction of MLflow's.
+# The targets: tracewire's added latency as a fraction of MLflow's.
 TARGET_MEDIAN_RATIO = 1 / 3
 TARGET_P99_RATIO = 1 / 5
 

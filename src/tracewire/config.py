@@ -66,6 +66,7 @@ class Settings:
     # The identity headers the starlette plugin's middleware trusts: {"session": header,
     # "user": header}.
     trust_identity_headers: Mapping[str, str]
+    session_cookie_key: str | None
     prices: Mapping[str, Any]
     delta_path: str | None
     delta_interval: float
@@ -306,7 +307,7 @@ SETTINGS: tuple[Setting, ...] = (
             "before anything touches disk; if it raises, that content is withheld",
             argument=True, env_note="`package.module:function`"),
     Setting("stream_usage", "TRACEWIRE_STREAM_USAGE", _bool, True, "ask chat streams for usage "
-            "(see Streams below); `false`: ask no host", argument=True),
+            "(see [Streams](traces.md#streams)); `false`: ask no host", argument=True),
     Setting("stream_usage_hosts", "TRACEWIRE_STREAM_USAGE_HOSTS", _hosts,
             DEFAULT_STREAM_USAGE_HOSTS, "which hosts chat streams ask for usage, "
             "comma-separated: `api.example.com`, `.example.com` (its subdomains), `*` (every "
@@ -319,13 +320,14 @@ SETTINGS: tuple[Setting, ...] = (
             "trace tag `service.version`"),
     Setting("region", "TRACEWIRE_REGION", _optional_text, None, "trace tag `cloud.region`"),
     Setting("sample_rate", "TRACEWIRE_SAMPLE_RATE", _number_in(float, 0.0, 1.0), 1.0,
-            "share of sessions to keep, 0 to 1 (see Sampling)", argument=True,
+            "share of sessions to keep, 0 to 1 (see [Sampling](#sampling))", argument=True,
             shown_default="`1`"),
     Setting("queue_size", "TRACEWIRE_QUEUE_SIZE", _number_in(int, 1), 10_000,
             "finished traces held in memory before the worker spools them"),
     Setting("spool_dir", "TRACEWIRE_SPOOL_DIR", _spool_dir, default_spool_dir,
             "where the on-disk spool lives: a directory of this user's, made (or tightened to) "
-            "0700; one of another user is refused at `autolog()` (see Security)",
+            "0700; one of another user is refused at `autolog()` (see "
+            "[Security](security.md#where-prompts-rest-on-disk))",
             shown_default="`~/.cache/tracewire/spool` (`$TMPDIR/tracewire-<uid>` if home is "
             "read-only)"),
     Setting("spool_max_bytes", "TRACEWIRE_SPOOL_MAX_MB", _number_in(float, 0.001, scale=2**20),
@@ -346,9 +348,13 @@ SETTINGS: tuple[Setting, ...] = (
             "headers that name the session and user for the `TracingMiddleware` the "
             "`starlette` plugin installs (`session=X-Session-ID,user=X-User-ID`): only behind "
             "a gateway that sets them"),
+    Setting("session_cookie_key", "TRACEWIRE_SESSION_COOKIE_KEY", _optional_text, None,
+            "the key of the keyed hash that turns a session cookie into a session id, when "
+            "`TracingMiddleware(session_cookie=...)` is not given `session_cookie_key`: the "
+            "same in every worker"),
     Setting("prices", "TRACEWIRE_PRICES", _prices, {}, "USD per token by model name "
             "(`input`, `output`, optional `cache_read_input`), for private or fine-tuned "
-            "models; wins over MLflow's catalog (see Cost)", argument=True,
+            "models; wins over MLflow's catalog (see [Cost](delta-and-stats.md#cost))", argument=True,
             env_note="a `.json` or `.toml` file"),
     Setting("delta_path", "TRACEWIRE_DELTA_PATH", _delta_path, None, "sync the experiment's "
             "traces into this Delta table from a background thread (needs `tracewire[delta]`)",
@@ -406,14 +412,20 @@ def resolve(**arguments: Any) -> Settings:
     return Settings(**{s.field: _read(s, arguments) for s in SETTINGS if not s.switch})
 
 
+def from_environment(env: str) -> Any:
+    """One declared setting as the environment sets it (or its default), for code that runs
+    before or without ``autolog()`` (the middleware, built with the app)."""
+    return _read(_BY_ENV[env], {})
+
+
 def tracing_enabled() -> bool:
     """MLflow's production switch: ``ENABLE_MLFLOW_TRACING=false`` turns autolog into a no-op."""
-    return bool(_read(_BY_ENV["ENABLE_MLFLOW_TRACING"], {}))
+    return bool(from_environment("ENABLE_MLFLOW_TRACING"))
 
 
 def disable_requested(disable: bool) -> bool:
     """``autolog(disable=True)``, or ``TRACEWIRE_DISABLE=true`` (which mirrors it)."""
-    return disable or bool(_read(_BY_ENV["TRACEWIRE_DISABLE"], {}))
+    return disable or bool(from_environment("TRACEWIRE_DISABLE"))
 
 
 def markdown_table() -> str:

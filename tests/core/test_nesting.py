@@ -119,7 +119,7 @@ def test_concurrent_roots_do_not_mix(traced: Traced, aclient) -> None:  # type: 
 
 def test_a_span_ended_where_its_context_was_not_reset_is_no_ones_parent(
         traced: Traced, client: openai.OpenAI) -> None:
-    """Issue 16, point 2: a span ended from another context (an async stream closed by another
+    """A span ended from another context (an async stream closed by another
     task) stays current here; ours, the user's and the OpenAI client's spans started next nest
     under the nearest span still open, never under the ended one."""
     outer = spans.start_span("outer", "CHAIN")

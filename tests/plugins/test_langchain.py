@@ -311,7 +311,7 @@ def test_batch_runs_on_langchains_pool_stay_under_their_parent(traced: Traced) -
 def test_a_sequences_batch_is_one_trace_per_input_and_leaves_nothing_current(
         traced: Traced) -> None:
     """``RunnableSequence.batch`` starts every input's run in the caller's thread, one after
-    the other, before any ends (issue 16, points 1 and 2)."""
+    the other, before any ends: no run may become the next one's parent."""
     from tracewire.core import spans
 
     def half(x: int) -> float:

@@ -410,7 +410,7 @@ def test_a_command_to_the_parent_graph_is_control_flow(traced: Traced) -> None:
 
 
 def test_two_streams_consumed_in_turns_are_two_traces(traced: Traced) -> None:
-    """Two graph runs streamed alternately in one thread (issue 16, point 4, sync)."""
+    """Two graph runs streamed alternately in one thread (sync)."""
     import itertools
 
     from tracewire.core import spans
@@ -439,7 +439,7 @@ def test_two_streams_consumed_in_turns_are_two_traces(traced: Traced) -> None:
 
 def test_a_run_that_never_ends_is_stored_incomplete_after_the_trace_timeout(
         traced: Traced, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 16, point 3: a stream left open (never closed, never collected) keeps its run
+    """A stream left open (never closed, never collected) keeps its run
     open; past TRACEWIRE_TRACE_TIMEOUT its trace is stored as it is, failed and marked, counted
     in the spool, and no longer held by tracewire."""
     import time
@@ -544,9 +544,10 @@ assert tracewire.flush(30)
 @pytest.mark.parametrize("how", ["aclose", "cancel"])
 def test_a_stream_abandoned_mid_model_call_keeps_its_trace_and_the_runs_after_it(
         traced: Traced, openai_server: OpenAIServer, tmp_path: Any, how: str) -> None:
-    """Issue 16, point 3: the model's run gets no end callback when its stream is closed or
+    """The model's run gets no end callback when its stream is closed or
     its task cancelled; it ends with its graph's run, and the task's next runs (and a user's
-    span) are traces of their own. Its own process: one event loop (FACTS.md)."""
+    span) are traces of their own. Its own process: one event loop per process (langchain-openai
+    shares its async HTTP client, and a second ``asyncio.run`` finds its loop closed)."""
     import os
     import subprocess
     import sys
@@ -569,7 +570,7 @@ def test_a_stream_abandoned_mid_model_call_keeps_its_trace_and_the_runs_after_it
 
 def test_two_async_streams_consumed_in_turns_in_one_task_are_two_traces(
         traced: Traced) -> None:
-    """Issue 16, point 4, async: a node of the first graph ends where this task's context
+    """Async: a node of the first graph ends where this task's context
     cannot be reset, and stays current in it; the second graph is still a trace of its own."""
     class Count(TypedDict):
         n: int

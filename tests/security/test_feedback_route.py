@@ -1,5 +1,5 @@
-"""The feedback route faces the internet: each attack of issue 17 as a client would make it,
-against real uvicorn, with the results read back through MLflow and the spool.
+"""The feedback route faces the internet: each attack docs/security.md names, as a client would
+make it, against real uvicorn, with the results read back through MLflow and the spool.
 
 The app identifies its users itself (``identify`` reading a bearer token, as its auth would);
 ``X-User-ID`` / ``X-Session-ID`` are what any client can write."""
@@ -62,7 +62,7 @@ def _stored_bytes(tracking_uri: str) -> bytes:
                                              *spools.glob("spool-*")] if p.is_file())
 
 
-# --------------------------------------------------------------------------- point 2
+# --------------------------------------------------------------- headers name nobody
 
 
 def test_identity_headers_name_nobody_by_default(server: Serve, traced: Traced,
@@ -110,7 +110,7 @@ def test_trust_identity_headers_names_only_session_and_user() -> None:
         _app(trust_identity_headers={"tenant": "X-Tenant"})
 
 
-# --------------------------------------------------------------------------- point 1
+# ----------------------------------------------- feedback only from the trace's owner
 
 
 def test_feedback_on_an_identified_trace_comes_only_from_that_identity(
@@ -143,7 +143,7 @@ def test_feedback_on_an_identified_trace_comes_only_from_that_identity(
     assert refused >= 2
 
 
-# --------------------------------------------------------------------------- point 3
+# --------------------------------------------------------- request ids a client chose
 
 
 def test_a_request_id_another_client_chose_too_never_takes_its_feedback(
@@ -174,7 +174,7 @@ def test_a_request_id_another_client_chose_too_never_takes_its_feedback(
     assert not _feedback(second.headers["x-trace-id"], "mine")
 
 
-# --------------------------------------------------------------------------- point 4
+# --------------------------------------------------------------------------- flooding
 
 
 def test_a_flood_of_feedback_for_no_trace_is_bounded_counted_and_shown(

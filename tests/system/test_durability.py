@@ -7,7 +7,7 @@ the real client over an in-process ``httpx2.MockTransport``, as bench/openai_ove
 start fresh, exit, hang or die run as subprocesses of the current interpreter (same environment,
 tracewire's and MLflow's variables scrubbed and set per test).
 
-What is checked (the durability part of issue 4):
+What is checked (nothing lost, nothing duplicated, nothing blocked):
 
 * an outage of the tracking server in the middle of 500 calls loses nothing, duplicates nothing
   and never slows a call;
@@ -262,7 +262,7 @@ def test_burst_of_5000_calls_is_persisted_and_the_backlog_waits_on_disk(
     assert peak_rss - baseline < 200, f"RSS grew by {peak_rss - baseline:.0f} MB during the burst"
     # How much of the burst waits in memory rather than on disk depends on how the GIL is
     # scheduled between this tight loop and the worker (seen: 6 to 3296 of 5000); it is the
-    # kill -9 window the README documents, printed above, not a bound this test can hold.
+    # kill -9 window docs/guarantees.md documents, printed above, not a bound this test can hold.
 
 
 # --------------------------------------------------------------------------- 4. kill -9

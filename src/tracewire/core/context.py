@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# MLflow limits (FACTS.md): client_request_id is a 50-character SQL column; sessions over 250
-# characters are rejected by the store.
+# MLflow's limits: its SQL store holds client_request_id in a 50-character column and rejects
+# sessions over 250 characters.
 MAX_REQUEST_ID = 50
 MAX_SESSION_ID = 250
 MAX_USER_ID = 250

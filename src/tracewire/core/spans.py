@@ -4,7 +4,7 @@ A tracewire span is a small record: name, type, ids, timestamps and *references*
 inputs and outputs. Nothing is serialized on the caller's thread. When the top span of a trace
 ends, the whole trace is handed to the export queue, whose worker turns it into MLflow spans.
 That is what keeps the hot path cheap (an MLflow/OpenTelemetry span costs several hundred
-microseconds here, see FACTS.md).
+microseconds here).
 
 Nesting with the user's own MLflow spans works both ways:
 

@@ -27,7 +27,6 @@ the app instead: ``app = TracingMiddleware(app)``.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Awaitable, Callable, Iterable, Mapping, MutableMapping
 
@@ -111,7 +110,7 @@ class TracingMiddleware:
             trusted[kind].lower().encode("latin-1") if kind in trusted else None
             for kind in ("session", "user"))
         self._cookie = session_cookie
-        key = session_cookie_key or os.environ.get("TRACEWIRE_SESSION_COOKIE_KEY")
+        key = session_cookie_key or config.from_environment("TRACEWIRE_SESSION_COOKIE_KEY")
         if session_cookie is not None and not key:
             raise config.ConfigError(
                 "session_cookie needs session_cookie_key (or TRACEWIRE_SESSION_COOKIE_KEY): the "

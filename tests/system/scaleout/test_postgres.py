@@ -1,7 +1,7 @@
 """Scale-out: an app's workers sharing a remote ``mlflow server`` whose store is PostgreSQL.
 
-The configuration the README's "Scale-out" section describes, run for real: a FastAPI app with
-no tracewire import under ``tracewire run -- uvicorn --workers 2``, an ``mlflow server`` on a
+The configuration docs/scale-out.md describes, run for real: a FastAPI app with no tracewire
+import under ``tracewire run -- uvicorn --workers 2``, an ``mlflow server`` on a
 PostgreSQL database, concurrent traffic with a distinct request id per request, then feedback
 through the middleware's route. Every trace must land exactly once, with its own request id,
 session and user, and every feedback on the trace of the request it names, as the MLflow API
@@ -246,7 +246,8 @@ def _assert_delta_sync(server: PostgresMlflowServer, experiment_id: str, path: P
     report = delta.sync(str(path), tracking_uri=server.url, experiment_ids=[experiment_id],
                         lookback_s=86400)
     assert (report.read, report.written) == (len(answered), len(answered))
-    # use_threads=False: Arrow's thread pool can abort the interpreter at exit (see README).
+    # use_threads=False: Arrow's thread pool can abort the interpreter at exit
+    # (docs/delta-and-stats.md, "Reading it").
     table = DeltaTable(str(path)).to_pyarrow_dataset().to_table(use_threads=False).to_pylist()
     assert sorted((r["client_request_id"], r["session"], r["user"], r["feedback_count"])
                   for r in table) == sorted(

@@ -1,4 +1,4 @@
-"""The deploy path of issue 15, end to end: a ResponsesAgent over the OpenAI client and one over a
+"""An agent served by MLflow, end to end: a ResponsesAgent over the OpenAI client and one over a
 LangGraph graph, logged from code with ``mlflow.pyfunc.log_model``, served by ``mlflow models
 serve --env-manager local`` three ways, each with ``ENABLE_MLFLOW_TRACING=true`` and
 ``MLFLOW_EXPERIMENT_ID``:
@@ -10,10 +10,10 @@ serve --env-manager local`` three ways, each with ``ENABLE_MLFLOW_TRACING=true``
 Every server gets the same requests, in one concurrent burst: ResponsesAgent bodies, most with
 ``context.conversation_id``/``user_id``, some with ``X-Session-ID``/``X-User-ID`` headers, some
 with a LangGraph ``thread_id`` only, one without ``X-Request-ID``, and one the agent fails on
-(the scoring server answers 400). The traces are read back with MLflow's API, and each issue point
-is one test, run for each tracewire mode and agent, so a failure names its point. The last test
-compares every trace field by field with plain MLflow's trace of the same request; run with -s to
-see the table (all of it is also written to /tmp/serving-comparison-table.md).
+(the scoring server answers 400). The traces are read back with MLflow's API, and each thing
+docs/serving.md says such a trace holds is one test (point1 to point6), run for each tracewire
+mode and agent, so a failure names what is missing. The last test compares every trace field by
+field with plain MLflow's trace of the same request; run with -s to see the table (all of it is also written to /tmp/serving-comparison-table.md).
 
 One module-scoped deployment (6 servers started at once, one burst each) keeps this to about a
 minute.
@@ -67,7 +67,7 @@ ALLOWED = {
                              "LangChain both layers are kept (ChatOpenAI and the client call)",
     "LangGraph span type": "tracewire types the graph run AGENT, MLflow's LangChain autolog CHAIN",
     "span events": "MLflow records one event per streamed chunk; tracewire records none (the "
-                   "hot path stays lean, DESIGN.md)",
+                   "hot path does no work per chunk)",
     "non-mlflow span attributes": "autolog's raw framework dumps (model, stream, "
                                   "invocation_params, metadata, options, batch_size): only "
                                   "MLflow's own mlflow.* span attributes are compared",
@@ -92,7 +92,7 @@ class Sent:
     response_headers: dict[str, str] = field(default_factory=dict)
 
     def expected_identity(self, agent: str) -> tuple[str | None, str | None]:
-        """(session, user) the issue asks for. What the app establishes wins over what the
+        """(session, user) the trace should carry. What the app establishes wins over what the
         client claims: the LangGraph run's thread_id (the LangGraph agent runs one for every
         request that gets that far: ``custom_inputs.thread_id``, else the conversation id,
         else one it makes up, ANONYMOUS); then the request's context; never its headers (no
@@ -380,7 +380,7 @@ def test_one_trace_per_request_with_its_ids_and_model_calls(
 @pytest.mark.parametrize(("mode", "agent"), TRACEWIRE_MODES)
 def test_point1_update_current_trace_lands_on_the_request_trace(
         deployment: Deployment, mode: str, agent: str) -> None:
-    """Issue 15 point 1: the agent's ``mlflow.update_current_trace(tags=..., metadata=...)``
+    """The agent's ``mlflow.update_current_trace(tags=..., metadata=...)``
     inside ``predict`` lands on its request's trace."""
     served = deployment[mode, agent]
     seen = []
@@ -397,7 +397,7 @@ def test_point1_update_current_trace_lands_on_the_request_trace(
 @pytest.mark.parametrize(("mode", "agent"), TRACEWIRE_MODES)
 def test_point2_a_failed_agent_request_is_an_error_trace(
         deployment: Deployment, mode: str, agent: str) -> None:
-    """Issue 15 point 2: the scoring server's 400 for a failed agent is an ERROR trace (root span
+    """The scoring server's 400 for a failed agent is an ERROR trace (root span
     included); the successful requests' traces are OK."""
     served = deployment[mode, agent]
     states = {s.key: (s.status, served.trace_of(s).info.state.value,
@@ -410,7 +410,7 @@ def test_point2_a_failed_agent_request_is_an_error_trace(
 @pytest.mark.parametrize(("mode", "agent"), TRACEWIRE_MODES)
 def test_point3_previews_are_the_question_and_the_answer(
         deployment: Deployment, mode: str, agent: str) -> None:
-    """Issue 15 point 3: request_preview holds the user's question, response_preview the answer,
+    """request_preview holds the user's question, response_preview the answer,
     within MLflow's preview size."""
     served = deployment[mode, agent]
     wrong = {}
@@ -427,7 +427,7 @@ def test_point3_previews_are_the_question_and_the_answer(
 @pytest.mark.parametrize(("mode", "agent"), TRACEWIRE_MODES)
 def test_point4_traces_are_linked_to_the_served_model(
         deployment: Deployment, mode: str, agent: str) -> None:
-    """Issue 15 point 4: ``mlflow.modelId`` is the served model's id on every trace, and
+    """``mlflow.modelId`` is the served model's id on every trace, and
     ``mlflow.search_traces(model_id=...)`` finds every one."""
     served = deployment[mode, agent]
     linked = {s.key: served.trace_of(s).info.trace_metadata.get("mlflow.modelId")
@@ -440,7 +440,7 @@ def test_point4_traces_are_linked_to_the_served_model(
 @pytest.mark.parametrize(("mode", "agent"), TRACEWIRE_MODES)
 def test_point5_session_and_user_from_the_agent_request(
         deployment: Deployment, mode: str, agent: str) -> None:
-    """Issue 15 point 5: context.conversation_id / context.user_id are the trace's session and
+    """context.conversation_id / context.user_id are the trace's session and
     user (the X-Session-ID / X-User-ID headers name nobody by default); a LangGraph run's
     thread_id (established by the app) is the session over both; nothing made up otherwise."""
     served = deployment[mode, agent]
@@ -455,7 +455,7 @@ def test_point5_session_and_user_from_the_agent_request(
 @pytest.mark.parametrize(("mode", "agent"), TRACEWIRE_MODES)
 def test_point6_exact_token_usage_on_every_trace(
         deployment: Deployment, mode: str, agent: str) -> None:
-    """Issue 15 point 6: every trace of a request that called the model carries its exact token
+    """Every trace of a request that called the model carries its exact token
     usage (mlflow.trace.tokenUsage), streamed calls to a custom OpenAI-compatible server
     included (nothing in the environment asks for it: no TRACEWIRE_STREAM_USAGE_HOSTS); every
     client call span has mlflow.chat.tokenUsage."""
