@@ -27,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from tracewire import config
-    from tracewire.export import spool
+    from tracewire.export import destination, spool
 
     directory = args.dir or config.resolve().spool_dir
     if args.action == "ship":
@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
              "drops": s.drops, "rejected": s.rejected, "incomplete": s.incomplete,
              "oldest": s.oldest, "live": s.live,
              "feedback_pending": s.feedback_pending, "feedback_bytes": s.feedback_bytes,
-             "feedback_drops": s.feedback_drops, "problem": s.problem} for s in found]}))
+             "feedback_drops": s.feedback_drops, "destination": s.destination,
+             "problem": s.problem} for s in found]}))
         return 0
     print(f"spool directory: {directory}")
     if not found:
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {s.path.name}: {s.pending} pending ({s.bytes / 1024:.1f} KiB{age}), "
               f"{s.rejected} refused by the store, {s.dropped} dropped"
               f"{f' ({drops})' if drops else ''}{incomplete}; {owner}")
+        print(f"    for {destination.describe(s.destination)}")
         if s.feedback_pending or s.feedback_dropped:
             print("    " + spool.describe_feedback(s.feedback_pending, s.feedback_bytes,
                                                    s.feedback_drops))

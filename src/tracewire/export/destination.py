@@ -160,3 +160,13 @@ def is_database(uri: str) -> bool:
     """A database-backed MLflow store, written directly (not through a tracking server)."""
     return urlparse(uri).scheme.split("+")[0] in _DB_SCHEMES
 
+
+def describe(recorded: str) -> str:
+    """A spool's recorded destination in words: the store, and the experiment if one is named."""
+    try:
+        where = json.loads(recorded)
+        uri = where["tracking_uri"]
+    except (ValueError, TypeError, KeyError):
+        return "an unknown store"
+    experiment = where.get("experiment_name") or where.get("experiment_id")
+    return f"{uri}" + (f", experiment {experiment!r}" if experiment else "")

@@ -132,6 +132,7 @@ class Status:
     drops: dict[str, int] = field(default_factory=dict)  # by reason (DROP_REASONS)
     problem: str | None = None  # set for a file that cannot be shipped (then nothing else is)
     feedback_bytes: int = 0
+    destination: str = ""  # where its traces go (export/destination.py), without credentials
     feedback_drops: dict[str, int] = field(default_factory=dict)  # by FEEDBACK_DROP_REASONS
 
     @property
@@ -656,6 +657,7 @@ def status(directory: Path) -> list[Status]:
                 pending, size, oldest = db.execute(
                     "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM traces").fetchone()
                 feedback, feedback_bytes, feedback_drops = _feedback_counts(db)
+                where = db.execute("SELECT value FROM meta WHERE key = 'destination'").fetchone()
                 rejected = _count(db, "rejected")
                 stamps = _count(db, "stamps")
             finally:
@@ -676,7 +678,8 @@ def status(directory: Path) -> list[Status]:
         found.append(Status(db_path, pending, size, oldest, live, feedback, rejected, stamps,
                             _Block.read(lock_path, _Block.INCOMPLETE).get("traces", 0),
                             _Block.read(lock_path, _Block.DROPS),
-                            feedback_bytes=feedback_bytes, feedback_drops=feedback_drops))
+                            feedback_bytes=feedback_bytes, feedback_drops=feedback_drops,
+                            destination=scrub.text(where[0]) if where else ""))
     for path in sorted(directory.glob(f"spool-*{UNREADABLE_SUFFIX}")):
         found.append(_unshippable(path, False, "unreadable, set aside: not shipped; inspect or "
                                   "delete it"))
