@@ -14,7 +14,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, cast
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -197,7 +197,7 @@ def _import_callable(name: str, target: str) -> Callable[..., Any]:
                           f"{target!r}: {exc}") from None
     if not callable(found):
         raise ConfigError(f"{name}: {target!r} is not a function")
-    return found
+    return cast(Callable[..., Any], found)
 
 
 def _prices(name: str, value: Any) -> dict[str, Any]:
@@ -399,7 +399,9 @@ def _read(setting: Setting, arguments: Mapping[str, Any]) -> Any:
     env = _env(setting.env)
     from_env = setting.parse(setting.env, env) if env is not None else None
     if from_arg is not None:
-        return setting.merge(from_env, from_arg) if from_env is not None else from_arg
+        merge = setting.merge
+        return merge(from_env, from_arg) if merge is not None and from_env is not None \
+            else from_arg
     if from_env is not None:
         return from_env
     return setting.default() if callable(setting.default) else setting.default

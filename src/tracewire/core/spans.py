@@ -306,6 +306,11 @@ class RequestRoot(RequestContext):
 
     __slots__ = ("name", "span_type", "inputs", "error", "start_ns", "otel_trace_id",
                  "span_id", "parent_id", "span", "ended", "_tokens")
+    request_id: str  # a web request always has one
+    parent_id: int | None
+    # What enter_request set, for leave_request to reset.
+    _tokens: tuple[Token[RequestContext | None], Token[RequestRoot | None],
+                   Token[Span | None] | None, Any]
 
     def __init__(self, name: str, span_type: str, inputs: Any,
                  remote_parent: tuple[int, int] | None, request_id: str,
@@ -405,12 +410,12 @@ def open_trace(otel_trace_id: int) -> Trace | None:
     return trace
 
 
-def activate(span: Span) -> tuple[Token, Any]:
+def activate(span: Span) -> tuple[Token[Span | None], Any]:
     """Make ``span`` the parent of spans started in this context (ours and MLflow's)."""
     return _current.set(span), _bridge.attach(span.trace.otel_trace_id, span.span_id)
 
 
-def deactivate(tokens: tuple[Token, Any]) -> None:
+def deactivate(tokens: tuple[Token[Span | None], Any]) -> None:
     token, mlflow_token = tokens
     try:
         _bridge.detach(mlflow_token)

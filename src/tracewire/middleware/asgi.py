@@ -59,6 +59,14 @@ class _Request(spans.RequestRoot):
 
     __slots__ = ("status", "first_byte_ns", "last_byte_ns", "identified", "body",
                  "header_session", "header_user", "own_request_id")
+    status: int | None
+    first_byte_ns: int | None
+    last_byte_ns: int | None
+    identified: bool
+    body: Any
+    header_session: str | None
+    header_user: str | None
+    own_request_id: bool
 
 
 class TracingMiddleware:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from typing import Any
+from typing import Any, Mapping
 
 from tracewire.core.context import MAX_REQUEST_ID, MAX_USER_ID
 
@@ -71,7 +71,7 @@ def cookie_session(value: bytes | None, key: bytes) -> str | None:
     return hmac.new(key, value, hashlib.sha256).hexdigest()[:32]
 
 
-def scope_user(scope: dict[str, Any]) -> str | None:
+def scope_user(scope: Mapping[str, Any]) -> str | None:
     """The authenticated user Starlette's ``AuthenticationMiddleware`` (or any ASGI auth that
     follows its ``scope["user"]`` convention) put in the scope."""
     user = scope.get("user")
