@@ -409,22 +409,28 @@ def test_a_command_to_the_parent_graph_is_control_flow(traced: Traced) -> None:
     assert [c[0] for c in shape(trace)[2]] == ["inner", "done"]
 
 
-def test_two_streams_consumed_in_turns_are_two_traces(traced: Traced) -> None:
-    """Two graph runs streamed alternately in one thread (sync)."""
-    import itertools
+class Count(TypedDict):
+    n: int
 
-    from tracewire.core import spans
 
-    class Count(TypedDict):
-        n: int
-
+def add_then_scale() -> Any:
+    """START -> add (n + 1) -> scale (n * 10) -> END, plain functions."""
     graph = StateGraph(Count)
     graph.add_node("add", lambda state: {"n": state["n"] + 1})
     graph.add_node("scale", lambda state: {"n": state["n"] * 10})
     graph.add_edge(START, "add")
     graph.add_edge("add", "scale")
     graph.add_edge("scale", END)
-    app = graph.compile()
+    return graph.compile()
+
+
+def test_two_streams_consumed_in_turns_are_two_traces(traced: Traced) -> None:
+    """Two graph runs streamed alternately in one thread (sync)."""
+    import itertools
+
+    from tracewire.core import spans
+
+    app = add_then_scale()
     first, second = app.stream({"n": 1}), app.stream({"n": 2})
     chunks = [c for pair in itertools.zip_longest(first, second) for c in pair if c]
     assert chunks == [{"add": {"n": 2}}, {"add": {"n": 3}}, {"scale": {"n": 20}},
@@ -453,16 +459,7 @@ def test_a_run_that_never_ends_is_stored_incomplete_after_the_trace_timeout(
     monkeypatch.setenv("TRACEWIRE_TRACE_TIMEOUT", "1")
     traced.enable()
 
-    class Count(TypedDict):
-        n: int
-
-    graph = StateGraph(Count)
-    graph.add_node("add", lambda state: {"n": state["n"] + 1})
-    graph.add_node("scale", lambda state: {"n": state["n"] * 10})
-    graph.add_edge(START, "add")
-    graph.add_edge("add", "scale")
-    graph.add_edge("scale", END)
-    stream = graph.compile().stream({"n": 1})
+    stream = add_then_scale().stream({"n": 1})
     assert next(stream) == {"add": {"n": 2}}  # the graph's run stays open from here on
     open_trace = spans.current().trace  # type: ignore[union-attr]
     deadline = time.monotonic() + 30
@@ -572,9 +569,6 @@ def test_two_async_streams_consumed_in_turns_in_one_task_are_two_traces(
         traced: Traced) -> None:
     """Async: a node of the first graph ends where this task's context
     cannot be reset, and stays current in it; the second graph is still a trace of its own."""
-    class Count(TypedDict):
-        n: int
-
     async def add(state: Count) -> Count:
         return {"n": state["n"] + 1}
 
