@@ -10,6 +10,9 @@ threads never share an id; a forked worker drops the ids its parent had read ahe
 from __future__ import annotations
 
 import os
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 _BATCH = 256
 _trace_ids: list[int] = []
@@ -25,37 +28,33 @@ def _ints(size: int) -> list[int]:
             for start in range(0, size * _BATCH, size)]
 
 
+def _hex() -> list[str]:
+    return list(map(os.urandom(16 * _BATCH).hex().__getitem__, _HEX_SLICES))
+
+
+def _take(pool: list[T], refill: Callable[[], list[T]]) -> T:
+    try:
+        return pool.pop()
+    except IndexError:
+        fresh = refill()
+        taken = fresh.pop()
+        pool.extend(fresh)
+        return taken
+
+
 def trace_id() -> int:
     """A 128-bit trace id."""
-    try:
-        return _trace_ids.pop()
-    except IndexError:
-        fresh = _ints(16)
-        taken = fresh.pop()
-        _trace_ids.extend(fresh)
-        return taken
+    return _take(_trace_ids, lambda: _ints(16))
 
 
 def span_id() -> int:
     """A 64-bit span id."""
-    try:
-        return _span_ids.pop()
-    except IndexError:
-        fresh = _ints(8)
-        taken = fresh.pop()
-        _span_ids.extend(fresh)
-        return taken
+    return _take(_span_ids, lambda: _ints(8))
 
 
 def request_id() -> str:
     """32 hex characters."""
-    try:
-        return _request_ids.pop()
-    except IndexError:
-        fresh = list(map(os.urandom(16 * _BATCH).hex().__getitem__, _HEX_SLICES))
-        taken = fresh.pop()
-        _request_ids.extend(fresh)
-        return taken
+    return _take(_request_ids, _hex)
 
 
 def _forget_parents_ids() -> None:
