@@ -121,9 +121,11 @@ def text_delta(sequence: int, text: str) -> ResponseTextDeltaEvent:
 
 
 def test_responses_events_give_the_completed_response() -> None:
-    completed = ResponseCompletedEvent.model_construct(type="response.completed", sequence_number=3, response=response("completed", "Paris."))
+    completed = ResponseCompletedEvent.model_construct(
+        type="response.completed", sequence_number=3, response=response("completed", "Paris."))
     events = [
-        ResponseCreatedEvent.model_construct(type="response.created", sequence_number=0, response=response("in_progress", None)),
+        ResponseCreatedEvent.model_construct(
+            type="response.created", sequence_number=0, response=response("in_progress", None)),
         text_delta(1, "Par"), text_delta(2, "is."), completed,
     ]
     reply = assemble_responses(events)

@@ -4,7 +4,7 @@ embeddings and legacy completions, sync and async (Azure clients share these cla
 Each call is one span. The wrapper runs five guarded steps (start, activate, call the original
 exactly once, record, end); only the original's own exception reaches the caller, unchanged.
 This module holds the request side and the wrappers; replies are recorded by
-:mod:`~tracewire.plugins.openai_replies` (kept by reference, serialized by the export worker),
+:mod:`~tracewire.plugins.openai_call` (kept by reference, serialized by the export worker),
 and streams are proxied by :mod:`~tracewire.plugins.openai_streams` so the span lives until the
 stream is exhausted, closed, broken out of or garbage collected.
 
@@ -33,14 +33,15 @@ from tracewire import config
 from tracewire.core import attributes as keys
 from tracewire.core import guard, scrub, spans
 from tracewire.core.attributes import SpanType
-from tracewire.plugins import openai_replies as replies
 from tracewire.plugins.base import WrappingPlugin
-from tracewire.plugins.openai_replies import (
+from tracewire.plugins.openai_call import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
     RESPONSES,
     Call,
+    end_with_raw_reply,
+    end_with_reply,
 )
 from tracewire.plugins.openai_streams import TracedAsyncStream, TracedStream
 
@@ -182,13 +183,13 @@ def _deliver(call: Call, result: Any) -> Any:
     if isinstance(result, LegacyAPIResponse):  # `.with_raw_response.create(...)`
         if call.stream:
             return _RawResponse(result, call)
-        guard.call(replies.end_raw, call, result)
+        guard.call(end_with_raw_reply, call, result)
     elif isinstance(result, Stream):
         return TracedStream(result, call)
     elif isinstance(result, AsyncStream):
         return TracedAsyncStream(result, call)
     else:  # a parsed reply, or `.with_streaming_response` whose body is the caller's to read
-        guard.call(replies.end, call, result)
+        guard.call(end_with_reply, call, result)
     return result
 
 

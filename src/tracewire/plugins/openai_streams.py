@@ -16,7 +16,7 @@ import wrapt
 
 from tracewire.core import attributes as keys
 from tracewire.core import guard, spans, usage
-from tracewire.plugins.openai_replies import CHAT, COMPLETIONS, RESPONSES, Call, summary
+from tracewire.plugins.openai_call import CHAT, COMPLETIONS, RESPONSES, Call, summary
 
 # --------------------------------------------------------------------------- assembly
 

@@ -41,7 +41,7 @@ class Call:
 
     def __exit__(self, exc_type: object, error: BaseException | None, traceback: object) -> None:
         if error is not None:
-            guard.call(fail, self, error)
+            guard.call(end_with_error, self, error)
         if self.tokens is not None:
             guard.call(spans.deactivate, self.tokens)
 
@@ -86,18 +86,19 @@ def _record(call: Call, response: Any, response_usage: Any) -> None:
         span.record_error(RuntimeError(f"response failed: {getattr(error, 'message', error)}"))
 
 
-def end(call: Call, response: Any) -> None:
+def end_with_reply(call: Call, response: Any) -> None:
     """Record a whole reply (a parsed model; anything else is the caller's to read) and end."""
     if hasattr(response, "model_dump"):
         _record(call, response, getattr(response, "usage", None))
     call.span.end()
 
 
-def end_raw(call: Call, raw: Any) -> None:
+def end_with_raw_reply(call: Call, raw: Any) -> None:
     """``.with_raw_response.create(...)``: the reply is what ``raw.parse()`` returns."""
-    end(call, raw.parse())  # cached: the caller's own .parse() returns this same object
+    end_with_reply(call, raw.parse())  # cached: the caller's own .parse() returns this same object
 
 
-def fail(call: Call, error: BaseException) -> None:
+def end_with_error(call: Call, error: BaseException) -> None:
+    """The call raised ``error`` (the caller gets it unchanged)."""
     call.span.record_error(error)
     call.span.end()
