@@ -19,7 +19,9 @@ import pytest
 from mlflow import MlflowClient
 
 from tracewire.cli import main
-from tracewire.cli.demo import DEFAULT_EXPERIMENT, RUN_TAG, SCRIPT, STEPS, resolve_tracking_uri
+from tracewire.cli.demo import DEFAULT_EXPERIMENT, resolve_tracking_uri
+from tracewire.cli.demo_results import RUN_TAG
+from tracewire.cli.demo_traffic import SCRIPT, STEPS
 from tracewire.report import sources
 
 # Only a hang guard: the demo runs in about ten seconds.

@@ -10,6 +10,10 @@ over HTTP (one streamed reply, one failing tool call, feedback through the app's
 route), waits until the traces are in the store (``./mlflow.db`` by default), syncs them into a
 Delta table (``./tracewire-delta``) and prints the stats of exactly this run's traces, read back
 from that table, with the ``mlflow ui`` command that shows them.
+
+This module sets the run up (settings, the model server, the app on uvicorn) and runs it; the
+traffic is :mod:`~tracewire.cli.demo_traffic`, reading the results back
+:mod:`~tracewire.cli.demo_results`.
 """
 
 from __future__ import annotations
@@ -17,56 +21,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import os
-import shlex
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, Mapping, TextIO, TypeVar
+from typing import Any, TextIO
 
 from tracewire.cli import CLIError
+from tracewire.cli.demo_results import RUN_TAG, cause, sync_and_read, write_summary
+from tracewire.cli.demo_traffic import SCRIPT, STEPS, Progress, RequestFailed, drive
 
 DEFAULT_EXPERIMENT = "tracewire-demo"
 DEFAULT_STORE_FILE = "mlflow.db"
 DEFAULT_DELTA_DIR = "tracewire-delta"
-RUN_TAG = "demo.run"
 APP_MODULE = "tracewire.cli.demo_app"
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One chat turn the demo sends to the app."""
-
-    session: str  # the run's id is appended: each run has conversations of its own
-    user: str
-    message: str
-    stream: bool = False
-    # Thumbs up (True) or down (False) on this turn's reply, through the /feedback route.
-    feedback: bool | None = None
-    rationale: str | None = None
-    # The weather tool has no data for it: with the bundled model the request fails (HTTP 500);
-    # a real model may answer without calling the tool.
-    fails: bool = False
-
-
-# The bundled model calls the weather tool on every turn, with the whole question as the city:
-# each question names a city the tool knows, except the one meant to fail.
-SCRIPT = (
-    Turn("paris", "ada", "What is the weather in Paris today?", feedback=True),
-    Turn("paris", "ada", "Is the Louvre in Paris open on Tuesdays?"),
-    Turn("paris", "ada", "Plan a rainy afternoon in London for me.", stream=True),
-    Turn("london", "grace", "Do I need an umbrella in London?"),
-    Turn("london", "grace", "And in Tokyo next week?", feedback=False,
-         rationale="asked about next week, got today's weather"),
-    Turn("atlantis", "linus", "What is the weather in Atlantis?", fails=True),
-)
-STEPS = len(SCRIPT) + sum(t.feedback is not None for t in SCRIPT)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -119,16 +90,6 @@ def resolve_tracking_uri(arg: str | None, environ: Mapping[str, str]) -> str:
     if not uri:
         return "sqlite:///" + str(Path.cwd() / DEFAULT_STORE_FILE)
     return _absolute_sqlite(uri)
-
-
-def ui_hint(uri: str) -> str:
-    """How to look at the traces in ``uri``."""
-    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
-    if scheme in ("http", "https"):
-        return f"open {uri} in a browser"
-    if scheme == "databricks":
-        return "open the experiment in your Databricks workspace"
-    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
 
 
 @contextlib.contextmanager
@@ -222,164 +183,6 @@ def _serve(app: Any) -> Iterator[str]:
         sock.close()
 
 
-# --------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """One line per step: rewritten in place with \\r on a terminal, plain lines otherwise."""
-
-    def __init__(self, out: TextIO, total: int) -> None:
-        self._out = out
-        self._total = total
-        self._tty = _isatty(out)
-        self.index = 0
-
-    def step(self, label: str, session: str, fn: Callable[[], T],
-             outcome: Callable[[T], str]) -> T:
-        self.index += 1
-        head = f"  [{self.index}/{self._total}] {label:<11} {session:<18}"
-        if self._tty:
-            self._out.write(f"\r\033[K{head} ...")
-            self._out.flush()
-        started = time.perf_counter()
-        try:
-            result = fn()
-        except BaseException:
-            if self._tty:
-                self._out.write("\n")
-                self._out.flush()
-            raise
-        ms = (time.perf_counter() - started) * 1000
-        line = f"{head} {ms:6.0f} ms  {_shorten(outcome(result), 52)}"
-        self._out.write(("\r\033[K" if self._tty else "") + line + "\n")
-        self._out.flush()
-        return result
-
-
-def _isatty(out: TextIO) -> bool:
-    try:
-        return out.isatty()
-    except Exception:
-        return False
-
-
-def _shorten(text: str, width: int) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-# --------------------------------------------------------------------------- traffic
-
-
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    request_id: str
-    text: str
-
-
-class RequestFailed(Exception):
-    """A turn got an answer the script does not expect."""
-
-    def __init__(self, index: int, reply: Reply) -> None:
-        super().__init__(f"request {index} of the demo failed: HTTP {reply.status} "
-                         f"{_shorten(reply.text, 200)}")
-        self.reply = reply
-
-
-def _send(http: Any, turn: Turn, session: str) -> Reply:
-    # Our own request id: a 500 sent for an unhandled exception does not echo the app's.
-    request_id = uuid.uuid4().hex
-    headers = {"X-Session-ID": session, "X-User-ID": turn.user, "X-Request-ID": request_id}
-    body = {"message": turn.message}
-    if turn.stream:
-        with http.stream("POST", "/chat/stream", json=body, headers=headers) as response:
-            tokens = [json.loads(line[len("data: "):])["token"] for line in response.iter_lines()
-                      if line.startswith("data: {")]
-        text = "".join(tokens)
-    else:
-        response = http.post("/chat", json=body, headers=headers)
-        text = response.json()["reply"] if response.status_code == 200 else response.text
-    return Reply(response.status_code, request_id, text)
-
-
-def _outcome(turn: Turn, reply: Reply) -> str:
-    if turn.fails and reply.status == 500:
-        return "HTTP 500 the weather tool failed, as planned"
-    return f"HTTP {reply.status} {reply.text}"
-
-
-def drive(http: Any, progress: Progress, run_id: str) -> None:
-    """Send the SCRIPT's turns and feedback; an unexpected answer stops the demo."""
-    for turn in SCRIPT:
-        session = f"{turn.session}-{run_id[:8]}"
-        reply = progress.step("stream" if turn.stream else "chat", session,
-                              lambda: _send(http, turn, session),
-                              lambda r: _outcome(turn, r))
-        if not (reply.status == 200 or (turn.fails and reply.status == 500)):
-            raise RequestFailed(progress.index, reply)
-        if turn.feedback is None:
-            continue
-        feedback = {"request_id": reply.request_id, "name": "thumbs", "value": turn.feedback,
-                    "rationale": turn.rationale}
-        answer = progress.step(
-            "thumbs " + ("up" if turn.feedback else "down"), session,
-            lambda: http.post("/feedback", json=feedback, headers={"X-User-ID": turn.user}),
-            lambda r: f"HTTP {r.status_code} on request {reply.request_id}")
-        if answer.status_code != 202:
-            raise CLIError(f"the feedback route answered HTTP {answer.status_code}: "
-                           f"{_shorten(answer.text, 200)}")
-
-
-# --------------------------------------------------------------------------- read back
-
-
-def cause(uri: str, run_id: str, request_id: str) -> str | None:
-    """Why a request failed, from its trace: the error of the failed span that started last
-    (the innermost: the tool, the model call), if the trace is in the store."""
-    from mlflow import MlflowClient
-
-    with contextlib.suppress(CLIError):
-        traces = MlflowClient(tracking_uri=uri).search_traces(
-            locations=[_experiment_id(uri)], filter_string=f"tag.`{RUN_TAG}` = '{run_id}'",
-            max_results=100)
-        for trace in traces:
-            if trace.info.client_request_id != request_id:
-                continue
-            failed = [s for s in trace.data.spans if s.status.status_code == "ERROR"]
-            if failed:
-                return max(failed, key=lambda s: s.start_time_ns).status.description or None
-    return None
-
-
-def _experiment_id(uri: str) -> str:
-    """The id of the experiment the traces went to."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID", "").strip()
-    if experiment_id:
-        return experiment_id
-    name = os.environ["MLFLOW_EXPERIMENT_NAME"].strip()
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        raise CLIError(f"no experiment named {name!r} in {uri}: no trace reached the store")
-    return str(experiment.experiment_id)
-
-
-def sync_and_read(uri: str, delta_path: str, run_id: str, since_ms: int) -> list[dict[str, Any]]:
-    """Sync the experiment into the Delta table (what `tracewire export delta` does), then
-    read back this run's rows from it (what `tracewire stats --delta` reads)."""
-    from tracewire import config
-    from tracewire.export import delta
-    from tracewire.report import sources
-
-    delta.sync(delta_path, tracking_uri=uri, experiment_ids=[_experiment_id(uri)],
-               lookback_s=config.resolve().feedback_retention)
-    return [row for row in sources.from_delta(delta_path, since_ms)
-            if json.loads(row["tags"] or "{}").get(RUN_TAG) == run_id]
-
-
 # --------------------------------------------------------------------------- run
 
 
@@ -456,20 +259,7 @@ def _run(args: argparse.Namespace, uri: str, run_id: str, out: TextIO) -> int:
         out.flush()
 
     rows = sync_and_read(uri, delta_path, run_id, started_ms)
-    from tracewire.report import aggregate, render
-
-    out.write(f"\n`tracewire stats` of this run ({len(rows)} traces, read from the Delta table):"
-              "\n\n")
-    for by in ("route", "session"):
-        out.write(render.table(aggregate.aggregate(rows, by), by) + "\n\n")
-    out.write(f"Delta table (one row per trace): {delta_path}\n"
-              f"  tracewire stats --delta {shlex.quote(delta_path)} --by user\n\n"
-              "See the traces in the MLflow UI:\n"
-              f"  {ui_hint(uri)}\n")
-    if ui_hint(uri).startswith("mlflow ui"):
-        out.write("  then open http://127.0.0.1:5000\n")
-    out.write(f"  experiment {experiment!r} -> Traces (search: tag.`{RUN_TAG}` = '{run_id}')\n")
-    out.flush()
+    write_summary(out, rows, uri, delta_path, experiment, run_id)
     if len(rows) != len(SCRIPT):
         raise CLIError(f"expected {len(SCRIPT)} traces of this run in the Delta table, "
                        f"found {len(rows)}")

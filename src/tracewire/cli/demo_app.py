@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Annotated, Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Header
 from fastapi.responses import StreamingResponse

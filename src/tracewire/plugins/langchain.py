@@ -15,6 +15,10 @@ current for the run's duration: a call underneath (the OpenAI client under ChatO
 token totals count a model call once. Where the context lost the run's parent (work handed to a
 thread without its context, callbacks dispatched from another task), LangChain's parent run id
 still says where the span belongs, and is used instead.
+
+This module holds the handler (runs -> spans) and the plugin; what a span records of a run
+(name, attributes, inputs, outputs, usage) is taken from LangChain's arguments by
+:mod:`~tracewire.plugins.langchain_extract`.
 """
 
 from __future__ import annotations
@@ -24,21 +28,18 @@ from uuid import UUID
 
 from tracewire import config
 from tracewire.core import attributes as keys
-from tracewire.core import guard, spans, usage
+from tracewire.core import guard, spans
 from tracewire.core.attributes import SpanType
+from tracewire.plugins import langchain_extract as extract
 from tracewire.plugins.base import HookPlugin
 
 # LangGraph's control-flow signals (interrupt(), Command(graph=PARENT)) reach on_chain_error as
 # subclasses of this; matched by name so this plugin does not import LangGraph.
 _BUBBLE_UP = "GraphBubbleUp"
-# Request parameters recorded from `invocation_params` (never the whole dict: providers put
-# credentials and clients there).
-_PARAMS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "stop", "stream",
-           "n", "seed", "tool_choice", "reasoning_effort")
 
 
 class _Run:
-    __slots__ = ("span", "tokens", "children")
+    __slots__ = ("children", "span", "tokens")
 
     def __init__(self, span: spans.Span, tokens: Any) -> None:
         self.span = span
@@ -46,152 +47,9 @@ class _Run:
         self.children: list[UUID] = []  # runs started under this one (ended ones are skipped)
 
 
-def _copy(value: Any) -> Any:
-    """A shallow copy of a top-level dict or list, so a caller appending to its state after the
-    run does not change what the span recorded (cheap: references only)."""
-    if type(value) is dict:
-        return dict(value)
-    if type(value) is list:
-        return list(value)
-    return value
-
-
-def _name(serialized: Any, kwargs: dict[str, Any], default: str) -> str:
-    name = kwargs.get("name")
-    if isinstance(name, str) and name:
-        return name
-    if isinstance(serialized, dict):
-        name = serialized.get("name")
-        if isinstance(name, str) and name:
-            return name
-        ids = serialized.get("id")
-        if isinstance(ids, list) and ids:
-            return str(ids[-1])
-    return default
-
-
 def _is_control_flow(error: BaseException) -> bool:
     return any(c.__name__ == _BUBBLE_UP and c.__module__.startswith("langgraph")
                for c in type(error).__mro__)
-
-
-# --------------------------------------------------------------------------- model runs
-
-
-def _model_attributes(kind: str, metadata: dict[str, Any] | None, kwargs: dict[str, Any],
-                      capture: bool) -> dict[str, Any]:
-    params = kwargs.get("invocation_params")
-    params = params if isinstance(params, dict) else {}
-    metadata = metadata or {}
-    attributes: dict[str, Any] = {keys.GEN_AI_OPERATION: kind, keys.MESSAGE_FORMAT: "langchain"}
-    model = metadata.get("ls_model_name") or params.get("model") or params.get("model_name")
-    if isinstance(model, str):
-        attributes[keys.LLM_MODEL] = model
-        attributes[keys.GEN_AI_REQUEST_MODEL] = model
-    provider = metadata.get("ls_provider")
-    if isinstance(provider, str):
-        attributes[keys.LLM_PROVIDER] = provider
-    tools = params.get("tools")
-    if capture and isinstance(tools, list) and tools:
-        attributes[keys.CHAT_TOOLS] = list(tools)
-    return attributes
-
-
-def _chat_inputs(messages: list[list[Any]], params: dict[str, Any]) -> dict[str, Any]:
-    """Messages in OpenAI's shape, which MLflow's chat view reads (worker side)."""
-    from langchain_core.messages import convert_to_openai_messages
-
-    converted = [convert_to_openai_messages(batch) for batch in messages]
-    inputs: dict[str, Any] = {"messages": converted[0] if len(converted) == 1 else converted}
-    inputs.update(params)
-    return inputs
-
-
-def _request_params(kwargs: dict[str, Any]) -> dict[str, Any]:
-    params = kwargs.get("invocation_params")
-    if not isinstance(params, dict):
-        return {}
-    return {k: params[k] for k in _PARAMS if params.get(k) is not None}
-
-
-def _response_usage(response: Any) -> dict[str, int] | None:
-    """One usage per prompt (a generation's choices share their message's usage), from the
-    message's ``usage_metadata``, else the provider's ``llm_output`` token usage."""
-    total = None
-    for choices in getattr(response, "generations", None) or []:
-        message = getattr(choices[0], "message", None) if choices else None
-        total = usage.add(total, usage.from_langchain(getattr(message, "usage_metadata", None)))
-    if total is None:
-        llm_output = getattr(response, "llm_output", None)
-        if isinstance(llm_output, dict):
-            total = usage.from_openai(llm_output.get("token_usage") or llm_output.get("usage"))
-    return total
-
-
-def _response_model(response: Any) -> str | None:
-    for choices in getattr(response, "generations", None) or []:
-        message = getattr(choices[0], "message", None) if choices else None
-        metadata = getattr(message, "response_metadata", None)
-        if isinstance(metadata, dict) and isinstance(metadata.get("model_name"), str):
-            return metadata["model_name"]
-    llm_output = getattr(response, "llm_output", None)
-    if isinstance(llm_output, dict) and isinstance(llm_output.get("model_name"), str):
-        return llm_output["model_name"]
-    return None
-
-
-def _response(response: Any) -> Any:
-    """The LLMResult as a dict, each message dumped as its own class (worker side): pydantic
-    dumps ``generations[..].message`` as the base message type, which drops tool calls and
-    usage."""
-    data = response.model_dump()
-    for i, choices in enumerate(response.generations):
-        for j, choice in enumerate(choices):
-            message = getattr(choice, "message", None)
-            if message is not None:
-                data["generations"][i][j]["message"] = message.model_dump()
-    return data
-
-
-def _response_summary(response: Any) -> dict[str, Any]:
-    """A reply without content: what capture_content=False records (worker side)."""
-    reasons = []
-    for choices in getattr(response, "generations", None) or []:
-        for choice in choices:
-            info = getattr(choice, "generation_info", None) or {}
-            message = getattr(choice, "message", None)
-            meta = getattr(message, "response_metadata", None) or {}
-            reasons.append(info.get("finish_reason") or meta.get("finish_reason"))
-    return {"finish_reasons": reasons}
-
-
-# --------------------------------------------------------------------------- other runs
-
-
-def _documents(documents: Any) -> list[dict[str, Any]]:
-    """Retrieved documents in MLflow's document format (worker side)."""
-    return [{"page_content": getattr(d, "page_content", None),
-             "metadata": getattr(d, "metadata", None) or {},
-             "id": getattr(d, "id", None)} for d in documents or []]
-
-
-def _graph_attributes(metadata: dict[str, Any] | None, name: str,
-                      tags: list[str] | None) -> dict[str, Any] | None:
-    """LangGraph node structure, for the run that *is* the node: metadata is inherited by every
-    run inside a node, but only the node's own run carries the ``graph:step:N`` tag."""
-    if not metadata or metadata.get("langgraph_node") != name:
-        return None
-    step = metadata.get("langgraph_step")
-    if not tags or f"graph:step:{step}" not in tags:
-        return None
-    attributes = {keys.LANGGRAPH_NODE: name, keys.LANGGRAPH_STEP: step}
-    triggers = metadata.get("langgraph_triggers")
-    if triggers:
-        attributes[keys.LANGGRAPH_TRIGGERS] = list(triggers)
-    namespace = metadata.get("langgraph_checkpoint_ns")
-    if namespace:
-        attributes[keys.LANGGRAPH_CHECKPOINT_NS] = namespace
-    return attributes
 
 
 # --------------------------------------------------------------------------- the handler
@@ -311,17 +169,18 @@ class _Handler:
     def _chain_start(self, serialized: Any, inputs: Any, run_id: UUID,
                      parent_run_id: UUID | None, tags: list[str] | None,
                      metadata: dict[str, Any] | None, kwargs: dict[str, Any]) -> None:
-        name = _name(serialized, kwargs, "chain")
-        attributes = _graph_attributes(metadata, name, tags) or {}
+        name = extract.run_name(serialized, kwargs, "chain")
+        attributes = extract.graph_attributes(metadata, name, tags) or {}
         capture = config.active().capture_content
         self._start(run_id, parent_run_id, name, SpanType.CHAIN,
-                    _copy(inputs) if capture else None, attributes)
+                    extract.shallow_copy(inputs) if capture else None, attributes)
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
         guard.call(self._chain_end, outputs, run_id)
 
     def _chain_end(self, outputs: Any, run_id: UUID) -> None:
-        self._end(run_id, _copy(outputs) if config.active().capture_content else None)
+        capture = config.active().capture_content
+        self._end(run_id, extract.shallow_copy(outputs) if capture else None)
 
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         guard.call(self._end, run_id, None, error)
@@ -347,17 +206,18 @@ class _Handler:
                      kwargs: dict[str, Any]) -> None:
         capture = config.active().capture_content
         chat = span_type == SpanType.CHAT_MODEL
-        attributes = _model_attributes("chat" if chat else "text_completion", metadata, kwargs,
-                                       capture)
-        params = _request_params(kwargs)
+        attributes = extract.model_attributes("chat" if chat else "text_completion", metadata,
+                                              kwargs, capture)
+        params = extract.request_params(kwargs)
         if not capture:
             inputs: Any = params or None
         elif chat:
-            inputs = spans.Deferred(_chat_inputs, [list(batch) for batch in prompt], params)
+            inputs = spans.Deferred(extract.chat_inputs, [list(batch) for batch in prompt],
+                                    params)
         else:
             inputs = {"prompts": list(prompt), **params}
-        self._start(run_id, parent_run_id, _name(serialized, kwargs, span_type.lower()),
-                    span_type, inputs, attributes)
+        name = extract.run_name(serialized, kwargs, span_type.lower())
+        self._start(run_id, parent_run_id, name, span_type, inputs, attributes)
 
     def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
         guard.call(self._model_end, response, run_id)
@@ -367,13 +227,14 @@ class _Handler:
         if run is None:
             return
         attributes = run.span.attributes
-        if (token_usage := _response_usage(response)) is not None:
+        if (token_usage := extract.response_usage(response)) is not None:
             attributes[keys.CHAT_USAGE] = token_usage
-        if (model := _response_model(response)) is not None:
+        if (model := extract.response_model(response)) is not None:
             attributes[keys.GEN_AI_RESPONSE_MODEL] = model
             attributes.setdefault(keys.LLM_MODEL, model)
         capture = config.active().capture_content
-        self._end(run_id, spans.Deferred(_response if capture else _response_summary, response))
+        outputs = extract.response_outputs if capture else extract.response_summary
+        self._end(run_id, spans.Deferred(outputs, response))
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         guard.call(self._end, run_id, None, error)
@@ -395,9 +256,9 @@ class _Handler:
             attributes[keys.GEN_AI_TOOL_CALL_ID] = call_id
         recorded = None
         if config.active().capture_content:
-            recorded = _copy(inputs) if inputs is not None else input_str
-        self._start(run_id, parent_run_id, _name(serialized, kwargs, "tool"), SpanType.TOOL,
-                    recorded, attributes)
+            recorded = extract.shallow_copy(inputs) if inputs is not None else input_str
+        name = extract.run_name(serialized, kwargs, "tool")
+        self._start(run_id, parent_run_id, name, SpanType.TOOL, recorded, attributes)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         guard.call(self._tool_end, output, run_id)
@@ -419,7 +280,7 @@ class _Handler:
     def _start_retriever(self, serialized: Any, query: str, run_id: UUID,
                          parent_run_id: UUID | None, kwargs: dict[str, Any]) -> None:
         capture = config.active().capture_content
-        self._start(run_id, parent_run_id, _name(serialized, kwargs, "retriever"),
+        self._start(run_id, parent_run_id, extract.run_name(serialized, kwargs, "retriever"),
                     SpanType.RETRIEVER, {"query": query} if capture else None, {})
 
     def on_retriever_end(self, documents: Any, *, run_id: UUID, **kwargs: Any) -> None:
@@ -427,7 +288,7 @@ class _Handler:
 
     def _retriever_end(self, documents: Any, run_id: UUID) -> None:
         documents = list(documents or ())
-        self._end(run_id, spans.Deferred(_documents, documents)
+        self._end(run_id, spans.Deferred(extract.retrieved_documents, documents)
                   if config.active().capture_content else {"count": len(documents)})
 
     def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
@@ -449,7 +310,7 @@ class _Switch:
     its ``get()``): our handler while the plugin is enabled, else None (no handler added). A
     ContextVar could not do this for every thread and task at once."""
 
-    __slots__ = ("_plugin", "_handler")
+    __slots__ = ("_handler", "_plugin")
 
     def __init__(self, plugin: LangChainPlugin, handler: Any) -> None:
         self._plugin = plugin

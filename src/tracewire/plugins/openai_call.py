@@ -1,0 +1,104 @@
+"""One traced OpenAI call (:class:`Call`) and how a whole reply is recorded on its span.
+
+Replies are kept by reference and serialized by the export worker; what needs computing from
+them (a summary without content, an embedding's shape) is deferred to the worker too. Streamed
+replies are assembled in :mod:`tracewire.plugins.openai_streams`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tracewire.core import attributes as keys
+from tracewire.core import guard, spans, usage
+
+CHAT, RESPONSES, EMBEDDINGS, COMPLETIONS = "chat", "responses", "embeddings", "text_completion"
+
+
+class Call:
+    """What one traced call carries from its start to its end. Inside ``with call:`` its span is
+    current; an exception leaving the block is recorded on the span, which then ends. Each of
+    those steps is guarded on its own."""
+
+    __slots__ = ("capture", "hide_usage", "kind", "kwargs", "server", "span", "stream", "tokens")
+
+    def __init__(self, span: spans.Span, kwargs: dict[str, Any], kind: str, stream: bool,
+                 hide_usage: bool, capture: bool,
+                 server: tuple[str | None, int | None] = (None, None)) -> None:
+        self.span = span
+        # What is sent: the caller's arguments, or a copy with stream_options added.
+        self.kwargs = kwargs
+        self.kind = kind
+        self.stream = stream
+        # Whether the stream's usage-only chunk is ours (asked for on the caller's behalf).
+        self.hide_usage = hide_usage
+        self.capture = capture
+        self.server = server
+        self.tokens: Any = None
+
+    def __enter__(self) -> None:
+        self.tokens = guard.call(spans.activate, self.span)
+
+    def __exit__(self, exc_type: object, error: BaseException | None, traceback: object) -> None:
+        if error is not None:
+            guard.call(end_with_error, self, error)
+        if self.tokens is not None:
+            guard.call(spans.deactivate, self.tokens)
+
+
+def summary(response: Any) -> dict[str, Any]:
+    """A reply without any content: what capture_content=False records."""
+    out: dict[str, Any] = {}
+    for name in ("id", "model", "status"):
+        value = getattr(response, name, None)
+        if value is not None:
+            out[name] = value
+    choices = getattr(response, "choices", None)
+    if choices:
+        out["finish_reasons"] = [getattr(c, "finish_reason", None) for c in choices]
+    return out
+
+
+def _embedding_summary(response: Any) -> dict[str, Any]:
+    # Vectors are never recorded: they are large and say nothing a trace reader needs.
+    data = getattr(response, "data", None) or []
+    first = getattr(data[0], "embedding", None) if data else None
+    return {"model": getattr(response, "model", None), "count": len(data),
+            "dimensions": len(first) if isinstance(first, list) else None}
+
+
+def _record(call: Call, response: Any, response_usage: Any) -> None:
+    span = call.span
+    if (token_usage := usage.from_openai(response_usage)) is not None:
+        span.attributes[keys.CHAT_USAGE] = token_usage
+    model = getattr(response, "model", None)
+    if isinstance(model, str):
+        span.attributes[keys.GEN_AI_RESPONSE_MODEL] = model
+    if call.kind == EMBEDDINGS:
+        span.outputs = spans.Deferred(_embedding_summary, response)
+    elif call.capture:
+        span.outputs = response
+    else:
+        span.outputs = spans.Deferred(summary, response)
+    status = getattr(response, "status", None)
+    if call.kind == RESPONSES and status == "failed":
+        error = getattr(response, "error", None)
+        span.record_error(RuntimeError(f"response failed: {getattr(error, 'message', error)}"))
+
+
+def end_with_reply(call: Call, response: Any) -> None:
+    """Record a whole reply (a parsed model; anything else is the caller's to read) and end."""
+    if hasattr(response, "model_dump"):
+        _record(call, response, getattr(response, "usage", None))
+    call.span.end()
+
+
+def end_with_raw_reply(call: Call, raw: Any) -> None:
+    """``.with_raw_response.create(...)``: the reply is what ``raw.parse()`` returns."""
+    end_with_reply(call, raw.parse())  # cached: the caller's own .parse() returns this same object
+
+
+def end_with_error(call: Call, error: BaseException) -> None:
+    """The call raised ``error`` (the caller gets it unchanged)."""
+    call.span.record_error(error)
+    call.span.end()
