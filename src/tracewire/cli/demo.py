@@ -40,8 +40,9 @@ DEFAULT_DELTA_DIR = "tracewire-delta"
 APP_MODULE = "tracewire.cli.demo_app"
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
+def add_parser(
+        subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
         "demo",
         help="run the example agent app on a few sessions of traffic and show the stats",
         description=(

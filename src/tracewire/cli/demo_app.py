@@ -35,6 +35,7 @@ from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.messages import AIMessageChunk, HumanMessage, SystemMessage
 from langchain_core.retrievers import BaseRetriever
+from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from langgraph.checkpoint.memory import InMemorySaver
@@ -91,7 +92,7 @@ class State(MessagesState):
 
 
 retriever = NotesRetriever()
-model = ChatOpenAI(model=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"), max_tokens=200,
+model = ChatOpenAI(model=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"), max_tokens=200,  # type: ignore[call-arg]
                    stream_usage=True).bind_tools([get_weather])
 
 
@@ -130,23 +131,26 @@ class Turn(BaseModel):
     message: str
 
 
-def _run(turn: Turn, session: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _run(turn: Turn, session: str) -> tuple[State, RunnableConfig]:
     """The graph's input and config: the session is the LangGraph thread."""
-    return ({"messages": [HumanMessage(turn.message)]},
+    return (State(messages=[HumanMessage(turn.message)]),  # type: ignore[typeddict-item]
             {"configurable": {"thread_id": session}})
 
 
 @app.post("/chat")
 async def chat(turn: Turn, x_session_id: Annotated[str, Header()]) -> dict[str, str]:
-    state = await graph.ainvoke(*_run(turn, x_session_id))
+    inputs, config = _run(turn, x_session_id)
+    state = await graph.ainvoke(inputs, config)
     return {"reply": state["messages"][-1].text}
 
 
 @app.post("/chat/stream")
 async def chat_stream(turn: Turn, x_session_id: Annotated[str, Header()]) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
-        async for chunk, meta in graph.astream(*_run(turn, x_session_id), stream_mode="messages"):
-            if meta.get("langgraph_node") == "agent" and isinstance(chunk, AIMessageChunk) \
+        inputs, config = _run(turn, x_session_id)
+        async for chunk, meta in graph.astream(inputs, config, stream_mode="messages"):
+            if isinstance(meta, dict) and meta.get("langgraph_node") == "agent" \
+                    and isinstance(chunk, AIMessageChunk) \
                     and chunk.text:
                 yield f"data: {json.dumps({'token': chunk.text})}\n\n"
         yield "data: [DONE]\n\n"

@@ -7,8 +7,9 @@ import argparse
 import sys
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("export", help="copy traces into an analytics table")
+def add_parser(
+        subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser("export", help="copy traces into an analytics table")
     targets = parser.add_subparsers(dest="target", metavar="<target>", required=True)
     delta = targets.add_parser(
         "delta", help="sync traces into a Delta table (merged on trace_id, partitioned by day)",

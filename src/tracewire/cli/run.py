@@ -35,8 +35,9 @@ from pathlib import Path
 from tracewire.cli import CLIError
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
+def add_parser(
+        subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
         "run", help="run a command with tracing on in every Python process it starts",
         description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("command", nargs=argparse.REMAINDER,

@@ -12,8 +12,9 @@ from collections import Counter
 from pathlib import Path
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("spool", help="inspect the on-disk export spool")
+def add_parser(
+        subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser("spool", help="inspect the on-disk export spool")
     actions = parser.add_subparsers(dest="action", metavar="<action>", required=True)
     status = actions.add_parser("status", help="pending and dropped traces per spool file")
     status.add_argument("--json", action="store_true", help="print JSON")

@@ -13,8 +13,9 @@ from pathlib import Path
 from tracewire.report.aggregate import BY, PERCENTILE_METHOD
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
+def add_parser(
+        subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
         "stats", help="latency, errors, tokens, cost and feedback per route/session/user/...",
         description="Summarise the traces of a window per group: traces, error rate (share "
         "of traces in state ERROR), latency p50/p95/p99 of the trace duration, time to first "

@@ -102,7 +102,8 @@ def store_prices(tracking_uri: str) -> bool:
     """Whether the store at ``tracking_uri`` prices spans when it saves them."""
     from mlflow.utils.uri import is_databricks_uri, is_sagemaker_mlflow_tracking_uri
 
-    return not (is_databricks_uri(tracking_uri) or is_sagemaker_mlflow_tracking_uri(tracking_uri))
+    return not (is_databricks_uri(tracking_uri)  # type: ignore[no-untyped-call]
+                or is_sagemaker_mlflow_tracking_uri(tracking_uri))
 
 
 def span_cost(model: str, usage: Mapping[str, int], prices: Mapping[str, Price],

@@ -33,7 +33,7 @@ class PluginUnavailable(ImportError):
     """The plugin's framework is not installed (or not in the supported version range)."""
 
 
-class TracewireWrapper(wrapt.FunctionWrapper):
+class TracewireWrapper(wrapt.FunctionWrapper):  # type: ignore[type-arg]
     """A wrapt wrapper that is recognisably ours."""
 
 

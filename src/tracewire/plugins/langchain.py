@@ -139,7 +139,8 @@ class _Handler:
     def _outermost(self, span: spans.Span) -> spans.Span:
         """The top-level run's span above ``span`` (a node of a graph being streamed)."""
         by_id = {s.span_id: s for s in span.trace.spans}
-        while (parent := by_id.get(span.parent_id)) is not None and id(parent) in self.live:
+        while span.parent_id is not None and (parent := by_id.get(span.parent_id)) is not None \
+                and id(parent) in self.live:
             span = parent
         return span
 

@@ -101,12 +101,12 @@ def response_model(response: Any) -> str | None:
     for choices in getattr(response, "generations", None) or []:
         message = getattr(choices[0], "message", None) if choices else None
         metadata = getattr(message, "response_metadata", None)
-        if isinstance(metadata, dict) and isinstance(metadata.get("model_name"), str):
-            return metadata["model_name"]
+        name = metadata.get("model_name") if isinstance(metadata, dict) else None
+        if isinstance(name, str):
+            return name
     llm_output = getattr(response, "llm_output", None)
-    if isinstance(llm_output, dict) and isinstance(llm_output.get("model_name"), str):
-        return llm_output["model_name"]
-    return None
+    name = llm_output.get("model_name") if isinstance(llm_output, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def response_outputs(response: Any) -> Any:

@@ -118,7 +118,7 @@ def _on_resume(event: Any) -> None:
 def _make_lifecycle_handler() -> Any:
     from langgraph.callbacks import GraphCallbackHandler
 
-    class TracewireGraphHandler(GraphCallbackHandler):  # type: ignore[misc]
+    class TracewireGraphHandler(GraphCallbackHandler):
         run_inline = True
         raise_error = guard.TESTING
 

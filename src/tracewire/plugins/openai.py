@@ -25,7 +25,7 @@ import importlib
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import wrapt
 
@@ -44,6 +44,9 @@ from tracewire.plugins.openai_call import (
     end_with_reply,
 )
 from tracewire.plugins.openai_streams import TracedAsyncStream, TracedStream
+
+if TYPE_CHECKING:
+    from openai import APIStatusError
 
 _SPAN_TYPES = {CHAT: SpanType.CHAT_MODEL, RESPONSES: SpanType.CHAT_MODEL,
                EMBEDDINGS: SpanType.EMBEDDING, COMPLETIONS: SpanType.LLM}
@@ -194,10 +197,10 @@ def _deliver(call: Call, result: Any) -> Any:
 
 
 @functools.cache
-def _status_error() -> type:
+def _status_error() -> type[APIStatusError]:
     from openai import APIStatusError
 
-    return APIStatusError  # type: ignore[no-any-return]
+    return APIStatusError
 
 
 def _usage_refused(call: Call, error: Exception, request: dict[str, Any]) -> bool:
@@ -232,7 +235,7 @@ def _remember_refusal(call: Call) -> None:
         f"{host}:{port}" if port else host, host)
 
 
-class _RawResponse(wrapt.ObjectProxy):  # type: ignore[misc]
+class _RawResponse(wrapt.ObjectProxy):  # type: ignore[type-arg]
     """`.with_raw_response.create(stream=True)`: the stream appears at `.parse()`."""
 
     def __init__(self, raw: Any, call: Call) -> None:

@@ -158,7 +158,7 @@ class _StreamState:
         span.end()
 
 
-class _StreamProxy(wrapt.ObjectProxy):  # type: ignore[misc]
+class _StreamProxy(wrapt.ObjectProxy):  # type: ignore[type-arg]
     """What both proxies share: the state, and the end of a stream the caller drops unread."""
 
     def __init__(self, stream: Any, call: Call) -> None:

@@ -14,7 +14,7 @@ def from_store(tracking_uri: str, experiment_ids: Sequence[str], since_ms: int,
     from mlflow.tracing.client import TracingClient
 
     client = TracingClient(tracking_uri)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for infos in delta.trace_records(client, list(experiment_ids), since_ms, page_size):
         rows.extend(trace_rows.row(t) for t in delta.with_spans(
             client, [i.trace_id for i in infos]))
@@ -30,5 +30,7 @@ def from_delta(path: str, since_ms: int,
     table = DeltaTable(path, storage_options=storage_options)
     columns = [name for name in trace_rows.schema().names if name != "spans"]
     # The partition filter prunes whole days; the time filter trims the first one.
-    return trace_rows.read(table, columns, (ds.field(trace_rows.PARTITION) >= since.date())
-                           & (ds.field("request_time") >= since)).to_pylist()
+    rows: list[dict[str, Any]] = trace_rows.read(
+        table, columns, (ds.field(trace_rows.PARTITION) >= since.date())
+        & (ds.field("request_time") >= since)).to_pylist()
+    return rows

@@ -55,7 +55,9 @@ def _sample(schema: Any, text: str, root: Mapping[str, Any]) -> Any:
         properties = schema.get("properties") or {}
         names = schema.get("required", list(properties))
         return {name: _sample(properties.get(name), text, root) for name in names}
-    return {"array": [], "integer": 1, "number": 1, "boolean": True, "null": None}.get(kind, text)
+    samples: dict[Any, Any] = {"array": [], "integer": 1, "number": 1, "boolean": True,
+                               "null": None}
+    return samples.get(kind, text)
 
 
 def _cached_tokens(model: str, prompt_tokens: int) -> int:

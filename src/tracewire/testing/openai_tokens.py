@@ -75,7 +75,8 @@ class APIError(Exception):
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.body: dict[str, Any] = {
+            "error": {"message": message, "type": type, "param": param, "code": code}}
         self.headers = dict(headers or {})
 
 
