@@ -42,7 +42,9 @@ from typing import Any, Iterator, Sequence
 
 logger = logging.getLogger("tracewire")
 
-FORMAT_VERSION = 1
+# 2: traces are written as the app captured them (export/records.py), and a spool of version 1
+# (MLflow's span records) still ships.
+FORMAT_VERSION = 2
 
 # Why a trace was not kept: past the size budget, the disk full or unwritable, a payload that
 # could not be encoded, the in-memory queue full (the worker fell behind the app).
