@@ -56,7 +56,7 @@ from langgraph.graph.message import add_messages
 from mlflow.tracking import MlflowClient
 from typing_extensions import TypedDict
 
-from tracewire.core import spans
+from tracewire.export import hooks
 
 
 class Model(GenericFakeChatModel):
@@ -197,12 +197,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 lambda: mlflow.langchain.autolog(silent=True), mlflow.flush_trace_async_logging,
                 lambda: mlflow.langchain.autolog(disable=True, silent=True)))
             tracewire.autolog()
-            export, spans._sink = spans._sink, lambda trace: None
+            export, hooks.bridge.submit = hooks.bridge.submit, lambda item: None
             try:
                 timed_runs(graph, args.warmup)
                 record("hot path", {"samples": timed_runs(graph, args.runs)})
             finally:
-                spans._sink = export
+                hooks.bridge.submit = export
                 tracewire.disable()
         mlflow.flush_trace_async_logging(terminate=True)
 

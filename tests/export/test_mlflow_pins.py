@@ -98,37 +98,47 @@ def test_hooks_pins() -> None:
 
 
 def test_encode_pins() -> None:
-    """The span dict format encode writes is what ``Span.from_dict`` reads; a TraceInfo survives
-    its dict round trip."""
-    from mlflow.tracing.utils import dump_span_attribute_value
+    """The encoder encode serializes a trace with takes what JSON has no form of (a pydantic
+    reply) as ``dump_span_attribute_value`` does; a TraceInfo survives its dict round trip;
+    MLflow's trace metadata is read where encode reads it."""
+    import pydantic
+    from mlflow.tracing.utils import TraceJSONEncoder, dump_span_attribute_value
+
+    class Reply(pydantic.BaseModel):
+        text: str
 
     assert json.loads(dump_span_attribute_value({"a": [1]})) == {"a": [1]}
+    assert json.dumps({"r": Reply(text="t")}, cls=TraceJSONEncoder) == '{"r": {"text": "t"}}'
     info = TraceInfo(trace_id="tr-" + "a" * 32, trace_location=TraceLocation.from_experiment_id("0"),
                      request_time=1, execution_duration=2, state=TraceState.OK,
                      trace_metadata={"k": "v"}, tags={"t": "1"}, client_request_id="req-1")
     again = TraceInfo.from_dict(info.to_dict())
     assert (again.trace_id, again.client_request_id, again.tags["t"]) == (info.trace_id, "req-1", "1")
 
+    from mlflow.tracing.utils.environment import resolve_env_metadata
+    from mlflow.tracking.fluent import _get_active_model_id_global, _get_latest_active_run
+
+    assert isinstance(resolve_env_metadata(), dict)
+    assert _get_active_model_id_global() is None and _get_latest_active_run() is None
+
+
+def test_records_pins() -> None:
+    """The span dict format records writes is what ``Span.from_dict`` reads; the log level and
+    the preview MLflow would set."""
     span = Span.from_dict({
         "trace_id": "AAAAAAAAAAAAAAAAAAAAAQ==", "span_id": "AAAAAAAAAAE=", "parent_span_id": None,
         "name": "x", "start_time_unix_nano": 1, "end_time_unix_nano": 2, "events": [],
         "status": {"code": "STATUS_CODE_OK", "message": ""},
-        "attributes": {"mlflow.traceRequestId": json.dumps(info.trace_id),
+        "attributes": {"mlflow.traceRequestId": json.dumps("tr-" + "a" * 32),
                        "mlflow.spanType": json.dumps("LLM")}, "links": []})
-    assert (span.name, span.span_type, span.trace_id) == ("x", "LLM", info.trace_id)
+    assert (span.name, span.span_type, span.trace_id) == ("x", "LLM", "tr-" + "a" * 32)
     assert Span.from_dict(span.to_dict()).span_id == span.span_id
 
-    # Trace metadata MLflow records on a trace it starts, read where encode reads them.
-    from mlflow.tracing.utils.environment import resolve_env_metadata
-    from mlflow.tracing.utils.truncation import _get_truncated_preview
-    from mlflow.tracking.fluent import _get_active_model_id_global, _get_latest_active_run
-
-    assert isinstance(resolve_env_metadata(), dict)
     from mlflow.entities import SpanLogLevel
     from mlflow.tracing.utils.default_log_level import default_log_level_for_span_type
+    from mlflow.tracing.utils.truncation import _get_truncated_preview
 
     assert default_log_level_for_span_type("LLM") == SpanLogLevel.INFO
-    assert _get_active_model_id_global() is None and _get_latest_active_run() is None
     assert _get_truncated_preview(json.dumps({"messages": [
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
         role="assistant") == "a"

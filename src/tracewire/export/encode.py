@@ -1,17 +1,18 @@
 """A finished trace -> spool bytes (runs on the app's export worker thread, off the caller's).
 
-Only what must be read in the app is read here: span values, the request context, the user's
-redaction hook and prices MLflow's store would not set. MLflow's trace record is built from these
-bytes by the shipper process (export/store.py).
+Only what must happen in the app happens here: span values and the request context read and
+serialized once, in one pass (payload version 2: our spans in a raw form, see
+export/records.py), and the user's redaction hook, before anything touches the disk. MLflow's
+span records, previews and prices are made from these bytes by the shipper process
+(export/records.py, export/store.py), off the app's GIL.
 
-MLflow internals used (pinned in tests/export/test_mlflow_pins.py): the span dict format that
-``mlflow.entities.Span.from_dict`` reads, ``dump_span_attribute_value``, ``_Trace.span_dict``
-entries' ``to_dict`` and ``TraceInfo.to_dict``.
+MLflow internals used (pinned in tests/export/test_mlflow_pins.py): ``TraceJSONEncoder`` and
+``dump_span_attribute_value``, ``_Trace.span_dict`` entries' ``to_dict`` and
+``TraceInfo.to_dict``.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import logging
@@ -19,26 +20,24 @@ import re
 from collections.abc import Mapping
 from typing import Any, Callable
 
-from mlflow.entities import SpanLogLevel, SpanStatusCode, TraceInfo, TraceState
+from mlflow.entities import SpanStatusCode, TraceInfo, TraceState
 from mlflow.tracing.constant import SpanAttributeKey
-from mlflow.tracing.utils import dump_span_attribute_value, encode_span_id
-from mlflow.tracing.utils.default_log_level import default_log_level_for_span_type
+from mlflow.tracing.utils import (
+    TraceJSONEncoder,
+    dump_span_attribute_value,
+    encode_span_id,
+)
 from mlflow.tracing.utils.environment import resolve_env_metadata
-from mlflow.tracing.utils.truncation import _get_truncated_preview
 from mlflow.tracking.fluent import _get_active_model_id_global, _get_latest_active_run
 
 from tracewire import config
 from tracewire.core import attributes as keys
-from tracewire.core import cost, sampling, scrub, spans
+from tracewire.core import sampling, scrub, spans
 from tracewire.core.context import RequestContext
-from tracewire.export import destination
+from tracewire.export import records
 from tracewire.export.hooks import Item
 
 logger = logging.getLogger("tracewire")
-
-
-def _b64(value: int, size: int) -> str:
-    return base64.b64encode(value.to_bytes(size, "big")).decode("ascii")
 
 
 def _exception_event(error: BaseException, time_ns: int) -> dict[str, Any]:
@@ -60,8 +59,6 @@ MAX_ATTRIBUTE_CHARS = 256 * 1024
 
 
 def _dump(value: Any) -> str:
-    if isinstance(value, spans.Deferred):
-        value = value()
     text = dump_span_attribute_value(value)
     if len(text) <= MAX_ATTRIBUTE_CHARS:
         return text
@@ -70,44 +67,35 @@ def _dump(value: Any) -> str:
                       f"characters]", ensure_ascii=False)
 
 
-def span_dict(span: spans.Span, trace_id: str, otel_trace_id: int) -> dict[str, Any]:
-    """One of our spans in MLflow's stored span format (values serialized here, off the hot
-    path)."""
-    attrs = {
-        keys.TRACE_REQUEST_ID: json.dumps(trace_id),
-        keys.SPAN_TYPE: json.dumps(span.span_type),
-        # The level MLflow's UI filters spans by, as MLflow sets it on its own spans.
-        keys.SPAN_LOG_LEVEL: str(int(SpanLogLevel.ERROR if span.error is not None
-                                     else default_log_level_for_span_type(span.span_type))),
+def _plain(value: Any) -> Any:
+    """A value as the plain JSON MLflow would record (cut past MAX_ATTRIBUTE_CHARS): for the
+    traces the one-pass dump cannot take as they are (see :func:`_serialize`)."""
+    return json.loads(_dump(value))
+
+
+def _raw(span: spans.Span) -> dict[str, Any]:
+    """One of our spans as the shipper expands it (export/records.py): values as they are, read
+    now (a Deferred is computed here, off the caller's thread), serialized with the payload."""
+    raw: dict[str, Any] = {
+        "id": span.span_id, "parent": span.parent_id, "name": span.name,
+        "type": span.span_type, "start": span.start_ns, "end": span.end_ns or span.start_ns,
+        "attributes": {key: value() if isinstance(value, spans.Deferred) else value
+                       for key, value in span.attributes.items()},
     }
-    if span.inputs is not None:
-        attrs[keys.SPAN_INPUTS] = _dump(span.inputs)
-    if span.outputs is not None:
-        attrs[keys.SPAN_OUTPUTS] = _dump(span.outputs)
-    for key, value in span.attributes.items():
-        attrs[key] = _dump(value)
-    end_ns = span.end_ns or span.start_ns
-    events = [{"name": name, "time_unix_nano": at, "attributes": values}
-              for name, values, at in span.events or ()]
-    status = {"code": "STATUS_CODE_OK", "message": ""}
+    for name, value in (("inputs", span.inputs), ("outputs", span.outputs)):
+        if isinstance(value, spans.Deferred):
+            value = value()
+        if value is not None:
+            raw[name] = value
+    if span.events:
+        raw["events"] = [{"name": name, "time_unix_nano": at, "attributes": values}
+                         for name, values, at in span.events]
     if isinstance(span.error, spans.StatusError):
-        status = {"code": "STATUS_CODE_ERROR", "message": str(span.error)}
+        raw["error"] = {"message": str(span.error)}
     elif span.error is not None:
-        events.append(_exception_event(span.error, end_ns))
-        status = {"code": "STATUS_CODE_ERROR",
-                  "message": f"{type(span.error).__name__}: {span.error}"}
-    return {
-        "trace_id": _b64(otel_trace_id, 16),
-        "span_id": _b64(span.span_id, 8),
-        "parent_span_id": _b64(span.parent_id, 8) if span.parent_id is not None else None,
-        "name": span.name,
-        "start_time_unix_nano": span.start_ns,
-        "end_time_unix_nano": end_ns,
-        "events": events,
-        "status": status,
-        "attributes": attrs,
-        "links": [],
-    }
+        raw["error"] = {"message": f"{type(span.error).__name__}: {span.error}",
+                        "event": _exception_event(span.error, raw["end"])}
+    return raw
 
 
 def settle(item: Item) -> None:
@@ -154,10 +142,12 @@ def sampled_out(item: Item, rate: float) -> bool:
 
 
 def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
-    """A finished trace as spool bytes (JSON). Only what must be read in the app is read here
-    (span values, the request context); MLflow's trace record is built by the shipper."""
-    dicts: list[dict[str, Any]] = []
+    """A finished trace as spool bytes (payload version 2, JSON). Only what must be read in the
+    app is done here: span values and the request context read and serialized once, the user's
+    redaction hook; MLflow's span records, previews and prices are made by the shipper
+    (export/records.py)."""
     head = info = None
+    groups: list[list[Any]] = []
     if item.ours is not None:
         trace = item.ours
         root = trace.root
@@ -168,34 +158,56 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
                 "state": (TraceState.ERROR if root.error is not None else TraceState.OK).value,
                 **_record(item)}
         trace_id = trace.trace_id
-        dicts.extend(span_dict(s, trace.trace_id, trace.otel_trace_id) for s in trace.spans)
+        groups.append([trace.trace_id, trace.otel_trace_id, [_raw(s) for s in trace.spans]])
     elif item.mlflow is not None:
         info = _info_dict(item.mlflow.info)
         trace_id = item.mlflow.info.trace_id
     else:  # a late fragment: spans only, added to a trace already stored
         trace_id = item.fragments[0].trace_id
-    if item.mlflow is not None:
-        dicts.extend(live.to_dict() for live in item.mlflow.span_dict.values())
-    for fragment in item.fragments:
-        dicts.extend(span_dict(s, fragment.trace_id, fragment.otel_trace_id)
-                     for s in fragment.spans)
-    if item.ours is not None:
-        _lift_work(dicts, _b64(item.ours.root.span_id, 8))
-    for data in dicts:
+    mlflow_spans = [live.to_dict() for live in item.mlflow.span_dict.values()] \
+        if item.mlflow is not None else []
+    groups.extend([f.trace_id, f.otel_trace_id, [_raw(s) for s in f.spans]]
+                  for f in item.fragments)
+    for data in mlflow_spans:
         _scrub_errors(data)
+    for _, _, raws in groups:
+        for raw in raws:
+            _scrub_raw_error(raw)
     if settings.redact is not None:
-        for data in dicts:
-            _redact(data["attributes"], settings.redact)
-    if item.ours is not None and (previews := _previews(dicts, _b64(item.ours.root.span_id, 8))):
-        head["previews"] = previews  # from the redacted values
-    # Here, off the caller's thread, and only for prices the store would not set (core/cost.py).
-    cost.price_span_dicts(dicts, settings.prices,
-                          catalog=not cost.store_prices(destination.tracking_uri(settings)))
+        _redact_all(groups, mlflow_spans, settings.redact)
     request = item.request or RequestContext()
     context = {"session_id": request.session_id, "user_id": request.user_id,
                "request_id": request.request_id, "tags": {**settings.trace_tags, **request.tags}}
-    payload = {"head": head, "info": info, "context": context, "spans": dicts}
-    return trace_id, _utf8(json.dumps(payload, ensure_ascii=False))
+    payload = {"v": records.VERSION, "head": head, "info": info, "context": context,
+               "groups": groups, "mlflow": mlflow_spans,
+               "root": item.ours.root.span_id if item.ours is not None else None}
+    if settings.prices:
+        payload["prices"] = {model: {k: v for k, v in dataclasses.asdict(price).items()
+                                     if v is not None}
+                             for model, price in settings.prices.items()}
+    return trace_id, _serialize(payload, groups)
+
+
+def _serialize(payload: dict[str, Any], groups: list[list[Any]]) -> bytes:
+    """One pass of the C encoder over the whole trace (MLflow's encoder for what JSON has no
+    form of: pydantic replies, dataclasses). A trace it cannot take as it is (a circular value,
+    keys JSON cannot hold), or one past MAX_ATTRIBUTE_CHARS, has each value made plain on its
+    own first: cut with a marker, or in MLflow's repr fallback."""
+    try:
+        text = json.dumps(payload, cls=TraceJSONEncoder, ensure_ascii=False)
+        if len(text) <= MAX_ATTRIBUTE_CHARS:
+            return _utf8(text)
+    except (TypeError, ValueError):
+        pass
+    for _, _, raws in groups:
+        for raw in raws:
+            for name in ("inputs", "outputs"):
+                if name in raw:
+                    raw[name] = _plain(raw[name])
+            raw["attributes"] = {key: _plain(value) for key, value in raw["attributes"].items()}
+            if "events" in raw:
+                raw["events"] = _plain(raw["events"])
+    return _utf8(json.dumps(payload, ensure_ascii=False))
 
 
 def process_metadata() -> dict[str, str]:
@@ -240,68 +252,6 @@ def _record(item: Item) -> dict[str, Any]:
     return record
 
 
-def _lift_work(dicts: list[dict[str, Any]], root_id: str) -> None:
-    """A root with no inputs or outputs of its own (a web request's) takes those of the
-    outermost work under it: the first with inputs, the last with outputs. The trace's request
-    and response (MLflow's previews, its trace view, evaluation of production traces) are then
-    the conversation's. Only values recorded already are reused: nothing under
-    ``capture_content=False``."""
-    root = next((d for d in dicts if d["span_id"] == root_id), None)
-    if root is None:
-        return
-    attributes = root["attributes"]
-    children = [d for d in dicts if d["parent_span_id"] == root_id]
-    if keys.SPAN_INPUTS not in attributes:
-        first = min((d for d in children if keys.SPAN_INPUTS in d["attributes"]),
-                    key=lambda d: d["start_time_unix_nano"], default=None)
-        if first is not None:
-            attributes[keys.SPAN_INPUTS] = first["attributes"][keys.SPAN_INPUTS]
-    if keys.SPAN_OUTPUTS not in attributes:
-        last = max((d for d in children if keys.SPAN_OUTPUTS in d["attributes"]),
-                   key=lambda d: d["end_time_unix_nano"], default=None)
-        if last is not None:
-            attributes[keys.SPAN_OUTPUTS] = last["attributes"][keys.SPAN_OUTPUTS]
-
-
-# LangChain's message types, as the roles MLflow's previews look for.
-_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
-
-
-def _chat_form(value: Any) -> Any:
-    """LangChain's messages (``{"type": "human", "content": ...}``, in a graph's or chain's
-    ``messages``) in the chat form MLflow's previews read (``{"role": "user", ...}``)."""
-    if not isinstance(value, dict) or not isinstance(value.get("messages"), list):
-        return value
-    langchain = [isinstance(m, dict) and "role" not in m and "type" in m and "content" in m
-                 for m in value["messages"]]
-    if not any(langchain):
-        return value
-    messages = [{"role": _ROLES.get(m["type"], m["type"]), "content": m["content"]} if chat
-                else m for m, chat in zip(value["messages"], langchain)]
-    return {**value, "messages": messages}
-
-
-def _previews(dicts: list[dict[str, Any]], root_id: str) -> dict[str, str]:
-    """The trace's request and response previews where MLflow's own would show raw JSON (a
-    LangGraph run's message list): the last question and the last answer."""
-    root = next((d for d in dicts if d["span_id"] == root_id), None)
-    found: dict[str, str] = {}
-    if root is None:
-        return found
-    for attribute, name, role in ((keys.SPAN_INPUTS, "request_preview", "user"),
-                                  (keys.SPAN_OUTPUTS, "response_preview", "assistant")):
-        if (text := root["attributes"].get(attribute)) is None:
-            continue
-        try:
-            value = json.loads(text)
-        except ValueError:
-            continue
-        chat = _chat_form(value)
-        if chat is not value:
-            found[name] = _get_truncated_preview(json.dumps(chat), role=role)
-    return found
-
-
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -335,32 +285,60 @@ _ERROR_TEXT = ("exception.message", "exception.stacktrace")
 
 
 def _scrub_errors(data: dict[str, Any]) -> None:
-    """Credentials out of a span's error text, ours or MLflow's (an exception's message and
-    stack trace can show a URL with its token, a keyword argument with its key)."""
+    """Credentials out of an MLflow span's error text (an exception's message and stack trace
+    can show a URL with its token, a keyword argument with its key)."""
     status = data.get("status")
     if isinstance(status, dict) and status.get("message"):
         status["message"] = scrub.text(str(status["message"]))
     for event in data.get("events") or ():
-        attributes = event.get("attributes")
-        if event.get("name") == "exception" and isinstance(attributes, Mapping):
-            # A copy: MLflow's are OpenTelemetry's attributes, which can be read-only.
-            event["attributes"] = {key: scrub.text(value) if key in _ERROR_TEXT
-                                   and isinstance(value, str) else value
-                                   for key, value in attributes.items()}
+        _scrub_event(event)
+
+
+def _scrub_raw_error(raw: dict[str, Any]) -> None:
+    """The same for one of ours, as spooled (see _raw)."""
+    error = raw.get("error")
+    if error is not None:
+        error["message"] = scrub.text(str(error["message"]))
+        if "event" in error:
+            _scrub_event(error["event"])
+
+
+def _scrub_event(event: dict[str, Any]) -> None:
+    attributes = event.get("attributes")
+    if event.get("name") == "exception" and isinstance(attributes, Mapping):
+        # A copy: MLflow's are OpenTelemetry's attributes, which can be read-only.
+        event["attributes"] = {key: scrub.text(value) if key in _ERROR_TEXT
+                               and isinstance(value, str) else value
+                               for key, value in attributes.items()}
 
 
 _REDACTED_KEYS = {SpanAttributeKey.INPUTS: "inputs", SpanAttributeKey.OUTPUTS: "outputs"}
+_WITHHELD = "[tracewire: withheld, redaction failed]"
 
 
-def _redact(attributes: dict[str, Any], redact: Callable[[str, Any], Any]) -> None:
-    """The user's redaction hook, on the worker thread, before the spool. If it fails the value
-    is withheld: failing closed is the only safe way for a privacy hook."""
-    for attribute, key in _REDACTED_KEYS.items():
-        if attribute in attributes:
-            try:
-                value = redact(key, json.loads(attributes[attribute]))
-                attributes[attribute] = dump_span_attribute_value(value)
-            except Exception as exc:  # the user's hook failed, not tracewire: no re-raise
-                logger.warning("tracewire: the redact hook raised %r; the span's %s are "
-                               "withheld", exc, key)
-                attributes[attribute] = json.dumps("[tracewire: withheld, redaction failed]")
+def _redact_all(groups: list[list[Any]], mlflow_spans: list[dict[str, Any]],
+                redact: Callable[[str, Any], Any]) -> None:
+    """The user's redaction hook, on the worker thread, before the spool, on each span's inputs
+    and outputs as plain JSON (ours and MLflow's). If it fails the value is withheld: failing
+    closed is the only safe way for a privacy hook."""
+    for _, _, raws in groups:
+        for raw in raws:
+            for key in ("inputs", "outputs"):
+                if key in raw:
+                    raw[key] = _redacted(redact, key, _plain, raw[key])
+    for data in mlflow_spans:
+        attributes = data["attributes"]
+        for attribute, key in _REDACTED_KEYS.items():
+            if attribute in attributes:
+                attributes[attribute] = dump_span_attribute_value(
+                    _redacted(redact, key, json.loads, attributes[attribute]))
+
+
+def _redacted(redact: Callable[[str, Any], Any], key: str, read: Callable[[Any], Any],
+              value: Any) -> Any:
+    try:
+        return _plain(redact(key, read(value)))
+    except Exception as exc:  # the user's hook failed, not tracewire: no re-raise
+        logger.warning("tracewire: the redact hook raised %r; the span's %s are withheld",
+                       exc, key)
+        return _WITHHELD

@@ -49,6 +49,9 @@ _spool: Spool | None = None
 _shippers: dict[str, ShipperProcess] = {}
 _shipper: ShipperProcess | None = None
 
+# Seconds the worker lets finished traces gather between two batches: one wake-up, one spool
+# transaction and one note to the shipper per batch. A kill -9 can lose what gathered meanwhile.
+_LINGER = 0.01
 _DROP_LOG_EVERY = 60.0  # seconds between two log lines about dropped traces
 _WHY = {"budget": "the spool reached its TRACEWIRE_SPOOL_MAX_MB budget",
         "disk": "the spool's disk is full or not writable",
@@ -87,13 +90,15 @@ def _report_drops(spool: Spool, error: str | None = None) -> None:
 
 
 def _spool_batch(items: Sequence[hooks.Item | Feedback]) -> int:
-    """Worker side: encode and spool a batch; returns how many could not be kept."""
+    """Worker side: encode a batch and spool it in one transaction; returns how many could not
+    be kept."""
     settings = config.active()
     spool, shipper, worker = _spool, _shipper, _worker
     if spool is None:
         return len(items)
-    lost = kept = 0
+    lost = 0
     error = None
+    encoded: list[tuple[str, bytes]] = []
     for item in items:
         if isinstance(item, Feedback):
             guard.call(spool.put_feedback, item.to_json(), settings.feedback_max_pending,
@@ -103,18 +108,15 @@ def _spool_batch(items: Sequence[hooks.Item | Feedback]) -> int:
         if guard.call(encode.sampled_out, item, settings.sample_rate):
             continue
         try:
-            encoded = encode.encode(item, settings)
+            encoded.append(encode.encode(item, settings))
         except Exception as exc:  # counted, never logged with its content
             spool.count_drops("encoding", 1)
             lost += 1
             error = type(exc).__name__
             if guard.TESTING:
                 raise
-            continue
-        if spool.put(*encoded):
-            kept += 1
-        else:
-            lost += 1
+    kept = spool.put_many(encoded) if encoded else 0
+    lost += len(encoded) - kept
     refused = worker.take_dropped() if worker is not None else 0
     if refused:
         spool.count_drops("queue", refused)
@@ -224,7 +226,7 @@ def start(settings: config.Settings) -> None:
                 _shippers[uri] = ShipperProcess(_shipper_env(settings))
             _shipper = _shippers[uri]
             _worker = Worker(_spool_batch, maxsize=settings.queue_size,
-                             on_start=_start_on_worker,
+                             on_start=_start_on_worker, linger=_LINGER,
                              every=(min(5.0, settings.trace_timeout / 4), _expire_open_traces))
         hooks.install_hooks(_worker.submit)
 

@@ -51,7 +51,9 @@ from tracewire.core import scrub
 
 logger = logging.getLogger("tracewire")
 
-FORMAT_VERSION = 1
+# 2: traces are written as the app captured them (export/records.py), and a spool of version 1
+# (MLflow's span records) still ships.
+FORMAT_VERSION = 2
 
 # Why a trace was not kept: past the size budget, the disk full or unwritable, a payload that
 # could not be encoded, the in-memory queue full (the worker fell behind the app).
@@ -238,6 +240,33 @@ class Spool:
                     return True
             self._count_drops(reason, 1)
             return False
+
+    def put_many(self, traces: Sequence[tuple[str, bytes]]) -> int:
+        """Append traces in one transaction (one WAL write for a worker's batch, not one per
+        trace); how many were kept. Past the budget or on a disk error, each goes on its own as
+        :meth:`put`, and is counted there if dropped."""
+        size = sum(len(payload) for _, payload in traces)
+        with self._mutex:
+            if self._bytes + size > self.budget_bytes:
+                self._bytes = self._used_bytes()
+            if self._bytes + size <= self.budget_bytes:
+                now = time.time()
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._db.executemany("INSERT INTO traces (trace_id, created, size, payload) "
+                                         "VALUES (?, ?, ?, ?)",
+                                         [(trace_id, now, len(payload), payload)
+                                          for trace_id, payload in traces])
+                    self._db.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    if not _is_disk_error(exc):
+                        raise
+                else:
+                    self._bytes += size
+                    return len(traces)
+        return sum(self.put(trace_id, payload) for trace_id, payload in traces)
 
     def count_incomplete(self, count: int) -> None:
         """Count traces exported incomplete: still open at TRACEWIRE_TRACE_TIMEOUT."""

@@ -44,8 +44,8 @@ from mlflow.utils.mlflow_tags import TRACE_RESOLVE_TAGS_ALLOWLIST
 
 from tracewire import config
 from tracewire.core import attributes as keys
-from tracewire.core import feedback, scrub
-from tracewire.export import destination, sqlite_store
+from tracewire.core import cost, feedback, scrub
+from tracewire.export import destination, records, sqlite_store
 
 _original_http_request = None
 # On the shipper's thread while it ships: the timeout of each request, and what the last
@@ -146,14 +146,19 @@ _NO_STAMP = frozenset({
     TraceMetadataKey.SIZE_BYTES, *TRACE_RESOLVE_TAGS_ALLOWLIST})
 
 
-def decode(payload: bytes, experiment_id: str, record_in_spans: bool) -> Decoded:
+def decode(payload: bytes, experiment_id: str, record_in_spans: bool,
+           catalog: bool) -> Decoded:
     """Spool bytes -> MLflow's trace record and spans, in ``experiment_id`` unless the trace
-    names its own.
+    names its own. A payload of version 2 (what the app captured, export/records.py) is made
+    into MLflow's span records here, with prices from MLflow's catalog if ``catalog`` (a store
+    that does not price spans itself); version 1 (a spool an older tracewire left) has them.
 
     With ``record_in_spans`` (a tracking server, where each trace record is a request of its
     own), a trace of ours whose record the spans can carry is written as spans only: see
     :func:`_record_in_root_span`."""
     data = json.loads(payload)
+    if data.get("v") == records.VERSION:
+        data = records.expand(data, catalog)
     head, context = data["head"], data["context"]
     if head is not None:
         fields = head.get("set") or {}  # what MLflow's trace APIs set (export/encode.py)
@@ -292,6 +297,8 @@ class Store:
         # A database written directly (opening it may create it: local work, worth waiting
         # for at exit), not a tracking server.
         self.local = destination.is_database(destination.tracking_uri(settings))
+        # Prices from MLflow's catalog for a store that does not price spans (core/cost.py).
+        self._catalog = not cost.store_prices(destination.tracking_uri(settings))
         self.failed_status: int | None = None  # the HTTP status of the last failure, if any
         self.retry_after: float | None = None  # what the store asked for with it (429, 503)
 
@@ -454,7 +461,7 @@ class Store:
             sql = is_sql(store)
             for entry in entries:
                 try:
-                    decoded = decode(entry.payload, experiment_id, not sql)
+                    decoded = decode(entry.payload, experiment_id, not sql, self._catalog)
                 except Exception as exc:  # set aside with the reason, never with content
                     raise Undecodable(f"{type(exc).__name__} in spooled trace {entry.trace_id}")
                 info = decoded.info

@@ -1,0 +1,55 @@
+"""The export worker wakes once per batch, not once per trace, and spools a batch in one
+transaction; a flush never waits out the linger, and a batch past the spool's budget keeps what
+fits and counts the rest."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from tracewire.export import spool
+from tracewire.export.queue import Worker
+
+
+def test_traces_gather_while_the_worker_lingers_and_a_flush_cuts_it_short() -> None:
+    batches: list[int] = []
+    first = threading.Event()
+
+    def handle(batch: list[int]) -> int:
+        batches.append(len(batch))
+        first.set()
+        return 0
+
+    worker = Worker(handle, maxsize=100, linger=0.3)
+    try:
+        worker.submit(0)
+        assert first.wait(5)
+        for i in range(20):  # while the worker lingers after its first batch
+            worker.submit(i)
+        time.sleep(0.1)
+        assert batches == [1]  # nothing handled yet: they gather
+        started = time.monotonic()
+        assert worker.flush(5)
+        assert batches == [1, 20]
+        worker.submit(21)
+        assert worker.flush(5)  # the next one goes at once too: a flush is waiting
+        assert time.monotonic() - started < 0.25
+    finally:
+        worker.stop(1)
+
+
+def test_a_batch_is_one_transaction_and_past_the_budget_what_fits_is_kept(tmp_path: Path) -> None:
+    spooled = spool.Spool.create(tmp_path, 1000, "{}")
+    try:
+        assert spooled.put_many([(f"tr-{i}", b"x" * 100) for i in range(3)]) == 3
+        db = sqlite3.connect(spooled.path)
+        assert db.execute("SELECT COUNT(DISTINCT created) FROM traces").fetchone()[0] == 1
+        # 300 bytes spooled: of six more, four fit the 1000-byte budget; two are counted.
+        assert spooled.put_many([(f"tr-{i}", b"y" * 150) for i in range(3, 9)]) == 4
+        assert db.execute("SELECT COUNT(*) FROM traces").fetchone()[0] == 7
+        db.close()
+        assert spooled.drops == {"budget": 2}
+    finally:
+        spooled.close(remove_if_empty=False)
