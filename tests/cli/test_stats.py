@@ -167,7 +167,10 @@ def _laid_out(page: Path) -> dict[str, int]:
 def test_html_report_reads_well_in_a_1400px_window(known: str, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     page = tmp_path / "stats.html"
-    assert main(["stats", "--experiment", known, "--since", ago(60), "--html", str(page)]) == 0
+    # An hour back from now, not from NOW: the window ends now, and the suite may have run for
+    # minutes since NOW (a longer window gets more buckets).
+    since = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=60)).isoformat()
+    assert main(["stats", "--experiment", known, "--since", since, "--html", str(page)]) == 0
     printed = capsys.readouterr()
     assert printed.err == f"tracewire: wrote the HTML report to {page}\n"
     assert printed.out.splitlines()[0].split()[0] == "route"  # the table, as without --html
