@@ -16,7 +16,8 @@ import math
 import queue
 import threading
 import time
-from typing import Callable, Generic, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 logger = logging.getLogger("tracewire")
 
@@ -29,11 +30,15 @@ class Worker(Generic[T]):
     """One daemon thread draining a bounded queue in batches through ``handler``, which
     returns how many items of the batch it could not export."""
 
-    def __init__(self, handler: Callable[[Sequence[T]], int], maxsize: int,
-                 name: str = "tracewire-export",
-                 on_start: Callable[[], None] | None = None,
-                 every: tuple[float, Callable[[], None]] | None = None,
-                 linger: float = 0.0) -> None:
+    def __init__(
+        self,
+        handler: Callable[[Sequence[T]], int],
+        maxsize: int,
+        name: str = "tracewire-export",
+        on_start: Callable[[], None] | None = None,
+        every: tuple[float, Callable[[], None]] | None = None,
+        linger: float = 0.0,
+    ) -> None:
         self._handler = handler
         self._linger = linger
         self._hurry = threading.Event()  # a flush or a stop is waiting: no lingering
@@ -144,4 +149,3 @@ class Worker(Generic[T]):
             self.lost += lost
             self._handled += len(batch)
             self._done.notify_all()
-
