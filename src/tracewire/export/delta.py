@@ -116,7 +116,7 @@ def trace_records(
     the cursor while we page cannot shift a page and make us skip another. A full page of one
     millisecond (a burst) is drained with MLflow's page token before moving on.
     """
-    cursor, seen = start_ms, set()
+    cursor, seen = start_ms, set[str]()
     while True:
         infos = client.search_traces(
             locations=locations,

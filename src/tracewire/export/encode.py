@@ -116,7 +116,7 @@ def settle(item: Item) -> None:
     it failed (a served agent's error, answered with a 400)."""
     trace = item.ours
     root = trace.root if trace is not None else None
-    if root is None or root.error is not None:
+    if trace is None or root is None or root.error is not None:
         return
     status = root.attributes.get(keys.HTTP_STATUS_CODE)
     if not isinstance(status, int) or status < 400:
@@ -217,7 +217,7 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
         "context": context,
         "groups": groups,
         "mlflow": mlflow_spans,
-        "root": item.ours.root.span_id if item.ours is not None else None,
+        "root": item.ours.root.span_id if item.ours is not None and item.ours.root else None,
     }
     if settings.prices:
         payload["prices"] = {
@@ -311,8 +311,14 @@ def _info_dict(info: TraceInfo) -> dict[str, Any]:
             request_preview=clean(info.request_preview),
             response_preview=clean(info.response_preview),
             client_request_id=clean(info.client_request_id),
-            trace_metadata={clean(k): clean(v) for k, v in info.trace_metadata.items()},
-            tags={clean(k): clean(v) for k, v in info.tags.items()},
+            trace_metadata={
+                _SURROGATE.sub("\ufffd", k): _SURROGATE.sub("\ufffd", v)
+                for k, v in info.trace_metadata.items()
+            },
+            tags={
+                _SURROGATE.sub("\ufffd", k): _SURROGATE.sub("\ufffd", v)
+                for k, v in info.tags.items()
+            },
         ).to_dict()
 
 

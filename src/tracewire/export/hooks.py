@@ -203,7 +203,7 @@ def _our_active_span() -> LiveSpan | None:
             trace_id = manager.get_mlflow_trace_id_from_otel_id(trace.otel_trace_id)
             if trace_id is None:  # that trace has ended already
                 return None
-    return LiveSpan(_SpanView(span), trace_id, span.span_type)
+    return LiveSpan(_SpanView(span), trace_id, span.span_type)  # type: ignore[arg-type]
 
 
 def _span_context(trace_id: int, span_id: int) -> otel_trace.SpanContext:
@@ -325,7 +325,7 @@ class MlflowBridge:
 
     def __init__(self) -> None:
         # Where finished traces go (never blocks); None while tracewire is disabled.
-        self.submit: Callable[[Item], None] | None = None
+        self.submit: Callable[[Item], object] | None = None
         # MLflow's own context (MLFLOW_USE_DEFAULT_TRACER_PROVIDER, read at install), not
         # OpenTelemetry's global one.
         self.isolated = True
@@ -425,7 +425,7 @@ def _make_processor(tracking_uri: str) -> MlflowV3SpanProcessor:
 _original_make_processor = None
 
 
-def install_hooks(submit: Callable[[Item], None]) -> None:
+def install_hooks(submit: Callable[[Item], object]) -> None:
     """Route MLflow's traces and ours to ``submit`` (idempotent)."""
     global _original_make_processor
     bridge.isolated = MLFLOW_USE_DEFAULT_TRACER_PROVIDER.get()
@@ -445,7 +445,7 @@ def install_hooks(submit: Callable[[Item], None]) -> None:
         _provider.provider.reset()  # re-created with our processor on the next span
     spans.connect(bridge)
     if bridge.isolated:  # MLflow reads it through this one call: the placeholder is served there
-        _provider.mlflow_runtime_context.get_current = _context_with_request
+        _provider.mlflow_runtime_context.get_current = _context_with_request  # type: ignore[method-assign]
     if not hasattr(_fluent.get_current_active_span, "__wrapped__"):
         # Where MLflow has no active span of its own, ours: module attributes, as MLflow's own
         # functions (update_current_trace, get_active_trace_id) look it up at each call.

@@ -44,7 +44,8 @@ class Worker(Generic[T]):
         self._hurry = threading.Event()  # a flush or a stop is waiting: no lingering
         self._on_start = on_start  # run first on the worker thread: set-up kept off the caller's
         # (seconds, fn): housekeeping run on the worker thread that often, busy or idle.
-        self._tick_every, self._on_tick = every if every is not None else (None, None)
+        self._tick_every: float | None = every[0] if every is not None else None
+        self._on_tick: Callable[[], None] | None = every[1] if every is not None else None
         self._queue: queue.Queue[T] = queue.Queue(maxsize=maxsize)
         self._done = threading.Condition()
         self._submitted = 0

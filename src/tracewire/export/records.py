@@ -170,5 +170,6 @@ def _previews(dicts: list[dict[str, Any]], root_id: str) -> dict[str, str]:
             continue
         chat = _chat_form(value)
         if chat is not value:
-            found[name] = _get_truncated_preview(json.dumps(chat), role=role)
+            if (preview := _get_truncated_preview(json.dumps(chat), role=role)) is not None:
+                found[name] = preview
     return found

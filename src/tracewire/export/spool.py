@@ -732,7 +732,7 @@ _refused: set[Path] = set()
 def status(directory: Path) -> list[Status]:
     """Every spool in ``directory``, read without taking it over, and every file in it that
     cannot be shipped (with its ``problem``)."""
-    found = []
+    found: list[Status] = []
     if not directory.is_dir():
         return found
     for db_path in sorted(directory.glob("spool-*.db")):

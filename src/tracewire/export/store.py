@@ -279,10 +279,12 @@ def _stamp(info: TraceInfo, trace_spans: list[MlflowSpan], context: dict[str, An
     if context["request_id"] and not info.client_request_id:
         info.client_request_id = context["request_id"]
     info.tags = _storable_tags({**_context_tags(context), **info.tags})
-    if usage := aggregate_usage_from_spans(trace_spans):
+    if usage := aggregate_usage_from_spans(trace_spans):  # type: ignore[arg-type]
         metadata[keys.TRACE_TOKEN_USAGE] = json.dumps(usage)
     # A store that prices spans sums the trace's cost itself; one that does not gets ours.
-    if should_compute_cost_client_side() and (total := aggregate_cost_from_spans(trace_spans)):
+    if should_compute_cost_client_side() and (
+        total := aggregate_cost_from_spans(trace_spans)  # type: ignore[arg-type]
+    ):
         metadata[keys.TRACE_COST] = json.dumps(total)
     set_request_response_preview(info, TraceData(spans=trace_spans))
     if (root := next((s for s in trace_spans if s.parent_id is None), None)) is not None:
@@ -515,9 +517,11 @@ class Store:
                 info = decoded.info
                 if info is not None and not decoded.via_spans:
                     infos.append(info)
-                elif decoded.stamp:
+                elif decoded.stamp and info is not None:
                     later.append(info)
-                location = info.experiment_id if info is not None else experiment_id
+                location = (
+                    info.experiment_id if info is not None and info.experiment_id else experiment_id
+                )
                 by_experiment.setdefault(location, []).extend(decoded.spans)
             if sql:
                 _write_sql(store, infos, by_experiment)
