@@ -62,34 +62,59 @@ def run(traces: int, directory: Path) -> dict[str, Any]:
     uri = f"sqlite:///{directory / 'mlflow.db'}"
     experiment = mlflow.MlflowClient(uri).create_experiment("delta-bench")
     start = int(time.time() * 1000) - traces * 1000
-    synthetic = [Synthetic(otel_trace_id=i + 1, request_time_ms=start + i * 1000,
-                           duration_ms=100 + i % 400, ttfb_ms=5.0 + i % 50, session=f"s{i % 97}",
-                           user=f"u{i % 31}") for i in range(traces)]
+    synthetic = [
+        Synthetic(
+            otel_trace_id=i + 1,
+            request_time_ms=start + i * 1000,
+            duration_ms=100 + i % 400,
+            ttfb_ms=5.0 + i % 50,
+            session=f"s{i % 97}",
+            user=f"u{i % 31}",
+        )
+        for i in range(traces)
+    ]
     result: dict[str, Any] = {"traces": traces, "loadavg_start": loadavg()}
     _, result["setup_s"] = timed(write, synthetic, uri, experiment, batch=1000)
 
-    report, seconds = timed(delta.sync, str(directory / "e2e"), tracking_uri=uri,
-                            experiment_ids=[experiment], lookback_s=0)
+    report, seconds = timed(
+        delta.sync,
+        str(directory / "e2e"),
+        tracking_uri=uri,
+        experiment_ids=[experiment],
+        lookback_s=0,
+    )
     assert report.written == traces, report
     result["end_to_end_s"] = seconds
 
     client = TracingClient(uri)
     pages, result["records_s"] = timed(
-        lambda: list(delta._regrouped(
-            delta.trace_records(client, [experiment], 0, delta.SEARCH_PAGE), delta.COMMIT_SIZE)))
+        lambda: list(
+            delta._regrouped(
+                delta.trace_records(client, [experiment], 0, delta.SEARCH_PAGE), delta.COMMIT_SIZE
+            )
+        )
+    )
     full, result["spans_s"] = timed(
-        lambda: [delta.with_spans(client, [i.trace_id for i in page]) for page in pages])
+        lambda: [delta.with_spans(client, [i.trace_id for i in page]) for page in pages]
+    )
     rows, result["rows_s"] = timed(lambda: [[trace_rows.row(t) for t in page] for page in full])
 
     table = delta._open_table(str(directory / "paged"), None)
     _, result["write_paged_s"] = timed(
-        lambda: [delta.write(table, page, "bench", i) for i, page in enumerate(rows)])
+        lambda: [delta.write(table, page, "bench", i) for i, page in enumerate(rows)]
+    )
     table = delta._open_table(str(directory / "one"), None)
-    _, result["write_one_s"] = timed(delta.write, table, [r for page in rows for r in page],
-                                     "bench", 1)
+    _, result["write_one_s"] = timed(
+        delta.write, table, [r for page in rows for r in page], "bench", 1
+    )
 
-    report, result["resync_s"] = timed(delta.sync, str(directory / "e2e"), tracking_uri=uri,
-                                       experiment_ids=[experiment], lookback_s=traces)
+    report, result["resync_s"] = timed(
+        delta.sync,
+        str(directory / "e2e"),
+        tracking_uri=uri,
+        experiment_ids=[experiment],
+        lookback_s=traces,
+    )
     assert (report.read, report.written) == (traces, 0), report
     result["loadavg_end"] = loadavg()
     for key in [k for k in result if k.endswith("_s")]:
@@ -100,13 +125,21 @@ def run(traces: int, directory: Path) -> dict[str, Any]:
 def show(r: dict[str, Any]) -> None:
     def line(label: str, key: str, target: int | None = None) -> None:
         rate = r[f"{key}_per_s"]
-        goal = (f"  {rate / target:.2f}x the {target:,}/s target "
-                f"({'met' if rate >= target else 'MISSED'})") if target else ""
+        goal = (
+            (
+                f"  {rate / target:.2f}x the {target:,}/s target "
+                f"({'met' if rate >= target else 'MISSED'})"
+            )
+            if target
+            else ""
+        )
         print(f"  {label:<34} {r[f'{key}_s']:>7.2f} s {rate:>10,.0f} traces/s{goal}")
 
-    print(f"Delta sync: {r['traces']:,} two-span traces, sqlite store -> local Delta table; "
-          f"load average {'/'.join(map(str, r['loadavg_start']))} at the start, "
-          f"{'/'.join(map(str, r['loadavg_end']))} at the end")
+    print(
+        f"Delta sync: {r['traces']:,} two-span traces, sqlite store -> local Delta table; "
+        f"load average {'/'.join(map(str, r['loadavg_start']))} at the start, "
+        f"{'/'.join(map(str, r['loadavg_end']))} at the end"
+    )
     line("0. setup: MLflow SQL store writes", "setup")
     line("1. end to end (export delta)", "end_to_end", END_TO_END_TARGET)
     print("2. stages")

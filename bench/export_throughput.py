@@ -97,10 +97,10 @@ from openai_overhead import (
 from tracewire.export import spool as spools
 
 # The targets.
-TARGET_DRAIN_SPEEDUP = 5.0     # tracewire drains the burst at least 5x faster than MLflow
-TARGET_WEB_SPEEDUP = 4.0       # ... and web-request traces (a request id each) at least 4x
+TARGET_DRAIN_SPEEDUP = 5.0  # tracewire drains the burst at least 5x faster than MLflow
+TARGET_WEB_SPEEDUP = 4.0  # ... and web-request traces (a request id each) at least 4x
 TARGET_OUTAGE_DELTA_US = 1000  # median caller latency during an outage at most 1 ms over normal
-EXIT_GRACE_S = 2.0             # exit with a dead/hung store within 2 s + the flush bound
+EXIT_GRACE_S = 2.0  # exit with a dead/hung store within 2 s + the flush bound
 
 QUEUE_ENV = "MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE"
 
@@ -125,7 +125,8 @@ def count_in_db(path: Path, experiment_id: str, since_ms: int) -> tuple[int, int
             "SELECT COUNT(*), COUNT(DISTINCT s.trace_id) FROM trace_info t "
             "LEFT JOIN spans s ON s.trace_id = t.request_id "
             "WHERE t.experiment_id = ? AND t.timestamp_ms >= ?",
-            (int(experiment_id), since_ms)).fetchone()
+            (int(experiment_id), since_ms),
+        ).fetchone()
     finally:
         db.close()
     return traces, with_spans
@@ -206,17 +207,17 @@ def free_port() -> int:
 
 @dataclass
 class Burst:
-    store: str                   # "sqlite" | "server"
-    mode: str                    # "tracewire" | "tracewire web" | "mlflow"
+    store: str  # "sqlite" | "server"
+    mode: str  # "tracewire" | "tracewire web" | "mlflow"
     calls: int
     samples: list[float] = field(repr=False)
-    burst_s: float               # first call started -> last call returned
-    at_burst_end: int            # of the calls' traces, already in the store then
-    drain_s: float               # last call returned -> flush returned
-    visible_s: float | None      # last call returned -> every trace in the store, with spans
+    burst_s: float  # first call started -> last call returned
+    at_burst_end: int  # of the calls' traces, already in the store then
+    drain_s: float  # last call returned -> flush returned
+    visible_s: float | None  # last call returned -> every trace in the store, with spans
     flush_ok: bool | None
-    persisted: int               # read back through MLflow's API
-    with_spans: int              # ... of which have span rows in the database
+    persisted: int  # read back through MLflow's API
+    with_spans: int  # ... of which have span rows in the database
     store_total: int
     sample: dict[str, Any]
     queue_size: int | None = None  # MLflow's async queue, as read from its exporter
@@ -244,10 +245,19 @@ def timed_web_calls(client: openai.OpenAI, n: int) -> list[float]:
     return samples
 
 
-def run_burst(store_kind: str, mode: str, client: openai.OpenAI, store: Store, read: Store,
-              calls: int, warmup: int, enable: Callable[[], None],
-              flush: Callable[[], bool | None], disable: Callable[[], None],
-              timed: Callable[[openai.OpenAI, int], list[float]] = timed_calls) -> Burst:
+def run_burst(
+    store_kind: str,
+    mode: str,
+    client: openai.OpenAI,
+    store: Store,
+    read: Store,
+    calls: int,
+    warmup: int,
+    enable: Callable[[], None],
+    flush: Callable[[], bool | None],
+    disable: Callable[[], None],
+    timed: Callable[[openai.OpenAI, int], list[float]] = timed_calls,
+) -> Burst:
     """As openai_overhead.run_traced, plus the store's count at the end of the burst. Traces go
     to ``store`` and are read back from ``read``, the same store opened locally (for a server,
     its sqlite backend: MLflow's REST API caps search pages below what persisted_since asks)."""
@@ -281,9 +291,23 @@ def run_burst(store_kind: str, mode: str, client: openai.OpenAI, store: Store, r
         disable()
     persisted, total = persisted_since(read, since_ms)
     _, with_spans = count_in_db(db, read.experiment_id, since_ms)
-    return Burst(store_kind, mode, calls, samples, ended - start, at_end, drain_s, visible_s,
-                 None if flushed is None else bool(flushed), persisted, with_spans, total,
-                 sample_trace(read, since_ms), queue_size, load)
+    return Burst(
+        store_kind,
+        mode,
+        calls,
+        samples,
+        ended - start,
+        at_end,
+        drain_s,
+        visible_s,
+        None if flushed is None else bool(flushed),
+        persisted,
+        with_spans,
+        total,
+        sample_trace(read, since_ms),
+        queue_size,
+        load,
+    )
 
 
 class FlushThread(threading.Thread):
@@ -302,24 +326,52 @@ class FlushThread(threading.Thread):
         self.seconds = time.perf_counter() - started
 
 
-def burst_pair(store_kind: str, client: openai.OpenAI,
-               stores: Callable[[str], tuple[Store, Store]],
-               args: argparse.Namespace) -> list[Burst]:
+def burst_pair(
+    store_kind: str,
+    client: openai.OpenAI,
+    stores: Callable[[str], tuple[Store, Store]],
+    args: argparse.Namespace,
+) -> list[Burst]:
     """tracewire (into a server also "tracewire web"), then MLflow, each into a store of its
     own; ``stores(name)`` gives (where to send, where to read back)."""
-    web = [run_burst(store_kind, "tracewire web", client, *stores("tracewire-web"), args.calls,
-                     args.warmup, enable=tracewire.autolog,
-                     flush=lambda: tracewire.flush(args.flush_timeout),
-                     disable=tracewire.disable, timed=timed_web_calls)]
+    web = [
+        run_burst(
+            store_kind,
+            "tracewire web",
+            client,
+            *stores("tracewire-web"),
+            args.calls,
+            args.warmup,
+            enable=tracewire.autolog,
+            flush=lambda: tracewire.flush(args.flush_timeout),
+            disable=tracewire.disable,
+            timed=timed_web_calls,
+        )
+    ]
     return [
-        run_burst(store_kind, "tracewire", client, *stores("tracewire"), args.calls,
-                  args.warmup, enable=tracewire.autolog,
-                  flush=lambda: tracewire.flush(args.flush_timeout), disable=tracewire.disable),
+        run_burst(
+            store_kind,
+            "tracewire",
+            client,
+            *stores("tracewire"),
+            args.calls,
+            args.warmup,
+            enable=tracewire.autolog,
+            flush=lambda: tracewire.flush(args.flush_timeout),
+            disable=tracewire.disable,
+        ),
         *(web if store_kind == "server" else []),
-        run_burst(store_kind, "mlflow", client, *stores("mlflow"), args.calls, args.warmup,
-                  enable=lambda: mlflow.openai.autolog(silent=True),
-                  flush=mlflow.flush_trace_async_logging,
-                  disable=lambda: mlflow.openai.autolog(disable=True, silent=True)),
+        run_burst(
+            store_kind,
+            "mlflow",
+            client,
+            *stores("mlflow"),
+            args.calls,
+            args.warmup,
+            enable=lambda: mlflow.openai.autolog(silent=True),
+            flush=mlflow.flush_trace_async_logging,
+            disable=lambda: mlflow.openai.autolog(disable=True, silent=True),
+        ),
     ]
 
 
@@ -332,8 +384,9 @@ def server_store(server: Any, name: str) -> tuple[Store, Store]:
 # --------------------------------------------------------------------------- 3: outage
 
 
-def run_outage(client: openai.OpenAI, server: Any, calls: int, warmup: int,
-               flush_timeout: float) -> dict[str, Any]:
+def run_outage(
+    client: openai.OpenAI, server: Any, calls: int, warmup: int, flush_timeout: float
+) -> dict[str, Any]:
     store, read = server_store(server, "outage")
     use_store(store)
     tracewire.autolog()
@@ -362,8 +415,11 @@ def run_outage(client: openai.OpenAI, server: Any, calls: int, warmup: int,
     return {
         "calls": calls,
         "normal": {"median_us": median(normal), "p99_us": p99(normal)},
-        "outage": {"median_us": median(down_calls), "p99_us": p99(down_calls),
-                   "max_us": max(down_calls)},
+        "outage": {
+            "median_us": median(down_calls),
+            "p99_us": p99(down_calls),
+            "max_us": max(down_calls),
+        },
         "median_delta_us": median(down_calls) - median(normal),
         "server_down_s": up - down,
         "server_restart_s": up - restart,
@@ -392,25 +448,41 @@ def child_main(args: argparse.Namespace) -> None:
     if args.first_trace:
         time.sleep(3.0)  # an app that has started; then its first request
     samples = timed_calls(client, 1 if args.first_trace else args.exit_calls)
-    print(json.dumps({"done": time.monotonic(), "median_us": median(samples),
-                      "max_us": max(samples)}), flush=True)
+    print(
+        json.dumps(
+            {"done": time.monotonic(), "median_us": median(samples), "max_us": max(samples)}
+        ),
+        flush=True,
+    )
     if args.first_trace:
         time.sleep(60)  # still serving, until the parent has seen the trace and kills it
 
 
-def run_first_trace(mode: str, store_kind: str, store: Store, db: Path, root: Path,
-                    args: argparse.Namespace) -> dict[str, Any]:
+def run_first_trace(
+    mode: str, store_kind: str, store: Store, db: Path, root: Path, args: argparse.Namespace
+) -> dict[str, Any]:
     """Seconds from the first call's return until its trace is in the store (with spans)."""
     work = root / f"first-{mode}-{store_kind}"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update({"MLFLOW_TRACKING_URI": store.uri, "MLFLOW_EXPERIMENT_ID": store.experiment_id,
-                "TRACEWIRE_SPOOL_DIR": str(work / "spool"), "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "MLFLOW_TRACKING_URI": store.uri,
+            "MLFLOW_EXPERIMENT_ID": store.experiment_id,
+            "TRACEWIRE_SPOOL_DIR": str(work / "spool"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     since_ms = time.time_ns() // 1_000_000
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", mode,
-                             "--first-trace"], cwd=work, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--first-trace"],
+        cwd=work,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     result: dict[str, Any] = {"mode": mode, "store": store_kind, "seconds": None}
     try:
         assert proc.stdout is not None
@@ -437,24 +509,37 @@ def _lines(stream: Any, out: queue.Queue[str | None]) -> None:
     out.put(None)
 
 
-def run_exit_case(mode: str, store_kind: str, uri: str, root: Path,
-                  args: argparse.Namespace) -> dict[str, Any]:
+def run_exit_case(
+    mode: str, store_kind: str, uri: str, root: Path, args: argparse.Namespace
+) -> dict[str, Any]:
     """A child makes the calls and returns from main; how long until it has exited?"""
     work = root / f"exit-{mode}-{store_kind.replace(' ', '-')}"
     spool_dir = work / "spool"
     work.mkdir()
     since_ms = time.time_ns() // 1_000_000
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # MLflow defaults
-    env.update({"MLFLOW_TRACKING_URI": uri, "TRACEWIRE_SPOOL_DIR": str(spool_dir),
-                "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {"MLFLOW_TRACKING_URI": uri, "TRACEWIRE_SPOOL_DIR": str(spool_dir), "PYTHONUNBUFFERED": "1"}
+    )
     result: dict[str, Any] = {"mode": mode, "store": store_kind, "calls": args.exit_calls}
     log_path = work / "child.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--child", mode,
-             "--exit-calls", str(args.exit_calls)],
-            cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-            start_new_session=True)
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                mode,
+                "--exit-calls",
+                str(args.exit_calls),
+            ],
+            cwd=work,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,
+        )
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_lines, args=(proc.stdout, lines), daemon=True).start()
     try:
@@ -493,9 +578,12 @@ def run_exit_case(mode: str, store_kind: str, uri: str, root: Path,
         result["stored"] = count_in_db(db_path(uri), "0", since_ms)[1]
     if mode == "tracewire":
         found = spools.status(spool_dir)
-        result["spool"] = {"files": len(found), "pending": sum(s.pending for s in found),
-                           "dropped": sum(s.dropped for s in found),
-                           "live": any(s.live for s in found)}
+        result["spool"] = {
+            "files": len(found),
+            "pending": sum(s.pending for s in found),
+            "dropped": sum(s.dropped for s in found),
+            "live": any(s.live for s in found),
+        }
     if proc.returncode not in (0, None, -signal.SIGKILL):
         result["log_tail"] = log_path.read_text(errors="replace")[-2000:]
     return result
@@ -527,22 +615,24 @@ def shipper_cleanup(spool_dir: Path) -> dict[str, Any]:
 
 def hot_path(bursts: list[Burst], baseline: list[float]) -> dict[str, Any]:
     base_med, base_p99 = median(baseline), p99(baseline)
-    out: dict[str, Any] = {"baseline": {"median_us": base_med, "p99_us": base_p99,
-                                        "n": len(baseline)}}
+    out: dict[str, Any] = {
+        "baseline": {"median_us": base_med, "p99_us": base_p99, "n": len(baseline)}
+    }
     for b in bursts:
         if b.mode == "tracewire web":
             continue  # a drain figure: its calls ran with a context manager around each
         out.setdefault(b.store, {})[b.mode] = {
-            "median_us": median(b.samples), "p99_us": p99(b.samples),
+            "median_us": median(b.samples),
+            "p99_us": p99(b.samples),
             "added_median_us": median(b.samples) - base_med,
-            "added_p99_us": p99(b.samples) - base_p99}
+            "added_p99_us": p99(b.samples) - base_p99,
+        }
     for store in {b.store for b in bursts}:
         tw, ml = out[store]["tracewire"], out[store]["mlflow"]
         ratio = (tw["added_p99_us"] / ml["added_p99_us"]) if ml["added_p99_us"] > 0 else None
         out[store]["p99_ratio"] = ratio
         out[store]["p99_met"] = ratio is not None and ratio <= TARGET_P99_RATIO
-        ratio = (tw["added_median_us"] / ml["added_median_us"]
-                 if ml["added_median_us"] > 0 else None)
+        ratio = tw["added_median_us"] / ml["added_median_us"] if ml["added_median_us"] > 0 else None
         out[store]["median_ratio"] = ratio
     return out
 
@@ -561,8 +651,9 @@ def burst_summary(bursts: list[Burst]) -> dict[str, Any]:
         modes["drain_met"] = speedup is not None and speedup >= TARGET_DRAIN_SPEEDUP
         if (web := modes.get("tracewire web")) is not None:
             visible = web["visible_s"]
-            modes["web_drain_speedup"] = (ml["visible_s"] / visible
-                                          if visible and ml["visible_s"] else None)
+            modes["web_drain_speedup"] = (
+                ml["visible_s"] / visible if visible and ml["visible_s"] else None
+            )
             modes["web_drain_met"] = (modes["web_drain_speedup"] or 0) >= TARGET_WEB_SPEEDUP
     return out
 
@@ -576,90 +667,123 @@ def met(ok: bool) -> str:
 
 
 def print_report(r: dict[str, Any]) -> None:
-    print(f"Export throughput: {r['calls']} back-to-back chat.completions.create calls per burst "
-          f"(mock transport), {r['cpus']} CPUs, load average (1/5/15 min) "
-          f"{'/'.join(map(str, r['loadavg_start']))} at the start, "
-          f"{'/'.join(map(str, r['loadavg_end']))} at the end; openai {r['versions']['openai']}, "
-          f"mlflow {r['versions']['mlflow']}, tracewire {r['versions']['tracewire']}; "
-          f"{QUEUE_ENV}={r['mlflow_queue_env']}; runtime {r['runtime_s']:.0f} s")
+    print(
+        f"Export throughput: {r['calls']} back-to-back chat.completions.create calls per burst "
+        f"(mock transport), {r['cpus']} CPUs, load average (1/5/15 min) "
+        f"{'/'.join(map(str, r['loadavg_start']))} at the start, "
+        f"{'/'.join(map(str, r['loadavg_end']))} at the end; openai {r['versions']['openai']}, "
+        f"mlflow {r['versions']['mlflow']}, tracewire {r['versions']['tracewire']}; "
+        f"{QUEUE_ENV}={r['mlflow_queue_env']}; runtime {r['runtime_s']:.0f} s"
+    )
     print()
-    print("1. Burst: persisted once flushed; drain = last call returned -> flush returned; "
-          "visible = last call returned -> every trace in the store")
-    print(f"{'store':<7} {'mode':<13} {'persisted':>11} {'w/ spans':>9} {'burst s':>8} "
-          f"{'backlog':>8} {'drain s':>8} {'visible s':>10} {'drain/s':>8} "
-          f"{'end-to-end/s':>13}  load 1m")
+    print(
+        "1. Burst: persisted once flushed; drain = last call returned -> flush returned; "
+        "visible = last call returned -> every trace in the store"
+    )
+    print(
+        f"{'store':<7} {'mode':<13} {'persisted':>11} {'w/ spans':>9} {'burst s':>8} "
+        f"{'backlog':>8} {'drain s':>8} {'visible s':>10} {'drain/s':>8} "
+        f"{'end-to-end/s':>13}  load 1m"
+    )
     for store, modes in r["burst"].items():
         for mode in ("tracewire", "tracewire web", "mlflow"):
             if mode not in modes:
                 continue
             b = modes[mode]
             rate = "n/a" if b["drain_rate"] is None else f"{b['drain_rate']:.1f}"
-            print(f"{store:<7} {mode:<13} {b['persisted']:>5}/{b['calls']:<5} "
-                  f"{b['with_spans']:>9} {b['burst_s']:>8.2f} {b['backlog']:>8} "
-                  f"{b['drain_s']:>8.2f} {fmt_s(b['visible_s']):>10} {rate:>8} "
-                  f"{b['sustained_rate']:>13.1f}  {b['loadavg_1m']}")
+            print(
+                f"{store:<7} {mode:<13} {b['persisted']:>5}/{b['calls']:<5} "
+                f"{b['with_spans']:>9} {b['burst_s']:>8.2f} {b['backlog']:>8} "
+                f"{b['drain_s']:>8.2f} {fmt_s(b['visible_s']):>10} {rate:>8} "
+                f"{b['sustained_rate']:>13.1f}  {b['loadavg_1m']}"
+            )
         tw, ml = modes["tracewire"], modes["mlflow"]
         flush = f"tracewire.flush returned {tw['flush_ok']}"
-        print(f"{store:<7} every trace persisted: {met(modes['all_persisted'])}; "
-              f"drain mlflow/tracewire: {fmt_ratio(modes['drain_speedup'])}x "
-              f"(target >= {TARGET_DRAIN_SPEEDUP:.0f}x: {met(modes['drain_met'])}); {flush}; "
-              f"mlflow async queue in use: {ml['queue_size']}")
+        print(
+            f"{store:<7} every trace persisted: {met(modes['all_persisted'])}; "
+            f"drain mlflow/tracewire: {fmt_ratio(modes['drain_speedup'])}x "
+            f"(target >= {TARGET_DRAIN_SPEEDUP:.0f}x: {met(modes['drain_met'])}); {flush}; "
+            f"mlflow async queue in use: {ml['queue_size']}"
+        )
         if "web_drain_speedup" in modes:
             web = modes["tracewire web"]
-            print(f"{store:<7} with a request id on every trace (web requests): visible "
-                  f"mlflow/tracewire {fmt_ratio(modes['web_drain_speedup'])}x (target >= "
-                  f"{TARGET_WEB_SPEEDUP:.0f}x: {met(modes['web_drain_met'])}); complete "
-                  f"(client request ids stamped, flush returned) after "
-                  f"{web['drain_s']:.2f} s, mlflow/tracewire "
-                  f"{fmt_ratio(ml['drain_s'] / web['drain_s'] if web['drain_s'] else None)}x")
+            print(
+                f"{store:<7} with a request id on every trace (web requests): visible "
+                f"mlflow/tracewire {fmt_ratio(modes['web_drain_speedup'])}x (target >= "
+                f"{TARGET_WEB_SPEEDUP:.0f}x: {met(modes['web_drain_met'])}); complete "
+                f"(client request ids stamped, flush returned) after "
+                f"{web['drain_s']:.2f} s, mlflow/tracewire "
+                f"{fmt_ratio(ml['drain_s'] / web['drain_s'] if web['drain_s'] else None)}x"
+            )
         print(f"{store:<7} sample trace: tracewire {tw['sample']}, mlflow {ml['sample']}")
-    print("   (backlog: the burst's traces not yet in the store when its last call returned; "
-          "drain/s = backlog / drain s;\n    end-to-end/s = persisted / (burst s + drain s))")
+    print(
+        "   (backlog: the burst's traces not yet in the store when its last call returned; "
+        "drain/s = backlog / drain s;\n    end-to-end/s = persisted / (burst s + drain s))"
+    )
     print()
     h = r["hot_path"]
     base = h["baseline"]
-    print(f"2. Hot path during the burst, per call (untraced baseline: median "
-          f"{base['median_us']:.1f} us, p99 {base['p99_us']:.1f} us, n={base['n']})")
-    print(f"{'store':<7} {'mode':<10} {'median us':>10} {'p99 us':>10} {'+median us':>11} "
-          f"{'+p99 us':>10}")
+    print(
+        f"2. Hot path during the burst, per call (untraced baseline: median "
+        f"{base['median_us']:.1f} us, p99 {base['p99_us']:.1f} us, n={base['n']})"
+    )
+    print(
+        f"{'store':<7} {'mode':<10} {'median us':>10} {'p99 us':>10} {'+median us':>11} "
+        f"{'+p99 us':>10}"
+    )
     for store in r["burst"]:
         for mode in ("tracewire", "mlflow"):
             m = h[store][mode]
-            print(f"{store:<7} {mode:<10} {m['median_us']:>10.1f} {m['p99_us']:>10.1f} "
-                  f"{m['added_median_us']:>11.1f} {m['added_p99_us']:>10.1f}")
-        print(f"{store:<7} tracewire/mlflow added median {fmt_ratio(h[store]['median_ratio'])}, "
-              f"added p99 {fmt_ratio(h[store]['p99_ratio'])} (target <= "
-              f"{TARGET_P99_RATIO:.3f}: {met(h[store]['p99_met'])})")
+            print(
+                f"{store:<7} {mode:<10} {m['median_us']:>10.1f} {m['p99_us']:>10.1f} "
+                f"{m['added_median_us']:>11.1f} {m['added_p99_us']:>10.1f}"
+            )
+        print(
+            f"{store:<7} tracewire/mlflow added median {fmt_ratio(h[store]['median_ratio'])}, "
+            f"added p99 {fmt_ratio(h[store]['p99_ratio'])} (target <= "
+            f"{TARGET_P99_RATIO:.3f}: {met(h[store]['p99_met'])})"
+        )
     print()
     o = r.get("outage")
     if o is None:
         print("3. Outage: skipped (--skip-server)")
     else:
-        print(f"3. Outage (tracewire -> mlflow server, {o['calls']} calls each): median "
-              f"{o['normal']['median_us']:.1f} us (p99 {o['normal']['p99_us']:.1f}) with the "
-              f"server up, {o['outage']['median_us']:.1f} us (p99 {o['outage']['p99_us']:.1f}, "
-              f"max {o['outage']['max_us']:.1f}) with it down")
+        print(
+            f"3. Outage (tracewire -> mlflow server, {o['calls']} calls each): median "
+            f"{o['normal']['median_us']:.1f} us (p99 {o['normal']['p99_us']:.1f}) with the "
+            f"server up, {o['outage']['median_us']:.1f} us (p99 {o['outage']['p99_us']:.1f}, "
+            f"max {o['outage']['max_us']:.1f}) with it down"
+        )
         within = o["median_delta_us"] <= TARGET_OUTAGE_DELTA_US  # faster than normal is fine
-        print(f"   median delta {o['median_delta_us']:+.1f} us (target within "
-              f"{TARGET_OUTAGE_DELTA_US} us: {met(within)}); server down "
-              f"{o['server_down_s']:.1f} s (restart took {o['server_restart_s']:.1f} s)")
-        print(f"   after the restart all outage traces arrived in "
-              f"{o['arrived_after_restart_s']:.2f} s (flush returned {o['flush_ok']}): "
-              f"{o['outage_persisted']}/{o['calls']} outage traces ({o['outage_with_spans']} "
-              f"with spans), {o['all_persisted']}/{o['all_expected']} of the run")
+        print(
+            f"   median delta {o['median_delta_us']:+.1f} us (target within "
+            f"{TARGET_OUTAGE_DELTA_US} us: {met(within)}); server down "
+            f"{o['server_down_s']:.1f} s (restart took {o['server_restart_s']:.1f} s)"
+        )
+        print(
+            f"   after the restart all outage traces arrived in "
+            f"{o['arrived_after_restart_s']:.2f} s (flush returned {o['flush_ok']}): "
+            f"{o['outage_persisted']}/{o['calls']} outage traces ({o['outage_with_spans']} "
+            f"with spans), {o['all_persisted']}/{o['all_expected']} of the run"
+        )
     print()
     bound = EXIT_GRACE_S + r["flush_timeout"]
-    print(f"4. Exit after {r['exit_calls']} traced calls with the store healthy, dead or hung "
-          f"(targets for tracewire: healthy, every trace stored before the exit; dead or hung, "
-          f"exit within {bound:.0f} s of the last call, traces kept in the spool)")
-    print(f"{'store':<10} {'mode':<10} {'call median us':>15} {'call max us':>12} "
-          f"{'exit after':>12}  spool / notes")
+    print(
+        f"4. Exit after {r['exit_calls']} traced calls with the store healthy, dead or hung "
+        f"(targets for tracewire: healthy, every trace stored before the exit; dead or hung, "
+        f"exit within {bound:.0f} s of the last call, traces kept in the spool)"
+    )
+    print(
+        f"{'store':<10} {'mode':<10} {'call median us':>15} {'call max us':>12} "
+        f"{'exit after':>12}  spool / notes"
+    )
     for case in r["exit"]:
         if "error" in case:
             print(f"{case['store']:<10} {case['mode']:<10} {case['error']}")
             continue
-        exit_s = (f">{r['kill_after']:.0f} s (killed)" if case["killed"]
-                  else f"{case['exit_s']:.2f} s")
+        exit_s = (
+            f">{r['kill_after']:.0f} s (killed)" if case["killed"] else f"{case['exit_s']:.2f} s"
+        )
         notes = ""
         if case["mode"] == "untraced":
             notes = "no tracing: the interpreter's own exit (module teardown)"
@@ -667,20 +791,30 @@ def print_report(r: dict[str, Any]) -> None:
             notes = f"{case['stored']}/{case['calls']} stored when it had exited"
         if case["mode"] == "tracewire":
             s = case["spool"]
-            ok = (not case["killed"] and case.get("stored") == case["calls"]) \
-                if "stored" in case else (not case["killed"] and case["exit_s"] <= bound
-                                          and s["pending"] == case["calls"])
-            notes += (f"{'; ' if notes else ''}{s['pending']}/{case['calls']} pending in "
-                      f"{s['files']} spool file(s), dropped {s['dropped']}, owner live "
-                      f"{s['live']}; shippers left after 3 s: {case['shipper_left_after_3s']}; "
-                      f"{met(ok)}")
+            ok = (
+                (not case["killed"] and case.get("stored") == case["calls"])
+                if "stored" in case
+                else (
+                    not case["killed"] and case["exit_s"] <= bound and s["pending"] == case["calls"]
+                )
+            )
+            notes += (
+                f"{'; ' if notes else ''}{s['pending']}/{case['calls']} pending in "
+                f"{s['files']} spool file(s), dropped {s['dropped']}, owner live "
+                f"{s['live']}; shippers left after 3 s: {case['shipper_left_after_3s']}; "
+                f"{met(ok)}"
+            )
         if case.get("returncode") not in (None, 0):
             notes += f" exit code {case['returncode']}"
-        print(f"{case['store']:<10} {case['mode']:<10} {case['call_median_us']:>15.1f} "
-              f"{case['call_max_us']:>12.1f} {exit_s:>12}  {notes}")
+        print(
+            f"{case['store']:<10} {case['mode']:<10} {case['call_median_us']:>15.1f} "
+            f"{case['call_max_us']:>12.1f} {exit_s:>12}  {notes}"
+        )
     print()
-    print("5. First trace: an app starts, waits 3 s, makes one call; its trace is in the store "
-          "after (target for tracewire: within 1 s)")
+    print(
+        "5. First trace: an app starts, waits 3 s, makes one call; its trace is in the store "
+        "after (target for tracewire: within 1 s)"
+    )
     for case in r.get("first_trace", []):
         print(f"{case['store']:<10} {case['mode']:<10} {fmt_s(case['seconds'])} s")
 
@@ -692,18 +826,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="calls per burst")
     parser.add_argument("--warmup", type=int, default=200, help="warm-up calls per run")
-    parser.add_argument("--outage-calls", type=int, default=500,
-                        help="calls with the server up, then the same with it down")
+    parser.add_argument(
+        "--outage-calls",
+        type=int,
+        default=500,
+        help="calls with the server up, then the same with it down",
+    )
     parser.add_argument("--exit-calls", type=int, default=50, help="calls in each exit child")
-    parser.add_argument("--kill-after", type=float, default=20.0,
-                        help="seconds after its last call before an exit child is killed")
-    parser.add_argument("--flush-timeout", type=float, default=300.0,
-                        help="seconds tracewire.flush() may wait for a burst to drain")
-    parser.add_argument("--skip-server", action="store_true",
-                        help="no mlflow server: sqlite burst and the exit cases only")
+    parser.add_argument(
+        "--kill-after",
+        type=float,
+        default=20.0,
+        help="seconds after its last call before an exit child is killed",
+    )
+    parser.add_argument(
+        "--flush-timeout",
+        type=float,
+        default=300.0,
+        help="seconds tracewire.flush() may wait for a burst to drain",
+    )
+    parser.add_argument(
+        "--skip-server",
+        action="store_true",
+        help="no mlflow server: sqlite burst and the exit cases only",
+    )
     parser.add_argument("--json", action="store_true", help="also print one JSON object")
-    parser.add_argument("--child", choices=("tracewire", "mlflow", "untraced"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=("tracewire", "mlflow", "untraced"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--first-trace", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -729,12 +879,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     os.environ[QUEUE_ENV] = str(max(1000, 2 * (args.calls + args.warmup)))
     quiet_logs()
     result: dict[str, Any] = {
-        "calls": args.calls, "warmup": args.warmup, "cpus": os.cpu_count(),
-        "loadavg_start": loadavg(), "mlflow_queue_env": os.environ[QUEUE_ENV],
-        "flush_timeout": tracewire_flush_bound(), "exit_calls": args.exit_calls,
+        "calls": args.calls,
+        "warmup": args.warmup,
+        "cpus": os.cpu_count(),
+        "loadavg_start": loadavg(),
+        "mlflow_queue_env": os.environ[QUEUE_ENV],
+        "flush_timeout": tracewire_flush_bound(),
+        "exit_calls": args.exit_calls,
         "kill_after": args.kill_after,
-        "versions": {"openai": openai.__version__, "mlflow": mlflow.__version__,
-                     "tracewire": tracewire_version()},
+        "versions": {
+            "openai": openai.__version__,
+            "mlflow": mlflow.__version__,
+            "tracewire": tracewire_version(),
+        },
     }
     client = make_client()
     bursts: list[Burst] = []
@@ -753,8 +910,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         result["first_trace"] = []
         for mode in ("tracewire", "mlflow"):
             store = fresh_store(root, f"first-{mode}")
-            result["first_trace"].append(run_first_trace(mode, "sqlite", store,
-                                                         db_path(store.uri), root, args))
+            result["first_trace"].append(
+                run_first_trace(mode, "sqlite", store, db_path(store.uri), root, args)
+            )
         if not args.skip_server:
             sys.path.insert(0, str(_BENCH.parent))  # the repo root: tests/support
             from tests.support.mlflow_server import MlflowServer
@@ -763,10 +921,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             bursts += burst_pair("server", client, lambda name: server_store(server, name), args)
             for mode in ("tracewire", "mlflow"):
                 sent, read = server_store(server, f"first-{mode}")
-                result["first_trace"].append(run_first_trace(mode, "server", sent,
-                                                             db_path(read.uri), root, args))
-            result["outage"] = run_outage(client, server, args.outage_calls, args.warmup,
-                                          args.flush_timeout)
+                result["first_trace"].append(
+                    run_first_trace(mode, "server", sent, db_path(read.uri), root, args)
+                )
+            result["outage"] = run_outage(
+                client, server, args.outage_calls, args.warmup, args.flush_timeout
+            )
             server.stop()
         timed_calls(client, args.warmup)
         baseline += timed_calls(client, args.calls)
@@ -774,11 +934,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
         listener = HungListener()
         # The same child without tracing: how long the interpreter itself takes to exit.
-        result["exit"] = [run_exit_case("untraced", "dead port",
-                                        f"http://127.0.0.1:{free_port()}", root, args)]
-        for store_kind, uri in (("healthy", None),
-                                ("dead port", f"http://127.0.0.1:{free_port()}"),
-                                ("hung", f"http://127.0.0.1:{listener.port}")):
+        result["exit"] = [
+            run_exit_case("untraced", "dead port", f"http://127.0.0.1:{free_port()}", root, args)
+        ]
+        for store_kind, uri in (
+            ("healthy", None),
+            ("dead port", f"http://127.0.0.1:{free_port()}"),
+            ("hung", f"http://127.0.0.1:{listener.port}"),
+        ):
             for mode in ("tracewire", "mlflow"):
                 target = uri or fresh_store(root, f"exit-{mode}").uri  # healthy: experiment 0
                 result["exit"].append(run_exit_case(mode, store_kind, target, root, args))

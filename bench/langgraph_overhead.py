@@ -38,8 +38,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 try:
     import tracewire
@@ -64,11 +65,19 @@ class Model(GenericFakeChatModel):
 
     messages: Any = iter(())
 
-    def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None,
-                  **kwargs: Any) -> ChatResult:
-        return ChatResult(generations=[ChatGeneration(message=AIMessage(
-            content="Two paperback copies are in stock.",
-            usage_metadata={"input_tokens": 34, "output_tokens": 8, "total_tokens": 42}))])
+    def _generate(
+        self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any
+    ) -> ChatResult:
+        return ChatResult(
+            generations=[
+                ChatGeneration(
+                    message=AIMessage(
+                        content="Two paperback copies are in stock.",
+                        usage_metadata={"input_tokens": 34, "output_tokens": 8, "total_tokens": 42},
+                    )
+                )
+            ]
+        )
 
 
 class State(TypedDict):
@@ -115,7 +124,8 @@ def use_fresh_store(root: Path, name: str) -> tuple[str, str]:
     directory.mkdir()
     uri = f"sqlite:///{directory / 'mlflow.db'}"
     experiment_id = MlflowClient(uri).create_experiment(
-        f"bench-{name}", artifact_location=(directory / "artifacts").as_uri())
+        f"bench-{name}", artifact_location=(directory / "artifacts").as_uri()
+    )
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
     mlflow.set_tracking_uri(uri)
@@ -133,9 +143,12 @@ def persisted(uri: str, experiment_id: str, since_ms: int) -> tuple[int, int]:
     count = complete = 0
     token = None
     while True:
-        page = client.search_traces(locations=[experiment_id], max_results=500,
-                                    filter_string=f"trace.timestamp_ms >= {since_ms}",
-                                    page_token=token)
+        page = client.search_traces(
+            locations=[experiment_id],
+            max_results=500,
+            filter_string=f"trace.timestamp_ms >= {since_ms}",
+            page_token=token,
+        )
         for trace in page:
             count += 1
             roots = [s for s in trace.data.spans if s.parent_id is None]
@@ -145,9 +158,16 @@ def persisted(uri: str, experiment_id: str, since_ms: int) -> tuple[int, int]:
             return count, complete
 
 
-def traced(mode: str, graph: Any, root: Path, runs: int, warmup: int,
-           enable: Callable[[], None], flush: Callable[[], Any],
-           disable: Callable[[], None]) -> dict[str, Any]:
+def traced(
+    mode: str,
+    graph: Any,
+    root: Path,
+    runs: int,
+    warmup: int,
+    enable: Callable[[], None],
+    flush: Callable[[], Any],
+    disable: Callable[[], None],
+) -> dict[str, Any]:
     uri, experiment_id = use_fresh_store(root, mode)
     enable()
     try:
@@ -167,8 +187,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=1000, help="measured graph runs per mode")
     parser.add_argument("--warmup", type=int, default=100, help="warm-up runs per mode")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="repeat baseline/tracewire/mlflow this many times, pooled")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="repeat baseline/tracewire/mlflow this many times, pooled",
+    )
     parser.add_argument("--json", action="store_true", help="also print one JSON object")
     args = parser.parse_args(argv)
     for name in ("alembic", "mlflow.store.db.utils"):
@@ -176,8 +200,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
 
     graph = make_graph()
-    modes: dict[str, dict[str, Any]] = {m: {"samples": [], "rounds": []}
-                                        for m in ("baseline", "tracewire", "mlflow", "hot path")}
+    modes: dict[str, dict[str, Any]] = {
+        m: {"samples": [], "rounds": []} for m in ("baseline", "tracewire", "mlflow", "hot path")
+    }
 
     def record(mode: str, data: dict[str, Any]) -> None:
         modes[mode]["samples"].extend(data.pop("samples"))
@@ -189,13 +214,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             timed_runs(graph, args.warmup)
             samples = timed_runs(graph, args.runs)
             record("baseline", {"samples": samples, "median_us": statistics.median(samples)})
-            record("tracewire", traced(f"tracewire-{r}", graph, root, args.runs, args.warmup,
-                                       tracewire.autolog, lambda: tracewire.flush(60),
-                                       tracewire.disable))
-            record("mlflow", traced(
-                f"mlflow-{r}", graph, root, args.runs, args.warmup,
-                lambda: mlflow.langchain.autolog(silent=True), mlflow.flush_trace_async_logging,
-                lambda: mlflow.langchain.autolog(disable=True, silent=True)))
+            record(
+                "tracewire",
+                traced(
+                    f"tracewire-{r}",
+                    graph,
+                    root,
+                    args.runs,
+                    args.warmup,
+                    tracewire.autolog,
+                    lambda: tracewire.flush(60),
+                    tracewire.disable,
+                ),
+            )
+            record(
+                "mlflow",
+                traced(
+                    f"mlflow-{r}",
+                    graph,
+                    root,
+                    args.runs,
+                    args.warmup,
+                    lambda: mlflow.langchain.autolog(silent=True),
+                    mlflow.flush_trace_async_logging,
+                    lambda: mlflow.langchain.autolog(disable=True, silent=True),
+                ),
+            )
             tracewire.autolog()
             export, hooks.bridge.submit = hooks.bridge.submit, lambda item: None
             try:
@@ -207,38 +251,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mlflow.flush_trace_async_logging(terminate=True)
 
     base = modes["baseline"]["samples"]
-    result: dict[str, Any] = {"runs": args.runs, "rounds": args.rounds, "cpus": os.cpu_count(),
-                              "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
-                              "versions": {"mlflow": mlflow.__version__,
-                                           "langgraph": importlib.metadata.version("langgraph")},
-                              "modes": {}}
+    result: dict[str, Any] = {
+        "runs": args.runs,
+        "rounds": args.rounds,
+        "cpus": os.cpu_count(),
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
+        "versions": {
+            "mlflow": mlflow.__version__,
+            "langgraph": importlib.metadata.version("langgraph"),
+        },
+        "modes": {},
+    }
     for mode, data in modes.items():
         samples = data.pop("samples")
         result["modes"][mode] = {
-            **data, "median_us": statistics.median(samples), "p99_us": p99(samples),
+            **data,
+            "median_us": statistics.median(samples),
+            "p99_us": p99(samples),
             "added_median_us": statistics.median(samples) - statistics.median(base),
-            "added_p99_us": p99(samples) - p99(base)}
+            "added_p99_us": p99(samples) - p99(base),
+        }
     ours, theirs = result["modes"]["tracewire"], result["modes"]["mlflow"]
     for stat in ("median", "p99"):
         added = theirs[f"added_{stat}_us"]
         result[f"{stat}_ratio"] = ours[f"added_{stat}_us"] / added if added > 0 else None
 
-    print(f"LangGraph 3-node graph overhead: {args.runs} runs x {args.rounds} round(s) per mode, "
-          f"{result['cpus']} CPUs (load average {result['loadavg_1m_at_end']} at the end), "
-          f"mlflow {mlflow.__version__}, langgraph {result['versions']['langgraph']}")
+    print(
+        f"LangGraph 3-node graph overhead: {args.runs} runs x {args.rounds} round(s) per mode, "
+        f"{result['cpus']} CPUs (load average {result['loadavg_1m_at_end']} at the end), "
+        f"mlflow {mlflow.__version__}, langgraph {result['versions']['langgraph']}"
+    )
     print(f"{'mode':<10} {'median us':>10} {'p99 us':>10} {'+median us':>11} {'+p99 us':>10}")
     for mode, m in result["modes"].items():
-        print(f"{mode:<10} {m['median_us']:>10.1f} {m['p99_us']:>10.1f} "
-              f"{m['added_median_us']:>11.1f} {m['added_p99_us']:>10.1f}")
+        print(
+            f"{mode:<10} {m['median_us']:>10.1f} {m['p99_us']:>10.1f} "
+            f"{m['added_median_us']:>11.1f} {m['added_p99_us']:>10.1f}"
+        )
     for stat in ("median", "p99"):
         ratio = result[f"{stat}_ratio"]
         print(f"tracewire/mlflow added {stat}: {'n/a' if ratio is None else f'{ratio:.3f}'}")
     drift = ", ".join(f"{r['median_us']:.0f}" for r in result["modes"]["baseline"]["rounds"])
-    print(f"baseline median per round (drift check; rounds after the first run with tracewire's "
-          f"inert hook registered): {drift} us")
+    print(
+        f"baseline median per round (drift check; rounds after the first run with tracewire's "
+        f"inert hook registered): {drift} us"
+    )
     for mode in ("tracewire", "mlflow"):
-        kept = ", ".join(f"{r['persisted']} ({r['complete']} complete)"
-                         for r in result["modes"][mode]["rounds"])
+        kept = ", ".join(
+            f"{r['persisted']} ({r['complete']} complete)" for r in result["modes"][mode]["rounds"]
+        )
         print(f"{mode}: traces persisted of {args.runs} per round: {kept}")
     if args.json:
         print(json.dumps(result))

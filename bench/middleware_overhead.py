@@ -35,13 +35,13 @@ from typing import Any
 _BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(_BENCH))
 
-from openai_overhead import make_client, p99, quiet_logs  # noqa: E402
-from starlette.applications import Starlette  # noqa: E402
-from starlette.responses import JSONResponse  # noqa: E402
-from starlette.routing import Route  # noqa: E402
+from openai_overhead import make_client, p99, quiet_logs
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
-import tracewire  # noqa: E402
-from tracewire.middleware import TracingMiddleware  # noqa: E402
+import tracewire
+from tracewire.middleware import TracingMiddleware
 
 TARGET_IDLE_US = 15.0
 IDLE_MODES = ("idle bare", "idle traced", "asgi bare", "asgi traced")
@@ -56,23 +56,39 @@ def build_app() -> Starlette:
 
     def chat(request: Any) -> JSONResponse:  # sync: Starlette runs it in its thread pool
         reply = client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}])
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}]
+        )
         return JSONResponse({"reply": reply.choices[0].message.content})
 
     return Starlette(routes=[Route("/health", health), Route("/chat", chat, methods=["POST"])])
 
 
 async def health_asgi(scope: Any, receive: Any, send: Any) -> None:
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", b"15")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"15")],
+        }
+    )
     await send({"type": "http.response.body", "body": b'{"status":"ok"}'})
 
 
 def scope(method: str, path: str) -> dict[str, Any]:
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-            "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-            "root_path": "", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5000),
-            "headers": [(b"host", b"bench"), (b"x-session-id", b"bench-session")]}
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "server": ("127.0.0.1", 80),
+        "client": ("127.0.0.1", 5000),
+        "headers": [(b"host", b"bench"), (b"x-session-id", b"bench-session")],
+    }
 
 
 async def timed(app: Any, method: str, path: str, n: int) -> list[float]:
@@ -106,15 +122,19 @@ def main() -> None:
     tracewire.autolog(exclude=["starlette"])
     app = build_app()
     traced = TracingMiddleware(app)
-    modes = {"idle bare": (app, "GET", "/health"), "idle traced": (traced, "GET", "/health"),
-             "asgi bare": (health_asgi, "GET", "/health"),
-             "asgi traced": (TracingMiddleware(health_asgi), "GET", "/health"),
-             "chat bare": (app, "POST", "/chat"), "chat traced": (traced, "POST", "/chat")}
+    modes = {
+        "idle bare": (app, "GET", "/health"),
+        "idle traced": (traced, "GET", "/health"),
+        "asgi bare": (health_asgi, "GET", "/health"),
+        "asgi traced": (TracingMiddleware(health_asgi), "GET", "/health"),
+        "chat bare": (app, "POST", "/chat"),
+        "chat traced": (traced, "POST", "/chat"),
+    }
     samples: dict[str, list[float]] = {name: [] for name in modes}
     chat_requests = max(200, args.requests // 10)  # the chat endpoint is ~100x slower
 
     async def run() -> None:
-        for name, (target, method, path) in modes.items():  # warm up
+        for target, method, path in modes.values():  # warm up
             await timed(target, method, path, 200)
         for _ in range(args.rounds):
             # The chat modes' traces are exported by a worker thread of this process: let it
@@ -133,28 +153,45 @@ def main() -> None:
     assert tracewire.flush(60), "traces did not drain"
     tracewire.disable()
 
-    stats = {name: {"median_us": statistics.median(s), "p99_us": p99(s), "n": len(s)}
-             for name, s in samples.items()}
+    stats = {
+        name: {"median_us": statistics.median(s), "p99_us": p99(s), "n": len(s)}
+        for name, s in samples.items()
+    }
     idle = stats["idle traced"]["median_us"] - stats["idle bare"]["median_us"]
     asgi = stats["asgi traced"]["median_us"] - stats["asgi bare"]["median_us"]
     chat = stats["chat traced"]["median_us"] - stats["chat bare"]["median_us"]
-    print(f"Middleware overhead, in-process ASGI, {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.2f}; tracewire.autolog(exclude=['starlette']) on in every mode")
+    print(
+        f"Middleware overhead, in-process ASGI, {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.2f}; tracewire.autolog(exclude=['starlette']) on in every mode"
+    )
     print(f"{'mode':<12} {'median us':>10} {'p99 us':>10} {'requests':>9}")
     for name, s in stats.items():
         print(f"{name:<12} {s['median_us']:>10.1f} {s['p99_us']:>10.1f} {s['n']:>9}")
+
     def ratio(mode: str) -> float:
         return stats[f"{mode} traced"]["median_us"] / stats[f"{mode} bare"]["median_us"]
 
     verdict = "MET" if idle < TARGET_IDLE_US else "NOT MET"
-    print(f"added per request with no traced work: {idle:+.1f} us (target < "
-          f"{TARGET_IDLE_US:.0f} us: {verdict}), ratio {ratio('idle'):.2f}")
+    print(
+        f"added per request with no traced work: {idle:+.1f} us (target < "
+        f"{TARGET_IDLE_US:.0f} us: {verdict}), ratio {ratio('idle'):.2f}"
+    )
     print(f"the same on a bare ASGI endpoint (no Starlette): {asgi:+.1f} us")
-    print(f"added per request with one traced OpenAI call (the request's root span): "
-          f"{chat:+.1f} us, ratio {ratio('chat'):.2f}")
+    print(
+        f"added per request with one traced OpenAI call (the request's root span): "
+        f"{chat:+.1f} us, ratio {ratio('chat'):.2f}"
+    )
     if args.json:
-        print(json.dumps({"stats": stats, "idle_added_us": idle, "asgi_added_us": asgi,
-                          "chat_added_us": chat}))
+        print(
+            json.dumps(
+                {
+                    "stats": stats,
+                    "idle_added_us": idle,
+                    "asgi_added_us": asgi,
+                    "chat_added_us": chat,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

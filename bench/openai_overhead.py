@@ -38,9 +38,10 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 try:
     import tracewire
@@ -69,26 +70,31 @@ COMPLETION = {
     "model": "gpt-4o-mini-2024-07-18",
     "system_fingerprint": "fp_0ba0d124f1",
     "service_tier": "default",
-    "choices": [{
-        "index": 0,
-        "message": {
-            "role": "assistant",
-            "content": "Yes - we have two paperback copies of The Left Hand of Darkness by "
-                       "Ursula K. Le Guin in stock (Ace, 2000). Shall I reserve one for you?",
-            "refusal": None,
-            "annotations": [],
-        },
-        "logprobs": None,
-        "finish_reason": "stop",
-    }],
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": "Yes - we have two paperback copies of The Left Hand of Darkness by "
+                "Ursula K. Le Guin in stock (Ace, 2000). Shall I reserve one for you?",
+                "refusal": None,
+                "annotations": [],
+            },
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ],
     "usage": {
         "prompt_tokens": 34,
         "completion_tokens": 38,
         "total_tokens": 72,
         "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
-                                      "accepted_prediction_tokens": 0,
-                                      "rejected_prediction_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
     },
 }
 
@@ -151,7 +157,8 @@ def fresh_store(root: Path, name: str) -> Store:
     directory.mkdir()
     uri = f"sqlite:///{directory / 'mlflow.db'}"
     experiment_id = MlflowClient(uri).create_experiment(
-        f"bench-{name}", artifact_location=(directory / "artifacts").as_uri())
+        f"bench-{name}", artifact_location=(directory / "artifacts").as_uri()
+    )
     return Store(uri, experiment_id)
 
 
@@ -161,8 +168,9 @@ def persisted_since(store: Store, since_ms: int) -> tuple[int, int]:
     recent = total = 0
     token = None
     while True:
-        page = client.search_traces(locations=[store.experiment_id], max_results=1000,
-                                    include_spans=False, page_token=token)
+        page = client.search_traces(
+            locations=[store.experiment_id], max_results=1000, include_spans=False, page_token=token
+        )
         for trace in page:
             total += 1
             recent += trace.info.request_time >= since_ms
@@ -174,8 +182,11 @@ def persisted_since(store: Store, since_ms: int) -> tuple[int, int]:
 def sample_trace(store: Store, since_ms: int) -> dict[str, Any]:
     """A look at one measured trace: does it hold a span and the token usage?"""
     client = MlflowClient(store.uri)
-    page = client.search_traces(locations=[store.experiment_id], max_results=1,
-                                filter_string=f"trace.timestamp_ms >= {since_ms}")
+    page = client.search_traces(
+        locations=[store.experiment_id],
+        max_results=1,
+        filter_string=f"trace.timestamp_ms >= {since_ms}",
+    )
     if not page:
         return {}
     trace = page[0]
@@ -192,8 +203,8 @@ class Run:
 
     mode: str
     samples: list[float]
-    persisted: int | None = None      # measured calls whose trace reached the store
-    store_total: int | None = None    # everything in the store, warm-up included
+    persisted: int | None = None  # measured calls whose trace reached the store
+    store_total: int | None = None  # everything in the store, warm-up included
     flush_s: float | None = None
     flush_ok: bool | None = None
     sample: dict[str, Any] = field(default_factory=dict)
@@ -212,9 +223,16 @@ def run_baseline(client: openai.OpenAI, calls: int, warmup: int) -> Run:
     return Run("baseline", timed_calls(client, calls))
 
 
-def run_traced(mode: str, client: openai.OpenAI, store: Store, calls: int, warmup: int,
-               enable: Callable[[], None], flush: Callable[[], bool | None],
-               disable: Callable[[], None]) -> Run:
+def run_traced(
+    mode: str,
+    client: openai.OpenAI,
+    store: Store,
+    calls: int,
+    warmup: int,
+    enable: Callable[[], None],
+    flush: Callable[[], bool | None],
+    disable: Callable[[], None],
+) -> Run:
     """Warm up, flush, measure ``calls`` calls, time the flush, disable, count the store."""
     use_store(store)
     enable()
@@ -230,26 +248,46 @@ def run_traced(mode: str, client: openai.OpenAI, store: Store, calls: int, warmu
     finally:
         disable()
     persisted, total = persisted_since(store, since_ms)
-    return Run(mode, samples, persisted, total, flush_s,
-               None if flushed is None else bool(flushed), sample_trace(store, since_ms))
+    return Run(
+        mode,
+        samples,
+        persisted,
+        total,
+        flush_s,
+        None if flushed is None else bool(flushed),
+        sample_trace(store, since_ms),
+    )
 
 
-def run_tracewire(client: openai.OpenAI, store: Store, calls: int, warmup: int,
-                  flush_timeout: float) -> Run:
-    return run_traced("tracewire", client, store, calls, warmup,
-                      enable=tracewire.autolog,
-                      flush=lambda: tracewire.flush(flush_timeout),
-                      disable=tracewire.disable)
+def run_tracewire(
+    client: openai.OpenAI, store: Store, calls: int, warmup: int, flush_timeout: float
+) -> Run:
+    return run_traced(
+        "tracewire",
+        client,
+        store,
+        calls,
+        warmup,
+        enable=tracewire.autolog,
+        flush=lambda: tracewire.flush(flush_timeout),
+        disable=tracewire.disable,
+    )
 
 
 def run_mlflow(client: openai.OpenAI, store: Store, calls: int, warmup: int) -> Run:
     def flush() -> None:
         mlflow.flush_trace_async_logging()
 
-    return run_traced("mlflow", client, store, calls, warmup,
-                      enable=lambda: mlflow.openai.autolog(silent=True),
-                      flush=flush,
-                      disable=lambda: mlflow.openai.autolog(disable=True, silent=True))
+    return run_traced(
+        "mlflow",
+        client,
+        store,
+        calls,
+        warmup,
+        enable=lambda: mlflow.openai.autolog(silent=True),
+        flush=flush,
+        disable=lambda: mlflow.openai.autolog(disable=True, silent=True),
+    )
 
 
 # --------------------------------------------------------------------------- report
@@ -266,8 +304,9 @@ def summarize(runs: list[Run], calls: int, rounds: int) -> dict[str, Any]:
     pooled: dict[str, list[float]] = {}
     for run in runs:
         pooled.setdefault(run.mode, []).extend(run.samples)
-    modes = {mode: {"median_us": median(s), "p99_us": p99(s), "n": len(s)}
-             for mode, s in pooled.items()}
+    modes = {
+        mode: {"median_us": median(s), "p99_us": p99(s), "n": len(s)} for mode, s in pooled.items()
+    }
     base = modes["baseline"]
     for mode in ("tracewire", "mlflow"):
         modes[mode]["added_median_us"] = modes[mode]["median_us"] - base["median_us"]
@@ -276,22 +315,42 @@ def summarize(runs: list[Run], calls: int, rounds: int) -> dict[str, Any]:
     modes["baseline"]["median_us_per_run"] = [median(r.samples) for r in baseline_runs]
     for mode in ("tracewire", "mlflow"):
         modes[mode]["runs"] = [
-            {"median_us": median(r.samples), "p99_us": p99(r.samples),
-             "persisted": r.persisted, "of": calls, "store_total": r.store_total,
-             "flush_s": r.flush_s, "flush_ok": r.flush_ok, "sample_trace": r.sample}
-            for r in runs if r.mode == mode]
+            {
+                "median_us": median(r.samples),
+                "p99_us": p99(r.samples),
+                "persisted": r.persisted,
+                "of": calls,
+                "store_total": r.store_total,
+                "flush_s": r.flush_s,
+                "flush_ok": r.flush_ok,
+                "sample_trace": r.sample,
+            }
+            for r in runs
+            if r.mode == mode
+        ]
     tw, ml = modes["tracewire"], modes["mlflow"]
     targets = {}
     for stat, target in (("median", TARGET_MEDIAN_RATIO), ("p99", TARGET_P99_RATIO)):
         theirs = ml[f"added_{stat}_us"]
         ratio = tw[f"added_{stat}_us"] / theirs if theirs > 0 else None
-        targets[stat] = {"ratio": ratio, "target": target,
-                         "met": ratio is not None and ratio <= target}
-    return {"calls": calls, "rounds": rounds, "cpus": os.cpu_count(),
-            "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
-            "versions": {"openai": openai.__version__, "mlflow": mlflow.__version__,
-                         "tracewire": tracewire_version()},
-            "modes": modes, "targets": targets}
+        targets[stat] = {
+            "ratio": ratio,
+            "target": target,
+            "met": ratio is not None and ratio <= target,
+        }
+    return {
+        "calls": calls,
+        "rounds": rounds,
+        "cpus": os.cpu_count(),
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
+        "versions": {
+            "openai": openai.__version__,
+            "mlflow": mlflow.__version__,
+            "tracewire": tracewire_version(),
+        },
+        "modes": modes,
+        "targets": targets,
+    }
 
 
 def fmt_ratio(ratio: float | None) -> str:
@@ -300,40 +359,54 @@ def fmt_ratio(ratio: float | None) -> str:
 
 def print_report(result: dict[str, Any]) -> None:
     modes, targets = result["modes"], result["targets"]
-    print(f"OpenAI chat.completions.create overhead: {result['calls']} calls x "
-          f"{result['rounds']} round(s) per mode, {result['cpus']} CPUs "
-          f"(load average {result['loadavg_1m_at_end']} at the end), "
-          f"openai {result['versions']['openai']}, mlflow {result['versions']['mlflow']}")
+    print(
+        f"OpenAI chat.completions.create overhead: {result['calls']} calls x "
+        f"{result['rounds']} round(s) per mode, {result['cpus']} CPUs "
+        f"(load average {result['loadavg_1m_at_end']} at the end), "
+        f"openai {result['versions']['openai']}, mlflow {result['versions']['mlflow']}"
+    )
     print(f"{'mode':<10} {'median us':>10} {'p99 us':>10} {'+median us':>11} {'+p99 us':>10}")
     for mode in ("baseline", "tracewire", "mlflow"):
         m = modes[mode]
-        added = ("" if mode == "baseline" else
-                 f" {m['added_median_us']:>11.1f} {m['added_p99_us']:>10.1f}")
+        added = (
+            ""
+            if mode == "baseline"
+            else f" {m['added_median_us']:>11.1f} {m['added_p99_us']:>10.1f}"
+        )
         print(f"{mode:<10} {m['median_us']:>10.1f} {m['p99_us']:>10.1f}{added}")
     per_run = ", ".join(f"{v:.1f}" for v in modes["baseline"]["median_us_per_run"])
     print(f"baseline median per run (drift check): {per_run} us")
     print()
     for stat, label in (("median", "median"), ("p99", "p99   ")):
         t = targets[stat]
-        print(f"tracewire/mlflow added {label}: {fmt_ratio(t['ratio'])}  "
-              f"(target <= {t['target']:.3f}: {'MET' if t['met'] else 'NOT MET'})")
+        print(
+            f"tracewire/mlflow added {label}: {fmt_ratio(t['ratio'])}  "
+            f"(target <= {t['target']:.3f}: {'MET' if t['met'] else 'NOT MET'})"
+        )
     print()
     for mode in ("tracewire", "mlflow"):
         for i, run in enumerate(modes[mode]["runs"], 1):
             flush_ok = "" if run["flush_ok"] is None else f", flush returned {run['flush_ok']}"
-            print(f"{mode:<10} round {i}: persisted {run['persisted']}/{run['of']} measured "
-                  f"traces (store total incl. warm-up {run['store_total']}); flush took "
-                  f"{run['flush_s']:.2f} s{flush_ok}; sample trace {run['sample_trace']}")
+            print(
+                f"{mode:<10} round {i}: persisted {run['persisted']}/{run['of']} measured "
+                f"traces (store total incl. warm-up {run['store_total']}); flush took "
+                f"{run['flush_s']:.2f} s{flush_ok}; sample trace {run['sample_trace']}"
+            )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="measured calls per run")
     parser.add_argument("--warmup", type=int, default=200, help="warm-up calls per run")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="repeat baseline/tracewire/mlflow this many times, pooled")
-    parser.add_argument("--flush-timeout", type=float, default=60.0,
-                        help="seconds tracewire.flush() may wait")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat baseline/tracewire/mlflow this many times, pooled",
+    )
+    parser.add_argument(
+        "--flush-timeout", type=float, default=60.0, help="seconds tracewire.flush() may wait"
+    )
     parser.add_argument("--json", action="store_true", help="also print one JSON object")
     return parser.parse_args(argv)
 
@@ -354,10 +427,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         root = Path(tmp)
         for r in range(args.rounds):
             runs.append(run_baseline(client, args.calls, args.warmup))
-            runs.append(run_tracewire(client, fresh_store(root, f"tracewire-{r}"),
-                                      args.calls, args.warmup, args.flush_timeout))
-            runs.append(run_mlflow(client, fresh_store(root, f"mlflow-{r}"),
-                                   args.calls, args.warmup))
+            runs.append(
+                run_tracewire(
+                    client,
+                    fresh_store(root, f"tracewire-{r}"),
+                    args.calls,
+                    args.warmup,
+                    args.flush_timeout,
+                )
+            )
+            runs.append(
+                run_mlflow(client, fresh_store(root, f"mlflow-{r}"), args.calls, args.warmup)
+            )
         runs.append(run_baseline(client, args.calls, args.warmup))
         mlflow.flush_trace_async_logging(terminate=True)
     result = summarize(runs, args.calls, args.rounds)

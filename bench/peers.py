@@ -43,13 +43,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 _BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(_BENCH))
 
-from openai_overhead import (  # noqa: E402
+from openai_overhead import (
     fresh_store,
     make_client,
     median,
@@ -60,8 +61,16 @@ from openai_overhead import (  # noqa: E402
     use_store,
 )
 
-CONFIGS = ("baseline", "wrapt", "wrapt+otel", "otel-v2", "openinference", "openllmetry",
-           "tracewire", "mlflow")
+CONFIGS = (
+    "baseline",
+    "wrapt",
+    "wrapt+otel",
+    "otel-v2",
+    "openinference",
+    "openllmetry",
+    "tracewire",
+    "mlflow",
+)
 PEERS = ("otel-v2", "openinference", "openllmetry", "mlflow")
 
 # The targets for tracewire.
@@ -254,8 +263,14 @@ def run_child(name: str, calls: int, warmup: int) -> dict[str, Any]:
             import mlflow
 
             mlflow.flush_trace_async_logging(terminate=True)
-    return {"name": name, "samples": samples, "cpu_s": cpu, "child_cpu_s": child_cpu,
-            "kept": kept, "calls": calls}
+    return {
+        "name": name,
+        "samples": samples,
+        "cpu_s": cpu,
+        "child_cpu_s": child_cpu,
+        "kept": kept,
+        "calls": calls,
+    }
 
 
 # --------------------------------------------------------------------------- in the parent
@@ -263,8 +278,11 @@ def run_child(name: str, calls: int, warmup: int) -> dict[str, Any]:
 
 def run_config(name: str, calls: int, warmup: int) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", name, "--calls", str(calls), "--warmup",
-         str(warmup)], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+        [sys.executable, __file__, "--child", name, "--calls", str(calls), "--warmup", str(warmup)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -278,15 +296,18 @@ def summarize(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
         calls = sum(r["calls"] for r in mine)
         kept = [r["kept"] for r in mine]
         rows[name] = {
-            "median_us": median(samples), "p99_us": p99(samples),
+            "median_us": median(samples),
+            "p99_us": p99(samples),
             "cpu_us": 1e6 * sum(r["cpu_s"] for r in mine) / calls,
-            "kept": None if kept[0] is None else sum(kept), "calls": calls,
+            "kept": None if kept[0] is None else sum(kept),
+            "calls": calls,
             "round_medians_us": [median(r["samples"]) for r in mine],
         }
         if name == "tracewire":
             stored = rows[name]["kept"] or 1
-            rows[name]["shipper_cpu_us_per_trace"] = \
+            rows[name]["shipper_cpu_us_per_trace"] = (
                 1e6 * sum(r["child_cpu_s"] for r in mine) / stored
+            )
     base = rows["baseline"]
     for row in rows.values():
         row["added_median_us"] = row["median_us"] - base["median_us"]
@@ -299,37 +320,51 @@ def summarize(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
 
 
 def print_report(rows: dict[str, Any], meta: dict[str, Any]) -> None:
-    print(f"OpenAI chat.completions.create, {meta['calls']} calls x {meta['rounds']} round(s) per "
-          f"configuration, each its own process; {meta['cpus']} CPUs; load average "
-          f"{meta['load_start']} at the start, {meta['load_end']} at the end")
-    print(f"{'configuration':<14} {'median':>8} {'+median':>8} {'x':>5} {'p99':>8} {'+p99':>8} "
-          f"{'x':>5} {'cpu/call':>9} {'+cpu':>7} {'x':>5}  kept")
+    print(
+        f"OpenAI chat.completions.create, {meta['calls']} calls x {meta['rounds']} round(s) per "
+        f"configuration, each its own process; {meta['cpus']} CPUs; load average "
+        f"{meta['load_start']} at the start, {meta['load_end']} at the end"
+    )
+    print(
+        f"{'configuration':<14} {'median':>8} {'+median':>8} {'x':>5} {'p99':>8} {'+p99':>8} "
+        f"{'x':>5} {'cpu/call':>9} {'+cpu':>7} {'x':>5}  kept"
+    )
     for name, r in rows.items():
         kept = "" if r["kept"] is None else f"{r['kept']}/{r['calls']}"
-        print(f"{name:<14} {r['median_us']:>8.1f} {r['added_median_us']:>+8.1f} "
-              f"{r['median_x']:>5.2f} {r['p99_us']:>8.1f} {r['added_p99_us']:>+8.1f} "
-              f"{r['p99_x']:>5.2f} {r['cpu_us']:>9.1f} {r['added_cpu_us']:>+7.1f} "
-              f"{r['cpu_x']:>5.2f}  {kept}")
-    print("(us per call; x = against the baseline; cpu = the app process, all threads, over "
-          "the calls and the flush after them)")
+        print(
+            f"{name:<14} {r['median_us']:>8.1f} {r['added_median_us']:>+8.1f} "
+            f"{r['median_x']:>5.2f} {r['p99_us']:>8.1f} {r['added_p99_us']:>+8.1f} "
+            f"{r['p99_x']:>5.2f} {r['cpu_us']:>9.1f} {r['added_cpu_us']:>+7.1f} "
+            f"{r['cpu_x']:>5.2f}  {kept}"
+        )
+    print(
+        "(us per call; x = against the baseline; cpu = the app process, all threads, over "
+        "the calls and the flush after them)"
+    )
     for name, r in rows.items():
-        print(f"  {name:<14} round medians: " +
-              ", ".join(f"{m:.1f}" for m in r["round_medians_us"]))
+        print(
+            f"  {name:<14} round medians: " + ", ".join(f"{m:.1f}" for m in r["round_medians_us"])
+        )
     tw = rows.get("tracewire")
     if tw is None:
         return
-    print(f"tracewire's shipper process: {tw['shipper_cpu_us_per_trace']:.0f} us CPU per trace "
-          "stored")
+    print(
+        f"tracewire's shipper process: {tw['shipper_cpu_us_per_trace']:.0f} us CPU per trace stored"
+    )
     peers = [n for n in PEERS if n in rows]
     for stat, target in (("median", TARGET_ADDED_MEDIAN_US), ("p99", TARGET_ADDED_P99_US)):
         mine = tw[f"added_{stat}_us"]
         best = min((rows[n][f"added_{stat}_us"] for n in peers), default=None)
         beats = best is None or mine < best
-        print(f"tracewire added {stat} {mine:+.1f} us: target <= {target:.0f} "
-              f"{'MET' if mine <= target else 'NOT MET'}; below every peer "
-              f"{'YES' if beats else 'NO'} (best peer {best if best is None else f'{best:+.1f}'})")
-    print(f"tracewire app CPU {tw['added_cpu_us']:+.1f} us per call: target <= "
-          f"{TARGET_CPU_US:.0f} {'MET' if tw['added_cpu_us'] <= TARGET_CPU_US else 'NOT MET'}")
+        print(
+            f"tracewire added {stat} {mine:+.1f} us: target <= {target:.0f} "
+            f"{'MET' if mine <= target else 'NOT MET'}; below every peer "
+            f"{'YES' if beats else 'NO'} (best peer {best if best is None else f'{best:+.1f}'})"
+        )
+    print(
+        f"tracewire app CPU {tw['added_cpu_us']:+.1f} us per call: target <= "
+        f"{TARGET_CPU_US:.0f} {'MET' if tw['added_cpu_us'] <= TARGET_CPU_US else 'NOT MET'}"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -362,8 +397,13 @@ def main(argv: list[str] | None = None) -> None:
         turn = r % len(names)
         for name in names[turn:] + names[:turn]:
             runs.append(run_config(name, args.calls, args.warmup))
-    meta = {"calls": args.calls, "rounds": args.rounds, "cpus": os.cpu_count(),
-            "load_start": load_start, "load_end": round(os.getloadavg()[0], 2)}
+    meta = {
+        "calls": args.calls,
+        "rounds": args.rounds,
+        "cpus": os.cpu_count(),
+        "load_start": load_start,
+        "load_end": round(os.getloadavg()[0], 2),
+    }
     rows = summarize(runs, names)
     print_report(rows, meta)
     if args.json:

@@ -35,8 +35,9 @@ import tempfile
 import time
 import urllib.request
 from base64 import b64decode
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from mlflow import MlflowClient
 from websockets.sync.client import connect
@@ -50,9 +51,15 @@ HIDE_ASSISTANT = "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLo
 # The span types an agent request trace of the demo has besides its root and graph nodes.
 WANTED_TYPES = {"RETRIEVER", "CHAT_MODEL", "TOOL"}
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
     # Without these chromium keeps trying to reach Google's services, which fails offline.
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 # No proxy for loopback, whatever the environment says.
 LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -96,9 +103,20 @@ def run_demo(workdir: Path) -> str:
     say(f"running tracewire demo into {uri} ...")
     began = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "tracewire.cli", "demo", "--tracking-uri", uri,
-         "--delta", str(workdir / "delta")],
-        cwd=workdir, capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "tracewire.cli",
+            "demo",
+            "--tracking-uri",
+            uri,
+            "--delta",
+            str(workdir / "delta"),
+        ],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         sys.exit(f"tracewire demo failed:\n{result.stdout}{result.stderr}")
     say(f"demo done in {time.monotonic() - began:.0f} s")
@@ -112,8 +130,9 @@ def pick_trace(uri: str) -> tuple[str, str, list[str]]:
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
         sys.exit(f"no experiment {EXPERIMENT!r} in {uri}: run `tracewire demo` first")
-    traces = client.search_traces(locations=[experiment.experiment_id], max_results=50,
-                                  order_by=["timestamp_ms DESC"])
+    traces = client.search_traces(
+        locations=[experiment.experiment_id], max_results=50, order_by=["timestamp_ms DESC"]
+    )
     for trace in traces:
         spans = trace.data.spans
         if trace.info.state == "OK" and WANTED_TYPES <= {s.span_type for s in spans}:
@@ -153,8 +172,9 @@ class DevTools:
                 return message["result"]
 
     def evaluate(self, expression: str) -> Any:
-        return self.call("Runtime.evaluate", expression=expression,
-                         returnByValue=True)["result"].get("value")
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)[
+            "result"
+        ].get("value")
 
 
 def devtools_page(profile: Path, proc: subprocess.Popen) -> str:
@@ -175,20 +195,33 @@ def capture(url: str, span_names: list[str], out: Path, workdir: Path) -> None:
     """Open ``url`` in headless chromium, wait until every span name is on the page, save a PNG."""
     profile = workdir / "chromium-profile"  # fresh and empty: no state from earlier runs
     profile.mkdir()
-    args = ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-            f"--window-size={WINDOW[0]},{WINDOW[1]}", "--remote-debugging-port=0", "about:blank"]
+    args = [
+        "chromium",
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={profile}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        "--remote-debugging-port=0",
+        "about:blank",
+    ]
     with started(args, "chromium", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
         with connect(devtools_page(profile, proc), max_size=None) as ws:
             page = DevTools(ws)
             page.call("Page.enable")
             # --window-size includes the headless window's frame: the page itself gets less.
-            page.call("Emulation.setDeviceMetricsOverride", width=WINDOW[0], height=WINDOW[1],
-                      deviceScaleFactor=1, mobile=False)
+            page.call(
+                "Emulation.setDeviceMetricsOverride",
+                width=WINDOW[0],
+                height=WINDOW[1],
+                deviceScaleFactor=1,
+                mobile=False,
+            )
             page.call("Page.addScriptToEvaluateOnNewDocument", source=HIDE_ASSISTANT)
             page.call("Page.navigate", url=url)
-            check = ("(() => { const text = document.body ? document.body.innerText : '';"
-                     f" return {json.dumps(sorted(set(span_names)))}"
-                     ".every(name => text.includes(name)); })()")
+            check = (
+                "(() => { const text = document.body ? document.body.innerText : '';"
+                f" return {json.dumps(sorted(set(span_names)))}"
+                ".every(name => text.includes(name)); })()"
+            )
             deadline = time.monotonic() + 90
             while not page.evaluate(check):
                 if time.monotonic() > deadline:
@@ -201,8 +234,11 @@ def capture(url: str, span_names: list[str], out: Path, workdir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", metavar="DB",
-                        help="an existing sqlite store with demo traces (default: run the demo)")
+    parser.add_argument(
+        "--store",
+        metavar="DB",
+        help="an existing sqlite store with demo traces (default: run the demo)",
+    )
     parser.add_argument("--out", default=str(DOCS / "demo-trace.png"), help="the PNG to write")
     args = parser.parse_args()
 
@@ -214,12 +250,30 @@ def main() -> None:
         say(f"trace {trace_id}: {len(span_names)} spans")
 
         port = free_port()
-        server = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                  "--default-artifact-root", str(workdir / "artifacts")]
+        server = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--default-artifact-root",
+            str(workdir / "artifacts"),
+        ]
         say(f"starting mlflow server on 127.0.0.1:{port} ...")
-        with started(server, "mlflow server", cwd=workdir, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.STDOUT) as proc:
+        with started(
+            server,
+            "mlflow server",
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        ) as proc:
             base = f"http://127.0.0.1:{port}"
             wait_http(f"{base}/health", proc, "mlflow server")
             url = f"{base}/#/experiments/{experiment_id}/traces/{trace_id}"

@@ -19,8 +19,9 @@ import sys
 import httpx
 
 
-def send_feedback(app: str, request_id: str, thumbs_up: bool, comment: str | None = None,
-                  user: str | None = None) -> httpx.Response:
+def send_feedback(
+    app: str, request_id: str, thumbs_up: bool, comment: str | None = None, user: str | None = None
+) -> httpx.Response:
     body = {"request_id": request_id, "name": "thumbs", "value": thumbs_up}
     if comment:
         body["rationale"] = comment
@@ -36,8 +37,9 @@ def main() -> int:
     parser.add_argument("--user", help="who gives it (sent as X-User-ID)")
     parser.add_argument("--app", default="http://127.0.0.1:8000", help="the app's base URL")
     args = parser.parse_args()
-    response = send_feedback(args.app, args.request_id, args.thumbs == "up", args.comment,
-                             args.user)
+    response = send_feedback(
+        args.app, args.request_id, args.thumbs == "up", args.comment, args.user
+    )
     # 202: accepted (stored on the trace, or waiting for it); anything else says what is wrong.
     print(response.status_code, response.text)
     return 0 if response.status_code == 202 else 1

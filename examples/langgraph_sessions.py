@@ -32,8 +32,9 @@ def distance_km(route: str) -> str:
     return next((f"{km} km" for city, km in known.items() if city in route.lower()), "unknown")
 
 
-model = ChatOpenAI(model=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"),
-                   max_tokens=150).bind_tools([distance_km])
+model = ChatOpenAI(model=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"), max_tokens=150).bind_tools(
+    [distance_km]
+)
 
 
 def agent(state: MessagesState) -> dict:
@@ -49,10 +50,14 @@ builder.add_edge("tools", "agent")
 graph = builder.compile(checkpointer=InMemorySaver())
 
 CONVERSATIONS = {
-    ("trip-to-lyon", "ada"): ["How far is it from Paris to Lyon?",
-                              "And how far from Paris to Bordeaux?"],
-    ("trip-to-brussels", "grace"): ["How far is Paris to Brussels?",
-                                    "And back from Brussels to Paris?"],
+    ("trip-to-lyon", "ada"): [
+        "How far is it from Paris to Lyon?",
+        "And how far from Paris to Bordeaux?",
+    ],
+    ("trip-to-brussels", "grace"): [
+        "How far is Paris to Brussels?",
+        "And back from Brussels to Paris?",
+    ],
 }
 
 for (thread, user), turns in CONVERSATIONS.items():

@@ -26,8 +26,9 @@ PROMPT = [{"role": "user", "content": "Write a haiku about tracing."}]
 
 def stream_sync() -> None:
     client = openai.OpenAI()
-    stream = client.chat.completions.create(model=MODEL, messages=PROMPT, stream=True,
-                                            max_tokens=100)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=PROMPT, stream=True, max_tokens=100
+    )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             print(chunk.choices[0].delta.content, end="", flush=True)
@@ -36,8 +37,9 @@ def stream_sync() -> None:
 
 async def stream_async() -> None:
     client = openai.AsyncOpenAI()
-    stream = await client.chat.completions.create(model=MODEL, messages=PROMPT, stream=True,
-                                                  max_tokens=100)
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=PROMPT, stream=True, max_tokens=100
+    )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             print(chunk.choices[0].delta.content, end="", flush=True)

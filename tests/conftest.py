@@ -10,7 +10,7 @@ import contextlib
 import os
 import tempfile
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 os.environ["TRACEWIRE_TESTING"] = "1"
 # No network here: keep MLflow's pricing to its built-in model catalog.
@@ -60,8 +60,9 @@ def aclient(openai_server: OpenAIServer):
     """A factory: an async client's connections belong to the event loop it is first used in."""
     import openai
 
-    return lambda: openai.AsyncOpenAI(base_url=openai_server.base_url, api_key=API_KEY,
-                                      max_retries=0)
+    return lambda: openai.AsyncOpenAI(
+        base_url=openai_server.base_url, api_key=API_KEY, max_retries=0
+    )
 
 
 class Traced:
@@ -89,8 +90,11 @@ class Traced:
         if experiment is None:
             found: list[mlflow.entities.Trace] = []
         else:
-            found = mlflow.search_traces(locations=[experiment.experiment_id],
-                                         return_type="list", order_by=["timestamp_ms ASC"])
+            found = mlflow.search_traces(
+                locations=[experiment.experiment_id],
+                return_type="list",
+                order_by=["timestamp_ms ASC"],
+            )
         if expected is not None:
             assert len(found) == expected, [t.info.trace_id for t in found]
         return found
@@ -100,8 +104,9 @@ class Traced:
 
 
 @pytest.fixture
-def traced(tracking_uri: str, monkeypatch: pytest.MonkeyPatch,
-           request: pytest.FixtureRequest) -> Iterator[Traced]:
+def traced(
+    tracking_uri: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[Traced]:
     name = f"{request.node.name[:60]}-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
     t = Traced(name, **getattr(request, "param", {}))

@@ -19,7 +19,9 @@ README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "examples").rglob("*.md"))]
 
 DEMO = 'python3 -m venv .venv && .venv/bin/pip install -q -e ".[all]" && .venv/bin/tracewire demo'
-TESTS = 'python3 -m venv .venv && .venv/bin/pip install -q -e ".[test]" && .venv/bin/python -m pytest'
+TESTS = (
+    'python3 -m venv .venv && .venv/bin/pip install -q -e ".[test]" && .venv/bin/python -m pytest'
+)
 
 FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 CODE_SPAN = re.compile(r"`+[^`\n]*`+")
@@ -51,8 +53,11 @@ def anchors(page: Path) -> set[str]:
 
 
 def relative_links(page: Path) -> list[str]:
-    return [url for url in LINK.findall(prose(page.read_text()))
-            if not urlsplit(url).scheme and not url.startswith("mailto:")]
+    return [
+        url
+        for url in LINK.findall(prose(page.read_text()))
+        if not urlsplit(url).scheme and not url.startswith("mailto:")
+    ]
 
 
 def test_the_readme_fits_on_a_few_screens() -> None:

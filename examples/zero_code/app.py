@@ -30,8 +30,10 @@ class Question(BaseModel):
 @app.post("/ask")
 async def ask(body: Question) -> dict[str, str]:
     reply = await client.chat.completions.create(
-        model=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"), max_tokens=150,
-        messages=[{"role": "user", "content": body.question}])
+        model=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"),
+        max_tokens=150,
+        messages=[{"role": "user", "content": body.question}],
+    )
     return {"answer": reply.choices[0].message.content or ""}
 
 

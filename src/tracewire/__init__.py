@@ -1,7 +1,7 @@
 """tracewire: production tracing for GenAI apps on MLflow.
 
-    import tracewire
-    tracewire.autolog()   # every installed framework, idempotent
+import tracewire
+tracewire.autolog()   # every installed framework, idempotent
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from tracewire import middleware  # tracewire.middleware.TracingMiddleware
 from tracewire.config import ConfigError
@@ -23,8 +24,18 @@ from tracewire.plugins import registry
 from tracewire.plugins.base import Plugin, PluginUnavailable
 
 __all__ = [
-    "ConfigError", "PluginUnavailable", "autolog", "context", "disable", "flush",
-    "log_feedback", "middleware", "propagate", "set_session", "set_tags", "set_user",
+    "ConfigError",
+    "PluginUnavailable",
+    "autolog",
+    "context",
+    "disable",
+    "flush",
+    "log_feedback",
+    "middleware",
+    "propagate",
+    "set_session",
+    "set_tags",
+    "set_user",
 ]
 
 logger = logging.getLogger("tracewire")
@@ -45,7 +56,7 @@ def _installed(module: str) -> bool:
 
 def _selected(include: tuple[str, ...] | None, exclude: tuple[str, ...]) -> list[Plugin]:
     selected = []
-    for name in (include if include is not None else tuple(registry.PLUGINS)):
+    for name in include if include is not None else tuple(registry.PLUGINS):
         if name in exclude:
             continue
         plugin = registry.get(name)
@@ -175,9 +186,17 @@ def log_feedback(
     from tracewire.core.feedback import Feedback
     from tracewire.export import pipeline
 
-    return pipeline.submit_feedback(Feedback(
-        name=name, value=value, request_id=request_id, trace_id=trace_id, rationale=rationale,
-        source_id=user, expires=time.time() + config.active().feedback_retention))
+    return pipeline.submit_feedback(
+        Feedback(
+            name=name,
+            value=value,
+            request_id=request_id,
+            trace_id=trace_id,
+            rationale=rationale,
+            source_id=user,
+            expires=time.time() + config.active().feedback_retention,
+        )
+    )
 
 
 def _at_exit() -> None:
@@ -192,8 +211,10 @@ def _flush_on_sigterm() -> None:
     done: traces still in memory would be lost. Only if nothing handles SIGTERM yet, tracewire
     does: the same bounded flush as a normal exit, then the process dies of the signal as
     before."""
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
         return
 
     def flush_then_die(signum: int, frame: Any) -> None:

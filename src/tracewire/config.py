@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, cast
+from typing import Any, cast
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -29,8 +30,9 @@ def default_spool_dir() -> Path:
     (read-only containers), a directory of this user's own in the temp dir: one level, so that
     the spool's checks (ownership, mode) cover every directory another user could make there."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    if os.access(cache, os.W_OK) or (not os.path.exists(cache)
-                                     and os.access(os.path.dirname(cache), os.W_OK)):
+    if os.access(cache, os.W_OK) or (
+        not os.path.exists(cache) and os.access(os.path.dirname(cache), os.W_OK)
+    ):
         return Path(cache) / "tracewire" / "spool"
     return Path(tempfile.gettempdir()) / f"tracewire-{os.geteuid()}"
 
@@ -81,8 +83,11 @@ class Settings:
     @property
     def trace_tags(self) -> dict[str, str]:
         """The tags every trace gets: the deployment's, then ``tags``."""
-        deployment = {"deployment.environment": self.environment,
-                      "service.version": self.app_version, "cloud.region": self.region}
+        deployment = {
+            "deployment.environment": self.environment,
+            "service.version": self.app_version,
+            "cloud.region": self.region,
+        }
         return {**{k: v for k, v in deployment.items() if v is not None}, **self.tags}
 
 
@@ -123,8 +128,9 @@ def _plugins(name: str, value: Any) -> tuple[str, ...]:
 
     names = _names(name, value)
     if unknown := sorted(set(names) - set(PLUGINS)):
-        raise ConfigError(f"{name} names unknown plugin(s) {unknown}; known plugins: "
-                          f"{sorted(PLUGINS)}")
+        raise ConfigError(
+            f"{name} names unknown plugin(s) {unknown}; known plugins: {sorted(PLUGINS)}"
+        )
     return names
 
 
@@ -136,12 +142,18 @@ def _hosts(name: str, value: Any) -> tuple[str, ...]:
         return ()
     for entry in entries:
         host = entry.removeprefix("!")
-        if (entry == "none" or not host or "/" in host or any(c.isspace() for c in host)
-                or host.rpartition(":")[2].isdigit() and host.count(":") == 1):
+        if (
+            entry == "none"
+            or not host
+            or "/" in host
+            or any(c.isspace() for c in host)
+            or (host.rpartition(":")[2].isdigit() and host.count(":") == 1)
+        ):
             raise ConfigError(
                 f"{name} must list host names without scheme or port (api.example.com, "
                 f".example.com for its subdomains, * for every host, !host to skip one, or "
-                f"none), got {entry!r}")
+                f"none), got {entry!r}"
+            )
     if entries and all(entry.startswith("!") for entry in entries):
         entries = ("*", *entries)
     return entries
@@ -168,10 +180,13 @@ def identity_headers(name: str, value: Any) -> dict[str, str]:
     or a mapping): only ``session`` and ``user``, each an HTTP header name."""
     headers = _tags(name, value)
     if not set(headers) <= {"session", "user"} or not all(
-            header and header.isascii() and all(c.isalnum() or c in "-_" for c in header)
-            for header in headers.values()):
-        raise ConfigError(f"{name} maps 'session' and/or 'user' to header names, such as "
-                          f"session=X-Session-ID,user=X-User-ID; got {value!r}")
+        header and header.isascii() and all(c.isalnum() or c in "-_" for c in header)
+        for header in headers.values()
+    ):
+        raise ConfigError(
+            f"{name} maps 'session' and/or 'user' to header names, such as "
+            f"session=X-Session-ID,user=X-User-ID; got {value!r}"
+        )
     return headers
 
 
@@ -179,8 +194,9 @@ def _number(name: str, value: Any, kind: type, minimum: float) -> Any:
     try:
         number = kind(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be {'a whole number' if kind is int else 'a number'}, "
-                          f"got {value!r}") from None
+        raise ConfigError(
+            f"{name} must be {'a whole number' if kind is int else 'a number'}, got {value!r}"
+        ) from None
     if number < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value!r}")
     return number
@@ -193,8 +209,9 @@ def _import_callable(name: str, target: str) -> Callable[..., Any]:
     try:
         found = getattr(importlib.import_module(module), attribute)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"{name} must be 'package.module:function', could not load "
-                          f"{target!r}: {exc}") from None
+        raise ConfigError(
+            f"{name} must be 'package.module:function', could not load {target!r}: {exc}"
+        ) from None
     if not callable(found):
         raise ConfigError(f"{name}: {target!r} is not a function")
     return cast(Callable[..., Any], found)
@@ -215,8 +232,10 @@ def _delta_path(name: str, value: Any) -> str:
     import importlib.util
 
     if importlib.util.find_spec("deltalake") is None:
-        raise ConfigError(f"{name} is set, but the Delta sync needs the `deltalake` package: "
-                          "pip install \"tracewire[delta]\"")
+        raise ConfigError(
+            f"{name} is set, but the Delta sync needs the `deltalake` package: "
+            'pip install "tracewire[delta]"'
+        )
     return str(value).strip()
 
 
@@ -224,15 +243,17 @@ def _optional_text(name: str, value: Any) -> str:
     return str(value).strip()
 
 
-def _number_in(kind: type, minimum: float, maximum: float | None = None,
-               scale: float = 1) -> Callable[[str, Any], Any]:
+def _number_in(
+    kind: type, minimum: float, maximum: float | None = None, scale: float = 1
+) -> Callable[[str, Any], Any]:
     """A parser for a number of ``kind`` within the bounds, times ``scale`` (MB -> bytes)."""
+
     def parse(name: str, value: Any) -> Any:
         number = _number(name, value, kind, minimum)
         if maximum is not None and number > maximum:
-            raise ConfigError(f"{name} must be between {minimum:g} and {maximum:g}, "
-                              f"got {value!r}")
+            raise ConfigError(f"{name} must be between {minimum:g} and {maximum:g}, got {value!r}")
         return int(number * scale) if scale != 1 else number
+
     return parse
 
 
@@ -281,109 +302,280 @@ class Setting:
         default = self.shown_default
         if default is None:
             value = self.default
-            default = "none" if value in (None, (), {}) else f"`{str(value).lower()}`" \
-                if isinstance(value, bool) else f"`{value:g}`" if isinstance(value, float) \
+            default = (
+                "none"
+                if value in (None, (), {})
+                else f"`{str(value).lower()}`"
+                if isinstance(value, bool)
+                else f"`{value:g}`"
+                if isinstance(value, float)
                 else f"`{value}`"
+            )
         argument = f" `{self.field}`" if self.argument else ""
         note = f" ({self.env_note})" if self.env_note else ""
         return f"|{argument} | `{self.env}`{note} | {default} | {self.doc} |"
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("include", "TRACEWIRE_INCLUDE", _plugins, None, "plugins to enable (`openai`, "
-            "`langchain`, `langgraph`, `starlette`, `mlflow_agent`); naming one whose framework "
-            "is missing raises `PluginUnavailable` with the pip extra", argument=True,
-            shown_default="all installed"),
-    Setting("exclude", "TRACEWIRE_EXCLUDE", _plugins, (), "plugins to leave alone",
-            argument=True),
-    Setting("capture_content", "TRACEWIRE_CAPTURE_CONTENT", _bool, True, "`false`: no prompt, "
-            "completion or tool text is recorded anywhere; model, token usage and finish "
-            "reasons still are", argument=True),
-    Setting("tags", "TRACEWIRE_TAGS", _tags, {}, "tags on every trace (the argument's over the "
-            "variable's)", argument=True, env_note="`k=v,k2=v2`",
-            merge=lambda env, arg: {**env, **arg}),
-    Setting("redact", "TRACEWIRE_REDACT", _redact, None, "`redact(key, value) -> value`, "
-            "called for every span's `\"inputs\"` and `\"outputs\"` on the background worker, "
-            "before anything touches disk; if it raises, that content is withheld",
-            argument=True, env_note="`package.module:function`"),
-    Setting("stream_usage", "TRACEWIRE_STREAM_USAGE", _bool, True, "ask chat streams for usage "
-            "(see [Streams](traces.md#streams)); `false`: ask no host", argument=True),
-    Setting("stream_usage_hosts", "TRACEWIRE_STREAM_USAGE_HOSTS", _hosts,
-            DEFAULT_STREAM_USAGE_HOSTS, "which hosts chat streams ask for usage, "
-            "comma-separated: `api.example.com`, `.example.com` (its subdomains), `*` (every "
-            "host), `!host` (never that host; with only `!` entries, every other host is "
-            "asked), or `none`. Host names only, no scheme or port. Replaces the default: "
-            "`vllm.internal` asks that host alone", shown_default="`*` (every host)"),
-    Setting("environment", "TRACEWIRE_ENVIRONMENT", _optional_text, None,
-            "trace tag `deployment.environment`"),
-    Setting("app_version", "TRACEWIRE_APP_VERSION", _optional_text, None,
-            "trace tag `service.version`"),
+    Setting(
+        "include",
+        "TRACEWIRE_INCLUDE",
+        _plugins,
+        None,
+        "plugins to enable (`openai`, "
+        "`langchain`, `langgraph`, `starlette`, `mlflow_agent`); naming one whose framework "
+        "is missing raises `PluginUnavailable` with the pip extra",
+        argument=True,
+        shown_default="all installed",
+    ),
+    Setting("exclude", "TRACEWIRE_EXCLUDE", _plugins, (), "plugins to leave alone", argument=True),
+    Setting(
+        "capture_content",
+        "TRACEWIRE_CAPTURE_CONTENT",
+        _bool,
+        True,
+        "`false`: no prompt, "
+        "completion or tool text is recorded anywhere; model, token usage and finish "
+        "reasons still are",
+        argument=True,
+    ),
+    Setting(
+        "tags",
+        "TRACEWIRE_TAGS",
+        _tags,
+        {},
+        "tags on every trace (the argument's over the variable's)",
+        argument=True,
+        env_note="`k=v,k2=v2`",
+        merge=lambda env, arg: {**env, **arg},
+    ),
+    Setting(
+        "redact",
+        "TRACEWIRE_REDACT",
+        _redact,
+        None,
+        "`redact(key, value) -> value`, "
+        'called for every span\'s `"inputs"` and `"outputs"` on the background worker, '
+        "before anything touches disk; if it raises, that content is withheld",
+        argument=True,
+        env_note="`package.module:function`",
+    ),
+    Setting(
+        "stream_usage",
+        "TRACEWIRE_STREAM_USAGE",
+        _bool,
+        True,
+        "ask chat streams for usage (see [Streams](traces.md#streams)); `false`: ask no host",
+        argument=True,
+    ),
+    Setting(
+        "stream_usage_hosts",
+        "TRACEWIRE_STREAM_USAGE_HOSTS",
+        _hosts,
+        DEFAULT_STREAM_USAGE_HOSTS,
+        "which hosts chat streams ask for usage, "
+        "comma-separated: `api.example.com`, `.example.com` (its subdomains), `*` (every "
+        "host), `!host` (never that host; with only `!` entries, every other host is "
+        "asked), or `none`. Host names only, no scheme or port. Replaces the default: "
+        "`vllm.internal` asks that host alone",
+        shown_default="`*` (every host)",
+    ),
+    Setting(
+        "environment",
+        "TRACEWIRE_ENVIRONMENT",
+        _optional_text,
+        None,
+        "trace tag `deployment.environment`",
+    ),
+    Setting(
+        "app_version", "TRACEWIRE_APP_VERSION", _optional_text, None, "trace tag `service.version`"
+    ),
     Setting("region", "TRACEWIRE_REGION", _optional_text, None, "trace tag `cloud.region`"),
-    Setting("sample_rate", "TRACEWIRE_SAMPLE_RATE", _number_in(float, 0.0, 1.0), 1.0,
-            "share of sessions to keep, 0 to 1 (see [Sampling](#sampling))", argument=True,
-            shown_default="`1`"),
-    Setting("queue_size", "TRACEWIRE_QUEUE_SIZE", _number_in(int, 1), 10_000,
-            "finished traces held in memory before the worker spools them"),
-    Setting("spool_dir", "TRACEWIRE_SPOOL_DIR", _spool_dir, default_spool_dir,
-            "where the on-disk spool lives: a directory of this user's, made (or tightened to) "
-            "0700; one of another user is refused at `autolog()` (see "
-            "[Security](security.md#where-prompts-rest-on-disk))",
-            shown_default="`~/.cache/tracewire/spool` (`$TMPDIR/tracewire-<uid>` if home is "
-            "read-only)"),
-    Setting("spool_max_bytes", "TRACEWIRE_SPOOL_MAX_MB", _number_in(float, 0.001, scale=2**20),
-            512 * 2**20, "spool size budget per process, in MB; past it new traces are dropped "
-            "and counted", shown_default="`512`"),
-    Setting("feedback_retention", "TRACEWIRE_FEEDBACK_RETENTION", _number_in(float, 0),
-            86_400.0, "seconds feedback waits for its trace before it is dropped (and counted)"),
-    Setting("feedback_max_pending", "TRACEWIRE_FEEDBACK_MAX_PENDING", _number_in(int, 1), 1000,
-            "feedback entries waiting for their trace, per process; past it (or "
-            "`TRACEWIRE_FEEDBACK_MAX_PENDING_MB`) the oldest waiting one is dropped (counted)"),
-    Setting("feedback_max_pending_bytes", "TRACEWIRE_FEEDBACK_MAX_PENDING_MB",
-            _number_in(float, 0.001, scale=2**20), 2**20,
-            "MB of feedback waiting for its trace, per process", shown_default="`1`"),
-    Setting("feedback_path", "TRACEWIRE_FEEDBACK_PATH", _feedback_path, None,
-            "the feedback route (`/feedback`) of the `TracingMiddleware` the `starlette` "
-            "plugin installs"),
-    Setting("trust_identity_headers", "TRACEWIRE_TRUST_IDENTITY_HEADERS", identity_headers, {},
-            "headers that name the session and user for the `TracingMiddleware` the "
-            "`starlette` plugin installs (`session=X-Session-ID,user=X-User-ID`): only behind "
-            "a gateway that sets them"),
-    Setting("session_cookie_key", "TRACEWIRE_SESSION_COOKIE_KEY", _optional_text, None,
-            "the key of the keyed hash that turns a session cookie into a session id, when "
-            "`TracingMiddleware(session_cookie=...)` is not given `session_cookie_key`: the "
-            "same in every worker"),
-    Setting("prices", "TRACEWIRE_PRICES", _prices, {}, "USD per token by model name "
-            "(`input`, `output`, optional `cache_read_input`), for private or fine-tuned "
-            "models; wins over MLflow's catalog (see [Cost](delta-and-stats.md#cost))", argument=True,
-            env_note="a `.json` or `.toml` file"),
-    Setting("delta_path", "TRACEWIRE_DELTA_PATH", _delta_path, None, "sync the experiment's "
-            "traces into this Delta table from a background thread (needs `tracewire[delta]`)",
-            argument=True),
-    Setting("delta_interval", "TRACEWIRE_DELTA_INTERVAL", _number_in(float, 1.0), 300.0,
-            "seconds between background Delta syncs (at least 1)", argument=True),
-    Setting("ship_timeout", "TRACEWIRE_SHIP_TIMEOUT", _number_in(float, 0.1), 10.0,
-            "seconds one store request may take before the shipper backs off and retries"),
-    Setting("flush_timeout", "TRACEWIRE_FLUSH_TIMEOUT", _number_in(float, 0), 2.0,
-            "seconds exit, `disable()` and `flush()` keep waiting on a store that makes no "
-            "progress (down, hung, refusing); the rest stays spooled"),
-    Setting("exit_timeout", "TRACEWIRE_EXIT_TIMEOUT", _number_in(float, 0), 30.0,
-            "seconds exit, `disable()` and `flush()` wait at most while the store does make "
-            "progress (match it to your platform's stop grace period)"),
-    Setting("trace_timeout", "TRACEWIRE_TRACE_TIMEOUT", _number_in(float, 1.0), 3600.0,
-            "seconds a trace may stay open (a stream nobody closes, a task that never ends); "
-            "then it is stored as it is, its root failed and its open spans marked "
-            "`tracewire.abandoned`, and `tracewire spool status` counts it. At least 1"),
-    Setting("disable", "TRACEWIRE_DISABLE", _bool, False,
-            "`True`: same as `tracewire.disable()`", argument=True, switch=True),
-    Setting("enable_mlflow_tracing", "ENABLE_MLFLOW_TRACING", _bool, True,
-            "`false` makes `autolog()` a no-op (MLflow's production switch)", switch=True),
-    Setting("tracking_uri", "MLFLOW_TRACKING_URI", _optional_text, None, "where traces go; a "
-            "scheme MLflow has no store for (a mistyped `htp://`) fails at `autolog()`",
-            shown_default="`sqlite:///mlflow.db`"),
-    Setting("experiment_id", "MLFLOW_EXPERIMENT_ID", _experiment_id, None,
-            "which experiment, by id", shown_default="`Default`"),
-    Setting("experiment_name", "MLFLOW_EXPERIMENT_NAME", _optional_text, None,
-            "which experiment, by name (created if missing)", shown_default="`Default`"),
+    Setting(
+        "sample_rate",
+        "TRACEWIRE_SAMPLE_RATE",
+        _number_in(float, 0.0, 1.0),
+        1.0,
+        "share of sessions to keep, 0 to 1 (see [Sampling](#sampling))",
+        argument=True,
+        shown_default="`1`",
+    ),
+    Setting(
+        "queue_size",
+        "TRACEWIRE_QUEUE_SIZE",
+        _number_in(int, 1),
+        10_000,
+        "finished traces held in memory before the worker spools them",
+    ),
+    Setting(
+        "spool_dir",
+        "TRACEWIRE_SPOOL_DIR",
+        _spool_dir,
+        default_spool_dir,
+        "where the on-disk spool lives: a directory of this user's, made (or tightened to) "
+        "0700; one of another user is refused at `autolog()` (see "
+        "[Security](security.md#where-prompts-rest-on-disk))",
+        shown_default="`~/.cache/tracewire/spool` (`$TMPDIR/tracewire-<uid>` if home is read-only)",
+    ),
+    Setting(
+        "spool_max_bytes",
+        "TRACEWIRE_SPOOL_MAX_MB",
+        _number_in(float, 0.001, scale=2**20),
+        512 * 2**20,
+        "spool size budget per process, in MB; past it new traces are dropped and counted",
+        shown_default="`512`",
+    ),
+    Setting(
+        "feedback_retention",
+        "TRACEWIRE_FEEDBACK_RETENTION",
+        _number_in(float, 0),
+        86_400.0,
+        "seconds feedback waits for its trace before it is dropped (and counted)",
+    ),
+    Setting(
+        "feedback_max_pending",
+        "TRACEWIRE_FEEDBACK_MAX_PENDING",
+        _number_in(int, 1),
+        1000,
+        "feedback entries waiting for their trace, per process; past it (or "
+        "`TRACEWIRE_FEEDBACK_MAX_PENDING_MB`) the oldest waiting one is dropped (counted)",
+    ),
+    Setting(
+        "feedback_max_pending_bytes",
+        "TRACEWIRE_FEEDBACK_MAX_PENDING_MB",
+        _number_in(float, 0.001, scale=2**20),
+        2**20,
+        "MB of feedback waiting for its trace, per process",
+        shown_default="`1`",
+    ),
+    Setting(
+        "feedback_path",
+        "TRACEWIRE_FEEDBACK_PATH",
+        _feedback_path,
+        None,
+        "the feedback route (`/feedback`) of the `TracingMiddleware` the `starlette` "
+        "plugin installs",
+    ),
+    Setting(
+        "trust_identity_headers",
+        "TRACEWIRE_TRUST_IDENTITY_HEADERS",
+        identity_headers,
+        {},
+        "headers that name the session and user for the `TracingMiddleware` the "
+        "`starlette` plugin installs (`session=X-Session-ID,user=X-User-ID`): only behind "
+        "a gateway that sets them",
+    ),
+    Setting(
+        "session_cookie_key",
+        "TRACEWIRE_SESSION_COOKIE_KEY",
+        _optional_text,
+        None,
+        "the key of the keyed hash that turns a session cookie into a session id, when "
+        "`TracingMiddleware(session_cookie=...)` is not given `session_cookie_key`: the "
+        "same in every worker",
+    ),
+    Setting(
+        "prices",
+        "TRACEWIRE_PRICES",
+        _prices,
+        {},
+        "USD per token by model name "
+        "(`input`, `output`, optional `cache_read_input`), for private or fine-tuned "
+        "models; wins over MLflow's catalog (see [Cost](delta-and-stats.md#cost))",
+        argument=True,
+        env_note="a `.json` or `.toml` file",
+    ),
+    Setting(
+        "delta_path",
+        "TRACEWIRE_DELTA_PATH",
+        _delta_path,
+        None,
+        "sync the experiment's "
+        "traces into this Delta table from a background thread (needs `tracewire[delta]`)",
+        argument=True,
+    ),
+    Setting(
+        "delta_interval",
+        "TRACEWIRE_DELTA_INTERVAL",
+        _number_in(float, 1.0),
+        300.0,
+        "seconds between background Delta syncs (at least 1)",
+        argument=True,
+    ),
+    Setting(
+        "ship_timeout",
+        "TRACEWIRE_SHIP_TIMEOUT",
+        _number_in(float, 0.1),
+        10.0,
+        "seconds one store request may take before the shipper backs off and retries",
+    ),
+    Setting(
+        "flush_timeout",
+        "TRACEWIRE_FLUSH_TIMEOUT",
+        _number_in(float, 0),
+        2.0,
+        "seconds exit, `disable()` and `flush()` keep waiting on a store that makes no "
+        "progress (down, hung, refusing); the rest stays spooled",
+    ),
+    Setting(
+        "exit_timeout",
+        "TRACEWIRE_EXIT_TIMEOUT",
+        _number_in(float, 0),
+        30.0,
+        "seconds exit, `disable()` and `flush()` wait at most while the store does make "
+        "progress (match it to your platform's stop grace period)",
+    ),
+    Setting(
+        "trace_timeout",
+        "TRACEWIRE_TRACE_TIMEOUT",
+        _number_in(float, 1.0),
+        3600.0,
+        "seconds a trace may stay open (a stream nobody closes, a task that never ends); "
+        "then it is stored as it is, its root failed and its open spans marked "
+        "`tracewire.abandoned`, and `tracewire spool status` counts it. At least 1",
+    ),
+    Setting(
+        "disable",
+        "TRACEWIRE_DISABLE",
+        _bool,
+        False,
+        "`True`: same as `tracewire.disable()`",
+        argument=True,
+        switch=True,
+    ),
+    Setting(
+        "enable_mlflow_tracing",
+        "ENABLE_MLFLOW_TRACING",
+        _bool,
+        True,
+        "`false` makes `autolog()` a no-op (MLflow's production switch)",
+        switch=True,
+    ),
+    Setting(
+        "tracking_uri",
+        "MLFLOW_TRACKING_URI",
+        _optional_text,
+        None,
+        "where traces go; a "
+        "scheme MLflow has no store for (a mistyped `htp://`) fails at `autolog()`",
+        shown_default="`sqlite:///mlflow.db`",
+    ),
+    Setting(
+        "experiment_id",
+        "MLFLOW_EXPERIMENT_ID",
+        _experiment_id,
+        None,
+        "which experiment, by id",
+        shown_default="`Default`",
+    ),
+    Setting(
+        "experiment_name",
+        "MLFLOW_EXPERIMENT_NAME",
+        _optional_text,
+        None,
+        "which experiment, by name (created if missing)",
+        shown_default="`Default`",
+    ),
 )
 ARGUMENTS = tuple(s.field for s in SETTINGS if s.argument and not s.switch)
 _BY_ENV = {s.env: s for s in SETTINGS}
@@ -400,8 +592,7 @@ def _read(setting: Setting, arguments: Mapping[str, Any]) -> Any:
     from_env = setting.parse(setting.env, env) if env is not None else None
     if from_arg is not None:
         merge = setting.merge
-        return merge(from_env, from_arg) if merge is not None and from_env is not None \
-            else from_arg
+        return merge(from_env, from_arg) if merge is not None and from_env is not None else from_arg
     if from_env is not None:
         return from_env
     return setting.default() if callable(setting.default) else setting.default
@@ -438,8 +629,13 @@ def markdown_table() -> str:
 
 def defaults() -> Settings:
     """Every setting at its default, whatever the environment says."""
-    return Settings(**{s.field: s.default() if callable(s.default) else s.default
-                       for s in SETTINGS if not s.switch})
+    return Settings(
+        **{
+            s.field: s.default() if callable(s.default) else s.default
+            for s in SETTINGS
+            if not s.switch
+        }
+    )
 
 
 _active = defaults()

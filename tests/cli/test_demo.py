@@ -28,9 +28,16 @@ from tracewire.report import sources
 HANG_GUARD = 120
 
 # Set by the test suite (tests/conftest.py) or by a developer's shell; the demo must work without.
-_STRIPPED = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",
-             "MLFLOW_MODEL_CATALOG_URI", "TRACEWIRE_STREAM_USAGE_HOSTS", "OPENAI_API_KEY",
-             "OPENAI_BASE_URL", "OPENAI_MODEL")
+_STRIPPED = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_EXPERIMENT_ID",
+    "MLFLOW_MODEL_CATALOG_URI",
+    "TRACEWIRE_STREAM_USAGE_HOSTS",
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "OPENAI_MODEL",
+)
 
 
 def clean_env(cwd: Path) -> dict[str, str]:
@@ -41,11 +48,17 @@ def clean_env(cwd: Path) -> dict[str, str]:
     return env
 
 
-def tracewire_cli(*args: str, cwd: Path, env: dict[str, str] | None = None
-                  ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tracewire.cli", *args], cwd=cwd,
-                          env=clean_env(cwd) if env is None else env, capture_output=True,
-                          text=True, timeout=HANG_GUARD)
+def tracewire_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tracewire.cli", *args],
+        cwd=cwd,
+        env=clean_env(cwd) if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
+    )
 
 
 def assert_nothing_left_running(result: subprocess.CompletedProcess[str], spool: Path) -> None:
@@ -159,8 +172,9 @@ def test_traces_in_the_store(first: Run) -> None:
         # The LangGraph thread is the session the client sent.
         session = trace.info.trace_metadata["mlflow.trace.session"]
         assert session.split("-")[0] in ("paris", "london", "atlantis")
-    paris = [t for t in traces
-             if t.info.trace_metadata["mlflow.trace.session"].startswith("paris-")]
+    paris = [
+        t for t in traces if t.info.trace_metadata["mlflow.trace.session"].startswith("paris-")
+    ]
     assert len(paris) == 3
     # The third turn of the session carried the first two to the model.
     last = max(paris, key=lambda t: t.info.request_time)
@@ -175,8 +189,15 @@ def test_second_run_with_options_reports_only_its_own_traces(first: Run) -> None
     env = clean_env(first.cwd)
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{first.cwd / 'ignored.db'}"
     env["MLFLOW_EXPERIMENT_NAME"] = "my-experiment"
-    second = tracewire_cli("demo", "--tracking-uri", "sqlite:///mlflow.db", "--delta",
-                           str(first.cwd / "tracewire-delta"), cwd=first.cwd, env=env)
+    second = tracewire_cli(
+        "demo",
+        "--tracking-uri",
+        "sqlite:///mlflow.db",
+        "--delta",
+        str(first.cwd / "tracewire-delta"),
+        cwd=first.cwd,
+        env=env,
+    )
     assert second.returncode == 0, second.stdout + second.stderr
     assert not (first.cwd / "ignored.db").exists()
     assert f"`tracewire stats` of this run ({len(SCRIPT)} traces" in second.stdout
@@ -184,8 +205,9 @@ def test_second_run_with_options_reports_only_its_own_traces(first: Run) -> None
     client = MlflowClient(tracking_uri=first.uri)
     for name in (DEFAULT_EXPERIMENT, "my-experiment"):
         experiment = client.get_experiment_by_name(name)
-        assert len(client.search_traces(locations=[experiment.experiment_id],
-                                        max_results=100)) == len(SCRIPT)
+        assert len(
+            client.search_traces(locations=[experiment.experiment_id], max_results=100)
+        ) == len(SCRIPT)
     assert len(sources.from_delta(str(first.cwd / "tracewire-delta"), 0)) == 2 * len(SCRIPT)
 
 
@@ -204,8 +226,8 @@ def test_config_error_is_one_line(tmp_path: Path) -> None:
     result = tracewire_cli("demo", cwd=tmp_path, env=env)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "tracewire: error: MLFLOW_EXPERIMENT_ID must be a numeric experiment id, "
-        "got 'not-a-number'"]
+        "tracewire: error: MLFLOW_EXPERIMENT_ID must be a numeric experiment id, got 'not-a-number'"
+    ]
 
 
 def test_failed_request_is_one_line_and_nothing_is_left_running(tmp_path: Path) -> None:
@@ -219,8 +241,10 @@ def test_failed_request_is_one_line_and_nothing_is_left_running(tmp_path: Path) 
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("tracewire: error: request 1 of the demo failed: HTTP 500")
     # The cause, read from the request's trace: the model call's error.
-    assert lines[0].endswith("InternalServerError: Error code: 500 - The server had an error "
-                             "while processing your request (simulated by model error-500).")
+    assert lines[0].endswith(
+        "InternalServerError: Error code: 500 - The server had an error "
+        "while processing your request (simulated by model error-500)."
+    )
     assert_nothing_left_running(result, tmp_path / "spool")
 
 
@@ -245,8 +269,12 @@ def test_tracking_uri_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.chdir(tmp_path)
     cwd = Path.cwd()
     assert resolve_tracking_uri(None, {}) == f"sqlite:///{cwd / 'mlflow.db'}"
-    assert resolve_tracking_uri(None, {"MLFLOW_TRACKING_URI": "http://localhost:5000"}) == \
-        "http://localhost:5000"
-    assert resolve_tracking_uri("sqlite:///x.db", {"MLFLOW_TRACKING_URI": "http://h"}) == \
-        f"sqlite:///{cwd / 'x.db'}"
+    assert (
+        resolve_tracking_uri(None, {"MLFLOW_TRACKING_URI": "http://localhost:5000"})
+        == "http://localhost:5000"
+    )
+    assert (
+        resolve_tracking_uri("sqlite:///x.db", {"MLFLOW_TRACKING_URI": "http://h"})
+        == f"sqlite:///{cwd / 'x.db'}"
+    )
     assert resolve_tracking_uri("sqlite:////abs/y.db", {}) == "sqlite:////abs/y.db"

@@ -23,15 +23,17 @@ TRACEWIRE = [sys.executable, "-m", "tracewire.cli"]
 
 
 def _env(tmp_path: Path, openai_server: OpenAIServer, **extra: str) -> dict[str, str]:
-    return clean_env(**{
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}",
-        "MLFLOW_EXPERIMENT_NAME": "zero-code",
-        "MLFLOW_MODEL_CATALOG_URI": "",
-        "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool"),
-        "OPENAI_BASE_URL": openai_server.base_url,
-        "OPENAI_API_KEY": API_KEY,
-        **extra,
-    })
+    return clean_env(
+        **{
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}",
+            "MLFLOW_EXPERIMENT_NAME": "zero-code",
+            "MLFLOW_MODEL_CATALOG_URI": "",
+            "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool"),
+            "OPENAI_BASE_URL": openai_server.base_url,
+            "OPENAI_API_KEY": API_KEY,
+            **extra,
+        }
+    )
 
 
 def _traces(env: dict[str, str], expected: int) -> list[mlflow.entities.Trace]:
@@ -39,8 +41,11 @@ def _traces(env: dict[str, str], expected: int) -> list[mlflow.entities.Trace]:
     deadline = time.monotonic() + 30
     while True:
         experiment = client.get_experiment_by_name("zero-code")
-        found = client.search_traces(locations=[experiment.experiment_id], max_results=500) \
-            if experiment else []
+        found = (
+            client.search_traces(locations=[experiment.experiment_id], max_results=500)
+            if experiment
+            else []
+        )
         if len(found) >= expected or time.monotonic() > deadline:
             assert len(found) == expected, [t.info.trace_id for t in found]
             return found
@@ -57,15 +62,22 @@ print(reply.choices[0].message.content, "traced" if "tracewire" in sys.modules e
 
 
 def test_a_script_that_never_imports_tracewire_is_traced(
-        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    tmp_path: Path, openai_server: OpenAIServer
+) -> None:
     # A sitecustomize of the user's own, further down the path, still runs.
     own = tmp_path / "own-site"
     own.mkdir()
     (own / "sitecustomize.py").write_text("import os\nos.environ['OWN_SITE_RAN'] = 'yes'\n")
     env = _env(tmp_path, openai_server, PYTHONPATH=str(own))
     (tmp_path / "script.py").write_text(SCRIPT + "print(os.environ.get('OWN_SITE_RAN'))\n")
-    done = subprocess.run([*TRACEWIRE, "run", "--", sys.executable, str(tmp_path / "script.py")],
-                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    done = subprocess.run(
+        [*TRACEWIRE, "run", "--", sys.executable, str(tmp_path / "script.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["Echo:", "zero", "code", "traced", "yes"]
     (trace,) = _traces(env, 1)
@@ -73,44 +85,75 @@ def test_a_script_that_never_imports_tracewire_is_traced(
 
 
 def test_the_commands_exit_code_and_a_bad_setting_fail_clearly(
-        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    tmp_path: Path, openai_server: OpenAIServer
+) -> None:
     env = _env(tmp_path, openai_server)
-    failed = subprocess.run([*TRACEWIRE, "run", "--", sys.executable, "-c",
-                             "raise SystemExit(7)"], env=env, capture_output=True, text=True,
-                            timeout=120)
+    failed = subprocess.run(
+        [*TRACEWIRE, "run", "--", sys.executable, "-c", "raise SystemExit(7)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert failed.returncode == 7
-    bad = subprocess.run([*TRACEWIRE, "run", "--", sys.executable, "-c", "pass"],
-                         env={**env, "TRACEWIRE_SAMPLE_RATE": "lots"},
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [*TRACEWIRE, "run", "--", sys.executable, "-c", "pass"],
+        env={**env, "TRACEWIRE_SAMPLE_RATE": "lots"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 1 and "TRACEWIRE_SAMPLE_RATE" in bad.stderr
-    mistyped = subprocess.run([*TRACEWIRE, "run", "--", sys.executable, "-c", "print('ran')"],
-                              env={**env, "MLFLOW_TRACKING_URI": "htp://mlflow.internal:5000"},
-                              capture_output=True, text=True, timeout=120)
+    mistyped = subprocess.run(
+        [*TRACEWIRE, "run", "--", sys.executable, "-c", "print('ran')"],
+        env={**env, "MLFLOW_TRACKING_URI": "htp://mlflow.internal:5000"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert (mistyped.returncode, mistyped.stdout) == (1, ""), mistyped.stderr
     assert mistyped.stderr.splitlines() == [
         "tracewire: error: MLFLOW_TRACKING_URI is 'htp://mlflow.internal:5000', whose scheme "
         "'htp' MLflow has no tracking store for: use http:// or https:// for a tracking server, "
-        "sqlite:/// (or postgresql://, mysql://, mssql://) for a database, or databricks."]
-    missing = subprocess.run([*TRACEWIRE, "run", "--", "no-such-command-here"], env=env,
-                             capture_output=True, text=True, timeout=120)
+        "sqlite:/// (or postgresql://, mysql://, mssql://) for a database, or databricks."
+    ]
+    missing = subprocess.run(
+        [*TRACEWIRE, "run", "--", "no-such-command-here"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 1 and "command not found" in missing.stderr
 
 
 def test_a_bad_setting_in_a_process_tracewire_run_did_not_check_leaves_it_untraced(
-        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    tmp_path: Path, openai_server: OpenAIServer
+) -> None:
     """A process that inherits the bootstrap (a worker started later, a changed variable) but
     whose settings are bad still runs, untraced, with one line saying why."""
     import tracewire.bootstrap
 
-    env = _env(tmp_path, openai_server, TRACEWIRE_RUN="1",
-               PYTHONPATH=str(Path(tracewire.bootstrap.__file__).parent),
-               MLFLOW_TRACKING_URI="htp://mlflow.internal:5000")
-    done = subprocess.run([sys.executable, "-c", "print('app ran')"], env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = _env(
+        tmp_path,
+        openai_server,
+        TRACEWIRE_RUN="1",
+        PYTHONPATH=str(Path(tracewire.bootstrap.__file__).parent),
+        MLFLOW_TRACKING_URI="htp://mlflow.internal:5000",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", "print('app ran')"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert (done.returncode, done.stdout) == (0, "app ran\n"), done.stderr
     (line,) = done.stderr.splitlines()
-    assert line.startswith("tracewire: autolog() failed, this process runs untraced: "
-                           "MLFLOW_TRACKING_URI is 'htp://mlflow.internal:5000'"), line
+    assert line.startswith(
+        "tracewire: autolog() failed, this process runs untraced: "
+        "MLFLOW_TRACKING_URI is 'htp://mlflow.internal:5000'"
+    ), line
 
 
 # Read, not imported: its OpenAI client wants the key the test gives the workers.
@@ -128,14 +171,39 @@ def test_two_workers_each_trace(tmp_path: Path, openai_server: OpenAIServer, ser
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = {
-        "uvicorn": ["-m", "uvicorn", "zero_app:app", "--workers", "2", "--port", str(port),
-                    "--log-level", "warning"],
-        "gunicorn": ["-m", "gunicorn", "zero_app:app", "-k", "uvicorn.workers.UvicornWorker",
-                     "-w", "2", "-b", f"127.0.0.1:{port}", "--log-level", "warning"],
+        "uvicorn": [
+            "-m",
+            "uvicorn",
+            "zero_app:app",
+            "--workers",
+            "2",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        "gunicorn": [
+            "-m",
+            "gunicorn",
+            "zero_app:app",
+            "-k",
+            "uvicorn.workers.UvicornWorker",
+            "-w",
+            "2",
+            "-b",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "warning",
+        ],
     }[server]
-    proc = subprocess.Popen([*TRACEWIRE, "run", "--", sys.executable, *command],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [*TRACEWIRE, "run", "--", sys.executable, *command],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     pids: set[int] = set()
     asked = 0
@@ -150,8 +218,12 @@ def test_two_workers_each_trace(tmp_path: Path, openai_server: OpenAIServer, ser
         # New connections until both workers have answered (the kernel spreads them).
         while len(pids) < 2 and asked < 200 and time.monotonic() < deadline:
             asked += 1
-            response = httpx.get(f"{url}/ask", params={"q": f"question {asked}"},
-                                 headers={"Connection": "close"}, timeout=30)
+            response = httpx.get(
+                f"{url}/ask",
+                params={"q": f"question {asked}"},
+                headers={"Connection": "close"},
+                timeout=30,
+            )
             pids.add(response.json()["pid"])
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -191,15 +263,17 @@ mlflow.models.set_model(Agent())
 
 @pytest.mark.timeout(240)
 def test_sigterm_right_after_a_burst_under_mlflow_models_serve_stores_every_trace(
-        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    tmp_path: Path, openai_server: OpenAIServer
+) -> None:
     """A container's stop: SIGTERM to its first process, ``tracewire run`` running ``mlflow
     models serve`` (whose CLI runs uvicorn as a child), right after a burst of requests. When
     that first process exits, the container and its disk are gone: every trace must be in the
     store by then."""
     env = _env(tmp_path, openai_server)
     (tmp_path / "agent.py").write_text(AGENT)
-    model_id = log_models(env, tmp_path, {"agent": "agent.py"},
-                          pip_requirements=["openai"])["agent"]
+    model_id = log_models(env, tmp_path, {"agent": "agent.py"}, pip_requirements=["openai"])[
+        "agent"
+    ]
     server = ModelServer(model_id, env, tmp_path, wrapper=TRACEWIRE_RUN).start()
     proc = server.proc
     assert proc is not None
@@ -208,8 +282,12 @@ def test_sigterm_right_after_a_burst_under_mlflow_models_serve_stores_every_trac
         server.wait_ready()
         with httpx.Client(timeout=30) as client:
             for i in range(calls):
-                answer = client.post(f"{server.url}/invocations", json={"dataframe_split": {
-                    "columns": ["question"], "data": [[f"question {i}"]]}})
+                answer = client.post(
+                    f"{server.url}/invocations",
+                    json={
+                        "dataframe_split": {"columns": ["question"], "data": [[f"question {i}"]]}
+                    },
+                )
                 assert answer.status_code == 200, answer.text
         proc.send_signal(signal.SIGTERM)  # to the first process only, as `docker stop` does
         started = time.monotonic()
@@ -217,30 +295,49 @@ def test_sigterm_right_after_a_burst_under_mlflow_models_serve_stores_every_trac
         stopped_after = time.monotonic() - started
         # The container is gone now: whatever is not stored is lost with it.
         stored = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).search_traces(
-            locations=[mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name(
-                "zero-code").experiment_id], max_results=500)
+            locations=[
+                mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+                .get_experiment_by_name("zero-code")
+                .experiment_id
+            ],
+            max_results=500,
+        )
     finally:
         server.signal_group(signal.SIGKILL)  # what the container's end does to the rest
         proc.wait()
         output = server.output()
-    print(f"\nmodels serve: stopped {stopped_after:.1f} s after SIGTERM, {len(stored)} of "
-          f"{calls} traces stored by then")
+    print(
+        f"\nmodels serve: stopped {stopped_after:.1f} s after SIGTERM, {len(stored)} of "
+        f"{calls} traces stored by then"
+    )
     assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), output[-4000:]
-    questions = sorted(s.inputs["messages"][0]["content"] for t in stored
-                       for s in t.data.spans if s.name == "chat gpt-4o-mini")
+    questions = sorted(
+        s.inputs["messages"][0]["content"]
+        for t in stored
+        for s in t.data.spans
+        if s.name == "chat gpt-4o-mini"
+    )
     assert questions == sorted(f"question {i}" for i in range(calls)), output[-4000:]
 
 
 def test_signals_sent_to_tracewire_run_reach_the_command(
-        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    tmp_path: Path, openai_server: OpenAIServer
+) -> None:
     """`docker stop` with STOPSIGNAL SIGINT, `timeout -s INT`, systemd: a SIGINT sent to the
     first process only (no terminal here) is passed on to the command, which ends as it would."""
     env = _env(tmp_path, openai_server)
-    (tmp_path / "wait.py").write_text(SCRIPT + "import time\nprint('waiting', flush=True)\n"
-                                      "time.sleep(120)\n")
-    proc = subprocess.Popen([*TRACEWIRE, "run", "--", sys.executable, "wait.py"], env=env,
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    (tmp_path / "wait.py").write_text(
+        SCRIPT + "import time\nprint('waiting', flush=True)\ntime.sleep(120)\n"
+    )
+    proc = subprocess.Popen(
+        [*TRACEWIRE, "run", "--", sys.executable, "wait.py"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().split()[-1] == "traced"

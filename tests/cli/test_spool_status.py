@@ -11,8 +11,21 @@ from tracewire.export.spool import Spool
 
 
 def _status(directory: Path) -> dict:
-    result = subprocess.run([sys.executable, "-m", "tracewire.cli", "spool", "status", "--dir",
-                             str(directory), "--json"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tracewire.cli",
+            "spool",
+            "status",
+            "--dir",
+            str(directory),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -30,23 +43,49 @@ def test_spool_status_counts_pending_and_dropped(tmp_path: Path) -> None:
     (left,) = _status(tmp_path)["spools"]
     assert (left["pending"], left["dropped"], left["live"]) == (2, 1, False)
 
-    text = subprocess.run([sys.executable, "-m", "tracewire.cli", "spool", "status", "--dir",
-                           str(tmp_path)], capture_output=True, text=True, timeout=60).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "tracewire.cli", "spool", "status", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert "2 pending" in text and "1 dropped (1 budget)" in text and "exited process" in text
 
 
 def test_spool_status_says_which_store_each_spool_is_for(tmp_path: Path) -> None:
-    one = Spool.create(tmp_path, 1 << 20, json.dumps(
-        {"tracking_uri": "http://alice:pw-9@mlflow.internal:5000", "experiment_id": None,
-         "experiment_name": "checkout"}, sort_keys=True))
+    one = Spool.create(
+        tmp_path,
+        1 << 20,
+        json.dumps(
+            {
+                "tracking_uri": "http://alice:pw-9@mlflow.internal:5000",
+                "experiment_id": None,
+                "experiment_name": "checkout",
+            },
+            sort_keys=True,
+        ),
+    )
     one.put("tr-1", b"p")
     one.close()
-    two = Spool.create(tmp_path, 1 << 20, json.dumps(
-        {"tracking_uri": "sqlite:////srv/app/mlflow.db", "experiment_id": None,
-         "experiment_name": None}, sort_keys=True))
+    two = Spool.create(
+        tmp_path,
+        1 << 20,
+        json.dumps(
+            {
+                "tracking_uri": "sqlite:////srv/app/mlflow.db",
+                "experiment_id": None,
+                "experiment_name": None,
+            },
+            sort_keys=True,
+        ),
+    )
     two.put("tr-2", b"p")
-    text = subprocess.run([sys.executable, "-m", "tracewire.cli", "spool", "status", "--dir",
-                           str(tmp_path)], capture_output=True, text=True, timeout=60).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "tracewire.cli", "spool", "status", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert "for http://alice:***@mlflow.internal:5000, experiment 'checkout'" in text
     assert "for sqlite:////srv/app/mlflow.db\n" in text
     assert "pw-9" not in text and "pw-9" not in json.dumps(_status(tmp_path))

@@ -13,7 +13,8 @@ import importlib
 import subprocess
 import sys
 import textwrap
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -50,26 +51,53 @@ def exercise_openai(server: OpenAIServer) -> list[Any]:
     async def async_calls() -> list[Any]:
         aclient = openai.AsyncOpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
         reply = await aclient.chat.completions.create(model="gpt-4o-mini", messages=messages)
-        stream = await aclient.chat.completions.create(model="gpt-4o-mini", messages=messages,
-                                                       stream=True)
+        stream = await aclient.chat.completions.create(
+            model="gpt-4o-mini", messages=messages, stream=True
+        )
         chunks = [c.choices[0].delta.content if c.choices else None async for c in stream]
         return [reply.choices[0].message.content, chunks]
 
     return [
         _outcome(lambda: client.chat.completions.create(model="gpt-4o-mini", messages=messages)),
-        _outcome(lambda: [c.model_dump(exclude={"id", "created"}) for c in client.chat.completions.create(
-            model="gpt-4o-mini", messages=messages, stream=True)]),
-        _outcome(lambda: client.chat.completions.with_raw_response.create(
-            model="gpt-4o-mini", messages=messages).parse()),
-        _outcome(lambda: [c.choices[0].delta.content for c in client.chat.completions.with_raw_response.create(
-            model="gpt-4o-mini", messages=messages, stream=True).parse() if c.choices]),
-        _outcome(lambda: [e.type for e in client.responses.create(model="gpt-4o", input="hi",
-                                                                  stream=True)]),
+        _outcome(
+            lambda: [
+                c.model_dump(exclude={"id", "created"})
+                for c in client.chat.completions.create(
+                    model="gpt-4o-mini", messages=messages, stream=True
+                )
+            ]
+        ),
+        _outcome(
+            lambda: client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=messages
+            ).parse()
+        ),
+        _outcome(
+            lambda: [
+                c.choices[0].delta.content
+                for c in client.chat.completions.with_raw_response.create(
+                    model="gpt-4o-mini", messages=messages, stream=True
+                ).parse()
+                if c.choices
+            ]
+        ),
+        _outcome(
+            lambda: [
+                e.type for e in client.responses.create(model="gpt-4o", input="hi", stream=True)
+            ]
+        ),
         _outcome(lambda: client.embeddings.create(model="text-embedding-3-small", input="hi")),
         _outcome(lambda: client.completions.create(model="gpt-3.5-turbo-instruct", prompt="hi")),
         _outcome(lambda: client.chat.completions.create(model="error-500", messages=messages)),
-        _outcome(lambda: [c.choices[0].delta.content for c in client.chat.completions.create(
-            model="stream-error", messages=messages, stream=True) if c.choices]),
+        _outcome(
+            lambda: [
+                c.choices[0].delta.content
+                for c in client.chat.completions.create(
+                    model="stream-error", messages=messages, stream=True
+                )
+                if c.choices
+            ]
+        ),
         _outcome(lambda: asyncio.run(async_calls())),
     ]
 
@@ -79,8 +107,13 @@ def _chat_openai(server: OpenAIServer, model: str = "gpt-4o-mini") -> Any:
     from langchain_openai import ChatOpenAI
 
     # A fresh async HTTP client: langchain-openai caches one bound to its first event loop.
-    return ChatOpenAI(model=model, base_url=server.base_url, api_key=API_KEY, max_retries=0,
-                      http_async_client=openai.DefaultAsyncHttpxClient())
+    return ChatOpenAI(
+        model=model,
+        base_url=server.base_url,
+        api_key=API_KEY,
+        max_retries=0,
+        http_async_client=openai.DefaultAsyncHttpxClient(),
+    )
 
 
 def exercise_langchain(server: OpenAIServer) -> list[Any]:
@@ -100,8 +133,11 @@ def exercise_langchain(server: OpenAIServer) -> list[Any]:
         def _get_relevant_documents(self, query: str, *, run_manager: Any) -> list[Document]:
             return [Document(page_content=query, id="d1")]
 
-    chain = (ChatPromptTemplate.from_messages([("user", "{q}")]) | _chat_openai(server)
-             | StrOutputParser())
+    chain = (
+        ChatPromptTemplate.from_messages([("user", "{q}")])
+        | _chat_openai(server)
+        | StrOutputParser()
+    )
     q = {"q": "hello contract"}
 
     async def async_calls() -> list[Any]:
@@ -114,8 +150,9 @@ def exercise_langchain(server: OpenAIServer) -> list[Any]:
         _outcome(lambda: [d.page_content for d in Shelf().invoke("hi")]),
         _outcome(lambda: _chat_openai(server, "error-500").invoke("hi")),
         _outcome(lambda: [c.content for c in _chat_openai(server, "stream-error").stream("hi")]),
-        _outcome(lambda: (RunnableLambda(lambda x: x + 1) | RunnableLambda(lambda x: 1 / 0))
-                 .invoke(1)),
+        _outcome(
+            lambda: (RunnableLambda(lambda x: x + 1) | RunnableLambda(lambda x: 1 / 0)).invoke(1)
+        ),
         _outcome(lambda: asyncio.run(async_calls())),
     ]
 
@@ -130,8 +167,14 @@ def exercise_langgraph(server: OpenAIServer) -> list[Any]:
     from typing_extensions import TypedDict
 
     # The functional form: this module's postponed annotations could not see these imports.
-    State = TypedDict("State", {"messages": Annotated[list[Any], add_messages],
-                                "approved": str}, total=False)
+    State = TypedDict(  # noqa: UP013
+        "State",
+        {
+            "messages": Annotated[list[Any], add_messages],
+            "approved": str,
+        },
+        total=False,
+    )
 
     model = _chat_openai(server)
     graph = StateGraph(State)
@@ -143,19 +186,34 @@ def exercise_langgraph(server: OpenAIServer) -> list[Any]:
 
     def run(inputs: Any, thread: str) -> Any:
         state = app.invoke(inputs, {"configurable": {"thread_id": thread, "user_id": "u"}})
-        return [[m.content for m in state["messages"]], state.get("approved"),
-                [i.value for i in state.get("__interrupt__", [])]]
+        return [
+            [m.content for m in state["messages"]],
+            state.get("approved"),
+            [i.value for i in state.get("__interrupt__", [])],
+        ]
 
     async def astreamed() -> list[Any]:
-        return [list(c) async for c in app.astream({"messages": [("user", "hi")]},
-                                                   {"configurable": {"thread_id": "c"}},
-                                                   stream_mode="updates") if "agent" not in c]
+        return [
+            list(c)
+            async for c in app.astream(
+                {"messages": [("user", "hi")]},
+                {"configurable": {"thread_id": "c"}},
+                stream_mode="updates",
+            )
+            if "agent" not in c
+        ]
 
     return [
         _outcome(lambda: run({"messages": [("user", "hello contract")]}, "a")),
         _outcome(lambda: run(Command(resume="yes"), "a")),
-        _outcome(lambda: [list(c) for c in app.stream({"messages": [("user", "hi")]},
-                                                      {"configurable": {"thread_id": "b"}})]),
+        _outcome(
+            lambda: [
+                list(c)
+                for c in app.stream(
+                    {"messages": [("user", "hi")]}, {"configurable": {"thread_id": "b"}}
+                )
+            ]
+        ),
         _outcome(lambda: asyncio.run(astreamed())),
     ]
 
@@ -174,7 +232,8 @@ def exercise_starlette(server: OpenAIServer) -> list[Any]:
     @app.get("/ask")
     async def ask(q: str) -> dict[str, Any]:
         reply = await client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": q}])
+            model="gpt-4o-mini", messages=[{"role": "user", "content": q}]
+        )
         return {"reply": reply.choices[0].message.content}
 
     @app.get("/boom")
@@ -187,9 +246,15 @@ def exercise_starlette(server: OpenAIServer) -> list[Any]:
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
             # What the caller sees of a response: status and body (tracewire adds headers).
-            return [(r.status_code, r.text) for r in [
-                await http.get("/ask", params={"q": "hello contract"}),
-                await http.get("/boom"), await http.get("/sub/hi"), await http.get("/nope")]]
+            return [
+                (r.status_code, r.text)
+                for r in [
+                    await http.get("/ask", params={"q": "hello contract"}),
+                    await http.get("/boom"),
+                    await http.get("/sub/hi"),
+                    await http.get("/nope"),
+                ]
+            ]
 
     return [_outcome(lambda: asyncio.run(calls()))]
 
@@ -209,16 +274,26 @@ def exercise_mlflow_agent(server: OpenAIServer) -> list[Any]:
             if text == "fail":
                 raise ValueError("the agent failed")
             reply = client.chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": text}])
-            return ResponsesAgentResponse(output=[self.create_text_output_item(
-                text=reply.choices[0].message.content or "", id="msg-1")])
+                model="gpt-4o-mini", messages=[{"role": "user", "content": text}]
+            )
+            return ResponsesAgentResponse(
+                output=[
+                    self.create_text_output_item(
+                        text=reply.choices[0].message.content or "", id="msg-1"
+                    )
+                ]
+            )
 
     served = _ResponsesAgentPyfuncWrapper(Agent(), None)
 
     def ask(text: str) -> Any:
         with tracewire.context(request_id=f"agent-{text}"):
-            return served.predict({"input": [{"role": "user", "content": text}], "context": {
-                "conversation_id": "conv-1", "user_id": "user-1"}})
+            return served.predict(
+                {
+                    "input": [{"role": "user", "content": text}],
+                    "context": {"conversation_id": "conv-1", "user_id": "user-1"},
+                }
+            )
 
     return [_outcome(lambda: ask("hello contract")), _outcome(lambda: ask("fail"))]
 
@@ -255,8 +330,9 @@ def _run_python(code: tuple[str, ...], tmp_path: Any) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = "sqlite:///{tmp_path}/mlflow.db"
         os.environ["TRACEWIRE_TESTING"] = "1"
     """) + "\n".join(textwrap.dedent(part) for part in code)
-    result = subprocess.run([sys.executable, "-c", env_code], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", env_code], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -269,21 +345,35 @@ def _attached(name: str) -> str:
 
 
 def test_patch_before_import(name: str, tmp_path: Any) -> None:
-    _run_python((f"""
+    _run_python(
+        (
+            f"""
         import tracewire
         tracewire.autolog()
         import {registry.get(name).module}
         assert {registry.get(name).module!r} in sys.modules
-    """, _attached(name), "assert attached"), tmp_path)
+    """,
+            _attached(name),
+            "assert attached",
+        ),
+        tmp_path,
+    )
 
 
 def test_disable_then_first_import_patches_nothing(name: str, tmp_path: Any) -> None:
-    _run_python((f"""
+    _run_python(
+        (
+            f"""
         import tracewire
         tracewire.autolog()
         tracewire.disable()
         import {registry.get(name).module}
-    """, _attached(name), "assert not attached"), tmp_path)
+    """,
+            _attached(name),
+            "assert not attached",
+        ),
+        tmp_path,
+    )
 
 
 def test_patch_after_import_once_and_unpatch_exactly(name: str, traced: Traced) -> None:
@@ -311,8 +401,8 @@ def test_patch_after_import_once_and_unpatch_exactly(name: str, traced: Traced) 
 
 
 def test_every_step_can_fail_without_the_caller_noticing(
-        name: str, traced: Traced, openai_server: OpenAIServer,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    name: str, traced: Traced, openai_server: OpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def exercise(server: OpenAIServer) -> list[Any]:
         # A failed `deactivate` leaves its span current in the caller's context by design (it
         # failed); a fresh context per run keeps that from leaking into the next case.

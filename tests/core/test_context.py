@@ -17,8 +17,9 @@ def _chat(client: openai.OpenAI) -> None:
 
 
 def test_context_lands_on_the_trace(traced: Traced, client: openai.OpenAI) -> None:
-    with tracewire.context(request_id="req-123", session_id="sess-1", user_id="alice",
-                           tags={"feature": "search"}):
+    with tracewire.context(
+        request_id="req-123", session_id="sess-1", user_id="alice", tags={"feature": "search"}
+    ):
         _chat(client)
     _chat(client)  # outside: none of it
     inside, outside = traced.traces(expected=2)
@@ -42,8 +43,9 @@ def test_set_user_late_in_the_work_still_lands(traced: Traced, client: openai.Op
 
 
 @pytest.mark.parametrize("bad", ["x" * 251, "a\nb", "nul\x00", "", 42])
-def test_invalid_session_is_dropped_not_replaced(traced: Traced, client: openai.OpenAI,
-                                                 bad: object) -> None:
+def test_invalid_session_is_dropped_not_replaced(
+    traced: Traced, client: openai.OpenAI, bad: object
+) -> None:
     with tracewire.context(session_id="keep-me"):
         tracewire.set_session(bad)  # type: ignore[arg-type]
         _chat(client)
@@ -51,8 +53,9 @@ def test_invalid_session_is_dropped_not_replaced(traced: Traced, client: openai.
 
 
 @pytest.mark.parametrize("traced", [{"tags": {"team": "search"}}], indirect=True)
-def test_deployment_tags_on_every_trace(monkeypatch: pytest.MonkeyPatch, traced: Traced,
-                                        client: openai.OpenAI) -> None:
+def test_deployment_tags_on_every_trace(
+    monkeypatch: pytest.MonkeyPatch, traced: Traced, client: openai.OpenAI
+) -> None:
     monkeypatch.setenv("TRACEWIRE_ENVIRONMENT", "staging")
     monkeypatch.setenv("TRACEWIRE_APP_VERSION", "1.4.2")
     monkeypatch.setenv("TRACEWIRE_REGION", "eu-west-1")

@@ -26,9 +26,15 @@ OVERRIDE = {"gpt-4o-mini": {"input": 1e-06, "output": 2e-06, "cache_read_input":
 
 def priced(trace: mlflow.entities.Trace) -> list[tuple[str, dict, dict]]:
     """(model, usage, cost) of every span that has usage; cost {} where none was set."""
-    return [(s.get_attribute(keys.LLM_MODEL), s.get_attribute(keys.CHAT_USAGE),
-             s.get_attribute(keys.LLM_COST) or {})
-            for s in trace.data.spans if s.get_attribute(keys.CHAT_USAGE)]
+    return [
+        (
+            s.get_attribute(keys.LLM_MODEL),
+            s.get_attribute(keys.CHAT_USAGE),
+            s.get_attribute(keys.LLM_COST) or {},
+        )
+        for s in trace.data.spans
+        if s.get_attribute(keys.CHAT_USAGE)
+    ]
 
 
 def catalog(model: str, usage: dict) -> dict:
@@ -41,8 +47,7 @@ def trace_cost(trace: mlflow.entities.Trace) -> dict | None:
 
 
 def test_streamed_chat_is_priced_from_the_catalog(traced: Traced, client: openai.OpenAI) -> None:
-    chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=USER,
-                                                 stream=True))
+    chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=USER, stream=True))
     assert any(c.choices and c.choices[0].delta.content for c in chunks)
     ((model, usage, span_cost),) = priced(traced.trace())
     assert model == "gpt-4o-mini" and usage["input_tokens"] > 0 and usage["output_tokens"] > 0
@@ -60,8 +65,9 @@ def test_embeddings_are_priced(traced: Traced, client: openai.OpenAI) -> None:
 
 
 def test_langchain_call_is_priced_once(traced: Traced, openai_server: OpenAIServer) -> None:
-    model = ChatOpenAI(model="gpt-4o-mini", base_url=openai_server.base_url, api_key=API_KEY,
-                       max_retries=0)
+    model = ChatOpenAI(
+        model="gpt-4o-mini", base_url=openai_server.base_url, api_key=API_KEY, max_retries=0
+    )
     assert model.invoke("price me").content
     spans = priced(traced.trace())
     assert len(spans) == 2  # ChatOpenAI's span and the OpenAI client's span under it
@@ -79,8 +85,14 @@ def test_user_override_wins_over_the_catalog(traced: Traced, client: openai.Open
     usage = chat[1]
     expected_input = usage["input_tokens"] * 1e-06
     expected_output = usage["output_tokens"] * 2e-06
-    assert chat[2] == pytest.approx({"input_cost": expected_input, "output_cost": expected_output,
-                                     "total_cost": expected_input + expected_output}, rel=1e-12)
+    assert chat[2] == pytest.approx(
+        {
+            "input_cost": expected_input,
+            "output_cost": expected_output,
+            "total_cost": expected_input + expected_output,
+        },
+        rel=1e-12,
+    )
     assert chat[2] != pytest.approx(catalog("gpt-4o-mini", usage))
     assert trace_cost(traced.traces()[0]) == pytest.approx(chat[2], rel=1e-12)
     # Models the override does not name still get the catalog's price, from the store.
@@ -88,8 +100,8 @@ def test_user_override_wins_over_the_catalog(traced: Traced, client: openai.Open
 
 
 def test_prices_file_prices_a_private_model_and_unknown_models_get_none(
-        traced: Traced, client: openai.OpenAI, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    traced: Traced, client: openai.OpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     prices = tmp_path / "prices.toml"
     prices.write_text('["my-finetune"]\ninput = 4e-06\noutput = 8e-06\n')
     monkeypatch.setenv("TRACEWIRE_PRICES", str(prices))
@@ -98,25 +110,40 @@ def test_prices_file_prices_a_private_model_and_unknown_models_get_none(
     client.chat.completions.create(model="nobody-prices-this", messages=USER)
     finetune, unknown = (priced(t)[0] for t in traced.traces(expected=2))
     assert finetune[2]["total_cost"] == pytest.approx(
-        finetune[1]["input_tokens"] * 4e-06 + finetune[1]["output_tokens"] * 8e-06, rel=1e-12)
+        finetune[1]["input_tokens"] * 4e-06 + finetune[1]["output_tokens"] * 8e-06, rel=1e-12
+    )
     assert unknown[0] == "nobody-prices-this" and unknown[1]["total_tokens"] > 0
     assert unknown[2] == {} and trace_cost(traced.traces()[1]) is None
 
 
 def test_store_that_does_not_price_gets_catalog_cost_from_us() -> None:
-    usage = {"input_tokens": 1000, "output_tokens": 100, "total_tokens": 1100,
-             "cache_read_input_tokens": 400}
-    spans = [{"attributes": {keys.LLM_MODEL: json.dumps(model), keys.CHAT_USAGE: json.dumps(usage)}}
-             for model in ("gpt-4o-mini", "my-finetune", "unknown")]
-    spans.append({"attributes": {keys.LLM_MODEL: json.dumps("gpt-4o"),
-                                 keys.CHAT_USAGE: json.dumps(usage),
-                                 keys.LLM_COST: json.dumps({"total_cost": 9})}})
-    prices = cost.load({"my-finetune": {"input": 1e-06, "output": 2e-06,
-                                        "cache_read_input": 1e-07}})
+    usage = {
+        "input_tokens": 1000,
+        "output_tokens": 100,
+        "total_tokens": 1100,
+        "cache_read_input_tokens": 400,
+    }
+    spans = [
+        {"attributes": {keys.LLM_MODEL: json.dumps(model), keys.CHAT_USAGE: json.dumps(usage)}}
+        for model in ("gpt-4o-mini", "my-finetune", "unknown")
+    ]
+    spans.append(
+        {
+            "attributes": {
+                keys.LLM_MODEL: json.dumps("gpt-4o"),
+                keys.CHAT_USAGE: json.dumps(usage),
+                keys.LLM_COST: json.dumps({"total_cost": 9}),
+            }
+        }
+    )
+    prices = cost.load(
+        {"my-finetune": {"input": 1e-06, "output": 2e-06, "cache_read_input": 1e-07}}
+    )
     cost.price_span_dicts(spans, prices, catalog=True)
     costs = [json.loads(s["attributes"].get(keys.LLM_COST, "null")) for s in spans]
-    assert costs[0] == pytest.approx(calculate_cost_by_model_and_token_usage(
-        "gpt-4o-mini", usage), rel=1e-12)
+    assert costs[0] == pytest.approx(
+        calculate_cost_by_model_and_token_usage("gpt-4o-mini", usage), rel=1e-12
+    )
     assert costs[1]["input_cost"] == pytest.approx(600 * 1e-06 + 400 * 1e-07, rel=1e-12)
     assert math.isclose(costs[1]["total_cost"], costs[1]["input_cost"] + 100 * 2e-06)
     assert costs[2] is None and costs[3] == {"total_cost": 9}  # unknown; a set cost is kept
@@ -124,14 +151,18 @@ def test_store_that_does_not_price_gets_catalog_cost_from_us() -> None:
     assert not cost.store_prices("databricks")
 
 
-@pytest.mark.parametrize("value, message", [
-    ('{"m": {"input": 1}}', "needs 'input' and 'output'"),
-    ('{"m": {"input": -1, "output": 1}}', "must be a number >= 0"),
-    ('["m"]', "must map model names"),
-    ("{not json", "is not valid JSON"),
-])
-def test_bad_prices_name_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     value: str, message: str) -> None:
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ('{"m": {"input": 1}}', "needs 'input' and 'output'"),
+        ('{"m": {"input": -1, "output": 1}}', "must be a number >= 0"),
+        ('["m"]', "must map model names"),
+        ("{not json", "is not valid JSON"),
+    ],
+)
+def test_bad_prices_name_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, message: str
+) -> None:
     path = tmp_path / "prices.json"
     path.write_text(value)
     monkeypatch.setenv("TRACEWIRE_PRICES", str(path))
@@ -150,8 +181,13 @@ def test_tracking_server_prices_what_we_ship(tmp_path: Path) -> None:
     with MlflowServer(tmp_path / "server") as server:
         client = mlflow.MlflowClient(tracking_uri=server.url)
         experiment = client.create_experiment("cost-on-server")
-        shipped = Synthetic(otel_trace_id=7, request_time_ms=1_700_000_000_000, duration_ms=10,
-                            input_tokens=1000, output_tokens=100)
+        shipped = Synthetic(
+            otel_trace_id=7,
+            request_time_ms=1_700_000_000_000,
+            duration_ms=10,
+            input_tokens=1000,
+            output_tokens=100,
+        )
         write([shipped], server.url, experiment)
         trace = client.get_trace(shipped.trace_id)
     ((model, usage, span_cost),) = priced(trace)
@@ -163,5 +199,8 @@ def test_cost_keys_are_mlflows() -> None:
     from mlflow.tracing.constant import CostKey, SpanAttributeKey, TraceMetadataKey
 
     assert (keys.INPUT_COST, keys.OUTPUT_COST, keys.TOTAL_COST) == (
-        CostKey.INPUT_COST, CostKey.OUTPUT_COST, CostKey.TOTAL_COST)
+        CostKey.INPUT_COST,
+        CostKey.OUTPUT_COST,
+        CostKey.TOTAL_COST,
+    )
     assert (keys.LLM_COST, keys.TRACE_COST) == (SpanAttributeKey.LLM_COST, TraceMetadataKey.COST)

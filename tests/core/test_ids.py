@@ -36,6 +36,6 @@ def test_a_forked_child_never_reuses_its_parents_read_ahead_ids() -> None:
         os.write(write, repr((ids.request_id(), ids.trace_id(), ids.span_id())).encode())
         os._exit(0)
     os.waitpid(pid, 0)
-    child = eval(os.read(read, 512).decode())  # noqa: S307 (our own repr of a tuple)
+    child = eval(os.read(read, 512).decode())
     after = (ids.request_id(), ids.trace_id(), ids.span_id())
     assert all(c != a and c != p for c, a, p in zip(child, after, parent))

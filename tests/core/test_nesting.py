@@ -40,8 +40,9 @@ def test_user_span_inside_ours_and_ours_inside_it(traced: Traced, client: openai
     assert trace.info.token_usage["input_tokens"] == 3 + 2
 
 
-def test_ours_inside_user_span_inside_ours_inside_user_root(traced: Traced,
-                                                             client: openai.OpenAI) -> None:
+def test_ours_inside_user_span_inside_ours_inside_user_root(
+    traced: Traced, client: openai.OpenAI
+) -> None:
     with mlflow.start_span("user_root"):
         middle = spans.start_span("ours", "CHAIN")
         tokens = spans.activate(middle)
@@ -53,8 +54,12 @@ def test_ours_inside_user_span_inside_ours_inside_user_root(traced: Traced,
             middle.end()
 
     trace = traced.trace()
-    assert _tree(trace) == {"user_root": None, "ours": "user_root", "user_inner": "ours",
-                            "chat gpt-4o-mini": "user_inner"}
+    assert _tree(trace) == {
+        "user_root": None,
+        "ours": "user_root",
+        "user_inner": "ours",
+        "chat gpt-4o-mini": "user_inner",
+    }
     assert trace.info.token_usage["total_tokens"] > 0
 
 
@@ -99,8 +104,9 @@ def test_concurrent_roots_do_not_mix(traced: Traced, aclient) -> None:  # type: 
         outer = spans.start_span(f"root-{i}", "CHAIN")
         tokens = spans.activate(outer)
         try:
-            await aclient().chat.completions.create(model="gpt-4o-mini",
-                                                    messages=[{"role": "user", "content": f"n{i}"}])
+            await aclient().chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": f"n{i}"}]
+            )
         finally:
             spans.deactivate(tokens)
             outer.end()
@@ -118,7 +124,8 @@ def test_concurrent_roots_do_not_mix(traced: Traced, aclient) -> None:  # type: 
 
 
 def test_a_span_ended_where_its_context_was_not_reset_is_no_ones_parent(
-        traced: Traced, client: openai.OpenAI) -> None:
+    traced: Traced, client: openai.OpenAI
+) -> None:
     """A span ended from another context (an async stream closed by another
     task) stays current here; ours, the user's and the OpenAI client's spans started next nest
     under the nearest span still open, never under the ended one."""
@@ -138,5 +145,10 @@ def test_a_span_ended_where_its_context_was_not_reset_is_no_ones_parent(
         outer.end()
 
     trace = traced.trace()
-    assert _tree(trace) == {"outer": None, "inner": "outer", "user_step": "outer",
-                            "chat gpt-4o-mini": "user_step", "ours": "outer"}
+    assert _tree(trace) == {
+        "outer": None,
+        "inner": "outer",
+        "user_step": "outer",
+        "chat gpt-4o-mini": "user_step",
+        "ours": "outer",
+    }

@@ -21,7 +21,8 @@ def test_users_tracer_provider_is_untouched(traced: Traced, client: openai.OpenA
 
     assert trace.get_tracer_provider() is provider
     with trace.get_tracer("user-app").start_as_current_span("user-otel-span"):
-        client.chat.completions.create(model="gpt-4o-mini",
-                                       messages=[{"role": "user", "content": "otel"}])
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "otel"}]
+        )
     assert [s.name for s in exporter.get_finished_spans()] == ["user-otel-span"]
     assert traced.trace().data.spans[0].name == "chat gpt-4o-mini"

@@ -28,8 +28,15 @@ def test_a_lower_rate_keeps_a_subset_of_a_higher_ones() -> None:
 def test_every_process_decides_alike_and_odd_text_is_fine() -> None:
     keys = ["a", "session-42", "ünïcode", "\ud800 lone surrogate", ""]
     here = [sampling.keep(k, 0.5) for k in keys]
-    code = ("import sys; from tracewire.core import sampling; "
-            f"print([sampling.keep(k, 0.5) for k in {keys!r}])")
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           check=True, env={"PYTHONHASHSEED": "123", "PATH": ""})
+    code = (
+        "import sys; from tracewire.core import sampling; "
+        f"print([sampling.keep(k, 0.5) for k in {keys!r}])"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "123", "PATH": ""},
+    )
     assert other.stdout.strip() == str(here)

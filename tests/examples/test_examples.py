@@ -11,8 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import mlflow
@@ -33,21 +33,27 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     return uri
 
 
-def example_env(store: str, openai_server: OpenAIServer, experiment: str,
-                tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))}
-    env.update({
-        "TRACEWIRE_TESTING": "1",
-        "MLFLOW_TRACKING_URI": store,
-        "MLFLOW_EXPERIMENT_NAME": experiment,
-        "MLFLOW_MODEL_CATALOG_URI": "",
-        "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool"),
-        # Traces and feedback are stored before exit, even on a busy machine.
-        "TRACEWIRE_FLUSH_TIMEOUT": "30",
-        "OPENAI_BASE_URL": openai_server.base_url,
-        "OPENAI_API_KEY": "sk-examples-unused",
-    })
+def example_env(
+    store: str, openai_server: OpenAIServer, experiment: str, tmp_path: Path
+) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))
+    }
+    env.update(
+        {
+            "TRACEWIRE_TESTING": "1",
+            "MLFLOW_TRACKING_URI": store,
+            "MLFLOW_EXPERIMENT_NAME": experiment,
+            "MLFLOW_MODEL_CATALOG_URI": "",
+            "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool"),
+            # Traces and feedback are stored before exit, even on a busy machine.
+            "TRACEWIRE_FLUSH_TIMEOUT": "30",
+            "OPENAI_BASE_URL": openai_server.base_url,
+            "OPENAI_API_KEY": "sk-examples-unused",
+        }
+    )
     return env
 
 
@@ -57,8 +63,13 @@ def traces(store: str, experiment: str, expected: int) -> list[mlflow.entities.T
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         info = client.get_experiment_by_name(experiment)
-        found = client.search_traces(locations=[info.experiment_id], max_results=100,
-                                     order_by=["timestamp_ms ASC"]) if info else []
+        found = (
+            client.search_traces(
+                locations=[info.experiment_id], max_results=100, order_by=["timestamp_ms ASC"]
+            )
+            if info
+            else []
+        )
         if len(found) >= expected:
             break
         time.sleep(0.2)
@@ -67,8 +78,14 @@ def traces(store: str, experiment: str, expected: int) -> list[mlflow.entities.T
 
 
 def run_script(path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, str(path), *args], env=env, cwd=path.parent,
-                          capture_output=True, text=True, timeout=HANG_GUARD)
+    done = subprocess.run(
+        [sys.executable, str(path), *args],
+        env=env,
+        cwd=path.parent,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     return done
@@ -81,15 +98,21 @@ def serving(command: list[str], cwd: Path, env: dict[str, str]) -> Iterator[str]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen([*command, "--port", str(port), "--log-level", "warning"], cwd=cwd,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [*command, "--port", str(port), "--log-level", "warning"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
                 break
-            assert proc.poll() is None and time.monotonic() < deadline, \
-                proc.communicate()[0].decode(errors="replace")
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[
+                0
+            ].decode(errors="replace")
             time.sleep(0.1)
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -119,39 +142,62 @@ def test_langgraph_sessions(store: str, openai_server: OpenAIServer, tmp_path: P
     env = example_env(store, openai_server, "langgraph-sessions", tmp_path)
     done = run_script(EXAMPLES / "langgraph_sessions.py", env)
     assert [line.rsplit(" -> ", 1)[1] for line in done.stdout.splitlines()] == [
-        "Result: 465 km", "Result: 585 km", "Result: 315 km", "Result: 315 km"]
+        "Result: 465 km",
+        "Result: 585 km",
+        "Result: 315 km",
+        "Result: 315 km",
+    ]
     found = traces(store, "langgraph-sessions", 4)
     by_session: dict[str, list[str]] = {}
     for trace in found:
         metadata = trace.info.trace_metadata
         by_session.setdefault(metadata["mlflow.trace.session"], []).append(
-            metadata["mlflow.trace.user"])
+            metadata["mlflow.trace.user"]
+        )
         types = {s.span_type for s in trace.data.spans}
         assert {"AGENT", "CHAT_MODEL", "TOOL"} <= types, types
-    assert by_session == {"trip-to-lyon": ["ada", "ada"],
-                          "trip-to-brussels": ["grace", "grace"]}
+    assert by_session == {"trip-to-lyon": ["ada", "ada"], "trip-to-brussels": ["grace", "grace"]}
     # The second turn of a thread carried the first one's history to the model.
-    second = [t for t in found if t.info.trace_metadata["mlflow.trace.session"] ==
-              "trip-to-lyon"][1]
-    first_model_call = min((s for s in second.data.spans if s.span_type == "CHAT_MODEL"),
-                           key=lambda s: s.start_time_ns)
+    second = [t for t in found if t.info.trace_metadata["mlflow.trace.session"] == "trip-to-lyon"][
+        1
+    ]
+    first_model_call = min(
+        (s for s in second.data.spans if s.span_type == "CHAT_MODEL"), key=lambda s: s.start_time_ns
+    )
     assert "Paris to Lyon" in str(first_model_call.inputs)
 
 
-def test_fastapi_agent_and_feedback_client(store: str, openai_server: OpenAIServer,
-                                           tmp_path: Path) -> None:
+def test_fastapi_agent_and_feedback_client(
+    store: str, openai_server: OpenAIServer, tmp_path: Path
+) -> None:
     env = example_env(store, openai_server, "fastapi-agent", tmp_path)
     headers = {"X-Session-ID": "trip-7", "X-User-ID": "ada"}
-    with serving([sys.executable, "-m", "uvicorn", "app:app"], EXAMPLES / "fastapi_agent",
-                 env) as url:
-        chat = httpx.post(f"{url}/chat", json={"message": "Weather in Paris?"}, headers=headers,
-                          timeout=60)
-        with httpx.stream("POST", f"{url}/chat/stream", json={"message": "And in Tokyo?"},
-                          headers=headers, timeout=60) as streamed:
+    with serving(
+        [sys.executable, "-m", "uvicorn", "app:app"], EXAMPLES / "fastapi_agent", env
+    ) as url:
+        chat = httpx.post(
+            f"{url}/chat", json={"message": "Weather in Paris?"}, headers=headers, timeout=60
+        )
+        with httpx.stream(
+            "POST",
+            f"{url}/chat/stream",
+            json={"message": "And in Tokyo?"},
+            headers=headers,
+            timeout=60,
+        ) as streamed:
             events = list(streamed.iter_lines())
-        feedback = run_script(EXAMPLES / "feedback_client.py", env,
-                              chat.headers["x-request-id"], "down", "--comment", "wrong city",
-                              "--user", "ada", "--app", url)
+        feedback = run_script(
+            EXAMPLES / "feedback_client.py",
+            env,
+            chat.headers["x-request-id"],
+            "down",
+            "--comment",
+            "wrong city",
+            "--user",
+            "ada",
+            "--app",
+            url,
+        )
     assert chat.status_code == 200 and chat.json() == {"reply": "Result: Paris: sunny, 21 C"}
     assert streamed.headers["content-type"].startswith("text/event-stream")
     assert [e for e in events if e][-1] == "data: [DONE]"
@@ -159,7 +205,7 @@ def test_fastapi_agent_and_feedback_client(store: str, openai_server: OpenAIServ
     assert feedback.stdout.startswith("202 ")
 
     found = traces(store, "fastapi-agent", 2)
-    assert [t.info.client_request_id for t in found][0] == chat.headers["x-request-id"]
+    assert next(t.info.client_request_id for t in found) == chat.headers["x-request-id"]
     for trace in found:
         assert trace.info.trace_metadata["mlflow.trace.session"] == "trip-7"
         types = {s.span_type for s in trace.data.spans}
@@ -176,17 +222,31 @@ def test_fastapi_agent_and_feedback_client(store: str, openai_server: OpenAIServ
     assert thumbs.source.source_id == "ada"
 
 
-def test_zero_code_app_under_tracewire_run(store: str, openai_server: OpenAIServer,
-                                           tmp_path: Path) -> None:
+def test_zero_code_app_under_tracewire_run(
+    store: str, openai_server: OpenAIServer, tmp_path: Path
+) -> None:
     source = (EXAMPLES / "zero_code" / "app.py").read_text()
     assert "import tracewire" not in source and "from tracewire" not in source
     env = example_env(store, openai_server, "zero-code-example", tmp_path)
     env["TRACEWIRE_TRUST_IDENTITY_HEADERS"] = "session=X-Session-ID,user=X-User-ID"
-    command = [sys.executable, "-m", "tracewire.cli", "run", "--", sys.executable, "-m",
-               "uvicorn", "app:app"]
+    command = [
+        sys.executable,
+        "-m",
+        "tracewire.cli",
+        "run",
+        "--",
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "app:app",
+    ]
     with serving(command, EXAMPLES / "zero_code", env) as url:
-        asked = httpx.post(f"{url}/ask", json={"question": "What is MLflow?"},
-                           headers={"X-Session-ID": "zero-1", "X-User-ID": "grace"}, timeout=60)
+        asked = httpx.post(
+            f"{url}/ask",
+            json={"question": "What is MLflow?"},
+            headers={"X-Session-ID": "zero-1", "X-User-ID": "grace"},
+            timeout=60,
+        )
         health = httpx.get(f"{url}/health", timeout=30)
     assert asked.json() == {"answer": "Echo: What is MLflow?"}
     assert health.json() == {"status": "ok"}

@@ -16,8 +16,8 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import duckdb
 import mlflow
@@ -38,8 +38,7 @@ HOUR_MS = 3_600_000
 
 def read(path: Path, columns: list[str] | None = None):  # type: ignore[no-untyped-def]
     # Without Arrow's thread pool: with it, the interpreter can abort at exit (trace_rows.read).
-    return DeltaTable(str(path)).to_pyarrow_dataset().to_table(columns=columns,
-                                                               use_threads=False)
+    return DeltaTable(str(path)).to_pyarrow_dataset().to_table(columns=columns, use_threads=False)
 
 
 def rows(path: Path) -> list[dict]:
@@ -48,8 +47,9 @@ def rows(path: Path) -> list[dict]:
 
 def sync(path: Path, uri: str, experiment: str, **options: object) -> delta.SyncReport:
     lookback = options.pop("lookback_s", 86_400)
-    return delta.sync(str(path), tracking_uri=uri, experiment_ids=[experiment],
-                      lookback_s=lookback, **options)  # type: ignore[arg-type]
+    return delta.sync(
+        str(path), tracking_uri=uri, experiment_ids=[experiment], lookback_s=lookback, **options
+    )  # type: ignore[arg-type]
 
 
 def test_rows_read_back_with_deltalake_and_duckdb(tracking_uri: str, tmp_path: Path) -> None:
@@ -57,14 +57,29 @@ def test_rows_read_back_with_deltalake_and_duckdb(tracking_uri: str, tmp_path: P
     day = (int(time.time() * 1000) // 86_400_000 - 2) * 86_400_000  # midnight UTC, 2 days ago
     base = uuid.uuid4().int >> 64  # trace ids unique in the suite's shared store
     traces = [
-        Synthetic(otel_trace_id=base + 1, request_time_ms=day + HOUR_MS, duration_ms=250,
-                  route="/chat/{room}", status=200, ttfb_ms=31.5, session="s-1", user="u-1",
-                  request_id="req-1", input_tokens=1000, output_tokens=100,
-                  tags={"deployment.environment": "prod", "team": "search"}),
-        Synthetic(otel_trace_id=base + 2, request_time_ms=day + 86_400_000 + HOUR_MS,
-                  duration_ms=90,
-                  route="/chat/{room}", status=500, error="RuntimeError: upstream down",
-                  model="my-private-model"),
+        Synthetic(
+            otel_trace_id=base + 1,
+            request_time_ms=day + HOUR_MS,
+            duration_ms=250,
+            route="/chat/{room}",
+            status=200,
+            ttfb_ms=31.5,
+            session="s-1",
+            user="u-1",
+            request_id="req-1",
+            input_tokens=1000,
+            output_tokens=100,
+            tags={"deployment.environment": "prod", "team": "search"},
+        ),
+        Synthetic(
+            otel_trace_id=base + 2,
+            request_time_ms=day + 86_400_000 + HOUR_MS,
+            duration_ms=90,
+            route="/chat/{room}",
+            status=500,
+            error="RuntimeError: upstream down",
+            model="my-private-model",
+        ),
     ]
     write(traces, tracking_uri, experiment)
 
@@ -79,15 +94,22 @@ def test_rows_read_back_with_deltalake_and_duckdb(tracking_uri: str, tmp_path: P
     assert (first["session"], first["user"], first["environment"]) == ("s-1", "u-1", "prod")
     assert json.loads(first["tags"]) == {"deployment.environment": "prod", "team": "search"}
     assert (first["route"], first["http_status"], first["time_to_first_byte_ms"]) == (
-        "/chat/{room}", 200, 31.5)
+        "/chat/{room}",
+        200,
+        31.5,
+    )
     assert (first["input_tokens"], first["output_tokens"], first["total_tokens"]) == (
-        1000, 100, 1100)
+        1000,
+        100,
+        1100,
+    )
     assert first["models"] == ["gpt-4o-mini"]
     # Priced by MLflow's store when it saved the spans (its built-in catalog).
     from mlflow.tracing.utils import calculate_cost_by_model_and_token_usage
 
     expected = calculate_cost_by_model_and_token_usage(
-        "gpt-4o-mini", {"input_tokens": 1000, "output_tokens": 100}, "openai")
+        "gpt-4o-mini", {"input_tokens": 1000, "output_tokens": 100}, "openai"
+    )
     assert first["total_cost_usd"] == pytest.approx(expected["total_cost"], rel=1e-12)
     assert first["input_cost_usd"] == pytest.approx(expected["input_cost"], rel=1e-12)
     assert first["error_message"] is None
@@ -101,11 +123,17 @@ def test_rows_read_back_with_deltalake_and_duckdb(tracking_uri: str, tmp_path: P
     table = DeltaTable(str(tmp_path / "t"))
     assert table.metadata().partition_columns == ["request_date"]
     assert {p["request_date"] for p in table.partitions()} == {
-        str(first["request_date"]), str(second["request_date"])}
+        str(first["request_date"]),
+        str(second["request_date"]),
+    }
 
     con = duckdb.connect()
-    found = con.from_arrow(table.to_pyarrow_dataset()).filter("http_status = 500").project(
-        "trace_id, error_message").fetchall()
+    found = (
+        con.from_arrow(table.to_pyarrow_dataset())
+        .filter("http_status = 500")
+        .project("trace_id, error_message")
+        .fetchall()
+    )
     assert found == [(traces[1].trace_id, "RuntimeError: upstream down")]
     con.register("traces", table.to_pyarrow_dataset())
     assert con.sql("SELECT count(*), sum(total_tokens) FROM traces").fetchall() == [(2, 1220)]
@@ -138,8 +166,11 @@ def test_feedback_added_later_updates_the_row(tracking_uri: str, tmp_path: Path)
     # An edit (new value, new last-update time) changes the hash too.
     stored = mlflow.get_trace(traces[1].trace_id).info.assessments
     thumbs = next(a for a in stored if a.name == "thumbs")
-    mlflow.update_assessment(trace_id=traces[1].trace_id, assessment_id=thumbs.assessment_id,
-                             assessment=mlflow.entities.Feedback(name="thumbs", value=False))
+    mlflow.update_assessment(
+        trace_id=traces[1].trace_id,
+        assessment_id=thumbs.assessment_id,
+        assessment=mlflow.entities.Feedback(name="thumbs", value=False),
+    )
     assert sync(tmp_path / "t", tracking_uri, experiment).written == 1
     row = {r["trace_id"]: r for r in rows(tmp_path / "t")}[traces[1].trace_id]
     assert (row["feedback_count"], row["feedback_positive"]) == (2, 0)
@@ -167,7 +198,8 @@ def test_burst_in_one_millisecond_larger_than_a_page(tracking_uri: str, tmp_path
     report = sync(tmp_path / "t", tracking_uri, experiment, page_size=10)
     assert (report.read, report.written) == (28, 28)
     assert sorted(r["trace_id"] for r in rows(tmp_path / "t")) == sorted(
-        t.trace_id for t in burst + after)
+        t.trace_id for t in burst + after
+    )
 
 
 # --------------------------------------------------------------------------- 10,000 traces
@@ -201,11 +233,13 @@ CHILD = textwrap.dedent("""
 
 
 def test_sync_killed_mid_merge_resumes_without_duplicates_or_gaps(
-        big_store: tuple[str, str, list[str]], tmp_path: Path) -> None:
+    big_store: tuple[str, str, list[str]], tmp_path: Path
+) -> None:
     uri, experiment, ids = big_store
     path = tmp_path / "t"
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), uri, experiment],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path), uri, experiment], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert child.stdout is not None
         pages: list[int] = []  # rows per merge
@@ -230,12 +264,18 @@ def test_sync_killed_mid_merge_resumes_without_duplicates_or_gaps(
     assert len(stored) == 10_000 and sorted(stored) == sorted(ids)
 
 
-def test_two_syncs_into_one_table_at_once(big_store: tuple[str, str, list[str]],
-                                          tmp_path: Path) -> None:
+def test_two_syncs_into_one_table_at_once(
+    big_store: tuple[str, str, list[str]], tmp_path: Path
+) -> None:
     uri, experiment, ids = big_store
     path = tmp_path / "t"
-    delta.sync(str(path), tracking_uri=uri, experiment_ids=[experiment], lookback_s=0,
-               since_ms=int(time.time() * 1000) + 86_400_000)  # creates the table, reads nothing
+    delta.sync(
+        str(path),
+        tracking_uri=uri,
+        experiment_ids=[experiment],
+        lookback_s=0,
+        since_ms=int(time.time() * 1000) + 86_400_000,
+    )  # creates the table, reads nothing
     script = textwrap.dedent("""
         import sys
         from tracewire.export import delta
@@ -245,9 +285,14 @@ def test_two_syncs_into_one_table_at_once(big_store: tuple[str, str, list[str]],
     """)
     # The newest 3,000 traces: enough pages for the two to collide, in a few seconds.
     since = mlflow.MlflowClient(uri).get_trace(ids[7000]).info.request_time
-    children = [subprocess.Popen([sys.executable, "-c", script, str(path), uri, experiment,
-                                  str(since)], stdout=subprocess.PIPE, text=True)
-                for _ in range(2)]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(path), uri, experiment, str(since)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [child.communicate(timeout=120)[0] for child in children]
     assert [child.returncode for child in children] == [0, 0]
     assert [int(out) for out in outputs] == [3000, 3000]
@@ -255,14 +300,19 @@ def test_two_syncs_into_one_table_at_once(big_store: tuple[str, str, list[str]],
     assert len(stored) == 3000 and sorted(stored) == sorted(ids[7000:])
 
 
-def test_backfill_of_10000_traces(big_store: tuple[str, str, list[str]], tmp_path: Path,
-                                  capsys: pytest.CaptureFixture[str],
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    uri, experiment, ids = big_store
+def test_backfill_of_10000_traces(
+    big_store: tuple[str, str, list[str]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    uri, experiment, _ids = big_store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     started = time.monotonic()
-    assert main(["export", "delta", str(tmp_path / "t"), "--experiment", experiment,
-                 "--since", "30d"]) == 0
+    assert (
+        main(["export", "delta", str(tmp_path / "t"), "--experiment", experiment, "--since", "30d"])
+        == 0
+    )
     elapsed = time.monotonic() - started
     out, err = capsys.readouterr()
     assert out.strip() == f"10000 trace(s) read, 10000 row(s) written to {tmp_path / 't'}"
@@ -270,8 +320,9 @@ def test_backfill_of_10000_traces(big_store: tuple[str, str, list[str]], tmp_pat
     table = DeltaTable(str(tmp_path / "t"))
     con = duckdb.connect()
     con.register("traces", table.to_pyarrow_dataset())
-    assert con.sql("SELECT count(*), count(DISTINCT trace_id), sum(total_tokens) "
-                   "FROM traces").fetchall() == [(10_000, 10_000, 10_000 * 120)]
+    assert con.sql(
+        "SELECT count(*), count(DISTINCT trace_id), sum(total_tokens) FROM traces"
+    ).fetchall() == [(10_000, 10_000, 10_000 * 120)]
     print(f"backfill: {10_000 / elapsed:,.0f} traces/s")
 
 
@@ -279,11 +330,13 @@ def test_backfill_of_10000_traces(big_store: tuple[str, str, list[str]], tmp_pat
 
 
 def test_autolog_syncs_in_the_background_and_stops_on_disable(
-        traced: Traced, client: openai.OpenAI, tmp_path: Path) -> None:
+    traced: Traced, client: openai.OpenAI, tmp_path: Path
+) -> None:
     path = tmp_path / "bg"
     tracewire.autolog(delta_path=str(path), delta_interval=1)
     reply = client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "sync me"}])
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "sync me"}]
+    )
     assert reply.choices[0].message.content
     trace = traced.trace()
     deadline = time.monotonic() + 30
@@ -303,7 +356,8 @@ def test_autolog_syncs_in_the_background_and_stops_on_disable(
 
 
 def test_web_request_trace_row_has_route_status_and_first_byte(
-        traced: Traced, openai_server: OpenAIServer, tmp_path: Path) -> None:
+    traced: Traced, openai_server: OpenAIServer, tmp_path: Path
+) -> None:
     """A real FastAPI app under TracingMiddleware (called in process over ASGI), its trace
     synced: the row carries what the middleware recorded on the request's root span."""
     import asyncio
@@ -320,15 +374,25 @@ def test_web_request_trace_row_has_route_status_and_first_byte(
     @app.post("/chat/{room}")
     async def chat(room: str) -> dict[str, str]:
         reply = await llm.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": room}])
+            model="gpt-4o-mini", messages=[{"role": "user", "content": room}]
+        )
         return {"reply": reply.choices[0].message.content or ""}
 
     async def call() -> httpx.Response:
-        transport = httpx.ASGITransport(app=TracingMiddleware(app, trust_identity_headers={
-            "session": "X-Session-ID", "user": "X-User-ID"}))
+        transport = httpx.ASGITransport(
+            app=TracingMiddleware(
+                app, trust_identity_headers={"session": "X-Session-ID", "user": "X-User-ID"}
+            )
+        )
         async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
-            return await http.post("/chat/lobby", headers={
-                "X-Request-ID": "req-delta-1", "X-Session-ID": "sess-9", "X-User-ID": "ann"})
+            return await http.post(
+                "/chat/lobby",
+                headers={
+                    "X-Request-ID": "req-delta-1",
+                    "X-Session-ID": "sess-9",
+                    "X-User-ID": "ann",
+                },
+            )
 
     response = asyncio.run(call())
     assert response.status_code == 200 and response.json()["reply"]
@@ -338,19 +402,24 @@ def test_web_request_trace_row_has_route_status_and_first_byte(
     (row,) = rows(tmp_path / "t")
     assert row["trace_id"] == trace.info.trace_id
     assert (row["route"], row["http_status"], row["client_request_id"]) == (
-        "/chat/{room}", 200, "req-delta-1")
+        "/chat/{room}",
+        200,
+        "req-delta-1",
+    )
     assert (row["session"], row["user"]) == ("sess-9", "ann")
     assert row["time_to_first_byte_ms"] > 0 and row["models"] == ["gpt-4o-mini"]
     assert row["total_tokens"] > 0 and row["total_cost_usd"] > 0
 
 
 def test_background_sync_that_fails_never_reaches_the_app(
-        traced: Traced, client: openai.OpenAI, tmp_path: Path) -> None:
+    traced: Traced, client: openai.OpenAI, tmp_path: Path
+) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     tracewire.autolog(delta_path=str(blocker / "table"), delta_interval=1)
-    client.chat.completions.create(model="gpt-4o-mini",
-                                   messages=[{"role": "user", "content": "still fine"}])
+    client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "still fine"}]
+    )
     traced.trace()
     background = delta._background
     assert background is not None
@@ -375,12 +444,16 @@ def test_progress_only_on_a_terminal() -> None:
     assert screen.getvalue().startswith("\rtracewire: 2,500 traces read, 2,000 rows written (")
 
 
-@pytest.mark.parametrize("env, value, message", [
-    ("TRACEWIRE_DELTA_INTERVAL", "0", "TRACEWIRE_DELTA_INTERVAL must be at least 1"),
-    ("TRACEWIRE_DELTA_INTERVAL", "soon", "TRACEWIRE_DELTA_INTERVAL must be a number"),
-])
-def test_bad_delta_settings_name_the_setting(monkeypatch: pytest.MonkeyPatch, env: str,
-                                             value: str, message: str) -> None:
+@pytest.mark.parametrize(
+    "env, value, message",
+    [
+        ("TRACEWIRE_DELTA_INTERVAL", "0", "TRACEWIRE_DELTA_INTERVAL must be at least 1"),
+        ("TRACEWIRE_DELTA_INTERVAL", "soon", "TRACEWIRE_DELTA_INTERVAL must be a number"),
+    ],
+)
+def test_bad_delta_settings_name_the_setting(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, message: str
+) -> None:
     monkeypatch.setenv(env, value)
     with pytest.raises(tracewire.ConfigError, match=message):
         tracewire.config.resolve()
@@ -390,18 +463,23 @@ def test_delta_path_without_deltalake_names_the_extra(monkeypatch: pytest.Monkey
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "deltalake" else find_spec(name, *a))
-    with pytest.raises(tracewire.ConfigError,
-                       match=r'argument delta_path is set.*pip install "tracewire\[delta\]"'):
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "deltalake" else find_spec(name, *a),
+    )
+    with pytest.raises(
+        tracewire.ConfigError, match=r'argument delta_path is set.*pip install "tracewire\[delta\]"'
+    ):
         tracewire.config.resolve(delta_path="/tmp/x")
     monkeypatch.setenv("TRACEWIRE_DELTA_PATH", "/tmp/x")
     with pytest.raises(tracewire.ConfigError, match="TRACEWIRE_DELTA_PATH is set"):
         tracewire.config.resolve()
 
 
-def test_export_cli_errors_are_one_line(tracking_uri: str, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_cli_errors_are_one_line(
+    tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["export", "delta", str(tmp_path), "--since", "yesterday"]) == 1
     assert "--since must be a duration" in capsys.readouterr().err
     assert main(["export", "delta", str(tmp_path), "--experiment", "no-such-exp"]) == 1

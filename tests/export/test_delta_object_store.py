@@ -18,7 +18,8 @@ import re
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import boto3
 import mlflow
@@ -43,8 +44,9 @@ class S3Server:
 
     def __init__(self) -> None:
         self._moto = DomainDispatcherApplication(create_backend_app)
-        self._server = make_server("127.0.0.1", 0, self._app, threaded=True,
-                                   request_handler=MotoRequestHandler)
+        self._server = make_server(
+            "127.0.0.1", 0, self._app, threaded=True, request_handler=MotoRequestHandler
+        )
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
         self.commits: list[tuple[str, str | None, int]] = []  # path, If-None-Match, status
         self.before_commit: dict[str, Callable[[], None]] = {}  # path -> run once, first
@@ -64,15 +66,23 @@ class S3Server:
         return self._moto(environ, recorded)
 
     def options(self) -> dict[str, str]:
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ALLOW_HTTP": "true",
-                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_REGION": "us-east-1"}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ALLOW_HTTP": "true",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+        }
 
     def __enter__(self) -> S3Server:
         self._thread.start()
-        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
-                     aws_secret_access_key="testing", region_name="us-east-1",
-                     ).create_bucket(Bucket=BUCKET)
+        boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        ).create_bucket(Bucket=BUCKET)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -97,17 +107,32 @@ def rows(uri: str, s3: S3Server) -> list[dict]:
 
 
 def sync(uri: str, tracking_uri: str, experiment: str, s3: S3Server) -> delta.SyncReport:
-    return delta.sync(uri, tracking_uri=tracking_uri, experiment_ids=[experiment],
-                      lookback_s=3600, storage_options=s3.options())
+    return delta.sync(
+        uri,
+        tracking_uri=tracking_uri,
+        experiment_ids=[experiment],
+        lookback_s=3600,
+        storage_options=s3.options(),
+    )
 
 
 def test_sync_to_s3_reads_back_resumes_from_the_table_and_merges_feedback(
-        tracking_uri: str, s3: S3Server) -> None:
+    tracking_uri: str, s3: S3Server
+) -> None:
     experiment = new_experiment(tracking_uri)
     now = int(time.time() * 1000) - 600_000
-    traces = [t for i, session in enumerate(["s-a", "s-b", "s-c"])
-              for t in synthetic(1, now + i * 1000, session=session, user=f"u-{i}",
-                                 input_tokens=100 * (i + 1), output_tokens=10 * (i + 1))]
+    traces = [
+        t
+        for i, session in enumerate(["s-a", "s-b", "s-c"])
+        for t in synthetic(
+            1,
+            now + i * 1000,
+            session=session,
+            user=f"u-{i}",
+            input_tokens=100 * (i + 1),
+            output_tokens=10 * (i + 1),
+        )
+    ]
     write(traces, tracking_uri, experiment)
     uri = table_uri()
 
@@ -118,7 +143,8 @@ def test_sync_to_s3_reads_back_resumes_from_the_table_and_merges_feedback(
     assert [r["trace_id"] for r in stored] == [t.trace_id for t in expected]
     assert [(r["session"], r["user"]) for r in stored] == [(t.session, t.user) for t in expected]
     assert [(r["input_tokens"], r["output_tokens"], r["total_tokens"]) for r in stored] == [
-        (t.input_tokens, t.output_tokens, t.input_tokens + t.output_tokens) for t in expected]
+        (t.input_tokens, t.output_tokens, t.input_tokens + t.output_tokens) for t in expected
+    ]
     assert all(r["feedback_count"] == 0 for r in stored)
     # Every version of the table went to S3 as a create-only put, and landed.
     mine = [c for c in s3.commits if c[0].startswith(uri[4:])]
@@ -126,7 +152,8 @@ def test_sync_to_s3_reads_back_resumes_from_the_table_and_merges_feedback(
 
     # A fresh process would know nothing: the progress comes back from the table on S3.
     mark = DeltaTable(uri, storage_options=s3.options()).transaction_version(
-        delta.app_id(tracking_uri, [experiment]))
+        delta.app_id(tracking_uri, [experiment])
+    )
     assert mark == traces[-1].request_time_ms
     again = sync(uri, tracking_uri, experiment, s3)
     assert (again.read, again.written, again.high_water_ms) == (3, 0, mark)
@@ -137,13 +164,16 @@ def test_sync_to_s3_reads_back_resumes_from_the_table_and_merges_feedback(
     assert (after.read, after.written) == (3, 1)
     updated = {r["trace_id"]: r for r in rows(uri, s3)}
     assert len(updated) == 3 and len(rows(uri, s3)) == 3
-    assert (updated[traces[1].trace_id]["feedback_count"],
-            updated[traces[1].trace_id]["feedback_positive"]) == (1, 1)
+    assert (
+        updated[traces[1].trace_id]["feedback_count"],
+        updated[traces[1].trace_id]["feedback_positive"],
+    ) == (1, 1)
     assert updated[traces[0].trace_id]["feedback_count"] == 0
 
 
 def test_a_commit_that_loses_a_race_on_s3_is_merged_again_not_overwritten(
-        tracking_uri: str, s3: S3Server) -> None:
+    tracking_uri: str, s3: S3Server
+) -> None:
     """Another sync (another experiment, into the same table) commits version 1 while this
     sync's version-1 put is on its way: moto refuses that put (412), and the sync merges its
     page again on top of the other's rows."""
@@ -166,12 +196,16 @@ def test_a_commit_that_loses_a_race_on_s3_is_merged_again_not_overwritten(
     table = DeltaTable(uri, storage_options=s3.options())
     assert table.transaction_version(delta.app_id(tracking_uri, [ours])) == mine[-1].request_time_ms
     assert table.transaction_version(delta.app_id(tracking_uri, [theirs])) == (
-        other[-1].request_time_ms)
+        other[-1].request_time_ms
+    )
 
 
 def test_cli_export_to_s3_with_options_from_the_environment(
-        tracking_uri: str, s3: S3Server, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    tracking_uri: str,
+    s3: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """The CLI passes no storage options: deltalake reads AWS_* variables itself."""
     experiment = new_experiment(tracking_uri)
     traces = synthetic(2, int(time.time() * 1000) - 600_000, session="cli")
@@ -182,9 +216,10 @@ def test_cli_export_to_s3_with_options_from_the_environment(
     uri = table_uri()
 
     assert main(["export", "delta", uri, "--experiment", experiment]) == 0
-    out, err = capsys.readouterr()
+    out, _err = capsys.readouterr()
     assert out.strip() == f"2 trace(s) read, 2 row(s) written to {uri}"
     assert [(r["trace_id"], r["session"]) for r in rows(uri, s3)] == sorted(
-        (t.trace_id, "cli") for t in traces)
+        (t.trace_id, "cli") for t in traces
+    )
     assert main(["export", "delta", uri, "--experiment", experiment]) == 0
     assert capsys.readouterr().out.strip() == f"2 trace(s) read, 0 row(s) written to {uri}"

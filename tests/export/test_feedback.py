@@ -18,8 +18,9 @@ def test_feedback_by_request_id_and_trace_id(traced: Traced, client: openai.Open
     with tracewire.context(request_id="req-fb-1", user_id="u-1"):
         client.chat.completions.create(model="gpt-4o-mini", messages=USER)
     # Sent right away: it waits in the spool until the trace is in the store.
-    assert tracewire.log_feedback(request_id="req-fb-1", name="thumbs", value=False,
-                                  rationale="wrong city", user="u-1")
+    assert tracewire.log_feedback(
+        request_id="req-fb-1", name="thumbs", value=False, rationale="wrong city", user="u-1"
+    )
     trace = traced.trace()
     assert tracewire.log_feedback(trace_id=trace.info.trace_id, name="score", value=0.5)
     assert tracewire.flush(30)
@@ -31,22 +32,26 @@ def test_feedback_by_request_id_and_trace_id(traced: Traced, client: openai.Open
     assert assessments["score"].value == 0.5
 
 
-@pytest.mark.parametrize("bad", [
-    {"value": True},  # no id
-    {"value": True, "request_id": "a", "trace_id": "b"},
-    {"value": [1, 2], "request_id": "a"},
-    {"value": True, "request_id": "x" * 51},
-    {"value": True, "request_id": "quote'd"},
-    {"value": True, "request_id": "a", "name": ""},
-    {"value": float("nan"), "request_id": "a"},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"value": True},  # no id
+        {"value": True, "request_id": "a", "trace_id": "b"},
+        {"value": [1, 2], "request_id": "a"},
+        {"value": True, "request_id": "x" * 51},
+        {"value": True, "request_id": "quote'd"},
+        {"value": True, "request_id": "a", "name": ""},
+        {"value": float("nan"), "request_id": "a"},
+    ],
+)
 def test_malformed_feedback_is_a_clear_error(traced: Traced, bad: dict) -> None:
     with pytest.raises(ValueError, match="feedback"):
         tracewire.log_feedback(**bad)
 
 
 def test_feedback_whose_trace_never_appears_is_dropped_and_counted(
-        traced: Traced, monkeypatch: pytest.MonkeyPatch) -> None:
+    traced: Traced, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tracewire.disable()
     monkeypatch.setenv("TRACEWIRE_FEEDBACK_RETENTION", "1")
     traced.enable()

@@ -53,8 +53,9 @@ def _texts(uri: str, experiment_id: str) -> list[str]:
 
 def _new_experiment(uri: str, name: str) -> tuple[str, config.Settings]:
     experiment = MlflowClient(uri).create_experiment(f"{name}-{os.getpid()}-{time.time_ns()}")
-    return experiment, dataclasses.replace(config.resolve(), tracking_uri=uri,
-                                           experiment_id=experiment)
+    return experiment, dataclasses.replace(
+        config.resolve(), tracking_uri=uri, experiment_id=experiment
+    )
 
 
 def _ship_until_empty(directory: Path, sources: list[spool.Spool], timeout: float = 60) -> None:
@@ -70,7 +71,8 @@ def _ship_until_empty(directory: Path, sources: list[spool.Spool], timeout: floa
 
 
 def test_garbage_and_newer_spool_files_are_set_aside_and_shipping_goes_on(
-        tmp_path: Path, tracking_uri: str) -> None:
+    tmp_path: Path, tracking_uri: str
+) -> None:
     experiment, settings = _new_experiment(tracking_uri, "bad-files")
     where = destination.destination(settings)
     # Another program's file, sorted before everything else, with a lock nobody holds.
@@ -84,8 +86,10 @@ def test_garbage_and_newer_spool_files_are_set_aside_and_shipping_goes_on(
     foreign_bytes = (tmp_path / "spool-0-other.db").read_bytes()
     # A spool of a newer tracewire, left by a process that died.
     newer = sqlite3.connect(tmp_path / "spool-1-newer.db")
-    newer.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-                        "INSERT INTO meta VALUES ('format_version', '99');")
+    newer.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('format_version', '99');"
+    )
     newer.close()
     (tmp_path / "spool-1-newer.lock").touch()
     # A dead process's spool this tracewire can ship, and the live app's own.
@@ -105,19 +109,26 @@ def test_garbage_and_newer_spool_files_are_set_aside_and_shipping_goes_on(
     assert (tmp_path / "spool-0-other.db.unreadable").read_bytes() == foreign_bytes
     assert not (tmp_path / "spool-0-garbage.db").exists()
     assert (tmp_path / "spool-1-newer.db").exists()  # not ours to move: its tracewire ships it
-    result = subprocess.run([sys.executable, "-m", "tracewire.cli", "spool", "status", "--dir",
-                             str(tmp_path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "tracewire.cli", "spool", "status", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
-    assert "spool-0-garbage.db.unreadable: cannot be shipped: unreadable, set aside" in \
-        result.stdout, result.stdout
-    assert "spool-1-newer.db: cannot be shipped: " in result.stdout and "format 99" in \
-        result.stdout, result.stdout
+    assert (
+        "spool-0-garbage.db.unreadable: cannot be shipped: unreadable, set aside" in result.stdout
+    ), result.stdout
+    assert (
+        "spool-1-newer.db: cannot be shipped: " in result.stdout and "format 99" in result.stdout
+    ), result.stdout
     own.close()
 
 
 @pytest.mark.parametrize("traced", [{"tags": {"mood": "\ud83d"}}], indirect=True)
 def test_a_lone_surrogate_anywhere_is_replaced_and_the_trace_stored(
-        traced: Traced, client: openai.OpenAI, capfd: pytest.CaptureFixture[str]) -> None:
+    traced: Traced, client: openai.OpenAI, capfd: pytest.CaptureFixture[str]
+) -> None:
     """A surrogate cannot even be sent to OpenAI (the client's JSON encoding refuses it), but it
     reaches traces from tags, the app's own functions and exceptions (JSON with a ``\\ud83d``
     escape decodes to one): in our spans, MLflow's spans, an OK and an ERROR trace."""
@@ -135,8 +146,7 @@ def test_a_lone_surrogate_anywhere_is_replaced_and_the_trace_stored(
         assert tool(half) == f"{half} done"  # the app's result unchanged
         with pytest.raises(ValueError):
             failing(half)
-        client.chat.completions.create(model=MODEL,
-                                       messages=[{"role": "user", "content": "plain"}])
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "plain"}])
 
     fixed = half.replace("\ud83d", "\ufffd")
     traces = traced.traces(expected=3)
@@ -154,7 +164,8 @@ def test_a_lone_surrogate_anywhere_is_replaced_and_the_trace_stored(
 
 
 def test_an_undecodable_spooled_trace_is_set_aside_and_counted_not_dropped(
-        tmp_path: Path, tracking_uri: str) -> None:
+    tmp_path: Path, tracking_uri: str
+) -> None:
     experiment, settings = _new_experiment(tracking_uri, "undecodable")
     own = spool.Spool.create(tmp_path, 10**8, destination.destination(settings))
     own.put(*_encoded("before", settings))
@@ -167,8 +178,9 @@ def test_an_undecodable_spooled_trace_is_set_aside_and_counted_not_dropped(
     own.close()
 
 
-def test_a_full_queue_counts_what_it_refuses(tracking_uri: str, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_queue_counts_what_it_refuses(
+    tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tests.support.app_process import mock_client
 
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"queue-{os.getpid()}-{time.time_ns()}")
@@ -179,13 +191,18 @@ def test_a_full_queue_counts_what_it_refuses(tracking_uri: str, tmp_path: Path,
         client = mock_client()
         calls = 300
         for i in range(calls):
-            client.chat.completions.create(model=MODEL,
-                                           messages=[{"role": "user", "content": f"q {i}"}])
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"q {i}"}]
+            )
         assert tracewire.flush(60)
         experiment = MlflowClient(tracking_uri).get_experiment_by_name(
-            os.environ["MLFLOW_EXPERIMENT_NAME"])
-        stored = len(MlflowClient(tracking_uri).search_traces(
-            locations=[experiment.experiment_id], max_results=500))
+            os.environ["MLFLOW_EXPERIMENT_NAME"]
+        )
+        stored = len(
+            MlflowClient(tracking_uri).search_traces(
+                locations=[experiment.experiment_id], max_results=500
+            )
+        )
         from tracewire.export import pipeline
 
         assert pipeline._spool is not None
@@ -221,24 +238,39 @@ FULL_DISK_SCRIPT = """
 
 
 def test_a_full_filesystem_loses_nothing_without_counting_it(
-        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    tmp_path: Path, openai_server: OpenAIServer
+) -> None:
     unshare = shutil.which("unshare")
-    assert unshare is not None and os.geteuid() == 0, \
+    assert unshare is not None and os.geteuid() == 0, (
         "this test mounts a small tmpfs in a private mount namespace: it needs unshare and root"
+    )
     spool_dir = tmp_path / "spool"
     spool_dir.mkdir()
     (tmp_path / "app.py").write_text(textwrap.dedent(FULL_DISK_APP))
     (tmp_path / "run.sh").write_text(textwrap.dedent(FULL_DISK_SCRIPT))
     calls = 60
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TRACEWIRE_"))}
-    env.update({"PYTHON": sys.executable, "APP": str(tmp_path / "app.py"),
-                "SPOOL": str(spool_dir), "STATUS": str(tmp_path / "status.json"),
-                "TRACEWIRE_SPOOL_DIR": str(spool_dir), "TEST_CALLS": str(calls),
-                "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",  # nothing listens: all stay spooled
-                "TEST_OPENAI_BASE_URL": openai_server.base_url, "TEST_API_KEY": API_KEY})
-    run = subprocess.run([unshare, "-m", "--propagation", "private", "sh",
-                          str(tmp_path / "run.sh")], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=120)
+    env.update(
+        {
+            "PYTHON": sys.executable,
+            "APP": str(tmp_path / "app.py"),
+            "SPOOL": str(spool_dir),
+            "STATUS": str(tmp_path / "status.json"),
+            "TRACEWIRE_SPOOL_DIR": str(spool_dir),
+            "TEST_CALLS": str(calls),
+            "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",  # nothing listens: all stay spooled
+            "TEST_OPENAI_BASE_URL": openai_server.base_url,
+            "TEST_API_KEY": API_KEY,
+        }
+    )
+    run = subprocess.run(
+        [unshare, "-m", "--propagation", "private", "sh", str(tmp_path / "run.sh")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0 and "calls returned" in run.stdout, run.stderr[-4000:]
     (status,) = json.loads((tmp_path / "status.json").read_text())["spools"]
     print(f"\nfull disk: {status['pending']} kept, drops {status['drops']} of {calls}")
@@ -247,6 +279,7 @@ def test_a_full_filesystem_loses_nothing_without_counting_it(
     # One line while it runs (at most one a minute), one when it exits, with the counts.
     lines = [line for line in run.stderr.splitlines() if "dropped so far" in line]
     assert len(lines) == 1 and "disk" in lines[0], run.stderr[-4000:]
-    assert f"{status['dropped']} trace(s) were dropped ({status['dropped']} disk)" in \
-        run.stderr, run.stderr[-4000:]
+    assert f"{status['dropped']} trace(s) were dropped ({status['dropped']} disk)" in run.stderr, (
+        run.stderr[-4000:]
+    )
     assert "Traceback" not in run.stderr and "secret words" not in run.stderr, run.stderr[-4000:]

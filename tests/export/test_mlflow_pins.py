@@ -27,8 +27,10 @@ def test_destination_pins() -> None:
 
     from tracewire.export import destination
 
-    assert set(_tracking_store_registry._registry) == set(destination._STORE_SCHEMES) | \
-        destination._plugin_schemes()
+    assert (
+        set(_tracking_store_registry._registry)
+        == set(destination._STORE_SCHEMES) | destination._plugin_schemes()
+    )
 
 
 def test_hooks_pins() -> None:
@@ -81,8 +83,10 @@ def test_hooks_pins() -> None:
     from mlflow.tracing.context import get_configured_trace_metadata, get_configured_trace_tags
 
     with mlflow.tracing.context(metadata={"m": "1"}, tags={"t": "1"}):
-        assert (get_configured_trace_metadata(), get_configured_trace_tags()) == \
-            ({"m": "1"}, {"t": "1"})
+        assert (get_configured_trace_metadata(), get_configured_trace_tags()) == (
+            {"m": "1"},
+            {"t": "1"},
+        )
     # MLflow's LiveSpan writes through its OpenTelemetry span's set_attribute, JSON text.
     from mlflow.entities import LiveSpan
     from opentelemetry.sdk.trace import ReadableSpan
@@ -109,11 +113,22 @@ def test_encode_pins() -> None:
 
     assert json.loads(dump_span_attribute_value({"a": [1]})) == {"a": [1]}
     assert json.dumps({"r": Reply(text="t")}, cls=TraceJSONEncoder) == '{"r": {"text": "t"}}'
-    info = TraceInfo(trace_id="tr-" + "a" * 32, trace_location=TraceLocation.from_experiment_id("0"),
-                     request_time=1, execution_duration=2, state=TraceState.OK,
-                     trace_metadata={"k": "v"}, tags={"t": "1"}, client_request_id="req-1")
+    info = TraceInfo(
+        trace_id="tr-" + "a" * 32,
+        trace_location=TraceLocation.from_experiment_id("0"),
+        request_time=1,
+        execution_duration=2,
+        state=TraceState.OK,
+        trace_metadata={"k": "v"},
+        tags={"t": "1"},
+        client_request_id="req-1",
+    )
     again = TraceInfo.from_dict(info.to_dict())
-    assert (again.trace_id, again.client_request_id, again.tags["t"]) == (info.trace_id, "req-1", "1")
+    assert (again.trace_id, again.client_request_id, again.tags["t"]) == (
+        info.trace_id,
+        "req-1",
+        "1",
+    )
 
     from mlflow.tracing.utils.environment import resolve_env_metadata
     from mlflow.tracking.fluent import _get_active_model_id_global, _get_latest_active_run
@@ -125,12 +140,23 @@ def test_encode_pins() -> None:
 def test_records_pins() -> None:
     """The span dict format records writes is what ``Span.from_dict`` reads; the log level and
     the preview MLflow would set."""
-    span = Span.from_dict({
-        "trace_id": "AAAAAAAAAAAAAAAAAAAAAQ==", "span_id": "AAAAAAAAAAE=", "parent_span_id": None,
-        "name": "x", "start_time_unix_nano": 1, "end_time_unix_nano": 2, "events": [],
-        "status": {"code": "STATUS_CODE_OK", "message": ""},
-        "attributes": {"mlflow.traceRequestId": json.dumps("tr-" + "a" * 32),
-                       "mlflow.spanType": json.dumps("LLM")}, "links": []})
+    span = Span.from_dict(
+        {
+            "trace_id": "AAAAAAAAAAAAAAAAAAAAAQ==",
+            "span_id": "AAAAAAAAAAE=",
+            "parent_span_id": None,
+            "name": "x",
+            "start_time_unix_nano": 1,
+            "end_time_unix_nano": 2,
+            "events": [],
+            "status": {"code": "STATUS_CODE_OK", "message": ""},
+            "attributes": {
+                "mlflow.traceRequestId": json.dumps("tr-" + "a" * 32),
+                "mlflow.spanType": json.dumps("LLM"),
+            },
+            "links": [],
+        }
+    )
     assert (span.name, span.span_type, span.trace_id) == ("x", "LLM", "tr-" + "a" * 32)
     assert Span.from_dict(span.to_dict()).span_id == span.span_id
 
@@ -139,9 +165,20 @@ def test_records_pins() -> None:
     from mlflow.tracing.utils.truncation import _get_truncated_preview
 
     assert default_log_level_for_span_type("LLM") == SpanLogLevel.INFO
-    assert _get_truncated_preview(json.dumps({"messages": [
-        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
-        role="assistant") == "a"
+    assert (
+        _get_truncated_preview(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "a"},
+                    ]
+                }
+            ),
+            role="assistant",
+        )
+        == "a"
+    )
 
 
 def test_store_pins(tracking_uri: str) -> None:
@@ -160,8 +197,10 @@ def test_store_pins(tracking_uri: str) -> None:
     from mlflow.store.tracking.rest_store import RestStore
 
     assert callable(RestStore._get_server_version.cache_clear)
-    assert rest_store.http_request is rest_utils.http_request or \
-        rest_store.http_request is store._http_request
+    assert (
+        rest_store.http_request is rest_utils.http_request
+        or rest_store.http_request is store._http_request
+    )
 
     sql = TracingClient(tracking_uri).store
     assert store.is_sql(sql)
@@ -175,13 +214,28 @@ def test_store_pins(tracking_uri: str) -> None:
     from mlflow.entities import Trace, TraceData
     from mlflow.tracing.utils import add_size_stats_to_trace_metadata
 
-    info = TraceInfo(trace_id="tr-" + "b" * 32, trace_location=TraceLocation.from_experiment_id(
-        "0"), request_time=1, execution_duration=2, state=TraceState.OK, trace_metadata={})
-    span = Span.from_dict({
-        "trace_id": "AAAAAAAAAAAAAAAAAAAAAQ==", "span_id": "AAAAAAAAAAE=", "parent_span_id": None,
-        "name": "x", "start_time_unix_nano": 1, "end_time_unix_nano": 2, "events": [],
-        "status": {"code": "STATUS_CODE_OK", "message": ""}, "links": [],
-        "attributes": {"mlflow.traceRequestId": json.dumps(info.trace_id)}})
+    info = TraceInfo(
+        trace_id="tr-" + "b" * 32,
+        trace_location=TraceLocation.from_experiment_id("0"),
+        request_time=1,
+        execution_duration=2,
+        state=TraceState.OK,
+        trace_metadata={},
+    )
+    span = Span.from_dict(
+        {
+            "trace_id": "AAAAAAAAAAAAAAAAAAAAAQ==",
+            "span_id": "AAAAAAAAAAE=",
+            "parent_span_id": None,
+            "name": "x",
+            "start_time_unix_nano": 1,
+            "end_time_unix_nano": 2,
+            "events": [],
+            "status": {"code": "STATUS_CODE_OK", "message": ""},
+            "links": [],
+            "attributes": {"mlflow.traceRequestId": json.dumps(info.trace_id)},
+        }
+    )
     add_size_stats_to_trace_metadata(Trace(info, TraceData(spans=[span])))
     assert json.loads(info.trace_metadata["mlflow.trace.sizeStats"])["num_spans"] == 1
 
@@ -197,5 +251,7 @@ def test_sqlite_store_pins() -> None:
     assert "_engine_map" in inspect.getsource(SqlAlchemyStore._get_or_create_engine)
     assert "_get_or_create_engine(" in inspect.getsource(SqlAlchemyStore.__init__)
     assert list(inspect.signature(_get_sqlalchemy_store).parameters)[:2] == [
-        "store_uri", "artifact_uri"]
+        "store_uri",
+        "artifact_uri",
+    ]
     assert callable(create_sqlalchemy_engine)

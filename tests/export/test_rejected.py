@@ -33,10 +33,14 @@ def _in_experiment(payload: bytes, experiment_id: str) -> bytes:
     head = data.pop("head")
     data["head"] = None
     data["info"] = TraceInfo(
-        trace_id=head["trace_id"], trace_location=TraceLocation.from_experiment_id(experiment_id),
-        request_time=head["request_time"], execution_duration=head["execution_duration"],
-        state=TraceState(head["state"]), trace_metadata={},
-        tags={"mlflow.traceName": head["name"]}).to_dict()
+        trace_id=head["trace_id"],
+        trace_location=TraceLocation.from_experiment_id(experiment_id),
+        request_time=head["request_time"],
+        execution_duration=head["execution_duration"],
+        state=TraceState(head["state"]),
+        trace_metadata={},
+        tags={"mlflow.traceName": head["name"]},
+    ).to_dict()
     return json.dumps(data).encode()
 
 
@@ -53,25 +57,40 @@ def _ship_all(directory: Path, source: Spool) -> None:
 
 def _texts(client: mlflow.MlflowClient, experiment_id: str) -> list[str]:
     found = client.search_traces(locations=[experiment_id], max_results=100)
-    return sorted(json.loads(t.data.spans[0].to_dict()["attributes"]["mlflow.spanInputs"])["text"]
-                  for t in found)
+    return sorted(
+        json.loads(t.data.spans[0].to_dict()["attributes"]["mlflow.spanInputs"])["text"]
+        for t in found
+    )
 
 
 def _status(directory: Path) -> dict:
-    result = subprocess.run([sys.executable, "-m", "tracewire.cli", "spool", "status", "--dir",
-                             str(directory), "--json"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tracewire.cli",
+            "spool",
+            "status",
+            "--dir",
+            str(directory),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
 def test_a_refused_trace_is_set_aside_the_rest_ship_and_replay_sends_it(
-        tmp_path: Path, tracking_uri: str) -> None:
+    tmp_path: Path, tracking_uri: str
+) -> None:
     client = mlflow.MlflowClient(tracking_uri)
     kept = client.create_experiment(f"kept-{uuid.uuid4().hex[:8]}")
     gone = client.create_experiment(f"gone-{uuid.uuid4().hex[:8]}")
     client.delete_experiment(gone)  # the store refuses new traces in it
-    settings = dataclasses.replace(config.resolve(), tracking_uri=tracking_uri,
-                                   experiment_id=kept)
+    settings = dataclasses.replace(config.resolve(), tracking_uri=tracking_uri, experiment_id=kept)
     source = Spool.create(tmp_path, 10**8, destination.destination(settings))
     for i in range(5):
         trace_id, payload = _encoded(f"call {i}", settings)
@@ -84,8 +103,12 @@ def test_a_refused_trace_is_set_aside_the_rest_ship_and_replay_sends_it(
     assert (status["pending"], status["rejected"], status["dropped"]) == (0, 1, 0)
 
     client.restore_experiment(gone)
-    replay = subprocess.run([sys.executable, "-m", "tracewire.cli", "spool", "replay", "--dir",
-                             str(tmp_path)], capture_output=True, text=True, timeout=60)
+    replay = subprocess.run(
+        [sys.executable, "-m", "tracewire.cli", "spool", "replay", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert replay.returncode == 0 and "1 refused trace(s) queued again" in replay.stdout
     assert source.pending() == 1
     _ship_all(tmp_path, source)
@@ -96,11 +119,13 @@ def test_a_refused_trace_is_set_aside_the_rest_ship_and_replay_sends_it(
 
 
 def test_a_span_name_longer_than_the_store_takes_is_cut_not_refused(
-        tmp_path: Path, tracking_uri: str) -> None:
+    tmp_path: Path, tracking_uri: str
+) -> None:
     client = mlflow.MlflowClient(tracking_uri)
     experiment = client.create_experiment(f"long-{uuid.uuid4().hex[:8]}")
-    settings = dataclasses.replace(config.resolve(), tracking_uri=tracking_uri,
-                                   experiment_id=experiment)
+    settings = dataclasses.replace(
+        config.resolve(), tracking_uri=tracking_uri, experiment_id=experiment
+    )
     source = Spool.create(tmp_path, 10**8, destination.destination(settings))
     span = spans.start_span("x" * 10_000, "CHAIN", inputs={"text": "long name"})
     span.end()

@@ -13,16 +13,19 @@ from tracewire.export.encode import MAX_ATTRIBUTE_CHARS
 
 @pytest.mark.parametrize("traced", [{"sample_rate": 0.5}], indirect=True)
 def test_sessions_are_kept_or_dropped_whole_and_errors_always_kept(
-        traced: Traced, client: openai.OpenAI) -> None:
+    traced: Traced, client: openai.OpenAI
+) -> None:
     sessions = [f"session-{i}" for i in range(30)]
     for session in sessions:
         with tracewire.context(session_id=session):
             for _ in range(2):
-                client.chat.completions.create(model="gpt-4o-mini",
-                                               messages=[{"role": "user", "content": "hi"}])
+                client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+                )
             with pytest.raises(openai.InternalServerError):
-                client.chat.completions.create(model="error-500",
-                                               messages=[{"role": "user", "content": "hi"}])
+                client.chat.completions.create(
+                    model="error-500", messages=[{"role": "user", "content": "hi"}]
+                )
     kept = {s for s in sessions if sampling.keep(s, 0.5)}
     assert 5 < len(kept) < 25  # the hash splits them, deterministically
 
@@ -42,8 +45,9 @@ def test_sample_rate_is_validated(tracking_uri: str) -> None:
 
 def test_oversized_payload_is_cut_with_a_marker(traced: Traced, client: openai.OpenAI) -> None:
     huge = "data:image/png;base64," + "A" * (2 * MAX_ATTRIBUTE_CHARS)
-    reply = client.chat.completions.create(model="gpt-4o-mini",
-                                           messages=[{"role": "user", "content": huge}])
+    reply = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": huge}]
+    )
     assert reply.choices[0].message.content.startswith("Echo: data:image/png")  # untouched
     span = traced.trace().data.spans[0]
     assert isinstance(span.inputs, str)

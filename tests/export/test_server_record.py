@@ -53,26 +53,33 @@ def _record(info: Any) -> dict[str, Any]:
         "user": metadata.get(keys.TRACE_USER),
         "tokens": metadata.get(keys.TRACE_TOKEN_USAGE),
         # MLflow's own (source, model link) and the app's, minus the store's bookkeeping.
-        "metadata": {k: v for k, v in metadata.items()
-                     if not k.startswith(("mlflow.trace", "mlflow.spans", "mlflow.size"))},
+        "metadata": {
+            k: v
+            for k, v in metadata.items()
+            if not k.startswith(("mlflow.trace", "mlflow.spans", "mlflow.size"))
+        },
         "request_preview": info.request_preview,
         "response_preview": info.response_preview,
         "state": info.state.value,
     }
 
 
-def _run_calls(uri: str, client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch,
-               model_id: str) -> list[Any]:
+def _run_calls(
+    uri: str, client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch, model_id: str
+) -> list[Any]:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_ACTIVE_MODEL_ID", model_id)  # as a deployment sets it
     tracewire.autolog(tags={"team": "search"})
     try:
         for model in (MODEL, "error-500"):
-            with tracewire.context(session_id="s-1", user_id="u-1", tags={"turn": "1"}), \
-                    mlflow.tracing.context(metadata={"app.commit": "abc123"}):
+            with (
+                tracewire.context(session_id="s-1", user_id="u-1", tags={"turn": "1"}),
+                mlflow.tracing.context(metadata={"app.commit": "abc123"}),
+            ):
                 _call(client, model, f"{model} no request id")
-            with tracewire.context(request_id=f"req-{model}", session_id="s-1", user_id="u-1",
-                                   tags={"turn": "1"}):
+            with tracewire.context(
+                request_id=f"req-{model}", session_id="s-1", user_id="u-1", tags={"turn": "1"}
+            ):
                 _call(client, model, f"{model} web request")
         assert tracewire.flush(60)
     finally:
@@ -84,8 +91,8 @@ def _run_calls(uri: str, client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch,
 
 @pytest.mark.timeout(180)
 def test_a_server_and_a_database_store_read_back_the_same_records(
-        server: MlflowServer, client: openai.OpenAI, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    server: MlflowServer, client: openai.OpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The same model id both ways (a logged model of the server's store): MLflow links traces
     # to the active model with metadata no span carries.
     model_id = MlflowClient(server.url).create_logged_model(experiment_id="0").model_id
@@ -108,12 +115,14 @@ def test_a_server_and_a_database_store_read_back_the_same_records(
         expected = _record(reference.info)
         assert expected["state"] == ("ERROR" if text.startswith("error") else "OK")
         assert expected["session"] == "s-1" and expected["user"] == "u-1"
-        assert expected["tags"] == {keys.DEPLOYMENT_ENVIRONMENT: "staging", "team": "search",
-                                    "turn": "1",
-                                    **({keys.REQUEST_ID_TAG: request_id} if request_id else {})}
+        assert expected["tags"] == {
+            keys.DEPLOYMENT_ENVIRONMENT: "staging",
+            "team": "search",
+            "turn": "1",
+            **({keys.REQUEST_ID_TAG: request_id} if request_id else {}),
+        }
         assert expected["metadata"][keys.MODEL_ID] == model_id
-        assert expected["metadata"].get("app.commit") == \
-            (None if request_id else "abc123")
+        assert expected["metadata"].get("app.commit") == (None if request_id else "abc123")
         assert _record(shipped.info) == expected
         assert shipped.info.execution_duration > 0
         assert [s.name for s in shipped.data.spans] == [s.name for s in reference.data.spans]
@@ -125,11 +134,15 @@ def test_a_server_and_a_database_store_read_back_the_same_records(
         assert SpanAttributeKey.SESSION_ID not in reference.data.spans[0].attributes
         # Found by its session and its tags, like any other; a web request by its request id.
         found = store.search_traces(
-            locations=[experiment.experiment_id], include_spans=False,
-            filter_string=f"metadata.`{keys.TRACE_SESSION}` = 's-1' and tags.turn = '1'")
+            locations=[experiment.experiment_id],
+            include_spans=False,
+            filter_string=f"metadata.`{keys.TRACE_SESSION}` = 's-1' and tags.turn = '1'",
+        )
         assert shipped.info.trace_id in {t.info.trace_id for t in found}
         if request_id:
             (by_id,) = store.search_traces(
-                locations=[experiment.experiment_id], include_spans=False,
-                filter_string=f"trace.client_request_id = '{request_id}'")
+                locations=[experiment.experiment_id],
+                include_spans=False,
+                filter_string=f"trace.client_request_id = '{request_id}'",
+            )
             assert by_id.info.trace_id == shipped.info.trace_id

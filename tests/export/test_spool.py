@@ -33,16 +33,15 @@ def test_past_the_budget_traces_are_dropped_counted_and_the_file_kept(tmp_path: 
     assert not spool.put("tr-2", b"x" * 600)
     spool.count_drops("queue", 2)
     assert spool.drops == {"budget": 1, "queue": 2}
-    status, = spools.status(tmp_path)
+    (status,) = spools.status(tmp_path)
     assert (status.pending, status.dropped, status.live) == (1, 3, True)
     spool.ack(spool.take(1))
     spool.close()
-    status, = spools.status(tmp_path)  # empty, but it still says what was dropped
+    (status,) = spools.status(tmp_path)  # empty, but it still says what was dropped
     assert (status.pending, status.drops, status.live) == (0, {"budget": 1, "queue": 2}, False)
 
 
-def test_an_exited_processs_spool_is_adopted_by_the_same_destination_only(
-        tmp_path: Path) -> None:
+def test_an_exited_processs_spool_is_adopted_by_the_same_destination_only(tmp_path: Path) -> None:
     left = Spool.create(tmp_path, 1 << 20, DEST)
     left.put("tr-left", b"p")
     left.close()
@@ -64,10 +63,11 @@ def test_a_newer_format_is_left_alone_and_garbage_is_set_aside(tmp_path: Path) -
     newer = Spool.create(tmp_path, 1 << 20, DEST)
     newer.put("tr-1", b"p")
     newer.close()
-    path, = tmp_path.glob("spool-*.db")
+    (path,) = tmp_path.glob("spool-*.db")
     db = sqlite3.connect(path)
-    db.execute("UPDATE meta SET value = ? WHERE key = 'format_version'",
-               (str(spools.FORMAT_VERSION + 1),))
+    db.execute(
+        "UPDATE meta SET value = ? WHERE key = 'format_version'", (str(spools.FORMAT_VERSION + 1),)
+    )
     db.commit()
     db.close()
     with pytest.raises(SpoolError, match="upgrade tracewire"):
@@ -89,18 +89,19 @@ def test_refused_traces_are_kept_and_replayed_once_fixed(tmp_path: Path) -> None
     spool.put("tr-bad", b"p")
     spool.reject(spool.take(1)[0], "400: invalid")
     assert spool.pending() == 0
-    status, = spools.status(tmp_path)
+    (status,) = spools.status(tmp_path)
     assert status.rejected == 1
     assert spools.replay(tmp_path) == 1
     assert [e.trace_id for e in spool.take(10)] == ["tr-bad"]
     spool.close(remove_if_empty=False)
 
 
-def test_a_spool_recorded_with_credentials_by_an_older_tracewire_is_adopted(
-        tmp_path: Path) -> None:
+def test_a_spool_recorded_with_credentials_by_an_older_tracewire_is_adopted(tmp_path: Path) -> None:
     """Destinations are recorded without credentials now; an older spool still ships."""
-    raw = '{"experiment_id": null, "experiment_name": null, ' \
-          '"tracking_uri": "http://alice:pw-1@mlflow.internal:5000/?token=t-2"}'
+    raw = (
+        '{"experiment_id": null, "experiment_name": null, '
+        '"tracking_uri": "http://alice:pw-1@mlflow.internal:5000/?token=t-2"}'
+    )
     old = Spool.create(tmp_path, 1 << 20, raw)
     old.put("tr-old", b"p")
     old.close()

@@ -28,13 +28,17 @@ from tracewire.testing import traces
 def _conversation(question: str) -> hooks.Item:
     """A web request's root (no values of its own) over one chat call, as LangChain records it."""
     root = spans.start_span("POST /chat", "CHAIN")
-    chat = spans.start_span("chat", "CHAT_MODEL",
-                            inputs={"messages": [{"type": "human", "content": question}]},
-                            parent=root,
-                            attributes={keys.LLM_MODEL: "my-finetune", keys.LLM_PROVIDER: "openai",
-                                        keys.CHAT_USAGE: {keys.INPUT_TOKENS: 10,
-                                                          keys.OUTPUT_TOKENS: 2,
-                                                          keys.TOTAL_TOKENS: 12}})
+    chat = spans.start_span(
+        "chat",
+        "CHAT_MODEL",
+        inputs={"messages": [{"type": "human", "content": question}]},
+        parent=root,
+        attributes={
+            keys.LLM_MODEL: "my-finetune",
+            keys.LLM_PROVIDER: "openai",
+            keys.CHAT_USAGE: {keys.INPUT_TOKENS: 10, keys.OUTPUT_TOKENS: 2, keys.TOTAL_TOKENS: 12},
+        },
+    )
     chat.outputs = {"messages": [{"type": "ai", "content": "Paris."}]}
     chat.end()
     root.end()
@@ -42,17 +46,23 @@ def _conversation(question: str) -> hooks.Item:
 
 
 def test_the_app_spools_raw_spans_and_the_shipper_builds_the_records_beside_an_old_spool(
-        tmp_path: Path, tracking_uri: str) -> None:
+    tmp_path: Path, tracking_uri: str
+) -> None:
     experiment = MlflowClient(tracking_uri).create_experiment(
-        f"format-{os.getpid()}-{time.time_ns()}")
+        f"format-{os.getpid()}-{time.time_ns()}"
+    )
     settings = dataclasses.replace(
-        config.resolve(), tracking_uri=tracking_uri, experiment_id=experiment,
-        prices=cost.load({"my-finetune": {"input": 1e-06, "output": 2e-06}}))
+        config.resolve(),
+        tracking_uri=tracking_uri,
+        experiment_id=experiment,
+        prices=cost.load({"my-finetune": {"input": 1e-06, "output": 2e-06}}),
+    )
     where = destination.destination(settings)
 
     # What an older tracewire left: a spool of format 1 whose process died.
-    old_trace = traces.Synthetic(otel_trace_id=0xA1, request_time_ms=1_700_000_000_000,
-                                 duration_ms=5, route="/old")
+    old_trace = traces.Synthetic(
+        otel_trace_id=0xA1, request_time_ms=1_700_000_000_000, duration_ms=5, route="/old"
+    )
     old = spool.Spool.create(tmp_path, 10**8, where)
     old.put(old_trace.trace_id, traces.payload(old_trace))
     db = sqlite3.connect(old.path)

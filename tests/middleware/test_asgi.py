@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import json
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import mlflow
@@ -36,12 +37,14 @@ TRUSTED = {"session": "X-Session-ID", "user": "X-User-ID"}
 def chat_app(openai_server: OpenAIServer, **options: Any) -> FastAPI:
     app = FastAPI()
     sync_client = openai.OpenAI(base_url=openai_server.base_url, api_key=API_KEY, max_retries=0)
-    async_client = openai.AsyncOpenAI(base_url=openai_server.base_url, api_key=API_KEY,
-                                      max_retries=0)
+    async_client = openai.AsyncOpenAI(
+        base_url=openai_server.base_url, api_key=API_KEY, max_retries=0
+    )
 
     def ask(text: str) -> str:
         reply = sync_client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": text}])
+            model="gpt-4o-mini", messages=[{"role": "user", "content": text}]
+        )
         return reply.choices[0].message.content or ""
 
     @app.post("/chat/{room}")
@@ -51,18 +54,22 @@ def chat_app(openai_server: OpenAIServer, **options: Any) -> FastAPI:
     @app.post("/achat")
     async def achat(body: dict[str, Any]) -> dict[str, str]:
         reply = await async_client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": body["text"]}])
+            model="gpt-4o-mini", messages=[{"role": "user", "content": body["text"]}]
+        )
         return {"reply": reply.choices[0].message.content or ""}
 
     @app.get("/stream")
     async def stream(tasks: BackgroundTasks) -> StreamingResponse:
         async def tokens() -> Any:
             chunks = await async_client.chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": "stream me"}],
-                stream=True)
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "stream me"}],
+                stream=True,
+            )
             async for chunk in chunks:
                 if chunk.choices and chunk.choices[0].delta.content:
                     yield chunk.choices[0].delta.content
+
         tasks.add_task(ask, "after the response")
         return StreamingResponse(tokens(), media_type="text/plain", background=tasks)
 
@@ -84,17 +91,21 @@ def chat_app(openai_server: OpenAIServer, **options: Any) -> FastAPI:
     async def sse() -> StreamingResponse:
         async def events() -> Any:
             reply = await async_client.chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": "tick"}])
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "tick"}]
+            )
             for i in range(200):  # far more than the client reads before it goes away
                 yield f"data: {reply.choices[0].message.content} {i}\n\n"
                 await asyncio.sleep(0.01)
+
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/spawn")
     async def spawn(body: dict[str, Any]) -> dict[str, str]:
         async def later() -> None:
             await async_client.chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": body["text"]}])
+                model="gpt-4o-mini", messages=[{"role": "user", "content": body["text"]}]
+            )
+
         app.state.tasks = getattr(app.state, "tasks", set())
         task = asyncio.create_task(later())  # copies the request's context
         app.state.tasks.add(task)
@@ -118,9 +129,13 @@ def app_url(server: Serve, openai_server: OpenAIServer, traced: Traced) -> Itera
 
 
 def test_a_request_with_an_llm_call_is_one_trace_under_the_request(
-        app_url: str, traced: Traced) -> None:
-    response = httpx.post(f"{app_url}/chat/lobby", json={"text": "hello"}, headers={
-        "X-Request-ID": "req-abc.1", "X-Session-ID": "sess-1", "X-User-ID": "bob"})
+    app_url: str, traced: Traced
+) -> None:
+    response = httpx.post(
+        f"{app_url}/chat/lobby",
+        json={"text": "hello"},
+        headers={"X-Request-ID": "req-abc.1", "X-Session-ID": "sess-1", "X-User-ID": "bob"},
+    )
     assert response.status_code == 200
     assert response.json() == {"room": "lobby", "reply": "Echo: hello"}
     assert response.headers["x-request-id"] == "req-abc.1"
@@ -141,7 +156,8 @@ def test_a_request_with_an_llm_call_is_one_trace_under_the_request(
 
 
 def test_a_handler_whose_only_traced_work_is_the_users_own_mlflow_spans(
-        server: Serve, traced: Traced) -> None:
+    server: Serve, traced: Traced
+) -> None:
     # The request's root is made only when something starts under it: here MLflow spans,
     # which must still nest under it (sync in the thread pool and async), one trace.
     @mlflow.trace(name="lookup")
@@ -168,8 +184,10 @@ def test_a_handler_whose_only_traced_work_is_the_users_own_mlflow_spans(
     assert (first.json(), second.json()) == ({"a": "X", "b": "Y"}, {"a": "yx"})
     traces = {t.info.client_request_id: t for t in settled(traced, 2)}
     assert first.headers["x-trace-id"] == traces["only-mlflow-1"].info.trace_id
-    for request_id, route, children in (("only-mlflow-1", "/sync", ["lookup", "lookup"]),
-                                        ("only-mlflow-2", "/async", ["alookup"])):
+    for request_id, route, children in (
+        ("only-mlflow-1", "/sync", ["lookup", "lookup"]),
+        ("only-mlflow-2", "/async", ["alookup"]),
+    ):
         trace = traces[request_id]
         (root,) = [s for s in trace.data.spans if s.parent_id is None]
         assert root.name == f"GET {route}"
@@ -194,10 +212,12 @@ def test_a_request_that_traces_nothing_leaves_no_trace(app_url: str, traced: Tra
     assert trace.info.client_request_id != response.headers["x-request-id"]
 
 
-def test_trace_all_requests_and_excluded_paths(server: Serve, openai_server: OpenAIServer,
-                                               traced: Traced) -> None:
-    app = TracingMiddleware(chat_app(openai_server), trace_all_requests=True,
-                            exclude_paths=["/chat"])
+def test_trace_all_requests_and_excluded_paths(
+    server: Serve, openai_server: OpenAIServer, traced: Traced
+) -> None:
+    app = TracingMiddleware(
+        chat_app(openai_server), trace_all_requests=True, exclude_paths=["/chat"]
+    )
     with server(app) as url:
         assert "x-trace-id" in httpx.get(f"{url}/health").headers
         excluded = httpx.post(f"{url}/chat/x", json={"text": "not traced by the middleware"})
@@ -208,7 +228,8 @@ def test_trace_all_requests_and_excluded_paths(server: Serve, openai_server: Ope
 
 
 def test_streaming_response_and_background_task_stay_in_the_request_trace(
-        app_url: str, traced: Traced) -> None:
+    app_url: str, traced: Traced
+) -> None:
     with httpx.stream("GET", f"{app_url}/stream") as response:
         body = "".join(response.iter_text())
     assert body == "Echo: stream me"
@@ -219,14 +240,17 @@ def test_streaming_response_and_background_task_stay_in_the_request_trace(
     background = max(children, key=lambda s: s.start_time_ns)
     assert background.inputs["messages"][0]["content"] == "after the response"
     assert root.end_time_ns >= background.end_time_ns, "the root ended before the background task"
-    first, last = (root.attributes["tracewire.http.time_to_first_byte_ms"],
-                   root.attributes["tracewire.http.time_to_last_byte_ms"])
+    first, last = (
+        root.attributes["tracewire.http.time_to_first_byte_ms"],
+        root.attributes["tracewire.http.time_to_last_byte_ms"],
+    )
     assert 0 < first <= last
     assert trace.info.token_usage["total_tokens"] > 0
 
 
-def test_client_disconnect_mid_stream_still_ends_the_request_trace(app_url: str,
-                                                                   traced: Traced) -> None:
+def test_client_disconnect_mid_stream_still_ends_the_request_trace(
+    app_url: str, traced: Traced
+) -> None:
     with httpx.stream("GET", f"{app_url}/sse") as response:
         first = next(response.iter_lines())
     assert first == "data: Echo: tick 0"
@@ -234,14 +258,13 @@ def test_client_disconnect_mid_stream_still_ends_the_request_trace(app_url: str,
     root = next(s for s in trace.data.spans if s.parent_id is None)
     assert root.name == "GET /sse" and root.attributes["http.response.status_code"] == 200
     assert root.attributes["tracewire.http.time_to_first_byte_ms"] > 0
-    assert [s.name for s in trace.data.spans if s.parent_id == root.span_id] == [
-        "chat gpt-4o-mini"]
+    assert [s.name for s in trace.data.spans if s.parent_id == root.span_id] == ["chat gpt-4o-mini"]
 
 
-def test_a_task_the_handler_spawns_stays_in_the_request_trace(app_url: str,
-                                                              traced: Traced) -> None:
-    response = httpx.post(f"{app_url}/spawn", json={"text": "fire and forget"},
-                          headers={"X-Session-ID": "spawner"})
+def test_a_task_the_handler_spawns_stays_in_the_request_trace(app_url: str, traced: Traced) -> None:
+    response = httpx.post(
+        f"{app_url}/spawn", json={"text": "fire and forget"}, headers={"X-Session-ID": "spawner"}
+    )
     (trace,) = settled(traced, 1)
     assert trace.info.client_request_id == response.headers["x-request-id"]
     assert trace.info.trace_metadata["mlflow.trace.session"] == "spawner"
@@ -253,8 +276,12 @@ def test_a_task_the_handler_spawns_stays_in_the_request_trace(app_url: str,
 
 @pytest.mark.parametrize("capture_content", [True, False])
 def test_request_body_capture_is_capped_redacted_and_off_without_content(
-        server: Serve, openai_server: OpenAIServer, traced: Traced, tracking_uri: str,
-        capture_content: bool) -> None:
+    server: Serve,
+    openai_server: OpenAIServer,
+    traced: Traced,
+    tracking_uri: str,
+    capture_content: bool,
+) -> None:
     def redact(key: str, value: Any) -> Any:  # every span's inputs/outputs, nested or not
         return json.loads(json.dumps(value).replace("4111-1111", "[card]"))
 
@@ -276,15 +303,18 @@ def test_request_body_capture_is_capped_redacted_and_off_without_content(
         assert "zzzz" not in stored
 
 
-def test_user_set_by_a_dependency_wins_over_the_client_header(app_url: str,
-                                                             traced: Traced) -> None:
-    httpx.post(f"{app_url}/me", json={"text": "who am I"},
-               headers={"X-User-ID": "claimed", "X-API-User": "verified"})
+def test_user_set_by_a_dependency_wins_over_the_client_header(app_url: str, traced: Traced) -> None:
+    httpx.post(
+        f"{app_url}/me",
+        json={"text": "who am I"},
+        headers={"X-User-ID": "claimed", "X-API-User": "verified"},
+    )
     assert settled(traced, 1)[0].info.trace_metadata["mlflow.trace.user"] == "verified"
 
 
 def test_unhandled_exception_outermost_echoes_the_id_and_marks_the_trace(
-        app_url: str, traced: Traced) -> None:
+    app_url: str, traced: Traced
+) -> None:
     response = httpx.post(f"{app_url}/boom", headers={"X-Request-ID": "req-boom"})
     assert response.status_code == 500
     assert response.headers["x-request-id"] == "req-boom"
@@ -292,14 +322,19 @@ def test_unhandled_exception_outermost_echoes_the_id_and_marks_the_trace(
     assert trace.info.state.value == "ERROR"
     root = next(s for s in trace.data.spans if s.parent_id is None)
     assert root.attributes["http.response.status_code"] == 500
-    assert any(e.name == "exception" and "handler failed" in e.attributes["exception.message"]
-               for e in root.events)
+    assert any(
+        e.name == "exception" and "handler failed" in e.attributes["exception.message"]
+        for e in root.events
+    )
 
 
 def test_w3c_traceparent_continues_the_callers_trace(app_url: str, traced: Traced) -> None:
     trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-    httpx.post(f"{app_url}/achat", json={"text": "distributed"},
-               headers={"traceparent": f"00-{trace_id}-{parent}-01"})
+    httpx.post(
+        f"{app_url}/achat",
+        json={"text": "distributed"},
+        headers={"traceparent": f"00-{trace_id}-{parent}-01"},
+    )
     (trace,) = settled(traced, 1)
     assert trace.info.trace_id == f"tr-{trace_id}"
     root = next(s for s in trace.data.spans if s.name == "POST /achat")
@@ -307,11 +342,20 @@ def test_w3c_traceparent_continues_the_callers_trace(app_url: str, traced: Trace
 
 
 def test_feedback_round_trip(app_url: str, traced: Traced) -> None:
-    response = httpx.post(f"{app_url}/chat/a", json={"text": "what is the weather"},
-                          headers={"X-User-ID": "alice"})
+    response = httpx.post(
+        f"{app_url}/chat/a", json={"text": "what is the weather"}, headers={"X-User-ID": "alice"}
+    )
     request_id = response.headers["x-request-id"]
-    sent = httpx.post(f"{app_url}/feedback", headers={"X-User-ID": "alice"}, json={
-        "request_id": request_id, "name": "thumbs", "value": False, "rationale": "wrong city"})
+    sent = httpx.post(
+        f"{app_url}/feedback",
+        headers={"X-User-ID": "alice"},
+        json={
+            "request_id": request_id,
+            "name": "thumbs",
+            "value": False,
+            "rationale": "wrong city",
+        },
+    )
     assert sent.status_code == 202, sent.text
     assert sent.headers["x-request-id"] != request_id  # the feedback request's own id
     assert tracewire.flush(30)
@@ -321,26 +365,31 @@ def test_feedback_round_trip(app_url: str, traced: Traced) -> None:
     assert feedback.source.source_id == "alice"
 
 
-@pytest.mark.parametrize("body,status", [
-    (b"not json", 400),
-    (b"[1, 2]", 400),
-    (json.dumps({"request_id": "r1"}).encode(), 422),  # no value
-    (json.dumps({"request_id": "r1", "value": True, "user": "mallory"}).encode(), 422),
-    (json.dumps({"value": True}).encode(), 422),  # neither id
-    (json.dumps({"request_id": "r'1", "value": True}).encode(), 422),
-    (json.dumps({"request_id": "r1", "value": [1]}).encode(), 422),
-    (b"{" + b" " * 20_000 + b"}", 413),
-])
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        (b"not json", 400),
+        (b"[1, 2]", 400),
+        (json.dumps({"request_id": "r1"}).encode(), 422),  # no value
+        (json.dumps({"request_id": "r1", "value": True, "user": "mallory"}).encode(), 422),
+        (json.dumps({"value": True}).encode(), 422),  # neither id
+        (json.dumps({"request_id": "r'1", "value": True}).encode(), 422),
+        (json.dumps({"request_id": "r1", "value": [1]}).encode(), 422),
+        (b"{" + b" " * 20_000 + b"}", 413),
+    ],
+)
 def test_malformed_feedback_gets_a_clear_4xx(app_url: str, body: bytes, status: int) -> None:
-    response = httpx.post(f"{app_url}/feedback", content=body,
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{app_url}/feedback", content=body, headers={"content-type": "application/json"}
+    )
     assert response.status_code == status, response.text
     assert response.json()["error"]
     assert httpx.get(f"{app_url}/feedback").status_code == 405
 
 
 def test_a_langgraph_agent_in_a_handler_is_one_request_trace(
-        server: Serve, openai_server: OpenAIServer, traced: Traced) -> None:
+    server: Serve, openai_server: OpenAIServer, traced: Traced
+) -> None:
     from typing import Annotated
 
     from langchain_openai import ChatOpenAI
@@ -349,9 +398,10 @@ def test_a_langgraph_agent_in_a_handler_is_one_request_trace(
     from langgraph.graph.message import add_messages
     from typing_extensions import TypedDict
 
-    State = TypedDict("State", {"messages": Annotated[list[Any], add_messages]})
-    model = ChatOpenAI(model="gpt-4o-mini", base_url=openai_server.base_url, api_key=API_KEY,
-                       max_retries=0)
+    State = TypedDict("State", {"messages": Annotated[list[Any], add_messages]})  # noqa: UP013 (postponed annotations)
+    model = ChatOpenAI(
+        model="gpt-4o-mini", base_url=openai_server.base_url, api_key=API_KEY, max_retries=0
+    )
     graph = StateGraph(State)
     graph.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"])]})
     graph.add_edge(START, "agent")
@@ -361,19 +411,26 @@ def test_a_langgraph_agent_in_a_handler_is_one_request_trace(
 
     @app.post("/agent")
     def run_agent(body: dict[str, Any], request: Request) -> dict[str, str]:
-        state = agent.invoke({"messages": [("user", body["text"])]},
-                             {"configurable": {"thread_id": request.headers["x-thread"]}})
+        state = agent.invoke(
+            {"messages": [("user", body["text"])]},
+            {"configurable": {"thread_id": request.headers["x-thread"]}},
+        )
         return {"reply": state["messages"][-1].content}
 
     with server(TracingMiddleware(app, trust_identity_headers=TRUSTED)) as url:
-        response = httpx.post(f"{url}/agent", json={"text": "plan my day"},
-                              headers={"X-Thread": "thread-9", "X-User-ID": "carol"})
+        response = httpx.post(
+            f"{url}/agent",
+            json={"text": "plan my day"},
+            headers={"X-Thread": "thread-9", "X-User-ID": "carol"},
+        )
     assert response.json() == {"reply": "Echo: plan my day"}
     (trace,) = settled(traced, 1)
     assert trace.info.client_request_id == response.headers["x-request-id"]
     metadata = trace.info.trace_metadata
     assert (metadata["mlflow.trace.user"], metadata["mlflow.trace.session"]) == (
-        "carol", "thread-9")  # no session header: the graph's thread fills it in
+        "carol",
+        "thread-9",
+    )  # no session header: the graph's thread fills it in
     spans_by_id = {s.span_id: s for s in trace.data.spans}
     (root,) = [s for s in trace.data.spans if s.parent_id is None]
     assert root.name == "POST /agent"
@@ -387,8 +444,10 @@ def test_a_langgraph_agent_in_a_handler_is_one_request_trace(
 
     (chat,) = [s for s in trace.data.spans if s.name == "chat gpt-4o-mini"]
     assert path_to_root(chat)[-1] == "POST /agent" and "agent" in path_to_root(chat)
-    assert trace.info.token_usage["total_tokens"] == chat.attributes[
-        "mlflow.chat.tokenUsage"]["total_tokens"]  # counted once, not per layer
+    assert (
+        trace.info.token_usage["total_tokens"]
+        == chat.attributes["mlflow.chat.tokenUsage"]["total_tokens"]
+    )  # counted once, not per layer
 
 
 # --------------------------------------------------------------------------- Starlette, auth
@@ -403,15 +462,20 @@ class _TokenAuth(AuthenticationBackend):
 
 
 def test_starlette_app_with_auth_middleware_websocket_and_lifespan(
-        server: Serve, openai_server: OpenAIServer, traced: Traced) -> None:
+    server: Serve, openai_server: OpenAIServer, traced: Traced
+) -> None:
     client = openai.OpenAI(base_url=openai_server.base_url, api_key=API_KEY, max_retries=0)
     started = []
 
     async def ask(request):
         text = (await request.json())["text"]
-        reply = await asyncio.to_thread(tracewire.propagate(
-            lambda: client.chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": text}])))
+        reply = await asyncio.to_thread(
+            tracewire.propagate(
+                lambda: client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": text}]
+                )
+            )
+        )
         return JSONResponse({"reply": reply.choices[0].message.content})
 
     async def echo(websocket):
@@ -424,17 +488,26 @@ def test_starlette_app_with_auth_middleware_websocket_and_lifespan(
         started.append(True)
         yield
 
-    app = Starlette(routes=[Route("/ask", ask, methods=["POST"]), WebSocketRoute("/ws", echo)],
-                    middleware=[Middleware(AuthenticationMiddleware, backend=_TokenAuth())],
-                    lifespan=lifespan)
+    app = Starlette(
+        routes=[Route("/ask", ask, methods=["POST"]), WebSocketRoute("/ws", echo)],
+        middleware=[Middleware(AuthenticationMiddleware, backend=_TokenAuth())],
+        lifespan=lifespan,
+    )
     cookie_key = "k" * 32
     traced_app = TracingMiddleware(app, session_cookie="sid", session_cookie_key=cookie_key)
     with server(traced_app) as url:
         # Cookies split over two headers (as HTTP/2 clients send them): the session is in the
         # second one.
-        response = httpx.post(f"{url}/ask", json={"text": "hi"}, headers=[
-            ("Authorization", "Bearer alice-secret-token"), ("X-User-ID", "claimed"),
-            ("Cookie", "theme=dark"), ("Cookie", "sid=raw-session-cookie-value")])
+        response = httpx.post(
+            f"{url}/ask",
+            json={"text": "hi"},
+            headers=[
+                ("Authorization", "Bearer alice-secret-token"),
+                ("X-User-ID", "claimed"),
+                ("Cookie", "theme=dark"),
+                ("Cookie", "sid=raw-session-cookie-value"),
+            ],
+        )
         assert response.json() == {"reply": "Echo: hi"}
         from websockets.sync.client import connect
 
@@ -452,15 +525,21 @@ def test_starlette_app_with_auth_middleware_websocket_and_lifespan(
 
 
 def test_an_identify_callable_that_raises_costs_only_its_own_ids(
-        server: Serve, openai_server: OpenAIServer, traced: Traced,
-        caplog: pytest.LogCaptureFixture) -> None:
+    server: Serve, openai_server: OpenAIServer, traced: Traced, caplog: pytest.LogCaptureFixture
+) -> None:
     def identify(scope: Any) -> tuple[str | None, str | None]:
         raise KeyError("no tenant")
 
-    with server(TracingMiddleware(chat_app(openai_server), identify=identify,
-                                  trust_identity_headers=TRUSTED)) as url:
-        response = httpx.post(f"{url}/achat", json={"text": "hi"},
-                              headers={"X-Request-ID": "req-id-kept", "X-User-ID": "u1"})
+    with server(
+        TracingMiddleware(
+            chat_app(openai_server), identify=identify, trust_identity_headers=TRUSTED
+        )
+    ) as url:
+        response = httpx.post(
+            f"{url}/achat",
+            json={"text": "hi"},
+            headers={"X-Request-ID": "req-id-kept", "X-User-ID": "u1"},
+        )
     assert response.status_code == 200 and response.headers["x-request-id"] == "req-id-kept"
     (trace,) = settled(traced, 1)
     assert trace.info.trace_metadata["mlflow.trace.user"] == "u1"
@@ -493,7 +572,8 @@ HOSTILE = [
 
 @pytest.mark.parametrize("name,value", HOSTILE)
 def test_hostile_headers_are_replaced_never_reflected(
-        openai_server: OpenAIServer, traced: Traced, name: str, value: bytes) -> None:
+    openai_server: OpenAIServer, traced: Traced, name: str, value: bytes
+) -> None:
     """In-process ASGI, so values no HTTP client would send reach the middleware as is."""
     app = TracingMiddleware(chat_app(openai_server), trust_identity_headers=TRUSTED)
     sent: list[dict[str, Any]] = []
@@ -504,10 +584,20 @@ def test_hostile_headers_are_replaced_never_reflected(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": "/achat", "raw_path": b"/achat", "query_string": b"",
-             "root_path": "", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5000),
-             "headers": [(b"content-type", b"application/json"), (name.encode(), value)]}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/achat",
+        "raw_path": b"/achat",
+        "query_string": b"",
+        "root_path": "",
+        "server": ("127.0.0.1", 80),
+        "client": ("127.0.0.1", 5000),
+        "headers": [(b"content-type", b"application/json"), (name.encode(), value)],
+    }
     asyncio.run(app(scope, receive, send))
 
     start = sent[0]
@@ -527,7 +617,8 @@ def test_hostile_headers_are_replaced_never_reflected(
 
 
 def test_500_concurrent_requests_each_trace_carries_exactly_its_own_ids(
-        app_url: str, traced: Traced) -> None:
+    app_url: str, traced: Traced
+) -> None:
     big = "x" * (70 * 1024)
 
     async def one(http: httpx.AsyncClient, i: int) -> str | None:
@@ -559,8 +650,10 @@ def test_500_concurrent_requests_each_trace_carries_exactly_its_own_ids(
     for i in range(500):
         trace = by_request[f"req-{i}"]
         metadata = trace.info.trace_metadata
-        mismatches += (metadata.get("mlflow.trace.session"), metadata.get("mlflow.trace.user")) \
-            != (f"s-{i}", f"u-{i}")
+        mismatches += (metadata.get("mlflow.trace.session"), metadata.get("mlflow.trace.user")) != (
+            f"s-{i}",
+            f"u-{i}",
+        )
         if trace_ids[i] is not None:
             mismatches += trace_ids[i] != trace.info.trace_id
         if i % 10 not in (3, 5):  # the one chat call of this request, with this request's text
@@ -571,8 +664,11 @@ def test_500_concurrent_requests_each_trace_carries_exactly_its_own_ids(
 
 def test_keep_alive_requests_do_not_leak_context(app_url: str, traced: Traced) -> None:
     with httpx.Client(base_url=app_url) as http:  # one connection, reused
-        http.post("/achat", json={"text": "first"},
-                  headers={"X-Session-ID": "only-first", "X-User-ID": "first-user"})
+        http.post(
+            "/achat",
+            json={"text": "first"},
+            headers={"X-Session-ID": "only-first", "X-User-ID": "first-user"},
+        )
         http.post("/achat", json={"text": "second " + "y" * 70_000})
     first, second = settled(traced, 2)
     assert first.info.trace_metadata["mlflow.trace.session"] == "only-first"

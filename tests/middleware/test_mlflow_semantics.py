@@ -27,14 +27,19 @@ def agent_app(openai_server: OpenAIServer) -> FastAPI:
 
     def ask(text: str) -> str:
         reply = client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": text}])
+            model="gpt-4o-mini", messages=[{"role": "user", "content": text}]
+        )
         return reply.choices[0].message.content or ""
 
     @app.post("/annotated")
     def annotated(body: dict[str, Any]) -> dict[str, Any]:
         # MLflow's documented way to annotate the current trace, before and after traced work.
-        mlflow.update_current_trace(tags={"fruit": "apple"}, metadata={"app.commit": "abc123"},
-                                    session_id="conversation-7", user="alice")
+        mlflow.update_current_trace(
+            tags={"fruit": "apple"},
+            metadata={"app.commit": "abc123"},
+            session_id="conversation-7",
+            user="alice",
+        )
         reply = ask(body["text"])
         span = mlflow.get_current_active_span()
         span.set_attribute("app.route_kind", "annotated")
@@ -44,9 +49,12 @@ def agent_app(openai_server: OpenAIServer) -> FastAPI:
     @app.post("/custom")
     def custom(body: dict[str, Any]) -> dict[str, str]:
         reply = ask(body["text"])
-        mlflow.update_current_trace(request_preview="custom question",
-                                    response_preview="custom answer", state="ERROR",
-                                    client_request_id="app-chosen-id")
+        mlflow.update_current_trace(
+            request_preview="custom question",
+            response_preview="custom answer",
+            state="ERROR",
+            client_request_id="app-chosen-id",
+        )
         span = mlflow.get_current_active_span()
         span.set_outputs({"answer": reply})
         span.add_event(mlflow.entities.SpanEvent("checkpoint", attributes={"step": 2}))
@@ -83,14 +91,21 @@ def agent_app(openai_server: OpenAIServer) -> FastAPI:
 
 @pytest.fixture
 def url(server: Serve, openai_server: OpenAIServer, traced: Traced) -> Any:
-    with server(TracingMiddleware(agent_app(openai_server), trust_identity_headers={
-            "session": "X-Session-ID", "user": "X-User-ID"})) as url:
+    with server(
+        TracingMiddleware(
+            agent_app(openai_server),
+            trust_identity_headers={"session": "X-Session-ID", "user": "X-User-ID"},
+        )
+    ) as url:
         yield url
 
 
 def test_mlflow_trace_apis_inside_a_request_land_on_its_trace(url: str, traced: Traced) -> None:
-    response = httpx.post(f"{url}/annotated", json={"text": "hello"},
-                          headers={"X-Session-ID": "from-header", "X-User-ID": "mallory"})
+    response = httpx.post(
+        f"{url}/annotated",
+        json={"text": "hello"},
+        headers={"X-Session-ID": "from-header", "X-User-ID": "mallory"},
+    )
     assert response.status_code == 200, response.text
     (trace,) = settled(traced, 1)
     assert response.json()["trace_id"] == response.headers["x-trace-id"] == trace.info.trace_id
@@ -102,12 +117,12 @@ def test_mlflow_trace_apis_inside_a_request_land_on_its_trace(url: str, traced: 
     assert trace.info.client_request_id == response.headers["x-request-id"]
     root = next(s for s in trace.data.spans if s.parent_id is None)
     assert root.attributes["app.route_kind"] == "annotated"
-    assert [s.name for s in trace.data.spans if s.parent_id == root.span_id] == \
-        ["chat gpt-4o-mini"]
+    assert [s.name for s in trace.data.spans if s.parent_id == root.span_id] == ["chat gpt-4o-mini"]
 
 
 def test_what_the_app_sets_through_mlflow_wins_and_goes_through_any_store(
-        url: str, traced: Traced) -> None:
+    url: str, traced: Traced
+) -> None:
     response = httpx.post(f"{url}/custom", json={"text": "hello"})
     assert response.status_code == 200, response.text
     (trace,) = settled(traced, 1)
@@ -145,8 +160,7 @@ def test_a_5xx_answer_is_an_error_trace_and_always_kept(url: str, traced: Traced
         assert root.attributes["http.response.status_code"] == 502
 
 
-def test_a_4xx_is_an_error_only_when_the_apps_traced_work_failed(url: str,
-                                                                  traced: Traced) -> None:
+def test_a_4xx_is_an_error_only_when_the_apps_traced_work_failed(url: str, traced: Traced) -> None:
     assert httpx.post(f"{url}/bad-request", json={}).status_code == 400
     assert httpx.post(f"{url}/not-found", json={"text": "x"}).status_code == 404
     failed, missing = settled(traced, 2)
@@ -154,8 +168,9 @@ def test_a_4xx_is_an_error_only_when_the_apps_traced_work_failed(url: str,
     assert missing.info.state.value == "OK"  # the client's mistake, not the app's failure
 
 
-def test_traces_of_an_active_model_are_linked_to_it(url: str, traced: Traced,
-                                                    tracking_uri: str) -> None:
+def test_traces_of_an_active_model_are_linked_to_it(
+    url: str, traced: Traced, tracking_uri: str
+) -> None:
     model = mlflow.set_active_model(name=f"agent-{traced.experiment_name[-8:]}")
     try:
         httpx.post(f"{url}/ask", json={"text": "linked"})
@@ -167,12 +182,14 @@ def test_traces_of_an_active_model_are_linked_to_it(url: str, traced: Traced,
     assert [t.info.trace_id for t in found] == [trace.info.trace_id]
 
 
-def test_outside_a_request_the_apis_work_on_our_spans_too(traced: Traced,
-                                                          openai_server: OpenAIServer) -> None:
+def test_outside_a_request_the_apis_work_on_our_spans_too(
+    traced: Traced, openai_server: OpenAIServer
+) -> None:
     client = openai.OpenAI(base_url=openai_server.base_url, api_key=API_KEY, max_retries=0)
     with tracewire.context(request_id="script-1"):
-        client.chat.completions.create(model="gpt-4o-mini",
-                                       messages=[{"role": "user", "content": "hi"}])
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
     assert mlflow.get_current_active_span() is None  # nothing active here
     trace = traced.trace()
     assert trace.info.client_request_id == "script-1"

@@ -31,8 +31,12 @@ QUESTION = "What is the capital of France"
 # The local server's counts: 3 + words per message in, the words of "Echo: <question>" out.
 PROMPT_TOKENS = 3 + count_tokens(QUESTION)
 ECHO_TOKENS = count_tokens("Echo: " + QUESTION)
-SERVER_USAGE = {"input_tokens": PROMPT_TOKENS, "output_tokens": ECHO_TOKENS,
-                "total_tokens": PROMPT_TOKENS + ECHO_TOKENS, "cache_read_input_tokens": 0}
+SERVER_USAGE = {
+    "input_tokens": PROMPT_TOKENS,
+    "output_tokens": ECHO_TOKENS,
+    "total_tokens": PROMPT_TOKENS + ECHO_TOKENS,
+    "cache_read_input_tokens": 0,
+}
 
 
 def tree(trace: mlflow.entities.Trace) -> dict[str, tuple[str, str | None]]:
@@ -40,8 +44,10 @@ def tree(trace: mlflow.entities.Trace) -> dict[str, tuple[str, str | None]]:
     by_id = {s.span_id: s for s in trace.data.spans}
     names = [s.name for s in trace.data.spans]
     assert len(names) == len(set(names)), names
-    return {s.name: (s.span_type, by_id[s.parent_id].name if s.parent_id else None)
-            for s in trace.data.spans}
+    return {
+        s.name: (s.span_type, by_id[s.parent_id].name if s.parent_id else None)
+        for s in trace.data.spans
+    }
 
 
 def span(trace: mlflow.entities.Trace, name: str) -> Any:
@@ -58,16 +64,23 @@ class Shelf(BaseRetriever):
     """A retriever over two fixed documents."""
 
     def _get_relevant_documents(self, query: str, *, run_manager: Any) -> list[Document]:
-        return [Document(page_content=f"{query} is Paris", metadata={"source": "atlas"}, id="d1"),
-                Document(page_content="France is in Europe", metadata={}, id="d2")]
+        return [
+            Document(page_content=f"{query} is Paris", metadata={"source": "atlas"}, id="d1"),
+            Document(page_content="France is in Europe", metadata={}, id="d2"),
+        ]
 
 
 def chat_openai(server: OpenAIServer, **kwargs: Any) -> ChatOpenAI:
     # A fresh async HTTP client: langchain-openai caches one per base URL, bound to the event
     # loop it first ran in, and each test's asyncio.run() has its own loop.
-    return ChatOpenAI(model="gpt-4o-mini", base_url=server.base_url, api_key=API_KEY,
-                      max_retries=0, http_async_client=openai.DefaultAsyncHttpxClient(),
-                      **kwargs)
+    return ChatOpenAI(
+        model="gpt-4o-mini",
+        base_url=server.base_url,
+        api_key=API_KEY,
+        max_retries=0,
+        http_async_client=openai.DefaultAsyncHttpxClient(),
+        **kwargs,
+    )
 
 
 # --------------------------------------------------------------------------- chat models
@@ -89,13 +102,17 @@ def test_chat_model_messages_tools_tool_calls_and_usage(traced: Traced) -> None:
     message = chat.outputs["generations"][0][0]["message"]
     assert message["tool_calls"] == [call]
     assert chat.attributes["mlflow.chat.tokenUsage"] == {
-        "input_tokens": 12, "output_tokens": 7, "total_tokens": 19}
+        "input_tokens": 12,
+        "output_tokens": 7,
+        "total_tokens": 19,
+    }
     assert trace.info.token_usage == {"input_tokens": 12, "output_tokens": 7, "total_tokens": 19}
 
 
 def test_chain_of_prompt_model_parser_tool_and_retriever(traced: Traced) -> None:
-    prompt = ChatPromptTemplate.from_messages([("system", "Answer from: {context}"),
-                                               ("user", "{question}")])
+    prompt = ChatPromptTemplate.from_messages(
+        [("system", "Answer from: {context}"), ("user", "{question}")]
+    )
     model = FakeChat.scripted(reply("Paris", input_tokens=20, output_tokens=1))
 
     def answer(question: str) -> str:
@@ -122,11 +139,14 @@ def test_chain_of_prompt_model_parser_tool_and_retriever(traced: Traced) -> None
     assert retriever.inputs == {"query": "France"}
     assert retriever.outputs == [
         {"page_content": "France is Paris", "metadata": {"source": "atlas"}, "id": "d1"},
-        {"page_content": "France is in Europe", "metadata": {}, "id": "d2"}]
+        {"page_content": "France is in Europe", "metadata": {}, "id": "d2"},
+    ]
     tool_span = span(trace, "capital")
     assert (tool_span.inputs, tool_span.outputs) == ({"country": "France"}, "Paris")
     assert span(trace, "FakeChat").inputs["messages"][0] == {
-        "role": "system", "content": "Answer from: France is ParisParis"}
+        "role": "system",
+        "content": "Answer from: France is ParisParis",
+    }
     assert trace.info.token_usage["total_tokens"] == 21
 
 
@@ -150,8 +170,10 @@ def test_failure_marks_the_span_and_reaches_the_caller_unchanged(traced: Traced)
 
 
 def _chat_openai_tree(trace: mlflow.entities.Trace) -> None:
-    assert tree(trace) == {"ChatOpenAI": ("CHAT_MODEL", None),
-                           "chat gpt-4o-mini": ("CHAT_MODEL", "ChatOpenAI")}
+    assert tree(trace) == {
+        "ChatOpenAI": ("CHAT_MODEL", None),
+        "chat gpt-4o-mini": ("CHAT_MODEL", "ChatOpenAI"),
+    }
     outer = span(trace, "ChatOpenAI")
     assert outer.attributes["mlflow.llm.model"] == "gpt-4o-mini"
     assert outer.attributes["mlflow.llm.provider"] == "openai"
@@ -170,15 +192,13 @@ def test_chat_openai_sync_counts_tokens_once(traced: Traced, openai_server: Open
     _chat_openai_tree(traced.trace())
 
 
-def test_chat_openai_async_counts_tokens_once(traced: Traced,
-                                              openai_server: OpenAIServer) -> None:
+def test_chat_openai_async_counts_tokens_once(traced: Traced, openai_server: OpenAIServer) -> None:
     result = asyncio.run(chat_openai(openai_server).ainvoke(QUESTION))
     assert result.content == "Echo: " + QUESTION
     _chat_openai_tree(traced.trace())
 
 
-def test_chat_openai_streams_count_tokens_once(traced: Traced,
-                                               openai_server: OpenAIServer) -> None:
+def test_chat_openai_streams_count_tokens_once(traced: Traced, openai_server: OpenAIServer) -> None:
     model = chat_openai(openai_server, stream_usage=True)
     chunks = list(model.stream(QUESTION))
     assert "".join(c.content for c in chunks) == "Echo: " + QUESTION
@@ -191,15 +211,20 @@ def test_chat_openai_streams_count_tokens_once(traced: Traced,
         _chat_openai_tree(trace)
 
 
-def test_chat_openai_streaming_with_a_base_url_records_usage(traced: Traced,
-                                                             openai_server: OpenAIServer) -> None:
+def test_chat_openai_streaming_with_a_base_url_records_usage(
+    traced: Traced, openai_server: OpenAIServer
+) -> None:
     """`ChatOpenAI(streaming=True, base_url=...)` asks for no stream usage (LangChain turns it off
     for a custom base URL): tracewire asks, records it on the OpenAI span, and hides it, so
     LangChain's result is what it is untraced."""
+
     def run() -> list[Any]:
         model = chat_openai(openai_server, streaming=True)
-        return [model.invoke(QUESTION), list(model.stream(QUESTION)),
-                asyncio.run(model.ainvoke(QUESTION))]
+        return [
+            model.invoke(QUESTION),
+            list(model.stream(QUESTION)),
+            asyncio.run(model.ainvoke(QUESTION)),
+        ]
 
     with traced.untraced():
         expected = run()
@@ -208,15 +233,20 @@ def test_chat_openai_streaming_with_a_base_url_records_usage(traced: Traced,
     for result, want in zip(got, expected):
         results = result if isinstance(result, list) else [result]
         wants = want if isinstance(want, list) else [want]
-        assert [(r.content, r.usage_metadata, r.response_metadata.get("finish_reason"))
-                for r in results] == [(w.content, w.usage_metadata,
-                                       w.response_metadata.get("finish_reason")) for w in wants]
+        assert [
+            (r.content, r.usage_metadata, r.response_metadata.get("finish_reason")) for r in results
+        ] == [
+            (w.content, w.usage_metadata, w.response_metadata.get("finish_reason")) for w in wants
+        ]
     assert got[0].content == "Echo: " + QUESTION and got[0].usage_metadata is None
-    assert [r.body.get("stream_options") for r in openai_server.requests] == \
-        [{"include_usage": True}] * 3
+    assert [r.body.get("stream_options") for r in openai_server.requests] == [
+        {"include_usage": True}
+    ] * 3
     for trace in traced.traces(expected=3):
-        assert tree(trace) == {"ChatOpenAI": ("CHAT_MODEL", None),
-                               "chat gpt-4o-mini": ("CHAT_MODEL", "ChatOpenAI")}
+        assert tree(trace) == {
+            "ChatOpenAI": ("CHAT_MODEL", None),
+            "chat gpt-4o-mini": ("CHAT_MODEL", "ChatOpenAI"),
+        }
         assert span(trace, "chat gpt-4o-mini").attributes["mlflow.chat.tokenUsage"] == SERVER_USAGE
         assert trace.info.token_usage == SERVER_USAGE
         assert json.loads(trace.info.trace_metadata["mlflow.trace.cost"])["total_cost"] > 0
@@ -226,8 +256,7 @@ def test_chat_openai_streaming_with_a_base_url_records_usage(traced: Traced,
 
 
 @pytest.mark.parametrize("traced", [{"capture_content": False}], indirect=True)
-def test_capture_content_false_records_no_text(traced: Traced,
-                                               openai_server: OpenAIServer) -> None:
+def test_capture_content_false_records_no_text(traced: Traced, openai_server: OpenAIServer) -> None:
     secret = "Ultraviolet-Kumquat"
     shelf, model = Shelf(), chat_openai(openai_server)
 
@@ -287,8 +316,11 @@ def test_propagate_carries_the_run_into_a_thread_pool(traced: Traced) -> None:
     assert RunnableLambda(fan_out).invoke("go") == ["hi", "hi", "hi"]
     carried, lost = traced.traces(expected=2)
     assert carried.data.spans[0].name == "fan_out"
-    assert sorted((s.name, s.inputs["messages"][0]["content"]) for s in carried.data.spans
-                  if s.parent_id is not None) == [("FakeChat", "a"), ("FakeChat", "b")]
+    assert sorted(
+        (s.name, s.inputs["messages"][0]["content"])
+        for s in carried.data.spans
+        if s.parent_id is not None
+    ) == [("FakeChat", "a"), ("FakeChat", "b")]
     assert all(s.parent_id == carried.data.spans[0].span_id for s in carried.data.spans[1:])
     assert [s.name for s in lost.data.spans] == ["FakeChat"]  # a trace of its own
 
@@ -303,13 +335,15 @@ def test_batch_runs_on_langchains_pool_stay_under_their_parent(traced: Traced) -
     trace = traced.trace()
     root = next(s for s in trace.data.spans if s.parent_id is None)
     assert root.name == "fan_out"
-    assert sorted(s.inputs["messages"][0]["content"] for s in trace.data.spans
-                  if s.parent_id == root.span_id) == ["a", "b", "c"]
+    assert sorted(
+        s.inputs["messages"][0]["content"] for s in trace.data.spans if s.parent_id == root.span_id
+    ) == ["a", "b", "c"]
     assert trace.info.token_usage["total_tokens"] == 6
 
 
 def test_a_sequences_batch_is_one_trace_per_input_and_leaves_nothing_current(
-        traced: Traced) -> None:
+    traced: Traced,
+) -> None:
     """``RunnableSequence.batch`` starts every input's run in the caller's thread, one after
     the other, before any ends: no run may become the next one's parent."""
     from tracewire.core import spans
@@ -333,18 +367,24 @@ def test_a_sequences_batch_is_one_trace_per_input_and_leaves_nothing_current(
     by_input = {t.data.spans[0].inputs: t for t in traces if t.data.spans[0].name != "after"}
     assert sorted(by_input) == [0, 1, 2]
     for x, trace in by_input.items():
-        assert tree(trace) == {"RunnableSequence": ("CHAIN", None),
-                               "double": ("CHAIN", "RunnableSequence"),
-                               "half": ("CHAIN", "RunnableSequence")}
+        assert tree(trace) == {
+            "RunnableSequence": ("CHAIN", None),
+            "double": ("CHAIN", "RunnableSequence"),
+            "half": ("CHAIN", "RunnableSequence"),
+        }
         assert trace.info.state.value == ("ERROR" if x == 0 else "OK")
     assert [t.data.spans[0].name for t in traces].count("after") == 1
 
 
 def test_propagate_carries_the_run_into_run_in_executor(traced: Traced, client: Any) -> None:
     def ask() -> str:
-        return client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": QUESTION}]
-        ).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": QUESTION}]
+            )
+            .choices[0]
+            .message.content
+        )
 
     async def step(_: str) -> list[str]:
         loop = asyncio.get_running_loop()
@@ -383,7 +423,8 @@ def test_parallel_branches_nest_under_their_branch(traced: Traced, asynchronous:
     model = FakeChat.scripted(reply("hi", input_tokens=1, output_tokens=1))
     parallel = RunnableParallel(
         left=RunnableLambda(lambda x: x + "L", name="left") | model,
-        right=RunnableLambda(lambda x: x + "R", name="right") | model)
+        right=RunnableLambda(lambda x: x + "R", name="right") | model,
+    )
     result = asyncio.run(parallel.ainvoke("go")) if asynchronous else parallel.invoke("go")
     assert {k: v.content for k, v in result.items()} == {"left": "hi", "right": "hi"}
 
@@ -406,11 +447,16 @@ def test_llm_usage_from_llm_output(traced: Traced) -> None:
     class CountingLLM(FakeListLLM):
         """A completion model that reports usage the older way: in ``llm_output``."""
 
-        def _generate(self, prompts: list[str], stop: Any = None, run_manager: Any = None,
-                      **kwargs: Any) -> LLMResult:
-            return LLMResult(generations=[[Generation(text="Paris")] for _ in prompts],
-                             llm_output={"model_name": "fake-instruct", "token_usage": {
-                                 "prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}})
+        def _generate(
+            self, prompts: list[str], stop: Any = None, run_manager: Any = None, **kwargs: Any
+        ) -> LLMResult:
+            return LLMResult(
+                generations=[[Generation(text="Paris")] for _ in prompts],
+                llm_output={
+                    "model_name": "fake-instruct",
+                    "token_usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+                },
+            )
 
     assert CountingLLM(responses=[]).invoke(QUESTION) == "Paris"
     trace = traced.trace()

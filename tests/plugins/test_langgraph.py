@@ -49,6 +49,7 @@ def fake_model() -> Any:
 def build(model: Any, *, asynchronous: bool = False) -> Any:
     """agent -> (tools_condition) -> tools -> agent -> summary (a subgraph) -> end; the agent
     node is a coroutine when ``asynchronous``."""
+
     def condense(state: State) -> State:
         return {"summary": state["messages"][-1].content}
 
@@ -84,37 +85,46 @@ def shape(trace: mlflow.entities.Trace, span: Any = None) -> Any:
         roots = [s for s in spans if s.parent_id is None]
         assert len(roots) == 1, [s.name for s in roots]
         span = roots[0]
-    children = sorted((s for s in spans if s.parent_id == span.span_id),
-                      key=lambda s: s.start_time_ns)
+    children = sorted(
+        (s for s in spans if s.parent_id == span.span_id), key=lambda s: s.start_time_ns
+    )
     return (span.name, span.span_type, [shape(trace, c) for c in children])
 
 
 AGENT_STEP = [("ToolThenAnswer", "CHAT_MODEL", []), ("tools_condition", "CHAIN", [])]
-TREE = ("LangGraph", "AGENT", [
-    ("agent", "CHAIN", AGENT_STEP),
-    ("tools", "CHAIN", [("capital", "TOOL", [])]),
-    ("agent", "CHAIN", AGENT_STEP),
-    ("summary", "CHAIN", [("summarizer", "AGENT", [("condense", "CHAIN", [])])]),
-])
+TREE = (
+    "LangGraph",
+    "AGENT",
+    [
+        ("agent", "CHAIN", AGENT_STEP),
+        ("tools", "CHAIN", [("capital", "TOOL", [])]),
+        ("agent", "CHAIN", AGENT_STEP),
+        ("summary", "CHAIN", [("summarizer", "AGENT", [("condense", "CHAIN", [])])]),
+    ],
+)
 
 
 def nodes(trace: mlflow.entities.Trace) -> list[tuple[str, int, list[str]]]:
-    return [(s.name, s.attributes["langgraph.step"], s.attributes["langgraph.triggers"])
-            for s in sorted(trace.data.spans, key=lambda s: s.start_time_ns)
-            if "langgraph.step" in s.attributes and s.attributes["langgraph.node"] != "condense"]
+    return [
+        (s.name, s.attributes["langgraph.step"], s.attributes["langgraph.triggers"])
+        for s in sorted(trace.data.spans, key=lambda s: s.start_time_ns)
+        if "langgraph.step" in s.attributes and s.attributes["langgraph.node"] != "condense"
+    ]
 
 
 def test_graph_run_is_one_trace_with_every_step(traced: Traced) -> None:
     app = build(fake_model())
-    result = app.invoke({"messages": [HumanMessage(QUESTION)]},
-                        config("thread-1", user_id="alice"))
+    result = app.invoke({"messages": [HumanMessage(QUESTION)]}, config("thread-1", user_id="alice"))
     assert result["summary"] == "Paris"
 
     trace = traced.trace()
     assert shape(trace) == TREE
-    assert nodes(trace) == [("agent", 1, ["branch:to:agent"]), ("tools", 2, ["branch:to:tools"]),
-                            ("agent", 3, ["branch:to:agent"]),
-                            ("summary", 4, ["branch:to:summary"])]
+    assert nodes(trace) == [
+        ("agent", 1, ["branch:to:agent"]),
+        ("tools", 2, ["branch:to:tools"]),
+        ("agent", 3, ["branch:to:agent"]),
+        ("summary", 4, ["branch:to:summary"]),
+    ]
     spans = {s.name: s for s in trace.data.spans}
     assert spans["LangGraph"].inputs["messages"][0]["content"] == QUESTION
     assert spans["LangGraph"].outputs["summary"] == "Paris"
@@ -152,8 +162,7 @@ RUNS = {
 @pytest.mark.parametrize("how", sorted(RUNS))
 def test_async_and_streamed_runs_keep_the_tree(traced: Traced, how: str) -> None:
     app = build(fake_model(), asynchronous=how in ASYNC)
-    assert RUNS[how](app, {"messages": [HumanMessage(QUESTION)]},
-                     config(f"thread-{how}"))
+    assert RUNS[how](app, {"messages": [HumanMessage(QUESTION)]}, config(f"thread-{how}"))
     trace = traced.trace()
     assert shape(trace) == TREE
     assert trace.info.token_usage == USAGE
@@ -208,9 +217,12 @@ def test_fifty_concurrent_runs_never_mix(traced: Traced) -> None:
     app = build(fake_model(), asynchronous=True)
 
     async def run_all() -> list[Any]:
-        return await asyncio.gather(*(
-            app.ainvoke({"messages": [HumanMessage(f"question {i}")]}, config(f"thread-{i}"))
-            for i in range(50)))
+        return await asyncio.gather(
+            *(
+                app.ainvoke({"messages": [HumanMessage(f"question {i}")]}, config(f"thread-{i}"))
+                for i in range(50)
+            )
+        )
 
     assert all(r["summary"] == "Paris" for r in asyncio.run(run_all()))
     traces = traced.traces(expected=50)
@@ -225,8 +237,7 @@ def test_fifty_concurrent_runs_never_mix(traced: Traced) -> None:
 
 
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
-def test_user_mlflow_trace_inside_a_node_nests_under_it(traced: Traced,
-                                                        asynchronous: bool) -> None:
+def test_user_mlflow_trace_inside_a_node_nests_under_it(traced: Traced, asynchronous: bool) -> None:
     model = FakeChat.scripted(reply("hi", input_tokens=1, output_tokens=1))
 
     @mlflow.trace(name="lookup")
@@ -250,14 +261,23 @@ def test_user_mlflow_trace_inside_a_node_nests_under_it(traced: Traced,
     inputs = {"messages": [HumanMessage("x")]}
     result = asyncio.run(app.ainvoke(inputs)) if asynchronous else app.invoke(inputs)
     assert result["summary"] == "hi"
-    assert shape(traced.trace()) == ("LangGraph", "AGENT", [
-        ("work", "CHAIN", [("lookup", "UNKNOWN", [("FakeChat", "CHAT_MODEL", [])])])])
+    assert shape(traced.trace()) == (
+        "LangGraph",
+        "AGENT",
+        [("work", "CHAIN", [("lookup", "UNKNOWN", [("FakeChat", "CHAT_MODEL", [])])])],
+    )
 
 
 def test_streamed_chat_openai_in_a_graph_counts_exact_tokens(
-        traced: Traced, openai_server: OpenAIServer) -> None:
-    model = ChatOpenAI(model="gpt-4o-mini", base_url=openai_server.base_url, api_key=API_KEY,
-                       max_retries=0, http_async_client=openai.DefaultAsyncHttpxClient())
+    traced: Traced, openai_server: OpenAIServer
+) -> None:
+    model = ChatOpenAI(
+        model="gpt-4o-mini",
+        base_url=openai_server.base_url,
+        api_key=API_KEY,
+        max_retries=0,
+        http_async_client=openai.DefaultAsyncHttpxClient(),
+    )
 
     def agent(state: State) -> State:
         return {"messages": [model.invoke(state["messages"])]}
@@ -277,21 +297,36 @@ def test_streamed_chat_openai_in_a_graph_counts_exact_tokens(
         return [c async for c in app(aagent).astream(inputs, stream_mode="messages")]
 
     # stream_mode="messages" makes the model stream its reply.
-    assert "".join(m.content for m, _ in app(agent).stream(inputs, stream_mode="messages")) \
+    assert (
+        "".join(m.content for m, _ in app(agent).stream(inputs, stream_mode="messages"))
         == "Echo: " + QUESTION
+    )
     assert "".join(m.content for m, _ in asyncio.run(astreamed())) == "Echo: " + QUESTION
     prompt, completion = 3 + count_tokens(QUESTION), count_tokens("Echo: " + QUESTION)
     for trace in traced.traces(expected=2):
-        assert shape(trace) == ("LangGraph", "AGENT", [("agent", "CHAIN", [
-            ("ChatOpenAI", "CHAT_MODEL", [("chat gpt-4o-mini", "CHAT_MODEL", [])])])])
-        assert trace.info.token_usage == {"input_tokens": prompt, "output_tokens": completion,
-                                          "total_tokens": prompt + completion,
-                                          "cache_read_input_tokens": 0}
+        assert shape(trace) == (
+            "LangGraph",
+            "AGENT",
+            [
+                (
+                    "agent",
+                    "CHAIN",
+                    [("ChatOpenAI", "CHAT_MODEL", [("chat gpt-4o-mini", "CHAT_MODEL", [])])],
+                )
+            ],
+        )
+        assert trace.info.token_usage == {
+            "input_tokens": prompt,
+            "output_tokens": completion,
+            "total_tokens": prompt + completion,
+            "cache_read_input_tokens": 0,
+        }
 
 
 def test_parallel_nodes_in_langgraphs_thread_pool_keep_their_children(traced: Traced) -> None:
-    model = FakeChat.scripted(reply("hi", input_tokens=1, output_tokens=1),
-                              reply("ho", input_tokens=1, output_tokens=1))
+    model = FakeChat.scripted(
+        reply("hi", input_tokens=1, output_tokens=1), reply("ho", input_tokens=1, output_tokens=1)
+    )
 
     def left(state: State) -> State:
         return {"messages": [model.invoke("left")]}
@@ -307,8 +342,10 @@ def test_parallel_nodes_in_langgraphs_thread_pool_keep_their_children(traced: Tr
     assert len(graph.compile().invoke({"messages": []})["messages"]) == 2
 
     _, _, children = shape(trace := traced.trace())
-    assert sorted(children) == [("left", "CHAIN", [("FakeChat", "CHAT_MODEL", [])]),
-                                ("right", "CHAIN", [("FakeChat", "CHAT_MODEL", [])])]
+    assert sorted(children) == [
+        ("left", "CHAIN", [("FakeChat", "CHAT_MODEL", [])]),
+        ("right", "CHAIN", [("FakeChat", "CHAT_MODEL", [])]),
+    ]
     assert trace.info.token_usage["total_tokens"] == 4
 
 
@@ -359,14 +396,16 @@ def test_a_retried_node_shows_each_attempt(traced: Traced) -> None:
     trace = traced.trace()
     assert trace.info.state.value == "OK"
     assert shape(trace) == ("LangGraph", "AGENT", [("flaky", "CHAIN", []), ("flaky", "CHAIN", [])])
-    first, second = sorted((s for s in trace.data.spans if s.name == "flaky"),
-                           key=lambda s: s.start_time_ns)
+    first, second = sorted(
+        (s for s in trace.data.spans if s.name == "flaky"), key=lambda s: s.start_time_ns
+    )
     assert first.status.status_code.value == "ERROR"
     assert second.status.status_code.value == "OK" and second.outputs == {"summary": "done"}
 
 
 def test_inside_a_request_span_the_request_context_wins_and_the_thread_fills_in(
-        traced: Traced) -> None:
+    traced: Traced,
+) -> None:
     import tracewire
     from tracewire.core import spans
 
@@ -375,8 +414,9 @@ def test_inside_a_request_span_the_request_context_wins_and_the_thread_fills_in(
         outer = spans.start_span("POST /chat", "CHAIN")  # what TracingMiddleware opens
         tokens = spans.activate(outer)
         try:
-            app.invoke({"messages": [HumanMessage(QUESTION)]},
-                       config("thread-7", user_id="not-bob"))
+            app.invoke(
+                {"messages": [HumanMessage(QUESTION)]}, config("thread-7", user_id="not-bob")
+            )
         finally:
             spans.deactivate(tokens)
             outer.end()
@@ -433,18 +473,26 @@ def test_two_streams_consumed_in_turns_are_two_traces(traced: Traced) -> None:
     app = add_then_scale()
     first, second = app.stream({"n": 1}), app.stream({"n": 2})
     chunks = [c for pair in itertools.zip_longest(first, second) for c in pair if c]
-    assert chunks == [{"add": {"n": 2}}, {"add": {"n": 3}}, {"scale": {"n": 20}},
-                      {"scale": {"n": 30}}]
+    assert chunks == [
+        {"add": {"n": 2}},
+        {"add": {"n": 3}},
+        {"scale": {"n": 20}},
+        {"scale": {"n": 30}},
+    ]
     assert spans.current() is None
     traces = traced.traces(expected=2)
     assert sorted(t.data.spans[0].inputs["n"] for t in traces) == [1, 2]
     for trace in traces:
-        assert shape(trace) == ("LangGraph", "AGENT", [("add", "CHAIN", []),
-                                                       ("scale", "CHAIN", [])])
+        assert shape(trace) == (
+            "LangGraph",
+            "AGENT",
+            [("add", "CHAIN", []), ("scale", "CHAIN", [])],
+        )
 
 
 def test_a_run_that_never_ends_is_stored_incomplete_after_the_trace_timeout(
-        traced: Traced, monkeypatch: pytest.MonkeyPatch) -> None:
+    traced: Traced, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A stream left open (never closed, never collected) keeps its run
     open; past TRACEWIRE_TRACE_TIMEOUT its trace is stored as it is, failed and marked, counted
     in the spool, and no longer held by tracewire."""
@@ -540,7 +588,8 @@ assert tracewire.flush(30)
 
 @pytest.mark.parametrize("how", ["aclose", "cancel"])
 def test_a_stream_abandoned_mid_model_call_keeps_its_trace_and_the_runs_after_it(
-        traced: Traced, openai_server: OpenAIServer, tmp_path: Any, how: str) -> None:
+    traced: Traced, openai_server: OpenAIServer, tmp_path: Any, how: str
+) -> None:
     """The model's run gets no end callback when its stream is closed or
     its task cancelled; it ends with its graph's run, and the task's next runs (and a user's
     span) are traces of their own. Its own process: one event loop per process (langchain-openai
@@ -551,24 +600,31 @@ def test_a_stream_abandoned_mid_model_call_keeps_its_trace_and_the_runs_after_it
 
     (tmp_path / "app.py").write_text(ABANDONED_STREAM)
     env = {**os.environ, "TEST_BASE_URL": openai_server.base_url}
-    done = subprocess.run([sys.executable, str(tmp_path / "app.py"), how], env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "app.py"), how],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     traces = traced.traces(expected=5)
     names = sorted(t.data.spans[0].name for t in traces)
     assert names == ["LangGraph"] * 4 + ["mine"]
-    first = min((t for t in traces if t.data.spans[0].name == "LangGraph"),
-                key=lambda t: t.info.request_time)
+    first = min(
+        (t for t in traces if t.data.spans[0].name == "LangGraph"),
+        key=lambda t: t.info.request_time,
+    )
     assert "a question long enough" in json.dumps(first.data.spans[0].inputs)
     model_spans = [s for s in first.data.spans if s.name == "ChatOpenAI"]
     if how == "aclose":
         assert model_spans[0].attributes["tracewire.abandoned"] is True
 
 
-def test_two_async_streams_consumed_in_turns_in_one_task_are_two_traces(
-        traced: Traced) -> None:
+def test_two_async_streams_consumed_in_turns_in_one_task_are_two_traces(traced: Traced) -> None:
     """Async: a node of the first graph ends where this task's context
     cannot be reset, and stays current in it; the second graph is still a trace of its own."""
+
     async def add(state: Count) -> Count:
         return {"n": state["n"] + 1}
 
@@ -597,5 +653,8 @@ def test_two_async_streams_consumed_in_turns_in_one_task_are_two_traces(
     traces = traced.traces(expected=2)
     assert sorted(t.data.spans[0].inputs["n"] for t in traces) == [1, 2]
     for trace in traces:
-        assert shape(trace) == ("LangGraph", "AGENT", [("add", "CHAIN", []),
-                                                       ("scale", "CHAIN", [])])
+        assert shape(trace) == (
+            "LangGraph",
+            "AGENT",
+            [("add", "CHAIN", []), ("scale", "CHAIN", [])],
+        )

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import Traced
 from tests.support.web_server import Serve, settled
 
-AGENT = '''
+AGENT = """
 import mlflow, tracewire
 from mlflow.pyfunc import ResponsesAgent
 from mlflow.types.responses import ResponsesAgentRequest, ResponsesAgentResponse
@@ -40,7 +40,7 @@ class Agent(ResponsesAgent):
 
 
 mlflow.models.set_model(Agent())
-'''
+"""
 
 
 @pytest.fixture
@@ -54,8 +54,12 @@ def scoring_url(server: Serve, traced: Traced, tmp_path: Path) -> Any:
         yield url
 
 
-def _ask(url: str, text: str, context: dict[str, str] | None = None,
-         headers: dict[str, str] | None = None) -> httpx.Response:
+def _ask(
+    url: str,
+    text: str,
+    context: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
     body: dict[str, Any] = {"input": [{"role": "user", "content": text}]}
     if context is not None:
         body["context"] = context
@@ -69,11 +73,16 @@ def _identity(trace: Any) -> tuple[str | None, str | None]:
     return metadata.get("mlflow.trace.session"), metadata.get("mlflow.trace.user")
 
 
-def test_the_agent_requests_context_names_the_session_and_user(scoring_url: str,
-                                                               traced: Traced) -> None:
+def test_the_agent_requests_context_names_the_session_and_user(
+    scoring_url: str, traced: Traced
+) -> None:
     _ask(scoring_url, "hello", {"conversation_id": "conv-1", "user_id": "ann"})
-    _ask(scoring_url, "hello", {"conversation_id": "conv-2", "user_id": "bob"},
-         headers={"X-Session-ID": "header-session", "X-User-ID": "header-user"})
+    _ask(
+        scoring_url,
+        "hello",
+        {"conversation_id": "conv-2", "user_id": "bob"},
+        headers={"X-Session-ID": "header-session", "X-User-ID": "header-user"},
+    )
     _ask(scoring_url, "hello", headers={"X-Session-ID": "header-only"})
     first, second, third = settled(traced, 3)
     assert _identity(first) == ("conv-1", "ann")
@@ -84,7 +93,8 @@ def test_the_agent_requests_context_names_the_session_and_user(scoring_url: str,
 
 
 def test_what_the_app_establishes_wins_over_the_agent_requests_context(
-        scoring_url: str, traced: Traced) -> None:
+    scoring_url: str, traced: Traced
+) -> None:
     _ask(scoring_url, "as app user carol", {"conversation_id": "conv-3", "user_id": "claimed"})
     _ask(scoring_url, "graph thread thread-9", {"conversation_id": "conv-4", "user_id": "dan"})
     by_user, by_graph = settled(traced, 2)
@@ -92,10 +102,14 @@ def test_what_the_app_establishes_wins_over_the_agent_requests_context(
     assert _identity(by_graph) == ("thread-9", "dan")  # the run's thread is the app's choice
 
 
-def test_a_failed_agent_answered_with_a_400_is_an_error_trace(scoring_url: str,
-                                                              traced: Traced) -> None:
-    response = httpx.post(f"{scoring_url}/invocations", timeout=30,
-                          json={"input": [{"role": "user", "content": "fail"}]})
+def test_a_failed_agent_answered_with_a_400_is_an_error_trace(
+    scoring_url: str, traced: Traced
+) -> None:
+    response = httpx.post(
+        f"{scoring_url}/invocations",
+        timeout=30,
+        json={"input": [{"role": "user", "content": "fail"}]},
+    )
     assert response.status_code == 400, response.text
     (trace,) = settled(traced, 1)
     assert trace.info.state.value == "ERROR"

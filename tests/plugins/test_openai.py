@@ -26,14 +26,28 @@ from tracewire.testing.openai_server import count_tokens
 USER = [{"role": "user", "content": "What is the capital of France"}]
 PROMPT_TOKENS = 3 + count_tokens(USER[0]["content"])
 ECHO = "Echo: What is the capital of France"
-TOOLS = [{"type": "function", "function": {
-    "name": "lookup", "description": "Look a city up",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "Look a city up",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
 
 # The server reports its prompt cache (none here): a 0 is kept, as MLflow keeps it.
-STREAM_USAGE = {"input_tokens": PROMPT_TOKENS, "output_tokens": count_tokens(ECHO),
-                "total_tokens": PROMPT_TOKENS + count_tokens(ECHO), "cache_read_input_tokens": 0}
+STREAM_USAGE = {
+    "input_tokens": PROMPT_TOKENS,
+    "output_tokens": count_tokens(ECHO),
+    "total_tokens": PROMPT_TOKENS + count_tokens(ECHO),
+    "cache_read_input_tokens": 0,
+}
 
 # Server-generated identifiers differ between two calls; everything else must be equal.
 _VOLATILE = {"id", "created", "created_at", "item_id", "response_id", "sequence_number"}
@@ -95,8 +109,7 @@ def test_chat_create_async(traced: Traced, aclient: Any) -> None:
 
 def test_chat_tool_call_and_cached_tokens(traced: Traced, client: openai.OpenAI) -> None:
     with traced.untraced():
-        expected = client.chat.completions.create(model="gpt-4o-cached", messages=USER,
-                                                  tools=TOOLS)
+        expected = client.chat.completions.create(model="gpt-4o-cached", messages=USER, tools=TOOLS)
     result = client.chat.completions.create(model="gpt-4o-cached", messages=USER, tools=TOOLS)
     assert normalized(result) == normalized(expected)
     assert result.choices[0].message.tool_calls[0].function.name == "lookup"
@@ -106,7 +119,9 @@ def test_chat_tool_call_and_cached_tokens(traced: Traced, client: openai.OpenAI)
     tool_call = span.outputs["choices"][0]["message"]["tool_calls"][0]
     assert tool_call["function"]["name"] == "lookup"
     assert json.loads(tool_call["function"]["arguments"]) == {"city": USER[0]["content"]}
-    assert span.attributes["mlflow.chat.tokenUsage"]["cache_read_input_tokens"] == PROMPT_TOKENS // 2
+    assert (
+        span.attributes["mlflow.chat.tokenUsage"]["cache_read_input_tokens"] == PROMPT_TOKENS // 2
+    )
 
 
 class Capital(pydantic.BaseModel):
@@ -116,8 +131,9 @@ class Capital(pydantic.BaseModel):
 
 def test_chat_parse(traced: Traced, client: openai.OpenAI) -> None:
     with traced.untraced():
-        expected = client.chat.completions.parse(model="gpt-4o", messages=USER,
-                                                 response_format=Capital)
+        expected = client.chat.completions.parse(
+            model="gpt-4o", messages=USER, response_format=Capital
+        )
     result = client.chat.completions.parse(model="gpt-4o", messages=USER, response_format=Capital)
     assert result.choices[0].message.parsed == expected.choices[0].message.parsed
     span = only_span(traced.trace())
@@ -130,12 +146,14 @@ def test_chat_parse(traced: Traced, client: openai.OpenAI) -> None:
 
 
 def _stream(client: openai.OpenAI, **kwargs: Any) -> list[Any]:
-    return list(client.chat.completions.create(model="gpt-4o-mini", messages=USER, stream=True,
-                                               **kwargs))
+    return list(
+        client.chat.completions.create(model="gpt-4o-mini", messages=USER, stream=True, **kwargs)
+    )
 
 
 def test_stream_gets_usage_without_the_caller_seeing_it(
-        traced: Traced, client: openai.OpenAI, openai_server: OpenAIServer) -> None:
+    traced: Traced, client: openai.OpenAI, openai_server: OpenAIServer
+) -> None:
     with traced.untraced():
         expected = _stream(client)
     openai_server.clear()
@@ -160,7 +178,9 @@ def test_stream_gets_usage_without_the_caller_seeing_it(
     assert json.loads(trace.info.trace_metadata["mlflow.trace.cost"])["total_cost"] > 0
 
 
-def test_stream_with_callers_include_usage_is_untouched(traced: Traced, client: openai.OpenAI) -> None:
+def test_stream_with_callers_include_usage_is_untouched(
+    traced: Traced, client: openai.OpenAI
+) -> None:
     with traced.untraced():
         expected = _stream(client, stream_options={"include_usage": True})
     chunks = _stream(client, stream_options={"include_usage": True})
@@ -171,8 +191,9 @@ def test_stream_with_callers_include_usage_is_untouched(traced: Traced, client: 
 
 
 @pytest.mark.parametrize("traced", [{"stream_usage": False}], indirect=True)
-def test_stream_usage_opt_out(traced: Traced, client: openai.OpenAI,
-                              openai_server: OpenAIServer) -> None:
+def test_stream_usage_opt_out(
+    traced: Traced, client: openai.OpenAI, openai_server: OpenAIServer
+) -> None:
     openai_server.clear()
     chunks = _stream(client)
     assert "stream_options" not in openai_server.requests[-1].body
@@ -182,13 +203,27 @@ def test_stream_usage_opt_out(traced: Traced, client: openai.OpenAI,
     assert "mlflow.chat.tokenUsage" not in span.attributes
 
 
-@pytest.mark.parametrize("hosts,asked", [
-    ("127.0.0.1", True), ("*", True), ("api.openai.com,.0.0.1", True), ("*,!api.openai.com", True),
-    ("api.openai.com", False), ("none", False), ("!127.0.0.1", False), ("*,!127.0.0.1", False),
-])
+@pytest.mark.parametrize(
+    "hosts,asked",
+    [
+        ("127.0.0.1", True),
+        ("*", True),
+        ("api.openai.com,.0.0.1", True),
+        ("*,!api.openai.com", True),
+        ("api.openai.com", False),
+        ("none", False),
+        ("!127.0.0.1", False),
+        ("*,!127.0.0.1", False),
+    ],
+)
 def test_stream_usage_hosts_overrides_which_hosts_are_asked(
-        traced: Traced, client: openai.OpenAI, openai_server: OpenAIServer,
-        monkeypatch: pytest.MonkeyPatch, hosts: str, asked: bool) -> None:
+    traced: Traced,
+    client: openai.OpenAI,
+    openai_server: OpenAIServer,
+    monkeypatch: pytest.MonkeyPatch,
+    hosts: str,
+    asked: bool,
+) -> None:
     monkeypatch.setenv("TRACEWIRE_STREAM_USAGE_HOSTS", hosts)
     traced.enable()  # re-read the settings
     openai_server.clear()
@@ -199,17 +234,20 @@ def test_stream_usage_hosts_overrides_which_hosts_are_asked(
     assert ("mlflow.chat.tokenUsage" in span.attributes) is asked
 
 
-@pytest.mark.parametrize("hosts", ["http://127.0.0.1:8000/v1", "localhost:8000", "none,127.0.0.1",
-                                   "!"])
+@pytest.mark.parametrize(
+    "hosts", ["http://127.0.0.1:8000/v1", "localhost:8000", "none,127.0.0.1", "!"]
+)
 def test_invalid_stream_usage_hosts_fails_at_autolog_naming_it(
-        tracking_uri: str, monkeypatch: pytest.MonkeyPatch, hosts: str) -> None:
+    tracking_uri: str, monkeypatch: pytest.MonkeyPatch, hosts: str
+) -> None:
     monkeypatch.setenv("TRACEWIRE_STREAM_USAGE_HOSTS", hosts)
     with pytest.raises(tracewire.ConfigError, match="TRACEWIRE_STREAM_USAGE_HOSTS"):
         tracewire.autolog()
 
 
 def test_callers_stream_options_and_extra_body_are_never_touched(
-        traced: Traced, client: openai.OpenAI, openai_server: OpenAIServer) -> None:
+    traced: Traced, client: openai.OpenAI, openai_server: OpenAIServer
+) -> None:
     """The caller's own stream_options (even without include_usage), or stream_options in its
     extra_body (which wins in the body the client sends), go out exactly as given."""
     cases: list[dict[str, Any]] = [
@@ -237,8 +275,10 @@ def test_callers_stream_options_and_extra_body_are_never_touched(
 
 
 def test_stream_helper_gets_usage_without_the_caller_seeing_it(
-        traced: Traced, openai_server: OpenAIServer) -> None:
+    traced: Traced, openai_server: OpenAIServer
+) -> None:
     """`.stream()` passes `stream_options=omit`: not a choice of the caller's."""
+
     def run() -> tuple[list[str], Any]:
         client = openai.OpenAI(base_url=openai_server.base_url, api_key=API_KEY, max_retries=0)
         with client.chat.completions.stream(model="gpt-4o-mini", messages=USER) as stream:
@@ -254,15 +294,21 @@ def test_stream_helper_gets_usage_without_the_caller_seeing_it(
 
 
 def test_with_streaming_response_body_is_the_callers(
-        traced: Traced, openai_server: OpenAIServer) -> None:
+    traced: Traced, openai_server: OpenAIServer
+) -> None:
     """`.with_streaming_response`: the caller reads the raw body itself, so nothing is added."""
+
     def run() -> list[Any]:
         # A client of its own: `.with_streaming_response` binds `create` on first use.
         client = openai.OpenAI(base_url=openai_server.base_url, api_key=API_KEY, max_retries=0)
         with client.chat.completions.with_streaming_response.create(
-                model="gpt-4o-mini", messages=USER, stream=True) as response:
-            return [normalized(json.loads(line.removeprefix("data: ")))
-                    for line in response.iter_lines() if line and line != "data: [DONE]"]
+            model="gpt-4o-mini", messages=USER, stream=True
+        ) as response:
+            return [
+                normalized(json.loads(line.removeprefix("data: ")))
+                for line in response.iter_lines()
+                if line and line != "data: [DONE]"
+            ]
 
     with traced.untraced():
         expected = run()
@@ -289,8 +335,11 @@ def _rejections(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 @pytest.mark.parametrize("strict_server", ["openai", "pydantic"], indirect=True)
 def test_server_rejecting_stream_options_gets_the_callers_request(
-        traced: Traced, strict_server: OpenAIServer, openai_server: OpenAIServer,
-        caplog: pytest.LogCaptureFixture) -> None:
+    traced: Traced,
+    strict_server: OpenAIServer,
+    openai_server: OpenAIServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     client = openai.OpenAI(base_url=strict_server.base_url, api_key=API_KEY, max_retries=0)
     with traced.untraced():
         expected = _stream(client)
@@ -299,8 +348,9 @@ def test_server_rejecting_stream_options_gets_the_callers_request(
 
     first = _stream(client)
     # Exactly the chunks it gets untraced: no usage chunk, no "usage": null either.
-    assert [normalized(json.loads(c.to_json())) for c in first] == \
-        [normalized(json.loads(c.to_json())) for c in expected]
+    assert [normalized(json.loads(c.to_json())) for c in first] == [
+        normalized(json.loads(c.to_json())) for c in expected
+    ]
     asked, sent = strict_server.requests
     assert asked.body["stream_options"] == {"include_usage": True}
     assert sent.body == {"model": "gpt-4o-mini", "messages": USER, "stream": True}
@@ -329,20 +379,22 @@ def test_server_rejecting_stream_options_gets_the_callers_request(
 
 
 def test_server_rejecting_stream_options_async_and_raw(
-        traced: Traced, strict_server: OpenAIServer, caplog: pytest.LogCaptureFixture) -> None:
+    traced: Traced, strict_server: OpenAIServer, caplog: pytest.LogCaptureFixture
+) -> None:
     async def call() -> list[str]:
-        client = openai.AsyncOpenAI(base_url=strict_server.base_url, api_key=API_KEY,
-                                    max_retries=0)
-        stream = await client.chat.completions.create(model="gpt-4o-mini", messages=USER,
-                                                      stream=True)
+        client = openai.AsyncOpenAI(base_url=strict_server.base_url, api_key=API_KEY, max_retries=0)
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=USER, stream=True
+        )
         return [c.choices[0].delta.content or "" async for c in stream if c.choices]
 
     caplog.set_level("WARNING", logger="tracewire")
     assert "".join(asyncio.run(call())) == ECHO
     assert len(strict_server.requests) == 2
     client = openai.OpenAI(base_url=strict_server.base_url, api_key=API_KEY, max_retries=0)
-    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=USER,
-                                                          stream=True)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=USER, stream=True
+    )
     assert raw.http_response.status_code == 200
     assert "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices) == ECHO
     assert len(strict_server.requests) == 3  # remembered across sync and async clients
@@ -353,8 +405,8 @@ def test_server_rejecting_stream_options_async_and_raw(
 
 @pytest.mark.parametrize("failing", ["_remember_refusal", "every step"])
 def test_rejection_stays_hidden_when_our_steps_fail(
-        traced: Traced, strict_server: OpenAIServer, monkeypatch: pytest.MonkeyPatch,
-        failing: str) -> None:
+    traced: Traced, strict_server: OpenAIServer, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
     """What production runs with (internal errors logged, not raised): whichever of our steps
     fails, the caller gets its stream and never the rejection."""
     client = openai.OpenAI(base_url=strict_server.base_url, api_key=API_KEY, max_retries=0)
@@ -387,8 +439,10 @@ def _same_error(got: BaseException, want: BaseException) -> None:
 
 
 def test_other_bad_request_reaches_the_caller_unchanged_once(
-        traced: Traced, client: openai.OpenAI, openai_server: OpenAIServer) -> None:
+    traced: Traced, client: openai.OpenAI, openai_server: OpenAIServer
+) -> None:
     """A 400 that is not about stream_options: the call is made once, its error is the caller's."""
+
     def call() -> Any:
         return client.chat.completions.create(model="", messages=USER, stream=True)
 
@@ -403,7 +457,8 @@ def test_other_bad_request_reaches_the_caller_unchanged_once(
 
 
 def test_error_on_the_retry_is_what_the_caller_gets_untraced(
-        traced: Traced, strict_server: OpenAIServer) -> None:
+    traced: Traced, strict_server: OpenAIServer
+) -> None:
     """Rejected for stream_options, then the caller's own request fails for its own reason: the
     caller sees that second error, exactly as untraced, and the span records it alone."""
     client = openai.OpenAI(base_url=strict_server.base_url, api_key=API_KEY, max_retries=0)
@@ -422,11 +477,19 @@ def test_error_on_the_retry_is_what_the_caller_gets_untraced(
     assert "stream_options" not in json.dumps(span.events[0].attributes)
 
 
-@pytest.mark.parametrize("how", [{"stream_options": {"include_usage": True}},
-                                 {"extra_body": {"stream_options": {"include_usage": True}}}])
+@pytest.mark.parametrize(
+    "how",
+    [
+        {"stream_options": {"include_usage": True}},
+        {"extra_body": {"stream_options": {"include_usage": True}}},
+    ],
+)
 def test_rejection_of_the_callers_own_stream_options_reaches_it_once(
-        traced: Traced, strict_server: OpenAIServer, how: dict[str, Any],
-        caplog: pytest.LogCaptureFixture) -> None:
+    traced: Traced,
+    strict_server: OpenAIServer,
+    how: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     client = openai.OpenAI(base_url=strict_server.base_url, api_key=API_KEY, max_retries=0)
 
     def call() -> Any:
@@ -444,7 +507,8 @@ def test_rejection_of_the_callers_own_stream_options_reaches_it_once(
 
 
 def test_rate_limit_and_openai_retries_are_left_to_the_client(
-        traced: Traced, openai_server: OpenAIServer) -> None:
+    traced: Traced, openai_server: OpenAIServer
+) -> None:
     """A 429 is not a rejection: openai's own retries run as untraced, the caller gets its
     RateLimitError, and tracewire sends nothing more."""
     client = openai.OpenAI(base_url=openai_server.base_url, api_key=API_KEY, max_retries=2)
@@ -468,12 +532,15 @@ def test_stream_tool_call(traced: Traced, client: openai.OpenAI) -> None:
     span = only_span(traced.trace())
     message = span.outputs["choices"][0]["message"]
     assert message["tool_calls"][0]["id"] == "call_1"
-    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"city": USER[0]["content"]}
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {
+        "city": USER[0]["content"]
+    }
     assert span.outputs["choices"][0]["finish_reason"] == "tool_calls"
 
 
-def test_stream_broken_out_of_early_ends_span_when_collected(traced: Traced,
-                                                             client: openai.OpenAI) -> None:
+def test_stream_broken_out_of_early_ends_span_when_collected(
+    traced: Traced, client: openai.OpenAI
+) -> None:
     stream = client.chat.completions.create(model="gpt-4o-mini", messages=USER, stream=True)
     first = next(iter(stream))
     assert first.choices[0].delta.role == "assistant"
@@ -496,8 +563,9 @@ def test_stream_closed_early(traced: Traced, client: openai.OpenAI) -> None:
 def test_stream_error_mid_stream(traced: Traced, client: openai.OpenAI) -> None:
     received = []
     with pytest.raises(openai.APIError):
-        for chunk in client.chat.completions.create(model="stream-error", messages=USER,
-                                                    stream=True):
+        for chunk in client.chat.completions.create(
+            model="stream-error", messages=USER, stream=True
+        ):
             received.append(chunk)
     assert len(received) >= 1
     trace = traced.trace()
@@ -516,8 +584,9 @@ def test_empty_stream(traced: Traced, client: openai.OpenAI) -> None:
 
 def test_stream_async(traced: Traced, aclient: Any) -> None:
     async def call() -> list[Any]:
-        stream = await aclient().chat.completions.create(model="gpt-4o-mini", messages=USER,
-                                                       stream=True)
+        stream = await aclient().chat.completions.create(
+            model="gpt-4o-mini", messages=USER, stream=True
+        )
         return [chunk async for chunk in stream]
 
     with traced.untraced():
@@ -546,8 +615,9 @@ def test_with_raw_response(traced: Traced, client: openai.OpenAI) -> None:
 
 
 def test_with_raw_response_stream(traced: Traced, client: openai.OpenAI) -> None:
-    raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=USER,
-                                                          stream=True)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=USER, stream=True
+    )
     text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
     assert text == ECHO
     span = only_span(traced.trace())
@@ -573,8 +643,14 @@ def test_responses_create(traced: Traced, client: openai.OpenAI) -> None:
 
 
 def test_responses_function_call(traced: Traced, client: openai.OpenAI) -> None:
-    tools = [{"type": "function", "name": "lookup", "description": "Look a city up",
-              "parameters": TOOLS[0]["function"]["parameters"]}]
+    tools = [
+        {
+            "type": "function",
+            "name": "lookup",
+            "description": "Look a city up",
+            "parameters": TOOLS[0]["function"]["parameters"],
+        }
+    ]
     result = client.responses.create(model="gpt-4o", input=USER, tools=tools)
     assert result.output[0].type == "function_call"
     span = only_span(traced.trace())
@@ -588,7 +664,9 @@ def test_responses_stream(traced: Traced, client: openai.OpenAI) -> None:
     assert [e.type for e in events] == [e.type for e in expected]
     span = only_span(traced.trace())
     assert span.outputs["output"][0]["content"][0]["text"] == "Echo: hello there"
-    assert span.attributes["mlflow.chat.tokenUsage"]["output_tokens"] == count_tokens("Echo: hello there")
+    assert span.attributes["mlflow.chat.tokenUsage"]["output_tokens"] == count_tokens(
+        "Echo: hello there"
+    )
 
 
 def test_responses_parse(traced: Traced, client: openai.OpenAI) -> None:
@@ -605,23 +683,29 @@ def test_responses_parse(traced: Traced, client: openai.OpenAI) -> None:
 def test_embeddings(traced: Traced, client: openai.OpenAI, encoding: str) -> None:
     kwargs = {"encoding_format": encoding} if encoding == "float" else {}
     with traced.untraced():
-        expected = client.embeddings.create(model="text-embedding-3-small",
-                                            input=["one two", "three"], **kwargs)
-    result = client.embeddings.create(model="text-embedding-3-small", input=["one two", "three"],
-                                      **kwargs)
+        expected = client.embeddings.create(
+            model="text-embedding-3-small", input=["one two", "three"], **kwargs
+        )
+    result = client.embeddings.create(
+        model="text-embedding-3-small", input=["one two", "three"], **kwargs
+    )
     assert normalized(result) == normalized(expected)
     span = only_span(traced.trace())
     assert span.span_type == "EMBEDDING"
     assert span.outputs == {"model": "text-embedding-3-small", "count": 2, "dimensions": 8}
     assert span.attributes["mlflow.chat.tokenUsage"] == {
-        "input_tokens": 3, "output_tokens": 0, "total_tokens": 3}
+        "input_tokens": 3,
+        "output_tokens": 0,
+        "total_tokens": 3,
+    }
 
 
 def test_legacy_completions(traced: Traced, client: openai.OpenAI) -> None:
     result = client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say hi")
     assert result.choices[0].text == "Echo: Say hi"
-    chunks = list(client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say hi",
-                                            stream=True))
+    chunks = list(
+        client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say hi", stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "Echo: Say hi"
     plain, streamed = traced.traces(expected=2)
     for trace in (plain, streamed):
@@ -635,10 +719,12 @@ def test_legacy_completions(traced: Traced, client: openai.OpenAI) -> None:
 # --------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("model,error", [("error-429", openai.RateLimitError),
-                                         ("error-500", openai.InternalServerError)])
-def test_http_errors_reach_the_caller_unchanged(traced: Traced, client: openai.OpenAI,
-                                                model: str, error: type) -> None:
+@pytest.mark.parametrize(
+    "model,error", [("error-429", openai.RateLimitError), ("error-500", openai.InternalServerError)]
+)
+def test_http_errors_reach_the_caller_unchanged(
+    traced: Traced, client: openai.OpenAI, model: str, error: type
+) -> None:
     with traced.untraced():
         with pytest.raises(error) as untraced_error:
             client.chat.completions.create(model=model, messages=USER)
@@ -654,8 +740,9 @@ def test_http_errors_reach_the_caller_unchanged(traced: Traced, client: openai.O
 
 
 def test_timeout_marks_error(traced: Traced, openai_server: OpenAIServer) -> None:
-    client = openai.OpenAI(base_url="http://127.0.0.1:9/v1", api_key="sk-x", max_retries=0,
-                           timeout=2)
+    client = openai.OpenAI(
+        base_url="http://127.0.0.1:9/v1", api_key="sk-x", max_retries=0, timeout=2
+    )
     with pytest.raises(openai.APIConnectionError):
         client.chat.completions.create(model="gpt-4o-mini", messages=USER)
     assert only_span(traced.trace()).status.status_code == "ERROR"
@@ -688,8 +775,12 @@ def test_message_list_is_recorded_as_sent(traced: Traced, client: openai.OpenAI)
 
 
 def test_azure_client_is_traced(traced: Traced, openai_server: OpenAIServer) -> None:
-    client = openai.AzureOpenAI(base_url=openai_server.base_url, api_key="azure-key",
-                                api_version="2024-10-21", max_retries=0)
+    client = openai.AzureOpenAI(
+        base_url=openai_server.base_url,
+        api_key="azure-key",
+        api_version="2024-10-21",
+        max_retries=0,
+    )
     result = client.chat.completions.create(model="gpt-4o-mini", messages=USER)
     assert result.choices[0].message.content == ECHO
     span = only_span(traced.trace())
@@ -697,9 +788,9 @@ def test_azure_client_is_traced(traced: Traced, openai_server: OpenAIServer) -> 
 
 
 @pytest.mark.parametrize("mlflow_first", [True, False])
-def test_mlflow_openai_autolog_does_not_trace_twice(traced: Traced, client: openai.OpenAI,
-                                                    mlflow_first: bool,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_mlflow_openai_autolog_does_not_trace_twice(
+    traced: Traced, client: openai.OpenAI, mlflow_first: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     import mlflow.openai
 
     if mlflow_first:

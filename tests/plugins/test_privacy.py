@@ -20,9 +20,19 @@ def _all_kinds_of_calls(client: openai.OpenAI, server: OpenAIServer) -> None:
     messages = [{"role": "user", "content": f"tell me about {PHRASE}"}]
     client.chat.completions.create(model="gpt-4o-mini", messages=messages)
     list(client.chat.completions.create(model="gpt-4o-mini", messages=messages, stream=True))
-    client.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=[{
-        "type": "function", "function": {"name": "lookup", "parameters": {
-            "type": "object", "properties": {"q": {"type": "string"}}}}}])
+    client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=messages,
+        tools=[
+            {
+                "type": "function",
+                "function": {
+                    "name": "lookup",
+                    "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+                },
+            }
+        ],
+    )
     client.responses.create(model="gpt-4o", input=f"about {PHRASE}", instructions=PHRASE)
     list(client.responses.create(model="gpt-4o", input=f"about {PHRASE}", stream=True))
     client.embeddings.create(model="text-embedding-3-small", input=PHRASE)
@@ -30,8 +40,9 @@ def _all_kinds_of_calls(client: openai.OpenAI, server: OpenAIServer) -> None:
 
     async def async_call() -> None:
         aclient = openai.AsyncOpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
-        stream = await aclient.chat.completions.create(model="gpt-4o-mini", messages=messages,
-                                                       stream=True)
+        stream = await aclient.chat.completions.create(
+            model="gpt-4o-mini", messages=messages, stream=True
+        )
         async for _ in stream:
             pass
 
@@ -39,9 +50,9 @@ def _all_kinds_of_calls(client: openai.OpenAI, server: OpenAIServer) -> None:
 
 
 @pytest.mark.parametrize("traced", [{"capture_content": False}], indirect=True)
-def test_capture_content_false_stores_no_text(traced: Traced, tracking_uri: str,
-                                              client: openai.OpenAI,
-                                              openai_server: OpenAIServer) -> None:
+def test_capture_content_false_stores_no_text(
+    traced: Traced, tracking_uri: str, client: openai.OpenAI, openai_server: OpenAIServer
+) -> None:
     _all_kinds_of_calls(client, openai_server)
     traces = traced.traces(expected=8)
     assert store_bytes(tracking_uri).count(PHRASE.encode()) == 0
@@ -56,23 +67,36 @@ def test_capture_content_false_stores_no_text(traced: Traced, tracking_uri: str,
     control = "control-phrase-walrus"
     traced.settings = {"capture_content": True}
     traced.enable()
-    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": control}])
+    client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": control}]
+    )
     traced.traces(expected=9)
     assert store_bytes(tracking_uri).count(control.encode()) > 0
 
 
-def test_api_keys_and_auth_headers_are_never_stored(traced: Traced, tracking_uri: str,
-                                                    openai_server: OpenAIServer) -> None:
+def test_api_keys_and_auth_headers_are_never_stored(
+    traced: Traced, tracking_uri: str, openai_server: OpenAIServer
+) -> None:
     bearer = "Bearer hdr-secret-5c1d2e3f"
-    client = openai.OpenAI(base_url=openai_server.base_url.replace("http://", "http://user:pw-secret-77@"),
-                           api_key=API_KEY, max_retries=0,
-                           default_headers={"api-key": "azure-key-secret-42"})
-    client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}],
-                                   extra_headers={"Authorization": bearer, "Cookie": "sid=cookie-secret-9"})
+    client = openai.OpenAI(
+        base_url=openai_server.base_url.replace("http://", "http://user:pw-secret-77@"),
+        api_key=API_KEY,
+        max_retries=0,
+        default_headers={"api-key": "azure-key-secret-42"},
+    )
+    client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "x"}],
+        extra_headers={"Authorization": bearer, "Cookie": "sid=cookie-secret-9"},
+    )
     span = traced.trace().data.spans[0]
     assert span.attributes["server.address"] == "127.0.0.1"
     data = store_bytes(tracking_uri)
-    for secret in (API_KEY, "hdr-secret-5c1d2e3f", "pw-secret-77", "azure-key-secret-42",
-                   "cookie-secret-9"):
+    for secret in (
+        API_KEY,
+        "hdr-secret-5c1d2e3f",
+        "pw-secret-77",
+        "azure-key-secret-42",
+        "cookie-secret-9",
+    ):
         assert data.count(secret.encode()) == 0, secret
-

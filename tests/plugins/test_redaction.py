@@ -29,10 +29,12 @@ def explode(key: str, value: Any) -> Any:
 
 
 @pytest.mark.parametrize("traced", [{"redact": scrub}], indirect=True)
-def test_redact_hook_scrubs_inputs_and_outputs(traced: Traced, tracking_uri: str,
-                                               client: openai.OpenAI) -> None:
+def test_redact_hook_scrubs_inputs_and_outputs(
+    traced: Traced, tracking_uri: str, client: openai.OpenAI
+) -> None:
     reply = client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": f"mail {EMAIL} now"}])
+        model="gpt-4o-mini", messages=[{"role": "user", "content": f"mail {EMAIL} now"}]
+    )
     assert EMAIL in reply.choices[0].message.content  # the caller's data is untouched
     span = traced.trace().data.spans[0]
     assert span.inputs["messages"][0]["content"] == "mail <email> now"
@@ -43,15 +45,17 @@ def test_redact_hook_scrubs_inputs_and_outputs(traced: Traced, tracking_uri: str
 @pytest.mark.parametrize("traced", [{"redact": explode}], indirect=True)
 def test_failing_redact_hook_withholds_content(traced: Traced, client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "secret plan"}])
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "secret plan"}]
+    )
     assert reply.choices[0].message.content == "Echo: secret plan"
     span = traced.trace().data.spans[0]
     assert span.inputs == span.outputs == "[tracewire: withheld, redaction failed]"
     assert span.attributes["mlflow.chat.tokenUsage"]["input_tokens"] > 0
 
 
-def test_redact_from_environment_must_import(tracking_uri: str,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_redact_from_environment_must_import(
+    tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import tracewire
 
     monkeypatch.setenv("TRACEWIRE_REDACT", "no_such_module_x:scrub")

@@ -28,14 +28,16 @@ def zero_code_app(openai_server: OpenAIServer) -> FastAPI:
     @app.post("/ask")
     async def ask(body: dict[str, Any]) -> dict[str, Any]:
         reply = await client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": body["q"]}])
+            model="gpt-4o-mini", messages=[{"role": "user", "content": body["q"]}]
+        )
         if body.get("then_fail"):
             raise RuntimeError("after the call")
         return {"reply": reply.choices[0].message.content}
 
     async def hello(request: Any) -> PlainTextResponse:
         reply = await client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "mounted"}])
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "mounted"}]
+        )
         return PlainTextResponse(reply.choices[0].message.content)
 
     app.mount("/sub", Starlette(routes=[Route("/hello", hello)]))
@@ -43,18 +45,25 @@ def zero_code_app(openai_server: OpenAIServer) -> FastAPI:
 
 
 def test_an_app_with_no_tracewire_line_is_traced_outermost(
-        server: Serve, openai_server: OpenAIServer, traced: Traced) -> None:
+    server: Serve, openai_server: OpenAIServer, traced: Traced
+) -> None:
     with server(zero_code_app(openai_server)) as url:
         ok = httpx.post(f"{url}/ask", json={"q": "hi"}, headers={"X-Session-ID": "zero"})
-        failed = httpx.post(f"{url}/ask", json={"q": "bye", "then_fail": True},
-                            headers={"X-Request-ID": "req-unhandled", "Connection": "close"})
+        failed = httpx.post(
+            f"{url}/ask",
+            json={"q": "bye", "then_fail": True},
+            headers={"X-Request-ID": "req-unhandled", "Connection": "close"},
+        )
         mounted = httpx.get(f"{url}/sub/hello")
     assert ok.json() == {"reply": "Echo: hi"} and mounted.text == "Echo: mounted"
     # Outside ServerErrorMiddleware: the unhandled exception's 500 carries the id too.
     assert failed.status_code == 500 and failed.headers["x-request-id"] == "req-unhandled"
     traces = {t.info.client_request_id: t for t in settled(traced, 3)}
-    assert set(traces) == {ok.headers["x-request-id"], "req-unhandled",
-                           mounted.headers["x-request-id"]}
+    assert set(traces) == {
+        ok.headers["x-request-id"],
+        "req-unhandled",
+        mounted.headers["x-request-id"],
+    }
     # A header names nobody unless the app trusts it (TRACEWIRE_TRUST_IDENTITY_HEADERS).
     assert "mlflow.trace.session" not in traces[ok.headers["x-request-id"]].info.trace_metadata
     assert traces["req-unhandled"].info.state.value == "ERROR"
@@ -63,16 +72,19 @@ def test_an_app_with_no_tracewire_line_is_traced_outermost(
         assert len(roots) == 1 and roots[0] in ("POST /ask", "GET /sub/hello"), roots
 
 
-def test_feedback_route_from_the_environment(server: Serve, openai_server: OpenAIServer,
-                                             traced: Traced,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_feedback_route_from_the_environment(
+    server: Serve, openai_server: OpenAIServer, traced: Traced, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TRACEWIRE_FEEDBACK_PATH", "/feedback")
     monkeypatch.setenv("TRACEWIRE_TRUST_IDENTITY_HEADERS", "user=X-User-ID")
     traced.enable()  # settings are read at autolog()
     with server(zero_code_app(openai_server)) as url:
         asked = httpx.post(f"{url}/ask", json={"q": "rate me"})
-        sent = httpx.post(f"{url}/feedback", headers={"X-User-ID": "dana"}, json={
-            "request_id": asked.headers["x-request-id"], "name": "thumbs", "value": True})
+        sent = httpx.post(
+            f"{url}/feedback",
+            headers={"X-User-ID": "dana"},
+            json={"request_id": asked.headers["x-request-id"], "name": "thumbs", "value": True},
+        )
     assert sent.status_code == 202, sent.text
     assert tracewire.flush(30)
     (trace,) = settled(traced, 1)
@@ -81,10 +93,12 @@ def test_feedback_route_from_the_environment(server: Serve, openai_server: OpenA
 
 
 def test_middleware_added_by_hand_is_not_installed_twice(
-        server: Serve, openai_server: OpenAIServer, traced: Traced) -> None:
+    server: Serve, openai_server: OpenAIServer, traced: Traced
+) -> None:
     app = zero_code_app(openai_server)
-    app.add_middleware(TracingMiddleware, request_id_header="X-Correlation-ID",
-                       exclude_paths=["/sub"])
+    app.add_middleware(
+        TracingMiddleware, request_id_header="X-Correlation-ID", exclude_paths=["/sub"]
+    )
     with server(app) as url:
         asked = httpx.post(f"{url}/ask", json={"q": "once"})
         excluded = httpx.get(f"{url}/sub/hello")
@@ -96,8 +110,9 @@ def test_middleware_added_by_hand_is_not_installed_twice(
 
 
 @pytest.mark.parametrize("traced", [{"exclude": ["starlette"]}], indirect=True)
-def test_excluded_plugin_installs_nothing(server: Serve, openai_server: OpenAIServer,
-                                          traced: Traced) -> None:
+def test_excluded_plugin_installs_nothing(
+    server: Serve, openai_server: OpenAIServer, traced: Traced
+) -> None:
     with server(zero_code_app(openai_server)) as url:
         response = httpx.post(f"{url}/ask", json={"q": "no middleware"})
     assert "x-request-id" not in response.headers
@@ -105,8 +120,9 @@ def test_excluded_plugin_installs_nothing(server: Serve, openai_server: OpenAISe
     assert [s.name for s in trace.data.spans] == ["chat gpt-4o-mini"]
 
 
-def test_disabled_plugin_passes_straight_through(server: Serve, openai_server: OpenAIServer,
-                                                 traced: Traced) -> None:
+def test_disabled_plugin_passes_straight_through(
+    server: Serve, openai_server: OpenAIServer, traced: Traced
+) -> None:
     app = zero_code_app(openai_server)
     with server(app) as url:
         assert "x-request-id" in httpx.post(f"{url}/ask", json={"q": "on"}).headers

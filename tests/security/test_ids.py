@@ -42,7 +42,9 @@ def _words(value: int, count: int) -> list[int]:
 def _predict_trace_id(observed: list[tuple[int, int]], ahead: int = 1) -> int:
     """The ``ahead``-th next 128-bit trace id of a Mersenne Twister that drew, per request, a
     128-bit trace id then a 64-bit span id (``observed``: 104 such pairs, its whole state)."""
-    outputs = [w for trace_id, span_id in observed for w in _words(trace_id, 4) + _words(span_id, 2)]
+    outputs = [
+        w for trace_id, span_id in observed for w in _words(trace_id, 4) + _words(span_id, 2)
+    ]
     state = [_untemper(w) for w in outputs[-624:]]
     clone = random.Random()
     clone.setstate((3, (*state, 624), None))
@@ -71,15 +73,21 @@ def test_trace_ids_cannot_be_predicted_from_earlier_ones(server: Serve, traced: 
         seen = [http.get("/hello").headers["x-trace-id"] for _ in range(104)]
         stored = {t.info.trace_id: t for t in settled(traced, 104)}
         # The attacker's view: the trace ids echoed to it, and (worst case) the root span ids.
-        observed = [(int(trace_id[3:], 16),
-                     int(next(s for s in stored[trace_id].data.spans
-                              if s.parent_id is None).span_id, 16))
-                     for trace_id in seen]
+        observed = [
+            (
+                int(trace_id[3:], 16),
+                int(
+                    next(s for s in stored[trace_id].data.spans if s.parent_id is None).span_id, 16
+                ),
+            )
+            for trace_id in seen
+        ]
         # The feedback request itself is traced too: the victim's is the one after it.
         predicted = f"tr-{_predict_trace_id(observed, ahead=2):032x}"
         # Planted before the victim's request exists.
-        planted = http.post("/feedback", json={"trace_id": predicted, "value": False,
-                                                "name": "planted"})
+        planted = http.post(
+            "/feedback", json={"trace_id": predicted, "value": False, "name": "planted"}
+        )
         assert planted.status_code == 202
         victim = http.get("/hello").headers["x-trace-id"]
     assert victim != predicted

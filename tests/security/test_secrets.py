@@ -84,19 +84,28 @@ with mlflow.start_span("work") as span:
 
 
 def test_tracking_uri_credentials_stay_out_of_the_spool_and_every_log(
-        tmp_path: Path, unavailable_store: _Server) -> None:
+    tmp_path: Path, unavailable_store: _Server
+) -> None:
     port = unavailable_store.server_address[1]
-    env = dict(os.environ, TRACEWIRE_SPOOL_DIR=str(tmp_path / "spool"),
-               TRACEWIRE_FLUSH_TIMEOUT="0.5",
-               MLFLOW_TRACKING_URI=f"http://user:{PASSWORD}@127.0.0.1:{port}/?token={URI_TOKEN}",
-               MLFLOW_EXPERIMENT_NAME="secrets")
-    app = subprocess.run([sys.executable, "-c", APP], env=env, capture_output=True, text=True,
-                         timeout=120, check=False)
+    env = dict(
+        os.environ,
+        TRACEWIRE_SPOOL_DIR=str(tmp_path / "spool"),
+        TRACEWIRE_FLUSH_TIMEOUT="0.5",
+        MLFLOW_TRACKING_URI=f"http://user:{PASSWORD}@127.0.0.1:{port}/?token={URI_TOKEN}",
+        MLFLOW_EXPERIMENT_NAME="secrets",
+    )
+    app = subprocess.run(
+        [sys.executable, "-c", APP],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert app.returncode == 0, app.stderr
     # The shipper said the store is down, repeating MLflow's message, and the exit line where
     # the trace stays: both with the URI, neither with its credentials.
-    assert f"API request to http://user:***@127.0.0.1:{port}/?token=***" in app.stderr, \
-        app.stderr
+    assert f"API request to http://user:***@127.0.0.1:{port}/?token=***" in app.stderr, app.stderr
     assert "1 trace(s) not yet in the tracking store (http://user:***@" in app.stderr
     # The shipper still wrote with the credentials, taken from its environment, not the spool.
     expected = "Basic " + base64.b64encode(f"user:{PASSWORD}".encode()).decode()
@@ -105,10 +114,24 @@ def test_tracking_uri_credentials_stay_out_of_the_spool_and_every_log(
     spool_files = list((tmp_path / "spool").glob("spool-*.db"))
     assert len(spool_files) == 1
     # The CLI on that spool, side by side (`spool ship` tries the store three times).
-    ship, status = (subprocess.Popen([sys.executable, "-m", "tracewire.cli", "spool", action,
-                                      "--dir", str(tmp_path / "spool")], env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                    for action in ("ship", "status"))
+    ship, status = (
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tracewire.cli",
+                "spool",
+                action,
+                "--dir",
+                str(tmp_path / "spool"),
+            ],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for action in ("ship", "status")
+    )
     ship_out, ship_err = ship.communicate(timeout=120)
     status_out, status_err = status.communicate(timeout=120)
     assert ship.returncode == 1 and "the tracking store is unavailable" in ship_err, ship_err
@@ -117,25 +140,35 @@ def test_tracking_uri_credentials_stay_out_of_the_spool_and_every_log(
     on_disk = files_bytes(*spool_files)
     assert b"what is on disk?" in on_disk  # the scan does find what is there
     for secret in (PASSWORD, URI_TOKEN):
-        for where, text in (("app", app.stderr), ("ship", ship_out + ship_err),
-                            ("status", status_out + status_err)):
+        for where, text in (
+            ("app", app.stderr),
+            ("ship", ship_out + ship_err),
+            ("status", status_out + status_err),
+        ):
             assert secret not in text, (where, text)
         assert secret.encode() not in on_disk, secret
 
 
 def test_credentials_in_request_parameters_and_errors_stay_out_of_the_store(
-        traced: Traced, tracking_uri: str, openai_server: OpenAIServer) -> None:
+    traced: Traced, tracking_uri: str, openai_server: OpenAIServer
+) -> None:
     client = openai.OpenAI(base_url=openai_server.base_url, api_key=API_KEY, max_retries=0)
     # A base URL with a token in its query: the server's 404 repeats the URL.
-    tokened = openai.OpenAI(base_url=f"{openai_server.base_url}/deployments?token="
-                            f"{BASE_URL_TOKEN}", api_key=API_KEY, max_retries=0)
+    tokened = openai.OpenAI(
+        base_url=f"{openai_server.base_url}/deployments?token={BASE_URL_TOKEN}",
+        api_key=API_KEY,
+        max_retries=0,
+    )
 
     def chat(request: object) -> JSONResponse:
         client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}],
-            extra_query={"api_key": QUERY_KEY, "api-version": "2024-06-01"})
-        tokened.chat.completions.create(model="gpt-4o-mini",
-                                        messages=[{"role": "user", "content": "again"}])
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "hello"}],
+            extra_query={"api_key": QUERY_KEY, "api-version": "2024-06-01"},
+        )
+        tokened.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "again"}]
+        )
         return JSONResponse({"ok": True})
 
     app = TracingMiddleware(Starlette(routes=[Route("/chat", chat, methods=["POST"])]))
@@ -159,23 +192,34 @@ def test_credentials_in_request_parameters_and_errors_stay_out_of_the_store(
         assert secret.encode() not in spooled, secret
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("postgresql://mlflow:pg-pass@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
-    ("https://ghp_tok@example.com/x", "https://***@example.com/x"),
-    ("GET https://acct.blob.core.windows.net/c/b?sv=2024&sig=abc%2Bdef&se=1 failed",
-     "GET https://acct.blob.core.windows.net/c/b?sv=2024&sig=***&se=1 failed"),
-    ("url: /x?X-Amz-Credential=AKIA/1&X-Amz-Signature=ff00 (Caused by)",
-     "url: /x?X-Amz-Credential=***&X-Amz-Signature=*** (Caused by)"),
-    ("headers={'Authorization': 'Bearer sk-1', 'Accept': 'application/json'}",
-     "headers={'Authorization': '***', 'Accept': 'application/json'}"),
-    ('{"api_key": "sk-2", "model": "gpt-4o"}', '{"api_key": "***", "model": "gpt-4o"}'),
-    ("OpenAI(api_key='sk-3', timeout=5)", "OpenAI(api_key=***, timeout=5)"),
-    ("Cookie: sid=s3cr3t; theme=dark\nnext", "Cookie: ***\nnext"),
-    ("sent Bearer eyJhbGciOi.x-y_z to the server", "sent Bearer *** to the server"),
-    ("/callback?code=oauth-code&state=ok", "/callback?code=***&state=ok"),
-    ("no credentials here: http://127.0.0.1:5000/api?experiment_id=3&mode=1",
-     "no credentials here: http://127.0.0.1:5000/api?experiment_id=3&mode=1"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("postgresql://mlflow:pg-pass@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
+        ("https://ghp_tok@example.com/x", "https://***@example.com/x"),
+        (
+            "GET https://acct.blob.core.windows.net/c/b?sv=2024&sig=abc%2Bdef&se=1 failed",
+            "GET https://acct.blob.core.windows.net/c/b?sv=2024&sig=***&se=1 failed",
+        ),
+        (
+            "url: /x?X-Amz-Credential=AKIA/1&X-Amz-Signature=ff00 (Caused by)",
+            "url: /x?X-Amz-Credential=***&X-Amz-Signature=*** (Caused by)",
+        ),
+        (
+            "headers={'Authorization': 'Bearer sk-1', 'Accept': 'application/json'}",
+            "headers={'Authorization': '***', 'Accept': 'application/json'}",
+        ),
+        ('{"api_key": "sk-2", "model": "gpt-4o"}', '{"api_key": "***", "model": "gpt-4o"}'),
+        ("OpenAI(api_key='sk-3', timeout=5)", "OpenAI(api_key=***, timeout=5)"),
+        ("Cookie: sid=s3cr3t; theme=dark\nnext", "Cookie: ***\nnext"),
+        ("sent Bearer eyJhbGciOi.x-y_z to the server", "sent Bearer *** to the server"),
+        ("/callback?code=oauth-code&state=ok", "/callback?code=***&state=ok"),
+        (
+            "no credentials here: http://127.0.0.1:5000/api?experiment_id=3&mode=1",
+            "no credentials here: http://127.0.0.1:5000/api?experiment_id=3&mode=1",
+        ),
+    ],
+)
 def test_the_scrubber_masks_credentials_and_keeps_the_rest(text: str, expected: str) -> None:
     from tracewire.core import scrub
 

@@ -22,8 +22,10 @@ from tracewire.export import spool as spools
 from tracewire.export.spool import Spool, SpoolError
 
 PROMPT = b"spool-prompt-marmalade-7731"
-DESTINATION = json.dumps({"tracking_uri": "sqlite:///unused.db", "experiment_id": None,
-                          "experiment_name": None}, sort_keys=True)
+DESTINATION = json.dumps(
+    {"tracking_uri": "sqlite:///unused.db", "experiment_id": None, "experiment_name": None},
+    sort_keys=True,
+)
 OTHER_UID = 54321
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="making another user's files needs root")
 
@@ -55,7 +57,8 @@ def test_spool_directory_and_files_are_private_whatever_the_umask(tmp_path: Path
 
 
 def test_a_spool_directory_of_ours_open_to_others_is_tightened(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     directory = tmp_path / "spool"
     directory.mkdir(mode=0o755)
     os.chmod(directory, 0o755)  # what earlier versions made under the usual umask
@@ -83,8 +86,7 @@ def test_a_spool_directory_of_another_user_is_refused(tmp_path: Path) -> None:
 
 
 @as_root
-def test_the_temp_dir_fallback_refuses_a_directory_another_user_made_first(
-        tmp_path: Path) -> None:
+def test_the_temp_dir_fallback_refuses_a_directory_another_user_made_first(tmp_path: Path) -> None:
     """Home not writable (a read-only container): the spool goes to the temp dir, where another
     user can make the directory first, with a mode that lets them read what is put in it."""
     planted = tmp_path / f"tracewire-{os.geteuid()}"
@@ -93,8 +95,14 @@ def test_the_temp_dir_fallback_refuses_a_directory_another_user_made_first(
     os.chown(planted, OTHER_UID, OTHER_UID)
     env = {k: v for k, v in os.environ.items() if k != "TRACEWIRE_SPOOL_DIR"}
     env.update(XDG_CACHE_HOME="/proc/tracewire-no-such-dir/cache", TMPDIR=str(tmp_path))
-    result = subprocess.run([sys.executable, "-c", "import tracewire; tracewire.autolog()"],
-                            env=env, capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", "import tracewire; tracewire.autolog()"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("tracewire.config.ConfigError: TRACEWIRE_SPOOL_DIR"), result.stderr
@@ -114,9 +122,11 @@ def _victim(path: Path) -> str:
     """An sqlite file elsewhere, that looks enough like a spool to be rewritten by one who
     opens it as a spool."""
     db = sqlite3.connect(path)
-    db.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-                     "INSERT INTO meta VALUES ('format_version', '1'), ('destination', '');"
-                     "CREATE TABLE precious (x); INSERT INTO precious VALUES ('keep me');")
+    db.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('format_version', '1'), ('destination', '');"
+        "CREATE TABLE precious (x); INSERT INTO precious VALUES ('keep me');"
+    )
     db.close()
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -160,17 +170,30 @@ def test_links_named_like_spool_files_are_never_followed(tmp_path: Path) -> None
     assert not os.path.lexists(planted)
     assert adopted == [(good, 1)]
 
-    result = subprocess.run([sys.executable, "-m", "tracewire.cli", "spool", "status", "--dir",
-                             str(directory), "--json"], capture_output=True, text=True,
-                            timeout=60, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tracewire.cli",
+            "spool",
+            "status",
+            "--dir",
+            str(directory),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     problems = {Path(s["path"]).name: s["problem"] for s in json.loads(result.stdout)["spools"]}
     assert problems == {
         "spool-1-aaaaaaaa.db": "spool-1-aaaaaaaa.db is a symbolic link: tracewire never opens "
-                               "it; remove it",
+        "it; remove it",
         second.name: f"{second.stem}.lock is a symbolic link: tracewire never opens it; remove it",
         third.name: f"{third.name}-wal is a symbolic link: tracewire never opens it; remove it",
         "spool-4-dddddddd.db": "spool-4-dddddddd.db has another name too (a hard link): "
-                               "tracewire never opens it; remove it",
+        "tracewire never opens it; remove it",
         good.name: None,
     }
     assert hashlib.sha256(victim.read_bytes()).hexdigest() == victim_hash

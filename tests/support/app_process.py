@@ -13,9 +13,10 @@ import textwrap
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import mlflow
 import openai
@@ -58,8 +59,12 @@ def stored_traces(tracking_uri: str, experiment_name: str) -> list[mlflow.entiti
     found: list[mlflow.entities.Trace] = []
     token = None
     while True:
-        page = client.search_traces(locations=[experiment.experiment_id], max_results=500,
-                                    include_spans=True, page_token=token)
+        page = client.search_traces(
+            locations=[experiment.experiment_id],
+            max_results=500,
+            include_spans=True,
+            page_token=token,
+        )
         found.extend(page)
         token = page.token
         if not token:
@@ -80,14 +85,19 @@ def assert_exactly_once(traces: Sequence[mlflow.entities.Trace], expected: Seque
     assert not missing and not extra, (
         f"{len(traces)} traces stored for {len(expected)} calls; "
         f"{len(missing)} calls have no trace (first: {missing[:5]}), "
-        f"{len(extra)} traces are extra or repeated (first: {extra[:5]})")
+        f"{len(extra)} traces are extra or repeated (first: {extra[:5]})"
+    )
 
 
 def spool_summary(directory: Path) -> dict[str, Any]:
     found = spools.status(directory)
-    return {"spools": len(found), "pending": sum(s.pending for s in found),
-            "dropped": sum(s.dropped for s in found), "bytes": sum(s.bytes for s in found),
-            "live": [s.live for s in found]}
+    return {
+        "spools": len(found),
+        "pending": sum(s.pending for s in found),
+        "dropped": sum(s.dropped for s in found),
+        "bytes": sum(s.bytes for s in found),
+        "live": [s.live for s in found],
+    }
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:  # type: ignore[no-untyped-def]
@@ -156,11 +166,13 @@ class HungStore:
         self._thread.join(5)
         for conn in self._connections:
             # Reset instead of a FIN: no TIME_WAIT left on the port.
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            conn.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
             conn.close()
         self._sock.close()
 
-    def __enter__(self) -> "HungStore":
+    def __enter__(self) -> HungStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -268,29 +280,42 @@ class ChildRun:
     returncode: int
     stdout: str
     stderr: str
-    wall: float           # seconds from start to exit, as seen from here
-    exited_at: float      # time.time() when it was seen gone
-    out: dict[str, Any]   # its JSON line ({} if none)
+    wall: float  # seconds from start to exit, as seen from here
+    exited_at: float  # time.time() when it was seen gone
+    out: dict[str, Any]  # its JSON line ({} if none)
 
     def describe(self) -> str:
-        return (f"exit code {self.returncode} after {self.wall:.1f} s\n--- stdout ---\n"
-                f"{self.stdout[-4000:]}\n--- stderr ---\n{self.stderr[-8000:]}")
+        return (
+            f"exit code {self.returncode} after {self.wall:.1f} s\n--- stdout ---\n"
+            f"{self.stdout[-4000:]}\n--- stderr ---\n{self.stderr[-8000:]}"
+        )
 
 
-def child_env(*, tracking_uri: str, experiment: str, spool_dir: Path, openai_server: OpenAIServer,
-              **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))}
-    env.update({
-        "TRACEWIRE_TESTING": "1",
-        "MLFLOW_MODEL_CATALOG_URI": "",
-        "PYTHONUNBUFFERED": "1",
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "MLFLOW_EXPERIMENT_NAME": experiment,
-        "TRACEWIRE_SPOOL_DIR": str(spool_dir),
-        "TEST_OPENAI_BASE_URL": openai_server.base_url,
-        "TEST_API_KEY": API_KEY,
-    })
+def child_env(
+    *,
+    tracking_uri: str,
+    experiment: str,
+    spool_dir: Path,
+    openai_server: OpenAIServer,
+    **extra: str,
+) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))
+    }
+    env.update(
+        {
+            "TRACEWIRE_TESTING": "1",
+            "MLFLOW_MODEL_CATALOG_URI": "",
+            "PYTHONUNBUFFERED": "1",
+            "MLFLOW_TRACKING_URI": tracking_uri,
+            "MLFLOW_EXPERIMENT_NAME": experiment,
+            "TRACEWIRE_SPOOL_DIR": str(spool_dir),
+            "TEST_OPENAI_BASE_URL": openai_server.base_url,
+            "TEST_API_KEY": API_KEY,
+        }
+    )
     env.update(extra)
     return env
 
@@ -300,15 +325,30 @@ def run_child(tmp_path: Path, env: Mapping[str, str], timeout: float = 120) -> C
     script.write_text(textwrap.dedent(CHILD_SCRIPT))
     started = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=dict(env),
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            [sys.executable, str(script)],
+            cwd=tmp_path,
+            env=dict(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
     except subprocess.TimeoutExpired as error:
-        pytest.fail(f"the child process was still running after {timeout:.0f} s (hang)\n"
-                    f"--- stdout ---\n{error.stdout}\n--- stderr ---\n{error.stderr}")
+        pytest.fail(
+            f"the child process was still running after {timeout:.0f} s (hang)\n"
+            f"--- stdout ---\n{error.stdout}\n--- stderr ---\n{error.stderr}"
+        )
     wall = time.monotonic() - started
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    return ChildRun(proc.returncode, proc.stdout, proc.stderr, wall, time.time(),
-                    json.loads(lines[-1]) if lines else {})
+    return ChildRun(
+        proc.returncode,
+        proc.stdout,
+        proc.stderr,
+        wall,
+        time.time(),
+        json.loads(lines[-1]) if lines else {},
+    )
 
 
 def assert_calls_fine(run: ChildRun, calls: int) -> None:
@@ -326,14 +366,25 @@ def mock_client() -> openai.OpenAI:
     def handler(request: httpx2.Request) -> httpx2.Response:
         text = json.loads(request.content)["messages"][-1]["content"]
         body = {
-            "id": "chatcmpl-burst", "object": "chat.completion", "created": 1_735_689_600,
+            "id": "chatcmpl-burst",
+            "object": "chat.completion",
+            "created": 1_735_689_600,
             "model": MODEL,
-            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                         "message": {"role": "assistant", "content": echo(text),
-                                     "refusal": None}}],
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                    "message": {"role": "assistant", "content": echo(text), "refusal": None},
+                }
+            ],
             "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
         }
         return httpx2.Response(200, json=body, headers={"x-request-id": "req_burst"})
 
-    return openai.OpenAI(api_key=API_KEY, base_url="https://api.openai.com/v1", max_retries=0,
-                         http_client=httpx2.Client(transport=httpx2.MockTransport(handler)))
+    return openai.OpenAI(
+        api_key=API_KEY,
+        base_url="https://api.openai.com/v1",
+        max_retries=0,
+        http_client=httpx2.Client(transport=httpx2.MockTransport(handler)),
+    )

@@ -47,15 +47,22 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: the module needs nothing outside the standard library
-    from typing_extensions import Self
+    from typing import Self
 
 __all__ = ["Fault", "FaultProxy"]
 
 KINDS = ("pass", "refuse", "reset", "hang", "drip", "status", "truncate")
-ERROR_CODES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
-               404: "ENDPOINT_NOT_FOUND", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL_ERROR",
-               502: "TEMPORARILY_UNAVAILABLE", 503: "TEMPORARILY_UNAVAILABLE",
-               504: "DEADLINE_EXCEEDED"}
+ERROR_CODES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "ENDPOINT_NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL_ERROR",
+    502: "TEMPORARILY_UNAVAILABLE",
+    503: "TEMPORARILY_UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
 _MAX_HEAD = 64 * 1024
 
 
@@ -67,21 +74,21 @@ class _Closed(Exception):
 class Fault:
     kind: str = "pass"
     path_prefix: str | None = None
-    times: int | None = None          # remaining matching requests; None = until changed
+    times: int | None = None  # remaining matching requests; None = until changed
     status: int = 503
     retry_after: str | None = None
-    chunk: int = 8                    # drip
-    delay: float = 0.01               # drip
-    after: int = 0                    # truncate
+    chunk: int = 8  # drip
+    delay: float = 0.01  # drip
+    after: int = 0  # truncate
 
 
 @dataclass
 class _Message:
-    head: bytes                       # start line and headers, with the blank line
-    body: bytes                       # raw, as framed on the wire (chunked stays chunked)
+    head: bytes  # start line and headers, with the blank line
+    body: bytes  # raw, as framed on the wire (chunked stays chunked)
     first_line: str
-    headers: dict[str, str]           # lower-case names
-    close: bool                       # the connection ends after this message
+    headers: dict[str, str]  # lower-case names
+    close: bool  # the connection ends after this message
 
 
 class _Reader:
@@ -190,8 +197,9 @@ def _read_response(rfile: _Reader, method: str) -> _Message:
         body, eof = b"", False
     else:
         body, eof = _read_body(rfile, headers, until_eof=True)
-    return _Message(interim + head, body, first_line, headers,
-                    eof or _wants_close(first_line, headers))
+    return _Message(
+        interim + head, body, first_line, headers, eof or _wants_close(first_line, headers)
+    )
 
 
 def _reset(sock: socket.socket) -> None:
@@ -209,7 +217,7 @@ class FaultProxy:
         self.upstream = (upstream_host, upstream_port)
         self.counts: collections.Counter[str] = collections.Counter()
         self._fault = Fault()
-        self._generation = 0               # bumped by set_fault/clear (not when `times` runs out)
+        self._generation = 0  # bumped by set_fault/clear (not when `times` runs out)
         self._cond = threading.Condition()  # guards everything below and wakes hung requests
         self._closed = False
         self._listener: socket.socket | None = None
@@ -224,8 +232,14 @@ class FaultProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def set_fault(self, kind: str, *, path_prefix: str | None = None, times: int | None = None,
-                  **options: object) -> None:
+    def set_fault(
+        self,
+        kind: str,
+        *,
+        path_prefix: str | None = None,
+        times: int | None = None,
+        **options: object,
+    ) -> None:
         """Apply ``kind`` (see the module doc) to requests from now on; replaces any fault."""
         if kind not in KINDS:
             raise ValueError(f"unknown fault {kind!r}; one of {KINDS}")
@@ -273,8 +287,12 @@ class FaultProxy:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -312,8 +330,9 @@ class FaultProxy:
     def _spawn(self, target: Callable[..., None], *args: object) -> None:
         """Start a daemon thread (under the lock); ``close()`` joins every one still alive."""
         self._threads = {t for t in self._threads if t.is_alive()}
-        thread = threading.Thread(target=target, args=args, daemon=True,
-                                  name=f"fault-proxy-{self.port}")
+        thread = threading.Thread(
+            target=target, args=args, daemon=True, name=f"fault-proxy-{self.port}"
+        )
         self._threads.add(thread)
         thread.start()
 
@@ -371,7 +390,8 @@ class FaultProxy:
                 if fault.kind == "hang":
                     with self._cond:
                         self._cond.wait_for(
-                            lambda g=generation: self._closed or self._generation != g)
+                            lambda g=generation: self._closed or self._generation != g
+                        )
                     return
                 if fault.kind == "status":
                     client.sendall(self._status_response(fault))
@@ -390,7 +410,7 @@ class FaultProxy:
                 for start in range(0, len(raw), step):
                     if self._closed:
                         return
-                    client.sendall(raw[start:start + step])
+                    client.sendall(raw[start : start + step])
                     if fault.kind == "drip":
                         time.sleep(fault.delay)
                 if response.close and upstream is not None:
@@ -405,8 +425,9 @@ class FaultProxy:
                 self._drop(upstream.sock)
             self._drop(client)
 
-    def _forward(self, upstream: _Reader | None, request: _Message,
-                 method: str) -> tuple[_Reader | None, _Message | None]:
+    def _forward(
+        self, upstream: _Reader | None, request: _Message, method: str
+    ) -> tuple[_Reader | None, _Message | None]:
         """Send ``request`` upstream (reusing the connection if it is still open); the reply."""
         for _ in range(2):
             reused = upstream is not None and not self._readable(upstream.sock)
@@ -462,10 +483,17 @@ class FaultProxy:
             reason = http.HTTPStatus(fault.status).phrase
         except ValueError:
             reason = "Error"
-        body = json.dumps({"error_code": ERROR_CODES.get(fault.status, "INTERNAL_ERROR"),
-                           "message": f"fault proxy: injected HTTP {fault.status} {reason}"})
-        headers = [f"HTTP/1.1 {fault.status} {reason}", "Content-Type: application/json",
-                   f"Content-Length: {len(body)}"]
+        body = json.dumps(
+            {
+                "error_code": ERROR_CODES.get(fault.status, "INTERNAL_ERROR"),
+                "message": f"fault proxy: injected HTTP {fault.status} {reason}",
+            }
+        )
+        headers = [
+            f"HTTP/1.1 {fault.status} {reason}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+        ]
         if fault.retry_after is not None:
             headers.append(f"Retry-After: {fault.retry_after}")
         return ("\r\n".join(headers) + "\r\n\r\n" + body).encode()

@@ -29,15 +29,15 @@ import time
 import urllib.error
 import urllib.request
 import weakref
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator, Mapping
 
 import pytest
 
 __all__ = ["MlflowServer", "ServerStartError", "free_port", "mlflow_server"]
 
-_LIVE: "weakref.WeakSet[MlflowServer]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[MlflowServer] = weakref.WeakSet()
 
 
 class ServerStartError(RuntimeError):
@@ -120,7 +120,7 @@ class MlflowServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> "MlflowServer":
+    def start(self) -> MlflowServer:
         """Start the server (no-op if running) and wait until its REST API answers."""
         if self.running:
             return self
@@ -161,7 +161,7 @@ class MlflowServer:
             pass
         self._wait_port_free(timeout)
 
-    def restart(self) -> "MlflowServer":
+    def restart(self) -> MlflowServer:
         self.stop()
         return self.start()
 
@@ -172,7 +172,7 @@ class MlflowServer:
         except FileNotFoundError:
             return ""
 
-    def __enter__(self) -> "MlflowServer":
+    def __enter__(self) -> MlflowServer:
         return self.start()
 
     def __exit__(
@@ -191,30 +191,39 @@ class MlflowServer:
 
     def _command(self) -> list[str]:
         return [
-            self.python, "-m", "mlflow", "server",
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--workers", "1",
-            "--backend-store-uri", self.backend_store_uri,
-            "--artifacts-destination", str(self.artifacts),
+            self.python,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            self.backend_store_uri,
+            "--artifacts-destination",
+            str(self.artifacts),
             # The security middleware's defaults already allow loopback; be explicit so a
             # changed default cannot turn every request into a 403.
-            "--allowed-hosts", ",".join(f"{host},{host}:*" for host in
-                                        ("127.0.0.1", "localhost", *self.hosts)),
+            "--allowed-hosts",
+            ",".join(f"{host},{host}:*" for host in ("127.0.0.1", "localhost", *self.hosts)),
         ]
 
     def _environment(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("MLFLOW_", "TRACEWIRE_"))}
-        env.update({
-            # No huey job runner processes: a test server needs only the REST API.
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-            # The server prices spans as it stores them, fetching MLflow's model catalog from
-            # GitHub first: without network its first span write takes 7 s or more (past the
-            # shippers' timeouts in some tests). Its bundled catalog prices the same models.
-            "MLFLOW_MODEL_CATALOG_URI": "",
-            "PYTHONUNBUFFERED": "1",
-        })
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "TRACEWIRE_"))}
+        env.update(
+            {
+                # No huey job runner processes: a test server needs only the REST API.
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                # The server prices spans as it stores them, fetching MLflow's model catalog from
+                # GitHub first: without network its first span write takes 7 s or more (past the
+                # shippers' timeouts in some tests). Its bundled catalog prices the same models.
+                "MLFLOW_MODEL_CATALOG_URI": "",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         env.update(self._extra_env)
         return env
 
@@ -249,7 +258,8 @@ class MlflowServer:
                 code = None if proc is None else proc.returncode
                 raise ServerStartError(
                     f"mlflow server exited with code {code} before answering on {self.url}\n"
-                    f"---- log ({self.log_path}) ----\n{self._recent_log()}")
+                    f"---- log ({self.log_path}) ----\n{self._recent_log()}"
+                )
             try:
                 for path in probes:
                     with urllib.request.urlopen(self.url + path, timeout=5) as response:
@@ -261,7 +271,8 @@ class MlflowServer:
             time.sleep(0.2)
         raise ServerStartError(
             f"mlflow server did not answer on {self.url} within {self.startup_timeout:.0f} s "
-            f"(last error: {last_error})\n---- log ({self.log_path}) ----\n{self._recent_log()}")
+            f"(last error: {last_error})\n---- log ({self.log_path}) ----\n{self._recent_log()}"
+        )
 
     def _recent_log(self) -> str:
         try:

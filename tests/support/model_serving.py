@@ -25,8 +25,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import httpx
 
@@ -42,17 +42,26 @@ def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without the suite's MLflow, tracewire, pytest and OpenAI
     settings (a served model gets exactly the ones a test gives it), the interpreter's ``bin``
     first on ``PATH``, and ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))
+    }
     env["PATH"] = os.pathsep.join(filter(None, [_BIN, env.get("PATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
 
 
-def log_models(env: Mapping[str, str], cwd: Path, models: Mapping[str, str | Path], *,
-               pip_requirements: Sequence[str], experiment: str | None = None,
-               timeout: float = 180) -> dict[str, str]:
+def log_models(
+    env: Mapping[str, str],
+    cwd: Path,
+    models: Mapping[str, str | Path],
+    *,
+    pip_requirements: Sequence[str],
+    experiment: str | None = None,
+    timeout: float = 180,
+) -> dict[str, str]:
     """Log each ``name -> code file`` as a models-from-code pyfunc model (one process for
     all); the model ids by name. MLflow runs each model's code (and a ResponsesAgent's
     ``predict`` on its input example) while logging it."""
@@ -63,11 +72,19 @@ def log_models(env: Mapping[str, str], cwd: Path, models: Mapping[str, str | Pat
         "ids = {name: mlflow.pyfunc.log_model(name=name, python_model=code,\n"
         "                                     pip_requirements=requirements).model_id\n"
         "       for name, code in models.items()}\n"
-        "print('MODEL_IDS', json.dumps(ids))\n")
-    argument = json.dumps([{name: str(code) for name, code in models.items()},
-                           list(pip_requirements), experiment])
-    logged = subprocess.run([sys.executable, "-c", script, argument], env=dict(env), cwd=cwd,
-                            capture_output=True, text=True, timeout=timeout)
+        "print('MODEL_IDS', json.dumps(ids))\n"
+    )
+    argument = json.dumps(
+        [{name: str(code) for name, code in models.items()}, list(pip_requirements), experiment]
+    )
+    logged = subprocess.run(
+        [sys.executable, "-c", script, argument],
+        env=dict(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert logged.returncode == 0, logged.stderr[-4000:]
     line = next(line for line in logged.stdout.splitlines() if line.startswith("MODEL_IDS "))
     return dict(json.loads(line.split(" ", 1)[1]))
@@ -77,25 +94,49 @@ class ModelServer:
     """``[wrapper...] mlflow models serve -m models:/<model_id> --env-manager local`` on
     127.0.0.1, its output in ``cwd / log_name``."""
 
-    def __init__(self, model_id: str, env: Mapping[str, str], cwd: Path, *,
-                 wrapper: Sequence[str] = (), port: int | None = None,
-                 log_name: str | None = None) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        env: Mapping[str, str],
+        cwd: Path,
+        *,
+        wrapper: Sequence[str] = (),
+        port: int | None = None,
+        log_name: str | None = None,
+    ) -> None:
         self.model_id = model_id
         self.env = dict(env)
         self.cwd = cwd
         self.port = port if port is not None else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [*wrapper, "mlflow", "models", "serve", "-m", f"models:/{model_id}",
-                        "--env-manager", "local", "--host", "127.0.0.1",
-                        "--port", str(self.port)]
+        self.command = [
+            *wrapper,
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{model_id}",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         self.log_path = cwd / (log_name or f"serve-{self.port}.log")
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "ModelServer":
+    def start(self) -> ModelServer:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command, env=self.env, cwd=self.cwd, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(
+                self.command,
+                env=self.env,
+                cwd=self.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         return self
 
     def wait_ready(self, timeout: float = 90) -> float:
@@ -105,16 +146,19 @@ class ModelServer:
         started = time.monotonic()
         while time.monotonic() - started < timeout:
             if self.proc.poll() is not None:
-                raise AssertionError(f"{' '.join(self.command)} exited with "
-                                     f"{self.proc.returncode}\n{self.output()[-4000:]}")
+                raise AssertionError(
+                    f"{' '.join(self.command)} exited with "
+                    f"{self.proc.returncode}\n{self.output()[-4000:]}"
+                )
             try:
                 if httpx.get(f"{self.url}/ping", timeout=1).status_code == 200:
                     return time.monotonic() - started
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise AssertionError(f"{self.url} did not answer /ping within {timeout:.0f} s\n"
-                             f"{self.output()[-4000:]}")
+        raise AssertionError(
+            f"{self.url} did not answer /ping within {timeout:.0f} s\n{self.output()[-4000:]}"
+        )
 
     def signal_group(self, signum: int) -> None:
         if self.proc is not None:

@@ -39,16 +39,21 @@ from tests.support.mlflow_server import MlflowServer, _die_with_parent, _prctl, 
 
 __all__ = ["PostgresCluster", "PostgresMlflowServer", "find_binaries"]
 
-_LIVE: "weakref.WeakSet[PostgresCluster]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[PostgresCluster] = weakref.WeakSet()
 
-INSTALL_HINT = ("run `bash .ci/run` (it installs PostgreSQL as root when missing) or install "
-                "it yourself: `apt-get install -y postgresql`")
+INSTALL_HINT = (
+    "run `bash .ci/run` (it installs PostgreSQL as root when missing) or install "
+    "it yourself: `apt-get install -y postgresql`"
+)
 
 
 def find_binaries() -> Path:
     """The directory holding ``initdb`` and ``postgres``; fails the test when there is none."""
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                        key=lambda p: _version(Path(p).parent.parent.name), reverse=True)
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: _version(Path(p).parent.parent.name),
+        reverse=True,
+    )
     on_path = shutil.which("initdb")
     if on_path:
         candidates.append(on_path)
@@ -56,8 +61,11 @@ def find_binaries() -> Path:
         bindir = Path(initdb).parent
         if (bindir / "postgres").exists():
             return bindir
-    pytest.fail("PostgreSQL server binaries (initdb, postgres) were not found under "
-                f"/usr/lib/postgresql/*/bin or on PATH: {INSTALL_HINT}", pytrace=False)
+    pytest.fail(
+        "PostgreSQL server binaries (initdb, postgres) were not found under "
+        f"/usr/lib/postgresql/*/bin or on PATH: {INSTALL_HINT}",
+        pytrace=False,
+    )
 
 
 def _version(name: str) -> tuple[int, ...]:
@@ -88,12 +96,25 @@ class PostgresCluster:
     def uri(self, database: str) -> str:
         return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
 
-    def start(self) -> "PostgresCluster":
+    def start(self) -> PostgresCluster:
         if self._run_as is not None:
             os.chown(self.root, self._run_as.pw_uid, self._run_as.pw_gid)
         # -N: no fsync of the new files; a throwaway cluster does not need to survive a crash.
-        self._run([str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.user,
-                   "-A", "trust", "-E", "UTF8", "--no-locale", "-N"])
+        self._run(
+            [
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                self.user,
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "-N",
+            ]
+        )
         attempts = 3  # the free port can be taken by someone else before the server binds it
         for attempt in range(attempts):
             self.port = free_port()
@@ -132,11 +153,15 @@ class PostgresCluster:
         except FileNotFoundError:
             return ""
 
-    def __enter__(self) -> "PostgresCluster":
+    def __enter__(self) -> PostgresCluster:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     # ------------------------------------------------------------------ internals
@@ -146,15 +171,22 @@ class PostgresCluster:
             return {}
         # Popen switches user in the child itself (no su/runuser in between), so the server
         # stays our direct child: its parent-death signal and our signals reach it.
-        return {"user": self._run_as.pw_uid, "group": self._run_as.pw_gid, "extra_groups": [],
-                "env": {**os.environ, "HOME": self._run_as.pw_dir, "USER": self._run_as.pw_name}}
+        return {
+            "user": self._run_as.pw_uid,
+            "group": self._run_as.pw_gid,
+            "extra_groups": [],
+            "env": {**os.environ, "HOME": self._run_as.pw_dir, "USER": self._run_as.pw_name},
+        }
 
     def _run(self, command: list[str]) -> None:
-        done = subprocess.run(command, cwd=self.root, capture_output=True, text=True,
-                              timeout=120, **self._as_user())  # type: ignore[call-overload]
+        done = subprocess.run(
+            command, cwd=self.root, capture_output=True, text=True, timeout=120, **self._as_user()
+        )  # type: ignore[call-overload]
         if done.returncode != 0:
-            pytest.fail(f"{' '.join(command)} failed ({done.returncode}):\n"
-                        f"{done.stdout}\n{done.stderr}", pytrace=False)
+            pytest.fail(
+                f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}",
+                pytrace=False,
+            )
 
     def _spawn(self) -> None:
         settings = {
@@ -172,10 +204,15 @@ class PostgresCluster:
             command += ["-c", f"{key}={value}"]
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(  # type: ignore[call-overload]
-                command, cwd=self.root, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
+                command,
+                cwd=self.root,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 preexec_fn=_die_with_parent if _prctl is not None else None,
-                **self._as_user())
+                **self._as_user(),
+            )
 
     def _wait_ready(self) -> None:
         import psycopg
@@ -191,8 +228,10 @@ class PostgresCluster:
             except psycopg.OperationalError as error:
                 last_error = str(error).strip()
             time.sleep(0.1)
-        raise RuntimeError(f"postgres did not accept connections on port {self.port} within "
-                           f"{self.startup_timeout:.0f} s ({last_error}):\n{self.log()}")
+        raise RuntimeError(
+            f"postgres did not accept connections on port {self.port} within "
+            f"{self.startup_timeout:.0f} s ({last_error}):\n{self.log()}"
+        )
 
     def _terminate(self) -> None:
         proc, self._proc = self._proc, None
@@ -226,8 +265,11 @@ def _server_user() -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam("postgres")
     except KeyError:
-        pytest.fail("running as root, PostgreSQL needs an unprivileged user to run as, and "
-                    f"there is no `postgres` user: {INSTALL_HINT}", pytrace=False)
+        pytest.fail(
+            "running as root, PostgreSQL needs an unprivileged user to run as, and "
+            f"there is no `postgres` user: {INSTALL_HINT}",
+            pytrace=False,
+        )
 
 
 @atexit.register

@@ -23,6 +23,12 @@ def new_experiment(tracking_uri: str) -> str:
 def synthetic(count: int, start_ms: int, **fields: object) -> list[Synthetic]:
     """Traces written straight into the store (tracewire.testing.traces), with unique ids."""
     base = uuid.uuid4().int >> 64  # trace ids unique in the suite's shared store
-    return [Synthetic(otel_trace_id=base + i + 1,  # type: ignore[arg-type]
-                      request_time_ms=start_ms + i * 1000, duration_ms=100 + i, **fields)
-            for i in range(count)]
+    return [
+        Synthetic(
+            otel_trace_id=base + i + 1,  # type: ignore[arg-type]
+            request_time_ms=start_ms + i * 1000,
+            duration_ms=100 + i,
+            **fields,
+        )
+        for i in range(count)
+    ]

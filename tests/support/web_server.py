@@ -7,7 +7,9 @@ import contextlib
 import socket
 import threading
 import time
-from typing import Any, Callable, ContextManager, Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
+from typing import Any
 
 import mlflow
 import pytest
@@ -23,8 +25,16 @@ def serve(app: Any) -> Iterator[str]:
         port = probe.getsockname()[1]
     # A long keep-alive: on a busy machine a pooled connection idle past uvicorn's 5 s default
     # can be closed by the server just as the client reuses it (a ReadError of neither side's).
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="auto", timeout_keep_alive=120))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="auto",
+            timeout_keep_alive=120,
+        )
+    )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

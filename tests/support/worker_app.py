@@ -12,6 +12,7 @@ client = openai.OpenAI(max_retries=0)
 
 @app.get("/ask")
 def ask(q: str) -> dict:
-    reply = client.chat.completions.create(model="gpt-4o-mini",
-                                           messages=[{"role": "user", "content": q}])
+    reply = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": q}]
+    )
     return {"pid": os.getpid(), "reply": reply.choices[0].message.content}

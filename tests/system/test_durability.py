@@ -40,8 +40,8 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import openai
 import pytest
@@ -93,8 +93,12 @@ def fresh_pipeline() -> Iterator[None]:
 
 @pytest.mark.timeout(300)
 def test_outage_in_the_middle_of_500_calls_loses_and_duplicates_nothing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client: openai.OpenAI,
-        experiment_name: str, fresh_pipeline: None) -> None:
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    client: openai.OpenAI,
+    experiment_name: str,
+    fresh_pipeline: None,
+) -> None:
     server = MlflowServer(tmp_path / "mlflow-server")
     try:
         server.start()
@@ -115,7 +119,8 @@ def test_outage_in_the_middle_of_500_calls_loses_and_duplicates_nothing(
                 outage_ended = time.monotonic()
             started = time.perf_counter()
             reply = client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": text}])
+                model=MODEL, messages=[{"role": "user", "content": text}]
+            )
             durations.append(time.perf_counter() - started)
             assert reply.choices[0].message.content == echo(text)  # unchanged, never raised
 
@@ -125,10 +130,14 @@ def test_outage_in_the_middle_of_500_calls_loses_and_duplicates_nothing(
         started = time.monotonic()
         flushed = tracewire.flush(FLUSH_AFTER_OUTAGE_S)
         flush_s = time.monotonic() - started
-        print(f"\noutage: {outage_ended - outage_started:.1f} s down; slowest call "
-              f"{slowest * 1000:.0f} ms; flush after the outage took {flush_s:.1f} s")
-        assert flushed, (f"the backlog was not shipped within {FLUSH_AFTER_OUTAGE_S:.0f} s of the "
-                         f"store's return; spool: {spool_summary(tmp_path / 'spool')}")
+        print(
+            f"\noutage: {outage_ended - outage_started:.1f} s down; slowest call "
+            f"{slowest * 1000:.0f} ms; flush after the outage took {flush_s:.1f} s"
+        )
+        assert flushed, (
+            f"the backlog was not shipped within {FLUSH_AFTER_OUTAGE_S:.0f} s of the "
+            f"store's return; spool: {spool_summary(tmp_path / 'spool')}"
+        )
 
         assert_exactly_once(stored_traces(server.url, experiment_name), texts)
     finally:
@@ -141,20 +150,30 @@ def test_outage_in_the_middle_of_500_calls_loses_and_duplicates_nothing(
 
 @pytest.mark.timeout(300)
 def test_hung_store_delays_neither_calls_nor_exit_and_the_next_process_ships_the_spool(
-        tmp_path: Path, openai_server: OpenAIServer, experiment_name: str) -> None:
+    tmp_path: Path, openai_server: OpenAIServer, experiment_name: str
+) -> None:
     spool_dir = tmp_path / "spool"
     calls = 20
     with HungStore() as hung:
-        env = child_env(tracking_uri=hung.url, experiment=experiment_name, spool_dir=spool_dir,
-                        openai_server=openai_server)
-        first = run_child(tmp_path, {**env, "TEST_TAG": "hung", "TEST_CALLS": str(calls),
-                                     "TEST_END": "exit"}, timeout=60)
+        env = child_env(
+            tracking_uri=hung.url,
+            experiment=experiment_name,
+            spool_dir=spool_dir,
+            openai_server=openai_server,
+        )
+        first = run_child(
+            tmp_path,
+            {**env, "TEST_TAG": "hung", "TEST_CALLS": str(calls), "TEST_END": "exit"},
+            timeout=60,
+        )
         contacted = hung.accepted
     assert first.returncode == 0, first.describe()
     assert_calls_fine(first, calls)
     exit_latency = first.exited_at - first.out["end_wall"]
-    print(f"\nhung store: process exited {exit_latency:.2f} s after its last call "
-          f"({first.wall:.1f} s in all, interpreter start included)")
+    print(
+        f"\nhung store: process exited {exit_latency:.2f} s after its last call "
+        f"({first.wall:.1f} s in all, interpreter start included)"
+    )
     assert exit_latency < EXIT_AFTER_LAST_CALL_S, first.describe()
     assert first.wall < 30, first.describe()
     assert contacted > 0, "the process never even tried the store: the test proves nothing"
@@ -165,14 +184,19 @@ def test_hung_store_delays_neither_calls_nor_exit_and_the_next_process_ships_the
 
     # The store comes back on the same URL (so: the same destination) as a real server.
     with MlflowServer(tmp_path / "mlflow-server", port=hung.port) as server:
-        second = run_child(tmp_path, {**env, "TEST_TAG": "next", "TEST_CALLS": "1",
-                                      "TEST_END": "drain"}, timeout=150)
+        second = run_child(
+            tmp_path,
+            {**env, "TEST_TAG": "next", "TEST_CALLS": "1", "TEST_END": "drain"},
+            timeout=150,
+        )
         print(f"hung store: the next process shipped the spool and exited in {second.wall:.1f} s")
         assert second.returncode == 0, second.describe()
         assert_calls_fine(second, 1)
         assert second.out["spool"]["pending"] == 0, second.describe()
-        assert_exactly_once(stored_traces(server.url, experiment_name),
-                            [f"hung {i}" for i in range(calls)] + ["next 0"])
+        assert_exactly_once(
+            stored_traces(server.url, experiment_name),
+            [f"hung {i}" for i in range(calls)] + ["next 0"],
+        )
     assert wait_for(lambda: not files_in(spool_dir), 10), files_in(spool_dir)
 
 
@@ -189,7 +213,8 @@ def _rss_mb() -> float:
 
 @pytest.mark.timeout(600)
 def test_burst_of_5000_calls_is_persisted_and_the_backlog_waits_on_disk(
-        traced: Traced, tracking_uri: str) -> None:
+    traced: Traced, tracking_uri: str
+) -> None:
     """What is measured, every 0.1 s during the burst and until the flush returns:
 
     * RSS of this process (VmRSS), against its value after a warm-up;
@@ -218,9 +243,14 @@ def test_burst_of_5000_calls_is_persisted_and_the_backlog_waits_on_disk(
     def sample() -> None:
         t0 = time.monotonic()
         while not done.is_set():
-            samples.append((time.monotonic() - t0, _rss_mb(),
-                            worker._submitted - worker._handled,
-                            sum(s.pending for s in spools.status(spool_dir))))
+            samples.append(
+                (
+                    time.monotonic() - t0,
+                    _rss_mb(),
+                    worker._submitted - worker._handled,
+                    sum(s.pending for s in spools.status(spool_dir)),
+                )
+            )
             done.wait(0.1)
 
     sampler = threading.Thread(target=sample, name="burst-sampler", daemon=True)
@@ -232,12 +262,15 @@ def test_burst_of_5000_calls_is_persisted_and_the_backlog_waits_on_disk(
         for text in texts:
             t = time.perf_counter()
             reply = client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": text}])
+                model=MODEL, messages=[{"role": "user", "content": text}]
+            )
             slowest = max(slowest, time.perf_counter() - t)
             assert reply.choices[0].message.content == echo(text)
         burst_s = time.monotonic() - started
-        at_end = (worker._submitted - worker._handled,
-                  sum(s.pending for s in spools.status(spool_dir)))
+        at_end = (
+            worker._submitted - worker._handled,
+            sum(s.pending for s in spools.status(spool_dir)),
+        )
         flushed = tracewire.flush(400)
         flush_s = time.monotonic() - started - burst_s
     finally:
@@ -247,15 +280,19 @@ def test_burst_of_5000_calls_is_persisted_and_the_backlog_waits_on_disk(
     peak_rss = max(s[1] for s in samples)
     peak_memory_backlog = max(s[2] for s in samples)
     peak_spool_backlog = max(s[3] for s in samples)
-    print(f"\nburst: {burst} calls in {burst_s:.1f} s (slowest {slowest * 1000:.0f} ms); "
-          f"at the end of the burst {at_end[0]} traces waited in memory and {at_end[1]} in the "
-          f"spool; flush took {flush_s:.1f} s more ({burst / (burst_s + flush_s):.0f} traces/s "
-          f"end to end); RSS {baseline:.0f} MB -> peak {peak_rss:.0f} MB; peak backlog in "
-          f"memory {peak_memory_backlog}, in the spool {peak_spool_backlog}")
+    print(
+        f"\nburst: {burst} calls in {burst_s:.1f} s (slowest {slowest * 1000:.0f} ms); "
+        f"at the end of the burst {at_end[0]} traces waited in memory and {at_end[1]} in the "
+        f"spool; flush took {flush_s:.1f} s more ({burst / (burst_s + flush_s):.0f} traces/s "
+        f"end to end); RSS {baseline:.0f} MB -> peak {peak_rss:.0f} MB; peak backlog in "
+        f"memory {peak_memory_backlog}, in the spool {peak_spool_backlog}"
+    )
     assert slowest < SLOWEST_CALL_S
     assert flushed, f"not flushed within 400 s; spool: {spool_summary(spool_dir)}"
-    assert worker.lost == 0 and not any(s.dropped for s in spools.status(spool_dir)), \
-        (worker.lost, spool_summary(spool_dir))
+    assert worker.lost == 0 and not any(s.dropped for s in spools.status(spool_dir)), (
+        worker.lost,
+        spool_summary(spool_dir),
+    )
 
     assert_exactly_once(stored_traces(tracking_uri, traced.experiment_name), warmup + texts)
 
@@ -270,14 +307,28 @@ def test_burst_of_5000_calls_is_persisted_and_the_backlog_waits_on_disk(
 
 @pytest.mark.timeout(300)
 def test_kill_9_with_a_full_spool_then_a_new_process_ships_every_trace_once(
-        tmp_path: Path, openai_server: OpenAIServer, experiment_name: str) -> None:
+    tmp_path: Path, openai_server: OpenAIServer, experiment_name: str
+) -> None:
     spool_dir = tmp_path / "spool"
     calls = 120  # more than one shipping batch
     with HungStore() as hung:
-        env = child_env(tracking_uri=hung.url, experiment=experiment_name, spool_dir=spool_dir,
-                        openai_server=openai_server)
-        killed = run_child(tmp_path, {**env, "TEST_TAG": "killed", "TEST_CALLS": str(calls),
-                                      "TEST_END": "flush-kill", "TEST_FLUSH_S": "3"}, timeout=90)
+        env = child_env(
+            tracking_uri=hung.url,
+            experiment=experiment_name,
+            spool_dir=spool_dir,
+            openai_server=openai_server,
+        )
+        killed = run_child(
+            tmp_path,
+            {
+                **env,
+                "TEST_TAG": "killed",
+                "TEST_CALLS": str(calls),
+                "TEST_END": "flush-kill",
+                "TEST_FLUSH_S": "3",
+            },
+            timeout=90,
+        )
     assert killed.returncode == -signal.SIGKILL, killed.describe()
     assert_calls_fine(killed, calls)
     assert killed.out["flushed"] is False, killed.describe()  # the store never answered
@@ -287,13 +338,18 @@ def test_kill_9_with_a_full_spool_then_a_new_process_ships_every_trace_once(
     assert not any(s.live for s in left), left  # its lock died with it
 
     with MlflowServer(tmp_path / "mlflow-server", port=hung.port) as server:
-        after = run_child(tmp_path, {**env, "TEST_TAG": "after", "TEST_CALLS": "1",
-                                     "TEST_END": "drain"}, timeout=150)
+        after = run_child(
+            tmp_path,
+            {**env, "TEST_TAG": "after", "TEST_CALLS": "1", "TEST_END": "drain"},
+            timeout=150,
+        )
         print(f"\nkill -9: the next process shipped the spool and exited in {after.wall:.1f} s")
         assert after.returncode == 0, after.describe()
         assert after.out["spool"]["pending"] == 0, after.describe()
-        assert_exactly_once(stored_traces(server.url, experiment_name),
-                            [f"killed {i}" for i in range(calls)] + ["after 0"])
+        assert_exactly_once(
+            stored_traces(server.url, experiment_name),
+            [f"killed {i}" for i in range(calls)] + ["after 0"],
+        )
     assert wait_for(lambda: not files_in(spool_dir), 10), files_in(spool_dir)
 
 
@@ -303,7 +359,8 @@ def test_kill_9_with_a_full_spool_then_a_new_process_ships_every_trace_once(
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("store", ["sqlite", "server"])
 def test_crash_between_store_write_and_ack_still_stores_each_trace_once(
-        store: str, tmp_path: Path, openai_server: OpenAIServer, experiment_name: str) -> None:
+    store: str, tmp_path: Path, openai_server: OpenAIServer, experiment_name: str
+) -> None:
     spool_dir = tmp_path / "spool"
     marker = tmp_path / "crashed-before-ack.json"
     hook_dir = tmp_path / "hook"
@@ -319,12 +376,19 @@ def test_crash_between_store_write_and_ack_still_stores_each_trace_once(
     else:
         port = free_port()  # nothing listens there yet: connection refused
         uri = f"http://127.0.0.1:{port}"
-    env = child_env(tracking_uri=uri, experiment=experiment_name, spool_dir=spool_dir,
-                    openai_server=openai_server)
+    env = child_env(
+        tracking_uri=uri,
+        experiment=experiment_name,
+        spool_dir=spool_dir,
+        openai_server=openai_server,
+    )
     try:
         # 1. The store is down: all traces wait in the spool of a process that exits.
-        before = run_child(tmp_path, {**env, "TEST_TAG": "before", "TEST_CALLS": str(calls),
-                                      "TEST_END": "exit"}, timeout=60)
+        before = run_child(
+            tmp_path,
+            {**env, "TEST_TAG": "before", "TEST_CALLS": str(calls), "TEST_END": "exit"},
+            timeout=60,
+        )
         assert before.returncode == 0, before.describe()
         assert_calls_fine(before, calls)
         assert spool_summary(spool_dir)["pending"] == calls, before.describe()
@@ -337,10 +401,18 @@ def test_crash_between_store_write_and_ack_still_stores_each_trace_once(
         else:
             server = MlflowServer(tmp_path / "mlflow-server", port=port).start()
         pythonpath = os.pathsep.join(filter(None, [str(hook_dir), env.get("PYTHONPATH")]))
-        crashing = run_child(tmp_path, {**env, "PYTHONPATH": pythonpath,
-                                        "TEST_CRASH_MARKER": str(marker), "TEST_TAG": "crash",
-                                        "TEST_CALLS": "1", "TEST_END": "wait-marker"},
-                             timeout=90)
+        crashing = run_child(
+            tmp_path,
+            {
+                **env,
+                "PYTHONPATH": pythonpath,
+                "TEST_CRASH_MARKER": str(marker),
+                "TEST_TAG": "crash",
+                "TEST_CALLS": "1",
+                "TEST_END": "wait-marker",
+            },
+            timeout=90,
+        )
         assert marker.exists(), f"no batch was ever shipped\n{crashing.describe()}"
         crashed_batch = json.loads(marker.read_text())
         stored = stored_traces(uri, experiment_name)
@@ -348,18 +420,26 @@ def test_crash_between_store_write_and_ack_still_stores_each_trace_once(
         assert set(crashed_batch) <= stored_ids, "the crash came before the store write"
         assert {f"before {i}" for i in range(calls)} <= {user_text(t) for t in stored}
         assert spool_summary(spool_dir)["pending"] >= len(crashed_batch), (
-            "the crashed batch is not in the spool any more: it was acknowledged")
-        print(f"\ncrash before ack ({store}): a batch of {len(crashed_batch)} traces was in the "
-              f"store and still spooled; the crashing process exited with "
-              f"{crashing.returncode}")
+            "the crashed batch is not in the spool any more: it was acknowledged"
+        )
+        print(
+            f"\ncrash before ack ({store}): a batch of {len(crashed_batch)} traces was in the "
+            f"store and still spooled; the crashing process exited with "
+            f"{crashing.returncode}"
+        )
 
         # 3. The next process ships the spool again: the store must not hold anything twice.
-        after = run_child(tmp_path, {**env, "TEST_TAG": "after", "TEST_CALLS": "1",
-                                     "TEST_END": "drain"}, timeout=150)
+        after = run_child(
+            tmp_path,
+            {**env, "TEST_TAG": "after", "TEST_CALLS": "1", "TEST_END": "drain"},
+            timeout=150,
+        )
         assert after.returncode == 0, after.describe()
         assert after.out["spool"]["pending"] == 0, after.describe()
-        assert_exactly_once(stored_traces(uri, experiment_name),
-                            [f"before {i}" for i in range(calls)] + ["crash 0", "after 0"])
+        assert_exactly_once(
+            stored_traces(uri, experiment_name),
+            [f"before {i}" for i in range(calls)] + ["crash 0", "after 0"],
+        )
         assert wait_for(lambda: not files_in(spool_dir), 10), files_in(spool_dir)
     finally:
         if server is not None:
@@ -367,13 +447,27 @@ def test_crash_between_store_write_and_ack_still_stores_each_trace_once(
 
 
 def test_sqlite_store_in_a_directory_that_does_not_exist_yet_receives_the_traces(
-        tmp_path: Path, openai_server: OpenAIServer, experiment_name: str) -> None:
+    tmp_path: Path, openai_server: OpenAIServer, experiment_name: str
+) -> None:
     """MLflow creates the directory of a new sqlite store; shipping must work there too."""
     uri = f"sqlite:///{tmp_path / 'new' / 'dir' / 'mlflow.db'}"
-    env = child_env(tracking_uri=uri, experiment=experiment_name, spool_dir=tmp_path / "spool",
-                    openai_server=openai_server)
-    run = run_child(tmp_path, {**env, "TEST_TAG": "new-dir", "TEST_CALLS": "3",
-                               "TEST_END": "drain", "TEST_DRAIN_S": "30"}, timeout=90)
+    env = child_env(
+        tracking_uri=uri,
+        experiment=experiment_name,
+        spool_dir=tmp_path / "spool",
+        openai_server=openai_server,
+    )
+    run = run_child(
+        tmp_path,
+        {
+            **env,
+            "TEST_TAG": "new-dir",
+            "TEST_CALLS": "3",
+            "TEST_END": "drain",
+            "TEST_DRAIN_S": "30",
+        },
+        timeout=90,
+    )
     assert run.returncode == 0, run.describe()
     assert run.out["flushed"] and run.out["spool"]["pending"] == 0, run.describe()
     assert_exactly_once(stored_traces(uri, experiment_name), [f"new-dir {i}" for i in range(3)])
@@ -410,12 +504,15 @@ def test_spool_status_is_safe_while_spools_come_and_go(tmp_path: Path) -> None:
     finally:
         stop.set()
         thread.join(10)
-    print(f"\nspool status under churn: {reads} reads, {churned} spools created and removed, "
-          f"errors: {dict(errors)}")
+    print(
+        f"\nspool status under churn: {reads} reads, {churned} spools created and removed, "
+        f"errors: {dict(errors)}"
+    )
     leftover = files_in(directory)  # every spool was removed: nothing may remain
     assert not errors and not leftover, (
         f"{sum(errors.values())} of {reads} status reads raised: {dict(errors)}; "
-        f"files left in the spool directory: {leftover}")
+        f"files left in the spool directory: {leftover}"
+    )
 
 
 # --------------------------------------------------------------------------- 6. cycles
@@ -423,8 +520,13 @@ def test_spool_status_is_safe_while_spools_come_and_go(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(300)
 def test_1000_autolog_disable_cycles_leave_no_threads_and_no_spool_files(
-        tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        client: openai.OpenAI, experiment_name: str, fresh_pipeline: None) -> None:
+    tracking_uri: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    client: openai.OpenAI,
+    experiment_name: str,
+    fresh_pipeline: None,
+) -> None:
     spool_dir = tmp_path / "spool"
     monkeypatch.setenv("TRACEWIRE_SPOOL_DIR", str(spool_dir))
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment_name)
@@ -433,9 +535,9 @@ def test_1000_autolog_disable_cycles_leave_no_threads_and_no_spool_files(
     tracewire.autolog()
     tracewire.disable()
     pipeline_threads = ("tracewire-export", "tracewire-ship")
-    assert wait_for(lambda: not any(t.name.startswith(pipeline_threads)
-                                    for t in threading.enumerate()), 10), \
-        [t.name for t in threading.enumerate()]
+    assert wait_for(
+        lambda: not any(t.name.startswith(pipeline_threads) for t in threading.enumerate()), 10
+    ), [t.name for t in threading.enumerate()]
     threads_before = {t.ident for t in threading.enumerate()}
     children_before = child_processes()
 
@@ -447,7 +549,8 @@ def test_1000_autolog_disable_cycles_leave_no_threads_and_no_spool_files(
             text = f"cycle {i}"
             texts.append(text)
             reply = client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": text}])
+                model=MODEL, messages=[{"role": "user", "content": text}]
+            )
             assert reply.choices[0].message.content == echo(text)
         tracewire.disable()
     cycles_s = time.monotonic() - started
@@ -455,8 +558,11 @@ def test_1000_autolog_disable_cycles_leave_no_threads_and_no_spool_files(
 
     def extra_threads() -> list[str]:
         # The local OpenAI server's keep-alive handler threads come and go with connections.
-        return [t.name for t in threading.enumerate() if t.ident not in threads_before
-                and not t.name.endswith("(process_request_thread)")]
+        return [
+            t.name
+            for t in threading.enumerate()
+            if t.ident not in threads_before and not t.name.endswith("(process_request_thread)")
+        ]
 
     assert wait_for(lambda: not extra_threads(), 10), extra_threads()
     new_children = child_processes() - children_before
@@ -465,8 +571,10 @@ def test_1000_autolog_disable_cycles_leave_no_threads_and_no_spool_files(
     if not wait_for(lambda: not files_in(spool_dir), 5):
         tracewire.autolog()
         tracewire.disable()
-    assert wait_for(lambda: not files_in(spool_dir), 40), (files_in(spool_dir),
-                                                             spool_summary(spool_dir))
+    assert wait_for(lambda: not files_in(spool_dir), 40), (
+        files_in(spool_dir),
+        spool_summary(spool_dir),
+    )
     assert_exactly_once(stored_traces(tracking_uri, experiment_name), texts)
 
 
@@ -474,22 +582,32 @@ def test_1000_autolog_disable_cycles_leave_no_threads_and_no_spool_files(
 
 
 @pytest.fixture(scope="module")
-def over_budget(tmp_path_factory: pytest.TempPathFactory,
-                openai_server: OpenAIServer) -> tuple[ChildRun, Path, int]:
+def over_budget(
+    tmp_path_factory: pytest.TempPathFactory, openai_server: OpenAIServer
+) -> tuple[ChildRun, Path, int]:
     """A process with a 10 KB spool budget and a hung store makes 30 calls, then exits."""
     tmp_path = tmp_path_factory.mktemp("over-budget")
     spool_dir = tmp_path / "spool"
     calls = 30
     with HungStore() as hung:
-        env = child_env(tracking_uri=hung.url, experiment="over-budget", spool_dir=spool_dir,
-                        openai_server=openai_server, TRACEWIRE_SPOOL_MAX_MB="0.01")
-        run = run_child(tmp_path, {**env, "TEST_TAG": "budget", "TEST_CALLS": str(calls),
-                                   "TEST_END": "exit"}, timeout=60)
+        env = child_env(
+            tracking_uri=hung.url,
+            experiment="over-budget",
+            spool_dir=spool_dir,
+            openai_server=openai_server,
+            TRACEWIRE_SPOOL_MAX_MB="0.01",
+        )
+        run = run_child(
+            tmp_path,
+            {**env, "TEST_TAG": "budget", "TEST_CALLS": str(calls), "TEST_END": "exit"},
+            timeout=60,
+        )
     return run, spool_dir, calls
 
 
 def test_past_the_spool_budget_traces_are_dropped_counted_and_logged(
-        over_budget: tuple[ChildRun, Path, int]) -> None:
+    over_budget: tuple[ChildRun, Path, int],
+) -> None:
     run, spool_dir, calls = over_budget
     assert run.returncode == 0, run.describe()
     assert_calls_fine(run, calls)  # every call returned its reply, none raised or waited
@@ -499,19 +617,35 @@ def test_past_the_spool_budget_traces_are_dropped_counted_and_logged(
     assert kept > 0 and dropped > 0, left
     assert kept + dropped == calls, f"{kept} spooled + {dropped} dropped != {calls} calls"
     assert left[0].bytes <= 0.01 * 2**20, left
-    assert re.search(r"tracewire: \d+ trace\(s\) dropped so far \(\d+ budget: the spool reached "
-                     r"its TRACEWIRE_SPOOL_MAX_MB budget\)", run.stderr), run.describe()
+    assert re.search(
+        r"tracewire: \d+ trace\(s\) dropped so far \(\d+ budget: the spool reached "
+        r"its TRACEWIRE_SPOOL_MAX_MB budget\)",
+        run.stderr,
+    ), run.describe()
 
 
-def test_spool_status_command_reports_the_drops(
-        over_budget: tuple[ChildRun, Path, int]) -> None:
+def test_spool_status_command_reports_the_drops(over_budget: tuple[ChildRun, Path, int]) -> None:
     _, spool_dir, _ = over_budget
-    result = subprocess.run([sys.executable, "-m", "tracewire.cli", "spool", "status", "--dir",
-                             str(spool_dir), "--json"], capture_output=True, text=True,
-                            timeout=60, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tracewire.cli",
+            "spool",
+            "status",
+            "--dir",
+            str(spool_dir),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     expected = spools.status(spool_dir)
-    assert [(s["pending"], s["dropped"]) for s in report["spools"]] == \
-        [(s.pending, s.dropped) for s in expected]
+    assert [(s["pending"], s["dropped"]) for s in report["spools"]] == [
+        (s.pending, s.dropped) for s in expected
+    ]
     assert sum(s["dropped"] for s in report["spools"]) > 0

@@ -42,14 +42,28 @@ CHILD = textwrap.dedent("""
 
 def test_sigterm_spools_every_finished_trace_then_dies_of_the_signal(tmp_path: Path) -> None:
     (tmp_path / "child.py").write_text(CHILD)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_"))
+    }
     spool_dir = tmp_path / "spool"
-    env.update({"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",  # nothing listens
-                "TRACEWIRE_SPOOL_DIR": str(spool_dir), "TEST_CALLS": "2000",
-                "TEST_API_KEY": API_KEY, "TRACEWIRE_TESTING": "1"})
-    done = subprocess.run([sys.executable, str(tmp_path / "child.py")], env=env,
-                          capture_output=True, text=True, timeout=120)
+    env.update(
+        {
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",  # nothing listens
+            "TRACEWIRE_SPOOL_DIR": str(spool_dir),
+            "TEST_CALLS": "2000",
+            "TEST_API_KEY": API_KEY,
+            "TRACEWIRE_TESTING": "1",
+        }
+    )
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "child.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == -signal.SIGTERM, done.stderr
     assert "not reached" not in done.stdout
     left = spools.status(spool_dir)
@@ -70,19 +84,34 @@ EXITING = textwrap.dedent("""
 """)
 
 
-def test_sigterm_while_the_exit_is_flushing_ends_it_promptly(tmp_path: Path,
-                                                              openai_server: Any) -> None:
+def test_sigterm_while_the_exit_is_flushing_ends_it_promptly(
+    tmp_path: Path, openai_server: Any
+) -> None:
     """A SIGTERM that lands while the process is already exiting (a pool terminating workers
     that are finishing anyway, a container stopped as its job ends) must not make the exit wait
     on itself: it finishes the bounded flush it is in, then dies of the signal."""
     (tmp_path / "child.py").write_text(EXITING)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_"))}
-    env.update({"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",  # nothing listens
-                "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool"), "TEST_API_KEY": API_KEY,
-                "TEST_OPENAI_BASE_URL": openai_server.base_url, "TRACEWIRE_TESTING": "1"})
-    child = subprocess.Popen([sys.executable, str(tmp_path / "child.py")], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_"))
+    }
+    env.update(
+        {
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",  # nothing listens
+            "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool"),
+            "TEST_API_KEY": API_KEY,
+            "TEST_OPENAI_BASE_URL": openai_server.base_url,
+            "TRACEWIRE_TESTING": "1",
+        }
+    )
+    child = subprocess.Popen(
+        [sys.executable, str(tmp_path / "child.py")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert child.stdout is not None and child.stdout.readline().strip() == "exiting"
     time.sleep(0.5)  # inside the exit's wait for the (dead) store
     child.send_signal(signal.SIGTERM)

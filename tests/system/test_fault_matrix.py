@@ -33,10 +33,11 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -86,8 +87,15 @@ class App:
     """One app process, driven over its stdin."""
 
     def __init__(self, command: list[str], env: dict[str, str], cwd: Path) -> None:
-        self.proc = subprocess.Popen(command, env=env, cwd=cwd, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            command,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.stderr: list[str] = []
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         assert self._answer().get("ready"), self.describe()
@@ -137,7 +145,7 @@ class Fault:
 
     name: str
     proxy_fault: dict[str, Any] | None = None  # FaultProxy.set_fault arguments
-    special: str | None = None                 # "restart" | "dns"
+    special: str | None = None  # "restart" | "dns"
 
 
 FAULTS = [
@@ -168,8 +176,9 @@ class Harness:
     """One fault's run: its store (the shared server through a proxy, or a server of its own),
     its switch, its apps."""
 
-    def __init__(self, fault: Fault, shared: MlflowServer, root: Path,
-                 model_server: ModelServer) -> None:
+    def __init__(
+        self, fault: Fault, shared: MlflowServer, root: Path, model_server: ModelServer
+    ) -> None:
         self.fault = fault
         self.root = root
         root.mkdir()
@@ -186,18 +195,31 @@ class Harness:
         if fault.special == "dns":
             uri = f"http://{HOSTNAME}:{self.proxy.port}"  # type: ignore[union-attr]
             self.hosts.write_text(Path("/etc/hosts").read_text())
-        self.env = child_env(tracking_uri=uri, experiment=self.experiment,
-                             spool_dir=root / "spool", openai_server=model_server,
-                             TRACEWIRE_SHIP_TIMEOUT=str(SHIP_TIMEOUT),
-                             TRACEWIRE_EXIT_TIMEOUT=str(EXIT_TIMEOUT))
+        self.env = child_env(
+            tracking_uri=uri,
+            experiment=self.experiment,
+            spool_dir=root / "spool",
+            openai_server=model_server,
+            TRACEWIRE_SHIP_TIMEOUT=str(SHIP_TIMEOUT),
+            TRACEWIRE_EXIT_TIMEOUT=str(EXIT_TIMEOUT),
+        )
         (root / "app.py").write_text(textwrap.dedent(APP))
         self.apps: list[App] = []
 
     def app(self) -> App:
         command = [sys.executable, "app.py"]
         if self.fault.special == "dns":  # its own /etc/hosts, which the harness edits
-            command = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-                       f'mount --bind "{self.hosts}" /etc/hosts && exec "$@"', "sh", *command]
+            command = [
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f'mount --bind "{self.hosts}" /etc/hosts && exec "$@"',
+                "sh",
+                *command,
+            ]
         app = App(command, self.env, self.root)
         self.apps.append(app)
         return app
@@ -215,8 +237,11 @@ class Harness:
 
     def met(self) -> None:
         """Wait until the shipper has met the fault."""
-        if self.proxy is None or self.fault.special == "dns" or \
-                self.fault.proxy_fault == {"kind": "refuse"}:
+        if (
+            self.proxy is None
+            or self.fault.special == "dns"
+            or self.fault.proxy_fault == {"kind": "refuse"}
+        ):
             time.sleep(2.5)  # nothing reaches a proxy to count: the shipper tries within this
             return
         deadline = time.monotonic() + 30
@@ -246,7 +271,9 @@ class Harness:
             return db.execute(
                 "SELECT COUNT(DISTINCT s.trace_id) FROM spans s JOIN trace_info t ON "
                 "s.trace_id = t.request_id JOIN experiments e ON e.experiment_id = "
-                "t.experiment_id WHERE e.name = ?", (self.experiment,)).fetchone()[0]
+                "t.experiment_id WHERE e.name = ?",
+                (self.experiment,),
+            ).fetchone()[0]
         finally:
             db.close()
 
@@ -272,12 +299,12 @@ def _check_calls(cell: Cell, moment: str, answer: dict[str, Any]) -> None:
         cell.failures.append(f"{moment}: a call took {answer['slowest']:.2f} s")
 
 
-def run_fault(fault: Fault, shared: MlflowServer, root: Path,
-              model_server: ModelServer) -> Cell:
+def run_fault(fault: Fault, shared: MlflowServer, root: Path, model_server: ModelServer) -> Cell:
     cell = Cell(fault.name)
     harness = Harness(fault, shared, root, model_server)
     expected: list[str] = []
     try:
+
         def burst(app: App, tag: str, n: int, moment: str) -> None:
             _check_calls(cell, moment, app.calls(tag, n))
             expected.extend(f"{tag} {i}" for i in range(n))
@@ -313,8 +340,9 @@ def run_fault(fault: Fault, shared: MlflowServer, root: Path,
         settle("adopting")
         cell.figures["second exit s"] = second.exit()
         if cell.figures["second exit s"] > SLOWEST_EXIT_S:
-            cell.failures.append(f"adopting: the second app took "
-                                 f"{cell.figures['second exit s']:.1f} s to exit")
+            cell.failures.append(
+                f"adopting: the second app took {cell.figures['second exit s']:.1f} s to exit"
+            )
         try:
             assert_exactly_once(harness.stored(), expected)
         except AssertionError as error:
@@ -335,8 +363,9 @@ def run_fault(fault: Fault, shared: MlflowServer, root: Path,
 def model_server() -> Iterator[ModelServer]:
     """The local OpenAI-compatible server in a process of its own: in this one it would share
     the GIL with the harness's threads, and the apps' calls would wait on them."""
-    proc = subprocess.Popen([sys.executable, "-m", "tracewire.testing.openai_server"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tracewire.testing.openai_server"], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     try:
         yield ModelServer(proc.stdout.readline().strip())
@@ -352,17 +381,23 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
 
 
 @pytest.mark.timeout(600)
-def test_fault_matrix(shared_server: MlflowServer, model_server: ModelServer,
-                      tmp_path: Path) -> None:
-    assert shutil.which("unshare") is not None and os.geteuid() == 0, \
+def test_fault_matrix(
+    shared_server: MlflowServer, model_server: ModelServer, tmp_path: Path
+) -> None:
+    assert shutil.which("unshare") is not None and os.geteuid() == 0, (
         "the unresolvable-host cells edit a private /etc/hosts: they need unshare and root"
+    )
     started = time.monotonic()
     with ThreadPoolExecutor(len(FAULTS)) as pool:  # mostly waiting: all at once
-        cells = list(pool.map(
-            lambda fault: run_fault(fault, shared_server, tmp_path / fault.name.replace(" ", "-"),
-                                    model_server), FAULTS))
-    print(f"\nfault matrix: {len(cells)} faults x 4 moments in "
-          f"{time.monotonic() - started:.0f} s")
+        cells = list(
+            pool.map(
+                lambda fault: run_fault(
+                    fault, shared_server, tmp_path / fault.name.replace(" ", "-"), model_server
+                ),
+                FAULTS,
+            )
+        )
+    print(f"\nfault matrix: {len(cells)} faults x 4 moments in {time.monotonic() - started:.0f} s")
     for cell in cells:
         figures = ", ".join(f"{k} {v:.1f}" for k, v in cell.figures.items())
         print(f"  {cell.fault:<20} {'ok' if not cell.failures else 'FAILED'}: {figures}")
@@ -370,14 +405,19 @@ def test_fault_matrix(shared_server: MlflowServer, model_server: ModelServer,
     assert not failed, json.dumps(failed, indent=1)[:20_000]
 
 
-def test_a_429s_retry_after_is_waited_for(shared_server: MlflowServer,
-                                          model_server: ModelServer, tmp_path: Path) -> None:
+def test_a_429s_retry_after_is_waited_for(
+    shared_server: MlflowServer, model_server: ModelServer, tmp_path: Path
+) -> None:
     """A throttled store says when to come back: the shipper's next try waits at least that
     long, whatever its own backoff would have chosen (a first failure: at most 1 s)."""
     with FaultProxy(shared_server.port) as proxy:
-        env = child_env(tracking_uri=proxy.url, experiment="retry-after",
-                        spool_dir=tmp_path / "spool", openai_server=model_server,
-                        TRACEWIRE_SHIP_TIMEOUT=str(SHIP_TIMEOUT))
+        env = child_env(
+            tracking_uri=proxy.url,
+            experiment="retry-after",
+            spool_dir=tmp_path / "spool",
+            openai_server=model_server,
+            TRACEWIRE_SHIP_TIMEOUT=str(SHIP_TIMEOUT),
+        )
         (tmp_path / "app.py").write_text(textwrap.dedent(APP))
         app = App([sys.executable, "app.py"], env, tmp_path)
         try:
@@ -424,7 +464,8 @@ def _processes_with_env(key: str, value: str) -> list[int]:
 
 
 def test_kill_9_at_random_moments_loses_only_what_was_still_in_memory(
-        tmp_path: Path, model_server: ModelServer) -> None:
+    tmp_path: Path, model_server: ModelServer
+) -> None:
     """An app and its shipper killed together (a container's OOM kill) at random moments of a
     burst into a healthy store: what was stored stays stored, what was spooled is stored by the
     next process, nothing twice, nothing left on disk."""
@@ -436,15 +477,29 @@ def test_kill_9_at_random_moments_loses_only_what_was_still_in_memory(
     rng = random.Random(seed)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spool_dir = tmp_path / "spool"
-    env = child_env(tracking_uri=uri, experiment="kill-9", spool_dir=spool_dir,
-                    openai_server=model_server, TEST_CRASH_MARKER=str(tmp_path / "never"))
+    env = child_env(
+        tracking_uri=uri,
+        experiment="kill-9",
+        spool_dir=spool_dir,
+        openai_server=model_server,
+        TEST_CRASH_MARKER=str(tmp_path / "never"),
+    )
     (tmp_path / "child.py").write_text(textwrap.dedent(CHILD_SCRIPT))
     must_be_stored: set[str] = set()
     for round_ in range(3):
         delay = rng.uniform(0.5, 4.0)  # importing, starting, calling or shipping
-        app = subprocess.Popen([sys.executable, "child.py"], cwd=tmp_path, env={
-            **env, "TEST_TAG": f"round{round_}", "TEST_CALLS": "400", "TEST_END": "wait-marker"},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        app = subprocess.Popen(
+            [sys.executable, "child.py"],
+            cwd=tmp_path,
+            env={
+                **env,
+                "TEST_TAG": f"round{round_}",
+                "TEST_CALLS": "400",
+                "TEST_END": "wait-marker",
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(delay)
         for pid in _processes_with_env("TRACEWIRE_SPOOL_DIR", str(spool_dir)):
             os.kill(pid, 9)
@@ -453,10 +508,13 @@ def test_kill_9_at_random_moments_loses_only_what_was_still_in_memory(
         for db in spool_dir.glob("spool-*.db"):
             with sqlite3.connect(db) as spooled:
                 must_be_stored |= {row[0] for row in spooled.execute("SELECT trace_id FROM traces")}
-        print(f"\nkill -9 at {delay:.2f} s (seed {seed}): {len(must_be_stored)} traces stored or "
-              "spooled so far")
-    drained = run_child(tmp_path, {**env, "TEST_TAG": "after", "TEST_CALLS": "1",
-                                   "TEST_END": "drain"}, timeout=180)
+        print(
+            f"\nkill -9 at {delay:.2f} s (seed {seed}): {len(must_be_stored)} traces stored or "
+            "spooled so far"
+        )
+    drained = run_child(
+        tmp_path, {**env, "TEST_TAG": "after", "TEST_CALLS": "1", "TEST_END": "drain"}, timeout=180
+    )
     assert drained.returncode == 0, drained.describe()
     stored = stored_traces(uri, "kill-9")
     ids = [t.info.trace_id for t in stored]

@@ -58,59 +58,93 @@ def _quick_start_code() -> str:
 
 
 def test_a_server_that_comes_up_after_the_app_gets_every_trace(
-        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    tmp_path: Path, openai_server: OpenAIServer
+) -> None:
     port = free_port()
     calls = 20
-    env = child_env(tracking_uri=f"http://127.0.0.1:{port}", experiment="late-server",
-                    spool_dir=tmp_path / "spool", openai_server=openai_server,
-                    TEST_TAG="late", TEST_CALLS=str(calls), TEST_END="wait-marker",
-                    TEST_CRASH_MARKER=str(tmp_path / "stop"))
+    env = child_env(
+        tracking_uri=f"http://127.0.0.1:{port}",
+        experiment="late-server",
+        spool_dir=tmp_path / "spool",
+        openai_server=openai_server,
+        TEST_TAG="late",
+        TEST_CALLS=str(calls),
+        TEST_END="wait-marker",
+        TEST_CRASH_MARKER=str(tmp_path / "stop"),
+    )
     script = tmp_path / "child.py"
     from tests.support.app_process import CHILD_SCRIPT
 
     script.write_text(textwrap.dedent(CHILD_SCRIPT))
-    app = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    app = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(4)  # the app has made its calls against a port nothing listens on
         with MlflowServer(tmp_path / "server", port=port) as server:
             started = time.monotonic()
-            arrived = wait_for(lambda: len(stored_traces(server.url, "late-server")) == calls,
-                               90, interval=0.5)
-            print(f"\nserver up after the app: {calls} traces in "
-                  f"{time.monotonic() - started:.1f} s")
+            arrived = wait_for(
+                lambda: len(stored_traces(server.url, "late-server")) == calls, 90, interval=0.5
+            )
+            print(
+                f"\nserver up after the app: {calls} traces in {time.monotonic() - started:.1f} s"
+            )
             assert arrived, f"{len(stored_traces(server.url, 'late-server'))} of {calls} arrived"
             assert app.poll() is None  # shipped while the app runs, not by a later process
             (tmp_path / "stop").touch()
-            out, err = app.communicate(timeout=60)
+            _out, err = app.communicate(timeout=60)
             assert app.returncode == 0, err[-4000:]
-            assert_exactly_once(stored_traces(server.url, "late-server"),
-                                [f"late {i}" for i in range(calls)])
+            assert_exactly_once(
+                stored_traces(server.url, "late-server"), [f"late {i}" for i in range(calls)]
+            )
     finally:
         if app.poll() is None:
             app.kill()
 
 
 def test_the_readme_quick_start_in_an_empty_folder_stores_every_run(
-        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    tmp_path: Path, openai_server: OpenAIServer
+) -> None:
     folder = tmp_path / "newcomer"
     folder.mkdir()
-    (folder / "app.py").write_text(_quick_start_code() + textwrap.dedent("""
+    (folder / "app.py").write_text(
+        _quick_start_code()
+        + textwrap.dedent("""
         import openai
 
         client = openai.OpenAI(max_retries=0)
         reply = client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "hello from a script"}])
         print(reply.choices[0].message.content)
-    """))
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))}
-    env.update({"OPENAI_BASE_URL": openai_server.base_url, "OPENAI_API_KEY": API_KEY,
-                "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool")})  # not the user's cache dir
+    """)
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))
+    }
+    env.update(
+        {
+            "OPENAI_BASE_URL": openai_server.base_url,
+            "OPENAI_API_KEY": API_KEY,
+            "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool"),
+        }
+    )  # not the user's cache dir
     for run in range(1, 4):
         started = time.monotonic()
-        result = subprocess.run([sys.executable, "app.py"], cwd=folder, env=env,
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "app.py"],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         print(f"\nquick start run {run}: exited after {time.monotonic() - started:.1f} s")
         assert result.returncode == 0, result.stderr[-4000:]
         assert result.stdout.strip() == "Echo: hello from a script"
@@ -122,7 +156,8 @@ def test_the_readme_quick_start_in_an_empty_folder_stores_every_run(
 
 
 def test_an_app_that_uses_mlflow_itself_in_an_empty_folder_is_never_broken_by_the_shipper(
-        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    tmp_path: Path, openai_server: OpenAIServer
+) -> None:
     """The app's own MLflow call (``set_active_model``, which opens the default store) and our
     shipper both find no ``./mlflow.db`` at start. MLflow creates it in place, ignoring our
     lock; the shipper must not open it (and run MLflow's migration a second time beside the
@@ -135,23 +170,38 @@ def test_an_app_that_uses_mlflow_itself_in_an_empty_folder_is_never_broken_by_th
             model="gpt-4o-mini", messages=[{"role": "user", "content": "linked"}])
         print(model.model_id)
     """)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))}
-    env.update({"OPENAI_BASE_URL": openai_server.base_url, "OPENAI_API_KEY": API_KEY,
-                "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool")})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))
+    }
+    env.update(
+        {
+            "OPENAI_BASE_URL": openai_server.base_url,
+            "OPENAI_API_KEY": API_KEY,
+            "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool"),
+        }
+    )
     for run in range(1, 3):
         folder = tmp_path / f"newcomer-{run}"
         folder.mkdir()
         (folder / "app.py").write_text(app)
-        result = subprocess.run([sys.executable, "app.py"], cwd=folder, env=env,
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "app.py"],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr[-4000:]
         assert "already exists" not in result.stderr, result.stderr[-4000:]
         model_id = result.stdout.split()[-1]
         client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
         traces = client.search_traces(locations=["0"], max_results=10)
-        assert [t.info.trace_metadata.get("mlflow.modelId") for t in traces] == [model_id], \
+        assert [t.info.trace_metadata.get("mlflow.modelId") for t in traces] == [model_id], (
             f"run {run}"
+        )
 
 
 CREATOR = """
@@ -199,16 +249,21 @@ CHECKER = """
 
 
 def test_creating_a_fresh_local_store_is_atomic_wherever_its_creator_is_killed(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     (tmp_path / "creator.py").write_text(textwrap.dedent(CREATOR))
     (tmp_path / "checker.py").write_text(textwrap.dedent(CHECKER))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTEST_"))}
 
     def create_and_kill(folder: Path, kill_after: float) -> None:
         folder.mkdir()
-        proc = subprocess.Popen([sys.executable, str(tmp_path / "creator.py"),
-                                 f"sqlite:///{folder / 'mlflow.db'}"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(tmp_path / "creator.py"), f"sqlite:///{folder / 'mlflow.db'}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"  # imports done: creation starts
         time.sleep(kill_after)
@@ -221,64 +276,96 @@ def test_creating_a_fresh_local_store_is_atomic_wherever_its_creator_is_killed(
     folders = [tmp_path / f"kill-{i:02d}" for i in range(len(delays))]
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(create_and_kill, folders, delays))
-    checked = subprocess.run([sys.executable, str(tmp_path / "checker.py")] +
-                             [str(f) for f in folders], env=env, capture_output=True, text=True,
-                             timeout=300)
+    checked = subprocess.run(
+        [sys.executable, str(tmp_path / "checker.py")] + [str(f) for f in folders],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert checked.returncode == 0, checked.stderr[-4000:]
     results = json.loads(checked.stdout.splitlines()[-1])
     left = [r["left"] for r in results.values()]
-    print(f"\nkilled at {len(delays)} points: {left.count('whole')} left a whole store, "
-          f"{left.count('none')} none")
+    print(
+        f"\nkilled at {len(delays)} points: {left.count('whole')} left a whole store, "
+        f"{left.count('none')} none"
+    )
     assert set(left) <= {"whole", "none"}, f"stores left broken by a killed creator: {results}"
     assert all(r["next"] == "whole" and not r["temporaries"] for r in results.values()), results
 
 
 def test_exit_with_a_dead_store_says_what_stays_and_spool_ship_ships_it(
-        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    tmp_path: Path, openai_server: OpenAIServer
+) -> None:
     port = free_port()
     spool_dir = tmp_path / "spool"
-    env = child_env(tracking_uri=f"http://127.0.0.1:{port}", experiment="dead-at-exit",
-                    spool_dir=spool_dir, openai_server=openai_server)
+    env = child_env(
+        tracking_uri=f"http://127.0.0.1:{port}",
+        experiment="dead-at-exit",
+        spool_dir=spool_dir,
+        openai_server=openai_server,
+    )
     env["TEST_REQUEST_IDS"] = "1"
     run = run_child(tmp_path, {**env, "TEST_TAG": "dead", "TEST_CALLS": "5", "TEST_END": "exit"})
     print(f"\nexit with a dead store: {run.wall:.1f} s in all")
     assert run.returncode == 0, run.describe()
     lines = [line for line in run.stderr.splitlines() if "not yet in the tracking store" in line]
     assert len(lines) == 1, run.describe()
-    assert lines[0].startswith(f"tracewire: 5 trace(s) not yet in the tracking store "
-                               f"(http://127.0.0.1:{port}) stay in {spool_dir}/spool-"), lines
+    assert lines[0].startswith(
+        f"tracewire: 5 trace(s) not yet in the tracking store "
+        f"(http://127.0.0.1:{port}) stay in {spool_dir}/spool-"
+    ), lines
     assert f"tracewire spool ship --dir {spool_dir}" in lines[0]
 
-    again = run_child(tmp_path, {**env, "TEST_TAG": "again", "TEST_CALLS": "3",
-                                 "TEST_END": "exit"})
+    again = run_child(tmp_path, {**env, "TEST_TAG": "again", "TEST_CALLS": "3", "TEST_END": "exit"})
     assert again.returncode == 0, again.describe()  # a second spool file, left the same way
 
     with MlflowServer(tmp_path / "server", port=port) as server:
-        ship = subprocess.run([sys.executable, "-m", "tracewire.cli", "spool", "ship", "--dir",
-                               str(spool_dir)], env=env, capture_output=True, text=True,
-                              timeout=120)
+        ship = subprocess.run(
+            [sys.executable, "-m", "tracewire.cli", "spool", "ship", "--dir", str(spool_dir)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert ship.returncode == 0, ship.stderr[-3000:]
         assert "owned by a running process" not in ship.stdout, ship.stdout
         assert "shipping 8 trace(s) from 2 spool file(s)" in ship.stdout, ship.stdout
         assert "8/8 shipped" in ship.stdout and "done: 8 trace(s) stored" in ship.stdout
         stored = stored_traces(server.url, "dead-at-exit")
-        assert_exactly_once(stored, [f"dead {i}" for i in range(5)] +
-                            [f"again {i}" for i in range(3)])
+        assert_exactly_once(
+            stored, [f"dead {i}" for i in range(5)] + [f"again {i}" for i in range(3)]
+        )
         # Their request ids too, which a tracking server takes after the spans.
-        assert sorted(t.info.client_request_id for t in stored) == \
-            sorted([f"dead-{i}" for i in range(5)] + [f"again-{i}" for i in range(3)])
+        assert sorted(t.info.client_request_id for t in stored) == sorted(
+            [f"dead-{i}" for i in range(5)] + [f"again-{i}" for i in range(3)]
+        )
     assert files_in(spool_dir) == []
 
 
 def test_spool_ship_with_the_store_still_down_fails_clearly_and_keeps_the_traces(
-        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    tmp_path: Path, openai_server: OpenAIServer
+) -> None:
     spool_dir = tmp_path / "spool"
-    env = child_env(tracking_uri=f"http://127.0.0.1:{free_port()}", experiment="still-down",
-                    spool_dir=spool_dir, openai_server=openai_server)
-    assert run_child(tmp_path, {**env, "TEST_TAG": "down", "TEST_CALLS": "3",
-                                "TEST_END": "exit"}).returncode == 0
-    ship = subprocess.run([sys.executable, "-m", "tracewire.cli", "spool", "ship", "--dir",
-                           str(spool_dir)], env=env, capture_output=True, text=True, timeout=120)
+    env = child_env(
+        tracking_uri=f"http://127.0.0.1:{free_port()}",
+        experiment="still-down",
+        spool_dir=spool_dir,
+        openai_server=openai_server,
+    )
+    assert (
+        run_child(
+            tmp_path, {**env, "TEST_TAG": "down", "TEST_CALLS": "3", "TEST_END": "exit"}
+        ).returncode
+        == 0
+    )
+    ship = subprocess.run(
+        [sys.executable, "-m", "tracewire.cli", "spool", "ship", "--dir", str(spool_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ship.returncode == 1
     assert ship.stderr.startswith("tracewire: error: the tracking store is unavailable")
     assert "3 trace(s) stay spooled" in ship.stderr
@@ -302,16 +389,30 @@ FLUSH_APP = """
 
 @pytest.mark.parametrize("store", ["fresh sqlite", "dead server"])
 def test_flush_without_a_timeout_waits_while_the_store_makes_progress(
-        tmp_path: Path, openai_server: OpenAIServer, store: str) -> None:
+    tmp_path: Path, openai_server: OpenAIServer, store: str
+) -> None:
     """It waits for a store still being created (longer than the 2 s flush timeout when the
     machine is loaded) and says False soon for one that cannot be reached."""
-    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}" if store == "fresh sqlite" else \
-        f"http://127.0.0.1:{free_port()}"
-    env = child_env(tracking_uri=uri, experiment="flush", spool_dir=tmp_path / "spool",
-                    openai_server=openai_server)
+    uri = (
+        f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+        if store == "fresh sqlite"
+        else f"http://127.0.0.1:{free_port()}"
+    )
+    env = child_env(
+        tracking_uri=uri,
+        experiment="flush",
+        spool_dir=tmp_path / "spool",
+        openai_server=openai_server,
+    )
     (tmp_path / "app.py").write_text(textwrap.dedent(FLUSH_APP))
-    done = subprocess.run([sys.executable, "app.py"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "app.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     out = json.loads(done.stdout.splitlines()[-1])
     print(f"\nflush() with a {store}: {out['flushed']} after {out['flush_s']:.1f} s")
@@ -339,13 +440,25 @@ LATENCY_APP = """
 
 
 def test_a_warm_apps_first_trace_is_stored_moments_after_its_request(
-        tmp_path: Path, openai_server: OpenAIServer) -> None:
+    tmp_path: Path, openai_server: OpenAIServer
+) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = child_env(tracking_uri=uri, experiment="first-trace", spool_dir=tmp_path / "spool",
-                    openai_server=openai_server, TEST_WARM_S="5")
+    env = child_env(
+        tracking_uri=uri,
+        experiment="first-trace",
+        spool_dir=tmp_path / "spool",
+        openai_server=openai_server,
+        TEST_WARM_S="5",
+    )
     (tmp_path / "app.py").write_text(textwrap.dedent(LATENCY_APP))
-    app = subprocess.Popen([sys.executable, "app.py"], cwd=tmp_path, env=env,
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    app = subprocess.Popen(
+        [sys.executable, "app.py"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert app.stdout is not None
         requested = float(app.stdout.readline())

@@ -62,8 +62,9 @@ class Upstream(BaseHTTPRequestHandler):
             self.wfile.write(BIG)
             self.close_connection = True
             return
-        body = json.dumps({"path": self.path, "peer": self.client_address[1],
-                           "big": BIG.decode()}).encode()
+        body = json.dumps(
+            {"path": self.path, "peer": self.client_address[1], "big": BIG.decode()}
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -122,8 +123,13 @@ def test_pass_forwards_every_framing_over_one_keep_alive_connection(proxy: Fault
     assert get(conn, "/chunked") == (200, b"hello chunked world")
     conn.request("POST", "/post", body=b"x" * 1000)
     assert conn.getresponse().read() == b"x" * 1000
-    conn.request("POST", "/post", body=iter([b"abc", b"defg"]),  # a chunked request body
-                 headers={"Transfer-Encoding": "chunked"}, encode_chunked=True)
+    conn.request(
+        "POST",
+        "/post",
+        body=iter([b"abc", b"defg"]),  # a chunked request body
+        headers={"Transfer-Encoding": "chunked"},
+        encode_chunked=True,
+    )
     assert conn.getresponse().read() == b"abcdefg"
     conn.request("HEAD", "/head")
     assert conn.getresponse().read() == b""
@@ -139,7 +145,8 @@ def test_pass_forwards_every_framing_over_one_keep_alive_connection(proxy: Fault
 
 
 def test_each_request_on_a_pooled_connection_meets_the_fault_of_its_time(
-        proxy: FaultProxy, upstream: ThreadingHTTPServer) -> None:
+    proxy: FaultProxy, upstream: ThreadingHTTPServer
+) -> None:
     conn = connect(proxy)
     assert get(conn, "/one")[0] == 200
     sock = conn.sock
@@ -153,9 +160,17 @@ def test_each_request_on_a_pooled_connection_meets_the_fault_of_its_time(
     assert upstream.RequestHandlerClass.seen[before:] == ["/three"]  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("status,code", [(500, "INTERNAL_ERROR"), (502, "TEMPORARILY_UNAVAILABLE"),
-                                         (503, "TEMPORARILY_UNAVAILABLE"), (401, "UNAUTHENTICATED"),
-                                         (403, "PERMISSION_DENIED"), (429, "RESOURCE_EXHAUSTED")])
+@pytest.mark.parametrize(
+    "status,code",
+    [
+        (500, "INTERNAL_ERROR"),
+        (502, "TEMPORARILY_UNAVAILABLE"),
+        (503, "TEMPORARILY_UNAVAILABLE"),
+        (401, "UNAUTHENTICATED"),
+        (403, "PERMISSION_DENIED"),
+        (429, "RESOURCE_EXHAUSTED"),
+    ],
+)
 def test_status(proxy: FaultProxy, status: int, code: str) -> None:
     proxy.set_fault("status", status=status, retry_after="7" if status == 429 else None)
     response = requests.get(f"{proxy.url}/x")
@@ -198,7 +213,7 @@ def test_hang_until_timeout_then_until_cleared(proxy: FaultProxy) -> None:
     def call() -> None:
         try:
             get(connect(proxy), "/h2")
-        except BaseException as error:  # noqa: BLE001 - recorded for the assertion
+        except BaseException as error:
             outcome.append(error)
 
     thread = threading.Thread(target=call)
@@ -305,10 +320,13 @@ def test_mlflow_tracing_client_through_the_proxy(tmp_path, monkeypatch) -> None:
         client = TracingClient(proxy.url)
 
         def start() -> TraceInfo:
-            info = TraceInfo(trace_id=f"tr-{uuid.uuid4().hex}",
-                             trace_location=TraceLocation.from_experiment_id("0"),
-                             request_time=int(time.time() * 1000), state=TraceState.OK,
-                             execution_duration=1)
+            info = TraceInfo(
+                trace_id=f"tr-{uuid.uuid4().hex}",
+                trace_location=TraceLocation.from_experiment_id("0"),
+                request_time=int(time.time() * 1000),
+                state=TraceState.OK,
+                execution_duration=1,
+            )
             return client.start_trace(info)
 
         stored = start()

@@ -13,9 +13,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import openai
 import pytest
@@ -41,9 +42,11 @@ WEATHER_TOOL = {
         },
     },
 }
-RESPONSES_WEATHER_TOOL = {"type": "function", "name": "get_weather", **{
-    k: v for k, v in WEATHER_TOOL["function"].items() if k != "name"
-}}
+RESPONSES_WEATHER_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    **{k: v for k, v in WEATHER_TOOL["function"].items() if k != "name"},
+}
 EXPECTED_ARGUMENTS = '{"city": "Weather in Paris?", "days": 1, "metric": true}'
 
 
@@ -64,7 +67,9 @@ def run_async(server: OpenAIServer, scenario: Any) -> Any:
     """Run ``scenario(async_client)`` on a fresh AsyncOpenAI client."""
 
     async def main() -> Any:
-        async with openai.AsyncOpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0) as async_client:
+        async with openai.AsyncOpenAI(
+            base_url=server.base_url, api_key="sk-test", max_retries=0
+        ) as async_client:
             return await scenario(async_client)
 
     server.clear()
@@ -82,7 +87,7 @@ def user(text: str) -> list[dict[str, Any]]:
 def test_explicit_start_stop_is_prompt_even_with_idle_keepalive_connections() -> None:
     server = OpenAIServer()
     with pytest.raises(RuntimeError):
-        server.port
+        _ = server.port
     server.start()
     assert server.base_url == f"http://127.0.0.1:{server.port}/v1"
     thread = server._thread
@@ -97,7 +102,10 @@ def test_explicit_start_stop_is_prompt_even_with_idle_keepalive_connections() ->
 
 def test_cli_prints_base_url_and_serves() -> None:
     src = Path(server_module.__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "tracewire.testing.openai_server", "--port", "0"],
         stdout=subprocess.PIPE,
@@ -127,7 +135,10 @@ def test_chat_echoes_last_user_message_with_exact_usage(client: openai.OpenAI) -
         {"role": "system", "content": "You are terse."},
         {"role": "user", "content": "first question"},
         {"role": "assistant", "content": "first answer"},
-        {"role": "user", "content": [{"type": "text", "text": "what is"}, {"type": "text", "text": "the time?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "what is"}, {"type": "text", "text": "the time?"}],
+        },
     ]
     reply = client.chat.completions.create(model="gpt-4o-mini", messages=messages)
     assert reply.model == "gpt-4o-mini"
@@ -163,7 +174,9 @@ def test_response_ids_and_request_ids(client: openai.OpenAI) -> None:
     assert reply._request_id == raw.headers["x-request-id"]
 
 
-def test_streamed_chat_equals_non_streamed_and_usage_chunk(client: openai.OpenAI, server: OpenAIServer) -> None:
+def test_streamed_chat_equals_non_streamed_and_usage_chunk(
+    client: openai.OpenAI, server: OpenAIServer
+) -> None:
     messages = user("  spaced   out\twords  ")
     plain = client.chat.completions.create(model="m", messages=messages)
     chunks = list(
@@ -180,7 +193,9 @@ def test_streamed_chat_equals_non_streamed_and_usage_chunk(client: openai.OpenAI
     assert all(c.usage is None for c in chunks[:-1])
     assert chunks[-1].usage == plain.usage
     assert chunks[-2].choices[0].finish_reason == "stop"
-    assert {c.model for c in chunks} == {"m"} and {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert {c.model for c in chunks} == {"m"} and {c.object for c in chunks} == {
+        "chat.completion.chunk"
+    }
     # Recorded as sent, stream_options included.
     assert server.requests[-1].body["stream_options"] == {"include_usage": True}
 
@@ -215,12 +230,17 @@ def test_chat_tool_call_round_trip(client: openai.OpenAI) -> None:
     assert follow_up.usage is not None
     assert follow_up.usage.prompt_tokens == count_prompt_tokens(messages)
 
-    messages += [follow_up.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": "And Rome?"}]
+    messages += [
+        follow_up.choices[0].message.model_dump(exclude_none=True),
+        {"role": "user", "content": "And Rome?"},
+    ]
     second = client.chat.completions.create(model="m", messages=messages, tools=[WEATHER_TOOL])
     assert second.choices[0].message.tool_calls is not None
     assert second.choices[0].message.tool_calls[0].id == "call_2"
 
-    declined = client.chat.completions.create(model="m", messages=user("hi"), tools=[WEATHER_TOOL], tool_choice="none")
+    declined = client.chat.completions.create(
+        model="m", messages=user("hi"), tools=[WEATHER_TOOL], tool_choice="none"
+    )
     assert declined.choices[0].message.content == "Echo: hi"
 
 
@@ -228,7 +248,11 @@ def test_streamed_tool_call_equals_non_streamed(client: openai.OpenAI) -> None:
     messages = user("Weather in Paris?")
     chunks = list(
         client.chat.completions.create(
-            model="m", messages=messages, tools=[WEATHER_TOOL], stream=True, stream_options={"include_usage": True}
+            model="m",
+            messages=messages,
+            tools=[WEATHER_TOOL],
+            stream=True,
+            stream_options={"include_usage": True},
         )
     )
     opening = chunks[0].choices[0].delta
@@ -236,7 +260,11 @@ def test_streamed_tool_call_equals_non_streamed(client: openai.OpenAI) -> None:
     assert opening.tool_calls is not None
     first = opening.tool_calls[0]
     assert first.index == 0 and first.id == "call_1" and first.type == "function"
-    assert first.function is not None and first.function.name == "get_weather" and first.function.arguments == ""
+    assert (
+        first.function is not None
+        and first.function.name == "get_weather"
+        and first.function.arguments == ""
+    )
     fragments = [
         c.choices[0].delta.tool_calls[0].function.arguments  # type: ignore[index, union-attr]
         for c in chunks[1:]
@@ -271,16 +299,24 @@ class Person(BaseModel):
     active: bool
     tags: list[str]
     colour: Colour
-    nickname: Optional[str]
+    nickname: str | None
     address: Address
 
 
 def test_chat_parse_with_json_schema(client: openai.OpenAI, server: OpenAIServer) -> None:
-    completions = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    completions = (
+        getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    )
     reply = completions(model="m", messages=user("Ada"), response_format=Person)
     parsed = reply.choices[0].message.parsed
     assert parsed == Person(
-        name="Ada", age=1, height=1.0, active=True, tags=[], colour=Colour.RED, nickname="Ada",
+        name="Ada",
+        age=1,
+        height=1.0,
+        active=True,
+        tags=[],
+        colour=Colour.RED,
+        nickname="Ada",
         address=Address(street="Ada", number=1),
     )
     sent = server.requests[-1].body["response_format"]
@@ -312,17 +348,25 @@ def test_error_models_raise_the_matching_exceptions(client: openai.OpenAI) -> No
 def test_stream_error_raises_mid_stream(client: openai.OpenAI) -> None:
     received = []
     with pytest.raises(openai.APIError) as raised:
-        for chunk in client.chat.completions.create(model="stream-error", messages=user("a b c d"), stream=True):
+        for chunk in client.chat.completions.create(
+            model="stream-error", messages=user("a b c d"), stream=True
+        ):
             received.append(chunk.choices[0].delta.content)
     assert received == ["", "Echo:", " a"]
     assert "stream-error" in raised.value.message
     # The connection pool survives the aborted stream.
-    assert client.chat.completions.create(model="m", messages=user("ok")).choices[0].message.content == "Echo: ok"
+    assert (
+        client.chat.completions.create(model="m", messages=user("ok")).choices[0].message.content
+        == "Echo: ok"
+    )
 
 
 def test_empty_stream_yields_nothing(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model="empty-stream", messages=user("x"), stream=True, stream_options={"include_usage": True}
+        model="empty-stream",
+        messages=user("x"),
+        stream=True,
+        stream_options={"include_usage": True},
     )
     assert list(stream) == []
     assert list(client.completions.create(model="empty-stream", prompt="x", stream=True)) == []
@@ -334,14 +378,19 @@ def test_unknown_path_and_invalid_json(client: openai.OpenAI, server: OpenAIServ
     assert not_found.value.body["message"] == "Invalid URL (POST /v1/nope)"  # type: ignore[index]
 
     request = urllib.request.Request(
-        f"{server.base_url}/chat/completions", data=b"{not json", headers={"Content-Type": "application/json"}
+        f"{server.base_url}/chat/completions",
+        data=b"{not json",
+        headers={"Content-Type": "application/json"},
     )
     with pytest.raises(urllib.error.HTTPError) as bad:
         urllib.request.urlopen(request, timeout=5)
     with bad.value:  # an HTTPError owns the response socket
         assert bad.value.code == 400
         error = json.loads(bad.value.read())["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert (
+        set(error) == {"message", "type", "param", "code"}
+        and error["type"] == "invalid_request_error"
+    )
     assert server.requests[-1].body is None and server.requests[-1].path == "/v1/chat/completions"
 
     with pytest.raises(urllib.error.HTTPError) as missing:
@@ -355,42 +404,85 @@ def test_unknown_path_and_invalid_json(client: openai.OpenAI, server: OpenAIServ
 
 
 def test_reject_unknown_args_rejects_stream_options_like_strict_servers() -> None:
-    with OpenAIServer(reject_unknown_args=True) as strict, \
-            openai.OpenAI(base_url=strict.base_url, api_key="sk-test", max_retries=0) as client:
+    with (
+        OpenAIServer(reject_unknown_args=True) as strict,
+        openai.OpenAI(base_url=strict.base_url, api_key="sk-test", max_retries=0) as client,
+    ):
         with pytest.raises(openai.BadRequestError) as rejected:
-            client.chat.completions.create(model="m", messages=user("hi"), stream=True,
-                                           stream_options={"include_usage": True})
+            client.chat.completions.create(
+                model="m", messages=user("hi"), stream=True, stream_options={"include_usage": True}
+            )
         assert rejected.value.status_code == 400
         assert rejected.value.body == {  # what the openai client keeps: the error object
             "message": "Unrecognized request argument supplied: stream_options",
-            "type": "invalid_request_error", "param": None, "code": None}
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
         assert strict.requests[-1].body["stream_options"] == {"include_usage": True}  # recorded
         # Checked before anything else (a missing model would be a different 400).
-        with pytest.raises(openai.BadRequestError, match="arguments supplied: stream_options, top_k"):
-            client.completions.create(model="", prompt="hi", stream=True, extra_body={"top_k": 1},
-                                      stream_options={"include_usage": True})
+        with pytest.raises(
+            openai.BadRequestError, match="arguments supplied: stream_options, top_k"
+        ):
+            client.completions.create(
+                model="",
+                prompt="hi",
+                stream=True,
+                extra_body={"top_k": 1},
+                stream_options={"include_usage": True},
+            )
 
         # Everything OpenAI's client sends without stream_options is served as usual.
-        chunks = list(client.chat.completions.create(
-            model="m", messages=user("hi"), stream=True, tools=[WEATHER_TOOL], temperature=0,
-            max_completion_tokens=5, seed=1, parallel_tool_calls=False))
+        chunks = list(
+            client.chat.completions.create(
+                model="m",
+                messages=user("hi"),
+                stream=True,
+                tools=[WEATHER_TOOL],
+                temperature=0,
+                max_completion_tokens=5,
+                seed=1,
+                parallel_tool_calls=False,
+            )
+        )
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
-        assert client.completions.create(model="m", prompt="hi", max_tokens=5).choices[0].text == "Echo: hi"
+        assert (
+            client.completions.create(model="m", prompt="hi", max_tokens=5).choices[0].text
+            == "Echo: hi"
+        )
         # Responses and embeddings accept every argument.
-        assert client.responses.create(model="m", input="hi", extra_body={"top_k": 1}).output_text == "Echo: hi"
+        assert (
+            client.responses.create(model="m", input="hi", extra_body={"top_k": 1}).output_text
+            == "Echo: hi"
+        )
         assert client.embeddings.create(model="e", input="hi", extra_body={"top_k": 1}).data
 
 
 def test_reject_unknown_args_pydantic_style_answers_422() -> None:
-    with OpenAIServer(reject_unknown_args="pydantic") as strict, \
-            openai.OpenAI(base_url=strict.base_url, api_key="sk-test", max_retries=0) as client:
+    with (
+        OpenAIServer(reject_unknown_args="pydantic") as strict,
+        openai.OpenAI(base_url=strict.base_url, api_key="sk-test", max_retries=0) as client,
+    ):
         with pytest.raises(openai.UnprocessableEntityError) as rejected:
-            list(client.chat.completions.create(model="m", messages=user("hi"), stream=True,
-                                                stream_options={"include_usage": True}))
+            list(
+                client.chat.completions.create(
+                    model="m",
+                    messages=user("hi"),
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
         assert rejected.value.status_code == 422
-        assert rejected.value.body == {"detail": [{
-            "type": "extra_forbidden", "loc": ["body", "stream_options"],
-            "msg": "Extra inputs are not permitted", "input": {"include_usage": True}}]}
+        assert rejected.value.body == {
+            "detail": [
+                {
+                    "type": "extra_forbidden",
+                    "loc": ["body", "stream_options"],
+                    "msg": "Extra inputs are not permitted",
+                    "input": {"include_usage": True},
+                }
+            ]
+        }
         reply = client.chat.completions.create(model="m", messages=user("hi"))
         assert reply.choices[0].message.content == "Echo: hi"
     with pytest.raises(ValueError, match="reject_unknown_args"):
@@ -399,17 +491,28 @@ def test_reject_unknown_args_pydantic_style_answers_422() -> None:
 
 def test_cli_reject_unknown_args() -> None:
     src = Path(server_module.__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "tracewire.testing.openai_server", "--reject-unknown-args"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert process.stdout is not None
         base_url = process.stdout.readline().strip()
         with openai.OpenAI(base_url=base_url, api_key="sk-test", max_retries=0) as client:
             with pytest.raises(openai.BadRequestError, match="supplied: stream_options"):
-                client.chat.completions.create(model="m", messages=user("x"), stream=True,
-                                               stream_options={"include_usage": True})
+                client.chat.completions.create(
+                    model="m",
+                    messages=user("x"),
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
     finally:
         process.terminate()
         _, stderr = process.communicate(timeout=5)
@@ -421,7 +524,9 @@ def test_cli_reject_unknown_args() -> None:
 
 
 def test_responses_text_with_instructions(client: openai.OpenAI) -> None:
-    response = client.responses.create(model="gpt-4.1", input="tell me a story", instructions="Be kind to me.")
+    response = client.responses.create(
+        model="gpt-4.1", input="tell me a story", instructions="Be kind to me."
+    )
     assert response.model == "gpt-4.1" and response.status == "completed"
     assert response.output_text == "Echo: tell me a story"
     message = response.output[0]
@@ -429,7 +534,10 @@ def test_responses_text_with_instructions(client: openai.OpenAI) -> None:
     assert message.content[0].type == "output_text"
     assert response.usage is not None
     expected_input = count_prompt_tokens(
-        [{"role": "system", "content": "Be kind to me."}, {"role": "user", "content": "tell me a story"}]
+        [
+            {"role": "system", "content": "Be kind to me."},
+            {"role": "user", "content": "tell me a story"},
+        ]
     )
     assert response.usage.input_tokens == expected_input == 4 + 3 + 4 + 3
     assert response.usage.output_tokens == 5
@@ -442,7 +550,11 @@ def test_responses_list_input_and_cached_model(client: openai.OpenAI) -> None:
     items = [
         {"role": "user", "content": "earlier words here"},
         {"role": "assistant", "content": "sure"},
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "latest question"}]},
+        {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": "latest question"}],
+        },
     ]
     response = client.responses.create(model="x-cached", input=items)  # type: ignore[arg-type]
     assert response.output_text == "Echo: latest question"
@@ -456,11 +568,18 @@ def test_responses_function_call_round_trip(client: openai.OpenAI) -> None:
     response = client.responses.create(model="m", input=items, tools=[RESPONSES_WEATHER_TOOL])  # type: ignore[list-item]
     call = response.output[0]
     assert call.type == "function_call"
-    assert (call.call_id, call.name, call.arguments) == ("call_1", "get_weather", EXPECTED_ARGUMENTS)
+    assert (call.call_id, call.name, call.arguments) == (
+        "call_1",
+        "get_weather",
+        EXPECTED_ARGUMENTS,
+    )
     assert response.usage is not None
     assert response.usage.output_tokens == count_tokens(EXPECTED_ARGUMENTS) + 1
 
-    items += [call.model_dump(exclude_none=True), {"type": "function_call_output", "call_id": "call_1", "output": "rainy"}]
+    items += [
+        call.model_dump(exclude_none=True),
+        {"type": "function_call_output", "call_id": "call_1", "output": "rainy"},
+    ]
     follow_up = client.responses.create(model="m", input=items, tools=[RESPONSES_WEATHER_TOOL])  # type: ignore[list-item]
     assert follow_up.output_text == "Result: rainy"
     assert follow_up.usage is not None
@@ -504,7 +623,9 @@ def test_responses_stream_helper_and_function_call_stream(client: openai.OpenAI)
     assert final.output_text == "Echo: helper words"
 
     events = list(
-        client.responses.create(model="m", input="Weather in Paris?", tools=[RESPONSES_WEATHER_TOOL], stream=True)  # type: ignore[list-item]
+        client.responses.create(
+            model="m", input="Weather in Paris?", tools=[RESPONSES_WEATHER_TOOL], stream=True
+        )  # type: ignore[list-item]
     )
     assert events[2].type == "response.output_item.added" and events[2].item.type == "function_call"
     deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
@@ -536,7 +657,9 @@ def test_responses_stream_error_raises(client: openai.OpenAI) -> None:
 def test_embeddings_float_and_base64_agree(client: openai.OpenAI, server: OpenAIServer) -> None:
     default = client.embeddings.create(model="text-embedding-3-small", input=["hello world", "bye"])
     assert server.requests[-1].body["encoding_format"] == "base64"  # the client's own default
-    floats = client.embeddings.create(model="text-embedding-3-small", input=["hello world", "bye"], encoding_format="float")
+    floats = client.embeddings.create(
+        model="text-embedding-3-small", input=["hello world", "bye"], encoding_format="float"
+    )
     assert [d.embedding for d in default.data] == [d.embedding for d in floats.data]
     assert floats.data[0].embedding == embedding_vector("hello world")
     assert len(floats.data[1].embedding) == 8 and floats.data[1].index == 1
@@ -571,7 +694,10 @@ def test_legacy_completions(client: openai.OpenAI) -> None:
 
     chunks = list(
         client.completions.create(
-            model="davinci-002", prompt="one two", stream=True, stream_options={"include_usage": True}
+            model="davinci-002",
+            prompt="one two",
+            stream=True,
+            stream_options={"include_usage": True},
         )
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "Echo: one two"
@@ -595,7 +721,10 @@ def test_requests_are_recorded_and_clearable(client: openai.OpenAI, server: Open
     assert recorded[0].headers["authorization"] == "Bearer sk-test"
     assert all(name == name.lower() for name in recorded[0].headers)
     assert recorded[0].body == {
-        "messages": user("rec"), "model": "m", "stream": True, "stream_options": {"include_usage": True}
+        "messages": user("rec"),
+        "model": "m",
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
     server.clear()
     assert server.requests == []
@@ -609,22 +738,34 @@ def test_async_chat_stream_equals_create_and_errors(server: OpenAIServer) -> Non
     async def scenario(client: openai.AsyncOpenAI) -> None:
         plain = await client.chat.completions.create(model="m", messages=user("async words"))
         stream = await client.chat.completions.create(
-            model="m", messages=user("async words"), stream=True, stream_options={"include_usage": True}
+            model="m",
+            messages=user("async words"),
+            stream=True,
+            stream_options={"include_usage": True},
         )
         chunks = [chunk async for chunk in stream]
-        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Echo: async words"
+        assert (
+            "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            == "Echo: async words"
+        )
         assert plain.choices[0].message.content == "Echo: async words"
-        assert [c for c in chunks if not c.choices] == [chunks[-1]] and chunks[-1].usage == plain.usage
+        assert [c for c in chunks if not c.choices] == [chunks[-1]] and chunks[
+            -1
+        ].usage == plain.usage
 
         with pytest.raises(openai.RateLimitError):
             await client.chat.completions.create(model="error-429", messages=user("x"))
         with pytest.raises(openai.InternalServerError):
             await client.chat.completions.create(model="error-500", messages=user("x"))
-        failing = await client.chat.completions.create(model="stream-error", messages=user("a b c"), stream=True)
+        failing = await client.chat.completions.create(
+            model="stream-error", messages=user("a b c"), stream=True
+        )
         with pytest.raises(openai.APIError):
             async for _ in failing:
                 pass
-        empty = await client.chat.completions.create(model="empty-stream", messages=user("x"), stream=True)
+        empty = await client.chat.completions.create(
+            model="empty-stream", messages=user("x"), stream=True
+        )
         assert [c async for c in empty] == []
 
     run_async(server, scenario)
@@ -632,12 +773,22 @@ def test_async_chat_stream_equals_create_and_errors(server: OpenAIServer) -> Non
 
 def test_async_responses_embeddings_and_completions(server: OpenAIServer) -> None:
     async def scenario(client: openai.AsyncOpenAI) -> None:
-        events = [e async for e in await client.responses.create(model="m", input="async a b", stream=True)]
+        events = [
+            e
+            async for e in await client.responses.create(model="m", input="async a b", stream=True)
+        ]
         assert events[-1].type == "response.completed"
-        assert events[-1].response.usage is not None and events[-1].response.usage.output_tokens == 4
-        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Echo: async a b"
+        assert (
+            events[-1].response.usage is not None and events[-1].response.usage.output_tokens == 4
+        )
+        assert (
+            "".join(e.delta for e in events if e.type == "response.output_text.delta")
+            == "Echo: async a b"
+        )
         with pytest.raises(openai.APIError):
-            async for _ in await client.responses.create(model="stream-error", input="x y z", stream=True):
+            async for _ in await client.responses.create(
+                model="stream-error", input="x y z", stream=True
+            ):
                 pass
 
         default = await client.embeddings.create(model="e", input="vec")
@@ -648,7 +799,9 @@ def test_async_responses_embeddings_and_completions(server: OpenAIServer) -> Non
         assert completion.choices[0].text == "Echo: hi"
 
         tool_reply = await client.chat.completions.create(
-            model="m", messages=user("Weather in Paris?"), tools=[WEATHER_TOOL]  # type: ignore[list-item]
+            model="m",
+            messages=user("Weather in Paris?"),
+            tools=[WEATHER_TOOL],  # type: ignore[list-item]
         )
         assert tool_reply.choices[0].message.tool_calls is not None
         assert tool_reply.choices[0].message.tool_calls[0].function.arguments == EXPECTED_ARGUMENTS
@@ -663,9 +816,16 @@ def test_async_responses_embeddings_and_completions(server: OpenAIServer) -> Non
 def test_two_hundred_concurrent_requests(client: openai.OpenAI, server: OpenAIServer) -> None:
     def call(i: int) -> str:
         if i % 2:
-            stream = client.chat.completions.create(model="m", messages=user(f"req {i}"), stream=True)
+            stream = client.chat.completions.create(
+                model="m", messages=user(f"req {i}"), stream=True
+            )
             return "".join(c.choices[0].delta.content or "" for c in stream)
-        return client.chat.completions.create(model="m", messages=user(f"req {i}")).choices[0].message.content or ""
+        return (
+            client.chat.completions.create(model="m", messages=user(f"req {i}"))
+            .choices[0]
+            .message.content
+            or ""
+        )
 
     with ThreadPoolExecutor(max_workers=100) as pool:
         results = list(pool.map(call, range(200)))

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-__all__ = ["CLIError", "SUBCOMMANDS", "build_parser", "main"]
+__all__ = ["SUBCOMMANDS", "CLIError", "build_parser", "main"]
 
 PROG = "tracewire"
 
@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from importlib.metadata import version
 
-        parser.add_argument("--version", action="version", version=f"%(prog)s {version('tracewire')}")
+        parser.add_argument(
+            "--version", action="version", version=f"%(prog)s {version('tracewire')}"
+        )
     except Exception:  # not installed as a distribution (running from a source tree)
         pass
     subparsers = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
@@ -71,8 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = getattr(args, "_run", None)
     if run is None:
         parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: a command is required (one of: {', '.join(SUBCOMMANDS)})",
-              file=sys.stderr)
+        print(
+            f"{PROG}: error: a command is required (one of: {', '.join(SUBCOMMANDS)})",
+            file=sys.stderr,
+        )
         return 2
 
     from tracewire.config import ConfigError

@@ -41,7 +41,8 @@ APP_MODULE = "tracewire.cli.demo_app"
 
 
 def add_parser(
-        subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "demo",
         help="run the example agent app on a few sessions of traffic and show the stats",
@@ -55,16 +56,20 @@ def add_parser(
         ),
     )
     parser.add_argument(
-        "--real", action="store_true",
+        "--real",
+        action="store_true",
         help="use the OpenAI API (gpt-4o-mini; needs OPENAI_API_KEY) instead of the local server",
     )
     parser.add_argument(
-        "--tracking-uri", metavar="URI",
+        "--tracking-uri",
+        metavar="URI",
         help="MLflow tracking store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in "
-             "the current directory)",
+        "the current directory)",
     )
     parser.add_argument(
-        "--delta", metavar="PATH", default=DEFAULT_DELTA_DIR,
+        "--delta",
+        metavar="PATH",
+        default=DEFAULT_DELTA_DIR,
         help=f"the Delta table the traces are synced into (default: ./{DEFAULT_DELTA_DIR})",
     )
     return parser
@@ -79,7 +84,7 @@ def _absolute_sqlite(uri: str) -> str:
     prefix = "sqlite:///"
     if not uri.startswith(prefix):
         return uri
-    path, sep, query = uri[len(prefix):].partition("?")
+    path, sep, query = uri[len(prefix) :].partition("?")
     if not path or path.startswith(":memory:") or Path(path).is_absolute():
         return uri
     return prefix + str(Path.cwd() / path) + sep + query
@@ -112,8 +117,10 @@ def _demo_environ(uri: str, run_id: str) -> dict[str, str]:
     """The settings the app's own ``tracewire.autolog()`` reads: the store, the experiment, and
     the run's tag on every trace (how the demo finds exactly this run's traces)."""
     env = {"MLFLOW_TRACKING_URI": uri}
-    if not os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip() and \
-            not os.environ.get("MLFLOW_EXPERIMENT_ID", "").strip():
+    if (
+        not os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip()
+        and not os.environ.get("MLFLOW_EXPERIMENT_ID", "").strip()
+    ):
         env["MLFLOW_EXPERIMENT_NAME"] = DEFAULT_EXPERIMENT
     tags = os.environ.get("TRACEWIRE_TAGS", "").strip()
     env["TRACEWIRE_TAGS"] = f"{tags},{RUN_TAG}={run_id}" if tags else f"{RUN_TAG}={run_id}"
@@ -150,8 +157,9 @@ def _load_app() -> ModuleType:
             return importlib.reload(sys.modules[APP_MODULE])
         return importlib.import_module(APP_MODULE)
     except ImportError as error:
-        raise CLIError(f"the demo needs {error.name or error}: "
-                       'pip install "tracewire[all]"') from None
+        raise CLIError(
+            f'the demo needs {error.name or error}: pip install "tracewire[all]"'
+        ) from None
 
 
 @contextlib.contextmanager
@@ -166,10 +174,12 @@ def _serve(app: Any) -> Iterator[str]:
     sock.bind(("127.0.0.1", 0))
     # The failing tool call's traceback is expected: the demo reports every response itself,
     # and the error is in the trace.
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", access_log=False,
-                                           lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
-                              name="tracewire-demo-app", daemon=True)
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="critical", access_log=False, lifespan="off")
+    )
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="tracewire-demo-app", daemon=True
+    )
     thread.start()
     try:
         deadline = time.monotonic() + 30
@@ -190,13 +200,16 @@ def _serve(app: Any) -> Iterator[str]:
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     if args.real and not os.environ.get("OPENAI_API_KEY", "").strip():
-        raise CLIError("--real calls the OpenAI API and needs OPENAI_API_KEY to be set "
-                       "(run without --real to use the bundled local server, no key needed)")
+        raise CLIError(
+            "--real calls the OpenAI API and needs OPENAI_API_KEY to be set "
+            "(run without --real to use the bundled local server, no key needed)"
+        )
     from tracewire import config
 
     if not config.tracing_enabled():
-        raise CLIError("ENABLE_MLFLOW_TRACING is false, so nothing would be traced; "
-                       "unset it to run the demo")
+        raise CLIError(
+            "ENABLE_MLFLOW_TRACING is false, so nothing would be traced; unset it to run the demo"
+        )
     uri = resolve_tracking_uri(args.tracking_uri, os.environ)
     run_id = uuid.uuid4().hex
     with _environ(_demo_environ(uri, run_id)), _quiet_store_setup():
@@ -207,38 +220,45 @@ def _run(args: argparse.Namespace, uri: str, run_id: str, out: TextIO) -> int:
     import tracewire
 
     delta_path = str(Path(args.delta).absolute()) if "://" not in args.delta else args.delta
-    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or \
-        f"id {os.environ.get('MLFLOW_EXPERIMENT_ID')}"
+    experiment = (
+        os.environ.get("MLFLOW_EXPERIMENT_NAME") or f"id {os.environ.get('MLFLOW_EXPERIMENT_ID')}"
+    )
     started_ms = int(time.time() * 1000)
 
     with contextlib.ExitStack() as stack:
         if args.real:
             base_url = os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-            model_line = (f"the OpenAI API at {base_url} (billed to OPENAI_API_KEY, a fraction "
-                          "of a cent)")
+            model_line = (
+                f"the OpenAI API at {base_url} (billed to OPENAI_API_KEY, a fraction of a cent)"
+            )
         else:
             from tracewire.testing import OpenAIServer
 
             server = stack.enter_context(OpenAIServer())
-            stack.enter_context(_environ({"OPENAI_BASE_URL": server.base_url,
-                                          "OPENAI_API_KEY": "not-needed"}))
-            model_line = (f"the bundled local OpenAI-compatible server at {server.base_url} "
-                          "(no API key, no network; pass --real for the OpenAI API)")
+            stack.enter_context(
+                _environ({"OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "not-needed"})
+            )
+            model_line = (
+                f"the bundled local OpenAI-compatible server at {server.base_url} "
+                "(no API key, no network; pass --real for the OpenAI API)"
+            )
         # The app's tracewire.autolog() runs here: invalid settings fail before anything else.
         app = _load_app()
         stack.callback(tracewire.disable)
         url = stack.enter_context(_serve(app.app))
 
-        out.write("tracewire demo\n"
-                  f"  model:      {model_line}\n"
-                  f"  app:        examples/fastapi_agent (FastAPI + a LangGraph agent: retriever, "
-                  f"ChatOpenAI, weather tool) on uvicorn at {url}\n"
-                  f"  store:      {uri}\n"
-                  f"  experiment: {experiment}\n"
-                  f"  Delta:      {delta_path}\n"
-                  f"  run tag:    {RUN_TAG} = {run_id}\n\n"
-                  f"Driving {len(SCRIPT)} chat turns in {len({t.session for t in SCRIPT})} "
-                  "sessions, with feedback:\n")
+        out.write(
+            "tracewire demo\n"
+            f"  model:      {model_line}\n"
+            f"  app:        examples/fastapi_agent (FastAPI + a LangGraph agent: retriever, "
+            f"ChatOpenAI, weather tool) on uvicorn at {url}\n"
+            f"  store:      {uri}\n"
+            f"  experiment: {experiment}\n"
+            f"  Delta:      {delta_path}\n"
+            f"  run tag:    {RUN_TAG} = {run_id}\n\n"
+            f"Driving {len(SCRIPT)} chat turns in {len({t.session for t in SCRIPT})} "
+            "sessions, with feedback:\n"
+        )
         out.flush()
 
         import httpx
@@ -255,13 +275,16 @@ def _run(args: argparse.Namespace, uri: str, run_id: str, out: TextIO) -> int:
         began = time.perf_counter()
         if not tracewire.flush(30):
             print("tracewire: warning: not every trace was stored within 30 s", file=sys.stderr)
-        out.write(f"Waited {time.perf_counter() - began:.1f} s for the traces and feedback to "
-                  "reach the store; syncing the Delta table...\n")
+        out.write(
+            f"Waited {time.perf_counter() - began:.1f} s for the traces and feedback to "
+            "reach the store; syncing the Delta table...\n"
+        )
         out.flush()
 
     rows = sync_and_read(uri, delta_path, run_id, started_ms)
     write_summary(out, rows, uri, delta_path, experiment, run_id)
     if len(rows) != len(SCRIPT):
-        raise CLIError(f"expected {len(SCRIPT)} traces of this run in the Delta table, "
-                       f"found {len(rows)}")
+        raise CLIError(
+            f"expected {len(SCRIPT)} traces of this run in the Delta table, found {len(rows)}"
+        )
     return 0

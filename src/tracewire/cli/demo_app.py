@@ -56,8 +56,12 @@ NOTES = [
     Document("Lisbon: trams 28 and 12 climb the hills; many shops close on Sunday."),
 ]
 
-FORECASTS = {"paris": "sunny, 21 C", "london": "light rain, 14 C", "tokyo": "cloudy, 18 C",
-             "lisbon": "clear, 24 C"}
+FORECASTS = {
+    "paris": "sunny, 21 C",
+    "london": "light rain, 14 C",
+    "tokyo": "cloudy, 18 C",
+    "lisbon": "clear, 24 C",
+}
 
 
 def _words(text: str) -> set[str]:
@@ -69,11 +73,13 @@ class NotesRetriever(BaseRetriever):
 
     k: int = 2
 
-    def _get_relevant_documents(self, query: str, *,
-                                run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
+    def _get_relevant_documents(
+        self, query: str, *, run_manager: CallbackManagerForRetrieverRun
+    ) -> list[Document]:
         words = _words(query)
-        scored = sorted(((len(words & _words(d.page_content)), i) for i, d in enumerate(NOTES)),
-                        reverse=True)
+        scored = sorted(
+            ((len(words & _words(d.page_content)), i) for i, d in enumerate(NOTES)), reverse=True
+        )
         return [NOTES[i] for score, i in scored[: self.k] if score]
 
 
@@ -92,8 +98,11 @@ class State(MessagesState):
 
 
 retriever = NotesRetriever()
-model = ChatOpenAI(model=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"), max_tokens=200,  # type: ignore[call-arg]
-                   stream_usage=True).bind_tools([get_weather])
+model = ChatOpenAI(
+    model=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"),
+    max_tokens=200,  # type: ignore[call-arg]
+    stream_usage=True,
+).bind_tools([get_weather])
 
 
 async def retrieve(state: State) -> dict[str, Any]:
@@ -102,8 +111,10 @@ async def retrieve(state: State) -> dict[str, Any]:
 
 
 async def agent(state: State) -> dict[str, Any]:
-    system = SystemMessage("You are a concise travel assistant. Use the weather tool for "
-                           f"weather questions. Notes:\n{state['notes']}")
+    system = SystemMessage(
+        "You are a concise travel assistant. Use the weather tool for "
+        f"weather questions. Notes:\n{state['notes']}"
+    )
     return {"messages": [await model.ainvoke([system, *state["messages"]])]}
 
 
@@ -123,8 +134,11 @@ graph = builder.compile(checkpointer=InMemorySaver())
 app = FastAPI(title="tracewire agent example")
 # autolog() already traces this app; adding the middleware by hand sets its options: here the
 # feedback route, and the identity headers it trusts (see the docstring).
-app.add_middleware(TracingMiddleware, feedback_path="/feedback",
-                   trust_identity_headers={"session": "X-Session-ID", "user": "X-User-ID"})
+app.add_middleware(
+    TracingMiddleware,
+    feedback_path="/feedback",
+    trust_identity_headers={"session": "X-Session-ID", "user": "X-User-ID"},
+)
 
 
 class Turn(BaseModel):
@@ -133,8 +147,10 @@ class Turn(BaseModel):
 
 def _run(turn: Turn, session: str) -> tuple[State, RunnableConfig]:
     """The graph's input and config: the session is the LangGraph thread."""
-    return (State(messages=[HumanMessage(turn.message)]),  # type: ignore[typeddict-item]
-            {"configurable": {"thread_id": session}})
+    return (
+        State(messages=[HumanMessage(turn.message)]),  # type: ignore[typeddict-item]
+        {"configurable": {"thread_id": session}},
+    )
 
 
 @app.post("/chat")
@@ -149,9 +165,12 @@ async def chat_stream(turn: Turn, x_session_id: Annotated[str, Header()]) -> Str
     async def events() -> AsyncIterator[str]:
         inputs, config = _run(turn, x_session_id)
         async for chunk, meta in graph.astream(inputs, config, stream_mode="messages"):
-            if isinstance(meta, dict) and meta.get("langgraph_node") == "agent" \
-                    and isinstance(chunk, AIMessageChunk) \
-                    and chunk.text:
+            if (
+                isinstance(meta, dict)
+                and meta.get("langgraph_node") == "agent"
+                and isinstance(chunk, AIMessageChunk)
+                and chunk.text
+            ):
                 yield f"data: {json.dumps({'token': chunk.text})}\n\n"
         yield "data: [DONE]\n\n"
 

@@ -38,8 +38,10 @@ def cause(uri: str, run_id: str, request_id: str) -> str | None:
 
     with contextlib.suppress(CLIError):
         traces = MlflowClient(tracking_uri=uri).search_traces(
-            locations=[experiment_id(uri)], filter_string=f"tag.`{RUN_TAG}` = '{run_id}'",
-            max_results=100)
+            locations=[experiment_id(uri)],
+            filter_string=f"tag.`{RUN_TAG}` = '{run_id}'",
+            max_results=100,
+        )
         for trace in traces:
             if trace.info.client_request_id != request_id:
                 continue
@@ -56,10 +58,17 @@ def sync_and_read(uri: str, delta_path: str, run_id: str, since_ms: int) -> list
     from tracewire.export import delta
     from tracewire.report import sources
 
-    delta.sync(delta_path, tracking_uri=uri, experiment_ids=[experiment_id(uri)],
-               lookback_s=config.resolve().feedback_retention)
-    return [row for row in sources.from_delta(delta_path, since_ms)
-            if json.loads(row["tags"] or "{}").get(RUN_TAG) == run_id]
+    delta.sync(
+        delta_path,
+        tracking_uri=uri,
+        experiment_ids=[experiment_id(uri)],
+        lookback_s=config.resolve().feedback_retention,
+    )
+    return [
+        row
+        for row in sources.from_delta(delta_path, since_ms)
+        if json.loads(row["tags"] or "{}").get(RUN_TAG) == run_id
+    ]
 
 
 def ui_hint(uri: str) -> str:
@@ -72,19 +81,24 @@ def ui_hint(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
 
 
-def write_summary(out: TextIO, rows: list[dict[str, Any]], uri: str, delta_path: str,
-                  experiment: str, run_id: str) -> None:
+def write_summary(
+    out: TextIO, rows: list[dict[str, Any]], uri: str, delta_path: str, experiment: str, run_id: str
+) -> None:
     """The `tracewire stats` tables of this run's ``rows``, and where to look further."""
     from tracewire.report import aggregate, render
 
-    out.write(f"\n`tracewire stats` of this run ({len(rows)} traces, read from the Delta table):"
-              "\n\n")
-    out.writelines(render.table(aggregate.aggregate(rows, by), by) + "\n\n"
-                   for by in ("route", "session"))
-    out.write(f"Delta table (one row per trace): {delta_path}\n"
-              f"  tracewire stats --delta {shlex.quote(delta_path)} --by user\n\n"
-              "See the traces in the MLflow UI:\n"
-              f"  {ui_hint(uri)}\n")
+    out.write(
+        f"\n`tracewire stats` of this run ({len(rows)} traces, read from the Delta table):\n\n"
+    )
+    out.writelines(
+        render.table(aggregate.aggregate(rows, by), by) + "\n\n" for by in ("route", "session")
+    )
+    out.write(
+        f"Delta table (one row per trace): {delta_path}\n"
+        f"  tracewire stats --delta {shlex.quote(delta_path)} --by user\n\n"
+        "See the traces in the MLflow UI:\n"
+        f"  {ui_hint(uri)}\n"
+    )
     if ui_hint(uri).startswith("mlflow ui"):
         out.write("  then open http://127.0.0.1:5000\n")
     out.write(f"  experiment {experiment!r} -> Traces (search: tag.`{RUN_TAG}` = '{run_id}')\n")

@@ -39,8 +39,13 @@ SCRIPT = (
     Turn("paris", "ada", "Is the Louvre in Paris open on Tuesdays?"),
     Turn("paris", "ada", "Plan a rainy afternoon in London for me.", stream=True),
     Turn("london", "grace", "Do I need an umbrella in London?"),
-    Turn("london", "grace", "And in Tokyo next week?", feedback=False,
-         rationale="asked about next week, got today's weather"),
+    Turn(
+        "london",
+        "grace",
+        "And in Tokyo next week?",
+        feedback=False,
+        rationale="asked about next week, got today's weather",
+    ),
     Turn("atlantis", "linus", "What is the weather in Atlantis?", fails=True),
 )
 STEPS = len(SCRIPT) + sum(t.feedback is not None for t in SCRIPT)
@@ -58,8 +63,7 @@ class Progress:
         self._tty = _isatty(out)
         self.index = 0
 
-    def step(self, label: str, session: str, fn: Callable[[], T],
-             outcome: Callable[[T], str]) -> T:
+    def step(self, label: str, session: str, fn: Callable[[], T], outcome: Callable[[T], str]) -> T:
         self.index += 1
         head = f"  [{self.index}/{self._total}] {label:<11} {session:<18}"
         if self._tty:
@@ -107,8 +111,9 @@ class RequestFailed(Exception):
     """A turn got an answer the script does not expect."""
 
     def __init__(self, index: int, reply: Reply) -> None:
-        super().__init__(f"request {index} of the demo failed: HTTP {reply.status} "
-                         f"{shorten(reply.text, 200)}")
+        super().__init__(
+            f"request {index} of the demo failed: HTTP {reply.status} {shorten(reply.text, 200)}"
+        )
         self.reply = reply
 
 
@@ -119,8 +124,11 @@ def _send(http: Any, turn: Turn, session: str) -> Reply:
     body = {"message": turn.message}
     if turn.stream:
         with http.stream("POST", "/chat/stream", json=body, headers=headers) as response:
-            tokens = [json.loads(line[len("data: "):])["token"] for line in response.iter_lines()
-                      if line.startswith("data: {")]
+            tokens = [
+                json.loads(line[len("data: ") :])["token"]
+                for line in response.iter_lines()
+                if line.startswith("data: {")
+            ]
         text = "".join(tokens)
     else:
         response = http.post("/chat", json=body, headers=headers)
@@ -142,20 +150,32 @@ def drive(http: Any, progress: Progress, run_id: str) -> None:
     """Send the SCRIPT's turns and feedback; an unexpected answer stops the demo."""
     for turn in SCRIPT:
         session = f"{turn.session}-{run_id[:8]}"
-        reply = progress.step("stream" if turn.stream else "chat", session,
-                              functools.partial(_send, http, turn, session),
-                              functools.partial(_outcome, turn))
+        reply = progress.step(
+            "stream" if turn.stream else "chat",
+            session,
+            functools.partial(_send, http, turn, session),
+            functools.partial(_outcome, turn),
+        )
         if not (reply.status == 200 or (turn.fails and reply.status == 500)):
             raise RequestFailed(progress.index, reply)
         if turn.feedback is None:
             continue
-        feedback = {"request_id": reply.request_id, "name": "thumbs", "value": turn.feedback,
-                    "rationale": turn.rationale}
+        feedback = {
+            "request_id": reply.request_id,
+            "name": "thumbs",
+            "value": turn.feedback,
+            "rationale": turn.rationale,
+        }
         answer = progress.step(
-            "thumbs " + ("up" if turn.feedback else "down"), session,
-            functools.partial(http.post, "/feedback", json=feedback,
-                              headers={"X-User-ID": turn.user}),
-            functools.partial(_feedback_outcome, reply.request_id))
+            "thumbs " + ("up" if turn.feedback else "down"),
+            session,
+            functools.partial(
+                http.post, "/feedback", json=feedback, headers={"X-User-ID": turn.user}
+            ),
+            functools.partial(_feedback_outcome, reply.request_id),
+        )
         if answer.status_code != 202:
-            raise CLIError(f"the feedback route answered HTTP {answer.status_code}: "
-                           f"{shorten(answer.text, 200)}")
+            raise CLIError(
+                f"the feedback route answered HTTP {answer.status_code}: "
+                f"{shorten(answer.text, 200)}"
+            )

@@ -8,22 +8,34 @@ import sys
 
 
 def add_parser(
-        subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = subparsers.add_parser("export", help="copy traces into an analytics table")
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "export", help="copy traces into an analytics table"
+    )
     targets = parser.add_subparsers(dest="target", metavar="<target>", required=True)
     delta = targets.add_parser(
-        "delta", help="sync traces into a Delta table (merged on trace_id, partitioned by day)",
+        "delta",
+        help="sync traces into a Delta table (merged on trace_id, partitioned by day)",
         description="Sync traces from the tracking store (MLFLOW_TRACKING_URI) into the Delta "
         "table at PATH: one row per trace, merged on trace_id, partitioned by request_date. "
         "Each run continues from the progress recorded in the table, looking back "
-        "TRACEWIRE_FEEDBACK_RETENTION seconds (default a day) for late traces and feedback.")
+        "TRACEWIRE_FEEDBACK_RETENTION seconds (default a day) for late traces and feedback.",
+    )
     delta.add_argument("path", help="a folder, or an object-store URI deltalake supports")
-    delta.add_argument("--experiment", action="append", default=[], metavar="NAME_OR_ID",
-                       help="experiment to sync (repeatable; default: MLFLOW_EXPERIMENT_ID/"
-                       "_NAME if set, else every active experiment)")
-    delta.add_argument("--since", metavar="WHEN",
-                       help="start here instead of at the recorded progress: 24h, 7d, or an "
-                       "ISO date/time (UTC)")
+    delta.add_argument(
+        "--experiment",
+        action="append",
+        default=[],
+        metavar="NAME_OR_ID",
+        help="experiment to sync (repeatable; default: MLFLOW_EXPERIMENT_ID/"
+        "_NAME if set, else every active experiment)",
+    )
+    delta.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="start here instead of at the recorded progress: 24h, 7d, or an ISO date/time (UTC)",
+    )
     return parser
 
 
@@ -54,12 +66,19 @@ def run(args: argparse.Namespace) -> int:
     progress = delta.terminal_progress(sys.stderr)
     try:
         with reading_store(uri):
-            report = delta.sync(args.path, tracking_uri=uri, experiment_ids=experiment_ids,
-                                lookback_s=settings.feedback_retention, since_ms=since,
-                                progress=progress)
+            report = delta.sync(
+                args.path,
+                tracking_uri=uri,
+                experiment_ids=experiment_ids,
+                lookback_s=settings.feedback_retention,
+                since_ms=since,
+                progress=progress,
+            )
     except CommitFailedError:
-        raise CLIError(f"other writers kept committing to {args.path}; what was synced is "
-                       "kept, run again to continue") from None
+        raise CLIError(
+            f"other writers kept committing to {args.path}; what was synced is "
+            "kept, run again to continue"
+        ) from None
     if progress is not None:
         sys.stderr.write("\n")
     print(f"{report.read} trace(s) read, {report.written} row(s) written to {args.path}")

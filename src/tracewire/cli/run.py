@@ -36,12 +36,16 @@ from tracewire.cli import CLIError
 
 
 def add_parser(
-        subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "run", help="run a command with tracing on in every Python process it starts",
-        description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("command", nargs=argparse.REMAINDER,
-                        help="the command and its arguments, after `--`")
+        "run",
+        help="run a command with tracing on in every Python process it starts",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument(
+        "command", nargs=argparse.REMAINDER, help="the command and its arguments, after `--`"
+    )
     return parser
 
 
@@ -101,8 +105,9 @@ def _supervise(pid: int, grace: float) -> int:
     for sig in _FORWARDED:
         signal.signal(sig, lambda signum, frame: _pass_on(pid, signum))
     for sig in _TERMINAL:
-        signal.signal(sig, lambda signum, frame: None if _from_terminal() else
-                      _pass_on(pid, signum))
+        signal.signal(
+            sig, lambda signum, frame: None if _from_terminal() else _pass_on(pid, signum)
+        )
     _, status = os.waitpid(pid, 0)
     started = time.monotonic()
     said = False
@@ -113,14 +118,20 @@ def _supervise(pid: int, grace: float) -> int:
             break
         waited = time.monotonic() - started
         if waited >= grace:
-            print(f"tracewire: processes the command started are still running after "
-                  f"{grace:.0f} s; leaving them", file=sys.stderr)
+            print(
+                f"tracewire: processes the command started are still running after "
+                f"{grace:.0f} s; leaving them",
+                file=sys.stderr,
+            )
             break
         if reaped == 0:
             if waited > 2 and not said:
                 said = True
-                print(f"tracewire: the command has exited; waiting up to {grace:.0f} s for the "
-                      "processes it started (and their traces)", file=sys.stderr)
+                print(
+                    f"tracewire: the command has exited; waiting up to {grace:.0f} s for the "
+                    "processes it started (and their traces)",
+                    file=sys.stderr,
+                )
             time.sleep(0.05)
     code = os.waitstatus_to_exitcode(status)
     if code < 0:  # ended by a signal: end the same way (PID 1 ignores it: then 128 + signal)

@@ -8,7 +8,7 @@ import contextlib
 import datetime as dt
 import re
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -21,10 +21,12 @@ def since_ms(text: str, now: float | None = None) -> int:
     try:
         when = dt.datetime.fromisoformat(text.strip())
     except ValueError:
-        raise ValueError(f"--since must be a duration like 24h or 7d, or an ISO date/time "
-                         f"like 2026-01-31 or 2026-01-31T12:00, got {text!r}") from None
+        raise ValueError(
+            f"--since must be a duration like 24h or 7d, or an ISO date/time "
+            f"like 2026-01-31 or 2026-01-31T12:00, got {text!r}"
+        ) from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
+        when = when.replace(tzinfo=dt.UTC)
     return int(when.timestamp() * 1000)
 
 
@@ -34,8 +36,7 @@ def require_deltalake(what: str) -> None:
 
     from tracewire.cli import CLIError
 
-    if importlib.util.find_spec("deltalake") is None or importlib.util.find_spec(
-            "pyarrow") is None:
+    if importlib.util.find_spec("deltalake") is None or importlib.util.find_spec("pyarrow") is None:
         raise CLIError(f'{what} needs the Delta extra: pip install "tracewire[delta]"')
 
 
@@ -58,5 +59,4 @@ def reading_store(uri: str) -> Iterator[None]:
         yield
     except errors as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CLIError(f"cannot read the tracking store {scrub.text(uri)}: "
-                       f"{reason}") from None
+        raise CLIError(f"cannot read the tracking store {scrub.text(uri)}: {reason}") from None

@@ -13,16 +13,23 @@ from pathlib import Path
 
 
 def add_parser(
-        subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = subparsers.add_parser("spool", help="inspect the on-disk export spool")
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "spool", help="inspect the on-disk export spool"
+    )
     actions = parser.add_subparsers(dest="action", metavar="<action>", required=True)
     status = actions.add_parser("status", help="pending and dropped traces per spool file")
     status.add_argument("--json", action="store_true", help="print JSON")
     ship = actions.add_parser("ship", help="ship the traces exited processes left, now")
     replay = actions.add_parser("replay", help="queue the traces the store refused again")
     for action in (status, ship, replay):
-        action.add_argument("--dir", type=Path, default=None,
-                            help="spool directory (default: TRACEWIRE_SPOOL_DIR or the cache dir)")
+        action.add_argument(
+            "--dir",
+            type=Path,
+            default=None,
+            help="spool directory (default: TRACEWIRE_SPOOL_DIR or the cache dir)",
+        )
     return parser
 
 
@@ -35,18 +42,39 @@ def run(args: argparse.Namespace) -> int:
         return _ship(directory)
     if args.action == "replay":
         moved = spool.replay(directory)
-        print(f"{moved} refused trace(s) queued again in {directory}; a running app ships them "
-              "now, a stopped one on its next start")
+        print(
+            f"{moved} refused trace(s) queued again in {directory}; a running app ships them "
+            "now, a stopped one on its next start"
+        )
         return 0
     found = spool.status(directory)
     if args.json:
-        print(json.dumps({"directory": str(directory), "spools": [
-            {"path": str(s.path), "pending": s.pending, "bytes": s.bytes, "dropped": s.dropped,
-             "drops": s.drops, "rejected": s.rejected, "incomplete": s.incomplete,
-             "oldest": s.oldest, "live": s.live,
-             "feedback_pending": s.feedback_pending, "feedback_bytes": s.feedback_bytes,
-             "feedback_drops": s.feedback_drops, "destination": s.destination,
-             "problem": s.problem} for s in found]}))
+        print(
+            json.dumps(
+                {
+                    "directory": str(directory),
+                    "spools": [
+                        {
+                            "path": str(s.path),
+                            "pending": s.pending,
+                            "bytes": s.bytes,
+                            "dropped": s.dropped,
+                            "drops": s.drops,
+                            "rejected": s.rejected,
+                            "incomplete": s.incomplete,
+                            "oldest": s.oldest,
+                            "live": s.live,
+                            "feedback_pending": s.feedback_pending,
+                            "feedback_bytes": s.feedback_bytes,
+                            "feedback_drops": s.feedback_drops,
+                            "destination": s.destination,
+                            "problem": s.problem,
+                        }
+                        for s in found
+                    ],
+                }
+            )
+        )
         return 0
     print(f"spool directory: {directory}")
     if not found:
@@ -58,29 +86,47 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {s.path.name}: cannot be shipped: {s.problem}")
             continue
         age = f", oldest {now - s.oldest:.0f} s ago" if s.oldest else ""
-        owner = "live process" if s.live else \
-            "left by an exited process: the next one ships it, or `tracewire spool ship`"
+        owner = (
+            "live process"
+            if s.live
+            else "left by an exited process: the next one ships it, or `tracewire spool ship`"
+        )
         drops = ", ".join(f"{n} {reason}" for reason, n in sorted(s.drops.items()) if n)
-        incomplete = f", {s.incomplete} stored incomplete (open past TRACEWIRE_TRACE_TIMEOUT)" \
-            if s.incomplete else ""
-        print(f"  {s.path.name}: {s.pending} pending ({s.bytes / 1024:.1f} KiB{age}), "
-              f"{s.rejected} refused by the store, {s.dropped} dropped"
-              f"{f' ({drops})' if drops else ''}{incomplete}; {owner}")
+        incomplete = (
+            f", {s.incomplete} stored incomplete (open past TRACEWIRE_TRACE_TIMEOUT)"
+            if s.incomplete
+            else ""
+        )
+        print(
+            f"  {s.path.name}: {s.pending} pending ({s.bytes / 1024:.1f} KiB{age}), "
+            f"{s.rejected} refused by the store, {s.dropped} dropped"
+            f"{f' ({drops})' if drops else ''}{incomplete}; {owner}"
+        )
         print(f"    for {destination.describe(s.destination)}")
         if s.feedback_pending or s.feedback_dropped:
-            print("    " + spool.describe_feedback(s.feedback_pending, s.feedback_bytes,
-                                                   s.feedback_drops))
+            print(
+                "    "
+                + spool.describe_feedback(s.feedback_pending, s.feedback_bytes, s.feedback_drops)
+            )
     rejected = sum(s.rejected for s in found)
-    print(f"total: {sum(s.pending for s in found)} pending, {rejected} refused, "
-          f"{sum(s.dropped for s in found)} dropped")
+    print(
+        f"total: {sum(s.pending for s in found)} pending, {rejected} refused, "
+        f"{sum(s.dropped for s in found)} dropped"
+    )
     feedback_pending = sum(s.feedback_pending for s in found)
     feedback_drops = sum((Counter(s.feedback_drops) for s in found), Counter())
     if feedback_pending or feedback_drops:
-        print("total: " + spool.describe_feedback(
-            feedback_pending, sum(s.feedback_bytes for s in found), feedback_drops))
+        print(
+            "total: "
+            + spool.describe_feedback(
+                feedback_pending, sum(s.feedback_bytes for s in found), feedback_drops
+            )
+        )
     if rejected:
-        print("the store refused some traces (the app's log says why); once fixed, "
-              "`tracewire spool replay` sends them again")
+        print(
+            "the store refused some traces (the app's log says why); once fixed, "
+            "`tracewire spool replay` sends them again"
+        )
     return 0
 
 
@@ -98,8 +144,10 @@ def _ship(directory: Path) -> int:
     store.install_http_budget()
     for s in spool.status(directory):  # before we take the locks of the others
         if s.live and s.problem is None and s.pending:
-            print(f"{s.path.name}: {s.pending} pending, owned by a running process that ships "
-                  "them itself")
+            print(
+                f"{s.path.name}: {s.pending} pending, owned by a running process that ships "
+                "them itself"
+            )
     worker = shipper.Shipper(directory, config.resolve().spool_max_bytes, shipper.store_for)
     taken = worker.adopt_all()
     try:
@@ -120,18 +168,22 @@ def _ship(directory: Path) -> int:
             tries += 1
             if tries == 3:
                 error = worker.last_error
-                raise CLIError(f"the tracking store is unavailable ({type(error).__name__}: "
-                               f"{error}); {total - worker.shipped} trace(s) stay spooled in "
-                               f"{directory}")
+                raise CLIError(
+                    f"the tracking store is unavailable ({type(error).__name__}: "
+                    f"{error}); {total - worker.shipped} trace(s) stay spooled in "
+                    f"{directory}"
+                )
             time.sleep(2.0 * tries)
         while worker.stamp_one_batch():  # what a tracking server takes after the spans
             pass
         if unstamped := worker.stamps_pending():
             error = worker.last_error
-            raise CLIError(f"{worker.shipped} trace(s) stored, but the records of {unstamped} "
-                           f"(client request id, metadata) could not be written "
-                           f"({type(error).__name__}: {error}); they stay spooled in "
-                           f"{directory}: run this again")
+            raise CLIError(
+                f"{worker.shipped} trace(s) stored, but the records of {unstamped} "
+                f"(client request id, metadata) could not be written "
+                f"({type(error).__name__}: {error}); they stay spooled in "
+                f"{directory}: run this again"
+            )
         print(f"done: {worker.shipped} trace(s) stored")
         return 0
     finally:

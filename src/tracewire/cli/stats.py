@@ -14,33 +14,50 @@ from tracewire.report.aggregate import BY, PERCENTILE_METHOD
 
 
 def add_parser(
-        subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "stats", help="latency, errors, tokens, cost and feedback per route/session/user/...",
+        "stats",
+        help="latency, errors, tokens, cost and feedback per route/session/user/...",
         description="Summarise the traces of a window per group: traces, error rate (share "
         "of traces in state ERROR), latency p50/p95/p99 of the trace duration, time to first "
         "byte of web requests where the middleware recorded it, tokens, cost in USD, and "
         f"feedback (positive/count). Percentiles: {PERCENTILE_METHOD}. The first row, "
         "(all), is the whole window; with --by model a trace that called two models counts "
-        "in both groups.")
-    parser.add_argument("--since", default="24h", metavar="WHEN",
-                        help="start of the window: 24h (default), 7d, or an ISO date/time (UTC)")
+        "in both groups.",
+    )
+    parser.add_argument(
+        "--since",
+        default="24h",
+        metavar="WHEN",
+        help="start of the window: 24h (default), 7d, or an ISO date/time (UTC)",
+    )
     parser.add_argument("--by", choices=BY, default="route", help="group by (default: route)")
-    parser.add_argument("--delta", metavar="PATH",
-                        help="read the Delta table at PATH instead of the tracking store")
-    parser.add_argument("--experiment", action="append", default=[], metavar="NAME_OR_ID",
-                        help="experiment to read from the store (repeatable; default: "
-                        "MLFLOW_EXPERIMENT_ID/_NAME if set, else every active experiment)")
+    parser.add_argument(
+        "--delta", metavar="PATH", help="read the Delta table at PATH instead of the tracking store"
+    )
+    parser.add_argument(
+        "--experiment",
+        action="append",
+        default=[],
+        metavar="NAME_OR_ID",
+        help="experiment to read from the store (repeatable; default: "
+        "MLFLOW_EXPERIMENT_ID/_NAME if set, else every active experiment)",
+    )
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON")
     output.add_argument("--csv", action="store_true", help="print CSV")
-    parser.add_argument("--html", type=Path, metavar="FILE",
-                        help="also write a self-contained page with charts to FILE")
+    parser.add_argument(
+        "--html",
+        type=Path,
+        metavar="FILE",
+        help="also write a self-contained page with charts to FILE",
+    )
     return parser
 
 
 def _utc(ms: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc)
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
 
 
 def _iso(ms: int) -> str:
@@ -73,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
 
         settings = config.resolve()
         uri = destination.check_readable(settings)
-        wanted = args.experiment or [e for e in (settings.experiment_id,
-                                                 settings.experiment_name) if e]
+        wanted = args.experiment or [
+            e for e in (settings.experiment_id, settings.experiment_name) if e
+        ]
         with reading_store(uri):
             try:
                 experiment_ids = delta.experiments(uri, wanted)
@@ -88,8 +106,11 @@ def run(args: argparse.Namespace) -> int:
     if args.html:
         from tracewire.report import html
 
-        durations = [float(r["execution_duration_ms"]) for r in rows
-                     if r.get("execution_duration_ms") is not None]
+        durations = [
+            float(r["execution_duration_ms"])
+            for r in rows
+            if r.get("execution_duration_ms") is not None
+        ]
         buckets = aggregate.over_time(rows, _utc(since), _utc(until))
         path = args.html.resolve()
         try:

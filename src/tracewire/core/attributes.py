@@ -31,6 +31,7 @@ INPUT_COST = "input_cost"
 OUTPUT_COST = "output_cost"
 TOTAL_COST = "total_cost"
 
+
 # --- MLflow span types (mlflow.entities.SpanType) ---
 class SpanType:
     LLM = "LLM"
@@ -52,7 +53,7 @@ TRACE_COST = "mlflow.trace.cost"
 TRACE_SCHEMA_VERSION = "mlflow.trace_schema.version"
 TRACE_INPUTS = "mlflow.traceInputs"
 TRACE_OUTPUTS = "mlflow.traceOutputs"
-MODEL_ID = "mlflow.modelId"          # the logged model a trace ran in: search_traces(model_id=)
+MODEL_ID = "mlflow.modelId"  # the logged model a trace ran in: search_traces(model_id=)
 SOURCE_RUN = "mlflow.sourceRun"
 
 # --- MLflow trace tags ---

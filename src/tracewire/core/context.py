@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -89,8 +90,10 @@ def claim(session_id: object, user_id: object) -> None:
     ctx = _current.get()
     if ctx is None:
         return
-    if (session := valid_id(session_id, MAX_SESSION_ID)) and \
-            ctx.session_id in (None, ctx.claimed_session):
+    if (session := valid_id(session_id, MAX_SESSION_ID)) and ctx.session_id in (
+        None,
+        ctx.claimed_session,
+    ):
         ctx.session_id = ctx.claimed_session = session
     if (user := valid_id(user_id, MAX_USER_ID)) and ctx.user_id in (None, ctx.claimed_user):
         ctx.user_id = ctx.claimed_user = user

@@ -19,9 +19,10 @@ A model neither the override nor the catalog knows gets no cost, and no error.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from tracewire.core import attributes as keys
 
@@ -43,17 +44,22 @@ def _price(model: str, value: Any) -> Price:
     if isinstance(value, Price):
         return value
     if not isinstance(value, Mapping):
-        raise PriceError(f"the price of {model!r} must be a table of USD per token "
-                         f"(input, output[, cache_read_input]), got {value!r}")
+        raise PriceError(
+            f"the price of {model!r} must be a table of USD per token "
+            f"(input, output[, cache_read_input]), got {value!r}"
+        )
     unknown = set(value) - {"input", "output", "cache_read_input"}
     if unknown or "input" not in value or "output" not in value:
-        raise PriceError(f"the price of {model!r} needs 'input' and 'output' (USD per token) "
-                         f"and may have 'cache_read_input'; got keys {sorted(value)}")
+        raise PriceError(
+            f"the price of {model!r} needs 'input' and 'output' (USD per token) "
+            f"and may have 'cache_read_input'; got keys {sorted(value)}"
+        )
     numbers = {}
     for name, number in value.items():
         if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0:
-            raise PriceError(f"{model!r} {name} must be a number >= 0 (USD per token), "
-                             f"got {number!r}")
+            raise PriceError(
+                f"{model!r} {name} must be a number >= 0 (USD per token), got {number!r}"
+            )
         numbers[name] = float(number)
     return Price(**numbers)
 
@@ -61,7 +67,7 @@ def _price(model: str, value: Any) -> Price:
 def load(source: Mapping[str, Any] | str | Path) -> dict[str, Price]:
     """Prices by model name from a mapping, or a ``.json`` / ``.toml`` file of the same shape::
 
-        {"my-finetune": {"input": 3e-06, "output": 1.2e-05, "cache_read_input": 1.5e-06}}
+    {"my-finetune": {"input": 3e-06, "output": 1.2e-05, "cache_read_input": 1.5e-06}}
     """
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
@@ -94,20 +100,30 @@ def _override(price: Price, usage: Mapping[str, int]) -> dict[str, float]:
     else:
         input_cost = prompt * price.input
     output_cost = (usage.get(keys.OUTPUT_TOKENS, 0) or 0) * price.output
-    return {keys.INPUT_COST: input_cost, keys.OUTPUT_COST: output_cost,
-            keys.TOTAL_COST: input_cost + output_cost}
+    return {
+        keys.INPUT_COST: input_cost,
+        keys.OUTPUT_COST: output_cost,
+        keys.TOTAL_COST: input_cost + output_cost,
+    }
 
 
 def store_prices(tracking_uri: str) -> bool:
     """Whether the store at ``tracking_uri`` prices spans when it saves them."""
     from mlflow.utils.uri import is_databricks_uri, is_sagemaker_mlflow_tracking_uri
 
-    return not (is_databricks_uri(tracking_uri)  # type: ignore[no-untyped-call]
-                or is_sagemaker_mlflow_tracking_uri(tracking_uri))
+    return not (
+        is_databricks_uri(tracking_uri)  # type: ignore[no-untyped-call]
+        or is_sagemaker_mlflow_tracking_uri(tracking_uri)
+    )
 
 
-def span_cost(model: str, usage: Mapping[str, int], prices: Mapping[str, Price],
-              catalog: bool, provider: str | None = None) -> dict[str, float] | None:
+def span_cost(
+    model: str,
+    usage: Mapping[str, int],
+    prices: Mapping[str, Price],
+    catalog: bool,
+    provider: str | None = None,
+) -> dict[str, float] | None:
     """The cost of one call: the override's price for ``model`` if any, else (when ``catalog``)
     MLflow's built-in price; None for a model neither knows."""
     if (price := prices.get(model)) is not None:
@@ -119,8 +135,9 @@ def span_cost(model: str, usage: Mapping[str, int], prices: Mapping[str, Price],
     return None
 
 
-def price_span_dicts(span_dicts: list[dict[str, Any]], prices: Mapping[str, Price],
-                     catalog: bool) -> None:
+def price_span_dicts(
+    span_dicts: list[dict[str, Any]], prices: Mapping[str, Price], catalog: bool
+) -> None:
     """Set ``mlflow.llm.cost`` on spans (span dicts, attribute values as JSON text) that carry
     token usage and a model we are to price: overridden models, or every model when
     ``catalog`` (a store that does not price). A cost already set is kept."""
@@ -128,15 +145,18 @@ def price_span_dicts(span_dicts: list[dict[str, Any]], prices: Mapping[str, Pric
         return
     for data in span_dicts:
         attributes = data["attributes"]
-        if (keys.LLM_COST in attributes or keys.CHAT_USAGE not in attributes
-                or keys.LLM_MODEL not in attributes):
+        if (
+            keys.LLM_COST in attributes
+            or keys.CHAT_USAGE not in attributes
+            or keys.LLM_MODEL not in attributes
+        ):
             continue
         model = json.loads(attributes[keys.LLM_MODEL])
         if not isinstance(model, str) or not (catalog or model in prices):
             continue
         usage = json.loads(attributes[keys.CHAT_USAGE])
-        provider = json.loads(attributes[keys.LLM_PROVIDER]) if (
-            keys.LLM_PROVIDER in attributes) else None
-        if isinstance(usage, dict) and (cost := span_cost(model, usage, prices, catalog,
-                                                          provider)):
+        provider = (
+            json.loads(attributes[keys.LLM_PROVIDER]) if (keys.LLM_PROVIDER in attributes) else None
+        )
+        if isinstance(usage, dict) and (cost := span_cost(model, usage, prices, catalog, provider)):
             attributes[keys.LLM_COST] = json.dumps(cost)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 logger = logging.getLogger("tracewire")
 
@@ -35,8 +36,12 @@ def report(exc: BaseException, where: str) -> None:
         raise exc
     if where not in _reported:
         _reported.add(where)
-        logger.warning("tracewire: internal error in %s (tracing continues): %r", where, exc,
-                       exc_info=logger.isEnabledFor(logging.DEBUG))
+        logger.warning(
+            "tracewire: internal error in %s (tracing continues): %r",
+            where,
+            exc,
+            exc_info=logger.isEnabledFor(logging.DEBUG),
+        )
 
 
 def call(step: Callable[..., T], *args: Any) -> T | None:

@@ -10,7 +10,8 @@ threads never share an id; a forked worker drops the ids its parent had read ahe
 from __future__ import annotations
 
 import os
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -24,8 +25,10 @@ _HEX_SLICES = [slice(start, start + 32) for start in range(0, 32 * _BATCH, 32)]
 def _ints(size: int) -> list[int]:
     data = os.urandom(size * _BATCH)
     # Zero is no valid OpenTelemetry id (a chance of 2**-64 per id, but never one).
-    return [int.from_bytes(data[start:start + size], "big") or 1
-            for start in range(0, size * _BATCH, size)]
+    return [
+        int.from_bytes(data[start : start + size], "big") or 1
+        for start in range(0, size * _BATCH, size)
+    ]
 
 
 def _hex() -> list[str]:

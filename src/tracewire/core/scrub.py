@@ -29,14 +29,19 @@ _CREDENTIAL_NAME = re.compile(rf"(?:{_NAME})", re.IGNORECASE)
 
 _USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)([^\s/?#@\"'<>]+)@", re.IGNORECASE)
 # "name": "value" / 'name': 'value' (a dict's repr, JSON)
-_QUOTED = re.compile(rf"""(?<![\w.-])(["'])((?:{_NAME})\1\s*:\s*)(["'])(?:(?!\3).)*\3""",
-                     re.IGNORECASE)
-_HEADER = re.compile(r"(?<![\w.-])((?:proxy-)?authorization|(?:set-)?cookie|(?:x-)?api-key)"
-                     r"(\s*:\s*)[^\r\n'\"]+", re.IGNORECASE)
+_QUOTED = re.compile(
+    rf"""(?<![\w.-])(["'])((?:{_NAME})\1\s*:\s*)(["'])(?:(?!\3).)*\3""", re.IGNORECASE
+)
+_HEADER = re.compile(
+    r"(?<![\w.-])((?:proxy-)?authorization|(?:set-)?cookie|(?:x-)?api-key)"
+    r"(\s*:\s*)[^\r\n'\"]+",
+    re.IGNORECASE,
+)
 _BEARER = re.compile(r"\b(bearer)\s+[\w.~+/=-]+", re.IGNORECASE)
 # name=value, in a query string or anywhere in text (a keyword argument in a stack trace)
-_PAIR = re.compile(rf"""(?<![\w.-])((?:{_NAME})\s*=\s*)(?:"[^"]*"|'[^']*'|[^\s&#"',;)<>\]}}]+)""",
-                   re.IGNORECASE)
+_PAIR = re.compile(
+    rf"""(?<![\w.-])((?:{_NAME})\s*=\s*)(?:"[^"]*"|'[^']*'|[^\s&#"',;)<>\]}}]+)""", re.IGNORECASE
+)
 
 
 def _userinfo(match: re.Match[str]) -> str:
@@ -58,8 +63,10 @@ def params(values: Any) -> Any:
     mapping is returned as it is."""
     if not isinstance(values, Mapping):
         return values
-    return {k: MASK if isinstance(k, str) and _CREDENTIAL_NAME.fullmatch(k) else v
-            for k, v in values.items()}
+    return {
+        k: MASK if isinstance(k, str) and _CREDENTIAL_NAME.fullmatch(k) else v
+        for k, v in values.items()
+    }
 
 
 class LogFilter(logging.Filter):

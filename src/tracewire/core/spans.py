@@ -21,19 +21,19 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from contextvars import ContextVar, Token
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from tracewire.core import context as request_context
 from tracewire.core import ids
 from tracewire.core.attributes import ABANDONED, INCOMPLETE
 from tracewire.core.context import RequestContext
 
-_current: ContextVar["Span | None"] = ContextVar("tracewire_span", default=None)
+_current: ContextVar[Span | None] = ContextVar("tracewire_span", default=None)
 
 # Open traces by OpenTelemetry trace id, so MLflow spans started under ours can find their trace.
-_open: dict[int, "Trace"] = {}
-
+_open: dict[int, Trace] = {}
 
 
 class Bridge(Protocol):
@@ -115,11 +115,22 @@ class StatusError(Exception):
 class Trace:
     """All spans of one trace (or of one fragment inside a user's MLflow trace)."""
 
-    __slots__ = ("otel_trace_id", "spans", "root", "request", "parent_span_id", "joined",
-                 "done", "origin", "_open_spans", "_lock")
+    __slots__ = (
+        "otel_trace_id",
+        "spans",
+        "root",
+        "request",
+        "parent_span_id",
+        "joined",
+        "done",
+        "origin",
+        "_open_spans",
+        "_lock",
+    )
 
-    def __init__(self, otel_trace_id: int, parent_span_id: int | None,
-                 request: RequestContext | None = None) -> None:
+    def __init__(
+        self, otel_trace_id: int, parent_span_id: int | None, request: RequestContext | None = None
+    ) -> None:
         self.otel_trace_id = otel_trace_id
         self.spans: list[Span] = []
         self.root: Span | None = None
@@ -137,7 +148,7 @@ class Trace:
     def trace_id(self) -> str:
         return "tr-" + format(self.otel_trace_id, "032x")
 
-    def find_span(self, span_id: int) -> "Span | None":
+    def find_span(self, span_id: int) -> Span | None:
         for span in self.spans:
             if span.span_id == span_id:
                 return span
@@ -147,12 +158,32 @@ class Trace:
 class Span:
     """A span being recorded; values are kept as references until the export worker reads them."""
 
-    __slots__ = ("trace", "span_id", "parent_id", "name", "span_type", "start_ns", "end_ns",
-                 "inputs", "outputs", "attributes", "error", "events")
+    __slots__ = (
+        "trace",
+        "span_id",
+        "parent_id",
+        "name",
+        "span_type",
+        "start_ns",
+        "end_ns",
+        "inputs",
+        "outputs",
+        "attributes",
+        "error",
+        "events",
+    )
 
-    def __init__(self, trace: Trace, parent_id: int | None, name: str, span_type: str,
-                 inputs: Any, attributes: dict[str, Any] | None, start_ns: int | None = None,
-                 span_id: int | None = None) -> None:
+    def __init__(
+        self,
+        trace: Trace,
+        parent_id: int | None,
+        name: str,
+        span_type: str,
+        inputs: Any,
+        attributes: dict[str, Any] | None,
+        start_ns: int | None = None,
+        span_id: int | None = None,
+    ) -> None:
         self.trace = trace
         self.span_id = span_id or ids.span_id()
         self.parent_id = parent_id
@@ -178,8 +209,12 @@ class Span:
         trace = self.trace
         with trace._lock:
             trace._open_spans -= 1
-            finished = trace._open_spans == 0 and trace.root is not None \
-                and trace.root.end_ns is not None and not trace.done
+            finished = (
+                trace._open_spans == 0
+                and trace.root is not None
+                and trace.root.end_ns is not None
+                and not trace.done
+            )
             if finished:
                 trace.done = True
         if finished:
@@ -241,8 +276,13 @@ def open_ancestor(span: Span) -> Span | None:
     return span
 
 
-def start_span(name: str, span_type: str, inputs: Any = None,
-               attributes: dict[str, Any] | None = None, parent: Span | None = None) -> Span:
+def start_span(
+    name: str,
+    span_type: str,
+    inputs: Any = None,
+    attributes: dict[str, Any] | None = None,
+    parent: Span | None = None,
+) -> Span:
     """Start a span under the innermost active span (ours or the user's MLflow span), or as
     the root of a new trace. ``parent`` overrides the context: for frameworks that know a
     call's parent when the context lost it (LangChain's parent run id across threads)."""
@@ -272,8 +312,13 @@ def start_span(name: str, span_type: str, inputs: Any = None,
     return _add(trace, parent_id, name, span_type, inputs, attributes)
 
 
-def start_beside(span: Span, name: str, span_type: str, inputs: Any = None,
-                 attributes: dict[str, Any] | None = None) -> Span:
+def start_beside(
+    span: Span,
+    name: str,
+    span_type: str,
+    inputs: Any = None,
+    attributes: dict[str, Any] | None = None,
+) -> Span:
     """Start a span beside ``span``: under its parent, or as the root of a new trace when
     ``span`` is a root. For work begun where ``span`` is current but not running inside it (a
     batch's next input, a stream consumed in turns with another)."""
@@ -284,8 +329,14 @@ def start_beside(span: Span, name: str, span_type: str, inputs: Any = None,
     return _add(trace, None, name, span_type, inputs, attributes)
 
 
-def _add(trace: Trace, parent_id: int | None, name: str, span_type: str, inputs: Any,
-         attributes: dict[str, Any] | None) -> Span:
+def _add(
+    trace: Trace,
+    parent_id: int | None,
+    name: str,
+    span_type: str,
+    inputs: Any,
+    attributes: dict[str, Any] | None,
+) -> Span:
     span = Span(trace, parent_id, name, span_type, inputs, attributes)
     with trace._lock:
         trace._open_spans += 1
@@ -304,17 +355,36 @@ class RequestRoot(RequestContext):
     (ours, or a user's MLflow span under the placeholder with these ids), on whatever thread
     that happens. The middleware subclasses it to carry its own per-request fields."""
 
-    __slots__ = ("name", "span_type", "inputs", "error", "start_ns", "otel_trace_id",
-                 "span_id", "parent_id", "span", "ended", "_tokens")
+    __slots__ = (
+        "name",
+        "span_type",
+        "inputs",
+        "error",
+        "start_ns",
+        "otel_trace_id",
+        "span_id",
+        "parent_id",
+        "span",
+        "ended",
+        "_tokens",
+    )
     request_id: str  # a web request always has one
     parent_id: int | None
     # What enter_request set, for leave_request to reset.
-    _tokens: tuple[Token[RequestContext | None], Token[RequestRoot | None],
-                   Token[Span | None] | None, Any]
+    _tokens: tuple[
+        Token[RequestContext | None], Token[RequestRoot | None], Token[Span | None] | None, Any
+    ]
 
-    def __init__(self, name: str, span_type: str, inputs: Any,
-                 remote_parent: tuple[int, int] | None, request_id: str,
-                 session_id: str | None, user_id: str | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        span_type: str,
+        inputs: Any,
+        remote_parent: tuple[int, int] | None,
+        request_id: str,
+        session_id: str | None,
+        user_id: str | None,
+    ) -> None:
         RequestContext.__init__(self, request_id, session_id, user_id)
         self.name = name
         self.span_type = span_type
@@ -330,15 +400,23 @@ class RequestRoot(RequestContext):
     def trace_id(self) -> str:
         return "tr-" + format(self.otel_trace_id, "032x")
 
-    def materialize(self) -> "Span | None":
+    def materialize(self) -> Span | None:
         """The root span, made on first use; None once the request has ended."""
         if self.span is not None or self.ended:
             return self.span
         with _request_lock:
             if self.span is None and not self.ended:
                 trace = Trace(self.otel_trace_id, parent_span_id=None, request=self)
-                span = Span(trace, self.parent_id, self.name, self.span_type, self.inputs,
-                            None, start_ns=self.start_ns, span_id=self.span_id)
+                span = Span(
+                    trace,
+                    self.parent_id,
+                    self.name,
+                    self.span_type,
+                    self.inputs,
+                    None,
+                    start_ns=self.start_ns,
+                    span_id=self.span_id,
+                )
                 trace.spans.append(span)
                 trace.root = span
                 trace._open_spans = 1
@@ -363,8 +441,12 @@ def enter_request(root: RequestRoot) -> None:
     :func:`leave_request`)."""
     # MLflow's first: if it fails, nothing of ours is left set in this context.
     mlflow_token = _bridge.attach_request(root.otel_trace_id, root.span_id)
-    root._tokens = (request_context.enter(root), _request.set(root),
-                    _current.set(None) if _current.get() is not None else None, mlflow_token)
+    root._tokens = (
+        request_context.enter(root),
+        _request.set(root),
+        _current.set(None) if _current.get() is not None else None,
+        mlflow_token,
+    )
 
 
 def leave_request(root: RequestRoot, keep_idle: bool) -> Span | None:

@@ -25,9 +25,13 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def _usage(input_tokens: int | None, output_tokens: int | None, total: int | None,
-           cache_read: int | None = None,
-           cache_creation: int | None = None) -> dict[str, int] | None:
+def _usage(
+    input_tokens: int | None,
+    output_tokens: int | None,
+    total: int | None,
+    cache_read: int | None = None,
+    cache_creation: int | None = None,
+) -> dict[str, int] | None:
     """MLflow's token usage from validated counts; None when neither side was reported."""
     if input_tokens is None and output_tokens is None:
         return None
@@ -57,19 +61,25 @@ def from_openai(usage: Any) -> dict[str, int] | None:
         input_tokens = _int(_get(usage, "input_tokens"))
         output_tokens = _int(_get(usage, "output_tokens"))
         details = _get(usage, "input_tokens_details")
-    return _usage(input_tokens, output_tokens, _int(_get(usage, "total_tokens")),
-                  cache_read=_int(_get(details, "cached_tokens")))
+    return _usage(
+        input_tokens,
+        output_tokens,
+        _int(_get(usage, "total_tokens")),
+        cache_read=_int(_get(details, "cached_tokens")),
+    )
 
 
 def from_langchain(usage_metadata: Any) -> dict[str, int] | None:
     """LangChain's ``AIMessage.usage_metadata`` (``input_tokens``, ``output_tokens``,
     ``total_tokens``, ``input_token_details.cache_read``/``cache_creation``) -> MLflow usage."""
     details = _get(usage_metadata, "input_token_details")
-    return _usage(_int(_get(usage_metadata, "input_tokens")),
-                  _int(_get(usage_metadata, "output_tokens")),
-                  _int(_get(usage_metadata, "total_tokens")),
-                  cache_read=_int(_get(details, "cache_read")),
-                  cache_creation=_int(_get(details, "cache_creation")))
+    return _usage(
+        _int(_get(usage_metadata, "input_tokens")),
+        _int(_get(usage_metadata, "output_tokens")),
+        _int(_get(usage_metadata, "total_tokens")),
+        cache_read=_int(_get(details, "cache_read")),
+        cache_creation=_int(_get(details, "cache_creation")),
+    )
 
 
 def add(a: dict[str, int] | None, b: dict[str, int] | None) -> dict[str, int] | None:

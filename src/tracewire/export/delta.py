@@ -23,8 +23,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from tracewire.export import trace_rows
 
@@ -40,8 +41,8 @@ _DAY_MS = 86_400_000
 
 @dataclass
 class SyncReport:
-    read: int = 0        # trace records looked at
-    written: int = 0     # rows inserted or rewritten
+    read: int = 0  # trace records looked at
+    written: int = 0  # rows inserted or rewritten
     high_water_ms: int | None = None
 
 
@@ -59,9 +60,13 @@ def _open_table(path: str, storage_options: dict[str, str] | None) -> Any:
     try:
         return DeltaTable(path, storage_options=storage_options)
     except TableNotFoundError:
-        return DeltaTable.create(path, schema=trace_rows.schema(),
-                                 partition_by=[trace_rows.PARTITION],
-                                 storage_options=storage_options, name="tracewire_traces")
+        return DeltaTable.create(
+            path,
+            schema=trace_rows.schema(),
+            partition_by=[trace_rows.PARTITION],
+            storage_options=storage_options,
+            name="tracewire_traces",
+        )
 
 
 def write(table: Any, rows: list[dict[str, Any]], app: str, high_water_ms: int) -> int:
@@ -71,17 +76,24 @@ def write(table: Any, rows: list[dict[str, Any]], app: str, high_water_ms: int) 
 
     commit = CommitProperties(
         app_transactions=[Transaction(app_id=app, version=high_water_ms)],
-        custom_metadata={"tracewire.high_water_ms": str(high_water_ms)})
+        custom_metadata={"tracewire.high_water_ms": str(high_water_ms)},
+    )
     metrics = (
-        table.merge(trace_rows.table(rows),
-                    # request_date in the predicate prunes the merge to the rows' partitions.
-                    predicate="t.request_date = s.request_date AND t.trace_id = s.trace_id",
-                    source_alias="s", target_alias="t", commit_properties=commit)
+        table.merge(
+            trace_rows.table(rows),
+            # request_date in the predicate prunes the merge to the rows' partitions.
+            predicate="t.request_date = s.request_date AND t.trace_id = s.trace_id",
+            source_alias="s",
+            target_alias="t",
+            commit_properties=commit,
+        )
         .when_matched_update_all(predicate="t.revision <> s.revision")
         .when_not_matched_insert_all()
-        .execute())
+        .execute()
+    )
     return int(metrics.get("num_target_rows_inserted", 0)) + int(
-        metrics.get("num_target_rows_updated", 0))
+        metrics.get("num_target_rows_updated", 0)
+    )
 
 
 def _stored_revisions(table: Any, start_ms: int) -> dict[str, str]:
@@ -90,32 +102,40 @@ def _stored_revisions(table: Any, start_ms: int) -> dict[str, str]:
 
     import pyarrow.dataset as ds
 
-    day = dt.datetime.fromtimestamp(start_ms / 1000, tz=dt.timezone.utc).date()
-    found = trace_rows.read(table, ["trace_id", "revision"],
-                            ds.field(trace_rows.PARTITION) >= day)
+    day = dt.datetime.fromtimestamp(start_ms / 1000, tz=dt.UTC).date()
+    found = trace_rows.read(table, ["trace_id", "revision"], ds.field(trace_rows.PARTITION) >= day)
     return dict(zip(found.column("trace_id").to_pylist(), found.column("revision").to_pylist()))
 
 
-def trace_records(client: Any, locations: list[str], start_ms: int,
-                  size: int) -> Iterator[list[Any]]:
+def trace_records(
+    client: Any, locations: list[str], start_ms: int, size: int
+) -> Iterator[list[Any]]:
     """Trace records (no spans) from ``start_ms`` on, oldest first, ``size`` at a time.
 
     Keyset pages (``timestamp >= the last one seen``), not offsets: a trace that lands behind
     the cursor while we page cannot shift a page and make us skip another. A full page of one
     millisecond (a burst) is drained with MLflow's page token before moving on.
     """
-    cursor, seen = start_ms, set()
+    cursor, seen = start_ms, set[str]()
     while True:
         infos = client.search_traces(
-            locations=locations, filter_string=f"trace.timestamp_ms >= {cursor}",
-            order_by=["timestamp_ms ASC"], max_results=size, include_spans=False)
+            locations=locations,
+            filter_string=f"trace.timestamp_ms >= {cursor}",
+            order_by=["timestamp_ms ASC"],
+            max_results=size,
+            include_spans=False,
+        )
         infos = [t.info for t in infos]
         if len(infos) == size and infos[-1].request_time == cursor:
             infos, token = [], None
             while True:
                 page = client.search_traces(
-                    locations=locations, filter_string=f"trace.timestamp_ms = {cursor}",
-                    max_results=size, include_spans=False, page_token=token)
+                    locations=locations,
+                    filter_string=f"trace.timestamp_ms = {cursor}",
+                    max_results=size,
+                    include_spans=False,
+                    page_token=token,
+                )
                 infos.extend(t.info for t in page)
                 if not (token := page.token):
                     break
@@ -131,7 +151,8 @@ def trace_records(client: Any, locations: list[str], start_ms: int,
             return
         last = infos[-1].request_time
         seen = {i.trace_id for i in infos if i.request_time == last} | (
-            seen if last == cursor else set())
+            seen if last == cursor else set()
+        )
         cursor = last
 
 
@@ -166,8 +187,7 @@ def sync(
     pages = trace_records(client, list(experiment_ids), since_ms, min(page_size, SEARCH_PAGE))
     for infos in _regrouped(pages, page_size):
         report.read += len(infos)
-        wanted = [i.trace_id for i in infos
-                  if stored.get(i.trace_id) != trace_rows.revision(i)]
+        wanted = [i.trace_id for i in infos if stored.get(i.trace_id) != trace_rows.revision(i)]
         high_water = max([i.request_time for i in infos] + [report.high_water_ms or 0])
         if wanted:
             traces = with_spans(client, wanted)
@@ -247,13 +267,18 @@ class BackgroundSync:
     within its timeout, and the thread is a daemon so exit never waits on it.
     """
 
-    def __init__(self, path: str, interval: float, tracking_uri: str,
-                 experiment: Callable[[], str], lookback_s: float) -> None:
+    def __init__(
+        self,
+        path: str,
+        interval: float,
+        tracking_uri: str,
+        experiment: Callable[[], str],
+        lookback_s: float,
+    ) -> None:
         self._path, self._interval, self._uri = path, interval, tracking_uri
         self._experiment, self._lookback_s = experiment, lookback_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tracewire-delta-sync",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="tracewire-delta-sync", daemon=True)
         self.last: SyncReport | None = None
         self.last_error: str | None = None
 
@@ -276,14 +301,22 @@ class BackgroundSync:
             pass
         while not self._stop.wait(self._interval):
             try:
-                self.last = sync(self._path, tracking_uri=self._uri,
-                                 experiment_ids=[self._experiment()],
-                                 lookback_s=self._lookback_s, stop=self._stop)
+                self.last = sync(
+                    self._path,
+                    tracking_uri=self._uri,
+                    experiment_ids=[self._experiment()],
+                    lookback_s=self._lookback_s,
+                    stop=self._stop,
+                )
                 self.last_error = None
             except Exception as exc:  # the store or the table is unreachable: next interval
                 if repr(exc) != self.last_error:
-                    logger.warning("tracewire: Delta sync to %s failed, retried in %.0f s: %r",
-                                   self._path, self._interval, exc)
+                    logger.warning(
+                        "tracewire: Delta sync to %s failed, retried in %.0f s: %r",
+                        self._path,
+                        self._interval,
+                        exc,
+                    )
                 self.last_error = repr(exc)
 
 
@@ -294,7 +327,8 @@ _lock = threading.Lock()
 def start_background(settings: Any) -> None:
     """Start (or restart with new settings) the background sync of the experiment tracewire
     writes to; stop it if ``settings.delta_path`` is not set."""
-    from tracewire.export import destination, store as stores
+    from tracewire.export import destination
+    from tracewire.export import store as stores
 
     global _background
     with _lock:
@@ -305,10 +339,13 @@ def start_background(settings: Any) -> None:
             current = _background = None
         if wanted is not None and current is None:
             store = stores.Store(settings)  # resolves the experiment as the shipper does
-            _background = BackgroundSync(wanted, settings.delta_interval,
-                                         destination.tracking_uri(settings),
-                                         lambda: store.experiment()[1],
-                                         settings.feedback_retention)
+            _background = BackgroundSync(
+                wanted,
+                settings.delta_interval,
+                destination.tracking_uri(settings),
+                lambda: store.experiment()[1],
+                settings.feedback_retention,
+            )
             _background.start()
 
 
@@ -328,8 +365,10 @@ def terminal_progress(stream: Any = sys.stderr) -> Callable[[SyncReport], None] 
 
     def show(report: SyncReport) -> None:
         rate = report.read / max(time.monotonic() - started, 1e-6)
-        stream.write(f"\rtracewire: {report.read:,} traces read, {report.written:,} rows "
-                     f"written ({rate:,.0f}/s)  ")
+        stream.write(
+            f"\rtracewire: {report.read:,} traces read, {report.written:,} rows "
+            f"written ({rate:,.0f}/s)  "
+        )
         stream.flush()
 
     return show

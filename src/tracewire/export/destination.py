@@ -50,9 +50,14 @@ def destination(settings: config.Settings) -> str:
         )
 
         experiment_id = _active_experiment_id
-    return json.dumps({"tracking_uri": scrub.text(tracking_uri(settings)),
-                       "experiment_id": experiment_id,
-                       "experiment_name": settings.experiment_name}, sort_keys=True)
+    return json.dumps(
+        {
+            "tracking_uri": scrub.text(tracking_uri(settings)),
+            "experiment_id": experiment_id,
+            "experiment_name": settings.experiment_name,
+        },
+        sort_keys=True,
+    )
 
 
 def writable_uri(recorded: str, settings: config.Settings) -> str:
@@ -76,7 +81,8 @@ def check_destination(settings: config.Settings) -> None:
                 f"{named}, a local store that cannot be "
                 f"{'written' if nearest == path else 'created'}: {nearest} is not writable. "
                 "Point MLFLOW_TRACKING_URI at a writable place (for example "
-                "sqlite:////tmp/mlflow.db) or at a tracking server.")
+                "sqlite:////tmp/mlflow.db) or at a tracking server."
+            )
 
 
 def check_readable(settings: config.Settings) -> str:
@@ -87,11 +93,12 @@ def check_readable(settings: config.Settings) -> str:
     named = _named(settings, uri)
     _check_store_type(uri, named)
     path = _local_store(uri)
-    if path is not None and not (path.is_dir() or path.is_file() and path.stat().st_size):
+    if path is not None and not (path.is_dir() or (path.is_file() and path.stat().st_size)):
         raise config.ConfigError(
             f"{named}, but there is no MLflow store at {path}: run this in the folder your app "
             "keeps its store in, or set MLFLOW_TRACKING_URI to it (sqlite:////path/to/mlflow.db "
-            "or http://your-server:5000)")
+            "or http://your-server:5000)"
+        )
     return uri
 
 
@@ -110,16 +117,19 @@ def _check_store_type(uri: str, named: str) -> None:
         raise config.ConfigError(
             f"{named}, whose scheme {scheme!r} MLflow has no tracking store for: use http:// "
             "or https:// for a tracking server, sqlite:/// (or postgresql://, mysql://, "
-            "mssql://) for a database, or databricks.")
+            "mssql://) for a database, or databricks."
+        )
     if scheme in _DB_SCHEMES or scheme in ("", "file"):
         # Looked for, not imported: the SQL store costs half a second to import, and the
         # shipper process is the one that writes to it.
-        if not all(_importable(m) for m in ("sqlalchemy", "alembic",
-                                            "mlflow.store.tracking.sqlalchemy_store")):
+        if not all(
+            _importable(m)
+            for m in ("sqlalchemy", "alembic", "mlflow.store.tracking.sqlalchemy_store")
+        ):
             raise config.ConfigError(
                 f"{named}, a local MLflow store, which needs the full `mlflow` package that "
                 "this environment does not have. Either install it with `pip install "
-                "\"tracewire[local]\"`, or point MLFLOW_TRACKING_URI at a tracking server (for "
+                '"tracewire[local]"`, or point MLFLOW_TRACKING_URI at a tracking server (for '
                 "example MLFLOW_TRACKING_URI=http://mlflow.internal:5000)."
             )
 

@@ -17,8 +17,8 @@ import dataclasses
 import json
 import logging
 import re
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from mlflow.entities import SpanStatusCode, TraceInfo, TraceState
 from mlflow.tracing.constant import SpanAttributeKey
@@ -63,8 +63,10 @@ def _dump(value: Any) -> str:
     if len(text) <= MAX_ATTRIBUTE_CHARS:
         return text
     kept = MAX_ATTRIBUTE_CHARS - 200
-    return json.dumps(f"{text[:kept]}... [tracewire: cut {len(text) - kept} of {len(text)} "
-                      f"characters]", ensure_ascii=False)
+    return json.dumps(
+        f"{text[:kept]}... [tracewire: cut {len(text) - kept} of {len(text)} characters]",
+        ensure_ascii=False,
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -77,10 +79,16 @@ def _raw(span: spans.Span) -> dict[str, Any]:
     """One of our spans as the shipper expands it (export/records.py): values as they are, read
     now (a Deferred is computed here, off the caller's thread), serialized with the payload."""
     raw: dict[str, Any] = {
-        "id": span.span_id, "parent": span.parent_id, "name": span.name,
-        "type": span.span_type, "start": span.start_ns, "end": span.end_ns or span.start_ns,
-        "attributes": {key: value() if isinstance(value, spans.Deferred) else value
-                       for key, value in span.attributes.items()},
+        "id": span.span_id,
+        "parent": span.parent_id,
+        "name": span.name,
+        "type": span.span_type,
+        "start": span.start_ns,
+        "end": span.end_ns or span.start_ns,
+        "attributes": {
+            key: value() if isinstance(value, spans.Deferred) else value
+            for key, value in span.attributes.items()
+        },
     }
     for name, value in (("inputs", span.inputs), ("outputs", span.outputs)):
         if isinstance(value, spans.Deferred):
@@ -88,13 +96,17 @@ def _raw(span: spans.Span) -> dict[str, Any]:
         if value is not None:
             raw[name] = value
     if span.events:
-        raw["events"] = [{"name": name, "time_unix_nano": at, "attributes": values}
-                         for name, values, at in span.events]
+        raw["events"] = [
+            {"name": name, "time_unix_nano": at, "attributes": values}
+            for name, values, at in span.events
+        ]
     if isinstance(span.error, spans.StatusError):
         raw["error"] = {"message": str(span.error)}
     elif span.error is not None:
-        raw["error"] = {"message": f"{type(span.error).__name__}: {span.error}",
-                        "event": _exception_event(span.error, raw["end"])}
+        raw["error"] = {
+            "message": f"{type(span.error).__name__}: {span.error}",
+            "event": _exception_event(span.error, raw["end"]),
+        }
     return raw
 
 
@@ -104,19 +116,29 @@ def settle(item: Item) -> None:
     it failed (a served agent's error, answered with a 400)."""
     trace = item.ours
     root = trace.root if trace is not None else None
-    if root is None or root.error is not None:
+    if trace is None or root is None or root.error is not None:
         return
     status = root.attributes.get(keys.HTTP_STATUS_CODE)
     if not isinstance(status, int) or status < 400:
         return
-    cause = next((f"{type(s.error).__name__}: {s.error}" for s in trace.spans
-                  if s.parent_id == root.span_id and s.error is not None), None)
+    cause = next(
+        (
+            f"{type(s.error).__name__}: {s.error}"
+            for s in trace.spans
+            if s.parent_id == root.span_id and s.error is not None
+        ),
+        None,
+    )
     if cause is None and item.mlflow is not None:  # MLflow's spans under ours
         parent = encode_span_id(root.span_id)
-        cause = next((live.status.description or "error"
-                      for live in item.mlflow.span_dict.values()
-                      if live.parent_id == parent
-                      and live.status.status_code == SpanStatusCode.ERROR), None)
+        cause = next(
+            (
+                live.status.description or "error"
+                for live in item.mlflow.span_dict.values()
+                if live.parent_id == parent and live.status.status_code == SpanStatusCode.ERROR
+            ),
+            None,
+        )
     if status >= 500 or cause is not None:
         root.error = spans.StatusError(f"HTTP {status}" + (f": {cause}" if cause else ""))
 
@@ -126,8 +148,9 @@ def sampled_out(item: Item, rate: float) -> bool:
     if rate >= 1.0:
         return False
     if item.ours is not None:
-        failed = item.ours.root is not None and item.ours.root.error is not None or \
+        failed = (item.ours.root is not None and item.ours.root.error is not None) or (
             item.mlflow is not None and item.mlflow.info.state == TraceState.ERROR
+        )
         trace_id = item.ours.trace_id
     elif item.mlflow is not None:
         failed = item.mlflow.info.state == TraceState.ERROR
@@ -152,11 +175,14 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
         trace = item.ours
         root = trace.root
         assert root is not None and root.end_ns is not None
-        head = {"trace_id": trace.trace_id, "name": root.name,
-                "request_time": root.start_ns // 1_000_000,
-                "execution_duration": (root.end_ns - root.start_ns) // 1_000_000,
-                "state": (TraceState.ERROR if root.error is not None else TraceState.OK).value,
-                **_record(item)}
+        head = {
+            "trace_id": trace.trace_id,
+            "name": root.name,
+            "request_time": root.start_ns // 1_000_000,
+            "execution_duration": (root.end_ns - root.start_ns) // 1_000_000,
+            "state": (TraceState.ERROR if root.error is not None else TraceState.OK).value,
+            **_record(item),
+        }
         trace_id = trace.trace_id
         groups.append([trace.trace_id, trace.otel_trace_id, [_raw(s) for s in trace.spans]])
     elif item.mlflow is not None:
@@ -164,10 +190,12 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
         trace_id = item.mlflow.info.trace_id
     else:  # a late fragment: spans only, added to a trace already stored
         trace_id = item.fragments[0].trace_id
-    mlflow_spans = [live.to_dict() for live in item.mlflow.span_dict.values()] \
-        if item.mlflow is not None else []
-    groups.extend([f.trace_id, f.otel_trace_id, [_raw(s) for s in f.spans]]
-                  for f in item.fragments)
+    mlflow_spans = (
+        [live.to_dict() for live in item.mlflow.span_dict.values()]
+        if item.mlflow is not None
+        else []
+    )
+    groups.extend([f.trace_id, f.otel_trace_id, [_raw(s) for s in f.spans]] for f in item.fragments)
     for data in mlflow_spans:
         _scrub_errors(data)
     for _, _, raws in groups:
@@ -176,15 +204,26 @@ def encode(item: Item, settings: config.Settings) -> tuple[str, bytes]:
     if settings.redact is not None:
         _redact_all(groups, mlflow_spans, settings.redact)
     request = item.request or RequestContext()
-    context = {"session_id": request.session_id, "user_id": request.user_id,
-               "request_id": request.request_id, "tags": {**settings.trace_tags, **request.tags}}
-    payload = {"v": records.VERSION, "head": head, "info": info, "context": context,
-               "groups": groups, "mlflow": mlflow_spans,
-               "root": item.ours.root.span_id if item.ours is not None else None}
+    context = {
+        "session_id": request.session_id,
+        "user_id": request.user_id,
+        "request_id": request.request_id,
+        "tags": {**settings.trace_tags, **request.tags},
+    }
+    payload = {
+        "v": records.VERSION,
+        "head": head,
+        "info": info,
+        "context": context,
+        "groups": groups,
+        "mlflow": mlflow_spans,
+        "root": item.ours.root.span_id if item.ours is not None and item.ours.root else None,
+    }
     if settings.prices:
-        payload["prices"] = {model: {k: v for k, v in dataclasses.asdict(price).items()
-                                     if v is not None}
-                             for model, price in settings.prices.items()}
+        payload["prices"] = {
+            model: {k: v for k, v in dataclasses.asdict(price).items() if v is not None}
+            for model, price in settings.prices.items()
+        }
     return trace_id, _serialize(payload, groups)
 
 
@@ -242,9 +281,11 @@ def _record(item: Item) -> dict[str, Any]:
         info = item.mlflow.info
         metadata.update({str(k): str(v) for k, v in info.trace_metadata.items()})
         tags.update({str(k): str(v) for k, v in info.tags.items()})
-        fields = {name: value for name in ("client_request_id", "request_preview",
-                                           "response_preview")
-                  if (value := getattr(info, name))}
+        fields = {
+            name: value
+            for name in ("client_request_id", "request_preview", "response_preview")
+            if (value := getattr(info, name))
+        }
         if info.state in (TraceState.OK, TraceState.ERROR):  # set by update_current_trace
             fields["state"] = info.state.value
         if fields:
@@ -261,15 +302,24 @@ def _info_dict(info: TraceInfo) -> dict[str, Any]:
     try:
         return info.to_dict()
     except UnicodeEncodeError:
+
         def clean(text: str | None) -> str | None:
             return _SURROGATE.sub("\ufffd", text) if text is not None else None
 
         return dataclasses.replace(
-            info, request_preview=clean(info.request_preview),
+            info,
+            request_preview=clean(info.request_preview),
             response_preview=clean(info.response_preview),
             client_request_id=clean(info.client_request_id),
-            trace_metadata={clean(k): clean(v) for k, v in info.trace_metadata.items()},
-            tags={clean(k): clean(v) for k, v in info.tags.items()}).to_dict()
+            trace_metadata={
+                _SURROGATE.sub("\ufffd", k): _SURROGATE.sub("\ufffd", v)
+                for k, v in info.trace_metadata.items()
+            },
+            tags={
+                _SURROGATE.sub("\ufffd", k): _SURROGATE.sub("\ufffd", v)
+                for k, v in info.tags.items()
+            },
+        ).to_dict()
 
 
 def _utf8(text: str) -> bytes:
@@ -307,17 +357,19 @@ def _scrub_event(event: dict[str, Any]) -> None:
     attributes = event.get("attributes")
     if event.get("name") == "exception" and isinstance(attributes, Mapping):
         # A copy: MLflow's are OpenTelemetry's attributes, which can be read-only.
-        event["attributes"] = {key: scrub.text(value) if key in _ERROR_TEXT
-                               and isinstance(value, str) else value
-                               for key, value in attributes.items()}
+        event["attributes"] = {
+            key: scrub.text(value) if key in _ERROR_TEXT and isinstance(value, str) else value
+            for key, value in attributes.items()
+        }
 
 
 _REDACTED_KEYS = {SpanAttributeKey.INPUTS: "inputs", SpanAttributeKey.OUTPUTS: "outputs"}
 _WITHHELD = "[tracewire: withheld, redaction failed]"
 
 
-def _redact_all(groups: list[list[Any]], mlflow_spans: list[dict[str, Any]],
-                redact: Callable[[str, Any], Any]) -> None:
+def _redact_all(
+    groups: list[list[Any]], mlflow_spans: list[dict[str, Any]], redact: Callable[[str, Any], Any]
+) -> None:
     """The user's redaction hook, on the worker thread, before the spool, on each span's inputs
     and outputs as plain JSON (ours and MLflow's). If it fails the value is withheld: failing
     closed is the only safe way for a privacy hook."""
@@ -331,14 +383,15 @@ def _redact_all(groups: list[list[Any]], mlflow_spans: list[dict[str, Any]],
         for attribute, key in _REDACTED_KEYS.items():
             if attribute in attributes:
                 attributes[attribute] = dump_span_attribute_value(
-                    _redacted(redact, key, json.loads, attributes[attribute]))
+                    _redacted(redact, key, json.loads, attributes[attribute])
+                )
 
 
-def _redacted(redact: Callable[[str, Any], Any], key: str, read: Callable[[Any], Any],
-              value: Any) -> Any:
+def _redacted(
+    redact: Callable[[str, Any], Any], key: str, read: Callable[[Any], Any], value: Any
+) -> Any:
     try:
         return _plain(redact(key, read(value)))
     except Exception as exc:  # the user's hook failed, not tracewire: no re-raise
-        logger.warning("tracewire: the redact hook raised %r; the span's %s are withheld",
-                       exc, key)
+        logger.warning("tracewire: the redact hook raised %r; the span's %s are withheld", exc, key)
         return _WITHHELD

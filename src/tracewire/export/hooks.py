@@ -21,14 +21,15 @@ import json
 import logging
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import mlflow
 from mlflow.entities import LiveSpan, TraceInfo, TraceLocation, TraceState
 from mlflow.environment_variables import MLFLOW_USE_DEFAULT_TRACER_PROVIDER
-from mlflow.tracing import provider as _provider
 from mlflow.tracing import fluent as _fluent
+from mlflow.tracing import provider as _provider
 from mlflow.tracing.constant import SpanAttributeKey
 from mlflow.tracing.context import get_configured_trace_metadata, get_configured_trace_tags
 from mlflow.tracing.processor.mlflow_v3 import MlflowV3SpanProcessor
@@ -93,14 +94,20 @@ def _in_place_of(placeholder: otel_trace.NonRecordingSpan) -> otel_trace.Span:
     if span is None or span.end_ns is None:
         return placeholder
     span = spans.open_ancestor(span)
-    return otel_trace.INVALID_SPAN if span is None else _placeholder(trace.otel_trace_id,
-                                                                     span.span_id)
+    return (
+        otel_trace.INVALID_SPAN if span is None else _placeholder(trace.otel_trace_id, span.span_id)
+    )
 
 
 def _placeholder(trace_id: int, span_id: int) -> otel_trace.NonRecordingSpan:
-    return otel_trace.NonRecordingSpan(otel_trace.SpanContext(
-        trace_id, span_id, is_remote=False,
-        trace_flags=otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED)))
+    return otel_trace.NonRecordingSpan(
+        otel_trace.SpanContext(
+            trace_id,
+            span_id,
+            is_remote=False,
+            trace_flags=otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED),
+        )
+    )
 
 
 def active_parent() -> tuple[int, int] | None:
@@ -132,10 +139,10 @@ class Origin:
     """What MLflow's context on the caller's thread says about a trace that starts there; MLflow
     reads the same when it starts a trace (``BaseMlflowSpanProcessor._get_basic_trace_*``)."""
 
-    model_id: str | None                 # the logged model whose predict() runs (search by it)
-    eval_request_id: str | None          # the row of an MLflow evaluation that runs it
-    metadata: dict[str, str] | None      # ``mlflow.tracing.context(metadata=...)``
-    tags: dict[str, str] | None          # ``mlflow.tracing.context(tags=...)``
+    model_id: str | None  # the logged model whose predict() runs (search by it)
+    eval_request_id: str | None  # the row of an MLflow evaluation that runs it
+    metadata: dict[str, str] | None  # ``mlflow.tracing.context(metadata=...)``
+    tags: dict[str, str] | None  # ``mlflow.tracing.context(tags=...)``
 
 
 def origin() -> Origin | None:
@@ -162,14 +169,17 @@ def _register(trace: spans.Trace, manager: InMemoryTraceManager) -> str:
     if trace_id is not None:
         return trace_id
     root = trace.root
-    manager.register_trace(trace.otel_trace_id, TraceInfo(
-        trace_id=trace.trace_id,
-        trace_location=TraceLocation.from_experiment_id("0"),  # replaced by the worker
-        request_time=(root.start_ns if root is not None else 0) // 1_000_000,
-        state=TraceState.IN_PROGRESS,
-        trace_metadata={},
-        tags={},
-    ))
+    manager.register_trace(
+        trace.otel_trace_id,
+        TraceInfo(
+            trace_id=trace.trace_id,
+            trace_location=TraceLocation.from_experiment_id("0"),  # replaced by the worker
+            request_time=(root.start_ns if root is not None else 0) // 1_000_000,
+            state=TraceState.IN_PROGRESS,
+            trace_metadata={},
+            tags={},
+        ),
+    )
     trace.joined = True
     return trace.trace_id
 
@@ -193,12 +203,16 @@ def _our_active_span() -> LiveSpan | None:
             trace_id = manager.get_mlflow_trace_id_from_otel_id(trace.otel_trace_id)
             if trace_id is None:  # that trace has ended already
                 return None
-    return LiveSpan(_SpanView(span), trace_id, span.span_type)
+    return LiveSpan(_SpanView(span), trace_id, span.span_type)  # type: ignore[arg-type]
 
 
 def _span_context(trace_id: int, span_id: int) -> otel_trace.SpanContext:
-    return otel_trace.SpanContext(trace_id, span_id, is_remote=False,
-                                  trace_flags=otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED))
+    return otel_trace.SpanContext(
+        trace_id,
+        span_id,
+        is_remote=False,
+        trace_flags=otel_trace.TraceFlags(otel_trace.TraceFlags.SAMPLED),
+    )
 
 
 class _SpanView(ReadableSpan):
@@ -209,9 +223,11 @@ class _SpanView(ReadableSpan):
     def __init__(self, span: spans.Span) -> None:
         trace_id = span.trace.otel_trace_id
         super().__init__(
-            name=span.name, context=_span_context(trace_id, span.span_id),
+            name=span.name,
+            context=_span_context(trace_id, span.span_id),
             parent=_span_context(trace_id, span.parent_id) if span.parent_id else None,
-            start_time=span.start_ns)
+            start_time=span.start_ns,
+        )
         self._ours = span
 
     @property
@@ -219,12 +235,17 @@ class _SpanView(ReadableSpan):
         from mlflow.tracing.utils import dump_span_attribute_value
 
         ours = self._ours
-        values = {key: value for key, value in ours.attributes.items()
-                  if not isinstance(value, spans.Deferred)}
+        values = {
+            key: value
+            for key, value in ours.attributes.items()
+            if not isinstance(value, spans.Deferred)
+        }
         values[SpanAttributeKey.SPAN_TYPE] = ours.span_type
         values[SpanAttributeKey.REQUEST_ID] = ours.trace.trace_id
-        for key, value in ((SpanAttributeKey.INPUTS, ours.inputs),
-                           (SpanAttributeKey.OUTPUTS, ours.outputs)):
+        for key, value in (
+            (SpanAttributeKey.INPUTS, ours.inputs),
+            (SpanAttributeKey.OUTPUTS, ours.outputs),
+        ):
             if value is not None and not isinstance(value, spans.Deferred):
                 values[key] = value
         return {key: dump_span_attribute_value(value) for key, value in values.items()}
@@ -249,8 +270,9 @@ class _SpanView(ReadableSpan):
     def set_status(self, status: Any, description: str | None = None) -> None:
         ours = self._ours
         if getattr(status, "status_code", status) is StatusCode.ERROR and ours.error is None:
-            ours.error = spans.StatusError(getattr(status, "description", None)
-                                           or description or "")
+            ours.error = spans.StatusError(
+                getattr(status, "description", None) or description or ""
+            )
 
     def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
         import time
@@ -279,8 +301,8 @@ def _with_our_spans(get_current_active_span: Callable[[], Any]) -> Callable[[], 
 class Item:
     """One finished trace on its way to the store."""
 
-    ours: spans.Trace | None = None            # a tracewire trace (our root span)
-    mlflow: _Trace | None = None                # MLflow's record: its root, or its spans under ours
+    ours: spans.Trace | None = None  # a tracewire trace (our root span)
+    mlflow: _Trace | None = None  # MLflow's record: its root, or its spans under ours
     fragments: list[spans.Trace] = field(default_factory=list)  # our spans under an MLflow root
     request: RequestContext | None = None
 
@@ -303,7 +325,7 @@ class MlflowBridge:
 
     def __init__(self) -> None:
         # Where finished traces go (never blocks); None while tracewire is disabled.
-        self.submit: Callable[[Item], None] | None = None
+        self.submit: Callable[[Item], object] | None = None
         # MLflow's own context (MLFLOW_USE_DEFAULT_TRACER_PROVIDER, read at install), not
         # OpenTelemetry's global one.
         self.isolated = True
@@ -362,8 +384,9 @@ class _Processor(MlflowV3SpanProcessor):
             if span.attributes.get(SpanAttributeKey.EXPERIMENT_ID) is None:
                 # The worker picks the experiment. Without this MLflow resolves it here, on the
                 # caller's thread: a store round trip, racing our worker to create it by name.
-                span.set_attribute(SpanAttributeKey.EXPERIMENT_ID,
-                                   json.dumps(destination.PENDING_EXPERIMENT))
+                span.set_attribute(
+                    SpanAttributeKey.EXPERIMENT_ID, json.dumps(destination.PENDING_EXPERIMENT)
+                )
             return
         if self._trace_manager.get_mlflow_trace_id_from_otel_id(trace_id) is not None:
             return
@@ -402,7 +425,7 @@ def _make_processor(tracking_uri: str) -> MlflowV3SpanProcessor:
 _original_make_processor = None
 
 
-def install_hooks(submit: Callable[[Item], None]) -> None:
+def install_hooks(submit: Callable[[Item], object]) -> None:
     """Route MLflow's traces and ours to ``submit`` (idempotent)."""
     global _original_make_processor
     bridge.isolated = MLFLOW_USE_DEFAULT_TRACER_PROVIDER.get()
@@ -410,20 +433,25 @@ def install_hooks(submit: Callable[[Item], None]) -> None:
     if _original_make_processor is None:
         version = tuple(int(p) for p in mlflow.__version__.split(".")[:2] if p.isdigit())
         if not SUPPORTED_MLFLOW[0] <= version < SUPPORTED_MLFLOW[1]:
-            logger.warning("tracewire: mlflow %s is outside the tested range %s-%s; tracing "
-                           "relies on its private exporter hook", mlflow.__version__,
-                           SUPPORTED_MLFLOW[0], SUPPORTED_MLFLOW[1])
+            logger.warning(
+                "tracewire: mlflow %s is outside the tested range %s-%s; tracing "
+                "relies on its private exporter hook",
+                mlflow.__version__,
+                SUPPORTED_MLFLOW[0],
+                SUPPORTED_MLFLOW[1],
+            )
         _original_make_processor = _provider._get_mlflow_span_processor
         _provider._get_mlflow_span_processor = _make_processor
         _provider.provider.reset()  # re-created with our processor on the next span
     spans.connect(bridge)
     if bridge.isolated:  # MLflow reads it through this one call: the placeholder is served there
-        _provider.mlflow_runtime_context.get_current = _context_with_request
+        _provider.mlflow_runtime_context.get_current = _context_with_request  # type: ignore[method-assign]
     if not hasattr(_fluent.get_current_active_span, "__wrapped__"):
         # Where MLflow has no active span of its own, ours: module attributes, as MLflow's own
         # functions (update_current_trace, get_active_trace_id) look it up at each call.
-        mlflow.get_current_active_span = _fluent.get_current_active_span = \
-            _with_our_spans(_fluent.get_current_active_span)
+        mlflow.get_current_active_span = _fluent.get_current_active_span = _with_our_spans(
+            _fluent.get_current_active_span
+        )
 
 
 def uninstall_hooks() -> None:

@@ -24,8 +24,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from types import ModuleType
-from typing import Iterator, Sequence
 
 import wrapt
 
@@ -53,10 +53,12 @@ _shipper: ShipperProcess | None = None
 # transaction and one note to the shipper per batch. A kill -9 can lose what gathered meanwhile.
 _LINGER = 0.01
 _DROP_LOG_EVERY = 60.0  # seconds between two log lines about dropped traces
-_WHY = {"budget": "the spool reached its TRACEWIRE_SPOOL_MAX_MB budget",
-        "disk": "the spool's disk is full or not writable",
-        "encoding": "could not be encoded",
-        "queue": "the in-memory queue (TRACEWIRE_QUEUE_SIZE) was full"}
+_WHY = {
+    "budget": "the spool reached its TRACEWIRE_SPOOL_MAX_MB budget",
+    "disk": "the spool's disk is full or not writable",
+    "encoding": "could not be encoded",
+    "queue": "the in-memory queue (TRACEWIRE_QUEUE_SIZE) was full",
+}
 
 
 class _Throttle:
@@ -82,11 +84,16 @@ def _report_drops(spool: Spool, error: str | None = None) -> None:
     if not _drop_log.due():
         return
     drops = {reason: count for reason, count in spool.drops.items() if count}
-    detail = "; ".join(f"{count} {reason}: {_WHY.get(reason, reason)}"
-                       for reason, count in sorted(drops.items()))
-    logger.warning("tracewire: %d trace(s) dropped so far (%s%s); counted in %s, see "
-                   "`tracewire spool status`", sum(drops.values()), detail,
-                   f"; last error {error}" if error else "", spool.path)
+    detail = "; ".join(
+        f"{count} {reason}: {_WHY.get(reason, reason)}" for reason, count in sorted(drops.items())
+    )
+    logger.warning(
+        "tracewire: %d trace(s) dropped so far (%s%s); counted in %s, see `tracewire spool status`",
+        sum(drops.values()),
+        detail,
+        f"; last error {error}" if error else "",
+        spool.path,
+    )
 
 
 def _spool_batch(items: Sequence[hooks.Item | Feedback]) -> int:
@@ -101,8 +108,12 @@ def _spool_batch(items: Sequence[hooks.Item | Feedback]) -> int:
     encoded: list[tuple[str, bytes]] = []
     for item in items:
         if isinstance(item, Feedback):
-            guard.call(spool.put_feedback, item.to_json(), settings.feedback_max_pending,
-                       settings.feedback_max_pending_bytes)
+            guard.call(
+                spool.put_feedback,
+                item.to_json(),
+                settings.feedback_max_pending,
+                settings.feedback_max_pending_bytes,
+            )
             continue
         guard.call(encode.settle, item)  # a failed web request is kept by sampling
         if guard.call(encode.sampled_out, item, settings.sample_rate):
@@ -143,16 +154,22 @@ def _expire_open_traces() -> None:
     """Worker side, every few seconds: export the traces open past the trace timeout as
     incomplete (spans.expire), counted in the spool and said in the log."""
     timeout = config.active().trace_timeout
-    expired = spans.expire(time.time_ns() - int(timeout * 1e9),
-                           f"trace still open after TRACEWIRE_TRACE_TIMEOUT ({timeout:g} s)")
+    expired = spans.expire(
+        time.time_ns() - int(timeout * 1e9),
+        f"trace still open after TRACEWIRE_TRACE_TIMEOUT ({timeout:g} s)",
+    )
     spool = _spool
     if expired and spool is not None:
         spool.count_incomplete(expired)
         if _incomplete_log.due():
-            logger.warning("tracewire: %d trace(s) still open after %g s "
-                           "(TRACEWIRE_TRACE_TIMEOUT) stored incomplete, %d so far; their open "
-                           "spans are marked tracewire.abandoned", expired, timeout,
-                           spool.incomplete)
+            logger.warning(
+                "tracewire: %d trace(s) still open after %g s "
+                "(TRACEWIRE_TRACE_TIMEOUT) stored incomplete, %d so far; their open "
+                "spans are marked tracewire.abandoned",
+                expired,
+                timeout,
+                spool.incomplete,
+            )
 
 
 def submit_feedback(feedback: Feedback) -> bool:
@@ -220,14 +237,19 @@ def start(settings: config.Settings) -> None:
             except SpoolError as exc:
                 raise config.ConfigError(
                     f"TRACEWIRE_SPOOL_DIR {str(settings.spool_dir)!r} cannot hold tracewire's "
-                    f"on-disk spool: {exc}; point it at a directory of this user's") from None
+                    f"on-disk spool: {exc}; point it at a directory of this user's"
+                ) from None
             uri = destination.tracking_uri(settings)
             if uri not in _shippers:
                 _shippers[uri] = ShipperProcess(_shipper_env(settings))
             _shipper = _shippers[uri]
-            _worker = Worker(_spool_batch, maxsize=settings.queue_size,
-                             on_start=_start_on_worker, linger=_LINGER,
-                             every=(min(5.0, settings.trace_timeout / 4), _expire_open_traces))
+            _worker = Worker(
+                _spool_batch,
+                maxsize=settings.queue_size,
+                on_start=_start_on_worker,
+                linger=_LINGER,
+                every=(min(5.0, settings.trace_timeout / 4), _expire_open_traces),
+            )
         hooks.install_hooks(_worker.submit)
 
 
@@ -247,12 +269,14 @@ def _progress_elsewhere(spool: Spool, shipper: ShipperProcess | None, stall: flo
     state = spool.shipper_state()
     if state is None or state[1] < shipper.spawned_at:  # this process has said nothing yet
         return now - shipper.spawned_at < _STARTING_MAX
-    return state[0] == OPENING and now - state[1] < _OPENING_MAX or \
+    return (state[0] == OPENING and now - state[1] < _OPENING_MAX) or (
         state[0] == ADOPTED and now - state[1] < stall
+    )
 
 
-def _wait_stored(spool: Spool, shipper: ShipperProcess | None, deadline: float,
-                 stall: float) -> bool:
+def _wait_stored(
+    spool: Spool, shipper: ShipperProcess | None, deadline: float, stall: float
+) -> bool:
     """Wait until the spool is empty (True); False at ``deadline``, or once the store has made
     no progress (ours acknowledged, or the shipper's work that comes first) for ``stall``
     seconds."""
@@ -283,8 +307,9 @@ def flush(timeout: float | None) -> bool:
     deadline = time.monotonic() + budget
     if not worker.flush(budget):
         return False
-    return _wait_stored(spool, shipper, deadline,
-                        settings.flush_timeout if timeout is None else math.inf)
+    return _wait_stored(
+        spool, shipper, deadline, settings.flush_timeout if timeout is None else math.inf
+    )
 
 
 def stop() -> bool:
@@ -314,13 +339,17 @@ def _say_left_behind(spool: Spool, settings: config.Settings) -> None:
     said = []
     if left:
         uri = scrub.text(destination.tracking_uri(settings))
-        said.append(f"{left} trace(s) not yet in the tracking store ({uri}) stay in "
-                    f"{spool.path}; the next process tracing to it ships them, or run: "
-                    f"tracewire spool ship --dir {spool.path.parent}")
+        said.append(
+            f"{left} trace(s) not yet in the tracking store ({uri}) stay in "
+            f"{spool.path}; the next process tracing to it ships them, or run: "
+            f"tracewire spool ship --dir {spool.path.parent}"
+        )
     if drops:
         counts = ", ".join(f"{n} {reason}" for reason, n in sorted(drops.items()))
-        said.append(f"{sum(drops.values())} trace(s) were dropped ({counts}); `tracewire spool "
-                    f"status --dir {spool.path.parent}` has the counts")
+        said.append(
+            f"{sum(drops.values())} trace(s) were dropped ({counts}); `tracewire spool "
+            f"status --dir {spool.path.parent}` has the counts"
+        )
     feedback_pending, feedback_bytes, feedback_drops = spool.feedback()
     if feedback_pending or feedback_drops:
         said.append(describe_feedback(feedback_pending, feedback_bytes, feedback_drops))
@@ -357,8 +386,7 @@ class _ExitInForkedChild:
     was forked with: its own, registered when it starts, stop the pipeline first."""
 
     def __call__(self, mp_util: ModuleType) -> None:
-        mp_util.register_after_fork(self, lambda _: mp_util.Finalize(None, at_exit,
-                                                                     exitpriority=0))
+        mp_util.register_after_fork(self, lambda _: mp_util.Finalize(None, at_exit, exitpriority=0))
 
 
 _exit_in_forked_child = _ExitInForkedChild()  # kept alive: multiprocessing holds a weakref

@@ -16,7 +16,8 @@ import math
 import queue
 import threading
 import time
-from typing import Callable, Generic, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 logger = logging.getLogger("tracewire")
 
@@ -29,17 +30,22 @@ class Worker(Generic[T]):
     """One daemon thread draining a bounded queue in batches through ``handler``, which
     returns how many items of the batch it could not export."""
 
-    def __init__(self, handler: Callable[[Sequence[T]], int], maxsize: int,
-                 name: str = "tracewire-export",
-                 on_start: Callable[[], None] | None = None,
-                 every: tuple[float, Callable[[], None]] | None = None,
-                 linger: float = 0.0) -> None:
+    def __init__(
+        self,
+        handler: Callable[[Sequence[T]], int],
+        maxsize: int,
+        name: str = "tracewire-export",
+        on_start: Callable[[], None] | None = None,
+        every: tuple[float, Callable[[], None]] | None = None,
+        linger: float = 0.0,
+    ) -> None:
         self._handler = handler
         self._linger = linger
         self._hurry = threading.Event()  # a flush or a stop is waiting: no lingering
         self._on_start = on_start  # run first on the worker thread: set-up kept off the caller's
         # (seconds, fn): housekeeping run on the worker thread that often, busy or idle.
-        self._tick_every, self._on_tick = every if every is not None else (None, None)
+        self._tick_every: float | None = every[0] if every is not None else None
+        self._on_tick: Callable[[], None] | None = every[1] if every is not None else None
         self._queue: queue.Queue[T] = queue.Queue(maxsize=maxsize)
         self._done = threading.Condition()
         self._submitted = 0
@@ -144,4 +150,3 @@ class Worker(Generic[T]):
             self.lost += lost
             self._handled += len(batch)
             self._done.notify_all()
-

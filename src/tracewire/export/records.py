@@ -44,8 +44,13 @@ def span_dict(raw: dict[str, Any], trace_id: str, otel_trace_id: int) -> dict[st
         keys.TRACE_REQUEST_ID: _text(trace_id),
         keys.SPAN_TYPE: _text(raw["type"]),
         # The level MLflow's UI filters spans by, as MLflow sets it on its own spans.
-        keys.SPAN_LOG_LEVEL: str(int(SpanLogLevel.ERROR if error is not None
-                                     else default_log_level_for_span_type(raw["type"]))),
+        keys.SPAN_LOG_LEVEL: str(
+            int(
+                SpanLogLevel.ERROR
+                if error is not None
+                else default_log_level_for_span_type(raw["type"])
+            )
+        ),
     }
     if "inputs" in raw:
         attrs[keys.SPAN_INPUTS] = _text(raw["inputs"])
@@ -107,13 +112,19 @@ def _lift_work(dicts: list[dict[str, Any]], root_id: str) -> None:
     attributes = root["attributes"]
     children = [d for d in dicts if d["parent_span_id"] == root_id]
     if keys.SPAN_INPUTS not in attributes:
-        first = min((d for d in children if keys.SPAN_INPUTS in d["attributes"]),
-                    key=lambda d: d["start_time_unix_nano"], default=None)
+        first = min(
+            (d for d in children if keys.SPAN_INPUTS in d["attributes"]),
+            key=lambda d: d["start_time_unix_nano"],
+            default=None,
+        )
         if first is not None:
             attributes[keys.SPAN_INPUTS] = first["attributes"][keys.SPAN_INPUTS]
     if keys.SPAN_OUTPUTS not in attributes:
-        last = max((d for d in children if keys.SPAN_OUTPUTS in d["attributes"]),
-                   key=lambda d: d["end_time_unix_nano"], default=None)
+        last = max(
+            (d for d in children if keys.SPAN_OUTPUTS in d["attributes"]),
+            key=lambda d: d["end_time_unix_nano"],
+            default=None,
+        )
         if last is not None:
             attributes[keys.SPAN_OUTPUTS] = last["attributes"][keys.SPAN_OUTPUTS]
 
@@ -127,12 +138,16 @@ def _chat_form(value: Any) -> Any:
     ``messages``) in the chat form MLflow's previews read (``{"role": "user", ...}``)."""
     if not isinstance(value, dict) or not isinstance(value.get("messages"), list):
         return value
-    langchain = [isinstance(m, dict) and "role" not in m and "type" in m and "content" in m
-                 for m in value["messages"]]
+    langchain = [
+        isinstance(m, dict) and "role" not in m and "type" in m and "content" in m
+        for m in value["messages"]
+    ]
     if not any(langchain):
         return value
-    messages = [{"role": _ROLES.get(m["type"], m["type"]), "content": m["content"]} if chat
-                else m for m, chat in zip(value["messages"], langchain)]
+    messages = [
+        {"role": _ROLES.get(m["type"], m["type"]), "content": m["content"]} if chat else m
+        for m, chat in zip(value["messages"], langchain)
+    ]
     return {**value, "messages": messages}
 
 
@@ -143,8 +158,10 @@ def _previews(dicts: list[dict[str, Any]], root_id: str) -> dict[str, str]:
     found: dict[str, str] = {}
     if root is None:
         return found
-    for attribute, name, role in ((keys.SPAN_INPUTS, "request_preview", "user"),
-                                  (keys.SPAN_OUTPUTS, "response_preview", "assistant")):
+    for attribute, name, role in (
+        (keys.SPAN_INPUTS, "request_preview", "user"),
+        (keys.SPAN_OUTPUTS, "response_preview", "assistant"),
+    ):
         if (text := root["attributes"].get(attribute)) is None:
             continue
         try:
@@ -153,5 +170,6 @@ def _previews(dicts: list[dict[str, Any]], root_id: str) -> dict[str, str]:
             continue
         chat = _chat_form(value)
         if chat is not value:
-            found[name] = _get_truncated_preview(json.dumps(chat), role=role)
+            if (preview := _get_truncated_preview(json.dumps(chat), role=role)) is not None:
+                found[name] = preview
     return found

@@ -32,8 +32,9 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 from tracewire.core import scrub
 from tracewire.export import spool as spools
@@ -102,13 +103,20 @@ class ShipperProcess:
 
     def _spawn(self) -> None:
         if self._proc is not None:
-            logger.warning("tracewire: the shipper process exited (code %s); restarting it",
-                           self._proc.returncode)
+            logger.warning(
+                "tracewire: the shipper process exited (code %s); restarting it",
+                self._proc.returncode,
+            )
         self._started = time.monotonic()
         self.spawned_at = time.time()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "tracewire.export.shipper"], stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL, env=self._env, close_fds=True, start_new_session=True)
+            [sys.executable, "-m", "tracewire.export.shipper"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            env=self._env,
+            close_fds=True,
+            start_new_session=True,
+        )
         assert self._proc.stdin is not None
         os.set_blocking(self._proc.stdin.fileno(), False)
         for path in self._paths:
@@ -137,8 +145,7 @@ class Shipper:
     Runs on a thread of the shipper process (:meth:`start`), or in the foreground for
     ``tracewire spool ship`` (:meth:`ship_one_batch` until it returns False)."""
 
-    def __init__(self, directory: Path, budget_bytes: int,
-                 store_for: Callable[[str], Any]) -> None:
+    def __init__(self, directory: Path, budget_bytes: int, store_for: Callable[[str], Any]) -> None:
         self._directory = directory
         self._budget = budget_bytes
         self._store_for = store_for
@@ -244,8 +251,11 @@ class Shipper:
         """Open the store of each app spool's destination before its first trace (a fresh local
         store is created then); False if one could not be opened (retried after the backoff)."""
         with self._lock:
-            waiting = [d for d in dict.fromkeys(s.destination for s in self._spools)
-                       if d not in self._stores or not self._stores[d].ready]
+            waiting = [
+                d
+                for d in dict.fromkeys(s.destination for s in self._spools)
+                if d not in self._stores or not self._stores[d].ready
+            ]
         for destination in waiting:
             first = destination not in self._stores
             store = self._store(destination)
@@ -349,9 +359,15 @@ class Shipper:
                     self._failed(exc, store)
                     return False
                 source.reject(entry, scrub.text(f"{type(exc).__name__}: {exc}")[:1000])
-                logger.warning("tracewire: the tracking store refused trace %s (%s: %s); it is "
-                               "kept aside in %s: fix the cause, then run `tracewire spool "
-                               "replay`", entry.trace_id, type(exc).__name__, exc, source.path)
+                logger.warning(
+                    "tracewire: the tracking store refused trace %s (%s: %s); it is "
+                    "kept aside in %s: fix the cause, then run `tracewire spool "
+                    "replay`",
+                    entry.trace_id,
+                    type(exc).__name__,
+                    exc,
+                    source.path,
+                )
                 continue
             source.ack([entry], stamps)
             self.shipped += 1
@@ -360,7 +376,7 @@ class Shipper:
 
     def _backoff(self) -> float:
         """Exponential with full jitter, and at least what the store asked for (Retry-After)."""
-        wait = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** self._failures))
+        wait = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**self._failures))
         return max(wait, self._retry_after or 0.0)
 
     def _failed(self, exc: Exception, store: Any | None) -> None:
@@ -371,11 +387,16 @@ class Shipper:
             store.reset()  # a new client next time: nothing MLflow cached of this failure stays
         if self._failures in (1, 5) or self._failures % 20 == 0:
             if store is None:
-                logger.warning("tracewire: the shipper failed (%s: %s); retrying",
-                               type(exc).__name__, exc)
+                logger.warning(
+                    "tracewire: the shipper failed (%s: %s); retrying", type(exc).__name__, exc
+                )
             else:
-                logger.warning("tracewire: tracking store unavailable (%s: %s); traces stay in "
-                               "the spool, retrying", type(exc).__name__, exc)
+                logger.warning(
+                    "tracewire: tracking store unavailable (%s: %s); traces stay in "
+                    "the spool, retrying",
+                    type(exc).__name__,
+                    exc,
+                )
 
     def _recovered(self) -> bool:
         if not self._failures:
@@ -411,18 +432,25 @@ class Shipper:
                             dropped["refused: the trace's owner is someone else"] += 1
                         elif time.time() > json.loads(entry.payload)["expires"]:
                             source.ack_feedback(entry, dropped="expired")
-                            dropped["expired: its trace was not stored within "
-                                    "TRACEWIRE_FEEDBACK_RETENTION"] += 1
+                            dropped[
+                                "expired: its trace was not stored within "
+                                "TRACEWIRE_FEEDBACK_RETENTION"
+                            ] += 1
                         else:
-                            source.retry_feedback(entry, time.time() + min(
-                                _FEEDBACK_BACKOFF_CAP, 2.0 * 2 ** entry.tries))
+                            source.retry_feedback(
+                                entry,
+                                time.time() + min(_FEEDBACK_BACKOFF_CAP, 2.0 * 2**entry.tries),
+                            )
         except Exception as exc:  # the store is down: the next round tries again
-            logger.warning("tracewire: could not apply feedback yet (%s: %s)",
-                           type(exc).__name__, exc)
+            logger.warning(
+                "tracewire: could not apply feedback yet (%s: %s)", type(exc).__name__, exc
+            )
         finally:
             if dropped:  # one line a round at most, counts only
-                logger.warning("tracewire: feedback dropped (%s); see `tracewire spool status`",
-                               "; ".join(f"{n} {why}" for why, n in dropped.items()))
+                logger.warning(
+                    "tracewire: feedback dropped (%s); see `tracewire spool status`",
+                    "; ".join(f"{n} {why}" for why, n in dropped.items()),
+                )
 
 
 def store_for(destination: str) -> Any:
@@ -433,10 +461,12 @@ def store_for(destination: str) -> Any:
 
     where: dict[str, Any] = json.loads(destination)
     own = config.resolve()
-    settings = dataclasses.replace(own, tracking_uri=destinations.writable_uri(
-                                       where["tracking_uri"], own),
-                                   experiment_id=where["experiment_id"],
-                                   experiment_name=where["experiment_name"])
+    settings = dataclasses.replace(
+        own,
+        tracking_uri=destinations.writable_uri(where["tracking_uri"], own),
+        experiment_id=where["experiment_id"],
+        experiment_name=where["experiment_name"],
+    )
     return store.Store(settings)
 
 

@@ -43,9 +43,10 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from tracewire.core import scrub
 
@@ -150,15 +151,17 @@ def _is_disk_error(exc: sqlite3.Error) -> bool:
     """The disk is full or the file cannot be written (read-only remount, quota): the trace
     is counted as dropped; anything else is a bug."""
     return isinstance(exc, sqlite3.OperationalError) and any(
-        text in str(exc) for text in ("disk is full", "disk I/O error", "readonly database"))
+        text in str(exc) for text in ("disk is full", "disk I/O error", "readonly database")
+    )
 
 
 class Spool:
     """One spool file. The app process that writes it holds its lock (``lock_fd``); its shipper
     process opens the same file without the lock (``lock_fd=None``) to ship and acknowledge."""
 
-    def __init__(self, path: Path, lock_fd: int | None, budget_bytes: int,
-                 destination: str | None = None) -> None:
+    def __init__(
+        self, path: Path, lock_fd: int | None, budget_bytes: int, destination: str | None = None
+    ) -> None:
         self.path = path
         self._lock_fd = lock_fd
         self.budget_bytes = budget_bytes
@@ -170,8 +173,9 @@ class Spool:
         # Only the app that owns a spool creates it: anyone else opening a path that is gone
         # (the app removed it, empty, as it stopped) must not make an empty one there.
         mode = "rwc" if destination is not None else "rw"
-        self._db = sqlite3.connect(_uri(path, mode), uri=True, check_same_thread=False,
-                                   isolation_level=None, timeout=30)
+        self._db = sqlite3.connect(
+            _uri(path, mode), uri=True, check_same_thread=False, isolation_level=None, timeout=30
+        )
         try:
             # Before anything is written to a file that may not be ours.
             _check_format(self._db, path, existing=destination is None)
@@ -182,11 +186,11 @@ class Spool:
             self._db.executescript(_SCHEMA)
             _add_feedback_retries(self._db)
             if self._meta("format_version") is None:
-                self._db.execute("INSERT INTO meta VALUES ('format_version', ?)",
-                                 (str(FORMAT_VERSION),))
+                self._db.execute(
+                    "INSERT INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),)
+                )
                 # Where its traces go: only a process with the same destination adopts it.
-                self._db.execute("INSERT INTO meta VALUES ('destination', ?)",
-                                 (destination or "",))
+                self._db.execute("INSERT INTO meta VALUES ('destination', ?)", (destination or "",))
             self.destination = self._meta("destination") or ""
             self._bytes = self._used_bytes()
         except BaseException:
@@ -194,7 +198,7 @@ class Spool:
             raise
 
     @classmethod
-    def create(cls, directory: Path, budget_bytes: int, destination: str) -> "Spool":
+    def create(cls, directory: Path, budget_bytes: int, destination: str) -> Spool:
         """A new spool in ``directory`` (made private first: see :func:`private_directory`)."""
         private_directory(directory)
         stem = f"spool-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -209,9 +213,11 @@ class Spool:
         return cls(db_path, lock_fd, budget_bytes, destination)
 
     def _used_bytes(self) -> int:
-        return self._db.execute("SELECT (SELECT COALESCE(SUM(size), 0) FROM traces) + "
-                                "(SELECT COALESCE(SUM(size), 0) FROM rejected) + "
-                                "(SELECT COALESCE(SUM(size), 0) FROM stamps)").fetchone()[0]
+        return self._db.execute(
+            "SELECT (SELECT COALESCE(SUM(size), 0) FROM traces) + "
+            "(SELECT COALESCE(SUM(size), 0) FROM rejected) + "
+            "(SELECT COALESCE(SUM(size), 0) FROM stamps)"
+        ).fetchone()[0]
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -228,9 +234,10 @@ class Spool:
                 reason = "budget"
             else:
                 try:
-                    self._db.execute("INSERT INTO traces (trace_id, created, size, payload) "
-                                     "VALUES (?, ?, ?, ?)",
-                                     (trace_id, time.time(), len(payload), payload))
+                    self._db.execute(
+                        "INSERT INTO traces (trace_id, created, size, payload) VALUES (?, ?, ?, ?)",
+                        (trace_id, time.time(), len(payload), payload),
+                    )
                 except sqlite3.Error as exc:
                     if not _is_disk_error(exc):
                         raise
@@ -253,10 +260,10 @@ class Spool:
                 now = time.time()
                 try:
                     self._db.execute("BEGIN IMMEDIATE")
-                    self._db.executemany("INSERT INTO traces (trace_id, created, size, payload) "
-                                         "VALUES (?, ?, ?, ?)",
-                                         [(trace_id, now, len(payload), payload)
-                                          for trace_id, payload in traces])
+                    self._db.executemany(
+                        "INSERT INTO traces (trace_id, created, size, payload) VALUES (?, ?, ?, ?)",
+                        [(trace_id, now, len(payload), payload) for trace_id, payload in traces],
+                    )
                     self._db.execute("COMMIT")
                 except sqlite3.Error as exc:
                     if self._db.in_transaction:
@@ -273,8 +280,9 @@ class Spool:
         with self._mutex:
             self.incomplete += count
             if self._lock_fd is not None:
-                _Block.write(self.path.with_suffix(".lock"), _Block.INCOMPLETE,
-                             {"traces": self.incomplete})
+                _Block.write(
+                    self.path.with_suffix(".lock"), _Block.INCOMPLETE, {"traces": self.incomplete}
+                )
 
     def count_drops(self, reason: str, count: int) -> None:
         """Count traces lost before they reached the spool (unencodable, queue full)."""
@@ -284,8 +292,11 @@ class Spool:
     def _count_drops(self, reason: str, count: int) -> None:
         self._drops[reason] += count
         if self._lock_fd is not None:
-            _Block.write(self.path.with_suffix(".lock"), _Block.DROPS,
-                         {reason: n for reason, n in self._drops.items() if n})
+            _Block.write(
+                self.path.with_suffix(".lock"),
+                _Block.DROPS,
+                {reason: n for reason, n in self._drops.items() if n},
+            )
 
     @property
     def drops(self) -> dict[str, int]:
@@ -295,8 +306,9 @@ class Spool:
 
     def set_shipper_state(self, state: str) -> None:
         """The shipper process says what it is doing (see :meth:`shipper_state`)."""
-        _Block.write(self.path.with_suffix(".lock"), _Block.STATE,
-                     {"state": state, "at": time.time()})
+        _Block.write(
+            self.path.with_suffix(".lock"), _Block.STATE, {"state": state, "at": time.time()}
+        )
 
     def shipper_state(self) -> tuple[str, float] | None:
         """What the shipper process last said it was doing, and when (wall clock)."""
@@ -306,8 +318,9 @@ class Spool:
     def take(self, limit: int) -> list[Entry]:
         """The oldest ``limit`` entries, in order, without removing them."""
         with self._mutex:
-            rows = self._db.execute("SELECT seq, trace_id, payload FROM traces ORDER BY seq "
-                                    "LIMIT ?", (limit,)).fetchall()
+            rows = self._db.execute(
+                "SELECT seq, trace_id, payload FROM traces ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
         return [Entry(*row) for row in rows]
 
     def ack(self, entries: list[Entry], stamps: Sequence[tuple[str, bytes]] = ()) -> None:
@@ -319,30 +332,39 @@ class Spool:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
                 f"DELETE FROM traces WHERE seq IN ({','.join('?' * len(entries))})",
-                [e.seq for e in entries])
-            self._db.executemany("INSERT INTO stamps (trace_id, size, payload) VALUES (?, ?, ?)",
-                                 [(trace_id, len(record), record) for trace_id, record in stamps])
+                [e.seq for e in entries],
+            )
+            self._db.executemany(
+                "INSERT INTO stamps (trace_id, size, payload) VALUES (?, ?, ?)",
+                [(trace_id, len(record), record) for trace_id, record in stamps],
+            )
             self._db.execute("COMMIT")
             self._bytes = self._used_bytes()
 
     def take_stamps(self, limit: int) -> list[Entry]:
         with self._mutex:
-            rows = self._db.execute("SELECT seq, trace_id, payload FROM stamps ORDER BY seq "
-                                    "LIMIT ?", (limit,)).fetchall()
+            rows = self._db.execute(
+                "SELECT seq, trace_id, payload FROM stamps ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
         return [Entry(*row) for row in rows]
 
     def ack_stamps(self, stamps: list[Entry]) -> None:
         with self._mutex:
-            self._db.execute(f"DELETE FROM stamps WHERE seq IN ({','.join('?' * len(stamps))})",
-                             [s.seq for s in stamps])
+            self._db.execute(
+                f"DELETE FROM stamps WHERE seq IN ({','.join('?' * len(stamps))})",
+                [s.seq for s in stamps],
+            )
             self._bytes = self._used_bytes()
 
     def reject(self, entry: Entry, reason: str) -> None:
         """The store refused this trace: set it aside (kept, counted) so the rest can go on."""
         with self._mutex:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("INSERT OR IGNORE INTO rejected SELECT seq, trace_id, created, size, "
-                             "payload, ? FROM traces WHERE seq = ?", (reason, entry.seq))
+            self._db.execute(
+                "INSERT OR IGNORE INTO rejected SELECT seq, trace_id, created, size, "
+                "payload, ? FROM traces WHERE seq = ?",
+                (reason, entry.seq),
+            )
             self._db.execute("DELETE FROM traces WHERE seq = ?", (entry.seq,))
             self._db.execute("COMMIT")
 
@@ -356,11 +378,13 @@ class Spool:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 count, size = self._db.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM feedback").fetchone()
+                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM feedback"
+                ).fetchone()
                 evicted: list[int] = []
                 if count + 1 > max_entries or size + len(payload) > max_bytes:
                     for seq, length in self._db.execute(
-                            "SELECT seq, LENGTH(payload) FROM feedback ORDER BY seq"):
+                        "SELECT seq, LENGTH(payload) FROM feedback ORDER BY seq"
+                    ):
                         if count + 1 <= max_entries and size + len(payload) <= max_bytes:
                             break
                         evicted.append(seq)
@@ -369,10 +393,13 @@ class Spool:
                     evicted.clear()
                     self._count_feedback_drop("budget", 1)
                 else:
-                    self._db.executemany("DELETE FROM feedback WHERE seq = ?",
-                                         [(seq,) for seq in evicted])
-                    self._db.execute("INSERT INTO feedback (created, payload) VALUES (?, ?)",
-                                     (time.time(), payload))
+                    self._db.executemany(
+                        "DELETE FROM feedback WHERE seq = ?", [(seq,) for seq in evicted]
+                    )
+                    self._db.execute(
+                        "INSERT INTO feedback (created, payload) VALUES (?, ?)",
+                        (time.time(), payload),
+                    )
                     if evicted:
                         self._count_feedback_drop("budget", len(evicted))
                 self._db.execute("COMMIT")
@@ -386,7 +413,9 @@ class Spool:
         with self._mutex:
             rows = self._db.execute(
                 "SELECT seq, created, payload, tries FROM feedback WHERE due <= ? "
-                "ORDER BY tries > 0, due, seq LIMIT ?", (time.time(), limit)).fetchall()
+                "ORDER BY tries > 0, due, seq LIMIT ?",
+                (time.time(), limit),
+            ).fetchall()
         return [FeedbackEntry(*row) for row in rows]
 
     def ack_feedback(self, entry: FeedbackEntry, dropped: str | None = None) -> None:
@@ -400,16 +429,19 @@ class Spool:
     def retry_feedback(self, entry: FeedbackEntry, due: float) -> None:
         """Its trace is not in the store yet: look again at ``due`` (wall clock)."""
         with self._mutex:
-            self._db.execute("UPDATE feedback SET tries = tries + 1, due = ? WHERE seq = ?",
-                             (due, entry.seq))
+            self._db.execute(
+                "UPDATE feedback SET tries = tries + 1, due = ? WHERE seq = ?", (due, entry.seq)
+            )
 
     def _count_feedback_drop(self, reason: str, count: int) -> None:
         # In the database: the app (budget) and the shipper process (expired, refused) both
         # count, and an update in place adds to what the other wrote.
         assert reason in FEEDBACK_DROP_REASONS, reason
-        self._db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
-                         "value = CAST(value AS INTEGER) + excluded.value",
-                         (f"feedback_dropped:{reason}", str(count)))
+        self._db.execute(
+            "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+            "value = CAST(value AS INTEGER) + excluded.value",
+            (f"feedback_dropped:{reason}", str(count)),
+        )
 
     def feedback(self) -> tuple[int, int, dict[str, int]]:
         """Feedback waiting for its trace (count, bytes) and feedback dropped, by reason."""
@@ -426,21 +458,30 @@ class Spool:
         """Everything still to reach the store: traces, stamps, and feedback not looked up
         yet (feedback whose trace was not there waits for it, but nothing waits for that)."""
         with self._mutex:
-            return self._db.execute("SELECT (SELECT COUNT(*) FROM traces) + (SELECT COUNT(*) "
-                                    "FROM feedback WHERE tries = 0) + (SELECT COUNT(*) FROM "
-                                    "stamps)").fetchone()[0]
+            return self._db.execute(
+                "SELECT (SELECT COUNT(*) FROM traces) + (SELECT COUNT(*) "
+                "FROM feedback WHERE tries = 0) + (SELECT COUNT(*) FROM "
+                "stamps)"
+            ).fetchone()[0]
 
     def close(self, remove_if_empty: bool = True) -> None:
         with self._mutex:
             try:
-                empty = self._db.execute(
-                    "SELECT (SELECT COUNT(*) FROM traces) + (SELECT COUNT(*) FROM feedback) + "
-                    "(SELECT COUNT(*) FROM stamps) + (SELECT COUNT(*) FROM rejected)"
-                ).fetchone()[0] == 0
+                empty = (
+                    self._db.execute(
+                        "SELECT (SELECT COUNT(*) FROM traces) + (SELECT COUNT(*) FROM feedback) + "
+                        "(SELECT COUNT(*) FROM stamps) + (SELECT COUNT(*) FROM rejected)"
+                    ).fetchone()[0]
+                    == 0
+                )
                 # Feedback drops are counted here only: the file stays for `spool status`.
-                dropped_feedback = self._db.execute(
-                    "SELECT COUNT(*) FROM meta WHERE key LIKE 'feedback_dropped%' AND "
-                    "CAST(value AS INTEGER) > 0").fetchone()[0] > 0
+                dropped_feedback = (
+                    self._db.execute(
+                        "SELECT COUNT(*) FROM meta WHERE key LIKE 'feedback_dropped%' AND "
+                        "CAST(value AS INTEGER) > 0"
+                    ).fetchone()[0]
+                    > 0
+                )
             except sqlite3.Error:  # a file gone bad under us: leave it for `spool status`
                 empty = dropped_feedback = False
             dropped = any(self._drops.values()) or dropped_feedback
@@ -465,7 +506,10 @@ def _add_feedback_retries(db: sqlite3.Connection) -> None:
     """A spool written before feedback look-ups were retried with back-off gets the columns
     (readers that do not know them are unaffected)."""
     columns = {row[1] for row in db.execute("PRAGMA table_info(feedback)")}
-    for column, kind in (("tries", "INTEGER NOT NULL DEFAULT 0"), ("due", "REAL NOT NULL DEFAULT 0")):
+    for column, kind in (
+        ("tries", "INTEGER NOT NULL DEFAULT 0"),
+        ("due", "REAL NOT NULL DEFAULT 0"),
+    ):
         if column not in columns:
             db.execute(f"ALTER TABLE feedback ADD COLUMN {column} {kind}")
 
@@ -482,8 +526,10 @@ def _check_format(db: sqlite3.Connection, path: Path, existing: bool) -> None:
             raise sqlite3.DatabaseError(f"{path} is not a tracewire spool") from None
         return  # a new spool
     if row is not None and int(row[0]) > FORMAT_VERSION:
-        raise SpoolError(f"{path} has spool format {row[0]}; this tracewire reads up to "
-                         f"{FORMAT_VERSION}: upgrade tracewire to ship it")
+        raise SpoolError(
+            f"{path} has spool format {row[0]}; this tracewire reads up to "
+            f"{FORMAT_VERSION}: upgrade tracewire to ship it"
+        )
 
 
 class _Block:
@@ -534,8 +580,12 @@ def set_aside(db_path: Path, reason: str) -> Path:
     for suffix in ("-wal", "-shm"):
         Path(str(db_path) + suffix).unlink(missing_ok=True)
     os.replace(db_path, target)
-    logger.warning("tracewire: %s is not a spool tracewire can read (%s); set aside as %s",
-                   db_path, reason, target.name)
+    logger.warning(
+        "tracewire: %s is not a spool tracewire can read (%s); set aside as %s",
+        db_path,
+        reason,
+        target.name,
+    )
     return target
 
 
@@ -551,27 +601,38 @@ def private_directory(directory: Path) -> None:
         pass
     info = os.lstat(directory)
     if stat.S_ISLNK(info.st_mode) and info.st_uid not in (os.geteuid(), 0):
-        raise SpoolError(f"the spool directory {directory} is a symbolic link of another user "
-                         f"(uid {info.st_uid})")
+        raise SpoolError(
+            f"the spool directory {directory} is a symbolic link of another user "
+            f"(uid {info.st_uid})"
+        )
     info = os.stat(directory)
     if not stat.S_ISDIR(info.st_mode):
         raise SpoolError(f"the spool directory {directory} is not a directory")
     if info.st_uid != os.geteuid():
-        raise SpoolError(f"the spool directory {directory} belongs to another user (uid "
-                         f"{info.st_uid}, this process runs as uid {os.geteuid()}): the "
-                         "prompts it holds would be theirs to read")
+        raise SpoolError(
+            f"the spool directory {directory} belongs to another user (uid "
+            f"{info.st_uid}, this process runs as uid {os.geteuid()}): the "
+            "prompts it holds would be theirs to read"
+        )
     if stat.S_IMODE(info.st_mode) & 0o077:
         os.chmod(directory, 0o700)
-        logger.warning("tracewire: the spool directory %s was open to other users (mode %o); "
-                       "made it 0700", directory, stat.S_IMODE(info.st_mode))
+        logger.warning(
+            "tracewire: the spool directory %s was open to other users (mode %o); made it 0700",
+            directory,
+            stat.S_IMODE(info.st_mode),
+        )
 
 
 def unsafe(db_path: Path) -> str | None:
     """Why tracewire must not open the spool ``db_path`` (or its -wal, -shm or .lock): a
     symbolic link, not a regular file, another user's, or a file with another name too (a hard
     link); None if they are safe (or absent)."""
-    for path in (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm"),
-                 db_path.with_suffix(".lock")):
+    for path in (
+        db_path,
+        Path(f"{db_path}-wal"),
+        Path(f"{db_path}-shm"),
+        db_path.with_suffix(".lock"),
+    ):
         try:
             info = os.lstat(path)
         except FileNotFoundError:
@@ -671,7 +732,7 @@ _refused: set[Path] = set()
 def status(directory: Path) -> list[Status]:
     """Every spool in ``directory``, read without taking it over, and every file in it that
     cannot be shipped (with its ``problem``)."""
-    found = []
+    found: list[Status] = []
     if not directory.is_dir():
         return found
     for db_path in sorted(directory.glob("spool-*.db")):
@@ -684,7 +745,8 @@ def status(directory: Path) -> list[Status]:
             try:
                 _check_format(db, db_path, existing=True)
                 pending, size, oldest = db.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM traces").fetchone()
+                    "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM traces"
+                ).fetchone()
                 feedback, feedback_bytes, feedback_drops = _feedback_counts(db)
                 where = db.execute("SELECT value FROM meta WHERE key = 'destination'").fetchone()
                 rejected = _count(db, "rejected")
@@ -700,28 +762,49 @@ def status(directory: Path) -> list[Status]:
         except sqlite3.Error as exc:
             if not db_path.exists() or (live and "not a tracewire spool" in str(exc)):
                 continue  # being created or removed right now: not a spool to report yet
-            found.append(_unshippable(db_path, live, f"unreadable ({exc}): not shipped; a "
-                                      "shipper sets it aside if it has a .lock beside it"))
+            found.append(
+                _unshippable(
+                    db_path,
+                    live,
+                    f"unreadable ({exc}): not shipped; a "
+                    "shipper sets it aside if it has a .lock beside it",
+                )
+            )
             continue
         lock_path = db_path.with_suffix(".lock")
-        found.append(Status(db_path, pending, size, oldest, live, feedback, rejected, stamps,
-                            _Block.read(lock_path, _Block.INCOMPLETE).get("traces", 0),
-                            _Block.read(lock_path, _Block.DROPS),
-                            feedback_bytes=feedback_bytes, feedback_drops=feedback_drops,
-                            destination=scrub.text(where[0]) if where else ""))
+        found.append(
+            Status(
+                db_path,
+                pending,
+                size,
+                oldest,
+                live,
+                feedback,
+                rejected,
+                stamps,
+                _Block.read(lock_path, _Block.INCOMPLETE).get("traces", 0),
+                _Block.read(lock_path, _Block.DROPS),
+                feedback_bytes=feedback_bytes,
+                feedback_drops=feedback_drops,
+                destination=scrub.text(where[0]) if where else "",
+            )
+        )
     for path in sorted(directory.glob(f"spool-*{UNREADABLE_SUFFIX}")):
-        found.append(_unshippable(path, False, "unreadable, set aside: not shipped; inspect or "
-                                  "delete it"))
+        found.append(
+            _unshippable(path, False, "unreadable, set aside: not shipped; inspect or delete it")
+        )
     return found
 
 
 def _feedback_counts(db: sqlite3.Connection) -> tuple[int, int, dict[str, int]]:
     """Feedback waiting for its trace (count, bytes) and feedback dropped, by reason."""
     pending, size = db.execute(
-        "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM feedback").fetchone()
+        "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM feedback"
+    ).fetchone()
     meta = dict(db.execute("SELECT key, value FROM meta WHERE key LIKE 'feedback_dropped%'"))
-    drops = {reason: int(meta.get(f"feedback_dropped:{reason}", 0))
-             for reason in FEEDBACK_DROP_REASONS}
+    drops = {
+        reason: int(meta.get(f"feedback_dropped:{reason}", 0)) for reason in FEEDBACK_DROP_REASONS
+    }
     drops["expired"] += int(meta.get("feedback_dropped", 0))  # from before drops had reasons
     return pending, size, {reason: n for reason, n in drops.items() if n}
 
@@ -729,8 +812,10 @@ def _feedback_counts(db: sqlite3.Connection) -> tuple[int, int, dict[str, int]]:
 def describe_feedback(pending: int, size: int, drops: dict[str, int]) -> str:
     """What became of feedback, in words: waiting for its trace, dropped by reason."""
     why = ", ".join(f"{n} {reason}" for reason, n in sorted(drops.items()) if n)
-    return (f"{pending} feedback waiting for its trace ({size / 1024:.1f} KiB), "
-            f"{sum(drops.values())} feedback dropped{f' ({why})' if why else ''}")
+    return (
+        f"{pending} feedback waiting for its trace ({size / 1024:.1f} KiB), "
+        f"{sum(drops.values())} feedback dropped{f' ({why})' if why else ''}"
+    )
 
 
 def _unshippable(path: Path, live: bool, problem: str) -> Status:
@@ -762,9 +847,11 @@ def replay(directory: Path) -> int:
             except (SpoolError, sqlite3.DatabaseError):
                 continue  # not ours to change: `spool status` says why
             db.execute("BEGIN IMMEDIATE")
-            moved += db.execute("INSERT INTO traces (trace_id, created, size, payload) "
-                                "SELECT trace_id, created, size, payload FROM rejected "
-                                "ORDER BY seq").rowcount
+            moved += db.execute(
+                "INSERT INTO traces (trace_id, created, size, payload) "
+                "SELECT trace_id, created, size, payload FROM rejected "
+                "ORDER BY seq"
+            ).rowcount
             db.execute("DELETE FROM rejected")
             db.execute("COMMIT")
         finally:

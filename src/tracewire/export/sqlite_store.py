@@ -29,8 +29,9 @@ import os
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 _LOCK_SUFFIX = ".tracewire-init.lock"
 _TEMPORARY = ".tracewire-"  # "<name>.tracewire-<pid>-<random>.tmp" and its journals
@@ -59,8 +60,9 @@ def _create(db_path: Path) -> None:
             stale.unlink(missing_ok=True)  # a creator that died: only the lock holder builds
         if db_path.exists():  # made by the creator we waited for
             return
-        tmp = db_path.with_name(f"{db_path.name}{_TEMPORARY}{os.getpid()}-"
-                                f"{secrets.token_hex(6)}.tmp")
+        tmp = db_path.with_name(
+            f"{db_path.name}{_TEMPORARY}{os.getpid()}-{secrets.token_hex(6)}.tmp"
+        )
         try:
             _build(tmp)
             _check(tmp)
@@ -110,8 +112,12 @@ def _whole(path: Path) -> bool:
     except sqlite3.Error:
         return False
     try:
-        return connection.execute("SELECT COUNT(*) FROM experiments WHERE experiment_id = 0"
-                                  ).fetchone()[0] == 1
+        return (
+            connection.execute(
+                "SELECT COUNT(*) FROM experiments WHERE experiment_id = 0"
+            ).fetchone()[0]
+            == 1
+        )
     except sqlite3.Error:  # no such table yet, or locked by its maker
         return False
     finally:
@@ -122,10 +128,14 @@ def _check(tmp: Path) -> None:
     """MLflow returned, so its schema check passed; check the file itself before publishing."""
     connection = sqlite3.connect(f"{tmp.as_uri()}?mode=ro", uri=True)
     try:
-        ok = connection.execute("PRAGMA quick_check").fetchone()[0] == "ok" and \
-            connection.execute("SELECT COUNT(*) FROM alembic_version").fetchone()[0] == 1 and \
-            connection.execute("SELECT COUNT(*) FROM experiments WHERE experiment_id = 0"
-                               ).fetchone()[0] == 1
+        ok = (
+            connection.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+            and connection.execute("SELECT COUNT(*) FROM alembic_version").fetchone()[0] == 1
+            and connection.execute(
+                "SELECT COUNT(*) FROM experiments WHERE experiment_id = 0"
+            ).fetchone()[0]
+            == 1
+        )
     finally:
         connection.close()
     if not ok or any(Path(f"{tmp}{sidecar}").exists() for sidecar in _SIDECARS[1:]):

@@ -18,8 +18,9 @@ import contextlib
 import json
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from mlflow.entities import Span as MlflowSpan
 from mlflow.entities import Trace, TraceData, TraceInfo, TraceLocation, TraceState
@@ -72,21 +73,25 @@ def _http_request(*args: Any, **kwargs: Any) -> Any:
     the real status and Retry-After are recorded; redirects are not followed."""
     if getattr(_shipping, "timeout", None) is None:
         return _original_http_request(*args, **kwargs)  # type: ignore[misc]
-    kwargs.update(max_retries=0, timeout=_shipping.timeout, raise_on_status=False,
-                  allow_redirects=False)
+    kwargs.update(
+        max_retries=0, timeout=_shipping.timeout, raise_on_status=False, allow_redirects=False
+    )
     _shipping.status = _shipping.retry_after = None
     response = _original_http_request(*args, **kwargs)  # type: ignore[misc]
     _shipping.status = response.status_code
     _shipping.retry_after = _retry_after(response.headers.get("Retry-After"))
     if 300 <= response.status_code < 400:
-        raise StoreAnswerError(f"the tracking server redirected ({response.status_code}) to "
-                               f"{scrub.text(response.headers.get('Location', '?'))}")
+        raise StoreAnswerError(
+            f"the tracking server redirected ({response.status_code}) to "
+            f"{scrub.text(response.headers.get('Location', '?'))}"
+        )
     kind = response.headers.get("Content-Type", "").split(";")[0].strip()
     endpoint = kwargs.get("endpoint", args[1] if len(args) > 1 else None)
-    if response.status_code < 300 and kind not in _ANSWER_TYPES and \
-            endpoint != _VERSION_ENDPOINT:
-        raise StoreAnswerError(f"the tracking server answered {response.status_code} with "
-                               f"{kind or 'no content type'}, not MLflow's answer")
+    if response.status_code < 300 and kind not in _ANSWER_TYPES and endpoint != _VERSION_ENDPOINT:
+        raise StoreAnswerError(
+            f"the tracking server answered {response.status_code} with "
+            f"{kind or 'no content type'}, not MLflow's answer"
+        )
     return response
 
 
@@ -140,14 +145,23 @@ class Decoded:
 # and metadata that describes rather than identifies (the process's source, sizes, the root's
 # values cut short): neither is worth a request of its own (a ``start_trace`` each, the server's
 # bottleneck, about 50 a second), and the latter rides along when a trace is stamped anyway.
-_NO_STAMP = frozenset({
-    TRACE_SCHEMA_VERSION_KEY, keys.TRACE_SESSION, keys.TRACE_USER, keys.TRACE_TOKEN_USAGE,
-    keys.TRACE_COST, keys.TRACE_INPUTS, keys.TRACE_OUTPUTS, TraceMetadataKey.SIZE_STATS,
-    TraceMetadataKey.SIZE_BYTES, *TRACE_RESOLVE_TAGS_ALLOWLIST})
+_NO_STAMP = frozenset(
+    {
+        TRACE_SCHEMA_VERSION_KEY,
+        keys.TRACE_SESSION,
+        keys.TRACE_USER,
+        keys.TRACE_TOKEN_USAGE,
+        keys.TRACE_COST,
+        keys.TRACE_INPUTS,
+        keys.TRACE_OUTPUTS,
+        TraceMetadataKey.SIZE_STATS,
+        TraceMetadataKey.SIZE_BYTES,
+        *TRACE_RESOLVE_TAGS_ALLOWLIST,
+    }
+)
 
 
-def decode(payload: bytes, experiment_id: str, record_in_spans: bool,
-           catalog: bool) -> Decoded:
+def decode(payload: bytes, experiment_id: str, record_in_spans: bool, catalog: bool) -> Decoded:
     """Spool bytes -> MLflow's trace record and spans, in ``experiment_id`` unless the trace
     names its own. A payload of version 2 (what the app captured, export/records.py) is made
     into MLflow's span records here, with prices from MLflow's catalog if ``catalog`` (a store
@@ -168,8 +182,10 @@ def decode(payload: bytes, experiment_id: str, record_in_spans: bool,
             request_time=head["request_time"],
             execution_duration=head["execution_duration"],
             state=TraceState(fields.get("state", head["state"])),
-            trace_metadata={TRACE_SCHEMA_VERSION_KEY: str(TRACE_SCHEMA_VERSION),
-                            **head.get("metadata", {})},
+            trace_metadata={
+                TRACE_SCHEMA_VERSION_KEY: str(TRACE_SCHEMA_VERSION),
+                **head.get("metadata", {}),
+            },
             tags={keys.TRACE_NAME: head["name"], **head.get("tags", {})},
             client_request_id=fields.get("client_request_id"),
             # The app's own previews, else ours where MLflow's would be raw JSON (encode.py).
@@ -191,20 +207,28 @@ def decode(payload: bytes, experiment_id: str, record_in_spans: bool,
     if info is None:
         return Decoded(None, [MlflowSpan.from_dict(d) for d in data["spans"]])
     # Before the spans are built: the root's attributes may carry the record.
-    via_spans = head is not None and record_in_spans and not head.get("set") and \
-        _record_in_root_span(head, context, data["spans"])
+    via_spans = (
+        head is not None
+        and record_in_spans
+        and not head.get("set")
+        and _record_in_root_span(head, context, data["spans"])
+    )
     trace_spans = [MlflowSpan.from_dict(d) for d in data["spans"]]
     _stamp(info, trace_spans, context)
-    stamp = via_spans and bool(info.client_request_id or head.get("previews") or
-                               set(info.trace_metadata) - _NO_STAMP)
+    stamp = via_spans and bool(
+        info.client_request_id or head.get("previews") or set(info.trace_metadata) - _NO_STAMP
+    )
     return Decoded(info, trace_spans, via_spans, stamp)
 
 
 def _storable_tags(tags: dict[str, str]) -> dict[str, str]:
     """The store refuses a whole trace over one long tag (a span named after a huge prompt, a
     tag set from request data): values cut to its limit, keys it cannot hold dropped."""
-    return {key: value[:MAX_CHARS_IN_TRACE_INFO_TAGS_VALUE] for key, value in tags.items()
-            if len(key) <= MAX_CHARS_IN_TRACE_INFO_TAGS_KEY}
+    return {
+        key: value[:MAX_CHARS_IN_TRACE_INFO_TAGS_VALUE]
+        for key, value in tags.items()
+        if len(key) <= MAX_CHARS_IN_TRACE_INFO_TAGS_KEY
+    }
 
 
 def _context_tags(context: dict[str, Any]) -> dict[str, str]:
@@ -213,8 +237,9 @@ def _context_tags(context: dict[str, Any]) -> dict[str, str]:
     return {**context["tags"], **request_id}
 
 
-def _record_in_root_span(head: dict[str, Any], context: dict[str, Any],
-                         span_dicts: list[dict[str, Any]]) -> bool:
+def _record_in_root_span(
+    head: dict[str, Any], context: dict[str, Any], span_dicts: list[dict[str, Any]]
+) -> bool:
     """Put what ``start_trace`` would record into the root span, in the attributes a tracking
     server reads when spans arrive for a trace it does not have yet (MLflow's OTLP intake:
     ``SqlAlchemyStore._log_spans_once``): tags as ``mlflow.traceTag.<key>`` (the request id
@@ -231,8 +256,9 @@ def _record_in_root_span(head: dict[str, Any], context: dict[str, Any],
         return False
     attributes = root["attributes"]
     metadata = head.get("metadata", {})
-    tags = _storable_tags({keys.TRACE_NAME: head["name"], **_context_tags(context),
-                           **head.get("tags", {})})
+    tags = _storable_tags(
+        {keys.TRACE_NAME: head["name"], **_context_tags(context), **head.get("tags", {})}
+    )
     for key, value in tags.items():
         attributes[SpanAttributeKey.TRACE_TAG_PREFIX + key] = json.dumps(value)
     if session := metadata.get(keys.TRACE_SESSION) or context["session_id"]:
@@ -253,17 +279,21 @@ def _stamp(info: TraceInfo, trace_spans: list[MlflowSpan], context: dict[str, An
     if context["request_id"] and not info.client_request_id:
         info.client_request_id = context["request_id"]
     info.tags = _storable_tags({**_context_tags(context), **info.tags})
-    if usage := aggregate_usage_from_spans(trace_spans):
+    if usage := aggregate_usage_from_spans(trace_spans):  # type: ignore[arg-type]
         metadata[keys.TRACE_TOKEN_USAGE] = json.dumps(usage)
     # A store that prices spans sums the trace's cost itself; one that does not gets ours.
-    if should_compute_cost_client_side() and (total := aggregate_cost_from_spans(trace_spans)):
+    if should_compute_cost_client_side() and (
+        total := aggregate_cost_from_spans(trace_spans)  # type: ignore[arg-type]
+    ):
         metadata[keys.TRACE_COST] = json.dumps(total)
     set_request_response_preview(info, TraceData(spans=trace_spans))
     if (root := next((s for s in trace_spans if s.parent_id is None), None)) is not None:
         # As MLflow's span processor records them (its trace table still reads them).
         attributes = root.to_dict()["attributes"]
-        for key, attribute in ((keys.TRACE_INPUTS, SpanAttributeKey.INPUTS),
-                               (keys.TRACE_OUTPUTS, SpanAttributeKey.OUTPUTS)):
+        for key, attribute in (
+            (keys.TRACE_INPUTS, SpanAttributeKey.INPUTS),
+            (keys.TRACE_OUTPUTS, SpanAttributeKey.OUTPUTS),
+        ):
             metadata.setdefault(key, _metadata_text(attributes.get(attribute) or ""))
     # MLflow's exporter adds them to each trace it writes; the store reads the span count to
     # tell a trace whose spans are all written from one still arriving.
@@ -273,7 +303,7 @@ def _stamp(info: TraceInfo, trace_spans: list[MlflowSpan], context: dict[str, An
 def _metadata_text(value: str) -> str:
     if len(value) <= MAX_CHARS_IN_TRACE_INFO_METADATA:
         return value
-    return value[:MAX_CHARS_IN_TRACE_INFO_METADATA - len(TRUNCATION_SUFFIX)] + TRUNCATION_SUFFIX
+    return value[: MAX_CHARS_IN_TRACE_INFO_METADATA - len(TRUNCATION_SUFFIX)] + TRUNCATION_SUFFIX
 
 
 _FEEDBACK_ID = "tracewire.feedback_id"
@@ -346,7 +376,7 @@ class Store:
             if (path := destination.sqlite_path(uri)) is not None:
                 sqlite_store.create(path)  # a fresh local store: whole, or not at all
             client = TracingClient(uri)
-            client.store  # opens the store (a database one checks its schema)
+            _ = client.store  # opens the store (a database one checks its schema)
             self._client = client
         if self._experiment_id is None:
             self._experiment_id = self._resolve_experiment()
@@ -387,8 +417,7 @@ class Store:
             client, experiment_id = self.experiment()
             trace_id = data["trace_id"]
             if trace_id is None:
-                trace_id = self._trace_of_request(client, experiment_id, data["request_id"],
-                                                  poster)
+                trace_id = self._trace_of_request(client, experiment_id, data["request_id"], poster)
                 if trace_id is None:
                     return WAITING
             try:
@@ -398,21 +427,32 @@ class Store:
                     return WAITING
                 raise
             if poster is not None and not feedback.may_post(
-                    info.tags.get(keys.FEEDBACK_FROM_TAG), poster):
+                info.tags.get(keys.FEEDBACK_FROM_TAG), poster
+            ):
                 return REFUSED
-            if any((a.metadata or {}).get(_FEEDBACK_ID) == data["feedback_id"]
-                   for a in info.assessments):
+            if any(
+                (a.metadata or {}).get(_FEEDBACK_ID) == data["feedback_id"]
+                for a in info.assessments
+            ):
                 return APPLIED  # applied before a crash that kept it spooled
-            client.log_assessment(trace_id, Feedback(
-                name=data["name"], value=data["value"], rationale=data["rationale"],
-                source=AssessmentSource(source_type="HUMAN",
-                                        source_id=data["source_id"] or "anonymous"),
-                metadata={_FEEDBACK_ID: data["feedback_id"]}))
+            client.log_assessment(
+                trace_id,
+                Feedback(
+                    name=data["name"],
+                    value=data["value"],
+                    rationale=data["rationale"],
+                    source=AssessmentSource(
+                        source_type="HUMAN", source_id=data["source_id"] or "anonymous"
+                    ),
+                    metadata={_FEEDBACK_ID: data["feedback_id"]},
+                ),
+            )
             return APPLIED
 
     @staticmethod
-    def _trace_of_request(client: Any, experiment_id: str, request_id: str,
-                          poster: str | None) -> str | None:
+    def _trace_of_request(
+        client: Any, experiment_id: str, request_id: str, poster: str | None
+    ) -> str | None:
         """The trace feedback by request id lands on: the newest with that id for the app's
         own feedback; for the route's, only one the poster may give feedback on, found by
         that in the filter, so that other clients' traces with the same id (as many as they
@@ -422,13 +462,21 @@ class Store:
         if poster is None:
             wanted: list[str | None] = [None]
         else:  # the poster's own traces, then an anonymous one whose request id it holds
-            wanted = [poster, feedback.BEARER] if poster != feedback.ANONYMOUS \
-                else [feedback.BEARER]
+            wanted = (
+                [poster, feedback.BEARER] if poster != feedback.ANONYMOUS else [feedback.BEARER]
+            )
         for feedback_from in wanted:
-            condition = by_id if feedback_from is None else \
-                f"{by_id} AND tags.`{keys.FEEDBACK_FROM_TAG}` = '{feedback_from}'"
-            found = client.search_traces(locations=[experiment_id], max_results=1,
-                                         include_spans=False, filter_string=condition)
+            condition = (
+                by_id
+                if feedback_from is None
+                else f"{by_id} AND tags.`{keys.FEEDBACK_FROM_TAG}` = '{feedback_from}'"
+            )
+            found = client.search_traces(
+                locations=[experiment_id],
+                max_results=1,
+                include_spans=False,
+                filter_string=condition,
+            )
             if found:
                 return found[0].info.trace_id
         return None
@@ -463,13 +511,17 @@ class Store:
                 try:
                     decoded = decode(entry.payload, experiment_id, not sql, self._catalog)
                 except Exception as exc:  # set aside with the reason, never with content
-                    raise Undecodable(f"{type(exc).__name__} in spooled trace {entry.trace_id}")
+                    raise Undecodable(
+                        f"{type(exc).__name__} in spooled trace {entry.trace_id}"
+                    ) from None
                 info = decoded.info
                 if info is not None and not decoded.via_spans:
                     infos.append(info)
-                elif decoded.stamp:
+                elif decoded.stamp and info is not None:
                     later.append(info)
-                location = info.experiment_id if info is not None else experiment_id
+                location = (
+                    info.experiment_id if info is not None and info.experiment_id else experiment_id
+                )
                 by_experiment.setdefault(location, []).extend(decoded.spans)
             if sql:
                 _write_sql(store, infos, by_experiment)
@@ -499,9 +551,15 @@ class Store:
                     failures.append(exc)
                     status.append((_shipping.status, _shipping.retry_after))
 
-            threads = [threading.Thread(target=write, args=(infos[i::_STAMPS_IN_FLIGHT],),
-                                        name="tracewire-stamp", daemon=True)
-                       for i in range(min(_STAMPS_IN_FLIGHT, len(infos)))]
+            threads = [
+                threading.Thread(
+                    target=write,
+                    args=(infos[i::_STAMPS_IN_FLIGHT],),
+                    name="tracewire-stamp",
+                    daemon=True,
+                )
+                for i in range(min(_STAMPS_IN_FLIGHT, len(infos)))
+            ]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -515,15 +573,18 @@ def _log_spans(store: Any, location: str, batch: list[MlflowSpan]) -> None:
     try:
         store.log_spans(location, batch)
     except NotImplementedError as exc:  # MLflow's words hide the usual cause
-        raise StoreAnswerError(f"{exc} (the server did not answer; or it is older than MLflow "
-                               "3.4)") from None
+        raise StoreAnswerError(
+            f"{exc} (the server did not answer; or it is older than MLflow 3.4)"
+        ) from None
 
 
 def _start_trace(store: Any, info: TraceInfo) -> None:
     stored = store.start_trace(info)
     if stored.trace_id != info.trace_id:  # an empty answer read as a success (cut off)
-        raise StoreAnswerError(f"the store answered start_trace for {info.trace_id} with "
-                               f"{stored.trace_id or 'no trace'}")
+        raise StoreAnswerError(
+            f"the store answered start_trace for {info.trace_id} with "
+            f"{stored.trace_id or 'no trace'}"
+        )
 
 
 def is_sql(store: Any) -> bool:
@@ -552,6 +613,7 @@ def _one_transaction(store: Any) -> Iterator[Any]:
         return experiments[experiment_id]
 
     with make_session(read_only=False) as session:
+
         @contextlib.contextmanager
         def shared_session(read_only: bool = True) -> Iterator[Any]:
             yield session
@@ -564,16 +626,25 @@ def _one_transaction(store: Any) -> Iterator[Any]:
             del store.get_experiment  # back to the class's method
 
 
-def _write_sql(store: Any, infos: list[TraceInfo],
-               by_experiment: dict[str, list[MlflowSpan]]) -> None:
+def _write_sql(
+    store: Any, infos: list[TraceInfo], by_experiment: dict[str, list[MlflowSpan]]
+) -> None:
     from mlflow.store.tracking.dbmodels.models import SqlTraceInfo
 
     with _one_transaction(store) as session:
         ids = [info.trace_id for info in infos]
         # Already stored (shipped before a crash that kept them spooled): MLflow would merge
         # them after a rollback, which would undo the rest of this shared transaction.
-        stored = {row[0] for row in session.query(SqlTraceInfo.request_id)
-                  .filter(SqlTraceInfo.request_id.in_(ids))} if ids else set()
+        stored = (
+            {
+                row[0]
+                for row in session.query(SqlTraceInfo.request_id).filter(
+                    SqlTraceInfo.request_id.in_(ids)
+                )
+            }
+            if ids
+            else set()
+        )
         for info in infos:
             if info.trace_id not in stored:
                 store.start_trace(info)

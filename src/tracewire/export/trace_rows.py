@@ -23,48 +23,50 @@ if TYPE_CHECKING:
 PARTITION = "request_date"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def schema() -> pa.Schema:
     """The table's Arrow schema (pyarrow is imported only by what reads or writes the table:
     ``tracewire stats`` on the store runs without it)."""
     import pyarrow as pa
 
-    return pa.schema([
-        pa.field("trace_id", pa.string(), nullable=False),
-        pa.field("client_request_id", pa.string()),
-        pa.field("request_time", pa.timestamp("ms", tz="UTC")),
-        pa.field(PARTITION, pa.date32()),
-        pa.field("state", pa.string()),
-        pa.field("execution_duration_ms", pa.int64()),
-        pa.field("name", pa.string()),
-        pa.field("session", pa.string()),
-        pa.field("user", pa.string()),
-        pa.field("environment", pa.string()),
-        pa.field("service_version", pa.string()),
-        pa.field("region", pa.string()),
-        pa.field("tags", pa.string()),
-        pa.field("request_preview", pa.string()),
-        pa.field("response_preview", pa.string()),
-        pa.field("input_tokens", pa.int64()),
-        pa.field("output_tokens", pa.int64()),
-        pa.field("total_tokens", pa.int64()),
-        pa.field("cache_read_input_tokens", pa.int64()),
-        pa.field("cache_creation_input_tokens", pa.int64()),
-        pa.field("input_cost_usd", pa.float64()),
-        pa.field("output_cost_usd", pa.float64()),
-        pa.field("total_cost_usd", pa.float64()),
-        pa.field("models", pa.list_(pa.string())),
-        pa.field("route", pa.string()),
-        pa.field("http_status", pa.int32()),
-        pa.field("time_to_first_byte_ms", pa.float64()),
-        pa.field("error_message", pa.string()),
-        pa.field("feedback_count", pa.int32()),
-        pa.field("feedback_positive", pa.int32()),
-        pa.field("assessments", pa.string()),
-        pa.field("assessments_hash", pa.string()),
-        pa.field("revision", pa.string()),
-        pa.field("spans", pa.string()),
-    ])
+    return pa.schema(
+        [
+            pa.field("trace_id", pa.string(), nullable=False),
+            pa.field("client_request_id", pa.string()),
+            pa.field("request_time", pa.timestamp("ms", tz="UTC")),
+            pa.field(PARTITION, pa.date32()),
+            pa.field("state", pa.string()),
+            pa.field("execution_duration_ms", pa.int64()),
+            pa.field("name", pa.string()),
+            pa.field("session", pa.string()),
+            pa.field("user", pa.string()),
+            pa.field("environment", pa.string()),
+            pa.field("service_version", pa.string()),
+            pa.field("region", pa.string()),
+            pa.field("tags", pa.string()),
+            pa.field("request_preview", pa.string()),
+            pa.field("response_preview", pa.string()),
+            pa.field("input_tokens", pa.int64()),
+            pa.field("output_tokens", pa.int64()),
+            pa.field("total_tokens", pa.int64()),
+            pa.field("cache_read_input_tokens", pa.int64()),
+            pa.field("cache_creation_input_tokens", pa.int64()),
+            pa.field("input_cost_usd", pa.float64()),
+            pa.field("output_cost_usd", pa.float64()),
+            pa.field("total_cost_usd", pa.float64()),
+            pa.field("models", pa.list_(pa.string())),
+            pa.field("route", pa.string()),
+            pa.field("http_status", pa.int32()),
+            pa.field("time_to_first_byte_ms", pa.float64()),
+            pa.field("error_message", pa.string()),
+            pa.field("feedback_count", pa.int32()),
+            pa.field("feedback_positive", pa.int32()),
+            pa.field("assessments", pa.string()),
+            pa.field("assessments_hash", pa.string()),
+            pa.field("revision", pa.string()),
+            pa.field("spans", pa.string()),
+        ]
+    )
 
 
 def _json(value: Any) -> Any:
@@ -88,9 +90,15 @@ def revision(info: Any) -> str:
     """A fingerprint of the trace record as the store holds it now (state, duration, metadata,
     tags, assessments): a stored row whose revision differs is rewritten. Late spans change the
     token and cost metadata the store recomputes, so they show up here too."""
-    parts = json.dumps([info.state.value if info.state else None, info.execution_duration,
-                        sorted(info.trace_metadata.items()), sorted(info.tags.items()),
-                        assessments_hash(info)])
+    parts = json.dumps(
+        [
+            info.state.value if info.state else None,
+            info.execution_duration,
+            sorted(info.trace_metadata.items()),
+            sorted(info.tags.items()),
+            assessments_hash(info),
+        ]
+    )
     return hashlib.sha1(parts.encode()).hexdigest()[:16]
 
 
@@ -110,11 +118,17 @@ def _feedback(info: Any) -> tuple[int, int, list[dict[str, Any]]]:
         if is_feedback and a.valid is not False:
             count += 1
             positive += _positive(value)
-        out.append({"id": a.assessment_id, "name": a.name, "value": value,
-                    "kind": "feedback" if is_feedback else "expectation",
-                    "rationale": a.rationale,
-                    "source": a.source.source_id if a.source else None,
-                    "updated_ms": a.last_update_time_ms})
+        out.append(
+            {
+                "id": a.assessment_id,
+                "name": a.name,
+                "value": value,
+                "kind": "feedback" if is_feedback else "expectation",
+                "rationale": a.rationale,
+                "source": a.source.source_id if a.source else None,
+                "updated_ms": a.last_update_time_ms,
+            }
+        )
     return count, positive, out
 
 
@@ -126,7 +140,7 @@ def _error(span_dicts: list[dict[str, Any]]) -> str | None:
     # The root's message if it failed, else the first failed span's (the cause).
     failed = [d for d in span_dicts if (d.get("status") or {}).get("code") == "STATUS_CODE_ERROR"]
     chosen = _root(failed) or min(failed, key=lambda d: d["start_time_unix_nano"], default=None)
-    return ((chosen["status"].get("message") or "error") if chosen is not None else None)
+    return (chosen["status"].get("message") or "error") if chosen is not None else None
 
 
 def row(trace: Any) -> dict[str, Any]:
@@ -140,13 +154,14 @@ def row(trace: Any) -> dict[str, Any]:
     cost = _json(metadata.get(keys.TRACE_COST)) or {}
     root = _root(span_dicts)
     root_attrs = root["attributes"] if root is not None else {}
-    models = sorted({m for d in span_dicts
-                     if isinstance(m := _json(d["attributes"].get(keys.LLM_MODEL)), str)})
+    models = sorted(
+        {m for d in span_dicts if isinstance(m := _json(d["attributes"].get(keys.LLM_MODEL)), str)}
+    )
     count, positive, assessments = _feedback(info)
     ttfb = _json(root_attrs.get(keys.HTTP_TIME_TO_FIRST_BYTE))
     status = _json(root_attrs.get(keys.HTTP_STATUS_CODE))
     route = _json(root_attrs.get(keys.HTTP_ROUTE))
-    request_time = dt.datetime.fromtimestamp(info.request_time / 1000, tz=dt.timezone.utc)
+    request_time = dt.datetime.fromtimestamp(info.request_time / 1000, tz=dt.UTC)
     return {
         "trace_id": info.trace_id,
         # Through a tracking server the column is stamped after the trace is stored; the tag
@@ -162,9 +177,14 @@ def row(trace: Any) -> dict[str, Any]:
         "environment": info.tags.get(keys.DEPLOYMENT_ENVIRONMENT),
         "service_version": info.tags.get(keys.SERVICE_VERSION),
         "region": info.tags.get(keys.CLOUD_REGION),
-        "tags": json.dumps({k: v for k, v in info.tags.items()
-                            if not k.startswith("mlflow.") and k != keys.REQUEST_ID_TAG},
-                           sort_keys=True),
+        "tags": json.dumps(
+            {
+                k: v
+                for k, v in info.tags.items()
+                if not k.startswith("mlflow.") and k != keys.REQUEST_ID_TAG
+            },
+            sort_keys=True,
+        ),
         "request_preview": info.request_preview,
         "response_preview": info.response_preview,
         "input_tokens": usage.get(keys.INPUT_TOKENS),
@@ -203,5 +223,4 @@ def read(table: Any, columns: list[str] | None = None, filter: Any = None) -> pa
     a scan thread outlives Arrow's teardown; 1 to 3 runs in 12 here with deltalake 1.6).
     Without it, none did.
     """
-    return table.to_pyarrow_dataset().to_table(columns=columns, filter=filter,
-                                               use_threads=False)
+    return table.to_pyarrow_dataset().to_table(columns=columns, filter=filter, use_threads=False)

@@ -1,7 +1,7 @@
 """Web request tracing for any ASGI app (FastAPI, Starlette, ...):
 
-    app.add_middleware(tracewire.middleware.TracingMiddleware)
-    app = tracewire.middleware.TracingMiddleware(app)   # outermost: ids on unhandled 500s too
+app.add_middleware(tracewire.middleware.TracingMiddleware)
+app = tracewire.middleware.TracingMiddleware(app)   # outermost: ids on unhandled 500s too
 """
 
 from tracewire.middleware.asgi import TracingMiddleware

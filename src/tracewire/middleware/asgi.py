@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from typing import Any
 
 from tracewire import config
 from tracewire.core import attributes as keys
@@ -57,8 +58,16 @@ MAX_BODY = 64 * 1024
 class _Request(spans.RequestRoot):
     """A request's root with what the middleware carries from its start to its end."""
 
-    __slots__ = ("status", "first_byte_ns", "last_byte_ns", "identified", "body",
-                 "header_session", "header_user", "own_request_id")
+    __slots__ = (
+        "status",
+        "first_byte_ns",
+        "last_byte_ns",
+        "identified",
+        "body",
+        "header_session",
+        "header_user",
+        "own_request_id",
+    )
     status: int | None
     first_byte_ns: int | None
     last_byte_ns: int | None
@@ -116,13 +125,15 @@ class TracingMiddleware:
         trusted = config.identity_headers("trust_identity_headers", trust_identity_headers or {})
         self._session, self._user = (
             trusted[kind].lower().encode("latin-1") if kind in trusted else None
-            for kind in ("session", "user"))
+            for kind in ("session", "user")
+        )
         self._cookie = session_cookie
         key = session_cookie_key or config.from_environment("TRACEWIRE_SESSION_COOKIE_KEY")
         if session_cookie is not None and not key:
             raise config.ConfigError(
                 "session_cookie needs session_cookie_key (or TRACEWIRE_SESSION_COOKIE_KEY): the "
-                "cookie is recorded only as a keyed hash, with the same key in every worker")
+                "cookie is recorded only as a keyed hash, with the same key in every worker"
+            )
         self._cookie_key = key.encode() if isinstance(key, str) else key
         self._identify = identify
         self._identify_failed = False
@@ -151,8 +162,7 @@ class TracingMiddleware:
                 # Who is asking: the source user, and whose traces it may give feedback on.
                 guard.call(self._identify_late, scope, request)
                 poster = guard.call(self._owner, request) or feedback_rules.ANONYMOUS
-                await feedback.serve(scope, receive, self._sender(request, send), request,
-                                     poster)
+                await feedback.serve(scope, receive, self._sender(request, send), request, poster)
                 return
             if request.body is not None:
                 receive = self._recording(receive, request.body)
@@ -182,8 +192,10 @@ class TracingMiddleware:
             assert self._cookie_key is not None
             # HTTP/2 may split cookies over several headers.
             cookies = b"; ".join(v for n, v in scope["headers"] if n == b"cookie")
-            session = identity.cookie_session(identity.cookie(cookies, self._cookie),
-                                              self._cookie_key) or session
+            session = (
+                identity.cookie_session(identity.cookie(cookies, self._cookie), self._cookie_key)
+                or session
+            )
         if (value := headers.get(b"traceparent")) is not None:
             traceparent = identity.traceparent(value)
         value = headers.get(self._request_id)
@@ -193,8 +205,15 @@ class TracingMiddleware:
         if self._capture_body and config.active().capture_content:
             body = []
             inputs = spans.Deferred(_body_text, body)
-        request = _Request(scope["method"], SpanType.CHAIN, inputs, traceparent,
-                           chosen or ids.request_id(), session, user)
+        request = _Request(
+            scope["method"],
+            SpanType.CHAIN,
+            inputs,
+            traceparent,
+            chosen or ids.request_id(),
+            session,
+            user,
+        )
         request.own_request_id = chosen is None
         # Trusted headers still yield to what the app itself sets (see _identify_late).
         request.claimed_user = request.header_user = user
@@ -254,8 +273,11 @@ class TracingMiddleware:
             except Exception as exc:  # the app's callable, not ours: log it, trace on
                 if not self._identify_failed:
                     self._identify_failed = True
-                    logger.warning("tracewire: the identify callable raised %r; requests are "
-                                   "traced without its session and user", exc)
+                    logger.warning(
+                        "tracewire: the identify callable raised %r; requests are "
+                        "traced without its session and user",
+                        exc,
+                    )
         user = user or identity.scope_user(scope)
         if user is not None and request.user_id == request.claimed_user:
             request.user_id = request_context.valid_id(user, MAX_USER_ID)
@@ -278,7 +300,8 @@ class TracingMiddleware:
         who may give feedback on the trace through the feedback route."""
         self._identify_late(scope, request)
         feedback_from = self._owner(request) or (
-            feedback_rules.BEARER if request.own_request_id else None)
+            feedback_rules.BEARER if request.own_request_id else None
+        )
         if feedback_from is not None:
             request.tags[keys.FEEDBACK_FROM_TAG] = feedback_from
         root.attributes[keys.HTTP_METHOD] = scope["method"]
@@ -289,8 +312,10 @@ class TracingMiddleware:
             root.attributes[keys.HTTP_ROUTE] = route
         # An exception with no response started: the server answers 500.
         root.attributes[keys.HTTP_STATUS_CODE] = request.status or 500
-        for key, at in ((keys.HTTP_TIME_TO_FIRST_BYTE, request.first_byte_ns),
-                        (keys.HTTP_TIME_TO_LAST_BYTE, request.last_byte_ns)):
+        for key, at in (
+            (keys.HTTP_TIME_TO_FIRST_BYTE, request.first_byte_ns),
+            (keys.HTTP_TIME_TO_LAST_BYTE, request.last_byte_ns),
+        ):
             if at is not None:
                 root.attributes[key] = round((at - root.start_ns) / 1e6, 3)
 
@@ -303,7 +328,7 @@ class TracingMiddleware:
             message = await receive()
             if message["type"] == "http.request" and size <= MAX_BODY:
                 chunk = message.get("body", b"")
-                body.append(chunk[:MAX_BODY + 1 - size])
+                body.append(chunk[: MAX_BODY + 1 - size])
                 size += len(chunk)
             return message
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 from tracewire.core.context import RequestContext
 from tracewire.core.feedback import Feedback
@@ -28,8 +29,13 @@ _FIELDS = {"request_id", "trace_id", "name", "value", "rationale"}
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
-async def serve(scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]],
-                send: Send, context: RequestContext, poster: str) -> None:
+async def serve(
+    scope: MutableMapping[str, Any],
+    receive: Callable[[], Awaitable[Any]],
+    send: Send,
+    context: RequestContext,
+    poster: str,
+) -> None:
     if scope["method"] != "POST":
         await _answer(send, 405, {"error": "use POST"}, [(b"allow", b"POST")])
         return
@@ -46,8 +52,9 @@ async def serve(scope: MutableMapping[str, Any], receive: Callable[[], Awaitable
         return
     unknown = sorted(set(data) - _FIELDS)
     if unknown:
-        await _answer(send, 422, {"error": f"unknown field(s) {unknown}; allowed: "
-                                           f"{sorted(_FIELDS)}"})
+        await _answer(
+            send, 422, {"error": f"unknown field(s) {unknown}; allowed: {sorted(_FIELDS)}"}
+        )
         return
     if "value" not in data:
         await _answer(send, 422, {"error": "value is required (a bool, a number or a string)"})
@@ -56,11 +63,18 @@ async def serve(scope: MutableMapping[str, Any], receive: Callable[[], Awaitable
     from tracewire.export import pipeline
 
     try:
-        accepted = pipeline.submit_feedback(Feedback(
-            request_id=data.get("request_id"), trace_id=data.get("trace_id"),
-            name=data.get("name", "feedback"), value=data["value"],
-            rationale=data.get("rationale"), source_id=context.user_id, poster=poster,
-            expires=time.time() + config.active().feedback_retention))
+        accepted = pipeline.submit_feedback(
+            Feedback(
+                request_id=data.get("request_id"),
+                trace_id=data.get("trace_id"),
+                name=data.get("name", "feedback"),
+                value=data["value"],
+                rationale=data.get("rationale"),
+                source_id=context.user_id,
+                poster=poster,
+                expires=time.time() + config.active().feedback_retention,
+            )
+        )
     except ValueError as exc:  # Feedback's own validation: the message names the field
         await _answer(send, 422, {"error": str(exc)})
         return
@@ -87,10 +101,22 @@ async def _read(receive: Callable[[], Awaitable[Any]]) -> bytes | None:
             return b"".join(chunks)
 
 
-async def _answer(send: Send, status: int, payload: dict[str, Any],
-                  headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def _answer(
+    send: Send,
+    status: int,
+    payload: dict[str, Any],
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

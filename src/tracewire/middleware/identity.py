@@ -8,13 +8,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from tracewire.core.context import MAX_REQUEST_ID, MAX_USER_ID
 
 # What an incoming request id may hold: short, and nothing a log line, a header or a filter
 # string could misread. Anything else is replaced by a fresh id.
-_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,%d}" % (MAX_REQUEST_ID - 1))
+_REQUEST_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:-]{{0,{MAX_REQUEST_ID - 1}}}")
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 
 
@@ -35,8 +36,11 @@ def traceparent(value: bytes | None) -> tuple[int, int] | None:
         return None
     version, trace_id, span_id = match.groups()
     # Version 00 is exactly 55 characters; later versions may append fields after a dash.
-    if version == "ff" or (version == "00" and len(value) != 55) or (
-            len(value) > 55 and value[55:56] != b"-"):
+    if (
+        version == "ff"
+        or (version == "00" and len(value) != 55)
+        or (len(value) > 55 and value[55:56] != b"-")
+    ):
         return None
     trace, span = int(trace_id, 16), int(span_id, 16)
     return (trace, span) if trace and span else None
@@ -59,7 +63,7 @@ def cookie(header: bytes | None, name: str) -> bytes | None:
     for part in header.split(b";"):
         part = part.strip()
         if part.startswith(wanted):
-            return part[len(wanted):].strip(b'"') or None
+            return part[len(wanted) :].strip(b'"') or None
     return None
 
 
@@ -82,7 +86,6 @@ def scope_user(scope: Mapping[str, Any]) -> str | None:
             value = getattr(user, attribute)
         except NotImplementedError:  # BaseUser leaves them abstract
             continue
-        if isinstance(value, str) and value and len(value) <= MAX_USER_ID \
-                and value.isprintable():
+        if isinstance(value, str) and value and len(value) <= MAX_USER_ID and value.isprintable():
             return value
     return None

@@ -19,8 +19,9 @@ import logging
 import re
 import sys
 import threading
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import wrapt
 
@@ -58,11 +59,11 @@ class Plugin:
     """What every plugin declares, and how it is enabled and disabled. Subclass
     :class:`WrappingPlugin` or :class:`HookPlugin`, not this."""
 
-    name: str                       # registry name, used in include= / exclude=
-    module: str                     # importing this module triggers patching
-    distribution: str               # the pip distribution whose version is checked
-    extra: str                      # `pip install "tracewire[<extra>]"`
-    supported: tuple[str, str]      # versions [minimum, maximum)
+    name: str  # registry name, used in include= / exclude=
+    module: str  # importing this module triggers patching
+    distribution: str  # the pip distribution whose version is checked
+    extra: str  # `pip install "tracewire[<extra>]"`
+    supported: tuple[str, str]  # versions [minimum, maximum)
     # MLflow's autolog flavor covering the same calls: kept off while this plugin is on.
     mlflow_flavor: str | None = None
 
@@ -93,15 +94,20 @@ class Plugin:
             return
         self._claimed = True
 
-        def after_autolog(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
-                          kwargs: dict[str, Any]) -> Any:
+        def after_autolog(
+            wrapped: Callable[..., Any],
+            instance: Any,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+        ) -> Any:
             result = wrapped(*args, **kwargs)
             if self.enabled:
                 guard.call(take_over_mlflow_autolog, flavor)
             return result
 
-        wrapt.register_post_import_hook(lambda module: wrap(module, "autolog", after_autolog),
-                                        f"mlflow.{flavor}")
+        wrapt.register_post_import_hook(
+            lambda module: wrap(module, "autolog", after_autolog), f"mlflow.{flavor}"
+        )
 
     def installed_version(self) -> str:
         try:
@@ -109,15 +115,22 @@ class Plugin:
         except importlib.metadata.PackageNotFoundError:
             raise PluginUnavailable(
                 f"tracewire plugin {self.name!r} needs {self.distribution}, which is not "
-                f"installed: pip install \"tracewire[{self.extra}]\"") from None
+                f'installed: pip install "tracewire[{self.extra}]"'
+            ) from None
 
     def check_version(self) -> bool:
         version = self.installed_version()
         low, high = self.supported
         if not _version_tuple(low) <= _version_tuple(version) < _version_tuple(high):
-            logger.warning("tracewire: %s %s is outside the supported range [%s, %s); "
-                           "the %s plugin is skipped", self.distribution, version, low, high,
-                           self.name)
+            logger.warning(
+                "tracewire: %s %s is outside the supported range [%s, %s); "
+                "the %s plugin is skipped",
+                self.distribution,
+                version,
+                low,
+                high,
+                self.name,
+            )
             return False
         return True
 
@@ -169,12 +182,17 @@ class WrappingPlugin(Plugin):
 
     def attached(self) -> bool:
         targets = self.targets()
-        return bool(targets) and all(isinstance(vars(owner).get(name), TracewireWrapper)
-                                     for owner, name, _ in targets)
+        return bool(targets) and all(
+            isinstance(vars(owner).get(name), TracewireWrapper) for owner, name, _ in targets
+        )
 
     def _while_enabled(self, wrapper: Callable[..., Any]) -> Callable[..., Any]:
-        def call(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> Any:
+        def call(
+            wrapped: Callable[..., Any],
+            instance: Any,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+        ) -> Any:
             if not self.enabled:  # a wrapper someone else's wraps on top of keeps us in
                 return wrapped(*args, **kwargs)
             return wrapper(wrapped, instance, args, kwargs)
@@ -215,6 +233,10 @@ def take_over_mlflow_autolog(flavor: str) -> None:
     config = AUTOLOGGING_INTEGRATIONS.get(flavor)
     if config is not None and not config.get("disable", True):
         config["disable"] = True
-        logger.warning("tracewire: mlflow.%s.autolog() is active too; tracewire traces these "
-                       "calls, so MLflow's %s autologging is switched off to avoid tracing each "
-                       "call twice", flavor, flavor)
+        logger.warning(
+            "tracewire: mlflow.%s.autolog() is active too; tracewire traces these "
+            "calls, so MLflow's %s autologging is switched off to avoid tracing each "
+            "call twice",
+            flavor,
+            flavor,
+        )

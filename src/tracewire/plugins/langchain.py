@@ -48,8 +48,10 @@ class _Run:
 
 
 def _is_control_flow(error: BaseException) -> bool:
-    return any(c.__name__ == _BUBBLE_UP and c.__module__.startswith("langgraph")
-               for c in type(error).__mro__)
+    return any(
+        c.__name__ == _BUBBLE_UP and c.__module__.startswith("langgraph")
+        for c in type(error).__mro__
+    )
 
 
 # --------------------------------------------------------------------------- the handler
@@ -77,13 +79,24 @@ class _Handler:
         if run is None:
             return None
         here = spans.current()
-        if here is not None and here.trace is run.span.trace and here.end_ns is None \
-                and here.start_ns >= run.span.start_ns:
+        if (
+            here is not None
+            and here.trace is run.span.trace
+            and here.end_ns is None
+            and here.start_ns >= run.span.start_ns
+        ):
             return None  # the context is inside the parent run
         return run.span
 
-    def _start(self, run_id: UUID, parent_run_id: UUID | None, name: str, span_type: str,
-               inputs: Any, attributes: dict[str, Any]) -> spans.Span:
+    def _start(
+        self,
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        name: str,
+        span_type: str,
+        inputs: Any,
+        attributes: dict[str, Any],
+    ) -> spans.Span:
         here = self._run_span_here() if parent_run_id is None else None
         if here is not None:
             # A top-level run begun where another run's span is current, yet not inside it
@@ -91,12 +104,12 @@ class _Handler:
             # batch, a stream consumed in turns with another. It goes beside that run, and is
             # not made current here: this context is the other run's, and what runs inside
             # this one finds it through LangChain's parent run id.
-            span = spans.start_beside(self._outermost(here), name, span_type, inputs,
-                                      attributes)
+            span = spans.start_beside(self._outermost(here), name, span_type, inputs, attributes)
             tokens = None
         else:
-            span = spans.start_span(name, span_type, inputs, attributes,
-                                    self._parent(parent_run_id))
+            span = spans.start_span(
+                name, span_type, inputs, attributes, self._parent(parent_run_id)
+            )
             tokens = spans.activate(span)
         if parent_run_id is not None and attributes.get(keys.LANGGRAPH_NODE) is not None:
             parent = self.runs.get(parent_run_id)
@@ -139,8 +152,11 @@ class _Handler:
     def _outermost(self, span: spans.Span) -> spans.Span:
         """The top-level run's span above ``span`` (a node of a graph being streamed)."""
         by_id = {s.span_id: s for s in span.trace.spans}
-        while span.parent_id is not None and (parent := by_id.get(span.parent_id)) is not None \
-                and id(parent) in self.live:
+        while (
+            span.parent_id is not None
+            and (parent := by_id.get(span.parent_id)) is not None
+            and id(parent) in self.live
+        ):
             span = parent
         return span
 
@@ -160,21 +176,43 @@ class _Handler:
 
     # ---- chains, runnables, graph nodes
 
-    def on_chain_start(self, serialized: Any, inputs: Any, *, run_id: UUID,
-                       parent_run_id: UUID | None = None, tags: list[str] | None = None,
-                       metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_chain_start(
+        self,
+        serialized: Any,
+        inputs: Any,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if self._plugin.enabled:
-            guard.call(self._chain_start, serialized, inputs, run_id, parent_run_id, tags,
-                       metadata, kwargs)
+            guard.call(
+                self._chain_start, serialized, inputs, run_id, parent_run_id, tags, metadata, kwargs
+            )
 
-    def _chain_start(self, serialized: Any, inputs: Any, run_id: UUID,
-                     parent_run_id: UUID | None, tags: list[str] | None,
-                     metadata: dict[str, Any] | None, kwargs: dict[str, Any]) -> None:
+    def _chain_start(
+        self,
+        serialized: Any,
+        inputs: Any,
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        tags: list[str] | None,
+        metadata: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+    ) -> None:
         name = extract.run_name(serialized, kwargs, "chain")
         attributes = extract.graph_attributes(metadata, name, tags) or {}
         capture = config.active().capture_content
-        self._start(run_id, parent_run_id, name, SpanType.CHAIN,
-                    extract.shallow_copy(inputs) if capture else None, attributes)
+        self._start(
+            run_id,
+            parent_run_id,
+            name,
+            SpanType.CHAIN,
+            extract.shallow_copy(inputs) if capture else None,
+            attributes,
+        )
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
         guard.call(self._chain_end, outputs, run_id)
@@ -188,33 +226,72 @@ class _Handler:
 
     # ---- chat models and LLMs
 
-    def on_chat_model_start(self, serialized: Any, messages: list[list[Any]], *, run_id: UUID,
-                            parent_run_id: UUID | None = None, tags: list[str] | None = None,
-                            metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_chat_model_start(
+        self,
+        serialized: Any,
+        messages: list[list[Any]],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if self._plugin.enabled:
-            guard.call(self._model_start, SpanType.CHAT_MODEL, serialized, messages, run_id,
-                       parent_run_id, metadata, kwargs)
+            guard.call(
+                self._model_start,
+                SpanType.CHAT_MODEL,
+                serialized,
+                messages,
+                run_id,
+                parent_run_id,
+                metadata,
+                kwargs,
+            )
 
-    def on_llm_start(self, serialized: Any, prompts: list[str], *, run_id: UUID,
-                     parent_run_id: UUID | None = None, tags: list[str] | None = None,
-                     metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_llm_start(
+        self,
+        serialized: Any,
+        prompts: list[str],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if self._plugin.enabled:
-            guard.call(self._model_start, SpanType.LLM, serialized, prompts, run_id,
-                       parent_run_id, metadata, kwargs)
+            guard.call(
+                self._model_start,
+                SpanType.LLM,
+                serialized,
+                prompts,
+                run_id,
+                parent_run_id,
+                metadata,
+                kwargs,
+            )
 
-    def _model_start(self, span_type: str, serialized: Any, prompt: list[Any], run_id: UUID,
-                     parent_run_id: UUID | None, metadata: dict[str, Any] | None,
-                     kwargs: dict[str, Any]) -> None:
+    def _model_start(
+        self,
+        span_type: str,
+        serialized: Any,
+        prompt: list[Any],
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        metadata: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+    ) -> None:
         capture = config.active().capture_content
         chat = span_type == SpanType.CHAT_MODEL
-        attributes = extract.model_attributes("chat" if chat else "text_completion", metadata,
-                                              kwargs, capture)
+        attributes = extract.model_attributes(
+            "chat" if chat else "text_completion", metadata, kwargs, capture
+        )
         params = extract.request_params(kwargs)
         if not capture:
             inputs: Any = params or None
         elif chat:
-            inputs = spans.Deferred(extract.chat_inputs, [list(batch) for batch in prompt],
-                                    params)
+            inputs = spans.Deferred(extract.chat_inputs, [list(batch) for batch in prompt], params)
         else:
             inputs = {"prompts": list(prompt), **params}
         name = extract.run_name(serialized, kwargs, span_type.lower())
@@ -242,16 +319,32 @@ class _Handler:
 
     # ---- tools
 
-    def on_tool_start(self, serialized: Any, input_str: str, *, run_id: UUID,
-                      parent_run_id: UUID | None = None, tags: list[str] | None = None,
-                      metadata: dict[str, Any] | None = None, inputs: Any = None,
-                      **kwargs: Any) -> None:
+    def on_tool_start(
+        self,
+        serialized: Any,
+        input_str: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        inputs: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if self._plugin.enabled:
-            guard.call(self._tool_start, serialized, input_str, inputs, run_id, parent_run_id,
-                       kwargs)
+            guard.call(
+                self._tool_start, serialized, input_str, inputs, run_id, parent_run_id, kwargs
+            )
 
-    def _tool_start(self, serialized: Any, input_str: str, inputs: Any, run_id: UUID,
-                    parent_run_id: UUID | None, kwargs: dict[str, Any]) -> None:
+    def _tool_start(
+        self,
+        serialized: Any,
+        input_str: str,
+        inputs: Any,
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        kwargs: dict[str, Any],
+    ) -> None:
         attributes: dict[str, Any] = {keys.GEN_AI_OPERATION: "execute_tool"}
         if isinstance(call_id := kwargs.get("tool_call_id"), str):
             attributes[keys.GEN_AI_TOOL_CALL_ID] = call_id
@@ -272,25 +365,49 @@ class _Handler:
 
     # ---- retrievers
 
-    def on_retriever_start(self, serialized: Any, query: str, *, run_id: UUID,
-                           parent_run_id: UUID | None = None, tags: list[str] | None = None,
-                           metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_retriever_start(
+        self,
+        serialized: Any,
+        query: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if self._plugin.enabled:
             guard.call(self._start_retriever, serialized, query, run_id, parent_run_id, kwargs)
 
-    def _start_retriever(self, serialized: Any, query: str, run_id: UUID,
-                         parent_run_id: UUID | None, kwargs: dict[str, Any]) -> None:
+    def _start_retriever(
+        self,
+        serialized: Any,
+        query: str,
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        kwargs: dict[str, Any],
+    ) -> None:
         capture = config.active().capture_content
-        self._start(run_id, parent_run_id, extract.run_name(serialized, kwargs, "retriever"),
-                    SpanType.RETRIEVER, {"query": query} if capture else None, {})
+        self._start(
+            run_id,
+            parent_run_id,
+            extract.run_name(serialized, kwargs, "retriever"),
+            SpanType.RETRIEVER,
+            {"query": query} if capture else None,
+            {},
+        )
 
     def on_retriever_end(self, documents: Any, *, run_id: UUID, **kwargs: Any) -> None:
         guard.call(self._retriever_end, documents, run_id)
 
     def _retriever_end(self, documents: Any, run_id: UUID) -> None:
         documents = list(documents or ())
-        self._end(run_id, spans.Deferred(extract.retrieved_documents, documents)
-                  if config.active().capture_content else {"count": len(documents)})
+        self._end(
+            run_id,
+            spans.Deferred(extract.retrieved_documents, documents)
+            if config.active().capture_content
+            else {"count": len(documents)},
+        )
 
     def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         guard.call(self._end, run_id, None, error)

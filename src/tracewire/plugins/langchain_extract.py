@@ -12,8 +12,18 @@ from tracewire.core import usage
 
 # Request parameters recorded from `invocation_params` (never the whole dict: providers put
 # credentials and clients there).
-_PARAMS = ("temperature", "max_tokens", "max_completion_tokens", "top_p", "stop", "stream",
-           "n", "seed", "tool_choice", "reasoning_effort")
+_PARAMS = (
+    "temperature",
+    "max_tokens",
+    "max_completion_tokens",
+    "top_p",
+    "stop",
+    "stream",
+    "n",
+    "seed",
+    "tool_choice",
+    "reasoning_effort",
+)
 
 
 def shallow_copy(value: Any) -> Any:
@@ -44,8 +54,9 @@ def run_name(serialized: Any, kwargs: dict[str, Any], default: str) -> str:
 # --------------------------------------------------------------------------- model runs
 
 
-def model_attributes(kind: str, metadata: dict[str, Any] | None, kwargs: dict[str, Any],
-                     capture: bool) -> dict[str, Any]:
+def model_attributes(
+    kind: str, metadata: dict[str, Any] | None, kwargs: dict[str, Any], capture: bool
+) -> dict[str, Any]:
     """A model run's span attributes: operation, model, provider, tools (never credentials)."""
     params = kwargs.get("invocation_params")
     params = params if isinstance(params, dict) else {}
@@ -139,13 +150,19 @@ def response_summary(response: Any) -> dict[str, Any]:
 
 def retrieved_documents(documents: Any) -> list[dict[str, Any]]:
     """Retrieved documents in MLflow's document format (worker side)."""
-    return [{"page_content": getattr(d, "page_content", None),
-             "metadata": getattr(d, "metadata", None) or {},
-             "id": getattr(d, "id", None)} for d in documents or []]
+    return [
+        {
+            "page_content": getattr(d, "page_content", None),
+            "metadata": getattr(d, "metadata", None) or {},
+            "id": getattr(d, "id", None),
+        }
+        for d in documents or []
+    ]
 
 
-def graph_attributes(metadata: dict[str, Any] | None, name: str,
-                     tags: list[str] | None) -> dict[str, Any] | None:
+def graph_attributes(
+    metadata: dict[str, Any] | None, name: str, tags: list[str] | None
+) -> dict[str, Any] | None:
     """LangGraph node structure, for the run that *is* the node: metadata is inherited by every
     run inside a node, but only the node's own run carries the ``graph:step:N`` tag."""
     if not metadata or metadata.get("langgraph_node") != name:

@@ -14,7 +14,8 @@ its full config and run id, to add:
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from uuid import UUID
 
 from tracewire import config
@@ -26,8 +27,10 @@ from tracewire.plugins.base import WrappingPlugin
 from tracewire.plugins.langchain import LangChainPlugin
 
 _MODULE = "langgraph.pregel.main"
-_FACTORIES = ("get_sync_graph_callback_manager_for_config",
-              "get_async_graph_callback_manager_for_config")
+_FACTORIES = (
+    "get_sync_graph_callback_manager_for_config",
+    "get_async_graph_callback_manager_for_config",
+)
 
 
 class _RunContext:
@@ -38,8 +41,9 @@ class _RunContext:
 
     __slots__ = ("base", "thread", "user")
 
-    def __init__(self, base: request_context.RequestContext | None, thread: str | None,
-                 user: str | None) -> None:
+    def __init__(
+        self, base: request_context.RequestContext | None, thread: str | None, user: str | None
+    ) -> None:
         self.base = base
         self.thread = thread
         self.user = user
@@ -79,8 +83,9 @@ def _graph_span(run_id: Any) -> spans.Span | None:
     return langchain.span_of(run_id) if isinstance(langchain, LangChainPlugin) else None
 
 
-def _attach(manager: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-            lifecycle_handler: Any) -> None:
+def _attach(
+    manager: Any, args: tuple[Any, ...], kwargs: dict[str, Any], lifecycle_handler: Any
+) -> None:
     """Session and user from the run's config; our lifecycle handler on its manager."""
     run_config = args[0] if args else kwargs.get("config")
     span = _graph_span(kwargs.get("run_id"))
@@ -146,8 +151,13 @@ class LangGraphPlugin(WrappingPlugin):
         module = importlib.import_module(_MODULE)
         return [(module, name, self._wrapper) for name in _FACTORIES if name in vars(module)]
 
-    def _wrapper(self, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> Any:
+    def _wrapper(
+        self,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
         manager = wrapped(*args, **kwargs)
         if self._handler is None:
             self._handler = guard.call(_make_lifecycle_handler)

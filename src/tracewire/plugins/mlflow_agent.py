@@ -13,7 +13,8 @@ other plugins; this one wraps the loader's input conversion, which ``predict`` a
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tracewire.core import context as request_context
 from tracewire.core import guard
@@ -23,8 +24,9 @@ from tracewire.plugins.base import WrappingPlugin
 def _claim(request: Any) -> None:
     context = getattr(request, "context", None)
     if context is not None:
-        request_context.claim(getattr(context, "conversation_id", None),
-                              getattr(context, "user_id", None))
+        request_context.claim(
+            getattr(context, "conversation_id", None), getattr(context, "user_id", None)
+        )
 
 
 class MlflowAgentPlugin(WrappingPlugin):
@@ -39,9 +41,13 @@ class MlflowAgentPlugin(WrappingPlugin):
 
         return [(_ResponsesAgentPyfuncWrapper, "_convert_input", self._convert_input)]
 
-    def _convert_input(self, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
-                       kwargs: dict[str, Any]) -> Any:
+    def _convert_input(
+        self,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
         request = wrapped(*args, **kwargs)
         guard.call(_claim, request)
         return request
-

@@ -48,12 +48,21 @@ from tracewire.plugins.openai_streams import TracedAsyncStream, TracedStream
 if TYPE_CHECKING:
     from openai import APIStatusError
 
-_SPAN_TYPES = {CHAT: SpanType.CHAT_MODEL, RESPONSES: SpanType.CHAT_MODEL,
-               EMBEDDINGS: SpanType.EMBEDDING, COMPLETIONS: SpanType.LLM}
+_SPAN_TYPES = {
+    CHAT: SpanType.CHAT_MODEL,
+    RESPONSES: SpanType.CHAT_MODEL,
+    EMBEDDINGS: SpanType.EMBEDDING,
+    COMPLETIONS: SpanType.LLM,
+}
 
 # (module, classes, methods, kind); a method the installed client lacks is skipped.
 _TARGETS = (
-    ("openai.resources.chat.completions", ("Completions", "AsyncCompletions"), ("create", "parse"), CHAT),
+    (
+        "openai.resources.chat.completions",
+        ("Completions", "AsyncCompletions"),
+        ("create", "parse"),
+        CHAT,
+    ),
     ("openai.resources.responses", ("Responses", "AsyncResponses"), ("create", "parse"), RESPONSES),
     ("openai.resources.embeddings", ("Embeddings", "AsyncEmbeddings"), ("create",), EMBEDDINGS),
     ("openai.resources.completions", ("Completions", "AsyncCompletions"), ("create",), COMPLETIONS),
@@ -62,8 +71,21 @@ _TARGETS = (
 # Never recorded: headers can carry API keys or bearer tokens.
 _SECRET_ARGS = frozenset({"extra_headers"})
 # Prompt and completion text, dropped entirely with capture_content=False.
-_CONTENT_ARGS = frozenset({"messages", "input", "prompt", "instructions", "tools", "functions",
-                           "extra_body", "prediction", "suffix", "response_format", "text"})
+_CONTENT_ARGS = frozenset(
+    {
+        "messages",
+        "input",
+        "prompt",
+        "instructions",
+        "tools",
+        "functions",
+        "extra_body",
+        "prediction",
+        "suffix",
+        "response_format",
+        "text",
+    }
+)
 
 
 logger = logging.getLogger("tracewire")
@@ -159,9 +181,14 @@ def _start(kind: str, instance: Any, kwargs: dict[str, Any]) -> Call:
     span = spans.start_span(name, _SPAN_TYPES[kind], _inputs(kwargs, capture), attributes)
 
     stream = kwargs.get("stream") is True
-    if stream and kind == CHAT and settings.stream_usage and (host, port) not in _refusing \
-            and _usage_host_allowed(host, settings.stream_usage_hosts) \
-            and not _caller_sets_stream_options(kwargs):
+    if (
+        stream
+        and kind == CHAT
+        and settings.stream_usage
+        and (host, port) not in _refusing
+        and _usage_host_allowed(host, settings.stream_usage_hosts)
+        and not _caller_sets_stream_options(kwargs)
+    ):
         kwargs = {**kwargs, "stream_options": {"include_usage": True}}
         return Call(span, kwargs, kind, stream, True, capture, (host, port))
     return Call(span, kwargs, kind, stream, False, capture)
@@ -207,12 +234,16 @@ def _usage_refused(call: Call, error: Exception, request: dict[str, Any]) -> boo
     """Whether ``error`` is the server rejecting the ``stream_options`` we added: then the caller's
     own ``request`` is to be sent instead, once (it becomes ``call.kwargs``). Guarded: a failure
     here reads as "no", and the caller gets its own error unchanged."""
-    if not call.hide_usage or not isinstance(error, _status_error()) \
-            or error.status_code not in (400, 422):
+    if (
+        not call.hide_usage
+        or not isinstance(error, _status_error())
+        or error.status_code not in (400, 422)
+    ):
         return False
     body = error.body
     if "stream_options" not in error.message and "stream_options" not in (
-            body if isinstance(body, str) else repr(body)):
+        body if isinstance(body, str) else repr(body)
+    ):
         return False
     call.hide_usage = False  # the retry is the caller's request: nothing of ours to hide
     call.kwargs = request
@@ -232,7 +263,9 @@ def _remember_refusal(call: Call) -> None:
         "tracewire: %s rejected stream_options.include_usage; streamed chat calls to it are sent "
         "without it for the rest of this process, so they record no token usage (set "
         "TRACEWIRE_STREAM_USAGE_HOSTS=!%s to skip the first try)",
-        f"{host}:{port}" if port else host, host)
+        f"{host}:{port}" if port else host,
+        host,
+    )
 
 
 class _RawResponse(wrapt.ObjectProxy):  # type: ignore[type-arg]
@@ -257,8 +290,9 @@ class _RawResponse(wrapt.ObjectProxy):  # type: ignore[type-arg]
 
 
 def _sync_wrapper(kind: str) -> Callable[..., Any]:
-    def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
-                kwargs: dict[str, Any]) -> Any:
+    def wrapper(
+        wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         call = guard.call(_start, kind, instance, kwargs)
         if call is None:
             return wrapped(*args, **kwargs)
@@ -276,8 +310,9 @@ def _sync_wrapper(kind: str) -> Callable[..., Any]:
 
 
 def _async_wrapper(kind: str) -> Callable[..., Any]:
-    async def wrapper(wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
-                      kwargs: dict[str, Any]) -> Any:
+    async def wrapper(
+        wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         call = guard.call(_start, kind, instance, kwargs)
         if call is None:
             return await wrapped(*args, **kwargs)
@@ -316,4 +351,3 @@ class OpenAIPlugin(WrappingPlugin):
                     if owner is not None and method in vars(owner):
                         found.append((owner, method, make(kind)))
         return found
-

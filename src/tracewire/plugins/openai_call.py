@@ -22,9 +22,16 @@ class Call:
 
     __slots__ = ("capture", "hide_usage", "kind", "kwargs", "server", "span", "stream", "tokens")
 
-    def __init__(self, span: spans.Span, kwargs: dict[str, Any], kind: str, stream: bool,
-                 hide_usage: bool, capture: bool,
-                 server: tuple[str | None, int | None] = (None, None)) -> None:
+    def __init__(
+        self,
+        span: spans.Span,
+        kwargs: dict[str, Any],
+        kind: str,
+        stream: bool,
+        hide_usage: bool,
+        capture: bool,
+        server: tuple[str | None, int | None] = (None, None),
+    ) -> None:
         self.span = span
         # What is sent: the caller's arguments, or a copy with stream_options added.
         self.kwargs = kwargs
@@ -63,8 +70,11 @@ def _embedding_summary(response: Any) -> dict[str, Any]:
     # Vectors are never recorded: they are large and say nothing a trace reader needs.
     data = getattr(response, "data", None) or []
     first = getattr(data[0], "embedding", None) if data else None
-    return {"model": getattr(response, "model", None), "count": len(data),
-            "dimensions": len(first) if isinstance(first, list) else None}
+    return {
+        "model": getattr(response, "model", None),
+        "count": len(data),
+        "dimensions": len(first) if isinstance(first, list) else None,
+    }
 
 
 def _record(call: Call, response: Any, response_usage: Any) -> None:

@@ -30,16 +30,24 @@ def assemble_chat(chunks: list[Any]) -> dict[str, Any]:
             if getattr(chunk, name, None) is not None:
                 head[name] = getattr(chunk, name)
         for choice in getattr(chunk, "choices", None) or []:
-            out = choices.setdefault(choice.index, {"index": choice.index, "message": {
-                "role": "assistant", "content": None}, "finish_reason": None})
+            out = choices.setdefault(
+                choice.index,
+                {
+                    "index": choice.index,
+                    "message": {"role": "assistant", "content": None},
+                    "finish_reason": None,
+                },
+            )
             delta = choice.delta
             message = out["message"]
             if delta is not None and delta.content:
                 message["content"] = (message["content"] or "") + delta.content
-            for tool in (getattr(delta, "tool_calls", None) or []):
+            for tool in getattr(delta, "tool_calls", None) or []:
                 calls = message.setdefault("tool_calls", {})
-                entry = calls.setdefault(tool.index, {"id": None, "type": "function",
-                                                      "function": {"name": "", "arguments": ""}})
+                entry = calls.setdefault(
+                    tool.index,
+                    {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+                )
                 if tool.id:
                     entry["id"] = tool.id
                 if tool.function is not None:
@@ -49,7 +57,9 @@ def assemble_chat(chunks: list[Any]) -> dict[str, Any]:
                 out["finish_reason"] = choice.finish_reason
     for out in choices.values():
         if "tool_calls" in out["message"]:
-            out["message"]["tool_calls"] = [v for _, v in sorted(out["message"]["tool_calls"].items())]
+            out["message"]["tool_calls"] = [
+                v for _, v in sorted(out["message"]["tool_calls"].items())
+            ]
     head["choices"] = [choices[i] for i in sorted(choices)]
     return head
 
@@ -67,8 +77,9 @@ def assemble_text(chunks: list[Any]) -> dict[str, Any]:
             texts[choice.index] = texts.get(choice.index, "") + (choice.text or "")
             if choice.finish_reason:
                 finish[choice.index] = choice.finish_reason
-    head["choices"] = [{"index": i, "text": texts[i], "finish_reason": finish.get(i)}
-                       for i in sorted(texts)]
+    head["choices"] = [
+        {"index": i, "text": texts[i], "finish_reason": finish.get(i)} for i in sorted(texts)
+    ]
     return head
 
 
@@ -79,8 +90,13 @@ def assemble_responses(events: list[Any]) -> Any:
         response = getattr(event, "response", None)
         if response is not None:
             return response
-    return {"output_text": "".join(getattr(e, "delta", "") or "" for e in events
-                                   if getattr(e, "type", None) == "response.output_text.delta")}
+    return {
+        "output_text": "".join(
+            getattr(e, "delta", "") or ""
+            for e in events
+            if getattr(e, "type", None) == "response.output_text.delta"
+        )
+    }
 
 
 def _responses_summary(events: list[Any]) -> dict[str, Any]:
@@ -88,7 +104,10 @@ def _responses_summary(events: list[Any]) -> dict[str, Any]:
 
 
 _ASSEMBLERS: dict[str, Callable[[list[Any]], Any]] = {
-    CHAT: assemble_chat, COMPLETIONS: assemble_text, RESPONSES: assemble_responses}
+    CHAT: assemble_chat,
+    COMPLETIONS: assemble_text,
+    RESPONSES: assemble_responses,
+}
 
 
 # --------------------------------------------------------------------------- proxies

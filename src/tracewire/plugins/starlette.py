@@ -12,7 +12,8 @@ through. While the plugin is disabled the wrapper passes every call straight thr
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tracewire import config
 from tracewire.core import guard
@@ -22,8 +23,10 @@ from tracewire.plugins.base import WrappingPlugin
 def _listed_by_app(app: Any) -> bool:
     from tracewire.middleware import TracingMiddleware
 
-    return any(getattr(entry, "cls", None) is TracingMiddleware
-               for entry in getattr(app, "user_middleware", ()))
+    return any(
+        getattr(entry, "cls", None) is TracingMiddleware
+        for entry in getattr(app, "user_middleware", ())
+    )
 
 
 class StarlettePlugin(WrappingPlugin):
@@ -38,10 +41,18 @@ class StarlettePlugin(WrappingPlugin):
 
         return [(Starlette, "__call__", self._call)]
 
-    def _call(self, wrapped: Callable[..., Any], instance: Any, args: tuple[Any, ...],
-              kwargs: dict[str, Any]) -> Any:
-        middleware = instance.__dict__.get("_tracewire_middleware") or guard.call(
-            self._install, instance, wrapped) or wrapped
+    def _call(
+        self,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        middleware = (
+            instance.__dict__.get("_tracewire_middleware")
+            or guard.call(self._install, instance, wrapped)
+            or wrapped
+        )
         return middleware(*args, **kwargs)
 
     @staticmethod
@@ -50,9 +61,14 @@ class StarlettePlugin(WrappingPlugin):
 
         # `call` is this app's own __call__: the middleware wraps the whole app.
         settings = config.active()
-        middleware = call if _listed_by_app(app) else TracingMiddleware(
-            call, feedback_path=settings.feedback_path,
-            trust_identity_headers=settings.trust_identity_headers)
+        middleware = (
+            call
+            if _listed_by_app(app)
+            else TracingMiddleware(
+                call,
+                feedback_path=settings.feedback_path,
+                trust_identity_headers=settings.trust_identity_headers,
+            )
+        )
         app.__dict__["_tracewire_middleware"] = middleware
         return middleware
-

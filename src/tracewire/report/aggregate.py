@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 
 BY = ("route", "session", "user", "model", "environment")
 NONE = "(none)"
 ALL = "(all)"
 
-PERCENTILE_METHOD = ("nearest rank: the p-th percentile of n values is the value at rank "
-                     "ceil(p/100*n) of the sorted values")
+PERCENTILE_METHOD = (
+    "nearest rank: the p-th percentile of n values is the value at rank "
+    "ceil(p/100*n) of the sorted values"
+)
 
 
 def percentile(sorted_values: list[float], p: float) -> float | None:
@@ -36,7 +39,7 @@ class Group:
     latency_p50_ms: float | None
     latency_p95_ms: float | None
     latency_p99_ms: float | None
-    ttfb_p50_ms: float | None          # time to first byte, over the traces that recorded it
+    ttfb_p50_ms: float | None  # time to first byte, over the traces that recorded it
     ttfb_p95_ms: float | None
     input_tokens: int
     output_tokens: int
@@ -58,23 +61,35 @@ def _keys(row: dict[str, Any], by: str) -> list[str]:
 
 
 def _group(key: str, rows: list[dict[str, Any]]) -> Group:
-    durations = sorted(float(r["execution_duration_ms"]) for r in rows
-                       if r.get("execution_duration_ms") is not None)
-    ttfb = sorted(float(r["time_to_first_byte_ms"]) for r in rows
-                  if r.get("time_to_first_byte_ms") is not None)
+    durations = sorted(
+        float(r["execution_duration_ms"])
+        for r in rows
+        if r.get("execution_duration_ms") is not None
+    )
+    ttfb = sorted(
+        float(r["time_to_first_byte_ms"])
+        for r in rows
+        if r.get("time_to_first_byte_ms") is not None
+    )
     errors = sum(1 for r in rows if r.get("state") == "ERROR")
     feedback = sum(r.get("feedback_count") or 0 for r in rows)
     positive = sum(r.get("feedback_positive") or 0 for r in rows)
     return Group(
-        key=key, traces=len(rows), errors=errors, error_rate=errors / len(rows),
-        latency_p50_ms=percentile(durations, 50), latency_p95_ms=percentile(durations, 95),
+        key=key,
+        traces=len(rows),
+        errors=errors,
+        error_rate=errors / len(rows),
+        latency_p50_ms=percentile(durations, 50),
+        latency_p95_ms=percentile(durations, 95),
         latency_p99_ms=percentile(durations, 99),
-        ttfb_p50_ms=percentile(ttfb, 50), ttfb_p95_ms=percentile(ttfb, 95),
+        ttfb_p50_ms=percentile(ttfb, 50),
+        ttfb_p95_ms=percentile(ttfb, 95),
         input_tokens=sum(r.get("input_tokens") or 0 for r in rows),
         output_tokens=sum(r.get("output_tokens") or 0 for r in rows),
         total_tokens=sum(r.get("total_tokens") or 0 for r in rows),
         cost_usd=math.fsum(r.get("total_cost_usd") or 0.0 for r in rows),
-        feedback=feedback, feedback_positive=positive,
+        feedback=feedback,
+        feedback_positive=positive,
         positive_share=positive / feedback if feedback else None,
     )
 
@@ -103,8 +118,22 @@ class Bucket:
 
 # Widths of the time buckets, in seconds: a window gets the narrowest that cuts it into at most
 # MAX_BUCKETS (an hour: 2-minute buckets, a day: 1-hour, a week: 6-hour, 30 days: 1-day).
-WIDTHS = (60, 120, 300, 600, 900, 1800, 3600, 7200, 10_800, 21_600, 43_200, 86_400, 172_800,
-          604_800)
+WIDTHS = (
+    60,
+    120,
+    300,
+    600,
+    900,
+    1800,
+    3600,
+    7200,
+    10_800,
+    21_600,
+    43_200,
+    86_400,
+    172_800,
+    604_800,
+)
 MAX_BUCKETS = 40
 
 
@@ -116,8 +145,9 @@ def bucket_width(since: dt.datetime, until: dt.datetime) -> int:
     return WIDTHS[-1] * math.ceil(span / WIDTHS[-1] / MAX_BUCKETS)  # whole weeks
 
 
-def over_time(rows: Iterable[dict[str, Any]], since: dt.datetime,
-              until: dt.datetime) -> list[Bucket]:
+def over_time(
+    rows: Iterable[dict[str, Any]], since: dt.datetime, until: dt.datetime
+) -> list[Bucket]:
     """Traces, errors, tokens and cost per bucket of request time over the whole window, empty
     buckets included; buckets are aligned to whole minutes, hours or days (UTC)."""
     width = bucket_width(since, until)
@@ -129,10 +159,16 @@ def over_time(rows: Iterable[dict[str, Any]], since: dt.datetime,
         buckets.setdefault(stamp, []).append(row)  # a trace stamped past `until` still counts
 
     def at(stamp: int) -> dt.datetime:
-        return dt.datetime.fromtimestamp(stamp, tz=dt.timezone.utc)
+        return dt.datetime.fromtimestamp(stamp, tz=dt.UTC)
 
-    return [Bucket(start=at(stamp), end=at(stamp + width), traces=len(rs),
-                   errors=sum(1 for r in rs if r.get("state") == "ERROR"),
-                   total_tokens=sum(r.get("total_tokens") or 0 for r in rs),
-                   cost_usd=math.fsum(r.get("total_cost_usd") or 0.0 for r in rs))
-            for stamp, rs in sorted(buckets.items())]
+    return [
+        Bucket(
+            start=at(stamp),
+            end=at(stamp + width),
+            traces=len(rs),
+            errors=sum(1 for r in rs if r.get("state") == "ERROR"),
+            total_tokens=sum(r.get("total_tokens") or 0 for r in rs),
+            cost_usd=math.fsum(r.get("total_cost_usd") or 0.0 for r in rs),
+        )
+        for stamp, rs in sorted(buckets.items())
+    ]

@@ -7,7 +7,8 @@ from __future__ import annotations
 import datetime as dt
 import html
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from tracewire.report.aggregate import PERCENTILE_METHOD, Bucket, Group
 
@@ -32,31 +33,41 @@ def _usd(value: float) -> str:
     return f"{value:.{max(2, 1 - math.floor(math.log10(value)))}f}"
 
 
-def _bars(title: str, edges: Sequence[str], tips: Sequence[str], values: Sequence[float],
-          fmt: Callable[[float], str]) -> str:
+def _bars(
+    title: str,
+    edges: Sequence[str],
+    tips: Sequence[str],
+    values: Sequence[float],
+    fmt: Callable[[float], str],
+) -> str:
     """A bar chart with a y axis from 0 to the largest value and the first and last x edges
     labelled; each bar's exact value is in its tooltip (<title>)."""
     top = max(values, default=0) or 1
     step = (_W - _LEFT - _RIGHT) / max(len(values), 1)
     height = _BOTTOM - _TOP
-    parts = [f'<figure><figcaption>{html.escape(title)}</figcaption>'
-             f'<svg viewBox="0 0 {_W} {_H}" width="{_W}" height="{_H}" role="img" '
-             f'aria-label="{html.escape(title)}">',
-             f'<line class="grid" x1="{_LEFT}" y1="{_TOP}" x2="{_W - _RIGHT}" y2="{_TOP}"/>',
-             f'<line class="axis" x1="{_LEFT}" y1="{_TOP}" x2="{_LEFT}" y2="{_BOTTOM}"/>',
-             f'<line class="axis" x1="{_LEFT}" y1="{_BOTTOM}" x2="{_W - _RIGHT}" '
-             f'y2="{_BOTTOM}"/>',
-             f'<text x="{_LEFT - 4}" y="{_TOP + 4}" text-anchor="end">{fmt(top)}</text>',
-             f'<text x="{_LEFT - 4}" y="{_BOTTOM}" text-anchor="end">{fmt(0)}</text>']
+    parts = [
+        f"<figure><figcaption>{html.escape(title)}</figcaption>"
+        f'<svg viewBox="0 0 {_W} {_H}" width="{_W}" height="{_H}" role="img" '
+        f'aria-label="{html.escape(title)}">',
+        f'<line class="grid" x1="{_LEFT}" y1="{_TOP}" x2="{_W - _RIGHT}" y2="{_TOP}"/>',
+        f'<line class="axis" x1="{_LEFT}" y1="{_TOP}" x2="{_LEFT}" y2="{_BOTTOM}"/>',
+        f'<line class="axis" x1="{_LEFT}" y1="{_BOTTOM}" x2="{_W - _RIGHT}" y2="{_BOTTOM}"/>',
+        f'<text x="{_LEFT - 4}" y="{_TOP + 4}" text-anchor="end">{fmt(top)}</text>',
+        f'<text x="{_LEFT - 4}" y="{_BOTTOM}" text-anchor="end">{fmt(0)}</text>',
+    ]
     for i, (tip, value) in enumerate(zip(tips, values, strict=True)):
         bar = height * value / top
-        parts.append(f'<rect x="{_LEFT + i * step + 1:.1f}" y="{_BOTTOM - bar:.1f}" '
-                     f'width="{max(step - 2, 1):.1f}" height="{bar:.1f}"><title>'
-                     f'{html.escape(tip)}: {fmt(value)}</title></rect>')
+        parts.append(
+            f'<rect x="{_LEFT + i * step + 1:.1f}" y="{_BOTTOM - bar:.1f}" '
+            f'width="{max(step - 2, 1):.1f}" height="{bar:.1f}"><title>'
+            f"{html.escape(tip)}: {fmt(value)}</title></rect>"
+        )
     if edges:
-        parts.append(f'<text x="{_LEFT}" y="{_BOTTOM + 16}">{html.escape(edges[0])}</text>'
-                     f'<text x="{_W - _RIGHT}" y="{_BOTTOM + 16}" text-anchor="end">'
-                     f'{html.escape(edges[-1])}</text>')
+        parts.append(
+            f'<text x="{_LEFT}" y="{_BOTTOM + 16}">{html.escape(edges[0])}</text>'
+            f'<text x="{_W - _RIGHT}" y="{_BOTTOM + 16}" text-anchor="end">'
+            f"{html.escape(edges[-1])}</text>"
+        )
     parts.append("</svg></figure>")
     return "".join(parts)
 
@@ -69,8 +80,13 @@ def _latency(durations: Sequence[float], bins: int = 24) -> str:
             counts[min(int(value / width), bins - 1)] += 1
         edges = [f"{i * width:,.0f} ms" for i in range(bins + 1)]
         tips = [f"{edges[i]} to {edges[i + 1]}" for i in range(bins)]
-    return _bars("Latency distribution: traces per duration bin", edges, tips,
-                 counts if durations else [], _count)
+    return _bars(
+        "Latency distribution: traces per duration bin",
+        edges,
+        tips,
+        counts if durations else [],
+        _count,
+    )
 
 
 def _over_time(buckets: Sequence[Bucket]) -> list[str]:
@@ -81,14 +97,22 @@ def _over_time(buckets: Sequence[Bucket]) -> list[str]:
     edges = [buckets[0].start.strftime(shape) + " UTC", buckets[-1].end.strftime(shape) + " UTC"]
     tips = [f"{b.start.strftime(shape)} to {b.end.strftime(shape)} UTC" for b in buckets]
     minutes = width.total_seconds() / 60
-    per = (f"per {minutes / 1440:g}-day bucket" if minutes >= 1440 else
-           f"per {minutes / 60:g}-hour bucket" if minutes >= 60 else
-           f"per {minutes:g}-minute bucket")
+    per = (
+        f"per {minutes / 1440:g}-day bucket"
+        if minutes >= 1440
+        else f"per {minutes / 60:g}-hour bucket"
+        if minutes >= 60
+        else f"per {minutes:g}-minute bucket"
+    )
     return [
         _bars(f"Traces {per}", edges, tips, [b.traces for b in buckets], _count),
-        _bars(f"Error rate (share of traces in error) {per}", edges,
-              [t if b.traces else f"{t} (no traces)" for t, b in zip(tips, buckets, strict=True)],
-              [b.errors / b.traces if b.traces else 0 for b in buckets], _share),
+        _bars(
+            f"Error rate (share of traces in error) {per}",
+            edges,
+            [t if b.traces else f"{t} (no traces)" for t, b in zip(tips, buckets, strict=True)],
+            [b.errors / b.traces if b.traces else 0 for b in buckets],
+            _share,
+        ),
         _bars(f"Tokens {per}", edges, tips, [b.total_tokens for b in buckets], _count),
         _bars(f"Cost (USD) {per}", edges, tips, [b.cost_usd for b in buckets], _usd),
     ]
@@ -114,8 +138,11 @@ _COLUMNS: tuple[tuple[str | None, str, Callable[[Group], str]], ...] = (
     (None, "cost (USD)", lambda g: _usd(g.cost_usd)),
     ("feedback", "count", lambda g: _count(g.feedback)),
     ("feedback", "positive", lambda g: _count(g.feedback_positive)),
-    ("feedback", "positive share",
-     lambda g: "-" if g.positive_share is None else _share(g.positive_share)),
+    (
+        "feedback",
+        "positive share",
+        lambda g: "-" if g.positive_share is None else _share(g.positive_share),
+    ),
 )
 
 
@@ -130,17 +157,27 @@ def _table(groups: Sequence[Group], by: str) -> str:
         if i == 0 or _COLUMNS[i - 1][0] != group:
             span = sum(1 for g, _, _ in _COLUMNS if g == group)
             top.append(f'<th colspan="{span}">{html.escape(group)}</th>')
-    body = "".join(f"<tr><td>{html.escape(g.key)}</td>"
-                   + "".join(f"<td>{cell(g)}</td>" for _, _, cell in _COLUMNS) + "</tr>"
-                   for g in groups)
-    return (f'<table><thead><tr>{"".join(top)}</tr><tr>{"".join(sub)}</tr></thead>'
-            f"<tbody>{body}</tbody></table>")
+    body = "".join(
+        f"<tr><td>{html.escape(g.key)}</td>"
+        + "".join(f"<td>{cell(g)}</td>" for _, _, cell in _COLUMNS)
+        + "</tr>"
+        for g in groups
+    )
+    return (
+        f"<table><thead><tr>{''.join(top)}</tr><tr>{''.join(sub)}</tr></thead>"
+        f"<tbody>{body}</tbody></table>"
+    )
 
 
-def page(groups: Sequence[Group], by: str, durations: Sequence[float],
-         buckets: Sequence[Bucket], window: dict[str, Any]) -> str:
+def page(
+    groups: Sequence[Group],
+    by: str,
+    durations: Sequence[float],
+    buckets: Sequence[Bucket],
+    window: dict[str, Any],
+) -> str:
     charts = [_latency(durations), *_over_time(buckets)]
-    generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tracewire stats</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">

@@ -18,7 +18,13 @@ if TYPE_CHECKING:
         embedding_vector,
     )
 
-__all__ = ["OpenAIServer", "RecordedRequest", "count_prompt_tokens", "count_tokens", "embedding_vector"]
+__all__ = [
+    "OpenAIServer",
+    "RecordedRequest",
+    "count_prompt_tokens",
+    "count_tokens",
+    "embedding_vector",
+]
 
 
 def __getattr__(name: str) -> Any:

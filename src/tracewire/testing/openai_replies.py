@@ -8,8 +8,9 @@ import base64
 import json
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any
 
 from tracewire.testing.openai_tokens import (
     CREATED,
@@ -42,7 +43,9 @@ def _sample(schema: Any, text: str, root: Mapping[str, Any]) -> Any:
         return _sample(target, text, root)
     for key in ("anyOf", "oneOf", "allOf"):
         if isinstance(schema.get(key), list) and schema[key]:
-            branches = [b for b in schema[key] if not (isinstance(b, dict) and b.get("type") == "null")]
+            branches = [
+                b for b in schema[key] if not (isinstance(b, dict) and b.get("type") == "null")
+            ]
             return _sample((branches or schema[key])[0], text, root)
     if "const" in schema:
         return schema["const"]
@@ -55,8 +58,13 @@ def _sample(schema: Any, text: str, root: Mapping[str, Any]) -> Any:
         properties = schema.get("properties") or {}
         names = schema.get("required", list(properties))
         return {name: _sample(properties.get(name), text, root) for name in names}
-    samples: dict[Any, Any] = {"array": [], "integer": 1, "number": 1, "boolean": True,
-                               "null": None}
+    samples: dict[Any, Any] = {
+        "array": [],
+        "integer": 1,
+        "number": 1,
+        "boolean": True,
+        "null": None,
+    }
     return samples.get(kind, text)
 
 
@@ -105,7 +113,13 @@ def plan_reply(
         parameters = parameters if isinstance(parameters, dict) else {}
         arguments = json.dumps(_sample({"type": "object", **parameters}, user_text, parameters))
         call_id = f"call_{1 + sum(tool_call_count(item) for item in items)}"
-        return _Plan(model, None, _ToolCall(call_id, name, arguments), prompt_tokens, count_tokens(arguments) + 1)
+        return _Plan(
+            model,
+            None,
+            _ToolCall(call_id, name, arguments),
+            prompt_tokens,
+            count_tokens(arguments) + 1,
+        )
     if is_tool_result(last):
         text = f"Result: {item_text(last)}"
     elif schema is not None:
@@ -146,7 +160,7 @@ class Stream:
     sequenced: bool = False
 
 
-Reply = Union[JSONReply, Stream]
+Reply = JSONReply | Stream
 
 _STREAM_ERROR = {
     "message": "The model stream failed (simulated by model stream-error).",
@@ -209,7 +223,9 @@ def chat_reply(body: Mapping[str, Any], seq: int) -> Reply:
         (
             (t["function"].get("name", ""), t["function"].get("parameters"))
             for t in body.get("tools") or []
-            if isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            if isinstance(t, dict)
+            and t.get("type") == "function"
+            and isinstance(t.get("function"), dict)
             and body.get("tool_choice") != "none"
         ),
         None,
@@ -224,17 +240,27 @@ def chat_reply(body: Mapping[str, Any], seq: int) -> Reply:
     envelope = {"id": f"chatcmpl-{seq}", "created": CREATED, "model": model}
 
     if not body.get("stream"):
-        message: dict[str, Any] = {"role": "assistant", "content": plan.text, "refusal": None, "annotations": []}
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": plan.text,
+            "refusal": None,
+            "annotations": [],
+        }
         if plan.tool_call:
             message["tool_calls"] = [
                 {
                     "id": plan.tool_call.call_id,
                     "type": "function",
-                    "function": {"name": plan.tool_call.name, "arguments": plan.tool_call.arguments},
+                    "function": {
+                        "name": plan.tool_call.name,
+                        "arguments": plan.tool_call.arguments,
+                    },
                 }
             ]
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-        return JSONReply({**envelope, "object": "chat.completion", "choices": [choice], "usage": usage})
+        return JSONReply(
+            {**envelope, "object": "chat.completion", "choices": [choice], "usage": usage}
+        )
 
     include_usage = _include_usage(body)
 
@@ -257,7 +283,9 @@ def chat_reply(body: Mapping[str, Any], seq: int) -> Reply:
             "type": "function",
             "function": {"name": plan.tool_call.name, "arguments": ""},
         }
-        stream.head.append(chunk({"role": "assistant", "content": None, "tool_calls": [opening], "refusal": None}))
+        stream.head.append(
+            chunk({"role": "assistant", "content": None, "tool_calls": [opening], "refusal": None})
+        )
         stream.deltas = [
             chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
             for piece in pieces(plan.tool_call.arguments)
@@ -267,7 +295,9 @@ def chat_reply(body: Mapping[str, Any], seq: int) -> Reply:
         stream.deltas = [chunk({"content": piece}) for piece in pieces(plan.text or "")]
     stream.tail.append(chunk({}, finish_reason))
     if include_usage:
-        stream.tail.append((None, {**envelope, "object": "chat.completion.chunk", "choices": [], "usage": usage}))
+        stream.tail.append(
+            (None, {**envelope, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        )
     return stream
 
 
@@ -285,10 +315,18 @@ def completions_reply(body: Mapping[str, Any], seq: int) -> Reply:
     prompt_tokens = sum(count_tokens(p) for p in prompts)
     completion_tokens = sum(count_tokens(t) for t in texts)
     usage = _usage(prompt_tokens, completion_tokens, _cached_tokens(model, prompt_tokens))
-    envelope = {"id": f"cmpl-{seq}", "object": "text_completion", "created": CREATED, "model": model}
+    envelope = {
+        "id": f"cmpl-{seq}",
+        "object": "text_completion",
+        "created": CREATED,
+        "model": model,
+    }
 
     if not body.get("stream"):
-        choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": "stop"} for i, t in enumerate(texts)]
+        choices = [
+            {"text": t, "index": i, "logprobs": None, "finish_reason": "stop"}
+            for i, t in enumerate(texts)
+        ]
         return JSONReply({**envelope, "choices": choices, "usage": usage})
 
     include_usage = _include_usage(body)
@@ -321,15 +359,20 @@ def embeddings_reply(body: Mapping[str, Any], seq: int) -> Reply:
     model = require_model(body)
     raw = body.get("input")
     # One string, one token array, or a list of either.
-    if isinstance(raw, str) or (isinstance(raw, list) and raw and all(isinstance(t, int) for t in raw)):
+    if isinstance(raw, str) or (
+        isinstance(raw, list) and raw and all(isinstance(t, int) for t in raw)
+    ):
         inputs: list[Any] = [raw]
     else:
         inputs = raw if isinstance(raw, list) else []
     valid = bool(inputs) and all(
-        isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, int) for t in v)) for v in inputs
+        isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, int) for t in v))
+        for v in inputs
     )
     if not valid:
-        raise bad_request("'input' must be a string, a token array, or a non-empty list of them.", "input")
+        raise bad_request(
+            "'input' must be a string, a token array, or a non-empty list of them.", "input"
+        )
     dimensions = body.get("dimensions", DEFAULT_EMBEDDING_DIMENSIONS)
     if not isinstance(dimensions, int) or dimensions < 1:
         raise bad_request("'dimensions' must be a positive integer.", "dimensions")
@@ -337,30 +380,86 @@ def embeddings_reply(body: Mapping[str, Any], seq: int) -> Reply:
     data = []
     for index, value in enumerate(inputs):
         vector = embedding_vector(value, dimensions)
-        encoded: Any = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode() if as_base64 else vector
+        encoded: Any = (
+            base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+            if as_base64
+            else vector
+        )
         data.append({"object": "embedding", "index": index, "embedding": encoded})
     tokens = sum(count_tokens(v) if isinstance(v, str) else len(v) for v in inputs)
     return JSONReply(
-        {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
     )
 
 
 # What a strict server knows (OpenAI's arguments without `stream_options`).
 _KNOWN_ARGS = {
-    "/v1/chat/completions": frozenset({
-        "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
-        "max_completion_tokens", "max_tokens", "messages", "metadata", "modalities", "model",
-        "moderation", "n", "parallel_tool_calls", "prediction", "presence_penalty",
-        "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "reasoning_effort",
-        "response_format", "safety_identifier", "seed", "service_tier", "stop", "store", "stream",
-        "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity",
-        "web_search_options",
-    }),
-    "/v1/completions": frozenset({
-        "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "model",
-        "n", "presence_penalty", "prompt", "seed", "stop", "stream", "suffix", "temperature",
-        "top_p", "user",
-    }),
+    "/v1/chat/completions": frozenset(
+        {
+            "audio",
+            "frequency_penalty",
+            "function_call",
+            "functions",
+            "logit_bias",
+            "logprobs",
+            "max_completion_tokens",
+            "max_tokens",
+            "messages",
+            "metadata",
+            "modalities",
+            "model",
+            "moderation",
+            "n",
+            "parallel_tool_calls",
+            "prediction",
+            "presence_penalty",
+            "prompt_cache_key",
+            "prompt_cache_options",
+            "prompt_cache_retention",
+            "reasoning_effort",
+            "response_format",
+            "safety_identifier",
+            "seed",
+            "service_tier",
+            "stop",
+            "store",
+            "stream",
+            "temperature",
+            "tool_choice",
+            "tools",
+            "top_logprobs",
+            "top_p",
+            "user",
+            "verbosity",
+            "web_search_options",
+        }
+    ),
+    "/v1/completions": frozenset(
+        {
+            "best_of",
+            "echo",
+            "frequency_penalty",
+            "logit_bias",
+            "logprobs",
+            "max_tokens",
+            "model",
+            "n",
+            "presence_penalty",
+            "prompt",
+            "seed",
+            "stop",
+            "stream",
+            "suffix",
+            "temperature",
+            "top_p",
+            "user",
+        }
+    ),
 }
 REJECT_STYLES = ("openai", "pydantic")
 
@@ -372,11 +471,17 @@ def reject_unknown(style: str, path: str, body: Mapping[str, Any]) -> None:
         return
     if style == "pydantic":
         error = APIError(422, "Extra inputs are not permitted", "invalid_request_error")
-        error.body = {"detail": [
-            {"type": "extra_forbidden", "loc": ["body", name], "msg": "Extra inputs are not permitted",
-             "input": body[name]} for name in unknown]}
+        error.body = {
+            "detail": [
+                {
+                    "type": "extra_forbidden",
+                    "loc": ["body", name],
+                    "msg": "Extra inputs are not permitted",
+                    "input": body[name],
+                }
+                for name in unknown
+            ]
+        }
         raise error
     plural = "s" if len(unknown) > 1 else ""
     raise bad_request(f"Unrecognized request argument{plural} supplied: {', '.join(unknown)}")
-
-

@@ -3,7 +3,8 @@ server does: openai_server.py)."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from tracewire.testing.openai_replies import (
     JSONReply,
@@ -23,7 +24,9 @@ def responses_reply(body: Mapping[str, Any], seq: int) -> Reply:
     else:
         items = require_items(body, "input")
     instructions = body.get("instructions")
-    prompt_items = ([{"role": "system", "content": instructions}] if isinstance(instructions, str) else []) + items
+    prompt_items = (
+        [{"role": "system", "content": instructions}] if isinstance(instructions, str) else []
+    ) + items
     tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
     tool = next(
         (
@@ -58,7 +61,9 @@ def responses_reply(body: Mapping[str, Any], seq: int) -> Reply:
             "type": "message",
             "status": "completed",
             "role": "assistant",
-            "content": [{"type": "output_text", "text": plan.text or "", "annotations": [], "logprobs": []}],
+            "content": [
+                {"type": "output_text", "text": plan.text or "", "annotations": [], "logprobs": []}
+            ],
         }
     usage = {
         "input_tokens": plan.prompt_tokens,
@@ -88,7 +93,13 @@ def responses_reply(body: Mapping[str, Any], seq: int) -> Reply:
     if not body.get("stream"):
         return JSONReply(response)
 
-    in_progress = {**response, "status": "in_progress", "completed_at": None, "output": [], "usage": None}
+    in_progress = {
+        **response,
+        "status": "in_progress",
+        "completed_at": None,
+        "output": [],
+        "usage": None,
+    }
     where = {"item_id": item_id, "output_index": 0}
     stream = Stream(done_marker=False, sequenced=True)
     stream.head = [
@@ -98,13 +109,26 @@ def responses_reply(body: Mapping[str, Any], seq: int) -> Reply:
     if plan.tool_call:
         added_item = {**done_item, "status": "in_progress", "arguments": ""}
         stream.head.append(
-            ("response.output_item.added", {"type": "response.output_item.added", "output_index": 0, "item": added_item})
+            (
+                "response.output_item.added",
+                {"type": "response.output_item.added", "output_index": 0, "item": added_item},
+            )
         )
         kind = "response.function_call_arguments.delta"
-        stream.deltas = [(kind, {"type": kind, **where, "delta": p}) for p in pieces(plan.tool_call.arguments)]
+        stream.deltas = [
+            (kind, {"type": kind, **where, "delta": p}) for p in pieces(plan.tool_call.arguments)
+        ]
         kind = "response.function_call_arguments.done"
         stream.tail.append(
-            (kind, {"type": kind, **where, "name": plan.tool_call.name, "arguments": plan.tool_call.arguments})
+            (
+                kind,
+                {
+                    "type": kind,
+                    **where,
+                    "name": plan.tool_call.name,
+                    "arguments": plan.tool_call.arguments,
+                },
+            )
         )
     else:
         part = done_item["content"][0]
@@ -112,24 +136,40 @@ def responses_reply(body: Mapping[str, Any], seq: int) -> Reply:
         where_part = {**where, "content_index": 0}
         empty_part = {**part, "text": ""}
         stream.head += [
-            ("response.output_item.added", {"type": "response.output_item.added", "output_index": 0, "item": added_item}),
-            ("response.content_part.added", {"type": "response.content_part.added", **where_part, "part": empty_part}),
+            (
+                "response.output_item.added",
+                {"type": "response.output_item.added", "output_index": 0, "item": added_item},
+            ),
+            (
+                "response.content_part.added",
+                {"type": "response.content_part.added", **where_part, "part": empty_part},
+            ),
         ]
         kind = "response.output_text.delta"
         stream.deltas = [
-            (kind, {"type": kind, **where_part, "delta": p, "logprobs": []}) for p in pieces(plan.text or "")
+            (kind, {"type": kind, **where_part, "delta": p, "logprobs": []})
+            for p in pieces(plan.text or "")
         ]
         stream.tail += [
             (
                 "response.output_text.done",
-                {"type": "response.output_text.done", **where_part, "text": part["text"], "logprobs": []},
+                {
+                    "type": "response.output_text.done",
+                    **where_part,
+                    "text": part["text"],
+                    "logprobs": [],
+                },
             ),
-            ("response.content_part.done", {"type": "response.content_part.done", **where_part, "part": part}),
+            (
+                "response.content_part.done",
+                {"type": "response.content_part.done", **where_part, "part": part},
+            ),
         ]
     stream.tail += [
-        ("response.output_item.done", {"type": "response.output_item.done", "output_index": 0, "item": done_item}),
+        (
+            "response.output_item.done",
+            {"type": "response.output_item.done", "output_index": 0, "item": done_item},
+        ),
         ("response.completed", {"type": "response.completed", "response": response}),
     ]
     return stream
-
-

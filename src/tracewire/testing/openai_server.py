@@ -106,9 +106,10 @@ import socket
 import socketserver
 import sys
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from tracewire.testing.openai_replies import (
@@ -240,10 +241,15 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if endpoint is None:
                 raise APIError(
-                    404, f"Invalid URL ({self.command} {self.path})", "invalid_request_error", code="unknown_url"
+                    404,
+                    f"Invalid URL ({self.command} {self.path})",
+                    "invalid_request_error",
+                    code="unknown_url",
                 )
             if not isinstance(body, dict):
-                raise bad_request("We could not parse the JSON body of your request: expected a JSON object.")
+                raise bad_request(
+                    "We could not parse the JSON body of your request: expected a JSON object."
+                )
             if self.server.owner.reject_unknown_args:
                 reject_unknown(self.server.owner.reject_unknown_args, path, body)
             reply = endpoint(body, seq)
@@ -256,7 +262,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_stream(sse_frames(reply, body["model"]), seq)
 
     def _send_json(
-        self, status: int, body: Mapping[str, Any], seq: int, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        body: Mapping[str, Any],
+        seq: int,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
@@ -295,8 +305,9 @@ class OpenAIServer:
         if reject_unknown_args is True:
             reject_unknown_args = "openai"
         if reject_unknown_args and reject_unknown_args not in REJECT_STYLES:
-            raise ValueError(f"reject_unknown_args must be one of {REJECT_STYLES}, "
-                             f"got {reject_unknown_args!r}")
+            raise ValueError(
+                f"reject_unknown_args must be one of {REJECT_STYLES}, got {reject_unknown_args!r}"
+            )
         self.reject_unknown_args: str | None = reject_unknown_args or None
         self._requested_port = port
         self._httpd: _HTTPServer | None = None
@@ -373,14 +384,25 @@ class OpenAIServer:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the server in the foreground, printing its base URL on one line."""
-    parser = argparse.ArgumentParser(description="Run a local deterministic OpenAI-compatible server.")
-    parser.add_argument("--port", type=int, default=0, help="port to bind on 127.0.0.1 (default: a free one)")
+    parser = argparse.ArgumentParser(
+        description="Run a local deterministic OpenAI-compatible server."
+    )
     parser.add_argument(
-        "--reject-unknown-args", nargs="?", const="openai", choices=REJECT_STYLES, default=None,
+        "--port", type=int, default=0, help="port to bind on 127.0.0.1 (default: a free one)"
+    )
+    parser.add_argument(
+        "--reject-unknown-args",
+        nargs="?",
+        const="openai",
+        choices=REJECT_STYLES,
+        default=None,
         help="reject chat/completions arguments a strict server does not know, stream_options "
-        "included: HTTP 400 like OpenAI (openai, the default) or 422 like FastAPI (pydantic)")
+        "included: HTTP 400 like OpenAI (openai, the default) or 422 like FastAPI (pydantic)",
+    )
     args = parser.parse_args(argv)
-    with OpenAIServer(port=args.port, reject_unknown_args=args.reject_unknown_args or False) as server:
+    with OpenAIServer(
+        port=args.port, reject_unknown_args=args.reject_unknown_args or False
+    ) as server:
         print(server.base_url, flush=True)
         try:
             threading.Event().wait()

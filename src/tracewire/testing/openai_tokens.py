@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Union
+from typing import Any
 
 DEFAULT_EMBEDDING_DIMENSIONS = 8
 # A fixed timestamp keeps whole response bodies reproducible.
@@ -30,7 +31,7 @@ def count_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
 
 
 def embedding_vector(
-    value: Union[str, Sequence[int]], dimensions: int = DEFAULT_EMBEDDING_DIMENSIONS
+    value: str | Sequence[int], dimensions: int = DEFAULT_EMBEDDING_DIMENSIONS
 ) -> list[float]:
     """The embedding the server returns for a string or token-array input."""
     seed = (value if isinstance(value, str) else json.dumps(list(value))).encode()
@@ -76,7 +77,8 @@ class APIError(Exception):
         super().__init__(message)
         self.status = status
         self.body: dict[str, Any] = {
-            "error": {"message": message, "type": type, "param": param, "code": code}}
+            "error": {"message": message, "type": type, "param": param, "code": code}
+        }
         self.headers = dict(headers or {})
 
 
@@ -89,7 +91,9 @@ def _content_text(content: Any) -> str:
         return content
     if isinstance(content, list):
         return " ".join(
-            part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
         )
     return ""
 
@@ -143,5 +147,3 @@ def require_items(body: Mapping[str, Any], name: str) -> list[dict[str, Any]]:
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
         raise bad_request(f"'{name}' must be a list of objects.", name)
     return items
-
-

@@ -17,9 +17,10 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
@@ -35,8 +36,17 @@ EXPERIMENT = "clean-install"
 MODEL = "gpt-4o-mini"
 # Not installed and not part of the package: leave them out of the copy pip builds from.
 _NOT_SHIPPED = shutil.ignore_patterns(
-    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-    "mlruns", "mlflow.db", ".tracewire")
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    "mlruns",
+    "mlflow.db",
+    ".tracewire",
+)
 
 
 @dataclass
@@ -46,19 +56,29 @@ class CleanVenv:
     mlflow_distributions: dict[str, str]  # name -> version, every installed "mlflow*" dist
     install_seconds: float
 
-    def run(self, script: str, cwd: Path, env: Mapping[str, str] | None = None,
-            timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, script: str, cwd: Path, env: Mapping[str, str] | None = None, timeout: float = 180
+    ) -> subprocess.CompletedProcess[str]:
         path = cwd / "script.py"
         path.write_text(textwrap.dedent(script))
-        return subprocess.run([str(self.python), str(path)], cwd=cwd, env=_clean_env(self, env),
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [str(self.python), str(path)],
+            cwd=cwd,
+            env=_clean_env(self, env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 def _clean_env(venv: CleanVenv | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The outer environment without anything that would leak the outer venv or its settings."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
-           and not k.startswith(("MLFLOW_", "TRACEWIRE_", "OPENAI_", "PYTEST_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
+        and not k.startswith(("MLFLOW_", "TRACEWIRE_", "OPENAI_", "PYTEST_"))
+    }
     if venv is not None:
         env["PATH"] = f"{venv.python.parent}{os.pathsep}{env.get('PATH', '')}"
         env["VIRTUAL_ENV"] = str(venv.root)
@@ -86,18 +106,38 @@ def clean_venv(tmp_path_factory: pytest.TempPathFactory) -> CleanVenv:
     shutil.copytree(REPO, source, ignore=_NOT_SHIPPED)
     root = base / "venv"
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, env=_clean_env(None),
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "venv", str(root)],
+        check=True,
+        env=_clean_env(None),
+        capture_output=True,
+        timeout=120,
+    )
     python = root / "bin" / "python"
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         f"{source}[openai]"],
-        env=_clean_env(None), capture_output=True, text=True, timeout=480)
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            f"{source}[openai]",
+        ],
+        env=_clean_env(None),
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
     if install.returncode != 0:
         pytest.fail(f'pip install "tracewire[openai]" failed:\n{_output(install)}')
     seconds = time.monotonic() - started
 
-    probe = subprocess.run([str(python), "-c", textwrap.dedent("""
+    probe = subprocess.run(
+        [
+            str(python),
+            "-c",
+            textwrap.dedent("""
         import importlib.metadata as md, json
         dists = {}
         for dist in md.distributions():
@@ -105,11 +145,20 @@ def clean_venv(tmp_path_factory: pytest.TempPathFactory) -> CleanVenv:
             if name.startswith("mlflow"):
                 dists[name] = dist.version
         print(json.dumps(dists))
-    """)], env=_clean_env(None), capture_output=True, text=True, timeout=60, cwd=base)
+    """),
+        ],
+        env=_clean_env(None),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=base,
+    )
     assert probe.returncode == 0, _output(probe)
     venv = CleanVenv(root, python, json.loads(probe.stdout), seconds)
-    print(f"\nclean venv: {root}, created + installed in {seconds:.0f} s, "
-          f"mlflow distributions: {venv.mlflow_distributions}")
+    print(
+        f"\nclean venv: {root}, created + installed in {seconds:.0f} s, "
+        f"mlflow distributions: {venv.mlflow_distributions}"
+    )
     return venv
 
 
@@ -156,8 +205,12 @@ TRACE_SCRIPT = """
 
 @pytest.mark.parametrize("select_experiment", ["by-name", "by-id"])
 def test_slim_install_traces_into_a_tracking_server(
-        select_experiment: str, clean_venv: CleanVenv, mlflow_server: MlflowServer,
-        openai_server: OpenAIServer, tmp_path: Path) -> None:
+    select_experiment: str,
+    clean_venv: CleanVenv,
+    mlflow_server: MlflowServer,
+    openai_server: OpenAIServer,
+    tmp_path: Path,
+) -> None:
     # Only MLflow's slim tracing SDK came in, not the full `mlflow` (SQL store, UI, ML deps).
     assert "mlflow" not in clean_venv.mlflow_distributions, clean_venv.mlflow_distributions
     assert "mlflow-tracing" in clean_venv.mlflow_distributions, clean_venv.mlflow_distributions
@@ -171,13 +224,17 @@ def test_slim_install_traces_into_a_tracking_server(
         selection = {"MLFLOW_EXPERIMENT_ID": client.create_experiment(name)}
 
     openai_server.clear()
-    result = clean_venv.run(TRACE_SCRIPT, cwd=tmp_path, env={
-        "MLFLOW_TRACKING_URI": mlflow_server.url,
-        **selection,
-        "TRACEWIRE_TESTING": "1",
-        "TEST_OPENAI_BASE_URL": openai_server.base_url,
-        "TEST_MODEL": MODEL,
-    })
+    result = clean_venv.run(
+        TRACE_SCRIPT,
+        cwd=tmp_path,
+        env={
+            "MLFLOW_TRACKING_URI": mlflow_server.url,
+            **selection,
+            "TRACEWIRE_TESTING": "1",
+            "TEST_OPENAI_BASE_URL": openai_server.base_url,
+            "TEST_MODEL": MODEL,
+        },
+    )
     assert result.returncode == 0, _output(result)
     # The export worker only logs its failures (and flush() still says True): look for them.
     assert "tracewire: export" not in result.stderr, _output(result)
@@ -200,14 +257,17 @@ def test_slim_install_traces_into_a_tracking_server(
         (out["reply_usage"]["prompt_tokens"], out["reply_usage"]["completion_tokens"]),
         (count_prompt_tokens(stream_request["messages"]), count_tokens(out["stream_text"])),
     ]
-    assert expected_usage[0] == (count_prompt_tokens(chat_request["messages"]),
-                                 count_tokens(out["reply"]))
+    assert expected_usage[0] == (
+        count_prompt_tokens(chat_request["messages"]),
+        count_tokens(out["reply"]),
+    )
 
     # Read back through MLflow's own client, against the server.
     experiment = client.get_experiment_by_name(name)
     assert experiment is not None, f"experiment {name!r} does not exist"
-    traces = client.search_traces(locations=[experiment.experiment_id],
-                                  order_by=["timestamp_ms ASC"])
+    traces = client.search_traces(
+        locations=[experiment.experiment_id], order_by=["timestamp_ms ASC"]
+    )
     assert len(traces) == 2, [t.info.trace_id for t in traces]
 
     for trace, (prompt_tokens, completion_tokens) in zip(traces, expected_usage):
@@ -226,8 +286,9 @@ def test_slim_install_traces_into_a_tracking_server(
         }
         span_usage = span.get_attribute("mlflow.chat.tokenUsage")
         assert {k: span_usage.get(k) for k in usage} == usage, span_usage
-        assert {k: (trace.info.token_usage or {}).get(k) for k in usage} == usage, \
+        assert {k: (trace.info.token_usage or {}).get(k) for k in usage} == usage, (
             trace.info.token_usage
+        )
 
 
 CONFIG_ERROR_SCRIPT = """
@@ -250,7 +311,8 @@ CONFIG_ERROR_SCRIPT = """
 
 
 def test_slim_install_without_tracking_uri_asks_for_local_extra_or_server(
-        clean_venv: CleanVenv, tmp_path: Path) -> None:
+    clean_venv: CleanVenv, tmp_path: Path
+) -> None:
     # No MLFLOW_TRACKING_URI: MLflow's default is the local store sqlite:///mlflow.db, which
     # needs the full `mlflow`. autolog() must say so, before anything is patched.
     result = clean_venv.run(CONFIG_ERROR_SCRIPT, cwd=tmp_path, env={"TRACEWIRE_TESTING": "1"})
@@ -265,15 +327,23 @@ def test_slim_install_without_tracking_uri_asks_for_local_extra_or_server(
 
 
 def test_slim_install_stats_says_what_to_install_and_creates_nothing(
-        clean_venv: CleanVenv, tmp_path: Path) -> None:
+    clean_venv: CleanVenv, tmp_path: Path
+) -> None:
     # `tracewire stats` in a folder, with the slim SDK only: one line, no traceback, no store.
-    result = subprocess.run([str(clean_venv.python), "-m", "tracewire.cli", "stats"],
-                            cwd=tmp_path, env=_clean_env(clean_venv), capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [str(clean_venv.python), "-m", "tracewire.cli", "stats"],
+        cwd=tmp_path,
+        env=_clean_env(clean_venv),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1 and result.stdout == "", _output(result)
     (line,) = result.stderr.splitlines()
-    assert line.startswith("tracewire: error: MLflow's default tracking URI 'sqlite:///mlflow.db' "
-                           "(MLFLOW_TRACKING_URI is not set), a local MLflow store, which needs "
-                           "the full `mlflow` package"), line
+    assert line.startswith(
+        "tracewire: error: MLflow's default tracking URI 'sqlite:///mlflow.db' "
+        "(MLFLOW_TRACKING_URI is not set), a local MLflow store, which needs "
+        "the full `mlflow` package"
+    ), line
     assert 'pip install "tracewire[local]"' in line
     assert list(tmp_path.iterdir()) == []

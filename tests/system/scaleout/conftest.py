@@ -3,7 +3,7 @@ that runs a test here), started only when a test asks for it."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

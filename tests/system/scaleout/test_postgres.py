@@ -42,28 +42,37 @@ APP = (Path(__file__).parents[2] / "support" / "worker_app.py").read_text()
 
 def _request(i: int) -> dict[str, str]:
     """What request ``i`` sends, and so what its trace must hold."""
-    return {"id": f"scale-{i:03d}", "session": f"session-{i % 5}", "user": f"user-{i % 3}",
-            "question": f"question {i}"}
+    return {
+        "id": f"scale-{i:03d}",
+        "session": f"session-{i % 5}",
+        "user": f"user-{i % 3}",
+        "question": f"question {i}",
+    }
 
 
 def _env(tmp_path: Path, openai_server: OpenAIServer, tracking_uri: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))}
-    env.update({
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
-        "MLFLOW_MODEL_CATALOG_URI": "",
-        "TRACEWIRE_TESTING": "1",  # an internal error in a worker raises instead of hiding
-        "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool"),
-        "TRACEWIRE_FEEDBACK_PATH": "/feedback",
-        # As behind a gateway that sets them: the users' feedback is bound to these.
-        "TRACEWIRE_TRUST_IDENTITY_HEADERS": "session=X-Session-ID,user=X-User-ID",
-        # Everything is shipped before the app stops; the bound is for a loaded machine.
-        "TRACEWIRE_FLUSH_TIMEOUT": "10",
-        "OPENAI_BASE_URL": openai_server.base_url,
-        "OPENAI_API_KEY": API_KEY,
-        "PYTHONUNBUFFERED": "1",
-    })
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))
+    }
+    env.update(
+        {
+            "MLFLOW_TRACKING_URI": tracking_uri,
+            "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
+            "MLFLOW_MODEL_CATALOG_URI": "",
+            "TRACEWIRE_TESTING": "1",  # an internal error in a worker raises instead of hiding
+            "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool"),
+            "TRACEWIRE_FEEDBACK_PATH": "/feedback",
+            # As behind a gateway that sets them: the users' feedback is bound to these.
+            "TRACEWIRE_TRUST_IDENTITY_HEADERS": "session=X-Session-ID,user=X-User-ID",
+            # Everything is shipped before the app stops; the bound is for a loaded machine.
+            "TRACEWIRE_FLUSH_TIMEOUT": "10",
+            "OPENAI_BASE_URL": openai_server.base_url,
+            "OPENAI_API_KEY": API_KEY,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -71,9 +80,17 @@ def _ask(url: str, i: int) -> tuple[int, int]:
     """Request ``i`` on a new connection (so the kernel spreads them over the workers);
     (its index, the pid of the worker that answered)."""
     sent = _request(i)
-    response = httpx.get(f"{url}/ask", params={"q": sent["question"]}, timeout=30, headers={
-        "X-Request-ID": sent["id"], "X-Session-ID": sent["session"],
-        "X-User-ID": sent["user"], "Connection": "close"})
+    response = httpx.get(
+        f"{url}/ask",
+        params={"q": sent["question"]},
+        timeout=30,
+        headers={
+            "X-Request-ID": sent["id"],
+            "X-Session-ID": sent["session"],
+            "X-User-ID": sent["user"],
+            "Connection": "close",
+        },
+    )
     assert response.status_code == 200, response.text
     # The user's result is unchanged, and the request id is echoed.
     assert response.json()["reply"] == f"Echo: {sent['question']}"
@@ -85,29 +102,39 @@ def _feedback(url: str, i: int) -> None:
     """Feedback on request ``i`` by its request id; whichever worker takes it, it must reach
     the trace the other worker (or this one) made."""
     sent = _request(i)
-    response = httpx.post(f"{url}/feedback", timeout=30, headers={
-        "X-User-ID": sent["user"], "Connection": "close"}, json={
-        "request_id": sent["id"], "name": "thumbs", "value": i % 2 == 0,
-        "rationale": f"feedback on {sent['id']}"})
+    response = httpx.post(
+        f"{url}/feedback",
+        timeout=30,
+        headers={"X-User-ID": sent["user"], "Connection": "close"},
+        json={
+            "request_id": sent["id"],
+            "name": "thumbs",
+            "value": i % 2 == 0,
+            "rationale": f"feedback on {sent['id']}",
+        },
+    )
     assert response.status_code == 202, response.text
 
 
 def _complete(trace: mlflow.entities.Trace) -> bool:
     """Its spans and its feedback are stored. Through a server a trace is written in two
     calls (its record, then its spans), and a reader can see it between them."""
-    return trace.info.tags.get(TraceTagKey.SPANS_LOCATION) == SpansLocation.TRACKING_STORE \
-        and bool(trace.info.assessments)
+    return trace.info.tags.get(TraceTagKey.SPANS_LOCATION) == SpansLocation.TRACKING_STORE and bool(
+        trace.info.assessments
+    )
 
 
-def _stored(client: mlflow.MlflowClient, expected: int, deadline: float
-            ) -> list[mlflow.entities.Trace]:
+def _stored(
+    client: mlflow.MlflowClient, expected: int, deadline: float
+) -> list[mlflow.entities.Trace]:
     """The experiment's trace records (no spans) once ``expected`` are complete."""
     found: list[mlflow.entities.Trace] = []
     while time.monotonic() < deadline:
         experiment = client.get_experiment_by_name(EXPERIMENT)
         if experiment is not None:
-            found = client.search_traces(locations=[experiment.experiment_id],
-                                         max_results=SERVER_PAGE, include_spans=False)
+            found = client.search_traces(
+                locations=[experiment.experiment_id], max_results=SERVER_PAGE, include_spans=False
+            )
             if len(found) >= expected and all(map(_complete, found)):
                 return found
         time.sleep(0.5)
@@ -124,10 +151,29 @@ def _rows(database_uri: str, query: str) -> list[tuple]:
 def _start_app(tmp_path: Path, env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
     (tmp_path / "scale_app.py").write_text(APP)
     return subprocess.Popen(
-        [sys.executable, "-m", "tracewire.cli", "run", "--", sys.executable, "-m", "uvicorn",
-         "scale_app:app", "--workers", "2", "--port", str(port), "--log-level", "warning"],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "tracewire.cli",
+            "run",
+            "--",
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "scale_app:app",
+            "--workers",
+            "2",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _stop_app(proc: subprocess.Popen[bytes]) -> str:
@@ -155,7 +201,8 @@ def _wait_up(url: str) -> None:
 
 
 def test_workers_share_a_postgres_backed_server(
-        tmp_path: Path, openai_server: OpenAIServer, postgres: PostgresCluster) -> None:
+    tmp_path: Path, openai_server: OpenAIServer, postgres: PostgresCluster
+) -> None:
     database = postgres.create_database(f"mlflow_{uuid.uuid4().hex[:12]}")
     server = PostgresMlflowServer(tmp_path / "mlflow-server", database)
     port = free_port()
@@ -176,12 +223,12 @@ def test_workers_share_a_postgres_backed_server(
                 while len(set(answered.values())) < 2 and len(answered) < 200:
                     answered.update([_ask(url, len(answered))])
                 # Each process keeps its own spool file (spool-<pid>-<random>.db) while it runs.
-                spool_pids = {int(p.name.split("-")[1])
-                              for p in (tmp_path / "spool").glob("spool-*.db")}
+                spool_pids = {
+                    int(p.name.split("-")[1]) for p in (tmp_path / "spool").glob("spool-*.db")
+                }
                 # Feedback is taken by either worker, whichever served the request.
                 list(pool.map(lambda i: _feedback(url, i), sorted(answered)))
-            found = _stored(mlflow.MlflowClient(server.url), len(answered),
-                            time.monotonic() + 60)
+            found = _stored(mlflow.MlflowClient(server.url), len(answered), time.monotonic() + 60)
         finally:
             output = _stop_app(app)
             print(output)  # shown by pytest if the test fails, wherever it failed
@@ -196,8 +243,10 @@ def test_workers_share_a_postgres_backed_server(
         server.stop()
 
     # Nothing left behind: every process's spool shipped, nothing dropped or refused.
-    left = [(s.path.name, s.pending, s.feedback_pending, s.dropped, s.rejected)
-            for s in spool.status(tmp_path / "spool")]
+    left = [
+        (s.path.name, s.pending, s.feedback_pending, s.dropped, s.rejected)
+        for s in spool.status(tmp_path / "spool")
+    ]
     assert [entry for entry in left if entry[1:] != (0, 0, 0, 0)] == []
 
 
@@ -213,42 +262,69 @@ def _assert_each_trace_once(server: PostgresMlflowServer, answered: dict[int, in
     for request_id, trace in by_request.items():
         sent = expected[request_id]
         metadata = trace.info.trace_metadata
-        assert (metadata["mlflow.trace.session"], metadata["mlflow.trace.user"]) == \
-            (sent["session"], sent["user"]), request_id
+        assert (metadata["mlflow.trace.session"], metadata["mlflow.trace.user"]) == (
+            sent["session"],
+            sent["user"],
+        ), request_id
         spans = {s.name: s for s in trace.data.spans}
         assert spans[CHAT_SPAN].parent_id == spans["GET /ask"].span_id
         # The model call in this trace is this request's: no context crossed between requests.
         assert spans[CHAT_SPAN].inputs["messages"][0]["content"] == sent["question"]
         (feedback,) = trace.info.assessments
-        assert (feedback.name, feedback.value, feedback.rationale, feedback.source.source_id) \
-            == ("thumbs", sent["index"] % 2 == 0, f"feedback on {request_id}", sent["user"])
+        assert (feedback.name, feedback.value, feedback.rationale, feedback.source.source_id) == (
+            "thumbs",
+            sent["index"] % 2 == 0,
+            f"feedback on {request_id}",
+            sent["user"],
+        )
 
     # The rows themselves, in PostgreSQL: one trace per request id, its two spans in the
     # database (not in an artifact store), one feedback.
     once = {request_id: 1 for request_id in expected}
-    assert dict(_rows(server.backend_store_uri,
-                      "SELECT client_request_id, COUNT(*) FROM trace_info GROUP BY 1")) == once
-    assert dict(_rows(server.backend_store_uri,
-                      "SELECT t.client_request_id, COUNT(s.span_id) FROM trace_info t "
-                      "LEFT JOIN spans s ON s.trace_id = t.request_id GROUP BY 1")) == \
-        {request_id: 2 for request_id in expected}
-    assert dict(_rows(server.backend_store_uri,
-                      "SELECT t.client_request_id, COUNT(a.assessment_id) FROM trace_info t "
-                      "LEFT JOIN assessments a ON a.trace_id = t.request_id GROUP BY 1")) == once
+    assert (
+        dict(
+            _rows(
+                server.backend_store_uri,
+                "SELECT client_request_id, COUNT(*) FROM trace_info GROUP BY 1",
+            )
+        )
+        == once
+    )
+    assert dict(
+        _rows(
+            server.backend_store_uri,
+            "SELECT t.client_request_id, COUNT(s.span_id) FROM trace_info t "
+            "LEFT JOIN spans s ON s.trace_id = t.request_id GROUP BY 1",
+        )
+    ) == {request_id: 2 for request_id in expected}
+    assert (
+        dict(
+            _rows(
+                server.backend_store_uri,
+                "SELECT t.client_request_id, COUNT(a.assessment_id) FROM trace_info t "
+                "LEFT JOIN assessments a ON a.trace_id = t.request_id GROUP BY 1",
+            )
+        )
+        == once
+    )
     return experiment.experiment_id
 
 
-def _assert_delta_sync(server: PostgresMlflowServer, experiment_id: str, path: Path,
-                       answered: dict[int, int]) -> None:
+def _assert_delta_sync(
+    server: PostgresMlflowServer, experiment_id: str, path: Path, answered: dict[int, int]
+) -> None:
     """The Delta sync reads the server through MLflow's REST API: a row per request."""
     from deltalake import DeltaTable
 
-    report = delta.sync(str(path), tracking_uri=server.url, experiment_ids=[experiment_id],
-                        lookback_s=86400)
+    report = delta.sync(
+        str(path), tracking_uri=server.url, experiment_ids=[experiment_id], lookback_s=86400
+    )
     assert (report.read, report.written) == (len(answered), len(answered))
     # use_threads=False: Arrow's thread pool can abort the interpreter at exit
     # (docs/delta-and-stats.md, "Reading it").
     table = DeltaTable(str(path)).to_pyarrow_dataset().to_table(use_threads=False).to_pylist()
-    assert sorted((r["client_request_id"], r["session"], r["user"], r["feedback_count"])
-                  for r in table) == sorted(
-        (_request(i)["id"], _request(i)["session"], _request(i)["user"], 1) for i in answered)
+    assert sorted(
+        (r["client_request_id"], r["session"], r["user"], r["feedback_count"]) for r in table
+    ) == sorted(
+        (_request(i)["id"], _request(i)["session"], _request(i)["user"], 1) for i in answered
+    )

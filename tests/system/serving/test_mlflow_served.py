@@ -24,10 +24,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import mlflow
@@ -45,8 +46,11 @@ AGENTS = {
     "langgraph": Path(__file__).parent / "agents" / "langgraph_agent.py",
 }
 MODES = ("plain", "run", "autolog")
-TRACEWIRE_MODES = [pytest.param(mode, agent, id=f"{mode}-{agent}")
-                   for mode in ("run", "autolog") for agent in AGENTS]
+TRACEWIRE_MODES = [
+    pytest.param(mode, agent, id=f"{mode}-{agent}")
+    for mode in ("run", "autolog")
+    for agent in AGENTS
+]
 REPORT = Path("/tmp/serving-comparison-table.md")  # rewritten by every run
 BURST = 20  # successful requests, sent at once with the failing one
 PREVIEW_MAX = 1000  # MLflow's request/response preview length in open source
@@ -56,21 +60,21 @@ ANONYMOUS = "anonymous-*"  # the LangGraph agent's own thread id when a request 
 # else plain MLflow records on a served agent's trace, tracewire must record too.
 ALLOWED = {
     "root span": "tracewire's root is the web request (POST /invocations, CHAIN) with MLflow's "
-                 "`predict` span under it; so the tag mlflow.traceName names the request",
+    "`predict` span under it; so the tag mlflow.traceName names the request",
     "tag mlflow.traceName": "the root span's name (see root span)",
     "tag mlflow.artifactLocation": "a path under each experiment: differs by experiment",
     "metadata values": "sizes (mlflow.trace.sizeBytes, sizeStats) and the root span's JSON "
-                       "(mlflow.traceInputs, traceOutputs) differ with the extra root span; their "
-                       "keys must be there",
+    "(mlflow.traceInputs, traceOutputs) differ with the extra root span; their "
+    "keys must be there",
     "model call span names": "tracewire names the OpenAI client's call `chat <model>` "
-                             "(OpenTelemetry GenAI convention), MLflow `Completions`; under "
-                             "LangChain both layers are kept (ChatOpenAI and the client call)",
+    "(OpenTelemetry GenAI convention), MLflow `Completions`; under "
+    "LangChain both layers are kept (ChatOpenAI and the client call)",
     "LangGraph span type": "tracewire types the graph run AGENT, MLflow's LangChain autolog CHAIN",
     "span events": "MLflow records one event per streamed chunk; tracewire records none (the "
-                   "hot path does no work per chunk)",
+    "hot path does no work per chunk)",
     "non-mlflow span attributes": "autolog's raw framework dumps (model, stream, "
-                                  "invocation_params, metadata, options, batch_size): only "
-                                  "MLflow's own mlflow.* span attributes are compared",
+    "invocation_params, metadata, options, batch_size): only "
+    "MLflow's own mlflow.* span attributes are compared",
 }
 
 
@@ -100,8 +104,11 @@ class Sent:
         context = self.body.get("context") or {}
         thread = None
         if agent == "langgraph" and self.kind != "fail":
-            thread = (self.body.get("custom_inputs") or {}).get("thread_id") \
-                or context.get("conversation_id") or ANONYMOUS
+            thread = (
+                (self.body.get("custom_inputs") or {}).get("thread_id")
+                or context.get("conversation_id")
+                or ANONYMOUS
+            )
         session = thread or context.get("conversation_id")
         user = context.get("user_id")
         return session, user
@@ -115,8 +122,11 @@ class Sent:
         calls = 2 if agent == "openai" else 1
         prompt = count_prompt_tokens([{"role": "user", "content": self.question}])
         completion = count_tokens(f"Echo: {self.question}")
-        return {"input_tokens": calls * prompt, "output_tokens": calls * completion,
-                "total_tokens": calls * (prompt + completion)}
+        return {
+            "input_tokens": calls * prompt,
+            "output_tokens": calls * completion,
+            "total_tokens": calls * (prompt + completion),
+        }
 
 
 def _plan(agent: str) -> list[Sent]:
@@ -139,9 +149,19 @@ def _plan(agent: str) -> list[Sent]:
             kind = "bare"
         request_id = None if kind == "no-id" else f"req-{agent}-{key}"
         sent.append(Sent(key, question, kind, request_id, body, headers))
-    sent.append(Sent("fail", "fail", "fail", f"req-{agent}-fail",
-                     {"input": [{"role": "user", "content": "fail"}],
-                      "context": {"conversation_id": "conv-fail", "user_id": "user-fail"}}, {}))
+    sent.append(
+        Sent(
+            "fail",
+            "fail",
+            "fail",
+            f"req-{agent}-fail",
+            {
+                "input": [{"role": "user", "content": "fail"}],
+                "context": {"conversation_id": "conv-fail", "user_id": "user-fail"},
+            },
+            {},
+        )
+    )
     for s in sent:
         if s.request_id is not None:
             s.headers = {"X-Request-ID": s.request_id, **s.headers}
@@ -184,8 +204,10 @@ class Served:
     def trace_of(self, s: Sent) -> Trace:
         """The one trace of a request (found by the question its `predict` span got)."""
         found = [t for t in self.traces if _question(t) == s.question]
-        assert len(found) == 1, (f"{self.mode}/{self.agent}: {len(found)} traces for request "
-                                 f"{s.key} ({s.question!r}); {len(self.traces)} traces in all")
+        assert len(found) == 1, (
+            f"{self.mode}/{self.agent}: {len(found)} traces for request "
+            f"{s.key} ({s.question!r}); {len(self.traces)} traces in all"
+        )
         return found[0]
 
 
@@ -213,8 +235,9 @@ def _question(trace: Trace) -> str | None:
 
 
 def _search(uri: str, experiment_id: str, **kwargs: Any) -> list[Trace]:
-    return mlflow.MlflowClient(uri).search_traces(locations=[experiment_id], max_results=500,
-                                                  **kwargs)
+    return mlflow.MlflowClient(uri).search_traces(
+        locations=[experiment_id], max_results=500, **kwargs
+    )
 
 
 def _search_by_model(uri: str, experiment_id: str, model_id: str) -> list[Trace]:
@@ -225,8 +248,9 @@ def _search_by_model(uri: str, experiment_id: str, model_id: str) -> list[Trace]
     saved_uri, saved_env = tracking._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
-        return mlflow.search_traces(model_id=model_id, locations=[experiment_id],
-                                    return_type="list", max_results=500)
+        return mlflow.search_traces(
+            model_id=model_id, locations=[experiment_id], return_type="list", max_results=500
+        )
     finally:
         mlflow.set_tracking_uri(saved_uri)
         if saved_env is None:
@@ -242,16 +266,26 @@ def _stop(served: Served) -> None:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory,
-               openai_server: OpenAIServer) -> Iterator[Deployment]:
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, openai_server: OpenAIServer
+) -> Iterator[Deployment]:
     began = time.monotonic()
     root = tmp_path_factory.mktemp("served")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    common = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_MODEL_CATALOG_URI": "",
-              "OPENAI_BASE_URL": openai_server.base_url, "OPENAI_API_KEY": API_KEY}
+    common = {
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_MODEL_CATALOG_URI": "",
+        "OPENAI_BASE_URL": openai_server.base_url,
+        "OPENAI_API_KEY": API_KEY,
+    }
     # Both models logged by one process, which also creates the store (once, before any server).
-    model_ids = log_models(clean_env(**common), root, AGENTS, experiment="served-models",
-                           pip_requirements=["mlflow", "openai", "langchain-openai", "langgraph"])
+    model_ids = log_models(
+        clean_env(**common),
+        root,
+        AGENTS,
+        experiment="served-models",
+        pip_requirements=["mlflow", "openai", "langchain-openai", "langgraph"],
+    )
     log_s = time.monotonic() - began
     client = mlflow.MlflowClient(uri)
     served: dict[tuple[str, str], Served] = {}
@@ -259,17 +293,27 @@ def deployment(tmp_path_factory: pytest.TempPathFactory,
         for agent in AGENTS:
             name = f"{mode}-{agent}"  # its trace artifacts in the temporary folder too
             experiment_id = client.create_experiment(
-                name, artifact_location=(root / "artifacts" / name).as_uri())
-            env = clean_env(**common, ENABLE_MLFLOW_TRACING="true",
-                            MLFLOW_EXPERIMENT_ID=experiment_id,
-                            TRACEWIRE_TESTING="1",  # internal errors raise, as in the whole suite
-                            TRACEWIRE_SPOOL_DIR=str(root / f"spool-{mode}-{agent}"))
+                name, artifact_location=(root / "artifacts" / name).as_uri()
+            )
+            env = clean_env(
+                **common,
+                ENABLE_MLFLOW_TRACING="true",
+                MLFLOW_EXPERIMENT_ID=experiment_id,
+                TRACEWIRE_TESTING="1",  # internal errors raise, as in the whole suite
+                TRACEWIRE_SPOOL_DIR=str(root / f"spool-{mode}-{agent}"),
+            )
             if mode == "autolog":
                 env["AGENT_TRACEWIRE_AUTOLOG"] = "1"
-            server = ModelServer(model_ids[agent], env, root, log_name=f"{mode}-{agent}.log",
-                                 wrapper=TRACEWIRE_RUN if mode == "run" else ())
-            served[mode, agent] = Served(mode, agent, model_ids[agent], experiment_id, server,
-                                         _plan(agent))
+            server = ModelServer(
+                model_ids[agent],
+                env,
+                root,
+                log_name=f"{mode}-{agent}.log",
+                wrapper=TRACEWIRE_RUN if mode == "run" else (),
+            )
+            served[mode, agent] = Served(
+                mode, agent, model_ids[agent], experiment_id, server, _plan(agent)
+            )
     deployment = Deployment(uri, served, log_s)
     try:
         started = time.monotonic()
@@ -296,8 +340,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory,
             for key in sorted(waiting):
                 s = served[key]
                 found = _search(uri, s.experiment_id, include_spans=False)
-                if len(found) >= len(s.sent) and \
-                        not any(t.info.state.value == "IN_PROGRESS" for t in found):
+                if len(found) >= len(s.sent) and not any(
+                    t.info.state.value == "IN_PROGRESS" for t in found
+                ):
                     s.stored_s = time.monotonic() - s.burst_end
                     waiting.discard(key)
             time.sleep(0.3)
@@ -344,13 +389,15 @@ def test_answers_are_unchanged(deployment: Deployment, mode: str, agent: str) ->
     """The clients get what they get from plain MLflow: statuses and answers (a usage chunk the
     agent did not ask for would break its naive stream loop: a 400)."""
     plain, served = deployment["plain", agent], deployment[mode, agent]
-    assert [(s.key, s.status, s.answer) for s in served.sent] == \
-        [(s.key, s.status, s.answer) for s in plain.sent]
+    assert [(s.key, s.status, s.answer) for s in served.sent] == [
+        (s.key, s.status, s.answer) for s in plain.sent
+    ]
 
 
 @pytest.mark.parametrize(("mode", "agent"), TRACEWIRE_MODES)
 def test_one_trace_per_request_with_its_ids_and_model_calls(
-        deployment: Deployment, mode: str, agent: str) -> None:
+    deployment: Deployment, mode: str, agent: str
+) -> None:
     """One trace per request, never mixed: X-Request-ID is its client_request_id and is echoed
     (a generated one when the client sent none), X-Trace-ID names it, and the model calls of that
     request (and no other) are spans in it."""
@@ -379,7 +426,8 @@ def test_one_trace_per_request_with_its_ids_and_model_calls(
 
 @pytest.mark.parametrize(("mode", "agent"), TRACEWIRE_MODES)
 def test_point1_update_current_trace_lands_on_the_request_trace(
-        deployment: Deployment, mode: str, agent: str) -> None:
+    deployment: Deployment, mode: str, agent: str
+) -> None:
     """The agent's ``mlflow.update_current_trace(tags=..., metadata=...)``
     inside ``predict`` lands on its request's trace."""
     served = deployment[mode, agent]
@@ -388,28 +436,42 @@ def test_point1_update_current_trace_lands_on_the_request_trace(
         if s.kind == "fail":
             continue
         trace = served.trace_of(s)
-        seen.append((s.key, trace.info.tags.get("agent"), trace.info.tags.get("asked"),
-                     trace.info.trace_metadata.get("agent.question")))
-    assert seen == [(s.key, agent, s.question, s.question) for s in served.sent
-                    if s.kind != "fail"]
+        seen.append(
+            (
+                s.key,
+                trace.info.tags.get("agent"),
+                trace.info.tags.get("asked"),
+                trace.info.trace_metadata.get("agent.question"),
+            )
+        )
+    assert seen == [(s.key, agent, s.question, s.question) for s in served.sent if s.kind != "fail"]
 
 
 @pytest.mark.parametrize(("mode", "agent"), TRACEWIRE_MODES)
 def test_point2_a_failed_agent_request_is_an_error_trace(
-        deployment: Deployment, mode: str, agent: str) -> None:
+    deployment: Deployment, mode: str, agent: str
+) -> None:
     """The scoring server's 400 for a failed agent is an ERROR trace (root span
     included); the successful requests' traces are OK."""
     served = deployment[mode, agent]
-    states = {s.key: (s.status, served.trace_of(s).info.state.value,
-                      served.trace_of(s).data.spans[0].status.status_code.value)
-              for s in served.sent}
-    assert states == {s.key: (400, "ERROR", "ERROR") if s.kind == "fail" else (200, "OK", "OK")
-                      for s in served.sent}
+    states = {
+        s.key: (
+            s.status,
+            served.trace_of(s).info.state.value,
+            served.trace_of(s).data.spans[0].status.status_code.value,
+        )
+        for s in served.sent
+    }
+    assert states == {
+        s.key: (400, "ERROR", "ERROR") if s.kind == "fail" else (200, "OK", "OK")
+        for s in served.sent
+    }
 
 
 @pytest.mark.parametrize(("mode", "agent"), TRACEWIRE_MODES)
 def test_point3_previews_are_the_question_and_the_answer(
-        deployment: Deployment, mode: str, agent: str) -> None:
+    deployment: Deployment, mode: str, agent: str
+) -> None:
     """request_preview holds the user's question, response_preview the answer,
     within MLflow's preview size."""
     served = deployment[mode, agent]
@@ -418,28 +480,33 @@ def test_point3_previews_are_the_question_and_the_answer(
         info = served.trace_of(s).info
         request, response = info.request_preview, info.response_preview
         if not (request and s.question in request and len(request) <= PREVIEW_MAX) or (
-                s.answer is not None
-                and not (response and s.answer in response and len(response) <= PREVIEW_MAX)):
+            s.answer is not None
+            and not (response and s.answer in response and len(response) <= PREVIEW_MAX)
+        ):
             wrong[s.key] = (request, response)
     assert wrong == {}
 
 
 @pytest.mark.parametrize(("mode", "agent"), TRACEWIRE_MODES)
 def test_point4_traces_are_linked_to_the_served_model(
-        deployment: Deployment, mode: str, agent: str) -> None:
+    deployment: Deployment, mode: str, agent: str
+) -> None:
     """``mlflow.modelId`` is the served model's id on every trace, and
     ``mlflow.search_traces(model_id=...)`` finds every one."""
     served = deployment[mode, agent]
-    linked = {s.key: served.trace_of(s).info.trace_metadata.get("mlflow.modelId")
-              for s in served.sent}
+    linked = {
+        s.key: served.trace_of(s).info.trace_metadata.get("mlflow.modelId") for s in served.sent
+    }
     assert linked == {s.key: served.model_id for s in served.sent}
-    assert sorted(t.info.trace_id for t in served.by_model) == \
-        sorted(t.info.trace_id for t in served.traces)
+    assert sorted(t.info.trace_id for t in served.by_model) == sorted(
+        t.info.trace_id for t in served.traces
+    )
 
 
 @pytest.mark.parametrize(("mode", "agent"), TRACEWIRE_MODES)
 def test_point5_session_and_user_from_the_agent_request(
-        deployment: Deployment, mode: str, agent: str) -> None:
+    deployment: Deployment, mode: str, agent: str
+) -> None:
     """context.conversation_id / context.user_id are the trace's session and
     user (the X-Session-ID / X-User-ID headers name nobody by default); a LangGraph run's
     thread_id (established by the app) is the session over both; nothing made up otherwise."""
@@ -454,7 +521,8 @@ def test_point5_session_and_user_from_the_agent_request(
 
 @pytest.mark.parametrize(("mode", "agent"), TRACEWIRE_MODES)
 def test_point6_exact_token_usage_on_every_trace(
-        deployment: Deployment, mode: str, agent: str) -> None:
+    deployment: Deployment, mode: str, agent: str
+) -> None:
     """Every trace of a request that called the model carries its exact token
     usage (mlflow.trace.tokenUsage), streamed calls to a custom OpenAI-compatible server
     included (nothing in the environment asks for it: no TRACEWIRE_STREAM_USAGE_HOSTS); every
@@ -464,12 +532,15 @@ def test_point6_exact_token_usage_on_every_trace(
     for s in served.sent:
         trace = served.trace_of(s)
         usage = json.loads(trace.info.trace_metadata.get("mlflow.trace.tokenUsage") or "null")
-        seen[s.key] = usage and {k: usage.get(k) for k in
-                                 ("input_tokens", "output_tokens", "total_tokens")}
+        seen[s.key] = usage and {
+            k: usage.get(k) for k in ("input_tokens", "output_tokens", "total_tokens")
+        }
         expected[s.key] = s.expected_usage(agent)
-        calls_without += [(s.key, span.name) for span in trace.data.spans
-                          if span.name == "chat gpt-4o-mini"
-                          and not span.attributes.get("mlflow.chat.tokenUsage")]
+        calls_without += [
+            (s.key, span.name)
+            for span in trace.data.spans
+            if span.name == "chat gpt-4o-mini" and not span.attributes.get("mlflow.chat.tokenUsage")
+        ]
     assert seen == expected
     assert calls_without == []
 
@@ -483,8 +554,13 @@ def _session(metadata: dict[str, str]) -> str | None:
 
 
 def _mlflow_attribute_keys(trace: Trace, span_type: str) -> set[str]:
-    return {key for span in trace.data.spans if span.span_type == span_type
-            for key in span.attributes if key.startswith("mlflow.")} - {"mlflow.traceRequestId"}
+    return {
+        key
+        for span in trace.data.spans
+        if span.span_type == span_type
+        for key in span.attributes
+        if key.startswith("mlflow.")
+    } - {"mlflow.traceRequestId"}
 
 
 def _span_shape(trace: Trace) -> list[str]:
@@ -504,9 +580,15 @@ def _differences(plain: Served, served: Served) -> list[str]:
         m_meta, t_meta = mine.info.trace_metadata, theirs.info.trace_metadata
         for key in sorted(set(t_meta) - set(m_meta)):
             note(f"metadata {key} missing", s.key)
-        for key in ("mlflow.modelId", "mlflow.trace.user", "agent.question",
-                    "mlflow.source.type", "mlflow.source.name", "mlflow.user",
-                    "mlflow.trace_schema.version"):
+        for key in (
+            "mlflow.modelId",
+            "mlflow.trace.user",
+            "agent.question",
+            "mlflow.source.type",
+            "mlflow.source.name",
+            "mlflow.user",
+            "mlflow.trace_schema.version",
+        ):
             if key in t_meta and key in m_meta and t_meta[key] != m_meta[key]:
                 note(f"metadata {key} differs", s.key)
         if _session(t_meta) and _session(m_meta) != _session(t_meta):
@@ -520,24 +602,29 @@ def _differences(plain: Served, served: Served) -> list[str]:
                 note(f"tokenUsage {key} lower than MLflow's", s.key)
         t_cost = json.loads(t_meta.get("mlflow.trace.cost") or "{}")
         m_cost = json.loads(m_meta.get("mlflow.trace.cost") or "{}")
-        if t_cost.get("total_cost") and not (m_cost.get("total_cost", 0)
-                                             >= t_cost["total_cost"] * 0.999):
+        if t_cost.get("total_cost") and not (
+            m_cost.get("total_cost", 0) >= t_cost["total_cost"] * 0.999
+        ):
             note("cost lower than MLflow's", s.key)
         for key in sorted(set(theirs.info.tags) - set(mine.info.tags)):
             note(f"tag {key} missing", s.key)
         for key, value in theirs.info.tags.items():
-            if key not in ("mlflow.traceName", "mlflow.artifactLocation") and \
-                    key in mine.info.tags and mine.info.tags[key] != value:
+            if (
+                key not in ("mlflow.traceName", "mlflow.artifactLocation")
+                and key in mine.info.tags
+                and mine.info.tags[key] != value
+            ):
                 note(f"tag {key} differs", s.key)
         if mine.info.state != theirs.info.state:
-            note(f"state {mine.info.state.value} where MLflow's is {theirs.info.state.value}",
-                 s.key)
+            note(
+                f"state {mine.info.state.value} where MLflow's is {theirs.info.state.value}", s.key
+            )
         for what, t_preview, m_preview in (
-                ("request_preview", theirs.info.request_preview, mine.info.request_preview),
-                ("response_preview", theirs.info.response_preview, mine.info.response_preview)):
+            ("request_preview", theirs.info.request_preview, mine.info.request_preview),
+            ("response_preview", theirs.info.response_preview, mine.info.response_preview),
+        ):
             if t_preview and not (m_preview and t_preview in m_preview):
-                note(f"{what} empty" if not m_preview else f"{what} lacks MLflow's text",
-                     s.key)
+                note(f"{what} empty" if not m_preview else f"{what} lacks MLflow's text", s.key)
         # Spans: MLflow's, up to the allowed names and types, each present in tracewire's.
         mine_shape = _span_shape(mine)
         for shape in _span_shape(theirs):
@@ -553,8 +640,9 @@ def _differences(plain: Served, served: Served) -> list[str]:
         if m_calls < t_calls:
             note("fewer model call spans", s.key)
         for kind in ("AGENT", "CHAT_MODEL", "CHAIN"):
-            for key in sorted(_mlflow_attribute_keys(theirs, kind)
-                              - _mlflow_attribute_keys(mine, kind)):
+            for key in sorted(
+                _mlflow_attribute_keys(theirs, kind) - _mlflow_attribute_keys(mine, kind)
+            ):
                 note(f"span attribute {key} missing on {kind} spans", s.key)
     return [f"{what}: {_keys(keys)}" for what, keys in found.items()]
 
@@ -566,7 +654,7 @@ def _keys(keys: list[str]) -> str:
 def _cell(value: Any, width: int = 70) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     text = text.replace("|", "\\|").replace("\n", " ")
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _rows(d: Deployment, agent: str, width: int) -> list[tuple[str, dict[str, str]]]:
@@ -591,59 +679,117 @@ def _rows(d: Deployment, agent: str, width: int) -> list[tuple[str, dict[str, st
         return served.trace_of(next(s for s in served.sent if s.key == key))
 
     def over_all(served: Served, test: Any, failed_too: bool = True) -> str:
-        found = [test(served.trace_of(s), s) for s in served.sent
-                 if failed_too or s.kind != "fail"]
+        found = [test(served.trace_of(s), s) for s in served.sent if failed_too or s.kind != "fail"]
         return f"{sum(found)}/{len(found)}"
 
     row("traces stored / requests", lambda s: f"{len(s.traces)}/{len(s.sent)}")
     row("burst of 21 (s)", lambda s: f"{s.burst_s:.2f}")
-    row("all stored, s after the burst (polled after every burst)", lambda s:
-        "not within 60 s" if s.stored_s is None else f"{s.stored_s:.1f}")
+    row(
+        "all stored, s after the burst (polled after every burst)",
+        lambda s: "not within 60 s" if s.stored_s is None else f"{s.stored_s:.1f}",
+    )
     row("exit status, s after SIGTERM to the group", lambda s: f"{s.exit_code}, {s.stop_s:.1f}")
-    row("server log lines naming tracewire", lambda s: str(sum(
-        "tracewire" in line.lower() for line in s.server.output().splitlines())))
-    row("answers as plain MLflow's", lambda s: over_all(s, lambda t, x: any(
-        p.key == x.key and p.answer == x.answer and p.status == x.status
-        for p in d.served["plain", agent].sent)))
+    row(
+        "server log lines naming tracewire",
+        lambda s: str(sum("tracewire" in line.lower() for line in s.server.output().splitlines())),
+    )
+    row(
+        "answers as plain MLflow's",
+        lambda s: over_all(
+            s,
+            lambda t, x: any(
+                p.key == x.key and p.answer == x.answer and p.status == x.status
+                for p in d.served["plain", agent].sent
+            ),
+        ),
+    )
     row("client_request_id (req 00)", lambda s: of(s, "00").info.client_request_id)
-    row("X-Request-ID echoed", lambda s: over_all(
-        s, lambda t, x: bool(x.response_headers.get("x-request-id"))
-        and x.response_headers.get("x-request-id") == (x.request_id or t.info.client_request_id)))
-    row("X-Trace-ID = the trace", lambda s: over_all(
-        s, lambda t, x: x.response_headers.get("x-trace-id") == t.info.trace_id))
-    row("state (req 00 / fail)", lambda s: f"{of(s, '00').info.state.value} / "
-        f"{of(s, 'fail').info.state.value}")
+    row(
+        "X-Request-ID echoed",
+        lambda s: over_all(
+            s,
+            lambda t, x: (
+                bool(x.response_headers.get("x-request-id"))
+                and x.response_headers.get("x-request-id")
+                == (x.request_id or t.info.client_request_id)
+            ),
+        ),
+    )
+    row(
+        "X-Trace-ID = the trace",
+        lambda s: over_all(s, lambda t, x: x.response_headers.get("x-trace-id") == t.info.trace_id),
+    )
+    row(
+        "state (req 00 / fail)",
+        lambda s: f"{of(s, '00').info.state.value} / {of(s, 'fail').info.state.value}",
+    )
     row("root span (req 00)", lambda s: _span_shape(of(s, "00"))[0])
     row("spans (req 00)", lambda s: ", ".join(_span_shape(of(s, "00"))))
     row("request_preview (req 00)", lambda s: of(s, "00").info.request_preview)
     row("response_preview (req 00)", lambda s: of(s, "00").info.response_preview)
     row("request_preview (fail)", lambda s: of(s, "fail").info.request_preview)
-    row("mlflow.modelId", lambda s: over_all(
-        s, lambda t, x: t.info.trace_metadata.get("mlflow.modelId") == s.model_id))
+    row(
+        "mlflow.modelId",
+        lambda s: over_all(
+            s, lambda t, x: t.info.trace_metadata.get("mlflow.modelId") == s.model_id
+        ),
+    )
     row("search_traces(model_id=)", lambda s: f"{len(s.by_model)}/{len(s.sent)}")
     for kind, key in sample.items():
-        row(f"session / user ({kind}, req {key})", lambda s, key=key: " / ".join(
-            str(v) for v in (_session(of(s, key).info.trace_metadata),
-                             of(s, key).info.trace_metadata.get("mlflow.trace.user"))))
-    row("update_current_trace tags+metadata (successful requests)", lambda s: over_all(
-        s, lambda t, x: t.info.tags.get("asked") == x.question
-        and t.info.trace_metadata.get("agent.question") == x.question, failed_too=False))
-    row("tokenUsage (req 00)", lambda s: of(s, "00").info.trace_metadata.get(
-        "mlflow.trace.tokenUsage"))
-    row("traces with exact usage (successful requests)", lambda s: over_all(
-        s, lambda t, x: json.loads(t.info.trace_metadata.get("mlflow.trace.tokenUsage")
-                                   or "{}").get("total_tokens")
-        == (x.expected_usage(agent) or {}).get("total_tokens"), failed_too=False))
+        row(
+            f"session / user ({kind}, req {key})",
+            lambda s, key=key: " / ".join(
+                str(v)
+                for v in (
+                    _session(of(s, key).info.trace_metadata),
+                    of(s, key).info.trace_metadata.get("mlflow.trace.user"),
+                )
+            ),
+        )
+    row(
+        "update_current_trace tags+metadata (successful requests)",
+        lambda s: over_all(
+            s,
+            lambda t, x: (
+                t.info.tags.get("asked") == x.question
+                and t.info.trace_metadata.get("agent.question") == x.question
+            ),
+            failed_too=False,
+        ),
+    )
+    row(
+        "tokenUsage (req 00)",
+        lambda s: of(s, "00").info.trace_metadata.get("mlflow.trace.tokenUsage"),
+    )
+    row(
+        "traces with exact usage (successful requests)",
+        lambda s: over_all(
+            s,
+            lambda t, x: (
+                json.loads(t.info.trace_metadata.get("mlflow.trace.tokenUsage") or "{}").get(
+                    "total_tokens"
+                )
+                == (x.expected_usage(agent) or {}).get("total_tokens")
+            ),
+            failed_too=False,
+        ),
+    )
     row("cost (req 00)", lambda s: of(s, "00").info.trace_metadata.get("mlflow.trace.cost"))
     for span_type in ("AGENT", "CHAIN", "CHAT_MODEL"):
-        row(f"{span_type} span attributes (mlflow.*, req 00)", lambda s, t=span_type: ", ".join(
-            sorted(_mlflow_attribute_keys(of(s, "00"), t))))
-    row("span events (req 00)", lambda s: str(sum(len(span.events)
-                                                  for span in of(s, "00").data.spans)))
+        row(
+            f"{span_type} span attributes (mlflow.*, req 00)",
+            lambda s, t=span_type: ", ".join(sorted(_mlflow_attribute_keys(of(s, "00"), t))),
+        )
+    row(
+        "span events (req 00)",
+        lambda s: str(sum(len(span.events) for span in of(s, "00").data.spans)),
+    )
     # Every metadata key and tag any mode recorded, with its value in each mode.
     for key in ("00", "fail"):
-        for what, get in (("metadata", lambda t: t.info.trace_metadata),
-                          ("tag", lambda t: t.info.tags)):
+        for what, get in (
+            ("metadata", lambda t: t.info.trace_metadata),
+            ("tag", lambda t: t.info.tags),
+        ):
             names: set[str] = set()
             for mode in MODES:
                 try:
@@ -651,29 +797,33 @@ def _rows(d: Deployment, agent: str, width: int) -> list[tuple[str, dict[str, st
                 except (AssertionError, StopIteration):
                     pass
             for name in sorted(names):
-                row(f"{what} {name} (req {key})", lambda s, key=key, get=get, name=name:
-                    get(of(s, key)).get(name, "—"))
+                row(
+                    f"{what} {name} (req {key})",
+                    lambda s, key=key, get=get, name=name: get(of(s, key)).get(name, "—"),
+                )
     return rows
 
 
 def _table(d: Deployment, agent: str, modes: tuple[str, ...] = MODES, width: int = 70) -> str:
-    lines = [f"| {agent} agent | " + " | ".join(modes) + " |",
-             "|---|" + "---|" * len(modes)]
+    lines = [f"| {agent} agent | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
     for name, values in _rows(d, agent, width):
         lines.append(f"| {name} | " + " | ".join(values[m] for m in modes) + " |")
     return "\n".join(lines)
 
 
 def _write_report(d: Deployment) -> None:
-    parts = ["# A served ResponsesAgent's traces: plain MLflow vs tracewire",
-             "",
-             "Written by tests/system/serving/test_mlflow_served.py. Modes: `plain` = `mlflow models "
-             "serve` alone; `run` = under `tracewire run --`; `autolog` = `tracewire.autolog()` "
-             "in the model's code. All with ENABLE_MLFLOW_TRACING=true and MLFLOW_EXPERIMENT_ID. "
-             f"Module: {d.total_s:.0f} s in all (logging both models {d.log_s:.1f} s; servers "
-             "ready, all started at once, after "
-             + ", ".join(f"{m}/{a} {s.ready_s:.1f} s" for (m, a), s in d.served.items()) + ").",
-             ""]
+    parts = [
+        "# A served ResponsesAgent's traces: plain MLflow vs tracewire",
+        "",
+        "Written by tests/system/serving/test_mlflow_served.py. Modes: `plain` = `mlflow models "
+        "serve` alone; `run` = under `tracewire run --`; `autolog` = `tracewire.autolog()` "
+        "in the model's code. All with ENABLE_MLFLOW_TRACING=true and MLFLOW_EXPERIMENT_ID. "
+        f"Module: {d.total_s:.0f} s in all (logging both models {d.log_s:.1f} s; servers "
+        "ready, all started at once, after "
+        + ", ".join(f"{m}/{a} {s.ready_s:.1f} s" for (m, a), s in d.served.items())
+        + ").",
+        "",
+    ]
     for agent in AGENTS:
         parts += [_table(d, agent, width=400), ""]
         for mode in ("run", "autolog"):
@@ -684,8 +834,10 @@ def _write_report(d: Deployment) -> None:
                 missing = _differences(plain, served)
             except AssertionError as error:
                 missing = [f"(not comparable: {str(error).splitlines()[0]})"]
-            parts.append(f"**{agent}, {mode}: what plain MLflow records and tracewire does "
-                         "not**" + ("" if missing else ": nothing"))
+            parts.append(
+                f"**{agent}, {mode}: what plain MLflow records and tracewire does "
+                "not**" + ("" if missing else ": nothing")
+            )
             parts += [f"- {line}" for line in missing] + [""]
     parts += ["Allowed differences (not counted above):", ""]
     parts += [f"- {what}: {why}" for what, why in ALLOWED.items()]
@@ -694,7 +846,8 @@ def _write_report(d: Deployment) -> None:
 
 @pytest.mark.parametrize(("mode", "agent"), TRACEWIRE_MODES)
 def test_tracewire_holds_at_least_what_mlflow_holds(
-        deployment: Deployment, mode: str, agent: str) -> None:
+    deployment: Deployment, mode: str, agent: str
+) -> None:
     """Field by field against plain MLflow on the same requests: trace metadata keys and values,
     tags, previews, state, span names and types, MLflow's span attributes, token usage and cost.
     Prints the table (-s)."""

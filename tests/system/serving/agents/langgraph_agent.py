@@ -21,16 +21,22 @@ if os.environ.get("AGENT_TRACEWIRE_AUTOLOG") == "1":  # the test's switch for "a
 
     tracewire.autolog()
 
-llm = ChatOpenAI(model="gpt-4o-mini", base_url=os.environ["OPENAI_BASE_URL"], streaming=True,
-                 max_retries=0)
+llm = ChatOpenAI(
+    model="gpt-4o-mini", base_url=os.environ["OPENAI_BASE_URL"], streaming=True, max_retries=0
+)
 
 
 def call_model(state: MessagesState) -> dict:
     return {"messages": [llm.invoke(state["messages"])]}
 
 
-graph = (StateGraph(MessagesState).add_node("model", call_model).add_edge(START, "model")
-         .add_edge("model", END).compile(checkpointer=InMemorySaver()))
+graph = (
+    StateGraph(MessagesState)
+    .add_node("model", call_model)
+    .add_edge(START, "model")
+    .add_edge("model", END)
+    .compile(checkpointer=InMemorySaver())
+)
 
 
 class GraphAgent(ResponsesAgent):
@@ -38,15 +44,21 @@ class GraphAgent(ResponsesAgent):
         question = request.input[-1].content
         if question == "fail":
             raise RuntimeError("the agent failed on purpose")
-        mlflow.update_current_trace(tags={"agent": "langgraph", "asked": question},
-                                    metadata={"agent.question": question})
-        thread = ((request.custom_inputs or {}).get("thread_id")
-                  or (request.context.conversation_id if request.context else None)
-                  or f"anonymous-{uuid.uuid4().hex}")
-        state = graph.invoke({"messages": [{"role": "user", "content": question}]},
-                             config={"configurable": {"thread_id": thread}})
-        return ResponsesAgentResponse(output=[self.create_text_output_item(
-            state["messages"][-1].content, str(uuid.uuid4()))])
+        mlflow.update_current_trace(
+            tags={"agent": "langgraph", "asked": question}, metadata={"agent.question": question}
+        )
+        thread = (
+            (request.custom_inputs or {}).get("thread_id")
+            or (request.context.conversation_id if request.context else None)
+            or f"anonymous-{uuid.uuid4().hex}"
+        )
+        state = graph.invoke(
+            {"messages": [{"role": "user", "content": question}]},
+            config={"configurable": {"thread_id": thread}},
+        )
+        return ResponsesAgentResponse(
+            output=[self.create_text_output_item(state["messages"][-1].content, str(uuid.uuid4()))]
+        )
 
 
 mlflow.models.set_model(GraphAgent())

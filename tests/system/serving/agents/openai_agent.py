@@ -29,15 +29,18 @@ class OpenAIAgent(ResponsesAgent):
         question = request.input[-1].content
         if question == "fail":
             raise RuntimeError("the agent failed on purpose")
-        mlflow.update_current_trace(tags={"agent": "openai", "asked": question},
-                                    metadata={"agent.question": question})
+        mlflow.update_current_trace(
+            tags={"agent": "openai", "asked": question}, metadata={"agent.question": question}
+        )
         messages = [{"role": "user", "content": question}]
         self.client.chat.completions.create(model="gpt-4o-mini", messages=messages)
-        stream = self.client.chat.completions.create(model="gpt-4o-mini", messages=messages,
-                                                     stream=True)
+        stream = self.client.chat.completions.create(
+            model="gpt-4o-mini", messages=messages, stream=True
+        )
         answer = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
         return ResponsesAgentResponse(
-            output=[self.create_text_output_item(answer, str(uuid.uuid4()))])
+            output=[self.create_text_output_item(answer, str(uuid.uuid4()))]
+        )
 
 
 mlflow.models.set_model(OpenAIAgent())
