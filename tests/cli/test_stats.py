@@ -250,7 +250,7 @@ def test_html_report_reads_well_in_a_1400px_window(
     page = tmp_path / "stats.html"
     # An hour back from now, not from NOW: the window ends now, and the suite may have run for
     # minutes since NOW (a longer window gets more buckets).
-    since = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=60)).isoformat()
+    since = (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=60)).isoformat()
     assert main(["stats", "--experiment", known, "--since", since, "--html", str(page)]) == 0
     printed = capsys.readouterr()
     assert printed.err == f"tracewire: wrote the HTML report to {page}\n"
