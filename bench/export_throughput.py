@@ -94,7 +94,7 @@ from openai_overhead import (
     use_store,
 )
 
-from tracewire.export import spool as spools
+from tracewire.export import spool_directory as spools
 
 # The targets.
 TARGET_DRAIN_SPEEDUP = 5.0  # tracewire drains the burst at least 5x faster than MLflow

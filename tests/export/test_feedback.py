@@ -9,7 +9,7 @@ import pytest
 import tracewire
 from tests.conftest import Traced
 from tracewire import config
-from tracewire.export import spool
+from tracewire.export import spool_directory as spool
 
 USER = [{"role": "user", "content": "rate me"}]
 

@@ -34,7 +34,7 @@ import tracewire
 from tests.conftest import API_KEY, Traced
 from tracewire import config
 from tracewire.core import spans
-from tracewire.export import destination, encode, hooks, shipper, spool
+from tracewire.export import destination, encode, hooks, shipper, spool, spool_directory
 from tracewire.testing import OpenAIServer
 
 MODEL = "gpt-4o-mini"
@@ -173,7 +173,7 @@ def test_an_undecodable_spooled_trace_is_set_aside_and_counted_not_dropped(
     own.put(*_encoded("after", settings))
     _ship_until_empty(tmp_path, [own])
     assert _texts(tracking_uri, experiment) == ["after", "before"]
-    (status,) = spool.status(tmp_path)
+    (status,) = spool_directory.status(tmp_path)
     assert (status.pending, status.rejected) == (0, 1)
     own.close()
 

@@ -17,7 +17,8 @@ from mlflow.entities import TraceInfo, TraceLocation, TraceState
 
 from tracewire import config
 from tracewire.core import spans
-from tracewire.export import destination, encode, hooks, shipper, spool
+from tracewire.export import destination, encode, hooks, shipper
+from tracewire.export import spool_directory as spool
 from tracewire.export.spool import Spool
 
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tracewire.export import spool as spools
-from tracewire.export.spool import Spool, SpoolError
+from tracewire.export import spool_directory as spools
+from tracewire.export.spool import Spool
+from tracewire.export.spool_files import UNREADABLE_SUFFIX
+from tracewire.export.spool_format import FORMAT_VERSION, SpoolError
 
 DEST = "sqlite:///x.db#0"
 
@@ -65,9 +67,7 @@ def test_a_newer_format_is_left_alone_and_garbage_is_set_aside(tmp_path: Path) -
     newer.close()
     (path,) = tmp_path.glob("spool-*.db")
     db = sqlite3.connect(path)
-    db.execute(
-        "UPDATE meta SET value = ? WHERE key = 'format_version'", (str(spools.FORMAT_VERSION + 1),)
-    )
+    db.execute("UPDATE meta SET value = ? WHERE key = 'format_version'", (str(FORMAT_VERSION + 1),))
     db.commit()
     db.close()
     with pytest.raises(SpoolError, match="upgrade tracewire"):
@@ -81,7 +81,7 @@ def test_a_newer_format_is_left_alone_and_garbage_is_set_aside(tmp_path: Path) -
     assert list(spools.adopt(tmp_path, 1 << 20, DEST)) == []
     assert not garbage.exists()
     problems = {s.path.name: s.problem for s in spools.status(tmp_path) if s.problem}
-    assert "set aside" in problems["spool-1-deadbeef.db" + spools.UNREADABLE_SUFFIX]
+    assert "set aside" in problems["spool-1-deadbeef.db" + UNREADABLE_SUFFIX]
 
 
 def test_refused_traces_are_kept_and_replayed_once_fixed(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from tracewire import config
 from tracewire.core import attributes as keys
 from tracewire.core import cost, spans
-from tracewire.export import destination, encode, hooks, shipper, spool
+from tracewire.export import destination, encode, hooks, shipper, spool, spool_format
 from tracewire.testing import traces
 
 
@@ -74,7 +74,7 @@ def test_the_app_spools_raw_spans_and_the_shipper_builds_the_records_beside_an_o
     own = spool.Spool.create(tmp_path, 10**8, where)
     trace_id, payload = encode.encode(_conversation("Capital of France?"), settings)
     data = json.loads(payload)
-    assert data["v"] == 2 and spool.FORMAT_VERSION == 2
+    assert data["v"] == 2 and spool_format.FORMAT_VERSION == 2
     raw_chat = data["groups"][0][2][1]
     # Values as plain JSON, not MLflow's attribute text; no MLflow record built in the app.
     assert raw_chat["inputs"] == {"messages": [{"type": "human", "content": "Capital of France?"}]}

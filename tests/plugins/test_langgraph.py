@@ -501,7 +501,7 @@ def test_a_run_that_never_ends_is_stored_incomplete_after_the_trace_timeout(
     import tracewire
     from tracewire import config as tw_config
     from tracewire.core import spans
-    from tracewire.export import spool
+    from tracewire.export import spool_directory as spool
 
     tracewire.disable()
     monkeypatch.setenv("TRACEWIRE_TRACE_TIMEOUT", "1")

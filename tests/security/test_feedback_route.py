@@ -25,7 +25,7 @@ import tracewire
 from tests.conftest import Traced
 from tests.support.web_server import Serve, settled
 from tracewire import config
-from tracewire.export import spool
+from tracewire.export import spool_directory as spool
 from tracewire.middleware import TracingMiddleware
 
 TOKENS = {"alice-token": "alice", "bob-token": "bob"}

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tracewire.export import spool as spools
-from tracewire.export.spool import Spool, SpoolError
+from tracewire.export import spool_directory as spools
+from tracewire.export.spool import Spool
+from tracewire.export.spool_format import SpoolError
 
 PROMPT = b"spool-prompt-marmalade-7731"
 DESTINATION = json.dumps(

@@ -24,7 +24,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import API_KEY
-from tracewire.export import spool as spools
+from tracewire.export import spool_directory as spools
 from tracewire.testing import OpenAIServer
 
 MODEL = "gpt-4o-mini"
@@ -195,7 +195,7 @@ CHILD_SCRIPT = """
 
     import openai
     import tracewire
-    from tracewire.export import spool
+    from tracewire.export import spool_directory as spool
 
     spool_dir = Path(os.environ["TRACEWIRE_SPOOL_DIR"])
     tag, calls, end = os.environ["TEST_TAG"], int(os.environ["TEST_CALLS"]), os.environ["TEST_END"]

@@ -71,7 +71,8 @@ from tests.support.app_process import (
 )
 from tests.support.mlflow_server import MlflowServer, free_port
 from tracewire.export import pipeline
-from tracewire.export import spool as spools
+from tracewire.export import spool_directory as spools
+from tracewire.export.spool import Spool
 from tracewire.testing import OpenAIServer
 
 
@@ -483,7 +484,7 @@ def test_spool_status_is_safe_while_spools_come_and_go(tmp_path: Path) -> None:
     def churn() -> None:  # an app starting, spooling, shipping and stopping, again and again
         nonlocal churned
         while not stop.is_set():
-            own = spools.Spool.create(directory, 2**20, "destination")
+            own = Spool.create(directory, 2**20, "destination")
             own.put(uuid.uuid4().hex, b"{}" * 50)
             own.ack(own.take(10))
             own.close()  # empty: removed

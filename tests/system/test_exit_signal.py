@@ -14,7 +14,7 @@ from typing import Any
 
 from tests.conftest import API_KEY
 from tests.support.mlflow_server import free_port
-from tracewire.export import spool as spools
+from tracewire.export import spool_directory as spools
 
 CHILD = textwrap.dedent("""
     import json, os, signal, sys

@@ -44,7 +44,7 @@ import pytest
 from tests.support.app_process import assert_exactly_once, child_env, stored_traces
 from tests.support.fault_proxy import FaultProxy
 from tests.support.mlflow_server import MlflowServer, free_port
-from tracewire.export import spool as spools
+from tracewire.export import spool_directory as spools
 
 SHIP_TIMEOUT = 5.0
 EXIT_TIMEOUT = 10.0

@@ -45,7 +45,7 @@ from tests.support.app_process import (
     wait_for,
 )
 from tests.support.mlflow_server import MlflowServer, free_port
-from tracewire.export import spool as spools
+from tracewire.export import spool_directory as spools
 from tracewire.testing import OpenAIServer
 
 README = Path(__file__).resolve().parents[2] / "README.md"

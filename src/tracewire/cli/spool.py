@@ -35,7 +35,8 @@ def add_parser(
 
 def run(args: argparse.Namespace) -> int:
     from tracewire import config
-    from tracewire.export import destination, spool
+    from tracewire.export import destination
+    from tracewire.export import spool_directory as spool
 
     directory = args.dir or config.resolve().spool_dir
     if args.action == "ship":
@@ -137,7 +138,8 @@ def _ship(directory: Path) -> int:
 
     from tracewire import config
     from tracewire.cli import CLIError
-    from tracewire.export import shipper, spool, store
+    from tracewire.export import shipper, store
+    from tracewire.export import spool_directory as spool
 
     # The shipper's retry warnings are for a log; here the outcome is said once, below.
     logging.getLogger("tracewire").setLevel(logging.ERROR)

@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from tracewire.core import scrub
-from tracewire.export import spool as spools
 from tracewire.export.spool import Entry, Spool
+from tracewire.export.spool_directory import adopt
+from tracewire.export.spool_files import UnsafeFileError, set_aside
 
 logger = logging.getLogger("tracewire")
 
@@ -171,7 +172,7 @@ class Shipper:
             source = Spool(path, None, self._budget)
         except sqlite3.OperationalError:
             return  # gone already: its app stopped with nothing left to ship
-        except spools.UnsafeFileError as exc:  # replaced under the app: never opened
+        except UnsafeFileError as exc:  # replaced under the app: never opened
             logger.warning("tracewire: not shipping %s: %s", path, exc)
             return
         with self._lock:
@@ -182,7 +183,7 @@ class Shipper:
         """Take over every spool left by a dead process, whatever its destination (for
         ``tracewire spool ship``); the spools taken."""
         with self._lock:
-            found = list(spools.adopt(self._directory, self._budget, None))
+            found = list(adopt(self._directory, self._budget, None))
             self._adopted.extend(found)
         return found
 
@@ -276,7 +277,7 @@ class Shipper:
             if now >= self._next_adopt and self._spools:
                 self._next_adopt = now + _ADOPT_EVERY
                 for destination in {s.destination for s in self._spools}:
-                    self._adopted.extend(spools.adopt(self._directory, self._budget, destination))
+                    self._adopted.extend(adopt(self._directory, self._budget, destination))
             # What dead processes left behind is older: it goes first.
             for source in [*self._adopted, *self._spools]:
                 try:
@@ -286,7 +287,7 @@ class Shipper:
                         raise  # the app's own: it owns the file; retried with backoff
                     self._adopted.remove(source)  # went bad since adopted: set aside
                     source.close(remove_if_empty=False)
-                    spools.set_aside(source.path, str(exc))
+                    set_aside(source.path, str(exc))
                     continue
                 if entries:
                     return source, entries

@@ -28,7 +28,7 @@ from mlflow.tracing.constant import SpansLocation, TraceTagKey
 from tests.conftest import API_KEY
 from tests.support.mlflow_server import free_port
 from tests.support.postgres import PostgresCluster, PostgresMlflowServer
-from tracewire.export import delta, spool
+from tracewire.export import delta, spool_directory
 from tracewire.testing import OpenAIServer
 
 EXPERIMENT = "scale-out"
@@ -245,7 +245,7 @@ def test_workers_share_a_postgres_backed_server(
     # Nothing left behind: every process's spool shipped, nothing dropped or refused.
     left = [
         (s.path.name, s.pending, s.feedback_pending, s.dropped, s.rejected)
-        for s in spool.status(tmp_path / "spool")
+        for s in spool_directory.status(tmp_path / "spool")
     ]
     assert [entry for entry in left if entry[1:] != (0, 0, 0, 0)] == []
 
