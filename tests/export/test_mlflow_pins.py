@@ -11,7 +11,7 @@ from typing import Any
 import mlflow
 from mlflow.entities import Span, TraceInfo, TraceLocation, TraceState
 
-from tracewire.export import hooks, store
+from tracewire.export import hooks, store, store_http
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -199,7 +199,7 @@ def test_store_pins(tracking_uri: str) -> None:
     assert callable(RestStore._get_server_version.cache_clear)
     assert (
         rest_store.http_request is rest_utils.http_request
-        or rest_store.http_request is store._http_request
+        or rest_store.http_request is store_http.http_request
     )
 
     sql = TracingClient(tracking_uri).store

@@ -1,7 +1,7 @@
 """A trace shipped to a tracking server has the same record as one written to a database store.
 
 Into a tracking server a trace of ours goes as spans only: the server makes its record from the
-root span's attributes, many traces per request (export/store.py::_record_in_root_span). A web
+root span's attributes, many traces per request (export/decode.py::_record_in_root_span). A web
 request's client request id, which no span attribute carries, rides as the tag
 ``tracewire.request_id`` and is stamped on afterwards by a ``start_trace`` the server merges.
 Into a database store the record is written directly. Here the same calls go both ways (a real

@@ -66,7 +66,7 @@ REQUEST_ID_TAG = "tracewire.request_id"
 FEEDBACK_FROM_TAG = "tracewire.feedback_from"
 
 # --- OpenTelemetry's user id: a tracking server reads it as the trace's user when a trace
-# arrives as spans only (export/store.py; MLflow has no constant for it) ---
+# arrives as spans only (export/decode.py; MLflow has no constant for it) ---
 USER_ID = "user.id"
 
 # --- tracewire trace tags: the deployment, named after OpenTelemetry resource conventions ---

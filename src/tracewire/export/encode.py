@@ -4,7 +4,7 @@ Only what must happen in the app happens here: span values and the request conte
 serialized once, in one pass (payload version 2: our spans in a raw form, see
 export/records.py), and the user's redaction hook, before anything touches the disk. MLflow's
 span records, previews and prices are made from these bytes by the shipper process
-(export/records.py, export/store.py), off the app's GIL.
+(export/records.py, export/decode.py), off the app's GIL.
 
 MLflow internals used (pinned in tests/export/test_mlflow_pins.py): ``TraceJSONEncoder`` and
 ``dump_span_attribute_value``, ``_Trace.span_dict`` entries' ``to_dict`` and

@@ -479,9 +479,9 @@ def main(stdin: IO[bytes] | None = None) -> int:
     # exit, so traces waited in the spool for the next process instead of arriving.)
     os.nice(10)
 
-    from tracewire.export import store
+    from tracewire.export import store_http
 
-    store.install_http_budget()
+    store_http.install_http_budget()
     settings = config.resolve()
     shipper = Shipper(settings.spool_dir, settings.spool_max_bytes, store_for)
     shipper.start()
