@@ -5,20 +5,24 @@ Arguments win over ``TRACEWIRE_*`` variables. MLflow's own variables choose the 
 (``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_ID``/``_NAME``) and ``ENABLE_MLFLOW_TRACING=false``
 turns tracing off, as in MLflow's production-tracing contract. A value that cannot be used fails
 here, naming what the user set, before anything is patched. The README's settings table is
-:func:`markdown_table`; a test keeps the two equal.
+:func:`markdown_table`; a test keeps the two equal. Each value is read by a parser of
+config_parsers.py. Read in the app process, the shipper process and the CLI alike.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
+from tracewire import config_parsers as parsers
+
+# The public path of both is here, with the settings they serve.
+from tracewire.config_parsers import ConfigError as ConfigError
+from tracewire.config_parsers import identity_headers as identity_headers
 
 # Chat-completion streams to these hosts are asked for `stream_options.include_usage`: every
 # host ("*"). A host that rejects the argument is remembered for the process (plugins/openai.py).
@@ -35,10 +39,6 @@ def default_spool_dir() -> Path:
     ):
         return Path(cache) / "tracewire" / "spool"
     return Path(tempfile.gettempdir()) / f"tracewire-{os.geteuid()}"
-
-
-class ConfigError(ValueError):
-    """A setting has a value tracewire cannot use; the message names the setting."""
 
 
 @dataclass(frozen=True)
@@ -96,191 +96,6 @@ def _env(name: str) -> str | None:
     return value.strip() if value is not None and value.strip() else None
 
 
-def _bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ConfigError(f"{name} must be true or false, got {value!r}")
-
-
-def _names(name: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        items: Iterable[Any] = value.split(",")
-    elif isinstance(value, Iterable):
-        items = value
-    else:
-        raise ConfigError(f"{name} must be a list of names, got {value!r}")
-    out = []
-    for item in items:
-        if not isinstance(item, str):
-            raise ConfigError(f"{name} must contain names (strings), got {item!r}")
-        if item.strip():
-            out.append(item.strip().lower())
-    return tuple(out)
-
-
-def _plugins(name: str, value: Any) -> tuple[str, ...]:
-    from tracewire.plugins.registry import PLUGINS
-
-    names = _names(name, value)
-    if unknown := sorted(set(names) - set(PLUGINS)):
-        raise ConfigError(
-            f"{name} names unknown plugin(s) {unknown}; known plugins: {sorted(PLUGINS)}"
-        )
-    return names
-
-
-def _hosts(name: str, value: Any) -> tuple[str, ...]:
-    """``TRACEWIRE_STREAM_USAGE_HOSTS``: the hosts to ask, ``none`` for none; only exclusions
-    (``!host``) mean every other host."""
-    entries = _names(name, value)
-    if entries == ("none",):
-        return ()
-    for entry in entries:
-        host = entry.removeprefix("!")
-        if (
-            entry == "none"
-            or not host
-            or "/" in host
-            or any(c.isspace() for c in host)
-            or (host.rpartition(":")[2].isdigit() and host.count(":") == 1)
-        ):
-            raise ConfigError(
-                f"{name} must list host names without scheme or port (api.example.com, "
-                f".example.com for its subdomains, * for every host, !host to skip one, or "
-                f"none), got {entry!r}"
-            )
-    if entries and all(entry.startswith("!") for entry in entries):
-        entries = ("*", *entries)
-    return entries
-
-
-def _tags(name: str, value: Any) -> dict[str, str]:
-    if isinstance(value, str):  # TRACEWIRE_TAGS="team=search,tier=gold"
-        pairs = {}
-        for part in value.split(","):
-            if not part.strip():
-                continue
-            key, sep, val = part.partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"{name} must look like 'k=v,k2=v2', got {value!r}")
-            pairs[key.strip()] = val.strip()
-        return pairs
-    if isinstance(value, Mapping):
-        return {str(k): str(v) for k, v in value.items()}
-    raise ConfigError(f"{name} must be a mapping of tag names to values, got {value!r}")
-
-
-def identity_headers(name: str, value: Any) -> dict[str, str]:
-    """Which headers name the session and the user (``session=X-Session-ID,user=X-User-ID``
-    or a mapping): only ``session`` and ``user``, each an HTTP header name."""
-    headers = _tags(name, value)
-    if not set(headers) <= {"session", "user"} or not all(
-        header and header.isascii() and all(c.isalnum() or c in "-_" for c in header)
-        for header in headers.values()
-    ):
-        raise ConfigError(
-            f"{name} maps 'session' and/or 'user' to header names, such as "
-            f"session=X-Session-ID,user=X-User-ID; got {value!r}"
-        )
-    return headers
-
-
-def _number(name: str, value: Any, kind: type, minimum: float) -> Any:
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"{name} must be {'a whole number' if kind is int else 'a number'}, got {value!r}"
-        ) from None
-    if number < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value!r}")
-    return number
-
-
-def _import_callable(name: str, target: str) -> Callable[..., Any]:
-    import importlib
-
-    module, _, attribute = target.partition(":")
-    try:
-        found = getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(
-            f"{name} must be 'package.module:function', could not load {target!r}: {exc}"
-        ) from None
-    if not callable(found):
-        raise ConfigError(f"{name}: {target!r} is not a function")
-    return cast(Callable[..., Any], found)
-
-
-def _prices(name: str, value: Any) -> dict[str, Any]:
-    from tracewire.core import cost
-
-    try:
-        return cost.load(value)
-    except cost.PriceError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
-
-
-def _delta_path(name: str, value: Any) -> str:
-    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
-        raise ConfigError(f"{name} must be a folder or an object-store URI, got {value!r}")
-    import importlib.util
-
-    if importlib.util.find_spec("deltalake") is None:
-        raise ConfigError(
-            f"{name} is set, but the Delta sync needs the `deltalake` package: "
-            'pip install "tracewire[delta]"'
-        )
-    return str(value).strip()
-
-
-def _optional_text(name: str, value: Any) -> str:
-    return str(value).strip()
-
-
-def _number_in(
-    kind: type, minimum: float, maximum: float | None = None, scale: float = 1
-) -> Callable[[str, Any], Any]:
-    """A parser for a number of ``kind`` within the bounds, times ``scale`` (MB -> bytes)."""
-
-    def parse(name: str, value: Any) -> Any:
-        number = _number(name, value, kind, minimum)
-        if maximum is not None and number > maximum:
-            raise ConfigError(f"{name} must be between {minimum:g} and {maximum:g}, got {value!r}")
-        return int(number * scale) if scale != 1 else number
-
-    return parse
-
-
-def _redact(name: str, value: Any) -> Callable[[str, Any], Any]:
-    if isinstance(value, str):  # TRACEWIRE_REDACT=package.module:function
-        return _import_callable(name, value)
-    if not callable(value):
-        raise ConfigError(f"{name} must be a function (key, value) -> value, got {value!r}")
-    return value  # type: ignore[no-any-return]
-
-
-def _spool_dir(name: str, value: Any) -> Path:
-    return Path(str(value)).expanduser()
-
-
-def _feedback_path(name: str, value: Any) -> str:
-    if not value.startswith("/") or any(c.isspace() for c in value):
-        raise ConfigError(f"{name} must be a URL path such as /feedback, got {value!r}")
-    return str(value)
-
-
-def _experiment_id(name: str, value: Any) -> str:
-    if not value.isdigit():
-        raise ConfigError(f"{name} must be a numeric experiment id, got {value!r}")
-    return str(value)
-
-
 @dataclass(frozen=True)
 class Setting:
     """One setting: where it is read from, how, its default, and its row in the README's table.
@@ -320,7 +135,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "include",
         "TRACEWIRE_INCLUDE",
-        _plugins,
+        parsers.plugins,
         None,
         "plugins to enable (`openai`, "
         "`langchain`, `langgraph`, `starlette`, `mlflow_agent`); naming one whose framework "
@@ -328,11 +143,13 @@ SETTINGS: tuple[Setting, ...] = (
         argument=True,
         shown_default="all installed",
     ),
-    Setting("exclude", "TRACEWIRE_EXCLUDE", _plugins, (), "plugins to leave alone", argument=True),
+    Setting(
+        "exclude", "TRACEWIRE_EXCLUDE", parsers.plugins, (), "plugins to leave alone", argument=True
+    ),
     Setting(
         "capture_content",
         "TRACEWIRE_CAPTURE_CONTENT",
-        _bool,
+        parsers.boolean,
         True,
         "`false`: no prompt, "
         "completion or tool text is recorded anywhere; model, token usage and finish "
@@ -342,7 +159,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "tags",
         "TRACEWIRE_TAGS",
-        _tags,
+        parsers.tags,
         {},
         "tags on every trace (the argument's over the variable's)",
         argument=True,
@@ -352,7 +169,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "redact",
         "TRACEWIRE_REDACT",
-        _redact,
+        parsers.redact,
         None,
         "`redact(key, value) -> value`, "
         'called for every span\'s `"inputs"` and `"outputs"` on the background worker, '
@@ -363,7 +180,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "stream_usage",
         "TRACEWIRE_STREAM_USAGE",
-        _bool,
+        parsers.boolean,
         True,
         "ask chat streams for usage (see [Streams](traces.md#streams)); `false`: ask no host",
         argument=True,
@@ -371,7 +188,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "stream_usage_hosts",
         "TRACEWIRE_STREAM_USAGE_HOSTS",
-        _hosts,
+        parsers.hosts,
         DEFAULT_STREAM_USAGE_HOSTS,
         "which hosts chat streams ask for usage, "
         "comma-separated: `api.example.com`, `.example.com` (its subdomains), `*` (every "
@@ -383,18 +200,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "environment",
         "TRACEWIRE_ENVIRONMENT",
-        _optional_text,
+        parsers.optional_text,
         None,
         "trace tag `deployment.environment`",
     ),
     Setting(
-        "app_version", "TRACEWIRE_APP_VERSION", _optional_text, None, "trace tag `service.version`"
+        "app_version",
+        "TRACEWIRE_APP_VERSION",
+        parsers.optional_text,
+        None,
+        "trace tag `service.version`",
     ),
-    Setting("region", "TRACEWIRE_REGION", _optional_text, None, "trace tag `cloud.region`"),
+    Setting("region", "TRACEWIRE_REGION", parsers.optional_text, None, "trace tag `cloud.region`"),
     Setting(
         "sample_rate",
         "TRACEWIRE_SAMPLE_RATE",
-        _number_in(float, 0.0, 1.0),
+        parsers.number_in(float, 0.0, 1.0),
         1.0,
         "share of sessions to keep, 0 to 1 (see [Sampling](#sampling))",
         argument=True,
@@ -403,14 +224,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "queue_size",
         "TRACEWIRE_QUEUE_SIZE",
-        _number_in(int, 1),
+        parsers.number_in(int, 1),
         10_000,
         "finished traces held in memory before the worker spools them",
     ),
     Setting(
         "spool_dir",
         "TRACEWIRE_SPOOL_DIR",
-        _spool_dir,
+        parsers.spool_dir,
         default_spool_dir,
         "where the on-disk spool lives: a directory of this user's, made (or tightened to) "
         "0700; one of another user is refused at `autolog()` (see "
@@ -420,7 +241,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "spool_max_bytes",
         "TRACEWIRE_SPOOL_MAX_MB",
-        _number_in(float, 0.001, scale=2**20),
+        parsers.number_in(float, 0.001, scale=2**20),
         512 * 2**20,
         "spool size budget per process, in MB; past it new traces are dropped and counted",
         shown_default="`512`",
@@ -428,14 +249,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "feedback_retention",
         "TRACEWIRE_FEEDBACK_RETENTION",
-        _number_in(float, 0),
+        parsers.number_in(float, 0),
         86_400.0,
         "seconds feedback waits for its trace before it is dropped (and counted)",
     ),
     Setting(
         "feedback_max_pending",
         "TRACEWIRE_FEEDBACK_MAX_PENDING",
-        _number_in(int, 1),
+        parsers.number_in(int, 1),
         1000,
         "feedback entries waiting for their trace, per process; past it (or "
         "`TRACEWIRE_FEEDBACK_MAX_PENDING_MB`) the oldest waiting one is dropped (counted)",
@@ -443,7 +264,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "feedback_max_pending_bytes",
         "TRACEWIRE_FEEDBACK_MAX_PENDING_MB",
-        _number_in(float, 0.001, scale=2**20),
+        parsers.number_in(float, 0.001, scale=2**20),
         2**20,
         "MB of feedback waiting for its trace, per process",
         shown_default="`1`",
@@ -451,7 +272,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "feedback_path",
         "TRACEWIRE_FEEDBACK_PATH",
-        _feedback_path,
+        parsers.feedback_path,
         None,
         "the feedback route (`/feedback`) of the `TracingMiddleware` the `starlette` "
         "plugin installs",
@@ -459,7 +280,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "trust_identity_headers",
         "TRACEWIRE_TRUST_IDENTITY_HEADERS",
-        identity_headers,
+        parsers.identity_headers,
         {},
         "headers that name the session and user for the `TracingMiddleware` the "
         "`starlette` plugin installs (`session=X-Session-ID,user=X-User-ID`): only behind "
@@ -468,7 +289,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "session_cookie_key",
         "TRACEWIRE_SESSION_COOKIE_KEY",
-        _optional_text,
+        parsers.optional_text,
         None,
         "the key of the keyed hash that turns a session cookie into a session id, when "
         "`TracingMiddleware(session_cookie=...)` is not given `session_cookie_key`: the "
@@ -477,7 +298,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "prices",
         "TRACEWIRE_PRICES",
-        _prices,
+        parsers.prices,
         {},
         "USD per token by model name "
         "(`input`, `output`, optional `cache_read_input`), for private or fine-tuned "
@@ -488,7 +309,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "delta_path",
         "TRACEWIRE_DELTA_PATH",
-        _delta_path,
+        parsers.delta_path,
         None,
         "sync the experiment's "
         "traces into this Delta table from a background thread (needs `tracewire[delta]`)",
@@ -497,7 +318,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "delta_interval",
         "TRACEWIRE_DELTA_INTERVAL",
-        _number_in(float, 1.0),
+        parsers.number_in(float, 1.0),
         300.0,
         "seconds between background Delta syncs (at least 1)",
         argument=True,
@@ -505,14 +326,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "ship_timeout",
         "TRACEWIRE_SHIP_TIMEOUT",
-        _number_in(float, 0.1),
+        parsers.number_in(float, 0.1),
         10.0,
         "seconds one store request may take before the shipper backs off and retries",
     ),
     Setting(
         "flush_timeout",
         "TRACEWIRE_FLUSH_TIMEOUT",
-        _number_in(float, 0),
+        parsers.number_in(float, 0),
         2.0,
         "seconds exit, `disable()` and `flush()` keep waiting on a store that makes no "
         "progress (down, hung, refusing); the rest stays spooled",
@@ -520,7 +341,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "exit_timeout",
         "TRACEWIRE_EXIT_TIMEOUT",
-        _number_in(float, 0),
+        parsers.number_in(float, 0),
         30.0,
         "seconds exit, `disable()` and `flush()` wait at most while the store does make "
         "progress (match it to your platform's stop grace period)",
@@ -528,7 +349,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "trace_timeout",
         "TRACEWIRE_TRACE_TIMEOUT",
-        _number_in(float, 1.0),
+        parsers.number_in(float, 1.0),
         3600.0,
         "seconds a trace may stay open (a stream nobody closes, a task that never ends); "
         "then it is stored as it is, its root failed and its open spans marked "
@@ -537,7 +358,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "disable",
         "TRACEWIRE_DISABLE",
-        _bool,
+        parsers.boolean,
         False,
         "`True`: same as `tracewire.disable()`",
         argument=True,
@@ -546,7 +367,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "enable_mlflow_tracing",
         "ENABLE_MLFLOW_TRACING",
-        _bool,
+        parsers.boolean,
         True,
         "`false` makes `autolog()` a no-op (MLflow's production switch)",
         switch=True,
@@ -554,7 +375,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "tracking_uri",
         "MLFLOW_TRACKING_URI",
-        _optional_text,
+        parsers.optional_text,
         None,
         "where traces go; a "
         "scheme MLflow has no store for (a mistyped `htp://`) fails at `autolog()`",
@@ -563,7 +384,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "experiment_id",
         "MLFLOW_EXPERIMENT_ID",
-        _experiment_id,
+        parsers.experiment_id,
         None,
         "which experiment, by id",
         shown_default="`Default`",
@@ -571,7 +392,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "experiment_name",
         "MLFLOW_EXPERIMENT_NAME",
-        _optional_text,
+        parsers.optional_text,
         None,
         "which experiment, by name (created if missing)",
         shown_default="`Default`",
