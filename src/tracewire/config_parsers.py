@@ -20,6 +20,9 @@ _FALSE = ("0", "false", "no", "off")
 class ConfigError(ValueError):
     """A setting has a value tracewire cannot use; the message names the setting."""
 
+    # Its public home, as tracebacks and ``except`` clauses name it.
+    __module__ = "tracewire.config"
+
 
 def boolean(name: str, value: Any) -> bool:
     if isinstance(value, bool):
