@@ -23,11 +23,12 @@ import threading
 import time
 from collections.abc import Callable
 from contextvars import ContextVar, Token
-from typing import Any, Protocol
+from typing import Any
 
 from tracewire.core import context as request_context
 from tracewire.core import ids
 from tracewire.core.attributes import ABANDONED, INCOMPLETE
+from tracewire.core.bridge import Bridge, Unconnected
 from tracewire.core.context import RequestContext
 
 _current: ContextVar[Span | None] = ContextVar("tracewire_span", default=None)
@@ -36,55 +37,7 @@ _current: ContextVar[Span | None] = ContextVar("tracewire_span", default=None)
 _open: dict[int, Trace] = {}
 
 
-class Bridge(Protocol):
-    """What core needs from the export side, which implements it (export/hooks.py) and installs
-    it with :func:`connect`: where finished traces go, and how MLflow's span context is read and
-    written so that our spans and the user's MLflow spans nest both ways."""
-
-    def finished(self, trace: Trace) -> None:
-        """A trace ended (on the caller's thread: it must not block)."""
-
-    def origin(self) -> Any:
-        """What MLflow's context says about a trace starting here (the served model it runs
-        in, ``mlflow.tracing.context`` metadata); read when the trace is made."""
-
-    def mlflow_parent(self) -> tuple[int, int] | None:
-        """(trace id, span id) of the user's MLflow span recording in this context, if any."""
-
-    def attach(self, trace_id: int, span_id: int) -> Any:
-        """Make our span with these ids MLflow's current parent here; a token for detach."""
-
-    def detach(self, token: Any) -> None:
-        """Undo one attach."""
-
-    def attach_request(self, trace_id: int, span_id: int) -> Any:
-        """As attach, for a web request's root at its start; None where MLflow's context is
-        served with the request's placeholder when read instead (cheaper)."""
-
-
-class _Unconnected:
-    """The bridge before export is connected: traces go nowhere, MLflow is not touched."""
-
-    def finished(self, trace: Trace) -> None:
-        pass
-
-    def origin(self) -> Any:
-        return None
-
-    def mlflow_parent(self) -> tuple[int, int] | None:
-        return None
-
-    def attach(self, trace_id: int, span_id: int) -> Any:
-        return None
-
-    def detach(self, token: Any) -> None:
-        pass
-
-    def attach_request(self, trace_id: int, span_id: int) -> Any:
-        return None
-
-
-_bridge: Bridge = _Unconnected()
+_bridge: Bridge = Unconnected()
 
 
 def connect(bridge: Bridge) -> None:

@@ -320,7 +320,7 @@ def _pop_mlflow_trace(otel_trace_id: int) -> _Trace | None:
 
 
 class MlflowBridge:
-    """Core's bridge (spans.Bridge) to MLflow's span context and to the export queue; the
+    """Core's bridge (core/bridge.py) to MLflow's span context and to the export queue; the
     exporter MLflow calls submits through it too. One instance, :data:`bridge`."""
 
     def __init__(self) -> None:
