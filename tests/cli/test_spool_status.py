@@ -3,31 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+from tests.support.spool_cli import spool_command, spool_status
 from tracewire.export.spool import Spool
-
-
-def _status(directory: Path) -> dict:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tracewire.cli",
-            "spool",
-            "status",
-            "--dir",
-            str(directory),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def test_spool_status_counts_pending_and_dropped(tmp_path: Path) -> None:
@@ -36,19 +15,14 @@ def test_spool_status_counts_pending_and_dropped(tmp_path: Path) -> None:
     assert spool.put("tr-2", b"y" * 100)
     assert not spool.put("tr-3", b"z" * 100)  # over the 250-byte budget: dropped, counted
 
-    (live,) = _status(tmp_path)["spools"]
+    (live,) = spool_status(tmp_path)["spools"]
     assert (live["pending"], live["dropped"], live["live"]) == (2, 1, True)
 
     spool.close()  # not empty: kept for the next process, now ownerless
-    (left,) = _status(tmp_path)["spools"]
+    (left,) = spool_status(tmp_path)["spools"]
     assert (left["pending"], left["dropped"], left["live"]) == (2, 1, False)
 
-    text = subprocess.run(
-        [sys.executable, "-m", "tracewire.cli", "spool", "status", "--dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    text = spool_command("status", tmp_path).stdout
     assert "2 pending" in text and "1 dropped (1 budget)" in text and "exited process" in text
 
 
@@ -80,13 +54,8 @@ def test_spool_status_says_which_store_each_spool_is_for(tmp_path: Path) -> None
         ),
     )
     two.put("tr-2", b"p")
-    text = subprocess.run(
-        [sys.executable, "-m", "tracewire.cli", "spool", "status", "--dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    text = spool_command("status", tmp_path).stdout
     assert "for http://alice:***@mlflow.internal:5000, experiment 'checkout'" in text
     assert "for sqlite:////srv/app/mlflow.db\n" in text
-    assert "pw-9" not in text and "pw-9" not in json.dumps(_status(tmp_path))
+    assert "pw-9" not in text and "pw-9" not in json.dumps(spool_status(tmp_path))
     two.close()

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import TraceInfo, TraceLocation, TraceState
 
+from tests.support.spool_cli import spool_command, spool_status
 from tracewire import config
 from tracewire.core import spans
 from tracewire.export import destination, encode, hooks, shipper
@@ -64,26 +63,6 @@ def _texts(client: mlflow.MlflowClient, experiment_id: str) -> list[str]:
     )
 
 
-def _status(directory: Path) -> dict:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tracewire.cli",
-            "spool",
-            "status",
-            "--dir",
-            str(directory),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
 def test_a_refused_trace_is_set_aside_the_rest_ship_and_replay_sends_it(
     tmp_path: Path, tracking_uri: str
 ) -> None:
@@ -100,21 +79,16 @@ def test_a_refused_trace_is_set_aside_the_rest_ship_and_replay_sends_it(
     _ship_all(tmp_path, source)
 
     assert _texts(client, kept) == ["call 0", "call 1", "call 3", "call 4"]
-    (status,) = _status(tmp_path)["spools"]
+    (status,) = spool_status(tmp_path)["spools"]
     assert (status["pending"], status["rejected"], status["dropped"]) == (0, 1, 0)
 
     client.restore_experiment(gone)
-    replay = subprocess.run(
-        [sys.executable, "-m", "tracewire.cli", "spool", "replay", "--dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    replay = spool_command("replay", tmp_path)
     assert replay.returncode == 0 and "1 refused trace(s) queued again" in replay.stdout
     assert source.pending() == 1
     _ship_all(tmp_path, source)
     assert _texts(client, gone) == ["call 2"]
-    assert _status(tmp_path)["spools"][0]["rejected"] == 0
+    assert spool_status(tmp_path)["spools"][0]["rejected"] == 0
     source.close()
     assert spool.status(tmp_path) == [], "an empty spool is removed when its process stops"
 
@@ -137,5 +111,5 @@ def test_a_span_name_longer_than_the_store_takes_is_cut_not_refused(
     (trace,) = client.search_traces(locations=[experiment], max_results=10)
     assert trace.data.spans[0].name == "x" * 10_000  # the span keeps its name
     assert 0 < len(trace.info.tags["mlflow.traceName"]) <= 4096
-    assert _status(tmp_path)["spools"][0]["rejected"] == 0
+    assert spool_status(tmp_path)["spools"][0]["rejected"] == 0
     source.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.spool_cli import spool_command
 from tracewire.export import spool_directory as spools
 from tracewire.export.spool import Spool
 from tracewire.export.spool_format import SpoolError
@@ -171,22 +172,7 @@ def test_links_named_like_spool_files_are_never_followed(tmp_path: Path) -> None
     assert not os.path.lexists(planted)
     assert adopted == [(good, 1)]
 
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tracewire.cli",
-            "spool",
-            "status",
-            "--dir",
-            str(directory),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = spool_command("status", directory, "--json")
     problems = {Path(s["path"]).name: s["problem"] for s in json.loads(result.stdout)["spools"]}
     assert problems == {
         "spool-1-aaaaaaaa.db": "spool-1-aaaaaaaa.db is a symbolic link: tracewire never opens "

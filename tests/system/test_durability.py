@@ -33,8 +33,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -70,6 +68,7 @@ from tests.support.app_process import (
     wait_for,
 )
 from tests.support.mlflow_server import MlflowServer, free_port
+from tests.support.spool_cli import spool_command
 from tracewire.export import pipeline
 from tracewire.export import spool_directory as spools
 from tracewire.export.spool import Spool
@@ -627,22 +626,7 @@ def test_past_the_spool_budget_traces_are_dropped_counted_and_logged(
 
 def test_spool_status_command_reports_the_drops(over_budget: tuple[ChildRun, Path, int]) -> None:
     _, spool_dir, _ = over_budget
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tracewire.cli",
-            "spool",
-            "status",
-            "--dir",
-            str(spool_dir),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = spool_command("status", spool_dir, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     expected = spools.status(spool_dir)
