@@ -108,14 +108,10 @@ def _spool_batch(items: Sequence[hooks.Item | Feedback]) -> int:
     lost = 0
     error = None
     encoded: list[tuple[str, bytes]] = []
+    feedback: list[Feedback] = []
     for item in items:
         if isinstance(item, Feedback):
-            guard.call(
-                spool.put_feedback,
-                item.to_json(),
-                settings.feedback_max_pending,
-                settings.feedback_max_pending_bytes,
-            )
+            feedback.append(item)
             continue
         guard.call(encode.settle, item)  # a failed web request is kept by sampling
         if guard.call(encode.sampled_out, item, settings.sample_rate):
@@ -130,6 +126,15 @@ def _spool_batch(items: Sequence[hooks.Item | Feedback]) -> int:
                 raise
     kept = spool.put_many(encoded) if encoded else 0
     lost += len(encoded) - kept
+    # After the traces: feedback spooled before the trace it names (both in this batch) would be
+    # looked up before the trace can be stored, and wait out a retry.
+    for item in feedback:
+        guard.call(
+            spool.put_feedback,
+            item.to_json(),
+            settings.feedback_max_pending,
+            settings.feedback_max_pending_bytes,
+        )
     refused = worker.take_dropped() if worker is not None else 0
     if refused:
         spool.count_drops("queue", refused)
