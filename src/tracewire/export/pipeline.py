@@ -34,7 +34,7 @@ from tracewire.core import guard, scrub, spans
 from tracewire.core.feedback import Feedback
 from tracewire.export import destination, encode, hooks
 from tracewire.export.queue import Worker
-from tracewire.export.shipper import ADOPTED, OPENING, ShipperProcess
+from tracewire.export.shipper_process import ADOPTED, OPENING, ShipperProcess
 from tracewire.export.spool import Spool
 from tracewire.export.spool_directory import describe_feedback
 from tracewire.export.spool_format import SpoolError

@@ -27,7 +27,6 @@ import logging
 import os
 import random
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tracewire.core import scrub
+from tracewire.export.shipper_process import ADOPTED, FAILING, OPENING, SHIPPING
 from tracewire.export.spool import Entry, Spool
 from tracewire.export.spool_directory import adopt
 from tracewire.export.spool_files import UnsafeFileError, set_aside
@@ -48,94 +48,10 @@ _STAMP_BATCH = 16
 _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 30.0
 _ADOPT_EVERY = 30.0  # seconds between looks for spools of dead processes
-_RESPAWN_EVERY = 5.0  # seconds between restarts of a shipper process that died
 _FEEDBACK_EVERY = 2.0  # seconds between rounds of feedback look-ups
 _FEEDBACK_ROUND = 1.0  # seconds of look-ups a round may take at most
 # Feedback whose trace is not in the store is looked up again 2 s later, then 4 s, ... up to this.
 _FEEDBACK_BACKOFF_CAP = 300.0
-
-# What the shipper says it is doing, in the app's spool. An exit waits while the shipper works
-# for it without the spool's count going down: "opening" (creating or migrating a database
-# store), and "adopted", said again at each acknowledgement of what a dead process left (which
-# goes first).
-OPENING, SHIPPING, FAILING, ADOPTED = "opening", "shipping", "failing", "adopted"
-
-
-# --------------------------------------------------------------------------- in the app
-
-
-class ShipperProcess:
-    """The app's handle on its shipper process (restarted if it dies)."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self._env = env
-        self._paths: list[Path] = []
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._started = 0.0
-        self.spawned_at = 0.0  # wall clock, to tell its states from a previous process's
-        self._lock = threading.Lock()
-
-    def ship(self, path: Path) -> None:
-        with self._lock:
-            if path not in self._paths:
-                self._paths.append(path)
-                self._send(f"ship {path}\n".encode())
-
-    def notify(self) -> None:
-        with self._lock:
-            self._send(b"\n")
-
-    @property
-    def alive(self) -> bool:
-        proc = self._proc
-        return proc is not None and proc.poll() is None
-
-    def _send(self, line: bytes) -> None:
-        if self._proc is None or self._proc.poll() is not None:
-            if time.monotonic() - self._started < _RESPAWN_EVERY and self._proc is not None:
-                return  # it just died: do not spin; the next notify tries again
-            self._spawn()
-        assert self._proc is not None and self._proc.stdin is not None
-        try:
-            self._proc.stdin.write(line)
-            self._proc.stdin.flush()
-        except (BrokenPipeError, BlockingIOError, ValueError):
-            pass  # it is gone or busy: it polls its spools on its own as well
-
-    def _spawn(self) -> None:
-        if self._proc is not None:
-            logger.warning(
-                "tracewire: the shipper process exited (code %s); restarting it",
-                self._proc.returncode,
-            )
-        self._started = time.monotonic()
-        self.spawned_at = time.time()
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "tracewire.export.shipper"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            env=self._env,
-            close_fds=True,
-            start_new_session=True,
-        )
-        assert self._proc.stdin is not None
-        os.set_blocking(self._proc.stdin.fileno(), False)
-        for path in self._paths:
-            self._proc.stdin.write(f"ship {path}\n".encode())
-        self._proc.stdin.flush()
-
-    def close(self) -> None:
-        """Close its stdin: it makes a last effort bounded by the flush timeout and exits on its
-        own, without holding up the app's exit (what it does not ship stays spooled)."""
-        with self._lock:
-            proc, self._proc = self._proc, None
-            self._paths.clear()
-        if proc is not None and proc.stdin is not None:
-            try:
-                proc.stdin.close()
-            except OSError:
-                pass
-
 
 # --------------------------------------------------------------------------- in the shipper
 
