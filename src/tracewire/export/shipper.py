@@ -48,9 +48,9 @@ _STAMP_BATCH = 16
 _BACKOFF_BASE = 0.5
 _BACKOFF_CAP = 30.0
 _ADOPT_EVERY = 30.0  # seconds between looks for spools of dead processes
-_FEEDBACK_EVERY = 2.0  # seconds between rounds of feedback look-ups
+_FEEDBACK_EVERY = 0.5  # seconds between rounds of feedback look-ups (of what is due)
 _FEEDBACK_ROUND = 1.0  # seconds of look-ups a round may take at most
-# Feedback whose trace is not in the store is looked up again 2 s later, then 4 s, ... up to this.
+# Feedback whose trace is not in the store is looked up again 0.5 s later, then 2 s, 4 s, ... up to this.
 _FEEDBACK_BACKOFF_CAP = 300.0
 
 # --------------------------------------------------------------------------- in the shipper
@@ -326,7 +326,7 @@ class Shipper:
     def _apply_feedback(self) -> None:
         """Feedback waits in the spool until its trace is stored, for the retention period.
         A round looks up what was never looked up first, then what is due again: a look-up
-        that finds no trace backs off (2 s, doubling, up to 5 min), and a round stops after
+        that finds no trace backs off (0.5 s, then 2 s, doubling, up to 5 min), and a round stops after
         ``_FEEDBACK_ROUND`` seconds, so feedback for traces that never come costs little and
         cannot hold up feedback whose trace is there."""
         from tracewire.export.store import APPLIED, REFUSED
@@ -354,9 +354,11 @@ class Shipper:
                                 "TRACEWIRE_FEEDBACK_RETENTION"
                             ] += 1
                         else:
+                            # The first miss is often feedback racing its own trace (posted
+                            # as the response ends, before the trace does): look again soon.
+                            delay = 0.5 if entry.tries == 0 else 2.0 * 2 ** (entry.tries - 1)
                             source.retry_feedback(
-                                entry,
-                                time.time() + min(_FEEDBACK_BACKOFF_CAP, 2.0 * 2**entry.tries),
+                                entry, time.time() + min(_FEEDBACK_BACKOFF_CAP, delay)
                             )
         except Exception as exc:  # the store is down: the next round tries again
             logger.warning(

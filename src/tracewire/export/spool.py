@@ -390,12 +390,14 @@ class Spool:
             return self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
 
     def outstanding(self) -> int:
-        """Everything still to reach the store: traces, stamps, and feedback not looked up
-        yet (feedback whose trace was not there waits for it, but nothing waits for that)."""
+        """Everything still to reach the store: traces, stamps, and feedback looked up at most
+        once (the first miss is often feedback racing its own trace, looked up again 0.5 s
+        later; feedback still missing its trace after that waits for it, but nothing waits for
+        that)."""
         with self._mutex:
             return self._db.execute(
                 "SELECT (SELECT COUNT(*) FROM traces) + (SELECT COUNT(*) "
-                "FROM feedback WHERE tries = 0) + (SELECT COUNT(*) FROM "
+                "FROM feedback WHERE tries <= 1) + (SELECT COUNT(*) FROM "
                 "stamps)"
             ).fetchone()[0]
 
