@@ -75,3 +75,12 @@ def test_housekeeping_runs_on_the_worker_idle_or_busy_and_survives_its_errors() 
         time.sleep(0.001)
     worker.stop(5)
     assert len(ticks) >= 6 and set(ticks) == {"tw-test"}
+
+
+def test_a_flush_after_stop_answers_at_once() -> None:
+    worker = Worker(lambda batch: 0, maxsize=10)
+    worker.submit(1)
+    assert worker.stop(5)
+    started = time.monotonic()
+    assert worker.flush(30)
+    assert time.monotonic() - started < 1
