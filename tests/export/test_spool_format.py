@@ -1,5 +1,6 @@
-"""The spool's payload: what the app writes (version 2, raw) and what an older tracewire left
-(version 1, MLflow's span records) both reach the store as the same trace.
+"""The spool's payload: what the app writes (version 3, raw), what an older tracewire wrote
+(version 2, the same with an int trace id; version 1, MLflow's span records) all reach the store
+as the same trace.
 
 The app's worker writes our spans as captured (values serialized once, no MLflow record); the
 shipper builds MLflow's records from them: the root's lifted inputs and outputs, the previews,
@@ -74,7 +75,12 @@ def test_the_app_spools_raw_spans_and_the_shipper_builds_the_records_beside_an_o
     own = spool.Spool.create(tmp_path, 10**8, where)
     trace_id, payload = encode.encode(_conversation("Capital of France?"), settings)
     data = json.loads(payload)
-    assert data["v"] == 2 and spool_format.FORMAT_VERSION == 2
+    assert data["v"] == 3 and spool_format.FORMAT_VERSION == 3
+    # Version 2, as an older tracewire of format 2 wrote it: the OpenTelemetry id as an int.
+    v2_id, v2_payload = encode.encode(_conversation("Capital of Italy?"), settings)
+    v2 = json.loads(v2_payload)
+    v2["v"], v2["groups"][0][1] = 2, int(v2["groups"][0][1], 16)
+    own.put(v2_id, json.dumps(v2).encode())
     raw_chat = data["groups"][0][2][1]
     # Values as plain JSON, not MLflow's attribute text; no MLflow record built in the app.
     assert raw_chat["inputs"] == {"messages": [{"type": "human", "content": "Capital of France?"}]}
@@ -88,13 +94,15 @@ def test_the_app_spools_raw_spans_and_the_shipper_builds_the_records_beside_an_o
     client = MlflowClient(tracking_uri)
     deadline = time.monotonic() + 60
     found: list = []
-    while len(found) < 2 and time.monotonic() < deadline:  # the old spool is adopted too
+    while len(found) < 3 and time.monotonic() < deadline:  # the old spool is adopted too
         time.sleep(0.1)
         found = client.search_traces(locations=[experiment], max_results=10)
     worker.stop(1)
     own.close()
     by_id = {t.info.trace_id: t for t in found}
-    assert set(by_id) == {trace_id, old_trace.trace_id}
+    assert set(by_id) == {trace_id, v2_id, old_trace.trace_id}
+    assert by_id[v2_id].info.response_preview == "Paris."
+    assert {s.name for s in by_id[v2_id].data.spans} == {"POST /chat", "chat"}
 
     mine = by_id[trace_id]
     root = next(s for s in mine.data.spans if s.parent_id is None)

@@ -1,7 +1,7 @@
 """Spooled traces -> MLflow's trace records and spans, as the store is written (runs only in
 the shipper process, and in the CLI commands that ship).
 
-The counterpart of export/encode.py: a payload of version 2 (what the app captured) is made
+The counterpart of export/encode.py: a payload of version 3 or 2 (what the app captured) is made
 into MLflow's span records here (export/records.py); version 1 (a spool an older tracewire left)
 has them. The request context becomes the trace's tags and metadata; for a tracking server, a
 trace's record rides in its root span's attributes where it can (:func:`decode`).
@@ -77,7 +77,7 @@ _NO_STAMP = frozenset(
 
 def decode(payload: bytes, experiment_id: str, record_in_spans: bool, catalog: bool) -> Decoded:
     """Spool bytes -> MLflow's trace record and spans, in ``experiment_id`` unless the trace
-    names its own. A payload of version 2 (what the app captured, export/records.py) is made
+    names its own. A payload of version 3 or 2 (what the app captured, export/records.py) is made
     into MLflow's span records here, with prices from MLflow's catalog if ``catalog`` (a store
     that does not price spans itself); version 1 (a spool an older tracewire left) has them.
 
@@ -85,7 +85,7 @@ def decode(payload: bytes, experiment_id: str, record_in_spans: bool, catalog: b
     own), a trace of ours whose record the spans can carry is written as spans only: see
     :func:`_record_in_root_span`."""
     data = json.loads(payload)
-    if data.get("v") == records.VERSION:
+    if data.get("v") in records.CAPTURED:
         data = records.expand(data, catalog)
     head, context = data["head"], data["context"]
     if head is not None:

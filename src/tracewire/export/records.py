@@ -1,4 +1,4 @@
-"""A trace as the app captured it (spool payload version 2) -> MLflow's span records (runs in the
+"""A trace as the app captured it (spool payload version 3, or 2) -> MLflow's span records (runs in the
 shipper process, and in the CLI commands that ship).
 
 The app's export worker writes each of our spans in a raw form: ids, times and the span's values
@@ -26,7 +26,9 @@ from mlflow.tracing.utils.truncation import _get_truncated_preview
 from tracewire.core import attributes as keys
 from tracewire.core import cost
 
-VERSION = 2
+# 3: the OpenTelemetry trace id is 32 hex digits (2: an int, which orjson cannot write).
+VERSION = 3
+CAPTURED = (2, VERSION)
 
 
 def b64(value: int, size: int) -> str:
@@ -37,8 +39,10 @@ def _text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def span_dict(raw: dict[str, Any], trace_id: str, otel_trace_id: int) -> dict[str, Any]:
+def span_dict(raw: dict[str, Any], trace_id: str, otel_trace_id: str | int) -> dict[str, Any]:
     """One raw span of ours in MLflow's stored span format."""
+    if isinstance(otel_trace_id, str):
+        otel_trace_id = int(otel_trace_id, 16)
     error = raw.get("error")
     attrs = {
         keys.TRACE_REQUEST_ID: _text(trace_id),
@@ -79,7 +83,7 @@ def span_dict(raw: dict[str, Any], trace_id: str, otel_trace_id: int) -> dict[st
 
 
 def expand(data: dict[str, Any], catalog: bool) -> dict[str, Any]:
-    """A version 2 payload as the version 1 payload the store decodes: MLflow span dicts, the
+    """A captured payload (version 2 or 3) as the version 1 payload the store decodes: MLflow span dicts, the
     root's lifted values, previews and prices. ``catalog``: price every model MLflow's catalog
     knows (the store does not price spans itself)."""
     dicts: list[dict[str, Any]] = []

@@ -15,8 +15,9 @@ import sqlite3
 from pathlib import Path
 
 # 2: traces are written as the app captured them (export/records.py), and a spool of version 1
-# (MLflow's span records) still ships.
-FORMAT_VERSION = 2
+# (MLflow's span records) still ships. 3: payloads of version 3 (export/records.py), which an
+# older tracewire cannot read: it leaves the file for this one.
+FORMAT_VERSION = 3
 
 # Why feedback was not applied: pushed out of the pending-feedback budget by newer feedback, its
 # trace not stored within the retention period, or the trace's owner is someone else.
