@@ -15,6 +15,7 @@ import pytest
 import tracewire
 from tests.conftest import Traced
 from tracewire import config
+from tracewire.config_settings import SETTINGS, markdown_table
 from tracewire.export import destination
 from tracewire.plugins.base import TracewireWrapper, WrappingPlugin
 from tracewire.plugins.registry import PLUGINS
@@ -287,11 +288,11 @@ def test_a_read_only_spool_directory_fails_at_autolog_naming_it(tmp_path) -> Non
 
 
 def test_the_settings_table_in_the_docs_is_the_declared_one() -> None:
-    """Each setting is declared once (config.SETTINGS); the table a user reads is made from it."""
+    """Each setting is declared once (SETTINGS); the table a user reads is made from it."""
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parents[2]
-    marker = "<!-- settings: generated from tracewire.config.SETTINGS"
+    marker = "<!-- settings: generated from tracewire.config_settings.SETTINGS"
     pages = [
         p
         for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
@@ -301,19 +302,19 @@ def test_the_settings_table_in_the_docs_is_the_declared_one() -> None:
     text = pages[0].read_text()
     start = text.index("\n", text.index(marker)) + 1
     table = text[start : text.index("\n\n", start) + 1]
-    assert table == config.markdown_table(), "regenerate it with config.markdown_table()"
+    assert table == markdown_table(), "regenerate it with config_settings.markdown_table()"
 
 
 def test_autolog_arguments_and_settings_fields_are_the_declared_ones() -> None:
     import dataclasses
     import inspect
 
-    declared = {s.field for s in config.SETTINGS if s.argument}
+    declared = {s.field for s in SETTINGS if s.argument}
     assert set(inspect.signature(tracewire.autolog).parameters) == declared
     assert [f.name for f in dataclasses.fields(config.Settings)] == [
-        s.field for s in config.SETTINGS if not s.switch
+        s.field for s in SETTINGS if not s.switch
     ]
-    assert len({s.env for s in config.SETTINGS}) == len(config.SETTINGS)
+    assert len({s.env for s in SETTINGS}) == len(SETTINGS)
 
 
 def test_an_argument_wins_over_its_variable_and_tags_merge(monkeypatch: pytest.MonkeyPatch) -> None:
