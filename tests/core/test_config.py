@@ -14,6 +14,7 @@ import pytest
 
 import tracewire
 from tests.conftest import Traced
+from tests.support.processes import in_private_mounts, run_command
 from tracewire import config
 from tracewire.config_settings import SETTINGS, markdown_table
 from tracewire.export import destination
@@ -93,7 +94,6 @@ def _autolog_with_a_read_only_folder(folder, env: dict[str, str], cwd=None) -> s
     private mount namespace."""
     import os
     import shutil
-    import subprocess
 
     assert shutil.which("unshare") is not None and os.geteuid() == 0, (
         "this test remounts a folder read-only in a private mount namespace: it needs root"
@@ -104,23 +104,11 @@ def _autolog_with_a_read_only_folder(folder, env: dict[str, str], cwd=None) -> s
     )
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTEST_"))}
     child_env.update(env)
-    enter = f'cd "{cwd}" && ' if cwd else ""
-    done = subprocess.run(
-        [
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            f'mount --bind "{folder}" "{folder}" && mount -o remount,bind,ro "{folder}" && '
-            f'{enter}exec "{sys.executable}" -c "$0"',
-            script,
-        ],
-        env=child_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    mounts = f'mount --bind "{folder}" "{folder}" && mount -o remount,bind,ro "{folder}"'
+    if cwd:
+        mounts += f' && cd "{cwd}"'
+    done = run_command(
+        in_private_mounts(mounts, [sys.executable, "-c", script]), child_env, timeout=60
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout + done.stderr[-2000:]
