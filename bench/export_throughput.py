@@ -73,6 +73,7 @@ from typing import Any
 
 _BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(_BENCH))  # the sibling benchmark, also under `python -m` or another cwd
+sys.path.insert(1, str(_BENCH.parent))  # the repo root: tests/support
 
 import mlflow
 import openai
@@ -94,6 +95,7 @@ from openai_overhead import (
     use_store,
 )
 
+from tests.support.processes import kill, processes_with_env
 from tracewire.export import spool_directory as spools
 
 # The targets.
@@ -140,30 +142,6 @@ def mlflow_queue_size() -> int | None:
         return _get_trace_exporter()._async_queue._queue.maxsize
     except (ImportError, AttributeError):
         return None
-
-
-def own_processes_with_env(key: str, value: str) -> list[int]:
-    """Pids of this user's processes whose environment has ``key=value`` exactly (our shippers:
-    they inherit TRACEWIRE_SPOOL_DIR, and every spool dir here is a fresh temp dir)."""
-    needle = f"{key}={value}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-def kill_pids(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 class HungListener:
@@ -334,33 +312,24 @@ def burst_pair(
 ) -> list[Burst]:
     """tracewire (into a server also "tracewire web"), then MLflow, each into a store of its
     own; ``stores(name)`` gives (where to send, where to read back)."""
-    web = [
-        run_burst(
+
+    def traced(mode: str, timed: Callable[[openai.OpenAI, int], list[float]]) -> Burst:
+        return run_burst(
             store_kind,
-            "tracewire web",
+            mode,
             client,
-            *stores("tracewire-web"),
+            *stores(mode.replace(" ", "-")),
             args.calls,
             args.warmup,
             enable=tracewire.autolog,
             flush=lambda: tracewire.flush(args.flush_timeout),
             disable=tracewire.disable,
-            timed=timed_web_calls,
+            timed=timed,
         )
-    ]
+
     return [
-        run_burst(
-            store_kind,
-            "tracewire",
-            client,
-            *stores("tracewire"),
-            args.calls,
-            args.warmup,
-            enable=tracewire.autolog,
-            flush=lambda: tracewire.flush(args.flush_timeout),
-            disable=tracewire.disable,
-        ),
-        *(web if store_kind == "server" else []),
+        traced("tracewire", timed_calls),
+        *([traced("tracewire web", timed_web_calls)] if store_kind == "server" else []),
         run_burst(
             store_kind,
             "mlflow",
@@ -499,7 +468,7 @@ def run_first_trace(
     finally:
         kill_group(proc)
         proc.stdout.close()  # type: ignore[union-attr]
-        kill_pids(own_processes_with_env("TRACEWIRE_SPOOL_DIR", str(work / "spool")))
+        kill(processes_with_env("TRACEWIRE_SPOOL_DIR", str(work / "spool")))
     return result
 
 
@@ -602,11 +571,11 @@ def shipper_cleanup(spool_dir: Path) -> dict[str, Any]:
     """The child's shipper (its own session) should be gone with the child; kill any that is not
     after a short wait, and say so."""
     deadline = time.monotonic() + 3.0
-    left = own_processes_with_env("TRACEWIRE_SPOOL_DIR", str(spool_dir))
+    left = processes_with_env("TRACEWIRE_SPOOL_DIR", str(spool_dir))
     while left and time.monotonic() < deadline:
         time.sleep(0.1)
-        left = own_processes_with_env("TRACEWIRE_SPOOL_DIR", str(spool_dir))
-    kill_pids(left)
+        left = processes_with_env("TRACEWIRE_SPOOL_DIR", str(spool_dir))
+    kill(left)
     return {"shipper_left_after_3s": len(left)}
 
 
@@ -870,7 +839,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     # Registered before tracewire's own atexit hook, so it runs after it (LIFO): by then
     # tracewire has stopped its shipper processes, and the temp dir can go.
     def cleanup() -> None:
-        kill_pids(own_processes_with_env("TRACEWIRE_SPOOL_DIR", str(spool_dir)))
+        kill(processes_with_env("TRACEWIRE_SPOOL_DIR", str(spool_dir)))
         shutil.rmtree(root, ignore_errors=True)
 
     atexit.register(cleanup)
@@ -914,7 +883,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 run_first_trace(mode, "sqlite", store, db_path(store.uri), root, args)
             )
         if not args.skip_server:
-            sys.path.insert(0, str(_BENCH.parent))  # the repo root: tests/support
             from tests.support.mlflow_server import MlflowServer
 
             server = MlflowServer(root / "server").start()

@@ -83,13 +83,15 @@ def autolog(
 ) -> None:
     """Trace every installed framework into MLflow. Safe to call again; ``disable=True`` undoes it.
 
-    Each argument is a setting (the README's settings table, declared in ``config.SETTINGS``):
-    left as ``None`` it comes from its ``TRACEWIRE_*`` variable, then its default.
+    Each argument is a setting (the settings table of the docs, declared in
+    ``config_settings.SETTINGS``): left as ``None`` it comes from its ``TRACEWIRE_*`` variable,
+    then its default.
     ``ENABLE_MLFLOW_TRACING=false`` makes this a no-op. Invalid settings raise
     :class:`ConfigError` naming what was set; naming a plugin in ``include`` whose framework is
     missing raises :class:`PluginUnavailable`.
     """
-    # Every parameter but disable is a setting declared in config.SETTINGS (a test checks it).
+    # Every parameter but disable is a setting declared in config_settings.SETTINGS (a test
+    # checks it).
     settings_given = {name: value for name, value in locals().items() if name != "disable"}
     from tracewire import config
 

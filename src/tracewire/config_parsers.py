@@ -2,8 +2,8 @@
 argument or a ``TRACEWIRE_*`` variable) and the raw value, and returns the value tracewire uses,
 or raises :class:`ConfigError` naming the setting and what was given.
 
-config.py declares every setting with one of these (``Setting.parse``); they run wherever the
-settings are read: in the app process at ``autolog()``, in the shipper process, in the CLI.
+config_settings.py declares every setting with one of these (``Setting.parse``); they run wherever
+the settings are read: in the app process at ``autolog()``, in the shipper process, in the CLI.
 """
 
 from __future__ import annotations

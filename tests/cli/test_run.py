@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,10 +15,18 @@ import mlflow
 import pytest
 
 from tests.conftest import API_KEY
-from tests.support.model_serving import TRACEWIRE_RUN, ModelServer, clean_env, log_models
+from tests.support.mlflow_server import free_port
+from tests.support.model_serving import ModelServer, log_models
+from tests.support.processes import (
+    TRACEWIRE_RUN,
+    clean_env,
+    run_command,
+    start_under_tracewire_run,
+    stop_group,
+    uvicorn_workers,
+    wait_answering,
+)
 from tracewire.testing import OpenAIServer
-
-TRACEWIRE = [sys.executable, "-m", "tracewire.cli"]
 
 
 def _env(tmp_path: Path, openai_server: OpenAIServer, **extra: str) -> dict[str, str]:
@@ -70,14 +77,7 @@ def test_a_script_that_never_imports_tracewire_is_traced(
     (own / "sitecustomize.py").write_text("import os\nos.environ['OWN_SITE_RAN'] = 'yes'\n")
     env = _env(tmp_path, openai_server, PYTHONPATH=str(own))
     (tmp_path / "script.py").write_text(SCRIPT + "print(os.environ.get('OWN_SITE_RAN'))\n")
-    done = subprocess.run(
-        [*TRACEWIRE, "run", "--", sys.executable, str(tmp_path / "script.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    done = run_command([*TRACEWIRE_RUN, sys.executable, str(tmp_path / "script.py")], env, tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["Echo:", "zero", "code", "traced", "yes"]
     (trace,) = _traces(env, 1)
@@ -88,28 +88,15 @@ def test_the_commands_exit_code_and_a_bad_setting_fail_clearly(
     tmp_path: Path, openai_server: OpenAIServer
 ) -> None:
     env = _env(tmp_path, openai_server)
-    failed = subprocess.run(
-        [*TRACEWIRE, "run", "--", sys.executable, "-c", "raise SystemExit(7)"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    failed = run_command([*TRACEWIRE_RUN, sys.executable, "-c", "raise SystemExit(7)"], env)
     assert failed.returncode == 7
-    bad = subprocess.run(
-        [*TRACEWIRE, "run", "--", sys.executable, "-c", "pass"],
-        env={**env, "TRACEWIRE_SAMPLE_RATE": "lots"},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    bad = run_command(
+        [*TRACEWIRE_RUN, sys.executable, "-c", "pass"], {**env, "TRACEWIRE_SAMPLE_RATE": "lots"}
     )
     assert bad.returncode == 1 and "TRACEWIRE_SAMPLE_RATE" in bad.stderr
-    mistyped = subprocess.run(
-        [*TRACEWIRE, "run", "--", sys.executable, "-c", "print('ran')"],
-        env={**env, "MLFLOW_TRACKING_URI": "htp://mlflow.internal:5000"},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    mistyped = run_command(
+        [*TRACEWIRE_RUN, sys.executable, "-c", "print('ran')"],
+        {**env, "MLFLOW_TRACKING_URI": "htp://mlflow.internal:5000"},
     )
     assert (mistyped.returncode, mistyped.stdout) == (1, ""), mistyped.stderr
     assert mistyped.stderr.splitlines() == [
@@ -117,13 +104,7 @@ def test_the_commands_exit_code_and_a_bad_setting_fail_clearly(
         "'htp' MLflow has no tracking store for: use http:// or https:// for a tracking server, "
         "sqlite:/// (or postgresql://, mysql://, mssql://) for a database, or databricks."
     ]
-    missing = subprocess.run(
-        [*TRACEWIRE, "run", "--", "no-such-command-here"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    missing = run_command([*TRACEWIRE_RUN, "no-such-command-here"], env)
     assert missing.returncode == 1 and "command not found" in missing.stderr
 
 
@@ -141,13 +122,7 @@ def test_a_bad_setting_in_a_process_tracewire_run_did_not_check_leaves_it_untrac
         PYTHONPATH=str(Path(tracewire.bootstrap.__file__).parent),
         MLFLOW_TRACKING_URI="htp://mlflow.internal:5000",
     )
-    done = subprocess.run(
-        [sys.executable, "-c", "print('app ran')"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_command([sys.executable, "-c", "print('app ran')"], env)
     assert (done.returncode, done.stdout) == (0, "app ran\n"), done.stderr
     (line,) = done.stderr.splitlines()
     assert line.startswith(
@@ -167,21 +142,9 @@ def test_two_workers_each_trace(tmp_path: Path, openai_server: OpenAIServer, ser
     # The workers stop on SIGTERM with the bounded exit flush; on a loaded machine the default
     # 2 s may leave the last trace spooled for the next process, which this test does not run.
     env = _env(tmp_path, openai_server, TRACEWIRE_FLUSH_TIMEOUT="10")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = {
-        "uvicorn": [
-            "-m",
-            "uvicorn",
-            "zero_app:app",
-            "--workers",
-            "2",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
+        "uvicorn": uvicorn_workers("zero_app:app", port),
         "gunicorn": [
             "-m",
             "gunicorn",
@@ -196,26 +159,14 @@ def test_two_workers_each_trace(tmp_path: Path, openai_server: OpenAIServer, ser
             "warning",
         ],
     }[server]
-    proc = subprocess.Popen(
-        [*TRACEWIRE, "run", "--", sys.executable, *command],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = start_under_tracewire_run(command, tmp_path, env)
     url = f"http://127.0.0.1:{port}"
     pids: set[int] = set()
     asked = 0
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{url}/docs", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_answering(url)
         # New connections until both workers have answered (the kernel spreads them).
+        deadline = time.monotonic() + 60
         while len(pids) < 2 and asked < 200 and time.monotonic() < deadline:
             asked += 1
             response = httpx.get(
@@ -226,13 +177,7 @@ def test_two_workers_each_trace(tmp_path: Path, openai_server: OpenAIServer, ser
             )
             pids.add(response.json()["pid"])
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            output = proc.communicate(timeout=30)[0].decode(errors="replace")
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output = proc.communicate()[0].decode(errors="replace")
-            pytest.fail(f"{server} did not stop within 30 s of SIGTERM\n{output}")
+        output = stop_group(proc)
     assert len(pids) == 2, f"one worker answered all {asked} requests\n{output}"
     traces = _traces(env, asked)
     questions = []
@@ -330,7 +275,7 @@ def test_signals_sent_to_tracewire_run_reach_the_command(
         SCRIPT + "import time\nprint('waiting', flush=True)\ntime.sleep(120)\n"
     )
     proc = subprocess.Popen(
-        [*TRACEWIRE, "run", "--", sys.executable, "wait.py"],
+        [*TRACEWIRE_RUN, sys.executable, "wait.py"],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,

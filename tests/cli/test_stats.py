@@ -21,7 +21,7 @@ import mlflow
 import pytest
 from mlflow.tracing.utils import calculate_cost_by_model_and_token_usage
 
-from tests.support.model_serving import clean_env
+from tests.support.processes import clean_env
 from tracewire.cli import main
 from tracewire.export import delta
 from tracewire.testing.traces import Synthetic, write

@@ -14,7 +14,9 @@ import pytest
 
 import tracewire
 from tests.conftest import Traced
+from tests.support.processes import in_private_mounts, run_command
 from tracewire import config
+from tracewire.config_settings import SETTINGS, markdown_table
 from tracewire.export import destination
 from tracewire.plugins.base import TracewireWrapper, WrappingPlugin
 from tracewire.plugins.registry import PLUGINS
@@ -92,7 +94,6 @@ def _autolog_with_a_read_only_folder(folder, env: dict[str, str], cwd=None) -> s
     private mount namespace."""
     import os
     import shutil
-    import subprocess
 
     assert shutil.which("unshare") is not None and os.geteuid() == 0, (
         "this test remounts a folder read-only in a private mount namespace: it needs root"
@@ -103,23 +104,11 @@ def _autolog_with_a_read_only_folder(folder, env: dict[str, str], cwd=None) -> s
     )
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTEST_"))}
     child_env.update(env)
-    enter = f'cd "{cwd}" && ' if cwd else ""
-    done = subprocess.run(
-        [
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            f'mount --bind "{folder}" "{folder}" && mount -o remount,bind,ro "{folder}" && '
-            f'{enter}exec "{sys.executable}" -c "$0"',
-            script,
-        ],
-        env=child_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    mounts = f'mount --bind "{folder}" "{folder}" && mount -o remount,bind,ro "{folder}"'
+    if cwd:
+        mounts += f' && cd "{cwd}"'
+    done = run_command(
+        in_private_mounts(mounts, [sys.executable, "-c", script]), child_env, timeout=60
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout + done.stderr[-2000:]
@@ -287,11 +276,11 @@ def test_a_read_only_spool_directory_fails_at_autolog_naming_it(tmp_path) -> Non
 
 
 def test_the_settings_table_in_the_docs_is_the_declared_one() -> None:
-    """Each setting is declared once (config.SETTINGS); the table a user reads is made from it."""
+    """Each setting is declared once (SETTINGS); the table a user reads is made from it."""
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parents[2]
-    marker = "<!-- settings: generated from tracewire.config.SETTINGS"
+    marker = "<!-- settings: generated from tracewire.config_settings.SETTINGS"
     pages = [
         p
         for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
@@ -301,19 +290,19 @@ def test_the_settings_table_in_the_docs_is_the_declared_one() -> None:
     text = pages[0].read_text()
     start = text.index("\n", text.index(marker)) + 1
     table = text[start : text.index("\n\n", start) + 1]
-    assert table == config.markdown_table(), "regenerate it with config.markdown_table()"
+    assert table == markdown_table(), "regenerate it with config_settings.markdown_table()"
 
 
 def test_autolog_arguments_and_settings_fields_are_the_declared_ones() -> None:
     import dataclasses
     import inspect
 
-    declared = {s.field for s in config.SETTINGS if s.argument}
+    declared = {s.field for s in SETTINGS if s.argument}
     assert set(inspect.signature(tracewire.autolog).parameters) == declared
     assert [f.name for f in dataclasses.fields(config.Settings)] == [
-        s.field for s in config.SETTINGS if not s.switch
+        s.field for s in SETTINGS if not s.switch
     ]
-    assert len({s.env for s in config.SETTINGS}) == len(config.SETTINGS)
+    assert len({s.env for s in SETTINGS}) == len(SETTINGS)
 
 
 def test_an_argument_wins_over_its_variable_and_tags_merge(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,6 @@ through MLflow's API."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 import subprocess
@@ -18,6 +17,8 @@ import httpx
 import mlflow
 import pytest
 
+from tests.support.mlflow_server import free_port
+from tests.support.processes import TRACEWIRE_RUN, clean_env, run_command
 from tracewire.testing import OpenAIServer
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -36,13 +37,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
 def example_env(
     store: str, openai_server: OpenAIServer, experiment: str, tmp_path: Path
 ) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))
-    }
-    env.update(
-        {
+    return clean_env(
+        **{
             "TRACEWIRE_TESTING": "1",
             "MLFLOW_TRACKING_URI": store,
             "MLFLOW_EXPERIMENT_NAME": experiment,
@@ -54,7 +50,6 @@ def example_env(
             "OPENAI_API_KEY": "sk-examples-unused",
         }
     )
-    return env
 
 
 def traces(store: str, experiment: str, expected: int) -> list[mlflow.entities.Trace]:
@@ -78,14 +73,7 @@ def traces(store: str, experiment: str, expected: int) -> list[mlflow.entities.T
 
 
 def run_script(path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, str(path), *args],
-        env=env,
-        cwd=path.parent,
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD,
-    )
+    done = run_command([sys.executable, str(path), *args], env, path.parent, HANG_GUARD)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     return done
@@ -95,9 +83,7 @@ def run_script(path: Path, env: dict[str, str], *args: str) -> subprocess.Comple
 def serving(command: list[str], cwd: Path, env: dict[str, str]) -> Iterator[str]:
     """``command`` (given ``--port``) serving on a free port until the block ends; then
     SIGTERM, as a process manager stops it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [*command, "--port", str(port), "--log-level", "warning"],
         cwd=cwd,
@@ -229,17 +215,7 @@ def test_zero_code_app_under_tracewire_run(
     assert "import tracewire" not in source and "from tracewire" not in source
     env = example_env(store, openai_server, "zero-code-example", tmp_path)
     env["TRACEWIRE_TRUST_IDENTITY_HEADERS"] = "session=X-Session-ID,user=X-User-ID"
-    command = [
-        sys.executable,
-        "-m",
-        "tracewire.cli",
-        "run",
-        "--",
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "app:app",
-    ]
+    command = [*TRACEWIRE_RUN, sys.executable, "-m", "uvicorn", "app:app"]
     with serving(command, EXAMPLES / "zero_code", env) as url:
         asked = httpx.post(
             f"{url}/ask",

@@ -101,6 +101,36 @@ def test_hooks_pins() -> None:
     assert json.loads(written["mlflow.spanInputs"]) == {"q": 1}
 
 
+def _info(trace_id: str, **fields: Any) -> TraceInfo:
+    """A finished trace's info in experiment 0."""
+    return TraceInfo(
+        trace_id=trace_id,
+        trace_location=TraceLocation.from_experiment_id("0"),
+        request_time=1,
+        execution_duration=2,
+        state=TraceState.OK,
+        **fields,
+    )
+
+
+def _span(trace_id: str, **attributes: str) -> Span:
+    """One finished root span, from a dict in the format records.py writes."""
+    return Span.from_dict(
+        {
+            "trace_id": "AAAAAAAAAAAAAAAAAAAAAQ==",
+            "span_id": "AAAAAAAAAAE=",
+            "parent_span_id": None,
+            "name": "x",
+            "start_time_unix_nano": 1,
+            "end_time_unix_nano": 2,
+            "events": [],
+            "status": {"code": "STATUS_CODE_OK", "message": ""},
+            "attributes": {"mlflow.traceRequestId": json.dumps(trace_id), **attributes},
+            "links": [],
+        }
+    )
+
+
 def test_encode_pins() -> None:
     """The encoder encode serializes a trace with takes what JSON has no form of (a pydantic
     reply) as ``dump_span_attribute_value`` does; a TraceInfo survives its dict round trip;
@@ -113,15 +143,8 @@ def test_encode_pins() -> None:
 
     assert json.loads(dump_span_attribute_value({"a": [1]})) == {"a": [1]}
     assert json.dumps({"r": Reply(text="t")}, cls=TraceJSONEncoder) == '{"r": {"text": "t"}}'
-    info = TraceInfo(
-        trace_id="tr-" + "a" * 32,
-        trace_location=TraceLocation.from_experiment_id("0"),
-        request_time=1,
-        execution_duration=2,
-        state=TraceState.OK,
-        trace_metadata={"k": "v"},
-        tags={"t": "1"},
-        client_request_id="req-1",
+    info = _info(
+        "tr-" + "a" * 32, trace_metadata={"k": "v"}, tags={"t": "1"}, client_request_id="req-1"
     )
     again = TraceInfo.from_dict(info.to_dict())
     assert (again.trace_id, again.client_request_id, again.tags["t"]) == (
@@ -140,23 +163,7 @@ def test_encode_pins() -> None:
 def test_records_pins() -> None:
     """The span dict format records writes is what ``Span.from_dict`` reads; the log level and
     the preview MLflow would set."""
-    span = Span.from_dict(
-        {
-            "trace_id": "AAAAAAAAAAAAAAAAAAAAAQ==",
-            "span_id": "AAAAAAAAAAE=",
-            "parent_span_id": None,
-            "name": "x",
-            "start_time_unix_nano": 1,
-            "end_time_unix_nano": 2,
-            "events": [],
-            "status": {"code": "STATUS_CODE_OK", "message": ""},
-            "attributes": {
-                "mlflow.traceRequestId": json.dumps("tr-" + "a" * 32),
-                "mlflow.spanType": json.dumps("LLM"),
-            },
-            "links": [],
-        }
-    )
+    span = _span("tr-" + "a" * 32, **{"mlflow.spanType": json.dumps("LLM")})
     assert (span.name, span.span_type, span.trace_id) == ("x", "LLM", "tr-" + "a" * 32)
     assert Span.from_dict(span.to_dict()).span_id == span.span_id
 
@@ -214,28 +221,8 @@ def test_store_pins(tracking_uri: str) -> None:
     from mlflow.entities import Trace, TraceData
     from mlflow.tracing.utils import add_size_stats_to_trace_metadata
 
-    info = TraceInfo(
-        trace_id="tr-" + "b" * 32,
-        trace_location=TraceLocation.from_experiment_id("0"),
-        request_time=1,
-        execution_duration=2,
-        state=TraceState.OK,
-        trace_metadata={},
-    )
-    span = Span.from_dict(
-        {
-            "trace_id": "AAAAAAAAAAAAAAAAAAAAAQ==",
-            "span_id": "AAAAAAAAAAE=",
-            "parent_span_id": None,
-            "name": "x",
-            "start_time_unix_nano": 1,
-            "end_time_unix_nano": 2,
-            "events": [],
-            "status": {"code": "STATUS_CODE_OK", "message": ""},
-            "links": [],
-            "attributes": {"mlflow.traceRequestId": json.dumps(info.trace_id)},
-        }
-    )
+    info = _info("tr-" + "b" * 32, trace_metadata={})
+    span = _span(info.trace_id)
     add_size_stats_to_trace_metadata(Trace(info, TraceData(spans=[span])))
     assert json.loads(info.trace_metadata["mlflow.trace.sizeStats"])["num_spans"] == 1
 

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tests.conftest import API_KEY, Traced
+from tests.support.processes import run_command
 from tests.support.web_server import serve, settled
 from tracewire.middleware import TracingMiddleware
 from tracewire.testing import OpenAIServer
@@ -94,14 +95,7 @@ def test_tracking_uri_credentials_stay_out_of_the_spool_and_every_log(
         MLFLOW_TRACKING_URI=f"http://user:{PASSWORD}@127.0.0.1:{port}/?token={URI_TOKEN}",
         MLFLOW_EXPERIMENT_NAME="secrets",
     )
-    app = subprocess.run(
-        [sys.executable, "-c", APP],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    app = run_command([sys.executable, "-c", APP], env)
     assert app.returncode == 0, app.stderr
     # The shipper said the store is down, repeating MLflow's message, and the exit line where
     # the trace stays: both with the URI, neither with its credentials.

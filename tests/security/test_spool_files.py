@@ -12,12 +12,12 @@ import logging
 import os
 import sqlite3
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.processes import run_command
 from tests.support.spool_cli import spool_command
 from tracewire.export import spool_directory as spools
 from tracewire.export.spool import Spool
@@ -97,14 +97,7 @@ def test_the_temp_dir_fallback_refuses_a_directory_another_user_made_first(tmp_p
     os.chown(planted, OTHER_UID, OTHER_UID)
     env = {k: v for k, v in os.environ.items() if k != "TRACEWIRE_SPOOL_DIR"}
     env.update(XDG_CACHE_HOME="/proc/tracewire-no-such-dir/cache", TMPDIR=str(tmp_path))
-    result = subprocess.run(
-        [sys.executable, "-c", "import tracewire; tracewire.autolog()"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_command([sys.executable, "-c", "import tracewire; tracewire.autolog()"], env)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("tracewire.config.ConfigError: TRACEWIRE_SPOOL_DIR"), result.stderr

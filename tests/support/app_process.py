@@ -24,6 +24,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import API_KEY
+from tests.support.processes import clean_env
 from tracewire.export import spool_directory as spools
 from tracewire.testing import OpenAIServer
 
@@ -299,25 +300,18 @@ def child_env(
     openai_server: OpenAIServer,
     **extra: str,
 ) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))
-    }
-    env.update(
-        {
+    return clean_env(
+        **{
             "TRACEWIRE_TESTING": "1",
             "MLFLOW_MODEL_CATALOG_URI": "",
-            "PYTHONUNBUFFERED": "1",
             "MLFLOW_TRACKING_URI": tracking_uri,
             "MLFLOW_EXPERIMENT_NAME": experiment,
             "TRACEWIRE_SPOOL_DIR": str(spool_dir),
             "TEST_OPENAI_BASE_URL": openai_server.base_url,
             "TEST_API_KEY": API_KEY,
+            **extra,
         }
     )
-    env.update(extra)
-    return env
 
 
 def run_child(tmp_path: Path, env: Mapping[str, str], timeout: float = 120) -> ChildRun:

@@ -1,7 +1,7 @@
 """MLflow's deploy path for tests: models logged from code with ``mlflow.pyfunc.log_model``, served
 by ``mlflow models serve -m models:/<id> --env-manager local`` on loopback.
 
-    env = clean_env(MLFLOW_TRACKING_URI=uri, ...)
+    env = clean_env(MLFLOW_TRACKING_URI=uri, ...)  # clean_env, TRACEWIRE_RUN: processes.py
     ids = log_models(env, tmp_path, {"agent": "agent.py"}, pip_requirements=["openai"])
     server = ModelServer(ids["agent"], env, tmp_path, wrapper=TRACEWIRE_RUN).start()
     try:
@@ -11,10 +11,10 @@ by ``mlflow models serve -m models:/<id> --env-manager local`` on loopback.
         server.stop()
 
 The server runs in a process group of its own (the ``mlflow`` CLI runs ``uvicorn`` as a child,
-found on ``PATH``: the current interpreter's ``bin`` is put first), optionally under a wrapper
-command (``tracewire run --``); its stdout and stderr go to a log file in ``cwd``. ``stop()``
-sends SIGTERM to the whole group, then SIGKILL, and is idempotent; the first process also gets
-SIGTERM if the thread that started it dies (see mlflow_server._die_with_parent).
+found on ``PATH``: ``clean_env`` puts the current interpreter's ``bin`` first), optionally under
+a wrapper command (``tracewire run --``); its stdout and stderr go to a log file in ``cwd``.
+``stop()`` sends SIGTERM to the whole group, then SIGKILL, and is idempotent; the first process
+also gets SIGTERM if the thread that started it dies (see mlflow_server._die_with_parent).
 """
 
 from __future__ import annotations
@@ -32,25 +32,7 @@ import httpx
 
 from tests.support.mlflow_server import _die_with_parent, free_port
 
-__all__ = ["TRACEWIRE_RUN", "ModelServer", "clean_env", "log_models"]
-
-TRACEWIRE_RUN = (sys.executable, "-m", "tracewire.cli", "run", "--")
-_BIN = str(Path(sys.executable).parent)  # `mlflow` and the `uvicorn` it runs
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without the suite's MLflow, tracewire, pytest and OpenAI
-    settings (a served model gets exactly the ones a test gives it), the interpreter's ``bin``
-    first on ``PATH``, and ``extra``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))
-    }
-    env["PATH"] = os.pathsep.join(filter(None, [_BIN, env.get("PATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
+__all__ = ["ModelServer", "log_models"]
 
 
 def log_models(

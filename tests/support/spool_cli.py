@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tests.support.processes import run_command
 
-def spool_command(action: str, directory: Path, *options: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+
+def spool_command(
+    action: str, directory: Path, *options: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``tracewire spool <action> --dir <directory> <options>``, in ``env`` (default: this
+    process's environment)."""
+    return run_command(
         [sys.executable, "-m", "tracewire.cli", "spool", action, "--dir", str(directory), *options],
-        capture_output=True,
-        text=True,
+        os.environ if env is None else env,
         timeout=60,
-        check=False,
     )
 
 

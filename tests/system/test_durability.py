@@ -148,25 +148,60 @@ def test_outage_in_the_middle_of_500_calls_loses_and_duplicates_nothing(
 # --------------------------------------------------------------------------- 2. hung store
 
 
-@pytest.mark.timeout(300)
-def test_hung_store_delays_neither_calls_nor_exit_and_the_next_process_ships_the_spool(
-    tmp_path: Path, openai_server: OpenAIServer, experiment_name: str
-) -> None:
-    spool_dir = tmp_path / "spool"
-    calls = 20
+def _run_against_a_hung_store(
+    tmp_path: Path, openai_server: OpenAIServer, experiment_name: str, timeout: float, **test: str
+) -> tuple[ChildRun, dict[str, str], HungStore]:
+    """A child run (``test``: its TEST_* variables) against a store that accepts connections and
+    never answers; the hung store is closed when it returns, its port free for a real server."""
     with HungStore() as hung:
         env = child_env(
             tracking_uri=hung.url,
             experiment=experiment_name,
-            spool_dir=spool_dir,
+            spool_dir=tmp_path / "spool",
             openai_server=openai_server,
         )
-        first = run_child(
+        run = run_child(tmp_path, {**env, **test}, timeout=timeout)
+    return run, env, hung
+
+
+def _the_next_process_ships_the_spool(
+    tmp_path: Path, env: dict[str, str], port: int, experiment_name: str, spooled: list[str]
+) -> None:
+    """All of ``spooled`` waits in a spool left by a process now gone. The store comes back on
+    the same URL (so: the same destination) as a real server: the next process ships that spool,
+    every trace once, and leaves no file behind."""
+    spool_dir = tmp_path / "spool"
+    left = spools.status(spool_dir)
+    assert sum(s.pending for s in left) == len(spooled), left
+    assert not any(s.live for s in left), left  # its lock died with it
+    with MlflowServer(tmp_path / "mlflow-server", port=port) as server:
+        after = run_child(
             tmp_path,
-            {**env, "TEST_TAG": "hung", "TEST_CALLS": str(calls), "TEST_END": "exit"},
-            timeout=60,
+            {**env, "TEST_TAG": "next", "TEST_CALLS": "1", "TEST_END": "drain"},
+            timeout=150,
         )
-        contacted = hung.accepted
+        print(f"the next process shipped the spool and exited in {after.wall:.1f} s")
+        assert after.returncode == 0, after.describe()
+        assert_calls_fine(after, 1)
+        assert after.out["spool"]["pending"] == 0, after.describe()
+        assert_exactly_once(stored_traces(server.url, experiment_name), [*spooled, "next 0"])
+    assert wait_for(lambda: not files_in(spool_dir), 10), files_in(spool_dir)
+
+
+@pytest.mark.timeout(300)
+def test_hung_store_delays_neither_calls_nor_exit_and_the_next_process_ships_the_spool(
+    tmp_path: Path, openai_server: OpenAIServer, experiment_name: str
+) -> None:
+    calls = 20
+    first, env, hung = _run_against_a_hung_store(
+        tmp_path,
+        openai_server,
+        experiment_name,
+        60,
+        TEST_TAG="hung",
+        TEST_CALLS=str(calls),
+        TEST_END="exit",
+    )
     assert first.returncode == 0, first.describe()
     assert_calls_fine(first, calls)
     exit_latency = first.exited_at - first.out["end_wall"]
@@ -176,28 +211,10 @@ def test_hung_store_delays_neither_calls_nor_exit_and_the_next_process_ships_the
     )
     assert exit_latency < EXIT_AFTER_LAST_CALL_S, first.describe()
     assert first.wall < 30, first.describe()
-    assert contacted > 0, "the process never even tried the store: the test proves nothing"
-    # Nothing reached the store: everything waits in the spool, left by a process now gone.
-    left = spools.status(spool_dir)
-    assert sum(s.pending for s in left) == calls, (left, first.describe())
-    assert not any(s.live for s in left), left
-
-    # The store comes back on the same URL (so: the same destination) as a real server.
-    with MlflowServer(tmp_path / "mlflow-server", port=hung.port) as server:
-        second = run_child(
-            tmp_path,
-            {**env, "TEST_TAG": "next", "TEST_CALLS": "1", "TEST_END": "drain"},
-            timeout=150,
-        )
-        print(f"hung store: the next process shipped the spool and exited in {second.wall:.1f} s")
-        assert second.returncode == 0, second.describe()
-        assert_calls_fine(second, 1)
-        assert second.out["spool"]["pending"] == 0, second.describe()
-        assert_exactly_once(
-            stored_traces(server.url, experiment_name),
-            [f"hung {i}" for i in range(calls)] + ["next 0"],
-        )
-    assert wait_for(lambda: not files_in(spool_dir), 10), files_in(spool_dir)
+    assert hung.accepted > 0, "the process never even tried the store: the test proves nothing"
+    _the_next_process_ships_the_spool(
+        tmp_path, env, hung.port, experiment_name, [f"hung {i}" for i in range(calls)]
+    )
 
 
 # --------------------------------------------------------------------------- 3. burst
@@ -309,48 +326,24 @@ def test_burst_of_5000_calls_is_persisted_and_the_backlog_waits_on_disk(
 def test_kill_9_with_a_full_spool_then_a_new_process_ships_every_trace_once(
     tmp_path: Path, openai_server: OpenAIServer, experiment_name: str
 ) -> None:
-    spool_dir = tmp_path / "spool"
     calls = 120  # more than one shipping batch
-    with HungStore() as hung:
-        env = child_env(
-            tracking_uri=hung.url,
-            experiment=experiment_name,
-            spool_dir=spool_dir,
-            openai_server=openai_server,
-        )
-        killed = run_child(
-            tmp_path,
-            {
-                **env,
-                "TEST_TAG": "killed",
-                "TEST_CALLS": str(calls),
-                "TEST_END": "flush-kill",
-                "TEST_FLUSH_S": "3",
-            },
-            timeout=90,
-        )
+    killed, env, hung = _run_against_a_hung_store(
+        tmp_path,
+        openai_server,
+        experiment_name,
+        90,
+        TEST_TAG="killed",
+        TEST_CALLS=str(calls),
+        TEST_END="flush-kill",
+        TEST_FLUSH_S="3",
+    )
     assert killed.returncode == -signal.SIGKILL, killed.describe()
     assert_calls_fine(killed, calls)
     assert killed.out["flushed"] is False, killed.describe()  # the store never answered
     assert killed.out["spool"]["pending"] == calls, killed.describe()
-    left = spools.status(spool_dir)
-    assert sum(s.pending for s in left) == calls, left
-    assert not any(s.live for s in left), left  # its lock died with it
-
-    with MlflowServer(tmp_path / "mlflow-server", port=hung.port) as server:
-        after = run_child(
-            tmp_path,
-            {**env, "TEST_TAG": "after", "TEST_CALLS": "1", "TEST_END": "drain"},
-            timeout=150,
-        )
-        print(f"\nkill -9: the next process shipped the spool and exited in {after.wall:.1f} s")
-        assert after.returncode == 0, after.describe()
-        assert after.out["spool"]["pending"] == 0, after.describe()
-        assert_exactly_once(
-            stored_traces(server.url, experiment_name),
-            [f"killed {i}" for i in range(calls)] + ["after 0"],
-        )
-    assert wait_for(lambda: not files_in(spool_dir), 10), files_in(spool_dir)
+    _the_next_process_ships_the_spool(
+        tmp_path, env, hung.port, experiment_name, [f"killed {i}" for i in range(calls)]
+    )
 
 
 # --------------------------------------------------------------------------- 5. crash before ack

@@ -44,6 +44,7 @@ import pytest
 from tests.support.app_process import assert_exactly_once, child_env, stored_traces
 from tests.support.fault_proxy import FaultProxy
 from tests.support.mlflow_server import MlflowServer, free_port
+from tests.support.processes import in_private_mounts, kill, processes_with_env
 from tracewire.export import spool_directory as spools
 
 SHIP_TIMEOUT = 5.0
@@ -209,17 +210,7 @@ class Harness:
     def app(self) -> App:
         command = [sys.executable, "app.py"]
         if self.fault.special == "dns":  # its own /etc/hosts, which the harness edits
-            command = [
-                "unshare",
-                "-m",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                f'mount --bind "{self.hosts}" /etc/hosts && exec "$@"',
-                "sh",
-                *command,
-            ]
+            command = in_private_mounts(f'mount --bind "{self.hosts}" /etc/hosts', command)
         app = App(command, self.env, self.root)
         self.apps.append(app)
         return app
@@ -448,21 +439,6 @@ def test_a_429s_retry_after_is_waited_for(
             app.kill()
 
 
-def _processes_with_env(key: str, value: str) -> list[int]:
-    """Our processes whose environment has ``key=value`` (an app and its shipper, which runs in
-    a session of its own)."""
-    wanted = f"{key}={value}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if wanted in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 def test_kill_9_at_random_moments_loses_only_what_was_still_in_memory(
     tmp_path: Path, model_server: ModelServer
 ) -> None:
@@ -501,8 +477,7 @@ def test_kill_9_at_random_moments_loses_only_what_was_still_in_memory(
             stderr=subprocess.DEVNULL,
         )
         time.sleep(delay)
-        for pid in _processes_with_env("TRACEWIRE_SPOOL_DIR", str(spool_dir)):
-            os.kill(pid, 9)
+        kill(processes_with_env("TRACEWIRE_SPOOL_DIR", str(spool_dir)))
         app.wait(30)
         must_be_stored |= {t.info.trace_id for t in stored_traces(uri, "kill-9")}
         for db in spool_dir.glob("spool-*.db"):

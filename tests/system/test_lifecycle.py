@@ -45,6 +45,8 @@ from tests.support.app_process import (
     wait_for,
 )
 from tests.support.mlflow_server import MlflowServer, free_port
+from tests.support.processes import clean_env, run_command
+from tests.support.spool_cli import spool_command
 from tracewire.export import spool_directory as spools
 from tracewire.testing import OpenAIServer
 
@@ -55,6 +57,23 @@ def _quick_start_code() -> str:
     """The first Python block under the README's "Quick start for your app", as written."""
     section = README.read_text().split("## Quick start for your app", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S)[1]
+
+
+def _newcomer_env(tmp_path: Path, openai_server: OpenAIServer) -> dict[str, str]:
+    """A newcomer's shell: no MLflow or tracewire settings, the model at the local server, and
+    the spool in the test's folder, not the user's cache dir."""
+    return clean_env(
+        OPENAI_BASE_URL=openai_server.base_url,
+        OPENAI_API_KEY=API_KEY,
+        TRACEWIRE_SPOOL_DIR=str(tmp_path / "spool"),
+    )
+
+
+def _stored_in(folder: Path) -> list[mlflow.entities.Trace]:
+    """The traces in the default experiment of the default store an app run in ``folder`` uses."""
+    return mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_traces(
+        locations=["0"], max_results=10
+    )
 
 
 def test_a_server_that_comes_up_after_the_app_gets_every_trace(
@@ -123,34 +142,15 @@ def test_the_readme_quick_start_in_an_empty_folder_stores_every_run(
         print(reply.choices[0].message.content)
     """)
     )
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))
-    }
-    env.update(
-        {
-            "OPENAI_BASE_URL": openai_server.base_url,
-            "OPENAI_API_KEY": API_KEY,
-            "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool"),
-        }
-    )  # not the user's cache dir
+    env = _newcomer_env(tmp_path, openai_server)
     for run in range(1, 4):
         started = time.monotonic()
-        result = subprocess.run(
-            [sys.executable, "app.py"],
-            cwd=folder,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = run_command([sys.executable, "app.py"], env, folder)
         print(f"\nquick start run {run}: exited after {time.monotonic() - started:.1f} s")
         assert result.returncode == 0, result.stderr[-4000:]
         assert result.stdout.strip() == "Echo: hello from a script"
         assert "tracewire:" not in result.stderr, result.stderr  # nothing left behind to say
-        client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
-        traces = client.search_traces(locations=["0"], max_results=10)
+        traces = _stored_in(folder)
         assert len(traces) == run, f"run {run}: {len(traces)} traces stored"
     assert not [s for s in spools.status(tmp_path / "spool") if s.pending]
 
@@ -170,35 +170,16 @@ def test_an_app_that_uses_mlflow_itself_in_an_empty_folder_is_never_broken_by_th
             model="gpt-4o-mini", messages=[{"role": "user", "content": "linked"}])
         print(model.model_id)
     """)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))
-    }
-    env.update(
-        {
-            "OPENAI_BASE_URL": openai_server.base_url,
-            "OPENAI_API_KEY": API_KEY,
-            "TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool"),
-        }
-    )
+    env = _newcomer_env(tmp_path, openai_server)
     for run in range(1, 3):
         folder = tmp_path / f"newcomer-{run}"
         folder.mkdir()
         (folder / "app.py").write_text(app)
-        result = subprocess.run(
-            [sys.executable, "app.py"],
-            cwd=folder,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = run_command([sys.executable, "app.py"], env, folder)
         assert result.returncode == 0, result.stderr[-4000:]
         assert "already exists" not in result.stderr, result.stderr[-4000:]
         model_id = result.stdout.split()[-1]
-        client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
-        traces = client.search_traces(locations=["0"], max_results=10)
+        traces = _stored_in(folder)
         assert [t.info.trace_metadata.get("mlflow.modelId") for t in traces] == [model_id], (
             f"run {run}"
         )
@@ -321,13 +302,7 @@ def test_exit_with_a_dead_store_says_what_stays_and_spool_ship_ships_it(
     assert again.returncode == 0, again.describe()  # a second spool file, left the same way
 
     with MlflowServer(tmp_path / "server", port=port) as server:
-        ship = subprocess.run(
-            [sys.executable, "-m", "tracewire.cli", "spool", "ship", "--dir", str(spool_dir)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        ship = spool_command("ship", spool_dir, env=env)
         assert ship.returncode == 0, ship.stderr[-3000:]
         assert "owned by a running process" not in ship.stdout, ship.stdout
         assert "shipping 8 trace(s) from 2 spool file(s)" in ship.stdout, ship.stdout
@@ -359,13 +334,7 @@ def test_spool_ship_with_the_store_still_down_fails_clearly_and_keeps_the_traces
         ).returncode
         == 0
     )
-    ship = subprocess.run(
-        [sys.executable, "-m", "tracewire.cli", "spool", "ship", "--dir", str(spool_dir)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    ship = spool_command("ship", spool_dir, env=env)
     assert ship.returncode == 1
     assert ship.stderr.startswith("tracewire: error: the tracking store is unavailable")
     assert "3 trace(s) stay spooled" in ship.stderr
@@ -405,14 +374,7 @@ def test_flush_without_a_timeout_waits_while_the_store_makes_progress(
         openai_server=openai_server,
     )
     (tmp_path / "app.py").write_text(textwrap.dedent(FLUSH_APP))
-    done = subprocess.run(
-        [sys.executable, "app.py"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_command([sys.executable, "app.py"], env, tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     out = json.loads(done.stdout.splitlines()[-1])
     print(f"\nflush() with a {store}: {out['flushed']} after {out['flush_s']:.1f} s")

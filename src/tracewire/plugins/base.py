@@ -45,6 +45,25 @@ def wrap(owner: Any, name: str, wrapper: Callable[..., Any]) -> None:
     setattr(owner, name, TracewireWrapper(current, wrapper))
 
 
+def after_call(
+    step: Callable[[Any, tuple[Any, ...], dict[str, Any]], object],
+) -> Callable[..., Any]:
+    """A wrapper that returns what the original returns, after ``step(result, args, kwargs)``
+    (guarded): for a plugin that only reads or adds to what a call made."""
+
+    def wrapper(
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        result = wrapped(*args, **kwargs)
+        guard.call(step, result, args, kwargs)
+        return result
+
+    return wrapper
+
+
 def unwrap(owner: Any, name: str) -> None:
     current = vars(owner).get(name)
     if isinstance(current, TracewireWrapper):
@@ -94,19 +113,12 @@ class Plugin:
             return
         self._claimed = True
 
-        def after_autolog(
-            wrapped: Callable[..., Any],
-            instance: Any,
-            args: tuple[Any, ...],
-            kwargs: dict[str, Any],
-        ) -> Any:
-            result = wrapped(*args, **kwargs)
+        def take_over_again(_result: Any, *_: Any) -> None:
             if self.enabled:
-                guard.call(take_over_mlflow_autolog, flavor)
-            return result
+                take_over_mlflow_autolog(flavor)
 
         wrapt.register_post_import_hook(
-            lambda module: wrap(module, "autolog", after_autolog), f"mlflow.{flavor}"
+            lambda module: wrap(module, "autolog", after_call(take_over_again)), f"mlflow.{flavor}"
         )
 
     def installed_version(self) -> str:

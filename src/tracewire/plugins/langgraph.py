@@ -23,7 +23,7 @@ from tracewire.core import attributes as keys
 from tracewire.core import context as request_context
 from tracewire.core import guard, spans
 from tracewire.plugins import registry
-from tracewire.plugins.base import WrappingPlugin
+from tracewire.plugins.base import WrappingPlugin, after_call
 from tracewire.plugins.langchain import LangChainPlugin
 
 _MODULE = "langgraph.pregel.main"
@@ -149,17 +149,10 @@ class LangGraphPlugin(WrappingPlugin):
 
     def targets(self) -> list[tuple[Any, str, Callable[..., Any]]]:
         module = importlib.import_module(_MODULE)
-        return [(module, name, self._wrapper) for name in _FACTORIES if name in vars(module)]
+        wrapper = after_call(self._on_manager)
+        return [(module, name, wrapper) for name in _FACTORIES if name in vars(module)]
 
-    def _wrapper(
-        self,
-        wrapped: Callable[..., Any],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        manager = wrapped(*args, **kwargs)
+    def _on_manager(self, manager: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._handler is None:
             self._handler = guard.call(_make_lifecycle_handler)
-        guard.call(_attach, manager, args, kwargs, self._handler)
-        return manager
+        _attach(manager, args, kwargs, self._handler)

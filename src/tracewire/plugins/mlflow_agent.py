@@ -17,11 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 from tracewire.core import context as request_context
-from tracewire.core import guard
-from tracewire.plugins.base import WrappingPlugin
+from tracewire.plugins.base import WrappingPlugin, after_call
 
 
-def _claim(request: Any) -> None:
+def _claim(request: Any, *_: Any) -> None:
+    """The request's conversation and user, from the converted input."""
     context = getattr(request, "context", None)
     if context is not None:
         request_context.claim(
@@ -39,15 +39,4 @@ class MlflowAgentPlugin(WrappingPlugin):
     def targets(self) -> list[tuple[Any, str, Callable[..., Any]]]:
         from mlflow.pyfunc.loaders.responses_agent import _ResponsesAgentPyfuncWrapper
 
-        return [(_ResponsesAgentPyfuncWrapper, "_convert_input", self._convert_input)]
-
-    def _convert_input(
-        self,
-        wrapped: Callable[..., Any],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> Any:
-        request = wrapped(*args, **kwargs)
-        guard.call(_claim, request)
-        return request
+        return [(_ResponsesAgentPyfuncWrapper, "_convert_input", after_call(_claim))]

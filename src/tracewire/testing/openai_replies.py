@@ -1,30 +1,22 @@
-"""The fake OpenAI server's replies for chat, legacy completions and embeddings: what to
-answer (a tool call, a schema-filling object, an echo), as JSON or as an SSE stream, and a
-strict server's rejection of unknown arguments (what the server does: openai_server.py)."""
+"""What the fake OpenAI server answers, whatever the endpoint: the reply to a conversation (a tool
+call, a schema-filling object, an echo) and its usage, sent as JSON or as an SSE stream (the
+endpoints: openai_chat.py, openai_responses.py, openai_embeddings.py; what the server does:
+openai_server.py)."""
 
 from __future__ import annotations
 
-import base64
 import json
 import re
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from tracewire.testing.openai_tokens import (
-    CREATED,
-    DEFAULT_EMBEDDING_DIMENSIONS,
-    APIError,
-    bad_request,
     count_prompt_tokens,
     count_tokens,
-    embedding_vector,
     is_tool_result,
     is_user,
     item_text,
-    require_items,
-    require_model,
     tool_call_count,
 )
 
@@ -33,7 +25,7 @@ from tracewire.testing.openai_tokens import (
 
 
 def _sample(schema: Any, text: str, root: Mapping[str, Any]) -> Any:
-    """A value satisfying ``schema``, following the rules in the module docstring."""
+    """A value satisfying ``schema``, following the rules in openai_server.py's docstring."""
     if not isinstance(schema, dict):
         return text
     if isinstance(schema.get("$ref"), str):
@@ -68,7 +60,7 @@ def _sample(schema: Any, text: str, root: Mapping[str, Any]) -> Any:
     return samples.get(kind, text)
 
 
-def _cached_tokens(model: str, prompt_tokens: int) -> int:
+def cached_tokens(model: str, prompt_tokens: int) -> int:
     return prompt_tokens // 2 if model.endswith("-cached") else 0
 
 
@@ -91,7 +83,7 @@ class _Plan:
 
     @property
     def cached_tokens(self) -> int:
-        return _cached_tokens(self.model, self.prompt_tokens)
+        return cached_tokens(self.model, self.prompt_tokens)
 
     @property
     def total_tokens(self) -> int:
@@ -195,293 +187,3 @@ def sse_frames(stream: Stream, model: str) -> list[bytes]:
     if done_marker:
         frames.append(b"data: [DONE]\n\n")
     return frames
-
-
-def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": 0},
-    }
-
-
-def _include_usage(body: Mapping[str, Any]) -> bool:
-    options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
-
-
-# --------------------------------------------------------------------------
-# POST /v1/chat/completions
-
-
-def chat_reply(body: Mapping[str, Any], seq: int) -> Reply:
-    model = require_model(body)
-    messages = require_items(body, "messages")
-    tool = next(
-        (
-            (t["function"].get("name", ""), t["function"].get("parameters"))
-            for t in body.get("tools") or []
-            if isinstance(t, dict)
-            and t.get("type") == "function"
-            and isinstance(t.get("function"), dict)
-            and body.get("tool_choice") != "none"
-        ),
-        None,
-    )
-    response_format = body.get("response_format")
-    schema = None
-    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema") or {}
-    plan = plan_reply(model, messages, tool, schema)
-    finish_reason = "tool_calls" if plan.tool_call else "stop"
-    usage = _usage(plan.prompt_tokens, plan.completion_tokens, plan.cached_tokens)
-    envelope = {"id": f"chatcmpl-{seq}", "created": CREATED, "model": model}
-
-    if not body.get("stream"):
-        message: dict[str, Any] = {
-            "role": "assistant",
-            "content": plan.text,
-            "refusal": None,
-            "annotations": [],
-        }
-        if plan.tool_call:
-            message["tool_calls"] = [
-                {
-                    "id": plan.tool_call.call_id,
-                    "type": "function",
-                    "function": {
-                        "name": plan.tool_call.name,
-                        "arguments": plan.tool_call.arguments,
-                    },
-                }
-            ]
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-        return JSONReply(
-            {**envelope, "object": "chat.completion", "choices": [choice], "usage": usage}
-        )
-
-    include_usage = _include_usage(body)
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> tuple[None, dict[str, Any]]:
-        payload = {
-            **envelope,
-            "object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        if include_usage:
-            payload["usage"] = None
-        return None, payload
-
-    stream = Stream()
-    if plan.tool_call:
-        # OpenAI opens a tool call in the role chunk, then streams the arguments.
-        opening = {
-            "index": 0,
-            "id": plan.tool_call.call_id,
-            "type": "function",
-            "function": {"name": plan.tool_call.name, "arguments": ""},
-        }
-        stream.head.append(
-            chunk({"role": "assistant", "content": None, "tool_calls": [opening], "refusal": None})
-        )
-        stream.deltas = [
-            chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
-            for piece in pieces(plan.tool_call.arguments)
-        ]
-    else:
-        stream.head.append(chunk({"role": "assistant", "content": "", "refusal": None}))
-        stream.deltas = [chunk({"content": piece}) for piece in pieces(plan.text or "")]
-    stream.tail.append(chunk({}, finish_reason))
-    if include_usage:
-        stream.tail.append(
-            (None, {**envelope, "object": "chat.completion.chunk", "choices": [], "usage": usage})
-        )
-    return stream
-
-
-# --------------------------------------------------------------------------
-# POST /v1/completions (legacy)
-
-
-def completions_reply(body: Mapping[str, Any], seq: int) -> Reply:
-    model = require_model(body)
-    prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise bad_request("'prompt' must be a string or a list of strings.", "prompt")
-    texts = [f"Echo: {p}" for p in prompts]
-    prompt_tokens = sum(count_tokens(p) for p in prompts)
-    completion_tokens = sum(count_tokens(t) for t in texts)
-    usage = _usage(prompt_tokens, completion_tokens, _cached_tokens(model, prompt_tokens))
-    envelope = {
-        "id": f"cmpl-{seq}",
-        "object": "text_completion",
-        "created": CREATED,
-        "model": model,
-    }
-
-    if not body.get("stream"):
-        choices = [
-            {"text": t, "index": i, "logprobs": None, "finish_reason": "stop"}
-            for i, t in enumerate(texts)
-        ]
-        return JSONReply({**envelope, "choices": choices, "usage": usage})
-
-    include_usage = _include_usage(body)
-
-    def chunk(index: int, text: str, finish: str | None = None) -> tuple[None, dict[str, Any]]:
-        payload: dict[str, Any] = {
-            **envelope,
-            "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish}],
-        }
-        if include_usage:
-            payload["usage"] = None
-        return None, payload
-
-    stream = Stream()
-    stream.deltas = [chunk(i, piece) for i, text in enumerate(texts) for piece in pieces(text)]
-    stream.tail = [chunk(i, "", "stop") for i in range(len(texts))]
-    if include_usage:
-        stream.tail.append((None, {**envelope, "choices": [], "usage": usage}))
-    return stream
-
-
-# --------------------------------------------------------------------------
-# POST /v1/responses
-
-# --------------------------------------------------------------------------
-# POST /v1/embeddings
-
-
-def embeddings_reply(body: Mapping[str, Any], seq: int) -> Reply:
-    model = require_model(body)
-    raw = body.get("input")
-    # One string, one token array, or a list of either.
-    if isinstance(raw, str) or (
-        isinstance(raw, list) and raw and all(isinstance(t, int) for t in raw)
-    ):
-        inputs: list[Any] = [raw]
-    else:
-        inputs = raw if isinstance(raw, list) else []
-    valid = bool(inputs) and all(
-        isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, int) for t in v))
-        for v in inputs
-    )
-    if not valid:
-        raise bad_request(
-            "'input' must be a string, a token array, or a non-empty list of them.", "input"
-        )
-    dimensions = body.get("dimensions", DEFAULT_EMBEDDING_DIMENSIONS)
-    if not isinstance(dimensions, int) or dimensions < 1:
-        raise bad_request("'dimensions' must be a positive integer.", "dimensions")
-    as_base64 = body.get("encoding_format") == "base64"
-    data = []
-    for index, value in enumerate(inputs):
-        vector = embedding_vector(value, dimensions)
-        encoded: Any = (
-            base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
-            if as_base64
-            else vector
-        )
-        data.append({"object": "embedding", "index": index, "embedding": encoded})
-    tokens = sum(count_tokens(v) if isinstance(v, str) else len(v) for v in inputs)
-    return JSONReply(
-        {
-            "object": "list",
-            "data": data,
-            "model": model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
-    )
-
-
-# What a strict server knows (OpenAI's arguments without `stream_options`).
-_KNOWN_ARGS = {
-    "/v1/chat/completions": frozenset(
-        {
-            "audio",
-            "frequency_penalty",
-            "function_call",
-            "functions",
-            "logit_bias",
-            "logprobs",
-            "max_completion_tokens",
-            "max_tokens",
-            "messages",
-            "metadata",
-            "modalities",
-            "model",
-            "moderation",
-            "n",
-            "parallel_tool_calls",
-            "prediction",
-            "presence_penalty",
-            "prompt_cache_key",
-            "prompt_cache_options",
-            "prompt_cache_retention",
-            "reasoning_effort",
-            "response_format",
-            "safety_identifier",
-            "seed",
-            "service_tier",
-            "stop",
-            "store",
-            "stream",
-            "temperature",
-            "tool_choice",
-            "tools",
-            "top_logprobs",
-            "top_p",
-            "user",
-            "verbosity",
-            "web_search_options",
-        }
-    ),
-    "/v1/completions": frozenset(
-        {
-            "best_of",
-            "echo",
-            "frequency_penalty",
-            "logit_bias",
-            "logprobs",
-            "max_tokens",
-            "model",
-            "n",
-            "presence_penalty",
-            "prompt",
-            "seed",
-            "stop",
-            "stream",
-            "suffix",
-            "temperature",
-            "top_p",
-            "user",
-        }
-    ),
-}
-REJECT_STYLES = ("openai", "pydantic")
-
-
-def reject_unknown(style: str, path: str, body: Mapping[str, Any]) -> None:
-    known = _KNOWN_ARGS.get(path)
-    unknown = [name for name in body if name not in known] if known is not None else []
-    if not unknown:
-        return
-    if style == "pydantic":
-        error = APIError(422, "Extra inputs are not permitted", "invalid_request_error")
-        error.body = {
-            "detail": [
-                {
-                    "type": "extra_forbidden",
-                    "loc": ["body", name],
-                    "msg": "Extra inputs are not permitted",
-                    "input": body[name],
-                }
-                for name in unknown
-            ]
-        }
-        raise error
-    plural = "s" if len(unknown) > 1 else ""
-    raise bad_request(f"Unrecognized request argument{plural} supplied: {', '.join(unknown)}")

@@ -112,17 +112,11 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-from tracewire.testing.openai_replies import (
-    REJECT_STYLES,
-    JSONReply,
-    Reply,
-    chat_reply,
-    completions_reply,
-    embeddings_reply,
-    reject_unknown,
-    sse_frames,
-)
+from tracewire.testing.openai_chat import chat_reply, completions_reply
+from tracewire.testing.openai_embeddings import embeddings_reply
+from tracewire.testing.openai_replies import JSONReply, Reply, sse_frames
 from tracewire.testing.openai_responses import responses_reply
+from tracewire.testing.openai_strict import REJECT_STYLES, reject_unknown
 from tracewire.testing.openai_tokens import (
     DEFAULT_EMBEDDING_DIMENSIONS,
     APIError,

@@ -11,10 +11,6 @@ request.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +18,18 @@ from pathlib import Path
 
 import httpx
 import mlflow
-import pytest
 from mlflow.tracing.constant import SpansLocation, TraceTagKey
 
 from tests.conftest import API_KEY
 from tests.support.mlflow_server import free_port
 from tests.support.postgres import PostgresCluster, PostgresMlflowServer
+from tests.support.processes import (
+    clean_env,
+    start_under_tracewire_run,
+    stop_group,
+    uvicorn_workers,
+    wait_answering,
+)
 from tracewire.export import delta, spool_directory
 from tracewire.testing import OpenAIServer
 
@@ -51,13 +53,8 @@ def _request(i: int) -> dict[str, str]:
 
 
 def _env(tmp_path: Path, openai_server: OpenAIServer, tracking_uri: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("MLFLOW_", "TRACEWIRE_", "PYTEST_", "OPENAI_"))
-    }
-    env.update(
-        {
+    return clean_env(
+        **{
             "MLFLOW_TRACKING_URI": tracking_uri,
             "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
             "MLFLOW_MODEL_CATALOG_URI": "",
@@ -70,10 +67,8 @@ def _env(tmp_path: Path, openai_server: OpenAIServer, tracking_uri: str) -> dict
             "TRACEWIRE_FLUSH_TIMEOUT": "10",
             "OPENAI_BASE_URL": openai_server.base_url,
             "OPENAI_API_KEY": API_KEY,
-            "PYTHONUNBUFFERED": "1",
         }
     )
-    return env
 
 
 def _ask(url: str, i: int) -> tuple[int, int]:
@@ -148,58 +143,6 @@ def _rows(database_uri: str, query: str) -> list[tuple]:
         return connection.execute(query).fetchall()
 
 
-def _start_app(tmp_path: Path, env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    (tmp_path / "scale_app.py").write_text(APP)
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tracewire.cli",
-            "run",
-            "--",
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "scale_app:app",
-            "--workers",
-            "2",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _stop_app(proc: subprocess.Popen[bytes]) -> str:
-    """SIGTERM to the whole app (uvicorn, its workers, their shippers); its output."""
-    if proc.returncode is not None:
-        return ""
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        return proc.communicate(timeout=30)[0].decode(errors="replace")
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output = proc.communicate()[0].decode(errors="replace")
-        pytest.fail(f"the app did not stop within 30 s of SIGTERM\n{output}")
-
-
-def _wait_up(url: str) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            httpx.get(f"{url}/docs", timeout=1)
-            return
-        except httpx.HTTPError:
-            assert time.monotonic() < deadline, "the app did not answer within 60 s"
-            time.sleep(0.2)
-
-
 def test_workers_share_a_postgres_backed_server(
     tmp_path: Path, openai_server: OpenAIServer, postgres: PostgresCluster
 ) -> None:
@@ -209,13 +152,16 @@ def test_workers_share_a_postgres_backed_server(
     url = f"http://127.0.0.1:{port}"
     # The app starts first and boots while the server does (MLflow creates its schema in
     # PostgreSQL at start-up): with a tracking server, `tracewire run` does no I/O to it.
-    app = _start_app(tmp_path, _env(tmp_path, openai_server, server.url), port)
+    (tmp_path / "scale_app.py").write_text(APP)
+    app = start_under_tracewire_run(
+        uvicorn_workers("scale_app:app", port), tmp_path, _env(tmp_path, openai_server, server.url)
+    )
     answered: dict[int, int] = {}  # request index -> worker pid
     output = ""
     try:
         server.start()
         try:
-            _wait_up(url)
+            wait_answering(url)
             # Concurrent requests, a connection each: both workers busy at once. Should one
             # worker have taken every connection, more follow until the other answers too.
             with ThreadPoolExecutor(4) as pool:
@@ -230,7 +176,7 @@ def test_workers_share_a_postgres_backed_server(
                 list(pool.map(lambda i: _feedback(url, i), sorted(answered)))
             found = _stored(mlflow.MlflowClient(server.url), len(answered), time.monotonic() + 60)
         finally:
-            output = _stop_app(app)
+            output = stop_group(app)
             print(output)  # shown by pytest if the test fails, wherever it failed
         workers = set(answered.values())
         assert len(workers) == 2, f"one worker answered all {len(answered)} requests"
@@ -239,7 +185,7 @@ def test_workers_share_a_postgres_backed_server(
         experiment_id = _assert_each_trace_once(server, answered)
         _assert_delta_sync(server, experiment_id, tmp_path / "traces_delta", answered)
     finally:
-        _stop_app(app)
+        stop_group(app)
         server.stop()
 
     # Nothing left behind: every process's spool shipped, nothing dropped or refused.

@@ -36,7 +36,8 @@ import pytest
 from mlflow.entities import Trace
 
 from tests.conftest import API_KEY
-from tests.support.model_serving import TRACEWIRE_RUN, ModelServer, clean_env, log_models
+from tests.support.model_serving import ModelServer, log_models
+from tests.support.processes import TRACEWIRE_RUN, clean_env
 from tracewire.testing import OpenAIServer, count_prompt_tokens, count_tokens
 
 pytestmark = pytest.mark.timeout(480)  # a hang guard: the module takes about a minute
