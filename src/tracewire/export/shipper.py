@@ -157,6 +157,8 @@ class Shipper:
                     self._next_feedback = time.monotonic() + _FEEDBACK_EVERY
                     self._apply_feedback()
             except Exception as exc:  # a bug or a spool gone bad under us: never die of it
+                if self._stop.is_set():  # the last effort ended and closed the spools under a
+                    return  # batch: it stays spooled for the next process, nothing failed
                 self._failed(exc, None)
             if self._failures:  # back off; new traces do not cut the wait short
                 self._stop.wait(self._backoff())

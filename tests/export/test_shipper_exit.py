@@ -1,0 +1,55 @@
+"""The shipper's last effort at exit is bounded: a batch still being written when it ends stays
+spooled for the next process (shipped twice, it lands once), and closing the spools under it is
+not reported as a failure ("the shipper failed ...; retrying" at every such exit)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tracewire import config
+from tracewire.core import spans
+from tracewire.export import destination, encode, hooks, shipper
+from tracewire.export.spool import Spool
+
+
+def test_a_batch_cut_off_by_the_end_of_the_last_effort_stays_spooled_without_a_warning(
+    tmp_path: Path, tracking_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = dataclasses.replace(config.resolve(), tracking_uri=tracking_uri)
+    source = Spool.create(tmp_path, 10**8, destination.destination(settings))
+    span = spans.start_span("work", "CHAIN", inputs={"text": "cut off"})
+    span.end()
+    source.put(*encode.encode(hooks.Item(ours=span.trace), settings))
+
+    writing, release = threading.Event(), threading.Event()
+
+    def slow_store(where: str) -> Any:
+        store = shipper.store_for(where)
+        ship = store.ship
+
+        def held(entries: Any) -> Any:  # the store answers after the last effort is over
+            writing.set()
+            release.wait(10)
+            return ship(entries)
+
+        store.ship = held
+        return store
+
+    worker = shipper.Shipper(tmp_path, 10**8, slow_store)
+    worker.start()
+    worker.take_on(source.path)
+    assert writing.wait(30)
+    with caplog.at_level(logging.WARNING, logger="tracewire"):
+        worker.stop(0.2)
+        release.set()
+        time.sleep(1)  # the batch's answer arrives and its ack meets a closed spool
+    assert not [r for r in caplog.records if "shipper failed" in r.getMessage()]
+    assert source.pending() == 1  # still there for the next process
+    source.close(remove_if_empty=False)
