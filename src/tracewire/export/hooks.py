@@ -41,7 +41,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace.status import StatusCode
 
 from tracewire.core import context as request_context
-from tracewire.core import guard, spans
+from tracewire.core import guard, span_context, spans
 from tracewire.core.context import RequestContext
 from tracewire.export import destination
 
@@ -60,7 +60,7 @@ def _current_context():
 def _context_with_request() -> Any:
     """MLflow's current context, as MLflow reads it. Inside a web request with no span active
     it holds a placeholder for the request's root span, so MLflow spans nest under it (and the
-    root is made, see spans.open_trace). Served when read rather than attached at each
+    root is made, see span_context.open_trace). Served when read rather than attached at each
     request's start: that was a fifth of an untraced request's cost."""
     ctx = _current_context()
     current = otel_trace.get_current_span(ctx)
@@ -69,7 +69,7 @@ def _context_with_request() -> Any:
         if standing is not current:
             current = standing
             ctx = otel_trace.set_span_in_context(current, ctx)
-    root = spans.current_request()
+    root = span_context.current_request()
     if root is None or root.ended or current is not otel_trace.INVALID_SPAN:
         return ctx
     return otel_trace.set_span_in_context(_placeholder(root.otel_trace_id, root.span_id), ctx)
@@ -87,13 +87,13 @@ def _in_place_of(placeholder: otel_trace.NonRecordingSpan) -> otel_trace.Span:
         if manager.get_mlflow_trace_id_from_otel_id(ids.trace_id) is None:
             return otel_trace.INVALID_SPAN
         return placeholder
-    here = spans.current()
+    here = span_context.current()
     if here is not None and here.span_id == ids.span_id:
         return placeholder  # the usual case: the span this context made current, open
     span = trace.find_span(ids.span_id)
     if span is None or span.end_ns is None:
         return placeholder
-    span = spans.open_ancestor(span)
+    span = span_context.open_ancestor(span)
     return (
         otel_trace.INVALID_SPAN if span is None else _placeholder(trace.otel_trace_id, span.span_id)
     )
@@ -189,8 +189,8 @@ def _our_active_span() -> LiveSpan | None:
     ``mlflow.get_current_active_span()`` returns where MLflow itself has none (its context
     holds our non-recording placeholder there), and so what ``update_current_trace`` and
     ``get_active_trace_id`` work on."""
-    span = spans.current()
-    if span is None and (request := spans.current_request()) is not None:
+    span = span_context.current()
+    if span is None and (request := span_context.current_request()) is not None:
         span = request.materialize()
     if span is None or span.trace.done:
         return None
@@ -390,7 +390,7 @@ class _Processor(MlflowV3SpanProcessor):
             return
         if self._trace_manager.get_mlflow_trace_id_from_otel_id(trace_id) is not None:
             return
-        ours = spans.open_trace(trace_id)
+        ours = span_context.open_trace(trace_id)
         if ours is not None:
             with _lock:
                 _register(ours, self._trace_manager)
