@@ -10,7 +10,7 @@ Nesting with the user's own MLflow spans works both ways:
   holds a non-recording placeholder with our ids, so MLflow parents its span under ours; the
   MLflow trace record is registered just in time and merged into ours when our trace ends.
   A web request's root (:class:`RequestRoot`) gets its placeholder when MLflow reads its
-  context (see export/hooks.py), and its trace when the first span starts under it.
+  context (see export/mlflow_context.py), and its trace when the first span starts under it.
 """
 
 from __future__ import annotations
