@@ -7,6 +7,7 @@ runs with the rest of the suite, without the `docs` extra.
 
 from __future__ import annotations
 
+import itertools
 import re
 import unicodedata
 from pathlib import Path
@@ -88,3 +89,35 @@ def test_links_are_found() -> None:
     links = relative_links(README)
     assert "docs/index.md" in links and "docs/serving.md#serving-an-mlflow-model" in links
     assert "serving-an-mlflow-model" in anchors(ROOT / "docs" / "serving.md")
+
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+PROCESSES = {"app", "worker", "shipper", "cli", "tests"}
+
+
+def module_tree(page: Path) -> dict[str, list[str]]:
+    """The module tree on the architecture page: each module's path under src/tracewire/, and
+    the processes its line names. A line is a folder (``name/``) or a module (``name.py``, the
+    processes, what it holds), indented two spaces a level."""
+    (block,) = re.findall(r"^```text\nsrc/tracewire/\n(.*?)^```", page.read_text(), re.M | re.S)
+    folders: list[str] = []
+    modules: dict[str, list[str]] = {}
+    for line in block.splitlines():
+        depth = (len(line) - len(line.lstrip(" "))) // 2 - 1
+        name, *words = line.split()
+        del folders[depth:]
+        if name.endswith("/"):
+            folders.append(name)
+            continue
+        modules["".join(folders) + name] = list(
+            itertools.takewhile(lambda word: word in PROCESSES, words)
+        )
+    return modules
+
+
+def test_the_module_tree_lists_every_module_and_where_it_runs() -> None:
+    src = ROOT / "src" / "tracewire"
+    tree = module_tree(ARCHITECTURE)
+    assert set(tree) == {p.relative_to(src).as_posix() for p in src.rglob("*.py")}
+    assert not [path for path, processes in tree.items() if not processes]
+    assert "export/encode.py" in tree and tree["export/encode.py"] == ["worker"]

@@ -9,7 +9,7 @@ import mlflow
 import openai
 
 from tests.conftest import Traced
-from tracewire.core import spans
+from tracewire.core import span_context
 
 USER = [{"role": "user", "content": "nest me"}]
 
@@ -26,12 +26,12 @@ def test_user_span_inside_ours_and_ours_inside_it(traced: Traced, client: openai
         reply = client.chat.completions.create(model="gpt-4o-mini", messages=USER)
         return reply.choices[0].message.content
 
-    outer = spans.start_span("outer", "CHAIN")
-    tokens = spans.activate(outer)
+    outer = span_context.start_span("outer", "CHAIN")
+    tokens = span_context.activate(outer)
     try:
         assert user_step() == "Echo: nest me"
     finally:
-        spans.deactivate(tokens)
+        span_context.deactivate(tokens)
         outer.end()
 
     trace = traced.trace()
@@ -44,13 +44,13 @@ def test_ours_inside_user_span_inside_ours_inside_user_root(
     traced: Traced, client: openai.OpenAI
 ) -> None:
     with mlflow.start_span("user_root"):
-        middle = spans.start_span("ours", "CHAIN")
-        tokens = spans.activate(middle)
+        middle = span_context.start_span("ours", "CHAIN")
+        tokens = span_context.activate(middle)
         try:
             with mlflow.start_span("user_inner"):
                 client.chat.completions.create(model="gpt-4o-mini", messages=USER)
         finally:
-            spans.deactivate(tokens)
+            span_context.deactivate(tokens)
             middle.end()
 
     trace = traced.trace()
@@ -70,12 +70,12 @@ def test_async_user_span_inside_ours(traced: Traced, aclient) -> None:  # type: 
         return reply.choices[0].message.content
 
     async def run() -> list[str]:
-        outer = spans.start_span("outer", "CHAIN")
-        tokens = spans.activate(outer)
+        outer = span_context.start_span("outer", "CHAIN")
+        tokens = span_context.activate(outer)
         try:
             return await asyncio.gather(async_step(), async_step())
         finally:
-            spans.deactivate(tokens)
+            span_context.deactivate(tokens)
             outer.end()
 
     assert asyncio.run(run()) == ["Echo: nest me"] * 2
@@ -101,14 +101,14 @@ def test_user_only_traces_go_through_our_pipeline(traced: Traced) -> None:
 
 def test_concurrent_roots_do_not_mix(traced: Traced, aclient) -> None:  # type: ignore[no-untyped-def]
     async def one(i: int) -> None:
-        outer = spans.start_span(f"root-{i}", "CHAIN")
-        tokens = spans.activate(outer)
+        outer = span_context.start_span(f"root-{i}", "CHAIN")
+        tokens = span_context.activate(outer)
         try:
             await aclient().chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": f"n{i}"}]
             )
         finally:
-            spans.deactivate(tokens)
+            span_context.deactivate(tokens)
             outer.end()
 
     async def run() -> None:
@@ -129,19 +129,19 @@ def test_a_span_ended_where_its_context_was_not_reset_is_no_ones_parent(
     """A span ended from another context (an async stream closed by another
     task) stays current here; ours, the user's and the OpenAI client's spans started next nest
     under the nearest span still open, never under the ended one."""
-    outer = spans.start_span("outer", "CHAIN")
-    outer_tokens = spans.activate(outer)
+    outer = span_context.start_span("outer", "CHAIN")
+    outer_tokens = span_context.activate(outer)
     try:
-        inner = spans.start_span("inner", "CHAIN")
-        spans.activate(inner)  # never deactivated here: its end comes from elsewhere
+        inner = span_context.start_span("inner", "CHAIN")
+        span_context.activate(inner)  # never deactivated here: its end comes from elsewhere
         inner.end()
-        assert spans.current() is outer
+        assert span_context.current() is outer
         with mlflow.start_span("user_step"):
             client.chat.completions.create(model="gpt-4o-mini", messages=USER)
-        ours = spans.start_span("ours", "CHAIN")
+        ours = span_context.start_span("ours", "CHAIN")
         ours.end()
     finally:
-        spans.deactivate(outer_tokens)
+        span_context.deactivate(outer_tokens)
         outer.end()
 
     trace = traced.trace()

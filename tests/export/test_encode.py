@@ -22,7 +22,7 @@ import pytest
 from mlflow.tracing.utils import dump_span_attribute_value
 
 from tracewire import config
-from tracewire.core import spans
+from tracewire.core import span_context
 from tracewire.export import encode, hooks
 
 
@@ -72,7 +72,7 @@ VALUES: dict[str, Any] = {
 
 
 def _spooled(inputs: Any) -> Any:
-    span = spans.start_span("work", "CHAIN", inputs=inputs)
+    span = span_context.start_span("work", "CHAIN", inputs=inputs)
     span.end()
     _, payload = encode.encode(hooks.Item(ours=span.trace), config.resolve())
     return json.loads(payload)["groups"][0][2][0]["inputs"]

@@ -33,7 +33,7 @@ from mlflow import MlflowClient
 import tracewire
 from tests.conftest import API_KEY, Traced
 from tracewire import config
-from tracewire.core import spans
+from tracewire.core import span_context
 from tracewire.export import destination, encode, hooks, shipper, spool, spool_directory
 from tracewire.testing import OpenAIServer
 
@@ -41,7 +41,7 @@ MODEL = "gpt-4o-mini"
 
 
 def _encoded(text: str, settings: config.Settings) -> tuple[str, bytes]:
-    span = spans.start_span("chat", "CHAT_MODEL", inputs={"text": text})
+    span = span_context.start_span("chat", "CHAT_MODEL", inputs={"text": text})
     span.end()
     return encode.encode(hooks.Item(ours=span.trace), settings)
 

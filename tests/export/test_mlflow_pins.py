@@ -42,8 +42,6 @@ def test_hooks_pins() -> None:
     params = inspect.signature(provider._get_mlflow_span_processor).parameters
     assert list(params) == ["tracking_uri"]
     assert callable(provider.provider.reset)
-    assert hasattr(provider.mlflow_runtime_context, "attach")
-    assert hasattr(provider.mlflow_runtime_context, "detach")
     assert callable(provider.get_current_context)
     # The request placeholder is served by shadowing the runtime context's get_current on the
     # instance: MLflow must read its context through it.
@@ -75,6 +73,15 @@ def test_hooks_pins() -> None:
 
     for api in (fluent.update_current_trace, fluent.get_active_trace_id):
         assert "get_current_active_span" in api.__code__.co_names, api
+
+
+def test_mlflow_context_pins() -> None:
+    from mlflow.tracing import provider
+    from mlflow.tracing.trace_manager import InMemoryTraceManager
+
+    assert hasattr(provider.mlflow_runtime_context, "attach")
+    assert hasattr(provider.mlflow_runtime_context, "detach")
+    assert callable(InMemoryTraceManager.get_instance().get_mlflow_trace_id_from_otel_id)
     # A served model's id and an evaluation's row id live in the prediction context.
     from mlflow.pyfunc.context import Context, get_prediction_context
 

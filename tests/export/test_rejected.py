@@ -15,14 +15,14 @@ from mlflow.entities import TraceInfo, TraceLocation, TraceState
 
 from tests.support.spool_cli import spool_command, spool_status
 from tracewire import config
-from tracewire.core import spans
+from tracewire.core import span_context
 from tracewire.export import destination, encode, hooks, shipper
 from tracewire.export import spool_directory as spool
 from tracewire.export.spool import Spool
 
 
 def _encoded(text: str, settings: config.Settings) -> tuple[str, bytes]:
-    span = spans.start_span("chat gpt-4o-mini", "CHAT_MODEL", inputs={"text": text})
+    span = span_context.start_span("chat gpt-4o-mini", "CHAT_MODEL", inputs={"text": text})
     span.end()
     return encode.encode(hooks.Item(ours=span.trace), settings)
 
@@ -102,7 +102,7 @@ def test_a_span_name_longer_than_the_store_takes_is_cut_not_refused(
         config.resolve(), tracking_uri=tracking_uri, experiment_id=experiment
     )
     source = Spool.create(tmp_path, 10**8, destination.destination(settings))
-    span = spans.start_span("x" * 10_000, "CHAIN", inputs={"text": "long name"})
+    span = span_context.start_span("x" * 10_000, "CHAIN", inputs={"text": "long name"})
     span.end()
     source.put(*encode.encode(hooks.Item(ours=span.trace), settings))
 

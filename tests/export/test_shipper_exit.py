@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tracewire import config
-from tracewire.core import spans
+from tracewire.core import span_context
 from tracewire.export import destination, encode, hooks, shipper
 from tracewire.export.spool import Spool
 
@@ -24,7 +24,7 @@ def test_a_batch_cut_off_by_the_end_of_the_last_effort_stays_spooled_without_a_w
 ) -> None:
     settings = dataclasses.replace(config.resolve(), tracking_uri=tracking_uri)
     source = Spool.create(tmp_path, 10**8, destination.destination(settings))
-    span = spans.start_span("work", "CHAIN", inputs={"text": "cut off"})
+    span = span_context.start_span("work", "CHAIN", inputs={"text": "cut off"})
     span.end()
     source.put(*encode.encode(hooks.Item(ours=span.trace), settings))
 

@@ -21,15 +21,15 @@ from mlflow import MlflowClient
 
 from tracewire import config
 from tracewire.core import attributes as keys
-from tracewire.core import cost, spans
+from tracewire.core import cost, span_context
 from tracewire.export import destination, encode, hooks, shipper, spool, spool_format
 from tracewire.testing import traces
 
 
 def _conversation(question: str) -> hooks.Item:
     """A web request's root (no values of its own) over one chat call, as LangChain records it."""
-    root = spans.start_span("POST /chat", "CHAIN")
-    chat = spans.start_span(
+    root = span_context.start_span("POST /chat", "CHAIN")
+    chat = span_context.start_span(
         "chat",
         "CHAT_MODEL",
         inputs={"messages": [{"type": "human", "content": question}]},

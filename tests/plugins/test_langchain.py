@@ -346,7 +346,7 @@ def test_a_sequences_batch_is_one_trace_per_input_and_leaves_nothing_current(
 ) -> None:
     """``RunnableSequence.batch`` starts every input's run in the caller's thread, one after
     the other, before any ends: no run may become the next one's parent."""
-    from tracewire.core import spans
+    from tracewire.core import span_context
 
     def half(x: int) -> float:
         if x == 0:
@@ -356,7 +356,7 @@ def test_a_sequences_batch_is_one_trace_per_input_and_leaves_nothing_current(
     chain = RunnableLambda(lambda x: x * 2, name="double") | RunnableLambda(half, name="half")
     results = chain.batch([1, 0, 2], return_exceptions=True)
     assert results[0] == 0.5 and results[2] == 0.25 and isinstance(results[1], ZeroDivisionError)
-    assert spans.current() is None  # nothing of ours left current in the caller's context
+    assert span_context.current() is None  # nothing of ours left current in the caller's context
 
     @mlflow.trace
     def after(x: int) -> int:
@@ -404,14 +404,14 @@ def test_a_run_that_ends_in_another_context_ends_cleanly(traced: Traced) -> None
 
     from langchain_core.callbacks.manager import CallbackManager
 
-    from tracewire.core import spans
+    from tracewire.core import span_context
 
     started, ended = contextvars.copy_context(), contextvars.copy_context()
     manager = CallbackManager.configure()
     run = started.run(manager.on_chain_start, None, {"x": 1}, name="split")
-    assert started.run(spans.current) is not None
+    assert started.run(span_context.current) is not None
     ended.run(run.on_chain_end, {"y": 2})  # its context token cannot be reset here: no error
-    assert ended.run(spans.current) is None and spans.current() is None
+    assert ended.run(span_context.current) is None and span_context.current() is None
     span = traced.trace().data.spans[0]
     assert (span.name, span.inputs, span.outputs) == ("split", {"x": 1}, {"y": 2})
 

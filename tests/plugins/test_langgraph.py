@@ -350,17 +350,17 @@ def test_parallel_nodes_in_langgraphs_thread_pool_keep_their_children(traced: Tr
 
 
 def test_no_span_stays_current_after_a_run_or_a_stream_closed_early(traced: Traced) -> None:
-    from tracewire.core import spans
+    from tracewire.core import span_context
 
     app = build(fake_model())
     inputs = {"messages": [HumanMessage(QUESTION)]}
     app.invoke(inputs, config("t-a"))
-    assert spans.current() is None
+    assert span_context.current() is None
     list(app.stream(inputs, config("t-b")))
-    assert spans.current() is None
+    assert span_context.current() is None
     for _ in app.stream(inputs, config("t-c"), stream_mode="updates"):
         break  # the caller stops after the first node: LangGraph closes the run
-    assert spans.current() is None
+    assert span_context.current() is None
 
     early = traced.traces(expected=3)[2]
     assert early.info.state.value == "OK"  # closing a stream is not a failure
@@ -407,18 +407,18 @@ def test_inside_a_request_span_the_request_context_wins_and_the_thread_fills_in(
     traced: Traced,
 ) -> None:
     import tracewire
-    from tracewire.core import spans
+    from tracewire.core import span_context
 
     app = build(fake_model())
     with tracewire.context(request_id="req-42", user_id="bob"):
-        outer = spans.start_span("POST /chat", "CHAIN")  # what TracingMiddleware opens
-        tokens = spans.activate(outer)
+        outer = span_context.start_span("POST /chat", "CHAIN")  # what TracingMiddleware opens
+        tokens = span_context.activate(outer)
         try:
             app.invoke(
                 {"messages": [HumanMessage(QUESTION)]}, config("thread-7", user_id="not-bob")
             )
         finally:
-            spans.deactivate(tokens)
+            span_context.deactivate(tokens)
             outer.end()
 
     trace = traced.trace()
@@ -468,7 +468,7 @@ def test_two_streams_consumed_in_turns_are_two_traces(traced: Traced) -> None:
     """Two graph runs streamed alternately in one thread (sync)."""
     import itertools
 
-    from tracewire.core import spans
+    from tracewire.core import span_context
 
     app = add_then_scale()
     first, second = app.stream({"n": 1}), app.stream({"n": 2})
@@ -479,7 +479,7 @@ def test_two_streams_consumed_in_turns_are_two_traces(traced: Traced) -> None:
         {"scale": {"n": 20}},
         {"scale": {"n": 30}},
     ]
-    assert spans.current() is None
+    assert span_context.current() is None
     traces = traced.traces(expected=2)
     assert sorted(t.data.spans[0].inputs["n"] for t in traces) == [1, 2]
     for trace in traces:
@@ -500,7 +500,7 @@ def test_a_run_that_never_ends_is_stored_incomplete_after_the_trace_timeout(
 
     import tracewire
     from tracewire import config as tw_config
-    from tracewire.core import spans
+    from tracewire.core import span_context, spans
     from tracewire.export import spool_directory as spool
 
     tracewire.disable()
@@ -509,7 +509,7 @@ def test_a_run_that_never_ends_is_stored_incomplete_after_the_trace_timeout(
 
     stream = add_then_scale().stream({"n": 1})
     assert next(stream) == {"add": {"n": 2}}  # the graph's run stays open from here on
-    open_trace = spans.current().trace  # type: ignore[union-attr]
+    open_trace = span_context.current().trace  # type: ignore[union-attr]
     deadline = time.monotonic() + 30
     while not open_trace.done and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -1,6 +1,7 @@
-"""The interface between core and export: what core/spans.py needs from the export side
-(runs on the app's threads). export/hooks.py implements it over MLflow's span context and the
-export queue; before it is connected, :class:`Unconnected` stands in."""
+"""The interface between core and export: what core/spans.py and core/span_context.py need
+from the export side (runs on the app's threads). export/hooks.py implements it over MLflow's
+span context (export/mlflow_context.py) and the export queue; before it is connected,
+:class:`Unconnected` stands in."""
 
 from __future__ import annotations
 

@@ -48,7 +48,8 @@ def current() -> RequestContext | None:
 
 
 def enter(ctx: RequestContext) -> Token[RequestContext | None]:
-    """Make ``ctx`` this context's request context (a web request's root, see core/spans.py)."""
+    """Make ``ctx`` this context's request context (a web request's root, see
+    core/span_context.py)."""
     return _current.set(ctx)
 
 

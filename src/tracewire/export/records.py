@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import operator
 from typing import Any
 
 from mlflow.entities import SpanLogLevel
@@ -115,22 +116,18 @@ def _lift_work(dicts: list[dict[str, Any]], root_id: str) -> None:
         return
     attributes = root["attributes"]
     children = [d for d in dicts if d["parent_span_id"] == root_id]
-    if keys.SPAN_INPUTS not in attributes:
-        first = min(
-            (d for d in children if keys.SPAN_INPUTS in d["attributes"]),
-            key=lambda d: d["start_time_unix_nano"],
-            default=None,
-        )
-        if first is not None:
-            attributes[keys.SPAN_INPUTS] = first["attributes"][keys.SPAN_INPUTS]
-    if keys.SPAN_OUTPUTS not in attributes:
-        last = max(
-            (d for d in children if keys.SPAN_OUTPUTS in d["attributes"]),
-            key=lambda d: d["end_time_unix_nano"],
-            default=None,
-        )
-        if last is not None:
-            attributes[keys.SPAN_OUTPUTS] = last["attributes"][keys.SPAN_OUTPUTS]
+    for key, pick, time in (
+        (keys.SPAN_INPUTS, min, "start_time_unix_nano"),
+        (keys.SPAN_OUTPUTS, max, "end_time_unix_nano"),
+    ):
+        if key not in attributes:
+            found = pick(
+                (d for d in children if key in d["attributes"]),
+                key=operator.itemgetter(time),
+                default=None,
+            )
+            if found is not None:
+                attributes[key] = found["attributes"][key]
 
 
 # LangChain's message types, as the roles MLflow's previews look for.

@@ -35,7 +35,7 @@ from tracewire import config
 from tracewire.core import attributes as keys
 from tracewire.core import context as request_context
 from tracewire.core import feedback as feedback_rules
-from tracewire.core import guard, ids, spans
+from tracewire.core import guard, ids, span_context, spans
 from tracewire.core.attributes import SpanType
 from tracewire.core.context import MAX_SESSION_ID, MAX_USER_ID
 from tracewire.middleware import feedback, identity
@@ -55,7 +55,7 @@ _TRACED = "tracewire.traced"
 MAX_BODY = 64 * 1024
 
 
-class _Request(spans.RequestRoot):
+class _Request(span_context.RequestRoot):
     """A request's root with what the middleware carries from its start to its end."""
 
     __slots__ = (
@@ -171,7 +171,7 @@ class TracingMiddleware:
             request.error = exc
             raise
         finally:
-            root = guard.call(spans.leave_request, request, self._trace_all)
+            root = guard.call(span_context.leave_request, request, self._trace_all)
             if root is not None:
                 guard.call(self._describe, scope, request, root)
                 guard.call(root.end)
@@ -223,7 +223,7 @@ class TracingMiddleware:
         request.status = request.first_byte_ns = request.last_byte_ns = None
         request.identified = False
         request.body = body
-        spans.enter_request(request)  # the trace reads the request context at its end
+        span_context.enter_request(request)  # the trace reads the request context at its end
         return request
 
     def _sender(self, request: _Request, send: Send) -> Send:

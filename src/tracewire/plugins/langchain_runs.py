@@ -16,7 +16,7 @@ from typing import Any
 from uuid import UUID
 
 from tracewire.core import attributes as keys
-from tracewire.core import spans
+from tracewire.core import span_context, spans
 from tracewire.core.attributes import SpanType
 
 # LangGraph's control-flow signals (interrupt(), Command(graph=PARENT)) reach on_chain_error as
@@ -42,7 +42,7 @@ def _is_control_flow(error: BaseException) -> bool:
 
 def _deactivate(tokens: Any) -> None:
     try:
-        spans.deactivate(tokens)
+        span_context.deactivate(tokens)
     except ValueError:
         # The run ended in another context than it started in (LangChain dispatched the end
         # from another task or thread). That context is not ours to restore; the one the run
@@ -77,13 +77,15 @@ class Runs:
             # batch, a stream consumed in turns with another. It goes beside that run, and is
             # not made current here: this context is the other run's, and what runs inside
             # this one finds it through LangChain's parent run id.
-            span = spans.start_beside(self._outermost(here), name, span_type, inputs, attributes)
+            span = span_context.start_beside(
+                self._outermost(here), name, span_type, inputs, attributes
+            )
             tokens = None
         else:
-            span = spans.start_span(
+            span = span_context.start_span(
                 name, span_type, inputs, attributes, self._parent(parent_run_id)
             )
-            tokens = spans.activate(span)
+            tokens = span_context.activate(span)
         if parent_run_id is not None and attributes.get(keys.LANGGRAPH_NODE) is not None:
             parent = self._runs.get(parent_run_id)
             if parent is not None:
@@ -120,7 +122,7 @@ class Runs:
         run = self._runs.get(parent_run_id) if parent_run_id is not None else None
         if run is None:
             return None
-        here = spans.current()
+        here = span_context.current()
         if (
             here is not None
             and here.trace is run.span.trace
@@ -131,10 +133,10 @@ class Runs:
         return run.span
 
     def _run_span_here(self) -> spans.Span | None:
-        """The span of a run not ended yet that this context is in, if any (spans.current()
+        """The span of a run not ended yet that this context is in, if any (span_context.current()
         looks past spans that ended where this context could not be reset, as a node of a
         graph streamed asynchronously does)."""
-        here = spans.current()
+        here = span_context.current()
         return here if here is not None and id(here) in self._live else None
 
     def _outermost(self, span: spans.Span) -> spans.Span:

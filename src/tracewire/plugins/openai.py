@@ -31,7 +31,7 @@ import wrapt
 
 from tracewire import config
 from tracewire.core import attributes as keys
-from tracewire.core import guard, scrub, spans
+from tracewire.core import guard, scrub, span_context
 from tracewire.core.attributes import SpanType
 from tracewire.plugins.base import WrappingPlugin
 from tracewire.plugins.openai_call import (
@@ -178,7 +178,7 @@ def _start(kind: str, instance: Any, kwargs: dict[str, Any]) -> Call:
     if capture and isinstance(tools, list) and tools:
         attributes[keys.CHAT_TOOLS] = list(tools)
     name = f"{kind} {model}" if isinstance(model, str) else kind
-    span = spans.start_span(name, _SPAN_TYPES[kind], _inputs(kwargs, capture), attributes)
+    span = span_context.start_span(name, _SPAN_TYPES[kind], _inputs(kwargs, capture), attributes)
 
     stream = kwargs.get("stream") is True
     if (

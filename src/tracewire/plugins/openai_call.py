@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from tracewire.core import attributes as keys
-from tracewire.core import guard, spans, usage
+from tracewire.core import guard, span_context, spans, usage
 
 CHAT, RESPONSES, EMBEDDINGS, COMPLETIONS = "chat", "responses", "embeddings", "text_completion"
 
@@ -44,13 +44,13 @@ class Call:
         self.tokens: Any = None
 
     def __enter__(self) -> None:
-        self.tokens = guard.call(spans.activate, self.span)
+        self.tokens = guard.call(span_context.activate, self.span)
 
     def __exit__(self, exc_type: object, error: BaseException | None, traceback: object) -> None:
         if error is not None:
             guard.call(end_with_error, self, error)
         if self.tokens is not None:
-            guard.call(spans.deactivate, self.tokens)
+            guard.call(span_context.deactivate, self.tokens)
 
 
 def summary(response: Any) -> dict[str, Any]:
