@@ -9,12 +9,11 @@ than ``--slow-us`` over the median) ran while a batch was being handled, and how
 during a garbage collection. ``--stop-shipper`` stops the shipper process (SIGSTOP) during the
 measured calls, to see what its CPU on the same cores costs the app.
 
-Run:  python bench/app_cost.py [--calls 3000] [--slow-us 500] [--stop-shipper]
+Run:  python bench/app_cost.py [--calls 2000] [--slow-us 500] [--stop-shipper]
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import signal
@@ -29,7 +28,7 @@ from typing import Any
 _BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(_BENCH))
 
-from openai_overhead import call, fresh_store, make_client, quiet_logs, use_store
+from openai_overhead import call, call_arguments, fresh_store, make_client, quiet_logs, use_store
 
 Interval = tuple[float, float]
 
@@ -50,9 +49,7 @@ def _overlapping(calls: list[Interval], intervals: list[Interval]) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=3000)
-    parser.add_argument("--warmup", type=int, default=300)
+    parser = call_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--slow-us", type=float, default=500.0)
     parser.add_argument("--stop-shipper", action="store_true")
     args = parser.parse_args()

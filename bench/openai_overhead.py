@@ -394,10 +394,16 @@ def print_report(result: dict[str, Any]) -> None:
             )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def call_arguments(description: str) -> argparse.ArgumentParser:
+    """A parser with the options every OpenAI-call bench takes: how many calls, how many warm-up."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--calls", type=int, default=2000, help="measured calls per run")
     parser.add_argument("--warmup", type=int, default=200, help="warm-up calls per run")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = call_arguments(__doc__.split("\n\n")[0])
     parser.add_argument(
         "--rounds",
         type=int,

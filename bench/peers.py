@@ -51,6 +51,7 @@ _BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(_BENCH))
 
 from openai_overhead import (
+    call_arguments,
     fresh_store,
     make_client,
     median,
@@ -368,9 +369,7 @@ def print_report(rows: dict[str, Any], meta: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=2000, help="measured calls per run")
-    parser.add_argument("--warmup", type=int, default=200, help="warm-up calls per run")
+    parser = call_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="turns of every configuration")
     parser.add_argument("--only", help="comma-separated configurations (baseline always runs)")
     parser.add_argument("--json", action="store_true", help="also print one JSON object")
