@@ -6,17 +6,16 @@ sqlite store. Each step of the worker's batch (``export/pipeline.py::_spool_batc
 the worker thread with ``time.thread_time_ns`` (CPU, not wall); every call's start and end and
 every batch's start and end are recorded, so the report says how many of the slow calls (more
 than ``--slow-us`` over the median) ran while a batch was being handled, and how many ran
-during a garbage collection. ``--stop-shipper`` stops the shipper process (SIGSTOP) during the
-measured calls, to see what its CPU on the same cores costs the app.
+during a garbage collection. (Stopping the shipper process during the calls is no way to see
+what its CPU costs the app: stopped inside a spool transaction, it holds up the worker too.)
 
-Run:  python bench/app_cost.py [--calls 2000] [--slow-us 500] [--stop-shipper]
+Run:  python bench/app_cost.py [--calls 2000] [--slow-us 500]
 """
 
 from __future__ import annotations
 
 import gc
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -51,14 +50,11 @@ def _overlapping(calls: list[Interval], intervals: list[Interval]) -> int:
 def main() -> None:
     parser = call_arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--slow-us", type=float, default=500.0)
-    parser.add_argument("--stop-shipper", action="store_true")
     args = parser.parse_args()
     quiet_logs()
     root = Path(tempfile.mkdtemp(prefix="tracewire-app-cost-"))
     os.environ["TRACEWIRE_SPOOL_DIR"] = str(root / "spool")
     use_store(fresh_store(root, "app-cost"))
-
-    import psutil
 
     import tracewire
     from tracewire.export import encode, pipeline, spool
@@ -85,10 +81,6 @@ def main() -> None:
     tracewire.flush(120)
     cpu.clear()
     batches.clear()
-    shipper = psutil.Process().children()
-    if args.stop_shipper:
-        for child in shipper:
-            child.send_signal(signal.SIGSTOP)
     collections: list[Interval] = []
     started_gc = [0.0]
 
@@ -107,9 +99,6 @@ def main() -> None:
     gc.callbacks.remove(on_gc)
     worker = pipeline._worker
     assert worker is not None and worker.flush(120)
-    if args.stop_shipper:
-        for child in shipper:
-            child.send_signal(signal.SIGCONT)
 
     took = sorted((b - a) * 1e6 for a, b in calls)
     median, p99 = took[len(took) // 2], took[int(len(took) * 0.99)]
