@@ -111,3 +111,12 @@ def test_a_circular_value_is_kept_in_mlflow_s_fallback() -> None:
     loop["self"] = loop
     inputs = {"value": loop}
     assert _spooled(inputs) == json.loads(dump_span_attribute_value(inputs))
+
+
+def test_a_model_pydantic_would_warn_about_is_written_without_a_warning(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    # What `client.chat.completions.parse` returns: a field typed one way holding another.
+    odd = Reply.model_construct(text=Order("book", WHEN))
+    assert _spooled_inputs(odd)["text"]["item"] == "book"
+    assert not [w for w in recwarn if "serializer" in str(w.message)]

@@ -266,7 +266,9 @@ _ENCODER = TraceJSONEncoder()
 
 def _default(value: Any) -> Any:
     if isinstance(value, pydantic.BaseModel):
-        return value.model_dump()
+        # Quietly: pydantic warns about the app's models (a parsed reply's generic field) on
+        # every dump, and a trace of the app's call is no place for it.
+        return value.model_dump(warnings=False)
     return _ENCODER.default(value)
 
 
