@@ -110,6 +110,12 @@ class Item:
     fragments: list[spans.Trace] = field(default_factory=list)  # our spans under an MLflow root
     request: RequestContext | None = None
 
+    def release(self) -> None:
+        """Spooled or given up: free our traces' spans now (see spans.Trace.release)."""
+        for trace in [self.ours, *self.fragments]:
+            if trace is not None:
+                trace.release()
+
 
 _lock = threading.Lock()
 _fragments: dict[int, list[spans.Trace]] = {}

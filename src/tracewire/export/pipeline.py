@@ -114,16 +114,16 @@ def _spool_batch(items: Sequence[hooks.Item | Feedback]) -> int:
             feedback.append(item)
             continue
         guard.call(encode.settle, item)  # a failed web request is kept by sampling
-        if guard.call(encode.sampled_out, item, settings.sample_rate):
-            continue
-        try:
-            encoded.append(encode.encode(item, settings))
-        except Exception as exc:  # counted, never logged with its content
-            spool.count_drops("encoding", 1)
-            lost += 1
-            error = type(exc).__name__
-            if guard.TESTING:
-                raise
+        if not guard.call(encode.sampled_out, item, settings.sample_rate):
+            try:
+                encoded.append(encode.encode(item, settings))
+            except Exception as exc:  # counted, never logged with its content
+                spool.count_drops("encoding", 1)
+                lost += 1
+                error = type(exc).__name__
+                if guard.TESTING:
+                    raise
+        item.release()  # encoded, sampled out or lost: free what it holds now
     kept = spool.put_many(encoded) if encoded else 0
     lost += len(encoded) - kept
     # After the traces: feedback spooled before the trace it names (both in this batch) would be
