@@ -22,7 +22,7 @@ import pytest
 from mlflow.tracing.utils import dump_span_attribute_value
 
 from tracewire import config
-from tracewire.core import span_context
+from tracewire.core import span_context, spans
 from tracewire.export import encode, hooks
 
 
@@ -120,3 +120,15 @@ def test_a_model_pydantic_would_warn_about_is_written_without_a_warning(
     odd = Reply.model_construct(text=Order("book", WHEN))
     assert _spooled_inputs(odd)["text"]["item"] == "book"
     assert not [w for w in recwarn if "serializer" in str(w.message)]
+
+
+def test_a_value_written_on_the_caller_s_thread_is_spooled_as_that_json() -> None:
+    written = spans.Serialized('{"reply": "héllo", "n": [1, 2]}'.encode())
+    assert _spooled_inputs(written) == {"reply": "héllo", "n": [1, 2]}
+    loop: dict[str, Any] = {}
+    loop["self"] = loop  # the inputs send the whole trace the slow way
+    span = span_context.start_span("chat", "CHAT_MODEL", inputs=loop)
+    span.outputs = written
+    span.end()
+    _, payload = encode.encode(hooks.Item(ours=span.trace), config.resolve())
+    assert json.loads(payload)["groups"][0][2][0]["outputs"] == {"reply": "héllo", "n": [1, 2]}

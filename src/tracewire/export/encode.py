@@ -61,7 +61,10 @@ MAX_ATTRIBUTE_CHARS = 256 * 1024
 
 
 def _dump(value: Any) -> str:
-    text = dump_span_attribute_value(value)
+    if isinstance(value, spans.Serialized):
+        text = value.json.decode()
+    else:
+        text = dump_span_attribute_value(value)
     if len(text) <= MAX_ATTRIBUTE_CHARS:
         return text
     kept = MAX_ATTRIBUTE_CHARS - 200
@@ -265,6 +268,8 @@ _ENCODER = TraceJSONEncoder()
 
 
 def _default(value: Any) -> Any:
+    if isinstance(value, spans.Serialized):
+        return orjson.Fragment(value.json)
     if isinstance(value, pydantic.BaseModel):
         # Quietly: pydantic warns about the app's models (a parsed reply's generic field) on
         # every dump, and a trace of the app's call is no place for it.

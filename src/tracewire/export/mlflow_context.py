@@ -198,7 +198,12 @@ class SpanView(ReadableSpan):
         ):
             if value is not None and not isinstance(value, spans.Deferred):
                 values[key] = value
-        return {key: dump_span_attribute_value(value) for key, value in values.items()}
+        return {
+            key: value.json.decode()
+            if isinstance(value, spans.Serialized)
+            else dump_span_attribute_value(value)
+            for key, value in values.items()
+        }
 
     def is_recording(self) -> bool:
         return self._ours.end_ns is None

@@ -77,6 +77,15 @@ def _embedding_summary(response: Any) -> dict[str, Any]:
     }
 
 
+def _serialized(response: Any) -> Any:
+    """The reply as JSON text now, so its models are freed with the caller's (spans.Serialized);
+    one pydantic cannot write (or with a lone surrogate) is kept for the worker to write."""
+    try:
+        return spans.Serialized(response.model_dump_json(warnings=False).encode())
+    except Exception:
+        return response
+
+
 def _record(call: Call, response: Any, response_usage: Any) -> None:
     span = call.span
     if (token_usage := usage.from_openai(response_usage)) is not None:
@@ -87,7 +96,7 @@ def _record(call: Call, response: Any, response_usage: Any) -> None:
     if call.kind == EMBEDDINGS:
         span.outputs = spans.Deferred(_embedding_summary, response)
     elif call.capture:
-        span.outputs = response
+        span.outputs = _serialized(response)
     else:
         span.outputs = spans.Deferred(summary, response)
     status = getattr(response, "status", None)
