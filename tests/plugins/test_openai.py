@@ -129,6 +129,24 @@ class Capital(pydantic.BaseModel):
     population: int
 
 
+def test_a_reply_that_cannot_be_recorded_still_ends_its_span(
+    traced: Traced, client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tracewire.plugins import openai_call
+
+    def unreadable(usage: Any) -> Any:
+        raise RuntimeError("odd usage")
+
+    monkeypatch.setattr(guard, "TESTING", False)  # what production runs with
+    monkeypatch.setattr(openai_call.usage, "from_openai", unreadable)
+    reply = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert reply.choices[0].message.content
+    trace = traced.trace()  # stored: the span ended, its trace did not wait for the timeout
+    assert trace.data.spans[0].name == "chat gpt-4o-mini"
+
+
 def test_chat_parse(traced: Traced, client: openai.OpenAI) -> None:
     with traced.untraced():
         expected = client.chat.completions.parse(

@@ -1,8 +1,10 @@
 """One traced OpenAI call (:class:`Call`) and how a whole reply is recorded on its span.
 
-Replies are kept by reference and serialized by the export worker; what needs computing from
-them (a summary without content, an embedding's shape) is deferred to the worker too. Streamed
-replies are assembled in :mod:`tracewire.plugins.openai_streams`.
+A whole reply is recorded as JSON written on the caller's thread, or as a summary without its
+content (``capture_content=False``, an embedding's shape) made there: either way the reply's
+objects are freed with the caller's, not held for the export worker (see
+:class:`tracewire.core.spans.Serialized`). Streamed replies are assembled in
+:mod:`tracewire.plugins.openai_streams`.
 """
 
 from __future__ import annotations
@@ -94,11 +96,11 @@ def _record(call: Call, response: Any, response_usage: Any) -> None:
     if isinstance(model, str):
         span.attributes[keys.GEN_AI_RESPONSE_MODEL] = model
     if call.kind == EMBEDDINGS:
-        span.outputs = spans.Deferred(_embedding_summary, response)
+        span.outputs = _embedding_summary(response)
     elif call.capture:
         span.outputs = _serialized(response)
     else:
-        span.outputs = spans.Deferred(summary, response)
+        span.outputs = summary(response)
     status = getattr(response, "status", None)
     if call.kind == RESPONSES and status == "failed":
         error = getattr(response, "error", None)
@@ -107,9 +109,11 @@ def _record(call: Call, response: Any, response_usage: Any) -> None:
 
 def end_with_reply(call: Call, response: Any) -> None:
     """Record a whole reply (a parsed model; anything else is the caller's to read) and end."""
-    if hasattr(response, "model_dump"):
-        _record(call, response, getattr(response, "usage", None))
-    call.span.end()
+    try:
+        if hasattr(response, "model_dump"):
+            _record(call, response, getattr(response, "usage", None))
+    finally:  # a reply we cannot read must not leave its span, and its trace, open
+        call.span.end()
 
 
 def end_with_raw_reply(call: Call, raw: Any) -> None:
