@@ -33,6 +33,7 @@ from typing import Any, TextIO
 from tracewire.cli import CLIError
 from tracewire.cli.demo_results import RUN_TAG, cause, sync_and_read, write_summary
 from tracewire.cli.demo_traffic import SCRIPT, STEPS, Progress, RequestFailed, drive
+from tracewire.export import destination
 
 DEFAULT_EXPERIMENT = "tracewire-demo"
 DEFAULT_STORE_FILE = "mlflow.db"
@@ -124,10 +125,7 @@ def _demo_environ(uri: str, run_id: str) -> dict[str, str]:
         env["MLFLOW_EXPERIMENT_NAME"] = DEFAULT_EXPERIMENT
     tags = os.environ.get("TRACEWIRE_TAGS", "").strip()
     env["TRACEWIRE_TAGS"] = f"{tags},{RUN_TAG}={run_id}" if tags else f"{RUN_TAG}={run_id}"
-    if "MLFLOW_MODEL_CATALOG_URI" not in os.environ:
-        # Otherwise MLflow downloads a model price catalog for models it does not know,
-        # which stalls offline; its built-in table prices the demo's model.
-        env["MLFLOW_MODEL_CATALOG_URI"] = ""
+    env.update(destination.catalog_env())
     return env
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -138,11 +139,12 @@ def _ship(directory: Path) -> int:
 
     from tracewire import config
     from tracewire.cli import CLIError
-    from tracewire.export import shipper, store_http
+    from tracewire.export import destination, shipper, store_http
     from tracewire.export import spool_directory as spool
 
     # The shipper's retry warnings are for a log; here the outcome is said once, below.
     logging.getLogger("tracewire").setLevel(logging.ERROR)
+    os.environ.update(destination.catalog_env())  # as in the shipper process
     store_http.install_http_budget()
     for s in spool.status(directory):  # before we take the locks of the others
         if s.live and s.problem is None and s.pending:

@@ -193,10 +193,7 @@ def _shipper_env(settings: config.Settings) -> dict[str, str]:
     env.pop("TRACEWIRE_RUN", None)  # `tracewire run`'s start-up hook is for the app, not us
     # It shares the app's stderr: only what needs attention (MLflow's INFO lines do not).
     env.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    # MLflow's SQL store prices spans as it saves them, fetching its model catalog from GitHub
-    # first: without network that holds up shipping for 7-27 s in every new shipper process.
-    # Its bundled catalog prices the same models, unless the user points MLflow elsewhere.
-    env.setdefault("MLFLOW_MODEL_CATALOG_URI", "")
+    env.update(destination.catalog_env())
     return env
 
 

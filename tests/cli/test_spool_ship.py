@@ -1,0 +1,85 @@
+"""``tracewire spool ship`` writes the store as the shipper process does: priced from MLflow's
+bundled model catalog, without fetching the remote one first (without network, that fetch held
+the command up for 7-27 s before the first trace was stored)."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import threading
+import uuid
+from pathlib import Path
+
+import mlflow
+
+from tests.support.processes import clean_env
+from tests.support.spool_cli import spool_command
+from tracewire import config
+from tracewire.core import attributes as keys
+from tracewire.core import span_context
+from tracewire.export import destination, encode, hooks
+from tracewire.export.spool import Spool
+
+
+class _Proxy:
+    """An HTTP(S) proxy that records who connects to it and answers nothing."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def test_spool_ship_prices_from_mlflow_s_bundled_catalog_without_fetching(
+    tmp_path: Path, tracking_uri: str
+) -> None:
+    experiment_id = mlflow.MlflowClient(tracking_uri).create_experiment(
+        f"ship-{uuid.uuid4().hex[:8]}"
+    )
+    settings = dataclasses.replace(
+        config.resolve(), tracking_uri=tracking_uri, experiment_id=experiment_id
+    )
+    spool = Spool.create(tmp_path, 10**8, destination.destination(settings))
+    span = span_context.start_span(
+        "chat gpt-4o-mini",
+        "CHAT_MODEL",
+        inputs={"messages": [{"role": "user", "content": "hi"}]},
+        attributes={
+            keys.LLM_MODEL: "gpt-4o-mini",
+            keys.LLM_PROVIDER: "openai",
+            keys.CHAT_USAGE: {"input_tokens": 1000, "output_tokens": 500, "total_tokens": 1500},
+        },
+    )
+    span.end()
+    trace_id, payload = encode.encode(hooks.Item(ours=span.trace), settings)
+    spool.put(trace_id, payload)
+    spool.close()  # as an exited process leaves it
+
+    proxy = _Proxy()
+    try:
+        # No MLFLOW_MODEL_CATALOG_URI: a user's environment; every fetch goes to the proxy.
+        env = clean_env(
+            MLFLOW_TRACKING_URI=tracking_uri, HTTPS_PROXY=proxy.url, HTTP_PROXY=proxy.url
+        )
+        ship = spool_command("ship", tmp_path, env=env)
+    finally:
+        proxy.close()
+
+    assert ship.returncode == 0, ship.stderr[-3000:]
+    assert "done: 1 trace(s) stored" in ship.stdout, ship.stdout
+    assert proxy.connections == 0, "spool ship fetched MLflow's remote model catalog"
+    stored = mlflow.MlflowClient(tracking_uri).get_trace(trace_id)
+    assert stored.info.trace_metadata.get("mlflow.trace.cost"), stored.info.trace_metadata
