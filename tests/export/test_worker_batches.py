@@ -1,6 +1,6 @@
 """The export worker wakes once per batch, not once per trace, and spools a batch in one
-transaction; a flush never waits out the linger, and a batch past the spool's budget keeps what
-fits and counts the rest."""
+transaction; a flush, a batch's worth of traces or a backlog never waits out the linger, and a
+batch past the spool's budget keeps what fits and counts the rest."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from tracewire.export import spool
-from tracewire.export.queue import Worker
+from tracewire.export.queue import _BATCH, _GATHER, Worker
 
 
 def test_traces_gather_while_the_worker_lingers_and_a_flush_cuts_it_short() -> None:
@@ -26,16 +26,69 @@ def test_traces_gather_while_the_worker_lingers_and_a_flush_cuts_it_short() -> N
     try:
         worker.submit(0)
         assert first.wait(5)
-        for i in range(20):  # while the worker lingers after its first batch
+        for i in range(_GATHER - 1):  # while the worker lingers after its first batch
             worker.submit(i)
         time.sleep(0.1)
         assert batches == [1]  # nothing handled yet: they gather
         started = time.monotonic()
         assert worker.flush(5)
-        assert batches == [1, 20]
+        assert batches == [1, _GATHER - 1]
         worker.submit(21)
         assert worker.flush(5)  # the next one goes at once too: a flush is waiting
         assert time.monotonic() - started < 0.25
+    finally:
+        worker.stop(1)
+
+
+def test_a_batch_s_worth_of_traces_ends_the_linger() -> None:
+    batches: list[int] = []
+    first = threading.Event()
+
+    def handle(batch: list[int]) -> int:
+        batches.append(len(batch))
+        first.set()
+        return 0
+
+    worker = Worker(handle, maxsize=100, linger=5.0)
+    try:
+        worker.submit(0)
+        assert first.wait(5)
+        time.sleep(0.05)  # the worker lingers now
+        started = time.monotonic()
+        for i in range(_GATHER):
+            worker.submit(i)
+        deadline = started + 3
+        while len(batches) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert batches == [1, _GATHER], batches  # handled at once, not after 5 s
+        assert time.monotonic() - started < 3
+    finally:
+        worker.stop(1)
+
+
+def test_a_backlog_of_more_than_a_batch_is_drained_without_lingering() -> None:
+    batches: list[int] = []
+    release = threading.Event()
+
+    def handle(batch: list[int]) -> int:
+        release.wait(5)  # the first batch holds the worker while a backlog builds up
+        batches.append(len(batch))
+        return 0
+
+    worker = Worker(handle, maxsize=1000, linger=5.0)
+    try:
+        worker.submit(0)
+        time.sleep(0.1)
+        for i in range(3 * _BATCH):
+            worker.submit(i)
+        started = time.monotonic()
+        release.set()
+        deadline = time.monotonic() + 3
+        while sum(batches) < 3 * _BATCH + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # Full batches back to back; only once caught up does the worker linger (5 s here).
+        assert batches == [1, _BATCH, _BATCH, _BATCH], batches
+        assert time.monotonic() - started < 3
     finally:
         worker.stop(1)
 

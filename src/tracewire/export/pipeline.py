@@ -51,9 +51,12 @@ _spool: Spool | None = None
 _shippers: dict[str, ShipperProcess] = {}
 _shipper: ShipperProcess | None = None
 
-# Seconds the worker lets finished traces gather between two batches: one wake-up, one spool
-# transaction and one note to the shipper per batch. A kill -9 can lose what gathered meanwhile.
-_LINGER = 0.01
+# Seconds the worker lets finished traces gather between two batches (fewer if a batch's worth
+# gathers first: queue.py): one wake-up, one spool transaction and one note to the shipper per
+# batch. A kill -9 can lose what gathered meanwhile. 50 ms, not 10: at 200 calls a second the
+# app's process spends about a third less CPU per traced call (bench/app_ab.py --gap-ms 5,
+# docs/benchmarks.md), and a burst's batches stay as small as they were.
+_LINGER = 0.05
 _DROP_LOG_EVERY = 60.0  # seconds between two log lines about dropped traces
 _WHY = {
     "budget": "the spool reached its TRACEWIRE_SPOOL_MAX_MB budget",

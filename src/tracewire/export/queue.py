@@ -1,9 +1,12 @@
 """A bounded in-memory queue and the background worker that drains it.
 
 The caller's thread does one non-blocking ``put``; encoding and spooling happen on the worker.
-After each batch the worker lets the next one gather for ``linger`` seconds (a flush or a stop
-cuts that short): it wakes and takes the GIL once per batch instead of once per trace, which is
-what the app's threads paid for most when every finished trace woke it.
+Once it has caught up, the worker lets the next batch gather for ``linger`` seconds, or until
+``_GATHER`` traces wait (a flush or a stop cuts it short too; a backlog is drained without
+pause): each time the worker wakes and takes the GIL, the app's threads pay for it, so it does
+that once per batch, not once per trace. The time bound batches a steady trickle (a few traces
+a second cost per batch, not per trace); the count bound keeps a burst's batches, and so the
+time the worker holds the GIL from a busy app thread, small.
 When the queue is full the trace is dropped and counted (the on-disk spool is what keeps a
 backlog, not memory); the handler takes the count (``take_dropped``) and reports it. Shutdown is
 bounded: ``stop`` waits at most ``timeout`` seconds for the backlog, then leaves.
@@ -23,7 +26,8 @@ logger = logging.getLogger("tracewire")
 
 T = TypeVar("T")
 
-_BATCH = 64
+_BATCH = 64  # at most this many items per handler call
+_GATHER = 16  # this many waiting end the linger: a batch's worth has gathered
 
 
 class _Marker:
@@ -54,7 +58,7 @@ class Worker(Generic[T]):
     ) -> None:
         self._handler = handler
         self._linger = linger
-        self._hurry = threading.Event()  # a flush or a stop is waiting: no lingering
+        self._hurry = threading.Event()  # a flush, a stop or a batch's worth waits: no lingering
         self._on_start = on_start  # run first on the worker thread: set-up kept off the caller's
         # (seconds, fn): housekeeping run on the worker thread that often, busy or idle.
         self._tick_every: float | None = every[0] if every is not None else None
@@ -80,6 +84,8 @@ class Worker(Generic[T]):
         self._items.append(item)
         if not self._wake.is_set():
             self._wake.set()
+        elif len(self._items) == _GATHER:
+            self._hurry.set()  # enough for a batch: no more lingering
         return True
 
     def take_dropped(self) -> int:
@@ -148,7 +154,7 @@ class Worker(Generic[T]):
                     batch.append(item)
             if batch:
                 self._handle(batch)
-                if self._linger and not self._stopping:
+                if len(items) < _GATHER and self._linger and not self._stopping:
                     self._hurry.wait(self._linger)
                     self._hurry.clear()
 
