@@ -13,7 +13,8 @@ from tracewire.export import spool
 from tracewire.export.queue import _BATCH, _GATHER, Worker
 
 
-def test_traces_gather_while_the_worker_lingers_and_a_flush_cuts_it_short() -> None:
+def _after_one_batch(linger: float) -> tuple[Worker[int], list[int]]:
+    """A worker that records the size of each batch, lingering after its first (of one item)."""
     batches: list[int] = []
     first = threading.Event()
 
@@ -22,10 +23,21 @@ def test_traces_gather_while_the_worker_lingers_and_a_flush_cuts_it_short() -> N
         first.set()
         return 0
 
-    worker = Worker(handle, maxsize=100, linger=0.3)
+    worker = Worker(handle, maxsize=1000, linger=linger)
+    worker.submit(0)
+    assert first.wait(5)
+    return worker, batches
+
+
+def _until(batches: list[int], items: int, timeout: float = 3) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(batches) < items and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_traces_gather_while_the_worker_lingers_and_a_flush_cuts_it_short() -> None:
+    worker, batches = _after_one_batch(linger=0.3)
     try:
-        worker.submit(0)
-        assert first.wait(5)
         for i in range(_GATHER - 1):  # while the worker lingers after its first batch
             worker.submit(i)
         time.sleep(0.1)
@@ -41,25 +53,13 @@ def test_traces_gather_while_the_worker_lingers_and_a_flush_cuts_it_short() -> N
 
 
 def test_a_batch_s_worth_of_traces_ends_the_linger() -> None:
-    batches: list[int] = []
-    first = threading.Event()
-
-    def handle(batch: list[int]) -> int:
-        batches.append(len(batch))
-        first.set()
-        return 0
-
-    worker = Worker(handle, maxsize=100, linger=5.0)
+    worker, batches = _after_one_batch(linger=5.0)
     try:
-        worker.submit(0)
-        assert first.wait(5)
         time.sleep(0.05)  # the worker lingers now
         started = time.monotonic()
         for i in range(_GATHER):
             worker.submit(i)
-        deadline = started + 3
-        while len(batches) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _until(batches, 1 + _GATHER)
         assert batches == [1, _GATHER], batches  # handled at once, not after 5 s
         assert time.monotonic() - started < 3
     finally:
@@ -83,9 +83,7 @@ def test_a_backlog_of_more_than_a_batch_is_drained_without_lingering() -> None:
             worker.submit(i)
         started = time.monotonic()
         release.set()
-        deadline = time.monotonic() + 3
-        while sum(batches) < 3 * _BATCH + 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _until(batches, 1 + 3 * _BATCH)
         # Full batches back to back; only once caught up does the worker linger (5 s here).
         assert batches == [1, _BATCH, _BATCH, _BATCH], batches
         assert time.monotonic() - started < 3
