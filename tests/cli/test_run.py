@@ -265,6 +265,23 @@ def test_sigterm_right_after_a_burst_under_mlflow_models_serve_stores_every_trac
     assert questions == sorted(f"question {i}" for i in range(calls)), output[-4000:]
 
 
+def _process_tree(root: int) -> str:
+    """``ps`` lines of ``root`` and its descendants: state, kernel wait channel, age, command."""
+    lines = subprocess.run(
+        ["ps", "-e", "-o", "pid=,ppid=,stat=,wchan:24=,etime=,args="],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.splitlines()
+    tree, found = {root}, []
+    for line in lines:  # parents are listed before their children
+        pid, ppid = (int(field) for field in line.split()[:2])
+        if pid in tree or ppid in tree:
+            tree.add(pid)
+            found.append(line)
+    return "\n".join(found)
+
+
 def test_signals_sent_to_tracewire_run_reach_the_command(
     tmp_path: Path, openai_server: OpenAIServer
 ) -> None:
@@ -288,7 +305,13 @@ def test_signals_sent_to_tracewire_run_reach_the_command(
         assert proc.stdout.readline().split()[-1] == "traced"
         assert proc.stdout.readline().strip() == "waiting"
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a hang guard: say where everything stands
+            tree = _process_tree(proc.pid)
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate(timeout=10)
+            pytest.fail(f"running 60 s after SIGINT:\n{tree}\nstdout: {out}\nstderr: {err}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
