@@ -292,7 +292,9 @@ def test_signals_sent_to_tracewire_run_reach_the_command(
         SCRIPT + "import time\nprint('waiting', flush=True)\ntime.sleep(120)\n"
     )
     proc = subprocess.Popen(
-        [*TRACEWIRE_RUN, sys.executable, "wait.py"],
+        # SIGINT at its default, as a service manager starts a command: a test run launched as a
+        # background job of a shell ignores it, and the command would inherit that (and sleep on).
+        ["env", "--default-signal=INT", *TRACEWIRE_RUN, sys.executable, "wait.py"],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,
