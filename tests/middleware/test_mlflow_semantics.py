@@ -5,6 +5,7 @@ against the local server, the real store."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -194,3 +195,31 @@ def test_outside_a_request_the_apis_work_on_our_spans_too(
     trace = traced.trace()
     assert trace.info.client_request_id == "script-1"
     assert trace.info.request_preview == "hi"
+
+
+def test_run_and_model_links_are_what_was_active_when_the_trace_began(
+    traced: Traced, client: openai.OpenAI, tmp_path: Path
+) -> None:
+    """As MLflow links its own traces: to the run and the active model of the moment the trace
+    starts, even when they end at once (an evaluation loop's last row, a short script)."""
+
+    def ask(text: str) -> None:
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": text}]
+        )
+
+    runs = mlflow.create_experiment(
+        f"runs-{traced.experiment_name}", artifact_location=tmp_path.as_uri()
+    )
+    model = mlflow.set_active_model(name=f"agent-{traced.experiment_name[-8:]}")
+    with mlflow.start_run(experiment_id=runs) as run:
+        ask("in the run, first")
+        ask("in the run, last")
+    mlflow.clear_active_model()
+    ask("after both")
+    first, last, after = traced.traces(expected=3)
+    for trace in (first, last):
+        assert trace.info.trace_metadata.get("mlflow.sourceRun") == run.info.run_id
+        assert trace.info.trace_metadata.get("mlflow.modelId") == model.model_id
+    assert "mlflow.sourceRun" not in after.info.trace_metadata
+    assert "mlflow.modelId" not in after.info.trace_metadata

@@ -30,7 +30,6 @@ from mlflow.tracing.utils import (
     encode_span_id,
 )
 from mlflow.tracing.utils.environment import resolve_env_metadata
-from mlflow.tracking.fluent import _get_active_model_id_global, _get_latest_active_run
 
 from tracewire import config
 from tracewire.core import attributes as keys
@@ -286,20 +285,20 @@ def process_metadata() -> dict[str, str]:
 
 
 def _record(item: Item) -> dict[str, Any]:
-    """What MLflow records on a trace it starts, for one of ours: this process's source, run
-    and active model, what the caller's context said when the trace began (the served model,
-    an evaluation row, ``mlflow.tracing.context``), and what MLflow's trace APIs set on the
+    """What MLflow records on a trace it starts, for one of ours: this process's source, what
+    the caller's context said when the trace began (its run, the active or served model, an
+    evaluation row, ``mlflow.tracing.context``), and what MLflow's trace APIs set on the
     trace while it ran (``update_current_trace``: tags, metadata, state, previews, client
     request id), which win."""
     assert item.ours is not None
     origin = item.ours.origin
     metadata = process_metadata()
     tags: dict[str, str] = {}
-    if run := _get_latest_active_run():
-        metadata[keys.SOURCE_RUN] = run.info.run_id
-    if model_id := _get_active_model_id_global() or (origin.model_id if origin else None):
-        metadata[keys.MODEL_ID] = model_id
     if origin is not None:
+        if origin.run_id:
+            metadata[keys.SOURCE_RUN] = origin.run_id
+        if origin.model_id:
+            metadata[keys.MODEL_ID] = origin.model_id
         if origin.eval_request_id:
             tags[keys.EVAL_REQUEST_ID] = origin.eval_request_id
         metadata.update(origin.metadata or {})
