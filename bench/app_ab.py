@@ -14,9 +14,11 @@ between runs of the same code).
 ``--gap-ms N`` sleeps N ms after each call: a production rate instead of a burst (the worker's
 batches are then a few traces, and the caller's and the worker's code run from colder caches).
 ``--no-export`` drops each finished trace instead of handing it to the export worker: what the
-wrapper alone costs the caller's thread.
+wrapper alone costs the caller's thread. ``--no-ship`` spools the traces but starts no shipper
+process: what the app pays when the store writes do not compete with it for the CPU.
 
-Run:  python bench/app_ab.py [--block 300] [--rounds 12] [--gap-ms 0] [--no-export] [--json]
+Run:  python bench/app_ab.py [--block 300] [--rounds 12] [--gap-ms 0] [--no-export | --no-ship]
+                             [--json]
 """
 
 from __future__ import annotations
@@ -56,7 +58,9 @@ def _block(call: Callable[[], Any], calls: int, gap: float, flush: Callable[[], 
     }
 
 
-def run(block: int, rounds: int, gap_ms: float, export: bool = True) -> dict[str, Any]:
+def run(
+    block: int, rounds: int, gap_ms: float, export: bool = True, ship: bool = True
+) -> dict[str, Any]:
     quiet_logs()
     root = Path(tempfile.mkdtemp(prefix="tracewire-app-ab-"))
     os.environ["TRACEWIRE_SPOOL_DIR"] = str(root / "spool")
@@ -75,6 +79,10 @@ def run(block: int, rounds: int, gap_ms: float, export: bool = True) -> dict[str
             return True
 
         queue.Worker.submit = drop  # type: ignore[method-assign]
+    if not ship:
+        from tracewire.export.shipper_process import ShipperProcess
+
+        ShipperProcess.ship = ShipperProcess.notify = lambda *_: None  # type: ignore[method-assign,assignment]
     tracewire.autolog()
     client = make_client()
     completions = client.chat.completions
@@ -101,7 +109,13 @@ def run(block: int, rounds: int, gap_ms: float, export: bool = True) -> dict[str
             blocks[name].append(_block(modes[name], block, gap, flush))
     tracewire.disable()
 
-    result: dict[str, Any] = {"block": block, "rounds": rounds, "gap_ms": gap_ms, "export": export}
+    result: dict[str, Any] = {
+        "block": block,
+        "rounds": rounds,
+        "gap_ms": gap_ms,
+        "export": export,
+        "ship": ship,
+    }
     for name, runs in blocks.items():
         samples = [s for r in runs for s in r["samples"]]
         calls = len(samples)
@@ -124,15 +138,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12, help="blocks per mode")
     parser.add_argument("--gap-ms", type=float, default=0.0, help="sleep after each call")
     parser.add_argument("--no-export", action="store_true", help="drop the finished traces")
+    parser.add_argument("--no-ship", action="store_true", help="spool, start no shipper process")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
-    result = run(args.block, args.rounds, args.gap_ms, export=not args.no_export)
+    result = run(
+        args.block, args.rounds, args.gap_ms, export=not args.no_export, ship=not args.no_ship
+    )
     if args.json:
         print(json.dumps(result))
         return
     print(
         f"{args.rounds} x {args.block} calls per mode, {args.gap_ms:g} ms after each"
-        f"{', traces dropped' if args.no_export else ''}; load average {result['load'][0]:.2f}"
+        f"{', traces dropped' if args.no_export else ''}"
+        f"{', no shipper' if args.no_ship else ''}; load average {result['load'][0]:.2f}"
     )
     print(
         f"{'':10s} {'median':>8s} {'p99':>8s} {'caller CPU':>11s} {'process CPU':>12s}  (µs/call)"
