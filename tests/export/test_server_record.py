@@ -11,6 +11,7 @@ name, tags, session, user, client request id, token usage, previews, state, span
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,8 @@ def _run_calls(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_ACTIVE_MODEL_ID", model_id)  # as a deployment sets it
     tracewire.autolog(tags={"team": "search"})
-    try:
+
+    def calls() -> None:
         for model in (MODEL, "error-500"):
             with (
                 tracewire.context(session_id="s-1", user_id="u-1", tags={"turn": "1"}),
@@ -81,6 +83,12 @@ def _run_calls(
                 request_id=f"req-{model}", session_id="s-1", user_id="u-1", tags={"turn": "1"}
             ):
                 _call(client, model, f"{model} web request")
+
+    try:
+        # On a thread of their own, as a deployment's are: MLflow reads the active model from
+        # the environment once per thread (this one may have read it before it was set).
+        with ThreadPoolExecutor(1) as thread:
+            thread.submit(calls).result()
         assert tracewire.flush(60)
     finally:
         tracewire.disable()
