@@ -197,7 +197,7 @@ def test_records_pins() -> None:
 
 def test_store_pins(tracking_uri: str) -> None:
     """HTTP calls go through ``rest_utils.http_request`` as the REST store calls it; a batch
-    shares one SQL session: the store opens its sessions through the instance's
+    shares one SQL session and one flush: the store opens its sessions through the instance's
     ``ManagedSessionMaker`` and looks experiments up through ``get_experiment``; the size stats
     MLflow's exporter adds to a trace's metadata (the store checks the span count)."""
     from mlflow.store.tracking import rest_store
@@ -223,6 +223,11 @@ def test_store_pins(tracking_uri: str) -> None:
         source = inspect.getsource(method)
         assert "self.ManagedSessionMaker(" in source, method.__name__
     assert "self.get_experiment(" in inspect.getsource(sql._start_trace_once)
+    # Its one flush per trace is held back for a batch (store._one_flush), except under rollups.
+    assert "session.flush()" in inspect.getsource(sql._start_trace_once)
+    from mlflow.store.tracking.utils.sql_trace_rollups import rollups_enabled
+
+    assert isinstance(rollups_enabled(), bool)
     assert hasattr(SqlTraceInfo, "request_id")
 
     from mlflow.entities import Trace, TraceData
