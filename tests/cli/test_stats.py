@@ -11,6 +11,7 @@ import json
 import math
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -383,3 +384,18 @@ def test_a_damaged_store_is_one_line(tmp_path: Path) -> None:
         "(sqlite3.DatabaseError) file is not a database"
     ]
     assert store.read_bytes() == b"this is not a database " * 100
+
+
+def test_an_unreachable_server_is_one_line_within_seconds(tmp_path: Path) -> None:
+    """MLflow retries a server that refuses connections for about two minutes per request (4
+    minutes for `tracewire stats` here); a person waiting on a report is told in seconds."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    for args in (["stats"], ["export", "delta", str(tmp_path / "table")]):
+        started = time.monotonic()
+        done = _cli(tmp_path, *args, MLFLOW_TRACKING_URI=uri)
+        assert done.returncode == 1 and done.stdout == "", done.stderr
+        (line,) = done.stderr.splitlines()
+        assert line.startswith(f"tracewire: error: cannot read the tracking store {uri}: ")
+        assert time.monotonic() - started < 60  # a hang guard: about 5 s here

@@ -1,15 +1,17 @@
 """What ``stats`` and ``export`` share (not a subcommand): ``--since``, a duration back from now
 (``90m``, ``24h``, ``7d``) or an ISO date/time (UTC unless it names a zone); the check that
-the Delta extra is installed; and one line for a store that cannot be read."""
+the Delta extra is installed; and one line, soon, for a store that cannot be read."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import re
 import time
 from collections.abc import Iterator
 
+_RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -55,8 +57,17 @@ def reading_store(uri: str) -> Iterator[None]:
         from sqlalchemy.exc import SQLAlchemyError
 
         errors += (SQLAlchemyError,)
+    # MLflow retries a server that cannot be reached 7 times per request, for about two
+    # minutes; a person waiting on a report is told after two retries (seconds), unless they
+    # chose a number.
+    chosen = _RETRIES in os.environ
+    if not chosen:
+        os.environ[_RETRIES] = "2"
     try:
         yield
     except errors as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CLIError(f"cannot read the tracking store {scrub.text(uri)}: {reason}") from None
+    finally:
+        if not chosen:
+            os.environ.pop(_RETRIES, None)
