@@ -53,10 +53,12 @@ _shipper: ShipperProcess | None = None
 
 # Seconds the worker lets finished traces gather between two batches (fewer if a batch's worth
 # gathers first: queue.py): one wake-up, one spool transaction and one note to the shipper per
-# batch. A kill -9 can lose what gathered meanwhile. 50 ms, not 10: at 200 calls a second the
-# app's process spends about a third less CPU per traced call (bench/app_ab.py --gap-ms 5,
-# docs/benchmarks.md), and a burst's batches stay as small as they were.
-_LINGER = 0.05
+# batch. A kill -9 can lose what gathered meanwhile (OpenTelemetry's batch processor waits 5 s).
+# Each batch costs the app cold caches (the worker's, and the shipper woken beside it): at 33
+# calls a second, 200 ms instead of 50 halved the app's CPU per traced call (+790 -> +380 µs,
+# bench/app_ab.py --gap-ms 30, docs/benchmarks.md); at 200 calls a second and in a burst the
+# count bound ends the linger first.
+_LINGER = 0.2
 _DROP_LOG_EVERY = 60.0  # seconds between two log lines about dropped traces
 _WHY = {
     "budget": "the spool reached its TRACEWIRE_SPOOL_MAX_MB budget",
