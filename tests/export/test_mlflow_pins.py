@@ -223,7 +223,7 @@ def test_store_pins(tracking_uri: str) -> None:
         source = inspect.getsource(method)
         assert "self.ManagedSessionMaker(" in source, method.__name__
     assert "self.get_experiment(" in inspect.getsource(sql._start_trace_once)
-    # Its one flush per trace is held back for a batch (store._one_flush), except under rollups.
+    # Its flush per trace is held back for a batch (store._one_flush), except under rollups.
     assert "session.flush()" in inspect.getsource(sql._start_trace_once)
     from mlflow.store.tracking.utils.sql_trace_rollups import rollups_enabled
 

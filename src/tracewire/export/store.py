@@ -8,7 +8,7 @@ shipping get our retry budget (export/store_http.py), and what the server last a
 how long to wait before the next try (``failed_status``, ``retry_after``).
 
 MLflow internals used (pinned in tests/export/test_mlflow_pins.py): ``SqlAlchemyStore``
-(``ManagedSessionMaker``, ``get_experiment``, ``_start_trace_once`` and its one
+(``ManagedSessionMaker``, ``get_experiment``, ``_start_trace_once`` and its
 ``session.flush()``, ``_log_spans_once``), ``SqlTraceInfo.request_id``, ``rollups_enabled``.
 """
 
