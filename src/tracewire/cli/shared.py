@@ -1,6 +1,6 @@
 """What ``stats`` and ``export`` share (not a subcommand): ``--since``, a duration back from now
 (``90m``, ``24h``, ``7d``) or an ISO date/time (UTC unless it names a zone); the check that
-the Delta extra is installed; and one line, soon, for a store that cannot be read."""
+the Delta extra is installed; and one line, within seconds, for a store that cannot be read."""
 
 from __future__ import annotations
 

@@ -162,7 +162,7 @@ def origin() -> Origin | None:
         prediction = module.get_prediction_context()
     run, model_id = _get_latest_active_run(), _get_active_model_id_global()
     metadata, tags = get_configured_trace_metadata(), get_configured_trace_tags()
-    if not (prediction or run or model_id or metadata or tags):
+    if prediction is None and not (run or model_id or metadata or tags):
         return None
     eval_request_id = None
     if prediction is not None:
