@@ -21,6 +21,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -153,9 +154,12 @@ def _spool_batch(items: Sequence[hooks.Item | Feedback]) -> int:
 
 
 def _start_on_worker() -> None:
-    """First thing on the worker thread: start the shipper with our spool, so it opens the store
-    now instead of at the first trace; then what every trace's record reads once per process
-    (encode.py), which is slow to resolve (GitPython asks git)."""
+    """First thing on the worker thread: block SIGPIPE on it (every write to the shipper's stdin
+    is made here: one to a shipper that died an instant before is then an error, not a signal
+    that kills an app that put SIGPIPE back to its default action); start the shipper with our
+    spool, so it opens the store now instead of at the first trace; then what every trace's
+    record reads once per process (encode.py), which is slow to resolve (GitPython asks git)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
     spool, shipper = _spool, _shipper
     if spool is not None and shipper is not None:
         shipper.ship(spool.path)
@@ -295,6 +299,8 @@ def _wait_stored(
         count = spool.outstanding()
         if not count:
             return True
+        if shipper is not None and not shipper.alive:
+            shipper.revive()  # killed meanwhile: its successor's start counts as progress
         now = time.monotonic()
         if count < last_count or _progress_elsewhere(spool, shipper, stall):
             last_progress = now

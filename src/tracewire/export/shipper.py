@@ -3,9 +3,9 @@
 Writing to the store runs a lot of Python (MLflow's store client, SQLAlchemy): in a thread of
 the app's process it would hold the GIL for milliseconds at a time and stretch the app's tail
 latency. In its own process it cannot. The app starts it when ``autolog()`` runs
-(``python -m tracewire.export.shipper``), so the store is opened (a fresh local store created)
-before the first trace, and talks to it through its stdin, one line each: ``ship <spool path>``
-to take a spool on, an empty line when new traces were spooled. The shipper says what it is
+(``python -m tracewire.export.shipper <spool path>...``), so the store is opened (a fresh local
+store created) before the first trace, and talks to it through its stdin, one line each:
+``ship <spool path>`` to take another spool on, an empty line when new traces were spooled. The shipper says what it is
 doing in each app spool's meta (``Spool.set_shipper_state``: "opening" a database store,
 "shipping", "failing"), which is how the app's exit knows whether waiting can help. When the
 app exits (or dies: its end of the pipe closes) the shipper finishes what it can within the
@@ -31,9 +31,9 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from tracewire.core import scrub
 from tracewire.export.shipper_process import ADOPTED, FAILING, OPENING, SHIPPING
@@ -391,7 +391,9 @@ def store_for(destination: str) -> Any:
     return store.Store(settings)
 
 
-def main(stdin: IO[bytes] | None = None) -> int:
+def main(paths: Sequence[str]) -> int:
+    """The shipper process: ships ``paths`` (the app's spools, from its command line) and those
+    its stdin names later, until the app closes it."""
     from tracewire import config
 
     # Background work: when CPU is short, the app's own threads go first. (SCHED_IDLE was
@@ -405,8 +407,9 @@ def main(stdin: IO[bytes] | None = None) -> int:
     settings = config.resolve()
     shipper = Shipper(settings.spool_dir, settings.spool_max_bytes, store_for)
     shipper.start()
-    stream = stdin or sys.stdin.buffer
-    for line in iter(stream.readline, b""):
+    for path in paths:
+        shipper.take_on(Path(path))
+    for line in iter(sys.stdin.buffer.readline, b""):
         if line.startswith(b"ship "):
             shipper.take_on(Path(line[5:].decode().rstrip("\n")))
         else:
@@ -416,4 +419,4 @@ def main(stdin: IO[bytes] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

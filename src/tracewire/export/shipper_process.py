@@ -1,6 +1,10 @@
 """The app's side of the shipper (runs in the app's process): the handle that starts the
 shipper process (export/shipper.py), tells it which spools to ship and that new traces were
 spooled, restarts it if it dies; and the states the shipper reports in each spool.
+
+Every write to the shipper's stdin is made on the export worker's thread, which blocks SIGPIPE
+(export/pipeline.py): a write to a shipper that died an instant before is an error there, never
+a signal that kills an app that put SIGPIPE back to its default action.
 """
 
 from __future__ import annotations
@@ -39,28 +43,42 @@ class ShipperProcess:
         with self._lock:
             if path not in self._paths:
                 self._paths.append(path)
-                self._send(f"ship {path}\n".encode())
+                if self._running():
+                    self._write(f"ship {path}\n".encode())
 
     def notify(self) -> None:
         with self._lock:
-            self._send(b"\n")
+            if self._running():
+                self._write(b"\n")
+
+    def revive(self) -> None:
+        """For a flush waiting on a shipper that died: start another now, if one may start."""
+        with self._lock:
+            self._running()
 
     @property
     def alive(self) -> bool:
         proc = self._proc
         return proc is not None and proc.poll() is None
 
-    def _send(self, line: bytes) -> None:
-        if self._proc is None or self._proc.poll() is not None:
-            if time.monotonic() - self._started < _RESPAWN_EVERY and self._proc is not None:
-                return  # it just died: do not spin; the next notify tries again
+    def _running(self) -> bool:
+        """Whether the shipper that was running still is (then it can be written to). One that
+        is gone is replaced by a new process, told every spool on its command line, unless the
+        last one started less than _RESPAWN_EVERY ago: one that dies as it starts is not spun."""
+        if self._proc is not None and self._proc.poll() is None:
+            return True
+        if self._proc is None or time.monotonic() - self._started >= _RESPAWN_EVERY:
             self._spawn()
+        return False
+
+    def _write(self, line: bytes) -> None:
+        """Unbuffered, and shorter than PIPE_BUF: all of the line or none of it, and nothing
+        left behind in a buffer that closing the pipe would write later, on any thread."""
         assert self._proc is not None and self._proc.stdin is not None
         try:
             self._proc.stdin.write(line)
-            self._proc.stdin.flush()
-        except (BrokenPipeError, BlockingIOError, ValueError):
-            pass  # it is gone or busy: it polls its spools on its own as well
+        except (BrokenPipeError, ValueError):
+            pass  # it is gone: the next write starts another
 
     def _spawn(self) -> None:
         if self._proc is not None:
@@ -68,11 +86,14 @@ class ShipperProcess:
                 "tracewire: the shipper process exited (code %s); restarting it",
                 self._proc.returncode,
             )
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
         self._started = time.monotonic()
         self.spawned_at = time.time()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "tracewire.export.shipper"],
+            [sys.executable, "-m", "tracewire.export.shipper", *map(str, self._paths)],
             stdin=subprocess.PIPE,
+            bufsize=0,
             stdout=subprocess.DEVNULL,
             env=self._env,
             close_fds=True,
@@ -80,9 +101,6 @@ class ShipperProcess:
         )
         assert self._proc.stdin is not None
         os.set_blocking(self._proc.stdin.fileno(), False)
-        for path in self._paths:
-            self._proc.stdin.write(f"ship {path}\n".encode())
-        self._proc.stdin.flush()
 
     def close(self) -> None:
         """Close its stdin: it makes a last effort bounded by the flush timeout and exits on its
