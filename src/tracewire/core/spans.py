@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tracewire.core import context as request_context
-from tracewire.core import ids
+from tracewire.core import guard, ids
 from tracewire.core.attributes import ABANDONED, INCOMPLETE
 from tracewire.core.bridge import Bridge, Unconnected
 from tracewire.core.context import RequestContext
@@ -99,7 +99,9 @@ class Trace:
         # Set when MLflow registered its own spans under ours (see export/hooks.py).
         self.joined = False
         self.done = False
-        self.origin = _bridge.origin()
+        # What MLflow's context says: read with MLflow's own functions, so guarded on its own
+        # (a failure there costs the trace its run and model links, not the trace).
+        self.origin = guard.call(_bridge.origin)
         self._open_spans = 0
         self._lock = threading.Lock()
 

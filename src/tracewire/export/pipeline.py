@@ -300,7 +300,9 @@ def _wait_stored(
         if not count:
             return True
         if shipper is not None and not shipper.alive:
-            shipper.revive()  # killed meanwhile: its successor's start counts as progress
+            # Killed meanwhile: its successor's start counts as progress. Guarded: starting a
+            # process can fail (the interpreter replaced by a deploy, no file descriptors left).
+            guard.call(shipper.revive)
         now = time.monotonic()
         if count < last_count or _progress_elsewhere(spool, shipper, stall):
             last_progress = now

@@ -111,6 +111,7 @@ class Worker(Generic[T]):
         drained = self.flush(timeout)
         self._stopping = True
         self._wake.set()
+        self._hurry.set()  # not lingering over what came after the flush
         self._thread.join(timeout=0.1 if not drained else max(timeout, 0.1))
         return drained
 

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import random
+import signal
 import sqlite3
 import sys
 import threading
@@ -400,6 +401,9 @@ def main(paths: Sequence[str]) -> int:
     # tried: on a busy machine it starved the shipper through its bounded last effort at
     # exit, so traces waited in the spool for the next process instead of arriving.)
     os.nice(10)
+    # Started from the app's export worker, whose thread blocks SIGPIPE (export/pipeline.py):
+    # as any process, this one and what it starts get the default signal mask back.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGPIPE})
 
     from tracewire.export import store_http
 
