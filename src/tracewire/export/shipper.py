@@ -5,9 +5,10 @@ the app's process it would hold the GIL for milliseconds at a time and stretch t
 latency. In its own process it cannot. The app starts it when ``autolog()`` runs
 (``python -m tracewire.export.shipper <spool path>...``), so the store is opened (a fresh local
 store created) before the first trace, and talks to it through its stdin, one line each:
-``ship <spool path>`` to take another spool on, an empty line when new traces were spooled. The shipper says what it is
-doing in each app spool's meta (``Spool.set_shipper_state``: "opening" a database store,
-"shipping", "failing"), which is how the app's exit knows whether waiting can help. When the
+``ship <spool path>`` to take another spool on, an empty line when new traces were spooled.
+The shipper says what it is doing in each app spool's meta (``Spool.set_shipper_state``:
+"opening" a database store, "shipping", "failing"), which is how the app's exit knows whether
+waiting can help. When the
 app exits (or dies: its end of the pipe closes) the shipper finishes what it can within the
 flush timeout and exits too.
 
