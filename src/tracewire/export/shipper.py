@@ -8,9 +8,8 @@ store created) before the first trace, and talks to it through its stdin, one li
 ``ship <spool path>`` to take another spool on, an empty line when new traces were spooled.
 The shipper says what it is doing in each app spool's meta (``Spool.set_shipper_state``:
 "opening" a database store, "shipping", "failing"), which is how the app's exit knows whether
-waiting can help. When the
-app exits (or dies: its end of the pipe closes) the shipper finishes what it can within the
-flush timeout and exits too.
+waiting can help. When the app exits (or dies: its end of the pipe closes) the shipper finishes
+what it can within the flush timeout and exits too.
 
 It ships its spools and, every 30 s, spools left behind by dead processes for the same
 destinations (adopted under their lock). A failed batch stays spooled and is retried with
