@@ -33,7 +33,7 @@ def _stored(tracking_uri: str, experiment_id: str) -> list[dict[str, Any]]:
     records = []
     for trace in found:
         info = trace.info.to_dict()
-        for key in ("trace_id", "trace_location", "client_request_id"):
+        for key in ("trace_id", "trace_location"):
             info.pop(key, None)
         info["tags"].pop("mlflow.artifactLocation", None)
         spans = [
@@ -43,7 +43,7 @@ def _stored(tracking_uri: str, experiment_id: str) -> list[dict[str, Any]]:
         for span in spans:
             span["attributes"].pop("mlflow.traceRequestId", None)
             span.pop("parent_span_id", None)
-        records.append({"info": info, "spans": spans, "request_id": trace.info.client_request_id})
+        records.append({"info": info, "spans": spans})
     return sorted(records, key=repr)
 
 
