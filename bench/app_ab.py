@@ -16,9 +16,12 @@ batches are then a few traces, and the caller's and the worker's code run from c
 ``--no-export`` drops each finished trace instead of handing it to the export worker: what the
 wrapper alone costs the caller's thread. ``--no-ship`` spools the traces but starts no shipper
 process: what the app pays when the store writes do not compete with it for the CPU.
+``--pin same|apart`` (a diagnostic, Linux) pins the calling thread to the first CPU and the
+export worker to the same CPU or to the second, and the shipper (if any) to the last: what the
+app pays for the worker running beside its thread rather than between its calls.
 
 Run:  python bench/app_ab.py [--block 300] [--rounds 12] [--gap-ms 0] [--no-export | --no-ship]
-                             [--json]
+                             [--pin same|apart] [--json]
 """
 
 from __future__ import annotations
@@ -58,8 +61,31 @@ def _block(call: Callable[[], Any], calls: int, gap: float, flush: Callable[[], 
     }
 
 
+def _pin(where: str) -> None:
+    """Pin this thread, the export worker and the shipper process (see --pin)."""
+    import threading
+
+    from tracewire.export import pipeline
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs two CPUs")
+    os.sched_setaffinity(threading.get_native_id(), {cpus[0]})
+    worker = next(t for t in threading.enumerate() if t.name == "tracewire-export")
+    assert worker.native_id is not None
+    os.sched_setaffinity(worker.native_id, {cpus[0] if where == "same" else cpus[1]})
+    shipper = pipeline._shipper._proc if pipeline._shipper is not None else None
+    if shipper is not None:
+        os.sched_setaffinity(shipper.pid, {cpus[-1]})
+
+
 def run(
-    block: int, rounds: int, gap_ms: float, export: bool = True, ship: bool = True
+    block: int,
+    rounds: int,
+    gap_ms: float,
+    export: bool = True,
+    ship: bool = True,
+    pin: str | None = None,
 ) -> dict[str, Any]:
     quiet_logs()
     root = Path(tempfile.mkdtemp(prefix="tracewire-app-ab-"))
@@ -100,6 +126,8 @@ def run(
     for _ in range(200):
         modes["traced"]()
     flush()
+    if pin is not None:
+        _pin(pin)
     gap = gap_ms / 1000
     blocks: dict[str, list[dict]] = {name: [] for name in modes}
     for i in range(rounds):
@@ -115,6 +143,7 @@ def run(
         "gap_ms": gap_ms,
         "export": export,
         "ship": ship,
+        "pin": pin,
     }
     for name, runs in blocks.items():
         samples = [s for r in runs for s in r["samples"]]
@@ -139,10 +168,18 @@ def main() -> None:
     parser.add_argument("--gap-ms", type=float, default=0.0, help="sleep after each call")
     parser.add_argument("--no-export", action="store_true", help="drop the finished traces")
     parser.add_argument("--no-ship", action="store_true", help="spool, start no shipper process")
+    parser.add_argument(
+        "--pin", choices=("same", "apart"), help="the export worker on the caller's CPU or not"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     result = run(
-        args.block, args.rounds, args.gap_ms, export=not args.no_export, ship=not args.no_ship
+        args.block,
+        args.rounds,
+        args.gap_ms,
+        export=not args.no_export,
+        ship=not args.no_ship,
+        pin=args.pin,
     )
     if args.json:
         print(json.dumps(result))
@@ -150,7 +187,8 @@ def main() -> None:
     print(
         f"{args.rounds} x {args.block} calls per mode, {args.gap_ms:g} ms after each"
         f"{', traces dropped' if args.no_export else ''}"
-        f"{', no shipper' if args.no_ship else ''}; load average {result['load'][0]:.2f}"
+        f"{', no shipper' if args.no_ship else ''}"
+        f"{f', worker pinned {args.pin}' if args.pin else ''}; load average {result['load'][0]:.2f}"
     )
     print(
         f"{'':10s} {'median':>8s} {'p99':>8s} {'caller CPU':>11s} {'process CPU':>12s}  (µs/call)"
