@@ -230,6 +230,19 @@ def test_config_error_is_one_line(tmp_path: Path) -> None:
     ]
 
 
+def test_a_tracking_uri_option_mlflow_cannot_use_is_named_in_one_line(tmp_path: Path) -> None:
+    # The demo hands the option to its app as MLFLOW_TRACKING_URI: the error names the option.
+    result = tracewire_cli("demo", "--tracking-uri", "bad:uri", cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(
+        "tracewire: error: --tracking-uri is 'bad:uri', whose scheme 'bad' MLflow has no "
+        "tracking store for"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failed_request_is_one_line_and_nothing_is_left_running(tmp_path: Path) -> None:
     # The local server answers HTTP 500 for this model: the app's first turn fails.
     env = clean_env(tmp_path)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import os
 import sys
@@ -33,6 +34,8 @@ from typing import Any, TextIO
 from tracewire.cli import CLIError
 from tracewire.cli.demo_results import RUN_TAG, cause, sync_and_read, write_summary
 from tracewire.cli.demo_traffic import SCRIPT, STEPS, Progress, RequestFailed, drive
+from tracewire.cli.shared import reading_store
+from tracewire.core import scrub
 from tracewire.export import destination
 
 DEFAULT_EXPERIMENT = "tracewire-demo"
@@ -209,6 +212,11 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             "ENABLE_MLFLOW_TRACING is false, so nothing would be traced; unset it to run the demo"
         )
     uri = resolve_tracking_uri(args.tracking_uri, os.environ)
+    if args.tracking_uri:  # the app reads it as MLFLOW_TRACKING_URI: an error there names that
+        destination.check_destination(
+            dataclasses.replace(config.defaults(), tracking_uri=uri),
+            named=f"--tracking-uri is {scrub.text(uri)!r}",
+        )
     run_id = uuid.uuid4().hex
     with _environ(_demo_environ(uri, run_id)), _quiet_store_setup():
         return _run(args, uri, run_id, out)
@@ -272,14 +280,16 @@ def _run(args: argparse.Namespace, uri: str, run_id: str, out: TextIO) -> int:
 
         began = time.perf_counter()
         if not tracewire.flush(30):
-            print("tracewire: warning: not every trace was stored within 30 s", file=sys.stderr)
+            # What could not be stored is said above (the store's error, where it waits).
+            raise CLIError(f"the demo's traces did not reach the tracking store {scrub.text(uri)}")
         out.write(
             f"Waited {time.perf_counter() - began:.1f} s for the traces and feedback to "
             "reach the store; syncing the Delta table...\n"
         )
         out.flush()
 
-    rows = sync_and_read(uri, delta_path, run_id, started_ms)
+    with reading_store(uri):
+        rows = sync_and_read(uri, delta_path, run_id, started_ms)
     write_summary(out, rows, uri, delta_path, experiment, run_id)
     if len(rows) != len(SCRIPT):
         raise CLIError(

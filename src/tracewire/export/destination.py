@@ -79,10 +79,11 @@ def writable_uri(recorded: str, settings: config.Settings) -> str:
     return own if own is not None and scrub.text(own) == recorded else recorded
 
 
-def check_destination(settings: config.Settings) -> None:
-    """Fail at autolog() when the destination cannot work here; no network I/O."""
+def check_destination(settings: config.Settings, named: str | None = None) -> None:
+    """Fail at autolog() when the destination cannot work here; no network I/O. ``named``:
+    how an error names the URI's source, when a command took it as an option."""
     uri = tracking_uri(settings)
-    named = _named(settings, uri)
+    named = named or _named(settings, uri)
     _check_store_type(uri, named)
     path = sqlite_path(uri)
     if path is not None:
