@@ -274,8 +274,8 @@ def _run(args: argparse.Namespace, uri: str, run_id: str, out: TextIO) -> int:
         try:
             drive(http, progress, run_id)
         except RequestFailed as failure:
-            tracewire.flush(10)
-            why = cause(uri, run_id, failure.reply.request_id)
+            # Its trace says why, if it reached the store (else MLflow's retries would wait).
+            why = cause(uri, run_id, failure.reply.request_id) if tracewire.flush(10) else None
             raise CLIError(f"{failure}: {why}" if why else str(failure)) from None
 
         began = time.perf_counter()

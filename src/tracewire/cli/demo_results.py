@@ -33,10 +33,10 @@ def experiment_id(uri: str) -> str:
 
 def cause(uri: str, run_id: str, request_id: str) -> str | None:
     """Why a request failed, from its trace: the error of the failed span that started last
-    (the innermost: the tool, the model call), if the trace is in the store."""
+    (the innermost: the tool, the model call), if the trace is in the store and can be read."""
     from mlflow import MlflowClient
 
-    with contextlib.suppress(CLIError):
+    with contextlib.suppress(Exception):  # the request's failure is the error to report
         traces = MlflowClient(tracking_uri=uri).search_traces(
             locations=[experiment_id(uri)],
             filter_string=f"tag.`{RUN_TAG}` = '{run_id}'",
