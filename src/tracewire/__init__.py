@@ -180,7 +180,8 @@ def log_feedback(
     Never blocks: it goes through the export pipeline and waits in the on-disk spool until its
     trace is in the store (so it survives restarts), for ``TRACEWIRE_FEEDBACK_RETENTION``
     seconds (default a day); after that it is dropped and counted. Raises ``ValueError`` for
-    malformed feedback; returns False if tracewire is not enabled.
+    malformed feedback (a value that is not a bool, a finite number or a string, among others);
+    returns False if tracewire is not enabled.
     """
     import time
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import uuid
 from dataclasses import asdict, dataclass, field
 
 from tracewire.core.context import MAX_REQUEST_ID
+from tracewire.core.text import storable
 
 MAX_NAME = 250
 MAX_TEXT = 5000
@@ -47,6 +49,13 @@ def may_post(feedback_from: str | None, poster: str) -> bool:
     """Whether route feedback from ``poster`` (an :func:`owner` digest or ``ANONYMOUS``) may
     land on a trace whose ``FEEDBACK_FROM_TAG`` is ``feedback_from``, found by its trace id."""
     return feedback_from in (None, BEARER) or feedback_from == poster
+
+
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)  # an int past a double's range overflows here
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -88,13 +97,18 @@ class Feedback:
                 "feedback value must be a bool, a number or a string of at most "
                 f"{MAX_TEXT} characters"
             )
-        if isinstance(self.value, float) and self.value != self.value:
-            raise ValueError("feedback value must not be NaN")
+        if not isinstance(self.value, (bool, str)) and not _finite(self.value):
+            # MLflow stores a number as a double; a tracking server fails every read of a
+            # trace (and of its experiment's trace list) that holds an infinite one.
+            raise ValueError("feedback value must be a finite number (not NaN or infinite)")
         for label, text in (("rationale", self.rationale), ("source_id", self.source_id)):
             if text is not None and (not isinstance(text, str) or len(text) > MAX_TEXT):
                 raise ValueError(
                     f"feedback {label} must be a string of at most {MAX_TEXT} characters"
                 )
+        for name in ("name", "value", "rationale", "source_id"):
+            if isinstance(text := getattr(self, name), str):
+                object.__setattr__(self, name, storable(text))  # frozen: set once, here
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,6 +34,7 @@ from tracewire import config
 from tracewire.core import attributes as keys
 from tracewire.core import sampling, scrub, spans
 from tracewire.core.context import RequestContext
+from tracewire.core.text import storable
 from tracewire.export import records
 from tracewire.export.hooks import Item
 
@@ -320,9 +320,6 @@ def _record(item: Item) -> dict[str, Any]:
     return record
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _info_dict(info: TraceInfo) -> dict[str, Any]:
     """MLflow's record of its own trace as a dict (through protobuf, which refuses lone
     surrogates: those are replaced first, as in the rest of the trace)."""
@@ -331,21 +328,15 @@ def _info_dict(info: TraceInfo) -> dict[str, Any]:
     except UnicodeEncodeError:
 
         def clean(text: str | None) -> str | None:
-            return _SURROGATE.sub("\ufffd", text) if text is not None else None
+            return storable(text) if text is not None else None
 
         return dataclasses.replace(
             info,
             request_preview=clean(info.request_preview),
             response_preview=clean(info.response_preview),
             client_request_id=clean(info.client_request_id),
-            trace_metadata={
-                _SURROGATE.sub("\ufffd", k): _SURROGATE.sub("\ufffd", v)
-                for k, v in info.trace_metadata.items()
-            },
-            tags={
-                _SURROGATE.sub("\ufffd", k): _SURROGATE.sub("\ufffd", v)
-                for k, v in info.tags.items()
-            },
+            trace_metadata={storable(k): storable(v) for k, v in info.trace_metadata.items()},
+            tags={storable(k): storable(v) for k, v in info.tags.items()},
         ).to_dict()
 
 
@@ -355,7 +346,7 @@ def _utf8(text: str) -> bytes:
     try:
         return text.encode()
     except UnicodeEncodeError:
-        return _SURROGATE.sub("\ufffd", text).encode()
+        return storable(text).encode()
 
 
 _ERROR_TEXT = ("exception.message", "exception.stacktrace")

@@ -38,7 +38,7 @@ from typing import Any
 
 from tracewire.core import scrub
 from tracewire.export.shipper_process import ADOPTED, FAILING, OPENING, SHIPPING
-from tracewire.export.spool import Entry, Spool
+from tracewire.export.spool import Entry, FeedbackEntry, Spool
 from tracewire.export.spool_directory import adopt
 from tracewire.export.spool_files import UnsafeFileError, set_aside
 
@@ -331,38 +331,48 @@ class Shipper:
         A round looks up what was never looked up first, then what is due again: a look-up
         that finds no trace backs off (0.5 s, then 2 s, doubling, up to 5 min), and a round stops after
         ``_FEEDBACK_ROUND`` seconds, so feedback for traces that never come costs little and
-        cannot hold up feedback whose trace is there."""
+        cannot hold up feedback whose trace is there. One that fails (the store, or a value it
+        cannot take) ends the round and backs off too, so that it cannot hold up the rest."""
         from tracewire.export.store import APPLIED, REFUSED
 
         with self._lock:
             sources = [*self._adopted, *self._spools]
         end = time.monotonic() + _FEEDBACK_ROUND
         dropped: Counter[str] = Counter()
+
+        def later(source: Spool, entry: FeedbackEntry) -> None:
+            """Not applied: look again after a back-off, or drop it once it has expired."""
+            if time.time() > json.loads(entry.payload)["expires"]:
+                source.ack_feedback(entry, dropped="expired")
+                dropped[
+                    "expired: its trace was not stored within TRACEWIRE_FEEDBACK_RETENTION"
+                ] += 1
+                return
+            # The first miss is often feedback racing its own trace (posted as the response
+            # ends, before the trace does): look again soon.
+            delay = 0.5 if entry.tries == 0 else 2.0 * 2 ** (entry.tries - 1)
+            source.retry_feedback(entry, time.time() + min(_FEEDBACK_BACKOFF_CAP, delay))
+
         try:
             for source in sources:
                 while time.monotonic() < end and (entries := source.take_feedback(_BATCH)):
                     for entry in entries:
                         if time.monotonic() >= end:
                             return
-                        outcome = self._store(source.destination).apply_feedback(entry.payload)
+                        try:
+                            outcome = self._store(source.destination).apply_feedback(entry.payload)
+                        except Exception:
+                            # The store is down, or cannot take this one: it must not stay
+                            # first in line either way (every round would stop at it).
+                            later(source, entry)
+                            raise
                         if outcome == APPLIED:
                             source.ack_feedback(entry)
                         elif outcome == REFUSED:
                             source.ack_feedback(entry, dropped="refused")
                             dropped["refused: the trace's owner is someone else"] += 1
-                        elif time.time() > json.loads(entry.payload)["expires"]:
-                            source.ack_feedback(entry, dropped="expired")
-                            dropped[
-                                "expired: its trace was not stored within "
-                                "TRACEWIRE_FEEDBACK_RETENTION"
-                            ] += 1
                         else:
-                            # The first miss is often feedback racing its own trace (posted
-                            # as the response ends, before the trace does): look again soon.
-                            delay = 0.5 if entry.tries == 0 else 2.0 * 2 ** (entry.tries - 1)
-                            source.retry_feedback(
-                                entry, time.time() + min(_FEEDBACK_BACKOFF_CAP, delay)
-                            )
+                            later(source, entry)
         except Exception as exc:  # the store is down: the next round tries again
             logger.warning(
                 "tracewire: could not apply feedback yet (%s: %s)", type(exc).__name__, exc
