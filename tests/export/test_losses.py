@@ -283,3 +283,16 @@ def test_a_full_filesystem_loses_nothing_without_counting_it(
         run.stderr[-4000:]
     )
     assert "Traceback" not in run.stderr and "secret words" not in run.stderr, run.stderr[-4000:]
+
+
+def test_a_new_kind_of_failure_is_said_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A store outage is said now and then (1st, 5th, every 20th failure); a full disk under the
+    # spool after it (the batch stored, but not marked shipped) must not wait for the 20th.
+    worker = shipper.Shipper(tmp_path, 10**8, shipper.store_for)
+    for _ in range(7):
+        worker._failed(ConnectionError("store down"), None)
+    assert caplog.text.count("store down") == 2
+    worker._failed(sqlite3.OperationalError("database or disk is full"), None)
+    assert "database or disk is full" in caplog.text

@@ -300,12 +300,15 @@ class Shipper:
         return max(wait, self._retry_after or 0.0)
 
     def _failed(self, exc: Exception, store: Any | None) -> None:
+        # A new kind of failure is said at once (a full disk after a store outage, say); the
+        # same one again only now and then.
+        new = type(exc) is not type(self.last_error)
         self._failures += 1
         self.last_error = exc
         self._retry_after = store.retry_after if store is not None else None
         if store is not None:
             store.reset()  # a new client next time: nothing MLflow cached of this failure stays
-        if self._failures in (1, 5) or self._failures % 20 == 0:
+        if new or self._failures in (1, 5) or self._failures % 20 == 0:
             if store is None:
                 logger.warning(
                     "tracewire: the shipper failed (%s: %s); retrying", type(exc).__name__, exc
