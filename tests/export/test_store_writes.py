@@ -5,6 +5,9 @@ holds exactly what MLflow's own per-trace writes hold, with MLflow's opt-in trac
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+import textwrap
 import time
 from typing import Any
 
@@ -67,3 +70,24 @@ def test_one_flush_per_batch_stores_what_a_flush_per_trace_stores(
 def _again(trace: Synthetic) -> Synthetic:
     """The same trace under a new id (ids are unique in the store)."""
     return dataclasses.replace(trace, otel_trace_id=trace.otel_trace_id ^ (1 << 100))
+
+
+def test_telling_a_tracking_servers_store_from_a_sql_one_imports_no_sql_store() -> None:
+    # MLflow's SQL store takes seconds to import: a shipper writing to a tracking server paid
+    # them at its first batch, and an exit waiting on it gave up meanwhile.
+    script = textwrap.dedent(
+        """
+        import sys
+        from mlflow.store.tracking.rest_store import RestStore
+        from mlflow.utils.rest_utils import MlflowHostCreds
+        from tracewire.export.store import is_sql
+
+        store = RestStore(lambda: MlflowHostCreds("http://127.0.0.1:9"))
+        assert not is_sql(store)
+        assert "mlflow.store.tracking.sqlalchemy_store" not in sys.modules
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        assert is_sql(SqlAlchemyStore.__new__(SqlAlchemyStore))
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
