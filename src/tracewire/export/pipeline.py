@@ -166,6 +166,14 @@ def _start_on_worker() -> None:
     guard.call(encode.process_metadata)
 
 
+def _hurry_shipper() -> None:
+    """On the worker thread, at a flush or an exit: the shipper tries the store now, even if it
+    is backing off after failures (the store may have come back meanwhile)."""
+    shipper = _shipper
+    if shipper is not None:
+        shipper.hurry()
+
+
 def _expire_open_traces() -> None:
     """Worker side, every few seconds: export the traces open past the trace timeout as
     incomplete (spans.expire), counted in the spool and said in the log."""
@@ -260,6 +268,7 @@ def start(settings: config.Settings) -> None:
                 _spool_batch,
                 maxsize=settings.queue_size,
                 on_start=_start_on_worker,
+                on_flush=_hurry_shipper,
                 linger=_LINGER,
                 every=(min(5.0, settings.trace_timeout / 4), _expire_open_traces),
             )

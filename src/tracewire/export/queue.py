@@ -53,6 +53,7 @@ class Worker(Generic[T]):
         maxsize: int,
         name: str = "tracewire-export",
         on_start: Callable[[], None] | None = None,
+        on_flush: Callable[[], None] | None = None,
         every: tuple[float, Callable[[], None]] | None = None,
         linger: float = 0.0,
     ) -> None:
@@ -60,6 +61,7 @@ class Worker(Generic[T]):
         self._linger = linger
         self._hurry = threading.Event()  # a flush, a stop or a batch's worth waits: no lingering
         self._on_start = on_start  # run first on the worker thread: set-up kept off the caller's
+        self._on_flush = on_flush  # on the worker thread, once what came before a flush is handled
         # (seconds, fn): housekeeping run on the worker thread that often, busy or idle.
         self._tick_every: float | None = every[0] if every is not None else None
         self._on_tick: Callable[[], None] | None = every[1] if every is not None else None
@@ -142,7 +144,7 @@ class Worker(Generic[T]):
                     self._wake.wait(timeout=interval)
             if interval is not None and time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + interval
-                self._tick()
+                self._call(self._on_tick)
             batch: list[T] = []
             while items and len(batch) < _BATCH:
                 item = items.popleft()
@@ -150,6 +152,7 @@ class Worker(Generic[T]):
                     if batch:
                         self._handle(batch)
                         batch = []
+                    self._call(self._on_flush)
                     item.done.set()
                 else:
                     batch.append(item)
@@ -159,10 +162,11 @@ class Worker(Generic[T]):
                     self._hurry.wait(self._linger)
                     self._hurry.clear()
 
-    def _tick(self) -> None:
+    @staticmethod
+    def _call(hook: Callable[[], None] | None) -> None:
         try:
-            if self._on_tick is not None:
-                self._on_tick()
+            if hook is not None:
+                hook()
         except Exception:  # the worker must survive its housekeeping too
             logger.exception("tracewire: export worker housekeeping failed")
 

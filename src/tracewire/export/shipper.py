@@ -77,6 +77,7 @@ class Shipper:
         self.last_error: Exception | None = None
         self._next_adopt = 0.0
         self._wake = threading.Event()
+        self._hurry = threading.Event()  # someone waits (a flush, an exit): no back-off now
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="tracewire-ship", daemon=True)
@@ -107,13 +108,23 @@ class Shipper:
     def notify(self) -> None:
         self._wake.set()
 
+    def hurry(self) -> None:
+        """A flush or an exit waits: try the store now, even in a back-off (a store that came
+        back meanwhile would otherwise wait up to ``_BACKOFF_CAP`` for us, past the wait)."""
+        self._hurry.set()
+        self._wake.set()
+
     def stop(self, drain_timeout: float) -> None:
-        """Ship what is left for at most ``drain_timeout`` seconds, then stop."""
+        """Ship what is left for at most ``drain_timeout`` seconds, then stop. Failing, it
+        tries once more first, and goes on only if that works."""
         deadline = time.monotonic() + drain_timeout
-        while time.monotonic() < deadline and self._pending() and not self._failures:
+        failures = self._failures
+        self.hurry()
+        while time.monotonic() < deadline and self._pending() and self._failures in (0, failures):
             self._wake.set()
             time.sleep(0.05)
         self._stop.set()
+        self._hurry.set()
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(max(0.0, deadline - time.monotonic()) + 0.1)
@@ -161,8 +172,9 @@ class Shipper:
                 if self._stop.is_set():  # the last effort ended and closed the spools under a
                     return  # batch: it stays spooled for the next process, nothing failed
                 self._failed(exc, None)
-            if self._failures:  # back off; new traces do not cut the wait short
-                self._stop.wait(self._backoff())
+            if self._failures:  # back off; new traces do not cut the wait short, a flush does
+                self._hurry.wait(self._backoff())
+                self._hurry.clear()
             else:
                 self._wake.wait(1.0)
                 self._wake.clear()
@@ -429,6 +441,8 @@ def main(paths: Sequence[str]) -> int:
     for line in iter(sys.stdin.buffer.readline, b""):
         if line.startswith(b"ship "):
             shipper.take_on(Path(line[5:].decode().rstrip("\n")))
+        elif line == b"flush\n":
+            shipper.hurry()
         else:
             shipper.notify()
     shipper.stop(settings.flush_timeout)  # the app has gone: a bounded last effort

@@ -51,6 +51,12 @@ class ShipperProcess:
             if self._running():
                 self._write(b"\n")
 
+    def hurry(self) -> None:
+        """A flush or an exit waits: the shipper tries the store now, even in a back-off."""
+        with self._lock:
+            if self._running():
+                self._write(b"flush\n")
+
     def revive(self) -> None:
         """For a flush waiting on a shipper that died: start another now, if one may start."""
         with self._lock:
