@@ -90,6 +90,7 @@ def test_chat_create_sync(traced: Traced, client: openai.OpenAI) -> None:
     assert span.outputs["choices"][0]["message"]["content"] == ECHO
     assert span.attributes["mlflow.llm.model"] == "gpt-4o-mini"
     assert span.attributes["mlflow.llm.provider"] == "openai"
+    assert span.attributes["gen_ai.response.model"] == result.model
     assert span.attributes["mlflow.chat.tokenUsage"] == STREAM_USAGE
     assert usage(trace) == span.attributes["mlflow.chat.tokenUsage"]
     assert trace.info.state.value == "OK"
@@ -190,6 +191,7 @@ def test_stream_gets_usage_without_the_caller_seeing_it(
     span = only_span(trace)
     assert span.outputs["choices"][0]["message"]["content"] == ECHO
     assert span.outputs["choices"][0]["finish_reason"] == "stop"
+    assert span.attributes["gen_ai.response.model"] == chunks[0].model  # as a reply's is
     assert span.attributes["mlflow.chat.tokenUsage"] == STREAM_USAGE
     assert usage(trace) == STREAM_USAGE
     # Priced too: the store's built-in table knows gpt-4o-mini.
@@ -682,6 +684,7 @@ def test_responses_stream(traced: Traced, client: openai.OpenAI) -> None:
     assert [e.type for e in events] == [e.type for e in expected]
     span = only_span(traced.trace())
     assert span.outputs["output"][0]["content"][0]["text"] == "Echo: hello there"
+    assert span.attributes["gen_ai.response.model"] == events[0].response.model
     assert span.attributes["mlflow.chat.tokenUsage"]["output_tokens"] == count_tokens(
         "Echo: hello there"
     )

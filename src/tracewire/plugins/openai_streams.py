@@ -120,12 +120,13 @@ def _is_usage_chunk(chunk: Any) -> bool:
 class _StreamState:
     """Chunks seen so far and the span to end once; shared by the sync and async proxies."""
 
-    __slots__ = ("call", "done", "items", "usage")
+    __slots__ = ("call", "done", "items", "model", "usage")
 
     def __init__(self, call: Call) -> None:
         self.call = call
         self.items: list[Any] = []
         self.usage: Any = None
+        self.model: Any = None  # the model that answered, as the first chunk or event says
         self.done = False
 
     def passes(self, item: Any) -> bool:
@@ -141,6 +142,10 @@ class _StreamState:
     def keep(self, item: Any) -> None:
         """Record one chunk or event."""
         call = self.call
+        if self.model is None:  # a chunk has it; a Responses event has it on its response
+            self.model = getattr(item, "model", None) or getattr(
+                getattr(item, "response", None), "model", None
+            )
         if call.kind == RESPONSES:
             kind = getattr(item, "type", None)
             if kind in ("response.completed", "response.incomplete", "response.failed"):
@@ -170,6 +175,8 @@ class _StreamState:
             span.record_error(error)
         if (token_usage := usage.from_openai(self.usage)) is not None:
             span.attributes[keys.CHAT_USAGE] = token_usage
+        if isinstance(self.model, str):
+            span.attributes[keys.GEN_AI_RESPONSE_MODEL] = self.model
         if call.capture:
             span.outputs = spans.Deferred(_ASSEMBLERS[call.kind], self.items)
         elif call.kind == RESPONSES:
