@@ -363,7 +363,7 @@ def test_reading_where_there_is_no_store_creates_none(tmp_path: Path) -> None:
         done = _cli(tmp_path, *args)
         assert done.returncode == 1 and done.stdout == "", done.stderr
         assert done.stderr.splitlines() == [
-            f"tracewire: error: MLflow's default tracking URI 'sqlite:///{tmp_path}/mlflow.db' "
+            f"tracewire: error: MLflow's default tracking URI is 'sqlite:///{tmp_path}/mlflow.db' "
             "(MLFLOW_TRACKING_URI is not set), but there is no MLflow store at "
             f"{tmp_path}/mlflow.db: run this in the folder your app keeps its store in, or set "
             "MLFLOW_TRACKING_URI to it (sqlite:////path/to/mlflow.db or http://your-server:5000)"

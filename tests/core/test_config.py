@@ -123,7 +123,7 @@ def test_a_local_store_in_a_read_only_place_fails_at_autolog_naming_it(tmp_path)
         folder, {"TRACEWIRE_SPOOL_DIR": str(tmp_path / "spool")}, cwd=folder
     )
     assert (
-        f"MLflow's default tracking URI 'sqlite:///{folder}/mlflow.db' (MLFLOW_TRACKING_URI "
+        f"MLflow's default tracking URI is 'sqlite:///{folder}/mlflow.db' (MLFLOW_TRACKING_URI "
         f"is not set), a local store that cannot be created: {folder} is not writable" in printed
     ), printed
 

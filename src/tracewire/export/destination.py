@@ -118,7 +118,7 @@ def _named(settings: config.Settings, uri: str) -> str:
     """Where the tracking URI came from, for an error message (without credentials)."""
     if settings.tracking_uri:  # mlflow.set_tracking_uri() sets the variable too
         return f"MLFLOW_TRACKING_URI is {scrub.text(uri)!r}"
-    return f"MLflow's default tracking URI {scrub.text(uri)!r} (MLFLOW_TRACKING_URI is not set)"
+    return f"MLflow's default tracking URI is {scrub.text(uri)!r} (MLFLOW_TRACKING_URI is not set)"
 
 
 def _check_store_type(uri: str, named: str) -> None:

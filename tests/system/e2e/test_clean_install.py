@@ -341,7 +341,7 @@ def test_slim_install_stats_says_what_to_install_and_creates_nothing(
     assert result.returncode == 1 and result.stdout == "", _output(result)
     (line,) = result.stderr.splitlines()
     assert line.startswith(
-        "tracewire: error: MLflow's default tracking URI 'sqlite:///mlflow.db' "
+        "tracewire: error: MLflow's default tracking URI is 'sqlite:///mlflow.db' "
         "(MLFLOW_TRACKING_URI is not set), a local MLflow store, which needs "
         "the full `mlflow` package"
     ), line
