@@ -83,3 +83,31 @@ def test_spool_ship_prices_from_mlflow_s_bundled_catalog_without_fetching(
     assert proxy.connections == 0, "spool ship fetched MLflow's remote model catalog"
     stored = mlflow.MlflowClient(tracking_uri).get_trace(trace_id)
     assert stored.info.trace_metadata.get("mlflow.trace.cost"), stored.info.trace_metadata
+
+
+def test_a_store_that_stays_down_does_not_keep_the_others_spools_from_shipping(
+    tmp_path: Path, tracking_uri: str
+) -> None:
+    def left_behind(uri: str, name: str) -> str:
+        settings = dataclasses.replace(config.resolve(), tracking_uri=uri)
+        spool = Spool.create(tmp_path, 10**8, destination.destination(settings))
+        span = span_context.start_span("work", "CHAIN", inputs={"for": uri})
+        span.end()
+        trace_id, payload = encode.encode(hooks.Item(ours=span.trace), settings)
+        spool.put(trace_id, payload)
+        spool.close()  # as an exited process leaves it
+        for suffix in (".db", ".lock"):  # named so that the unreachable store's comes first
+            spool.path.with_suffix(suffix).rename(tmp_path / f"{name}{suffix}")
+        return trace_id
+
+    left_behind("http://127.0.0.1:9", "spool-0-down")  # nothing listens on port 9
+    reachable = left_behind(tracking_uri, "spool-1-up")
+
+    ship = spool_command("ship", tmp_path, env=clean_env(MLFLOW_TRACKING_URI=tracking_uri))
+
+    assert ship.returncode == 1, ship.stdout
+    (line,) = ship.stderr.splitlines()
+    assert line.startswith("tracewire: error: the tracking store http://127.0.0.1:9 is unavailable")
+    assert line.endswith(f"1 trace(s) stay spooled in {tmp_path}")
+    assert mlflow.MlflowClient(tracking_uri).get_trace(reachable) is not None
+    assert (tmp_path / "spool-0-down.db").exists() and not (tmp_path / "spool-1-up.db").exists()

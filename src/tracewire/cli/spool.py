@@ -133,34 +133,60 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _ship(directory: Path) -> int:
-    """Ship every spool exited processes left, in the foreground, printing progress; exit code
-    1 if the store stays unavailable (the traces stay spooled)."""
+    """Ship every spool exited processes left, in the foreground, one destination after the
+    other, printing progress; exit code 1 if a store stays unavailable (its traces stay
+    spooled; the other destinations are shipped all the same)."""
     import logging
 
-    from tracewire import config
     from tracewire.cli import CLIError
-    from tracewire.export import destination, shipper, store_http
+    from tracewire.core import scrub
+    from tracewire.export import destination, store_http
     from tracewire.export import spool_directory as spool
 
     # The shipper's retry warnings are for a log; here the outcome is said once, below.
     logging.getLogger("tracewire").setLevel(logging.ERROR)
     os.environ.update(destination.catalog_env())  # as in the shipper process
     store_http.install_http_budget()
+    left: dict[str, bool] = {}  # destinations of what exited processes left, in file order
     for s in spool.status(directory):  # before we take the locks of the others
         if s.live and s.problem is None and s.pending:
             print(
                 f"{s.path.name}: {s.pending} pending, owned by a running process that ships "
                 "them itself"
             )
+        elif not s.live and s.problem is None:
+            left[scrub.text(s.destination)] = True
+    shipped: list[int] = []  # per destination that had something to ship
+    failures = []
+    for where in left:
+        try:
+            if (stored := _ship_to(directory, where)) is not None:
+                shipped.append(stored)
+        except CLIError as failure:
+            failures.append(str(failure))
+    if failures:
+        raise CLIError("; ".join(failures))
+    print(f"done: {sum(shipped)} trace(s) stored" if shipped else f"nothing to ship in {directory}")
+    return 0
+
+
+def _ship_to(directory: Path, where: str) -> int | None:
+    """Ship the spools exited processes left for one destination; how many traces were
+    stored (None: nothing was waiting). CLIError if its store stays unavailable."""
+    from tracewire import config
+    from tracewire.cli import CLIError
+    from tracewire.export import destination, shipper
+
     worker = shipper.Shipper(directory, config.resolve().spool_max_bytes, shipper.store_for)
-    taken = worker.adopt_all()
+    taken = worker.adopt_all(where)
     try:
         total = sum(source.pending() for source in taken)
-        stamps = sum(source.pending("stamps") for source in taken)
-        if not total and not stamps:
-            print(f"nothing to ship in {directory}")
-            return 0
-        print(f"shipping {total} trace(s) from {len(taken)} spool file(s) in {directory}")
+        if not total and not sum(source.pending("stamps") for source in taken):
+            return None
+        print(
+            f"shipping {total} trace(s) from {len(taken)} spool file(s) in {directory} "
+            f"to {destination.describe(where)}"
+        )
         tries = 0
         while True:
             if worker.ship_one_batch():
@@ -173,9 +199,9 @@ def _ship(directory: Path) -> int:
             if tries == 3:
                 error = worker.last_error
                 raise CLIError(
-                    f"the tracking store is unavailable ({type(error).__name__}: "
-                    f"{error}); {total - worker.shipped} trace(s) stay spooled in "
-                    f"{directory}"
+                    f"the tracking store {destination.describe(where)} is unavailable "
+                    f"({type(error).__name__}: {error}); {total - worker.shipped} trace(s) "
+                    f"stay spooled in {directory}"
                 )
             time.sleep(2.0 * tries)
         while worker.stamp_one_batch():  # what a tracking server takes after the spans
@@ -183,12 +209,11 @@ def _ship(directory: Path) -> int:
         if unstamped := worker.stamps_pending():
             error = worker.last_error
             raise CLIError(
-                f"{worker.shipped} trace(s) stored, but the records of {unstamped} "
-                f"(client request id, metadata) could not be written "
+                f"{worker.shipped} trace(s) stored in {destination.describe(where)}, but the "
+                f"records of {unstamped} (client request id, metadata) could not be written "
                 f"({type(error).__name__}: {error}); they stay spooled in "
                 f"{directory}: run this again"
             )
-        print(f"done: {worker.shipped} trace(s) stored")
-        return 0
+        return worker.shipped
     finally:
         worker.stop(0)

@@ -97,11 +97,11 @@ class Shipper:
             self._spools.append(source)
         self._wake.set()
 
-    def adopt_all(self) -> list[Spool]:
-        """Take over every spool left by a dead process, whatever its destination (for
-        ``tracewire spool ship``); the spools taken."""
+    def adopt_all(self, destination: str | None = None) -> list[Spool]:
+        """Take over every spool left by a dead process for ``destination`` (None: whatever
+        its destination), for ``tracewire spool ship``; the spools taken."""
         with self._lock:
-            found = list(adopt(self._directory, self._budget, None))
+            found = list(adopt(self._directory, self._budget, destination))
             self._adopted.extend(found)
         return found
 
