@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -296,3 +298,49 @@ def test_a_new_kind_of_failure_is_said_at_once(
     assert caplog.text.count("store down") == 2
     worker._failed(sqlite3.OperationalError("database or disk is full"), None)
     assert "database or disk is full" in caplog.text
+
+
+class _NotMlflow(http.server.BaseHTTPRequestHandler):
+    """A web server that is no MLflow tracking server: 404 to everything."""
+
+    def do_GET(self) -> None:
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_POST = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("server", ["down", "not mlflow"])
+def test_a_tracking_server_whose_version_cannot_be_read_is_said_with_why(
+    tmp_path: Path, server: str
+) -> None:
+    # MLflow's own words for both: "log_spans is not supported: could not identify MLflow
+    # server version", which named neither the server nor the cause.
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotMlflow)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    uri = "http://127.0.0.1:9" if server == "down" else f"http://127.0.0.1:{web.server_port}"
+    settings = dataclasses.replace(config.resolve(), tracking_uri=uri, experiment_id="0")
+    source = spool.Spool.create(tmp_path, 10**8, destination.destination(settings))
+    source.put(*_encoded("to a server that cannot take it", settings))
+    worker = shipper.Shipper(tmp_path, 10**8, shipper.store_for)
+    worker.take_on(source.path)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while worker.last_error is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.stop(0)
+    web.shutdown()
+    said = str(worker.last_error)
+    if server == "down":
+        assert said == f"the tracking server {uri} did not answer ([Errno 111] Connection refused)"
+    else:
+        assert said == (
+            f"the tracking server {uri} answered 404 for its version: an MLflow older than "
+            "3.4, or not an MLflow server"
+        )
+    assert source.pending() == 1
+    source.close(remove_if_empty=False)

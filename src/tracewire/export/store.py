@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -26,7 +27,7 @@ from mlflow.entities import TraceInfo
 
 from tracewire import config
 from tracewire.core import attributes as keys
-from tracewire.core import cost, feedback
+from tracewire.core import cost, feedback, scrub
 from tracewire.export import destination, sqlite_store, store_http
 from tracewire.export.decode import decode
 from tracewire.export.store_http import StoreAnswerError
@@ -303,10 +304,31 @@ class Store:
 def _log_spans(store: Any, location: str, batch: list[MlflowSpan]) -> None:
     try:
         store.log_spans(location, batch)
-    except NotImplementedError as exc:  # MLflow's words hide the usual cause
-        raise StoreAnswerError(
-            f"{exc} (the server did not answer; or it is older than MLflow 3.4)"
-        ) from None
+    except NotImplementedError:
+        raise StoreAnswerError(_why_no_version(store)) from None
+
+
+def _why_no_version(store: Any) -> str:
+    """MLflow's words for a server whose version it could not read ("log_spans is not
+    supported: could not identify MLflow server version") hide the usual cause, a server that
+    is down: ask it once more, and say what it answered."""
+    from mlflow.utils.rest_utils import http_request
+
+    host = scrub.text(store.get_host_creds().host)
+    try:
+        answer = http_request(store.get_host_creds(), "/version", "GET", timeout=3, max_retries=0)
+    except Exception as exc:
+        errno = re.search(r"\[Errno -?\d+\] [^'\")]+", str(exc))
+        reason = errno[0] if errno else f"{type(exc).__name__}: {str(exc)[:200]}"
+        return f"the tracking server {host} did not answer ({reason})"
+    if answer.status_code != 200:
+        return (
+            f"the tracking server {host} answered {answer.status_code} for its version: an "
+            "MLflow older than 3.4, or not an MLflow server"
+        )
+    return (
+        f"the tracking server {host} is MLflow {answer.text[:40]!r}; tracewire needs 3.4 or later"
+    )
 
 
 def _start_trace(store: Any, info: TraceInfo) -> None:
