@@ -20,6 +20,7 @@ from tests.support.model_serving import ModelServer, log_models
 from tests.support.processes import (
     TRACEWIRE_RUN,
     clean_env,
+    processes_with_env,
     run_command,
     start_under_tracewire_run,
     stop_group,
@@ -135,6 +136,18 @@ def test_a_bad_setting_in_a_process_tracewire_run_did_not_check_leaves_it_untrac
 APP = (Path(__file__).parents[1] / "support" / "worker_app.py").read_text()
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _parent(pid: int) -> int:
+    stat = (Path("/proc") / str(pid) / "stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 @pytest.mark.parametrize("server", ["uvicorn", "gunicorn"])
 def test_two_workers_each_trace(tmp_path: Path, openai_server: OpenAIServer, server: str) -> None:
     """uvicorn spawns its workers (a fresh interpreter each); gunicorn forks them."""
@@ -165,6 +178,16 @@ def test_two_workers_each_trace(tmp_path: Path, openai_server: OpenAIServer, ser
     asked = 0
     try:
         wait_answering(url)
+        # A shipper for each process that can trace, none for multiprocessing's resource
+        # tracker (it runs no app code; tracing it cost a shipper and 170 MB of its own).
+        shippers = [
+            pid
+            for pid in processes_with_env("TRACEWIRE_SPOOL_DIR", env["TRACEWIRE_SPOOL_DIR"])
+            if "tracewire.export.shipper" in _cmdline(pid)
+        ]
+        assert len(shippers) >= 2
+        parents = [_cmdline(_parent(pid)) for pid in shippers]
+        assert not [c for c in parents if "resource_tracker" in c], parents
         # New connections until both workers have answered (the kernel spreads them).
         deadline = time.monotonic() + 60
         while len(pids) < 2 and asked < 200 and time.monotonic() < deadline:

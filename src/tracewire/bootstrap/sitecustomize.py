@@ -21,9 +21,16 @@ def _run_next_sitecustomize() -> None:
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
+# multiprocessing's resource tracker, a Python process of its own started with ``-c``: it runs
+# no app code, and tracing it cost a shipper process (about 200 MB) and 170 MB of its own.
+_HELPERS = ("from multiprocessing.resource_tracker import main",)
+
+
 def _autolog() -> None:
     if os.environ.get("TRACEWIRE_RUN") != "1":
         return  # a process tracewire itself starts (its shipper), or the variable was cleared
+    if any(arg.startswith(_HELPERS) for arg in sys.orig_argv[1:]):
+        return
     try:
         import tracewire
 
