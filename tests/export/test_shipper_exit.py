@@ -1,6 +1,7 @@
 """The shipper's last effort at exit is bounded: a batch still being written when it ends stays
 spooled for the next process (shipped twice, it lands once), and closing the spools under it is
-not reported as a failure ("the shipper failed ...; retrying" at every such exit)."""
+not reported as a failure ("the shipper failed ...; retrying" at every such exit). A store
+that came back while the shipper backs off gets the traces when a flush or an exit waits."""
 
 from __future__ import annotations
 
@@ -20,15 +21,20 @@ from tracewire.export import destination, encode, hooks, shipper
 from tracewire.export.spool import Spool
 
 
+def _spool_of_one(directory: Path, tracking_uri: str, text: str) -> Spool:
+    """The app's spool, holding one finished trace for the store."""
+    settings = dataclasses.replace(config.resolve(), tracking_uri=tracking_uri)
+    source = Spool.create(directory, 10**8, destination.destination(settings))
+    span = span_context.start_span("work", "CHAIN", inputs={"text": text})
+    span.end()
+    source.put(*encode.encode(hooks.Item(ours=span.trace), settings))
+    return source
+
+
 def test_a_batch_cut_off_by_the_end_of_the_last_effort_stays_spooled_without_a_warning(
     tmp_path: Path, tracking_uri: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = dataclasses.replace(config.resolve(), tracking_uri=tracking_uri)
-    source = Spool.create(tmp_path, 10**8, destination.destination(settings))
-    span = span_context.start_span("work", "CHAIN", inputs={"text": "cut off"})
-    span.end()
-    source.put(*encode.encode(hooks.Item(ours=span.trace), settings))
-
+    source = _spool_of_one(tmp_path, tracking_uri, "cut off")
     writing, release = threading.Event(), threading.Event()
 
     def slow_store(where: str) -> Any:
@@ -60,12 +66,7 @@ def test_a_batch_cut_off_by_the_end_of_the_last_effort_stays_spooled_without_a_w
 def test_a_store_back_during_a_back_off_gets_the_traces_when_a_flush_or_an_exit_waits(
     tmp_path: Path, tracking_uri: str, how: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = dataclasses.replace(config.resolve(), tracking_uri=tracking_uri)
-    source = Spool.create(tmp_path, 10**8, destination.destination(settings))
-    span = span_context.start_span("work", "CHAIN", inputs={"text": "after an outage"})
-    span.end()
-    source.put(*encode.encode(hooks.Item(ours=span.trace), settings))
-
+    source = _spool_of_one(tmp_path, tracking_uri, "after an outage")
     down = threading.Event()
     down.set()
 
