@@ -105,10 +105,11 @@ def test_feedback_the_store_cannot_take_does_not_hold_up_the_rest(
     bad["expires"] = time.time() + 3
     assert pipeline._spool is not None
     pipeline._spool.put_feedback(json.dumps(bad).encode(), 100, 2**20)
+    pipeline._spool.put_feedback(b"\xff not even JSON", 100, 2**20)  # a damaged row
     assert tracewire.log_feedback(trace_id=trace_id, name="thumbs", value=True)
     started = time.monotonic()
     assert tracewire.flush(30)
     assert time.monotonic() - started < 20  # the bad one expired after its back-off
     assert [a.name for a in traced.trace().info.assessments] == ["thumbs"]
     statuses = spool.status(config.active().spool_dir)
-    assert sum(s.feedback_dropped for s in statuses) == 1  # the bad one, counted
+    assert sum(s.feedback_dropped for s in statuses) == 2  # the bad ones, counted

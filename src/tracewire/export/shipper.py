@@ -356,8 +356,13 @@ class Shipper:
         dropped: Counter[str] = Counter()
 
         def later(source: Spool, entry: FeedbackEntry) -> None:
-            """Not applied: look again after a back-off, or drop it once it has expired."""
-            if time.time() > json.loads(entry.payload)["expires"]:
+            """Not applied: look again after a back-off, or drop it once it has expired (one
+            that cannot be read, a damaged row, has no expiry to wait for)."""
+            try:
+                expires = float(json.loads(entry.payload)["expires"])
+            except (ValueError, TypeError, KeyError):
+                expires = 0.0
+            if time.time() > expires:
                 source.ack_feedback(entry, dropped="expired")
                 dropped[
                     "expired: its trace was not stored within TRACEWIRE_FEEDBACK_RETENTION"
