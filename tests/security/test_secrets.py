@@ -128,7 +128,7 @@ def test_tracking_uri_credentials_stay_out_of_the_spool_and_every_log(
     )
     ship_out, ship_err = ship.communicate(timeout=120)
     status_out, status_err = status.communicate(timeout=120)
-    assert ship.returncode == 1 and "the tracking store is unavailable" in ship_err, ship_err
+    assert ship.returncode == 1 and "experiment 'secrets' is unavailable" in ship_err, ship_err
     assert "1 pending" in status_out, status_out
 
     on_disk = files_bytes(*spool_files)

@@ -336,7 +336,10 @@ def test_spool_ship_with_the_store_still_down_fails_clearly_and_keeps_the_traces
     )
     ship = spool_command("ship", spool_dir, env=env)
     assert ship.returncode == 1
-    assert ship.stderr.startswith("tracewire: error: the tracking store is unavailable")
+    assert ship.stderr.startswith(
+        f"tracewire: error: the tracking store {env['MLFLOW_TRACKING_URI']}, experiment "
+        "'still-down' is unavailable"
+    )
     assert "3 trace(s) stay spooled" in ship.stderr
     assert sum(s.pending for s in spools.status(spool_dir)) == 3
 
