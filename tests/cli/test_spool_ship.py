@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tests.support.spool_cli import spool_command
 from tracewire import config
 from tracewire.core import attributes as keys
 from tracewire.core import span_context
+from tracewire.core.feedback import Feedback
 from tracewire.export import destination, encode, hooks
 from tracewire.export.spool import Spool
 
@@ -111,3 +113,24 @@ def test_a_store_that_stays_down_does_not_keep_the_others_spools_from_shipping(
     assert line.endswith(f"1 trace(s) stay spooled in {tmp_path}")
     assert mlflow.MlflowClient(tracking_uri).get_trace(reachable) is not None
     assert (tmp_path / "spool-0-down.db").exists() and not (tmp_path / "spool-1-up.db").exists()
+
+
+def test_feedback_left_waiting_for_its_trace_is_applied_once_the_trace_is_shipped(
+    tmp_path: Path, tracking_uri: str
+) -> None:
+    settings = dataclasses.replace(config.resolve(), tracking_uri=tracking_uri)
+    spool = Spool.create(tmp_path, 10**8, destination.destination(settings))
+    span = span_context.start_span("work", "CHAIN", inputs={"text": "rate me"})
+    span.end()
+    trace_id, payload = encode.encode(hooks.Item(ours=span.trace), settings)
+    spool.put(trace_id, payload)
+    thumbs = Feedback(name="thumbs", value=True, trace_id=trace_id, expires=time.time() + 600)
+    spool.put_feedback(thumbs.to_json(), 100, 2**20)
+    spool.close()  # as an exited process leaves it: its feedback still waiting
+
+    ship = spool_command("ship", tmp_path, env=clean_env(MLFLOW_TRACKING_URI=tracking_uri))
+
+    assert ship.returncode == 0, ship.stderr[-3000:]
+    assert "1/1 feedback applied" in ship.stdout, ship.stdout
+    (assessment,) = mlflow.MlflowClient(tracking_uri).get_trace(trace_id).info.assessments
+    assert (assessment.name, assessment.value) == ("thumbs", True)

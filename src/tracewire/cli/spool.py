@@ -181,7 +181,8 @@ def _ship_to(directory: Path, where: str) -> int | None:
     taken = worker.adopt_all(where)
     try:
         total = sum(source.pending() for source in taken)
-        if not total and not sum(source.pending("stamps") for source in taken):
+        waiting = sum(source.pending("feedback") for source in taken)
+        if not total and not waiting and not sum(source.pending("stamps") for source in taken):
             return None
         print(
             f"shipping {total} trace(s) from {len(taken)} spool file(s) in {directory} "
@@ -214,6 +215,9 @@ def _ship_to(directory: Path, where: str) -> int | None:
                 f"({type(error).__name__}: {error}); they stay spooled in "
                 f"{directory}: run this again"
             )
+        if waiting:  # what waited for these traces can land now; the rest keeps waiting
+            applied = worker.apply_feedback()
+            print(f"  {applied}/{waiting} feedback applied", flush=True)
         return worker.shipped
     finally:
         worker.stop(0)

@@ -167,7 +167,7 @@ class Shipper:
                         self._recovered()
                 if not self._failures and time.monotonic() >= self._next_feedback:
                     self._next_feedback = time.monotonic() + _FEEDBACK_EVERY
-                    self._apply_feedback()
+                    self.apply_feedback()
             except Exception as exc:  # a bug or a spool gone bad under us: never die of it
                 if self._stop.is_set():  # the last effort ended and closed the spools under a
                     return  # batch: it stays spooled for the next process, nothing failed
@@ -341,19 +341,21 @@ class Shipper:
         self.last_error = None
         return True
 
-    def _apply_feedback(self) -> None:
+    def apply_feedback(self) -> int:
         """Feedback waits in the spool until its trace is stored, for the retention period.
         A round looks up what was never looked up first, then what is due again: a look-up
         that finds no trace backs off (0.5 s, then 2 s, doubling, up to 5 min), and a round stops after
         ``_FEEDBACK_ROUND`` seconds, so feedback for traces that never come costs little and
         cannot hold up feedback whose trace is there. One that fails (the store, or a value it
-        cannot take) ends the round and backs off too, so that it cannot hold up the rest."""
+        cannot take) ends the round and backs off too, so that it cannot hold up the rest.
+        Returns how many were applied."""
         from tracewire.export.store import APPLIED, REFUSED
 
         with self._lock:
             sources = [*self._adopted, *self._spools]
         end = time.monotonic() + _FEEDBACK_ROUND
         dropped: Counter[str] = Counter()
+        applied = 0
 
         def later(source: Spool, entry: FeedbackEntry) -> None:
             """Not applied: look again after a back-off, or drop it once it has expired (one
@@ -378,7 +380,7 @@ class Shipper:
                 while time.monotonic() < end and (entries := source.take_feedback(_BATCH)):
                     for entry in entries:
                         if time.monotonic() >= end:
-                            return
+                            return applied
                         try:
                             outcome = self._store(source.destination).apply_feedback(entry.payload)
                         except Exception:
@@ -388,6 +390,7 @@ class Shipper:
                             raise
                         if outcome == APPLIED:
                             source.ack_feedback(entry)
+                            applied += 1
                         elif outcome == REFUSED:
                             source.ack_feedback(entry, dropped="refused")
                             dropped["refused: the trace's owner is someone else"] += 1
@@ -403,6 +406,7 @@ class Shipper:
                     "tracewire: feedback dropped (%s); see `tracewire spool status`",
                     "; ".join(f"{n} {why}" for why, n in dropped.items()),
                 )
+        return applied
 
 
 def store_for(destination: str) -> Any:
