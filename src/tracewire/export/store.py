@@ -314,9 +314,10 @@ def _why_no_version(store: Any) -> str:
     is down: ask it once more, and say what it answered."""
     from mlflow.utils.rest_utils import http_request
 
-    host = scrub.text(store.get_host_creds().host)
+    creds = store.get_host_creds()
+    host = scrub.text(creds.host)
     try:
-        answer = http_request(store.get_host_creds(), "/version", "GET", timeout=3, max_retries=0)
+        answer = http_request(creds, "/version", "GET", timeout=3, max_retries=0)
     except Exception as exc:
         errno = re.search(r"\[Errno -?\d+\] [^'\")]+", str(exc))
         reason = errno[0] if errno else f"{type(exc).__name__}: {str(exc)[:200]}"
